@@ -1,0 +1,753 @@
+//! The destination side: bring a target folder from the state of one manifest to the next, safely.
+//!
+//! [`apply`] walks the merged old and new manifests (both sorted, so one pass) and for each path that
+//! changed creates, replaces or removes what is in the target. Every operation goes through a
+//! [`RootDir`], so nothing outside the target is ever touched and no symlink is followed.
+//!
+//! A new or changed file is built in `.ferry-staging/` at the top of the target, from chunks the chunk
+//! index says the target already holds (re-hashed before use) and from chunks the caller's
+//! [`ChunkSource`] hands in (hashed too). Files are staged in batches: one `syncfs` makes a whole batch
+//! durable, then each file is renamed over its final path. A final path therefore always holds either
+//! the old file or the complete new one, at the cost of one sync per batch instead of one per file.
+//! Folders' modes and mtimes are set after their contents are in place.
+//!
+//! Destination-only content (anything the old manifest does not list) is never removed. A path the
+//! source deleted is kept unless [`ApplyOptions::delete`] is set. When a path changes kind and the
+//! target holds content ferry did not write there, that entry fails with a message and the round goes
+//! on; the failed entry keeps its old record in the new manifest, which always describes what is
+//! really in the target.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT};
+use rustix::io::Errno;
+use serde::Serialize;
+
+use crate::hash::ChunkHash;
+use crate::index::{ChunkIndex, ChunkLocation, IndexError};
+use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pair, RecordFileError};
+use crate::owner::OwnerMap;
+use crate::path::{RelPath, STAGING_DIR};
+use crate::rootdir::{NameExt, RootDir};
+
+/// How to apply.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Remove what the source deleted (only what ferry itself wrote).
+    pub delete: bool,
+    /// Keep numeric owners as they are instead of mapping them by name.
+    pub numeric_ids: bool,
+    /// Sync and rename after this many staged files...
+    pub batch_files: usize,
+    /// ...or this many staged bytes.
+    pub batch_bytes: u64,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self { delete: false, numeric_ids: false, batch_files: 2000, batch_bytes: 256 << 20 }
+    }
+}
+
+/// A chunk the source could not provide.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FetchError(pub String);
+
+/// Where the chunks the target lacks come from: the source tree in a local round, the peer over the
+/// network otherwise.
+pub trait ChunkSource {
+    /// Puts the bytes of `chunk`, found at `offset` in the new version of `entry`, into `out`.
+    fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError>;
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplyReport {
+    /// Files written (new or changed content).
+    pub files_written: u64,
+    /// Bytes in those files.
+    pub bytes_written: u64,
+    /// Files whose metadata only changed, updated in place.
+    pub metadata_updated: u64,
+    /// Folders created.
+    pub dirs_created: u64,
+    /// Symlinks created or replaced.
+    pub symlinks: u64,
+    /// Hard links created.
+    pub hard_links: u64,
+    /// Paths removed because the source removed them (`delete`) or a kind change needed it.
+    pub deleted: u64,
+    /// Paths the source removed that were kept.
+    pub kept: u64,
+    /// Chunks copied from data already in the target.
+    pub chunks_local: u64,
+    /// Bytes of those.
+    pub bytes_local: u64,
+    /// Chunks that came from the chunk source.
+    pub chunks_fetched: u64,
+    /// Bytes of those.
+    pub bytes_fetched: u64,
+    /// Entries that could not be applied, with why (the first 100).
+    pub failures: Vec<String>,
+    /// How many entries failed.
+    pub failure_count: u64,
+    /// Wall time.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub duration: Duration,
+}
+
+/// An apply that had to stop: the target keeps every file either old or new, never torn.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A write, sync or rename failed: nothing after it is trusted.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// To what.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The chunk index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// Reading a manifest or writing the new one failed.
+    #[error(transparent)]
+    Manifest(#[from] RecordFileError),
+    /// The new manifest breaks the rules (sorted, consistent sizes, ...): refused as a whole.
+    #[error("refusing a bad manifest: {0}")]
+    BadEntry(#[from] EntryError),
+}
+
+fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(Errno) -> ApplyError {
+    move |e| ApplyError::Io { op, path: path.to_string(), source: e.into() }
+}
+
+/// Applies the pairs (old manifest × new manifest, sorted) to `target`, writing to `committed` the
+/// manifest of what the target then holds.
+pub fn apply(
+    target: &Path,
+    pairs: impl Iterator<Item = Result<Pair<Entry, Entry>, RecordFileError>>,
+    source: &mut dyn ChunkSource,
+    index: &mut ChunkIndex,
+    committed: &mut ManifestWriter,
+    options: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let started = Instant::now();
+    let root = RootDir::open(target).map_err(|e| ApplyError::Io {
+        op: "open target",
+        path: target.display().to_string(),
+        source: e,
+    })?;
+    let staging = open_staging(&root)?;
+    let mut applier = Applier {
+        root,
+        staging,
+        index,
+        source,
+        owners: OwnerMap::new(options.numeric_ids),
+        options,
+        report: ApplyReport::default(),
+        stack: Vec::new(),
+        batch: Batch::default(),
+        next_tmp: 0,
+        buf: Vec::new(),
+        local_file: None,
+        dir_cache: None,
+        previous: None,
+    };
+    for pair in pairs {
+        let pair = pair?;
+        applier.step(pair, committed)?;
+    }
+    while let Some(frame) = applier.stack.pop() {
+        applier.leave(frame, committed)?;
+    }
+    applier.flush()?;
+    rustix::fs::syncfs(applier.root.fd()).map_err(io_err("sync", target.display()))?;
+    applier.index.sync()?;
+    let _ = rustix::fs::unlinkat(applier.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
+    applier.report.duration = started.elapsed();
+    Ok(applier.report)
+}
+
+/// Creates `.ferry-staging` at the top of the target (emptying what a crashed run left in it).
+fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
+    let shown = root.path().join(STAGING_DIR).display().to_string();
+    match rustix::fs::mkdirat(root.fd(), STAGING_DIR, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(io_err("create", &shown)(e)),
+    }
+    let fd = rustix::fs::openat(
+        root.fd(),
+        STAGING_DIR,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_err("open (must be a folder, not a symlink)", &shown))?;
+    let mut leftovers = Vec::new();
+    let mut dir = rustix::fs::Dir::read_from(&fd).map_err(io_err("list", &shown))?;
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(io_err("list", &shown))?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            leftovers.push(name.to_vec());
+        }
+    }
+    for name in leftovers {
+        tracing::debug!("removing leftover staging file {}", name.escape_ascii());
+        rustix::fs::unlinkat(&fd, name.os(), AtFlags::empty()).map_err(io_err("clean", &shown))?;
+    }
+    Ok(fd)
+}
+
+/// What to do with a folder once everything inside it is done.
+enum Leave {
+    /// Unchanged: restore its mtime if something inside changed.
+    Keep(Entry),
+    /// New or changed: set owner, mode and mtime.
+    Update(Entry),
+    /// The source removed it: remove it if it is empty of destination-only content.
+    Delete,
+    /// The source turned it into a file or symlink: remove it, then put the new entry in its place.
+    Replace { old: Entry, new: Entry },
+    /// Could not be applied: its contents are left alone.
+    Failed,
+}
+
+struct Frame {
+    path: RelPath,
+    leave: Leave,
+    /// Something inside was created, renamed or removed, so the kernel moved its mtime.
+    dirty: bool,
+}
+
+/// A file or link built in the staging folder, waiting for the sync that lets it be renamed into place.
+struct Staged {
+    tmp: Vec<u8>,
+    path: RelPath,
+    chunks: Vec<ChunkRef>,
+}
+
+#[derive(Default)]
+struct Batch {
+    staged: Vec<Staged>,
+    by_path: HashMap<RelPath, usize>,
+    /// Folder metadata to set once the renames into them are done.
+    dirs: Vec<(RelPath, Entry, bool)>,
+    bytes: u64,
+}
+
+struct Applier<'a> {
+    root: RootDir,
+    staging: OwnedFd,
+    index: &'a mut ChunkIndex,
+    source: &'a mut dyn ChunkSource,
+    owners: OwnerMap,
+    options: &'a ApplyOptions,
+    report: ApplyReport,
+    stack: Vec<Frame>,
+    batch: Batch,
+    next_tmp: u64,
+    buf: Vec<u8>,
+    local_file: Option<(RelPath, File)>,
+    dir_cache: Option<(RelPath, Arc<OwnedFd>)>,
+    previous: Option<RelPath>,
+}
+
+impl Applier<'_> {
+    fn fail(&mut self, path: &RelPath, why: impl std::fmt::Display) {
+        tracing::warn!("{path}: {why}");
+        self.report.failure_count += 1;
+        if self.report.failures.len() < 100 {
+            self.report.failures.push(format!("{path}: {why}"));
+        }
+    }
+
+    fn step(&mut self, pair: Pair<Entry, Entry>, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
+        let path = pair.path().clone();
+        if let Some(new) = &pair.new {
+            new.validate(self.previous.as_ref())?;
+        }
+        self.previous = Some(path.clone());
+        while let Some(top) = self.stack.last() {
+            if top.path.is_ancestor_of(&path) {
+                break;
+            }
+            let frame = self.stack.pop().expect("stack has a top");
+            self.leave(frame, committed)?;
+        }
+        let forced_delete = matches!(self.stack.last().map(|f| &f.leave), Some(Leave::Replace { .. } | Leave::Delete));
+        if matches!(self.stack.last().map(|f| &f.leave), Some(Leave::Failed)) {
+            // Inside a folder that could not be applied: leave everything as it was.
+            if let Some(old) = &pair.old {
+                committed.push(old)?;
+            }
+            return Ok(());
+        }
+        if forced_delete && pair.new.is_some() {
+            self.fail(&path, "is listed inside a path that is no longer a folder");
+            return Ok(());
+        }
+        match (pair.old, pair.new) {
+            (None, None) => Ok(()),
+            (Some(old), None) => self.remove(old, forced_delete || self.options.delete),
+            (old, Some(new)) if old.as_ref() == Some(&new) => {
+                committed.push(&new)?;
+                if new.kind == EntryKind::Dir {
+                    self.stack.push(Frame { path, leave: Leave::Keep(new), dirty: false });
+                }
+                Ok(())
+            }
+            (old, Some(new)) => self.place(old, new, committed),
+        }
+    }
+
+    fn mark_parent_dirty(&mut self, path: &RelPath) {
+        if let (Some(parent), Some(top)) = (path.parent(), self.stack.last_mut())
+            && top.path == parent
+        {
+            top.dirty = true;
+        }
+    }
+
+    /// The folder that holds `path`, opened beneath the root (cached: sorted paths share parents).
+    fn parent_dir(&mut self, path: &RelPath) -> io::Result<Arc<OwnedFd>> {
+        let parent = path.parent().unwrap_or_default();
+        if let Some((cached, fd)) = &self.dir_cache
+            && *cached == parent
+        {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(self.root.open_dir(&parent)?);
+        self.dir_cache = Some((parent, fd.clone()));
+        Ok(fd)
+    }
+
+    /// What is at `path` in the target now (`None`: nothing).
+    fn current_kind(&mut self, path: &RelPath) -> io::Result<Option<FileType>> {
+        if path.is_root() {
+            return Ok(Some(FileType::Directory));
+        }
+        let dir = self.parent_dir(path)?;
+        match rustix::fs::statat(&*dir, name_of(path).os(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn remove(&mut self, old: Entry, delete: bool) -> Result<(), ApplyError> {
+        if !delete {
+            self.report.kept += 1;
+            return Ok(());
+        }
+        if old.kind == EntryKind::Dir {
+            let path = old.path.clone();
+            self.stack.push(Frame { path, leave: Leave::Delete, dirty: false });
+            return Ok(());
+        }
+        let current = match self.current_kind(&old.path) {
+            Ok(kind) => kind,
+            Err(_) => return Ok(()), // its folder is gone or not a folder: nothing of ours to remove
+        };
+        let ours = match old.kind {
+            EntryKind::File => current == Some(FileType::RegularFile),
+            EntryKind::Symlink => current == Some(FileType::Symlink),
+            EntryKind::Dir => false,
+        };
+        if ours {
+            let dir = self.parent_dir(&old.path).map_err(|e| ApplyError::Io {
+                op: "open folder of",
+                path: old.path.to_string(),
+                source: e,
+            })?;
+            rustix::fs::unlinkat(&*dir, name_of(&old.path).os(), AtFlags::empty())
+                .map_err(io_err("remove", &old.path))?;
+            self.report.deleted += 1;
+            self.mark_parent_dirty(&old.path);
+        }
+        Ok(())
+    }
+
+    fn place(&mut self, old: Option<Entry>, new: Entry, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
+        let path = new.path.clone();
+        let current = match self.current_kind(&path) {
+            Ok(kind) => kind,
+            Err(e) => {
+                self.fail(&path, format_args!("cannot reach its folder: {e}"));
+                if new.kind == EntryKind::Dir {
+                    self.stack.push(Frame { path, leave: Leave::Failed, dirty: false });
+                }
+                return Ok(());
+            }
+        };
+        let old_kind = old.as_ref().map(|o| o.kind);
+        if new.kind == EntryKind::Dir {
+            match current {
+                Some(FileType::Directory) => {}
+                None => self.mkdir(&path)?,
+                Some(_) if old_kind.is_some_and(|k| k != EntryKind::Dir) => {
+                    self.unlink(&path)?;
+                    self.mkdir(&path)?;
+                }
+                Some(other) => {
+                    self.fail(
+                        &path,
+                        format_args!("holds a {other:?} that ferry did not write; not replaced by a folder"),
+                    );
+                    self.stack.push(Frame { path, leave: Leave::Failed, dirty: false });
+                    return Ok(());
+                }
+            }
+            committed.push(&new)?;
+            self.stack.push(Frame { path, leave: Leave::Update(new), dirty: false });
+            return Ok(());
+        }
+        if current == Some(FileType::Directory) {
+            match old {
+                Some(old) if old.kind == EntryKind::Dir => {
+                    // Its old contents come next in the stream and are removed first; see `leave`.
+                    self.stack.push(Frame { path, leave: Leave::Replace { old, new }, dirty: false });
+                }
+                _ => {
+                    self.fail(&path, "is a folder that ferry did not write; not replaced");
+                    self.stack.push(Frame { path, leave: Leave::Failed, dirty: false });
+                }
+            }
+            return Ok(());
+        }
+        let current_kind = kind_of(current);
+        if current.is_some() && current_kind != Some(new.kind) && (old_kind.is_none() || old_kind != current_kind) {
+            self.fail(
+                &path,
+                format_args!("holds a {current:?} that ferry did not write; not replaced by a {:?}", new.kind),
+            );
+            return Ok(());
+        }
+        let in_place = current == Some(FileType::RegularFile);
+        match self.place_non_dir(old.as_ref(), &new, in_place)? {
+            true => committed.push(&new)?,
+            false => {
+                if let Some(old) = old.filter(|o| Some(o.kind) == kind_of(current)) {
+                    committed.push(&old)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a file or symlink at its path. `Ok(false)`: that entry failed (already reported).
+    fn place_non_dir(&mut self, old: Option<&Entry>, new: &Entry, file_in_place: bool) -> Result<bool, ApplyError> {
+        if new.kind == EntryKind::Symlink {
+            return self.stage_symlink(new);
+        }
+        if let Some(leader) = &new.hard_link_to {
+            return self.stage_hard_link(new, leader);
+        }
+        let same_content = old.is_some_and(|o| o.same_content(new) && o.hard_link_to.is_none());
+        if same_content && file_in_place {
+            return self.update_in_place(new);
+        }
+        self.stage_file(new)
+    }
+
+    fn tmp_name(&mut self) -> Vec<u8> {
+        self.next_tmp += 1;
+        format!("t{}", self.next_tmp).into_bytes()
+    }
+
+    fn mkdir(&mut self, path: &RelPath) -> Result<(), ApplyError> {
+        let dir = self.parent_dir(path).map_err(|e| ApplyError::Io {
+            op: "open folder of",
+            path: path.to_string(),
+            source: e,
+        })?;
+        // Private until its contents are in place; its real mode is set when it is left.
+        rustix::fs::mkdirat(&*dir, name_of(path).os(), Mode::from_raw_mode(0o700))
+            .map_err(io_err("create folder", path))?;
+        self.report.dirs_created += 1;
+        self.mark_parent_dirty(path);
+        Ok(())
+    }
+
+    fn unlink(&mut self, path: &RelPath) -> Result<(), ApplyError> {
+        let dir = self.parent_dir(path).map_err(|e| ApplyError::Io {
+            op: "open folder of",
+            path: path.to_string(),
+            source: e,
+        })?;
+        rustix::fs::unlinkat(&*dir, name_of(path).os(), AtFlags::empty()).map_err(io_err("remove", path))?;
+        self.report.deleted += 1;
+        self.mark_parent_dirty(path);
+        Ok(())
+    }
+
+    fn owner_of(&mut self, entry: &Entry) -> Option<(u32, u32)> {
+        self.owners.resolve(entry.uid, entry.gid, entry.user.as_deref(), entry.group.as_deref())
+    }
+
+    fn stage(&mut self, tmp: Vec<u8>, entry: &Entry, chunks: Vec<ChunkRef>) -> Result<(), ApplyError> {
+        self.batch.bytes += entry.size;
+        self.batch.by_path.insert(entry.path.clone(), self.batch.staged.len());
+        self.batch.staged.push(Staged { tmp, path: entry.path.clone(), chunks });
+        self.mark_parent_dirty(&entry.path);
+        if self.batch.staged.len() >= self.options.batch_files || self.batch.bytes >= self.options.batch_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn stage_symlink(&mut self, new: &Entry) -> Result<bool, ApplyError> {
+        let target = new.link_target.as_deref().unwrap_or_default();
+        let tmp = self.tmp_name();
+        let shown = || format!("{} (staged for {})", tmp.escape_ascii(), new.path);
+        rustix::fs::symlinkat(target.os(), &self.staging, tmp.os()).map_err(io_err("create symlink", shown()))?;
+        if let Some((uid, gid)) = self.owner_of(new) {
+            rustix::fs::chownat(
+                &self.staging,
+                tmp.os(),
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io_err("set owner of", shown()))?;
+        }
+        rustix::fs::utimensat(&self.staging, tmp.os(), &times(new.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_err("set mtime of", shown()))?;
+        self.report.symlinks += 1;
+        self.stage(tmp, new, Vec::new())?;
+        Ok(true)
+    }
+
+    fn stage_hard_link(&mut self, new: &Entry, leader: &RelPath) -> Result<bool, ApplyError> {
+        let tmp = self.tmp_name();
+        let linked = if let Some(&i) = self.batch.by_path.get(leader) {
+            let leader_tmp = self.batch.staged[i].tmp.clone();
+            rustix::fs::linkat(&self.staging, leader_tmp.os(), &self.staging, tmp.os(), AtFlags::empty())
+        } else {
+            let dir = match self.parent_dir(leader) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    self.fail(&new.path, format_args!("hard link to {leader}: {e}"));
+                    return Ok(false);
+                }
+            };
+            let name = name_of(leader);
+            match rustix::fs::statat(&*dir, name.os(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile => {
+                    rustix::fs::linkat(&*dir, name.os(), &self.staging, tmp.os(), AtFlags::empty())
+                }
+                Ok(_) => Err(Errno::PERM),
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = linked {
+            self.fail(&new.path, format_args!("cannot hard-link to {leader}: {e}"));
+            return Ok(false);
+        }
+        self.report.hard_links += 1;
+        self.stage(tmp, new, Vec::new())?;
+        Ok(true)
+    }
+
+    fn set_file_metadata(&mut self, fd: &impl std::os::fd::AsFd, entry: &Entry) -> Result<(), Errno> {
+        if let Some((uid, gid)) = self.owner_of(entry) {
+            rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
+        }
+        // After chown, which clears setuid and setgid bits.
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode))?;
+        rustix::fs::futimens(fd, &times(entry.mtime_ns))
+    }
+
+    fn update_in_place(&mut self, new: &Entry) -> Result<bool, ApplyError> {
+        let file = match self.root.open_file(&new.path) {
+            Ok(file) => file,
+            Err(e) => {
+                self.fail(&new.path, format_args!("cannot open to update its metadata: {e}"));
+                return Ok(false);
+            }
+        };
+        self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &new.path))?;
+        self.report.metadata_updated += 1;
+        Ok(true)
+    }
+
+    fn stage_file(&mut self, new: &Entry) -> Result<bool, ApplyError> {
+        let tmp = self.tmp_name();
+        let shown = format!("{} (staged for {})", tmp.escape_ascii(), new.path);
+        let fd = rustix::fs::openat(
+            &self.staging,
+            tmp.os(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(io_err("create", &shown))?;
+        let mut file = File::from(fd);
+        let mut offset = 0u64;
+        for chunk in &new.chunks {
+            if let Err(why) = self.get_chunk(new, offset, chunk) {
+                drop(file);
+                let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
+                self.fail(&new.path, why);
+                return Ok(false);
+            }
+            file.write_all(&self.buf).map_err(|e| ApplyError::Io { op: "write", path: shown.clone(), source: e })?;
+            offset += u64::from(chunk.len);
+        }
+        self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
+        drop(file);
+        self.report.files_written += 1;
+        self.report.bytes_written += new.size;
+        self.stage(tmp, new, new.chunks.clone())?;
+        Ok(true)
+    }
+
+    /// Puts a chunk's verified bytes into `self.buf`: from the target if the index knows where they
+    /// are and they still hash right, else from the chunk source.
+    fn get_chunk(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef) -> Result<(), String> {
+        if let Some(location) = self.index.get(&chunk.hash).map_err(|e| e.to_string())? {
+            if self.read_local(&location, &chunk.hash) {
+                self.report.chunks_local += 1;
+                self.report.bytes_local += u64::from(chunk.len);
+                return Ok(());
+            }
+            let _ = self.index.remove(&chunk.hash);
+        }
+        self.source.fetch(entry, offset, chunk, &mut self.buf).map_err(|e| e.to_string())?;
+        if self.buf.len() != chunk.len as usize || ChunkHash::of(&self.buf) != chunk.hash {
+            return Err(format!("chunk {} at offset {offset} does not match its hash", chunk.hash.short()));
+        }
+        self.report.chunks_fetched += 1;
+        self.report.bytes_fetched += u64::from(chunk.len);
+        Ok(())
+    }
+
+    fn read_local(&mut self, location: &ChunkLocation, hash: &ChunkHash) -> bool {
+        if self.local_file.as_ref().is_none_or(|(p, _)| *p != location.path) {
+            self.local_file = self.root.open_file(&location.path).ok().map(|f| (location.path.clone(), f));
+        }
+        let Some((_, file)) = &self.local_file else { return false };
+        self.buf.resize(location.len as usize, 0);
+        file.read_exact_at(&mut self.buf, location.offset).is_ok() && ChunkHash::of(&self.buf) == *hash
+    }
+
+    fn leave(&mut self, frame: Frame, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
+        match frame.leave {
+            Leave::Keep(entry) if frame.dirty => self.batch.dirs.push((frame.path, entry, false)),
+            Leave::Keep(_) | Leave::Failed => {}
+            Leave::Update(entry) => self.batch.dirs.push((frame.path, entry, true)),
+            Leave::Delete => {
+                if self.rmdir(&frame.path)? {
+                    self.report.deleted += 1;
+                } else {
+                    tracing::info!("kept folder {}: it holds files ferry did not write", frame.path);
+                    self.report.kept += 1;
+                }
+            }
+            Leave::Replace { old, new } => {
+                if !self.rmdir(&frame.path)? {
+                    self.fail(&frame.path, "was a folder and holds files ferry did not write; not replaced");
+                    committed.push(&old)?;
+                } else if self.place_non_dir(None, &new, false)? {
+                    self.report.deleted += 1;
+                    committed.push(&new)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an empty folder; `Ok(false)` when it still holds something.
+    fn rmdir(&mut self, path: &RelPath) -> Result<bool, ApplyError> {
+        self.dir_cache = None;
+        let dir = match self.parent_dir(path) {
+            Ok(dir) => dir,
+            Err(_) => return Ok(false),
+        };
+        match rustix::fs::unlinkat(&*dir, name_of(path).os(), AtFlags::REMOVEDIR) {
+            Ok(()) => {
+                self.mark_parent_dirty(path);
+                Ok(true)
+            }
+            Err(Errno::NOTEMPTY | Errno::EXIST | Errno::NOENT | Errno::NOTDIR) => Ok(false),
+            Err(e) => Err(io_err("remove folder", path)(e)),
+        }
+    }
+
+    /// Makes the staged files durable with one sync, renames them into place, then sets the metadata
+    /// of the folders that are done and records the new chunks' places in the index.
+    fn flush(&mut self) -> Result<(), ApplyError> {
+        let batch = std::mem::take(&mut self.batch);
+        if !batch.staged.is_empty() {
+            rustix::fs::syncfs(&self.staging).map_err(io_err("sync", self.root.path().display()))?;
+        }
+        for staged in &batch.staged {
+            let dir = self.parent_dir(&staged.path).map_err(|e| ApplyError::Io {
+                op: "open folder of",
+                path: staged.path.to_string(),
+                source: e,
+            })?;
+            rustix::fs::renameat(&self.staging, staged.tmp.os(), &*dir, name_of(&staged.path).os())
+                .map_err(io_err("rename into place", &staged.path))?;
+        }
+        for (path, entry, full) in &batch.dirs {
+            let fd = self.root.open_dir(path).map_err(|e| ApplyError::Io {
+                op: "open folder",
+                path: path.to_string(),
+                source: e,
+            })?;
+            if *full {
+                self.set_file_metadata(&fd, entry).map_err(io_err("set metadata of folder", path))?;
+            } else {
+                rustix::fs::futimens(&fd, &times(entry.mtime_ns)).map_err(io_err("set mtime of folder", path))?;
+            }
+        }
+        let mut locations = Vec::new();
+        for staged in &batch.staged {
+            let mut offset = 0u64;
+            for chunk in &staged.chunks {
+                locations.push((chunk.hash, ChunkLocation { path: staged.path.clone(), offset, len: chunk.len }));
+                offset += u64::from(chunk.len);
+            }
+        }
+        if !locations.is_empty() {
+            self.index.insert(locations.iter().map(|(h, l)| (h, l.clone())), false)?;
+        }
+        // A file we read chunks from may just have been replaced.
+        self.local_file = None;
+        Ok(())
+    }
+}
+
+fn name_of(path: &RelPath) -> &[u8] {
+    path.file_name().unwrap_or(b".")
+}
+
+fn kind_of(file_type: Option<FileType>) -> Option<EntryKind> {
+    match file_type? {
+        FileType::RegularFile => Some(EntryKind::File),
+        FileType::Directory => Some(EntryKind::Dir),
+        FileType::Symlink => Some(EntryKind::Symlink),
+        _ => None,
+    }
+}
+
+fn times(mtime_ns: i64) -> Timestamps {
+    Timestamps {
+        last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },
+        last_modification: Timespec {
+            tv_sec: mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+        },
+    }
+}

@@ -1,0 +1,57 @@
+//! ferry's engine: everything a round does to files, and nothing about networks.
+//!
+//! It owns content-defined chunking ([`Chunker`]), chunk and manifest hashes ([`ChunkHash`],
+//! [`RootHash`]), validated tree paths ([`RelPath`]), scanning a source tree with a quick-check cache
+//! ([`scan`]), manifests and their diff ([`ManifestWriter`], [`ManifestReader`], [`diff`]), the
+//! destination's chunk index ([`ChunkIndex`]), applying a new manifest to a target safely ([`apply`]),
+//! and the local round that ties them together ([`local_round`]). It knows nothing of sockets, tokio or
+//! QUIC: the network round (in `ferry`, the node crate) feeds the same [`apply`] through a
+//! [`ChunkSource`] of its own.
+//!
+//! ```no_run
+//! use ferry_engine::{LocalRoundOptions, local_round};
+//! use std::path::Path;
+//!
+//! let report = local_round(
+//!     Path::new("/opt/zimbra/backup/ng"),
+//!     Path::new("/mnt/shipped-disk/ng"),
+//!     Path::new("/var/lib/ferry/local"),
+//!     &LocalRoundOptions::default(),
+//! )?;
+//! println!("{} files written, in sync: {}", report.apply.files_written, report.in_sync);
+//! # Ok::<(), ferry_engine::RoundError>(())
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod apply;
+mod chunker;
+mod hash;
+mod index;
+mod manifest;
+mod owner;
+mod path;
+mod rootdir;
+mod round;
+mod scan;
+
+pub use apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, apply};
+pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};
+pub use hash::{ChunkHash, ParseHashError, RootHash};
+pub use index::{ChunkIndex, ChunkLocation, IndexError};
+pub use manifest::{
+    ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
+    RecordFileError, RecordReader, RecordWriter, diff,
+};
+pub use owner::{OwnerMap, OwnerNames};
+pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
+pub use rootdir::RootDir;
+pub use round::{
+    LocalChunkSource, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_round, lock_state,
+};
+pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, scan};
+
+/// Durations go to JSON as whole milliseconds.
+fn serialize_millis<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}

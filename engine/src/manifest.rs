@@ -1,0 +1,549 @@
+//! Manifests: the sorted entries of a tree at one round, stored as a stream of records with a root hash.
+//!
+//! A manifest file never has to fit in memory: [`RecordWriter`] appends entries one by one and
+//! [`RecordReader`] reads them back one by one, checking the trailer (count and root hash) at the end,
+//! so a truncated or altered file is an error, not a smaller tree. Two sorted manifests are compared in
+//! one pass with [`MergeJoin`]; [`diff`] keeps only what changed.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{ChunkHash, RootHash};
+use crate::path::RelPath;
+
+/// What an entry is. Postcard encodes the variant's index: never reorder, only append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A folder.
+    Dir,
+    /// A regular file.
+    File,
+    /// A symbolic link, stored verbatim and never followed.
+    Symlink,
+}
+
+/// One chunk of a file: its name and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// The BLAKE3 hash of the chunk's bytes.
+    pub hash: ChunkHash,
+    /// Its length in bytes.
+    pub len: u32,
+}
+
+/// One path of a tree with everything needed to recreate it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Where it is in the tree.
+    pub path: RelPath,
+    /// File, folder or symlink.
+    pub kind: EntryKind,
+    /// Permission bits, including setuid, setgid and sticky (`0o7777` at most).
+    pub mode: u32,
+    /// Numeric owner on the source.
+    pub uid: u32,
+    /// Numeric group on the source.
+    pub gid: u32,
+    /// Owner's name on the source, when it has one: used to map owners by name.
+    pub user: Option<String>,
+    /// Group's name on the source, when it has one.
+    pub group: Option<String>,
+    /// Modification time in nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Size in bytes (files), 0 otherwise.
+    pub size: u64,
+    /// The file's chunks in order (files and hard links), empty otherwise.
+    pub chunks: Vec<ChunkRef>,
+    /// The link's target bytes (symlinks).
+    pub link_target: Option<Vec<u8>>,
+    /// For the second and later paths of a hard-link group: the group's first path (in manifest order).
+    pub hard_link_to: Option<RelPath>,
+}
+
+impl Entry {
+    /// A file whose content equals `other`'s (same chunks)?
+    pub fn same_content(&self, other: &Entry) -> bool {
+        self.kind == other.kind
+            && self.size == other.size
+            && self.chunks == other.chunks
+            && self.link_target == other.link_target
+    }
+}
+
+/// A manifest entry that breaks the rules a peer's manifest must follow.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// Entries must be strictly sorted.
+    #[error("entry {path} is out of order (after {previous})")]
+    OutOfOrder {
+        /// The offending entry.
+        path: RelPath,
+        /// The entry before it.
+        previous: RelPath,
+    },
+    /// The chunk lengths do not add up to the size, or a non-file has chunks.
+    #[error("entry {0}: size and chunk list disagree")]
+    BadChunks(RelPath),
+    /// A symlink without a target, or a non-symlink with one.
+    #[error("entry {0}: link target does not match its kind")]
+    BadLink(RelPath),
+    /// A hard link that does not point to an earlier file.
+    #[error("entry {0}: hard link must point to an earlier path and be a file")]
+    BadHardLink(RelPath),
+    /// Mode bits beyond `0o7777`.
+    #[error("entry {0}: mode has bits beyond 0o7777")]
+    BadMode(RelPath),
+    /// The root must be a folder.
+    #[error("the root of a tree must be a folder")]
+    RootNotDir,
+}
+
+impl Entry {
+    /// Checks the entry on its own and against the previous one (manifests are strictly sorted).
+    pub fn validate(&self, previous: Option<&RelPath>) -> Result<(), EntryError> {
+        if let Some(prev) = previous
+            && *prev >= self.path
+        {
+            return Err(EntryError::OutOfOrder { path: self.path.clone(), previous: prev.clone() });
+        }
+        if self.path.is_root() && self.kind != EntryKind::Dir {
+            return Err(EntryError::RootNotDir);
+        }
+        if self.mode & !0o7777 != 0 {
+            return Err(EntryError::BadMode(self.path.clone()));
+        }
+        let total: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
+        let chunks_ok = match self.kind {
+            EntryKind::File => total == self.size && self.chunks.iter().all(|c| c.len > 0),
+            _ => self.chunks.is_empty() && self.size == 0,
+        };
+        if !chunks_ok {
+            return Err(EntryError::BadChunks(self.path.clone()));
+        }
+        if (self.kind == EntryKind::Symlink) != self.link_target.is_some()
+            || self.link_target.as_ref().is_some_and(|t| t.is_empty() || t.contains(&0))
+        {
+            return Err(EntryError::BadLink(self.path.clone()));
+        }
+        if let Some(leader) = &self.hard_link_to
+            && (self.kind != EntryKind::File || *leader >= self.path || leader.is_root())
+        {
+            return Err(EntryError::BadHardLink(self.path.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Failure to read or write a record file (a manifest or a scan cache).
+#[derive(Debug, thiserror::Error)]
+pub enum RecordFileError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The bytes are not a record file of this version, or it was cut short or altered.
+    #[error("{path}: corrupt record file: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+const MAGIC: &[u8; 8] = b"FERRYRF1";
+/// The largest record accepted: an entry with the chunk list of a file of about 100 GiB.
+pub const MAX_RECORD_LEN: usize = 64 << 20;
+
+/// Writes records of type `T` to a file, hashing them as it goes. The file appears at its final path
+/// only when [`RecordWriter::finish`] has written and fsynced all of it.
+pub struct RecordWriter<T> {
+    file: BufWriter<File>,
+    tmp_path: PathBuf,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+    count: u64,
+    buf: Vec<u8>,
+    _marker: std::marker::PhantomData<fn(&T)>,
+}
+
+impl<T: Serialize> RecordWriter<T> {
+    /// Starts writing the file that will be at `path`.
+    pub fn create(path: &Path) -> Result<Self, RecordFileError> {
+        let tmp_path = path.with_extension("tmp");
+        let io_err = |source| RecordFileError::Io { path: tmp_path.clone(), source };
+        let mut file = BufWriter::with_capacity(1 << 20, File::create(&tmp_path).map_err(io_err)?);
+        file.write_all(MAGIC).map_err(io_err)?;
+        Ok(Self {
+            file,
+            tmp_path,
+            path: path.to_owned(),
+            hasher: blake3::Hasher::new(),
+            count: 0,
+            buf: Vec::with_capacity(4096),
+            _marker: std::marker::PhantomData,
+        })
+    }
+
+    /// Appends one record.
+    pub fn push(&mut self, record: &T) -> Result<(), RecordFileError> {
+        self.buf.clear();
+        // Reserve the varint length in front by encoding into the reused buffer after the fact.
+        let body = postcard::to_extend(record, std::mem::take(&mut self.buf))
+            .map_err(|e| RecordFileError::Corrupt { path: self.path.clone(), reason: format!("cannot encode: {e}") })?;
+        self.buf = body;
+        let mut len = [0u8; 10];
+        let len = encode_varint(self.buf.len() as u64, &mut len);
+        self.hasher.update(len);
+        self.hasher.update(&self.buf);
+        let io_err = |source| RecordFileError::Io { path: self.tmp_path.clone(), source };
+        self.file.write_all(len).map_err(io_err)?;
+        self.file.write_all(&self.buf).map_err(io_err)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Writes the trailer, fsyncs and renames the file into place; returns the root hash.
+    pub fn finish(mut self) -> Result<RootHash, RecordFileError> {
+        let root = RootHash::from(self.hasher.finalize());
+        let io_err = |source| RecordFileError::Io { path: self.tmp_path.clone(), source };
+        self.file.write_all(&[0]).map_err(io_err)?;
+        self.file.write_all(&self.count.to_le_bytes()).map_err(io_err)?;
+        self.file.write_all(root.as_bytes()).map_err(io_err)?;
+        let file = self.file.into_inner().map_err(|e| io_err(e.into_error()))?;
+        file.sync_all().map_err(io_err)?;
+        drop(file);
+        std::fs::rename(&self.tmp_path, &self.path).map_err(io_err)?;
+        sync_parent(&self.path).map_err(|source| RecordFileError::Io { path: self.path.clone(), source })?;
+        Ok(root)
+    }
+
+    /// How many records so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// Fsyncs the folder that holds `path`, so that a rename into it is durable.
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(parent)?.sync_all()
+}
+
+fn encode_varint(mut v: u64, out: &mut [u8; 10]) -> &[u8] {
+    let mut i = 0;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out[i] = byte;
+            return &out[..=i];
+        }
+        out[i] = byte | 0x80;
+        i += 1;
+    }
+}
+
+/// Reads the records of a file written by [`RecordWriter`], one at a time, and checks its trailer.
+pub struct RecordReader<T> {
+    file: BufReader<File>,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+    count: u64,
+    buf: Vec<u8>,
+    done: Option<RootHash>,
+    _marker: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> RecordReader<T> {
+    /// Opens a record file.
+    pub fn open(path: &Path) -> Result<Self, RecordFileError> {
+        let io_err = |source| RecordFileError::Io { path: path.to_owned(), source };
+        let mut file = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
+        let mut magic = [0u8; 8];
+        file.read_exact(&mut magic).map_err(io_err)?;
+        if &magic != MAGIC {
+            return Err(RecordFileError::Corrupt { path: path.to_owned(), reason: "bad magic".into() });
+        }
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            hasher: blake3::Hasher::new(),
+            count: 0,
+            buf: Vec::new(),
+            done: None,
+            _marker: std::marker::PhantomData,
+        })
+    }
+
+    /// The root hash, once every record has been read.
+    pub fn root_hash(&self) -> Option<RootHash> {
+        self.done
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> RecordFileError {
+        RecordFileError::Corrupt { path: self.path.clone(), reason: reason.into() }
+    }
+
+    /// The next record, or `None` after the last one (whose trailer was checked).
+    pub fn next_record(&mut self) -> Result<Option<T>, RecordFileError> {
+        if self.done.is_some() {
+            return Ok(None);
+        }
+        let io_err = |e: io::Error, path: &Path| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                RecordFileError::Corrupt { path: path.to_owned(), reason: "cut short".into() }
+            }
+            _ => RecordFileError::Io { path: path.to_owned(), source: e },
+        };
+        let mut len_bytes = [0u8; 10];
+        let mut len: u64 = 0;
+        let mut n = 0;
+        loop {
+            let mut b = [0u8; 1];
+            self.file.read_exact(&mut b).map_err(|e| io_err(e, &self.path))?;
+            len_bytes[n] = b[0];
+            len |= u64::from(b[0] & 0x7f) << (7 * n);
+            n += 1;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            if n == 10 {
+                return Err(self.corrupt("bad length"));
+            }
+        }
+        if len == 0 {
+            let mut trailer = [0u8; 40];
+            self.file.read_exact(&mut trailer).map_err(|e| io_err(e, &self.path))?;
+            let count = u64::from_le_bytes(trailer[..8].try_into().unwrap_or_default());
+            let root = RootHash::from(self.hasher.finalize());
+            if count != self.count || root.as_bytes()[..] != trailer[8..] {
+                return Err(self.corrupt("trailer does not match the records"));
+            }
+            if self.file.read(&mut [0u8; 1]).map_err(|e| io_err(e, &self.path))? != 0 {
+                return Err(self.corrupt("bytes after the trailer"));
+            }
+            self.done = Some(root);
+            return Ok(None);
+        }
+        if len as usize > MAX_RECORD_LEN {
+            return Err(self.corrupt(format!("record of {len} bytes is over the limit")));
+        }
+        self.buf.resize(len as usize, 0);
+        self.file.read_exact(&mut self.buf).map_err(|e| io_err(e, &self.path))?;
+        self.hasher.update(&len_bytes[..n]);
+        self.hasher.update(&self.buf);
+        self.count += 1;
+        postcard::from_bytes(&self.buf).map(Some).map_err(|e| self.corrupt(format!("undecodable record: {e}")))
+    }
+}
+
+impl<T: DeserializeOwned> Iterator for RecordReader<T> {
+    type Item = Result<T, RecordFileError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+/// A manifest file: sorted [`Entry`] records.
+pub type ManifestWriter = RecordWriter<Entry>;
+/// Reads a manifest file.
+pub type ManifestReader = RecordReader<Entry>;
+
+/// Something with a path, so that sorted streams of it can be merged.
+pub trait Keyed {
+    /// The sort key.
+    fn key(&self) -> &RelPath;
+}
+
+impl Keyed for Entry {
+    fn key(&self) -> &RelPath {
+        &self.path
+    }
+}
+
+/// One step of a [`MergeJoin`]: the item at a path on each side, when there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair<A, B> {
+    /// The item from the left (older) stream.
+    pub old: Option<A>,
+    /// The item from the right (newer) stream.
+    pub new: Option<B>,
+}
+
+impl<A: Keyed, B: Keyed> Pair<A, B> {
+    /// The path both sides share.
+    pub fn path(&self) -> &RelPath {
+        match (&self.new, &self.old) {
+            (Some(n), _) => n.key(),
+            (None, Some(o)) => o.key(),
+            (None, None) => unreachable!("a Pair always has one side"),
+        }
+    }
+}
+
+/// Merges two streams sorted by path into a stream of pairs, one per path.
+pub struct MergeJoin<L: Iterator, R: Iterator> {
+    left: std::iter::Peekable<L>,
+    right: std::iter::Peekable<R>,
+}
+
+impl<A, B, E, L, R> MergeJoin<L, R>
+where
+    L: Iterator<Item = Result<A, E>>,
+    R: Iterator<Item = Result<B, E>>,
+{
+    /// Merges `left` (older) with `right` (newer).
+    pub fn new(left: L, right: R) -> Self {
+        Self { left: left.peekable(), right: right.peekable() }
+    }
+}
+
+impl<A, B, E, L, R> Iterator for MergeJoin<L, R>
+where
+    A: Keyed,
+    B: Keyed,
+    L: Iterator<Item = Result<A, E>>,
+    R: Iterator<Item = Result<B, E>>,
+{
+    type Item = Result<Pair<A, B>, E>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering;
+        let order = match (self.left.peek(), self.right.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) => return self.left.next().map(|r| r.map(|_| unreachable!())),
+            (_, Some(Err(_))) => return self.right.next().map(|r| r.map(|_| unreachable!())),
+            (Some(Ok(_)), None) => Ordering::Less,
+            (None, Some(Ok(_))) => Ordering::Greater,
+            (Some(Ok(l)), Some(Ok(r))) => l.key().cmp(r.key()),
+        };
+        let take_left = |s: &mut Self| s.left.next().and_then(Result::ok);
+        let take_right = |s: &mut Self| s.right.next().and_then(Result::ok);
+        Some(Ok(match order {
+            Ordering::Less => Pair { old: take_left(self), new: None },
+            Ordering::Greater => Pair { old: None, new: take_right(self) },
+            Ordering::Equal => Pair { old: take_left(self), new: take_right(self) },
+        }))
+    }
+}
+
+/// The entries that differ between two sorted manifests (added, removed or changed).
+pub fn diff<E, L, R>(old: L, new: R) -> impl Iterator<Item = Result<Pair<Entry, Entry>, E>>
+where
+    L: Iterator<Item = Result<Entry, E>>,
+    R: Iterator<Item = Result<Entry, E>>,
+{
+    MergeJoin::new(old, new).filter(|pair| !matches!(pair, Ok(Pair { old: Some(o), new: Some(n) }) if o == n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn entry(path: &str, kind: EntryKind, content: &[u8]) -> Entry {
+        let chunks = if kind == EntryKind::File && !content.is_empty() {
+            vec![ChunkRef { hash: ChunkHash::of(content), len: content.len() as u32 }]
+        } else {
+            vec![]
+        };
+        Entry {
+            path: RelPath::new(path.as_bytes()).unwrap(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 1,
+            size: if kind == EntryKind::File { content.len() as u64 } else { 0 },
+            chunks,
+            link_target: (kind == EntryKind::Symlink).then(|| content.to_vec()),
+            hard_link_to: None,
+        }
+    }
+
+    fn write(dir: &Path, name: &str, entries: &[Entry]) -> (PathBuf, RootHash) {
+        let path = dir.join(name);
+        let mut w = ManifestWriter::create(&path).unwrap();
+        for e in entries {
+            w.push(e).unwrap();
+        }
+        let root = w.finish().unwrap();
+        (path, root)
+    }
+
+    #[test]
+    fn round_trip_and_root_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            entry("", EntryKind::Dir, b""),
+            entry("a", EntryKind::File, b"hello"),
+            entry("b", EntryKind::Symlink, b"a"),
+        ];
+        let (path, root) = write(dir.path(), "m", &entries);
+        let mut reader = ManifestReader::open(&path).unwrap();
+        let read: Vec<Entry> = reader.by_ref().collect::<Result<_, _>>().unwrap();
+        assert_eq!(read, entries);
+        assert_eq!(reader.root_hash(), Some(root));
+        let (_, other) = write(dir.path(), "m2", &entries[..2]);
+        assert_ne!(root, other);
+    }
+
+    #[test]
+    fn truncated_or_altered_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"hello")];
+        let (path, _) = write(dir.path(), "m", &entries);
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [bytes.len() - 1, bytes.len() - 41, 12] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let result: Result<Vec<Entry>, _> = ManifestReader::open(&path).unwrap().collect();
+            assert!(matches!(result, Err(RecordFileError::Corrupt { .. })), "cut at {cut}: {result:?}");
+        }
+        let mut altered = bytes.clone();
+        let i = altered.len() - 45;
+        altered[i] ^= 1;
+        std::fs::write(&path, &altered).unwrap();
+        let result: Result<Vec<Entry>, _> = ManifestReader::open(&path).unwrap().collect();
+        assert!(result.is_err());
+    }
+
+    #[test]
+    fn diff_finds_changes() {
+        let a =
+            vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"1"), entry("b", EntryKind::File, b"2")];
+        let b =
+            vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"1"), entry("c", EntryKind::File, b"3")];
+        let ok = |v: Vec<Entry>| v.into_iter().map(Ok::<_, ()>);
+        let changes: Vec<_> = diff(ok(a), ok(b)).map(Result::unwrap).collect();
+        let paths: Vec<String> = changes.iter().map(|p| p.path().to_string()).collect();
+        assert_eq!(paths, ["b", "c"]);
+        assert!(changes[0].new.is_none() && changes[1].old.is_none());
+    }
+
+    #[test]
+    fn validation() {
+        let mut e = entry("a", EntryKind::File, b"xyz");
+        assert!(e.validate(None).is_ok());
+        assert!(e.validate(Some(&RelPath::new(&b"b"[..]).unwrap())).is_err());
+        e.size = 4;
+        assert!(matches!(e.validate(None), Err(EntryError::BadChunks(_))));
+        let mut l = entry("a", EntryKind::File, b"xyz");
+        l.hard_link_to = Some(RelPath::new(&b"b"[..]).unwrap());
+        assert!(matches!(l.validate(None), Err(EntryError::BadHardLink(_))));
+        let mut m = entry("a", EntryKind::Dir, b"");
+        m.mode = 0o170000;
+        assert!(m.validate(None).is_err());
+        assert!(matches!(entry("", EntryKind::File, b"x").validate(None), Err(EntryError::RootNotDir)));
+    }
+}

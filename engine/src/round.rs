@@ -1,0 +1,180 @@
+//! A local round: bring a target folder to the state of a source folder on the same machine, through
+//! the same scan and apply the network round uses. It is also how an operator fills a disk to ship.
+//!
+//! State lives in a folder of its own (never in the source or the target):
+//!
+//! ```text
+//! STATE/source/cache       the quick-check cache of the last scan
+//! STATE/source/manifest    the manifest of the last scan
+//! STATE/target/manifest    what ferry has written in the target (the last committed round)
+//! STATE/target/chunks.redb the chunk index of the target
+//! STATE/lock               held while a round runs
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, apply};
+use crate::hash::{ChunkHash, RootHash};
+use crate::index::{ChunkIndex, IndexError};
+use crate::manifest::{ChunkRef, Entry, ManifestReader, ManifestWriter, MergeJoin, RecordFileError};
+use crate::path::RelPath;
+use crate::rootdir::RootDir;
+use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
+
+/// Reads the chunks the target lacks straight from the source tree, checking that they still hash to
+/// what the scan saw (a file changed since the scan fails its entry, which the next round picks up).
+pub struct LocalChunkSource {
+    root: RootDir,
+    open: Option<(RelPath, File)>,
+}
+
+impl LocalChunkSource {
+    /// A chunk source reading from the tree at `root`.
+    pub fn new(root: &Path) -> io::Result<Self> {
+        Ok(Self { root: RootDir::open(root)?, open: None })
+    }
+}
+
+impl ChunkSource for LocalChunkSource {
+    fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError> {
+        if self.open.as_ref().is_none_or(|(p, _)| *p != entry.path) {
+            let file = self
+                .root
+                .open_file(&entry.path)
+                .map_err(|e| FetchError(format!("cannot open the source file: {e}")))?;
+            self.open = Some((entry.path.clone(), file));
+        }
+        let Some((_, file)) = &self.open else { unreachable!("opened above") };
+        out.resize(chunk.len as usize, 0);
+        file.read_exact_at(out, offset).map_err(|e| FetchError(format!("cannot read the source file: {e}")))?;
+        if ChunkHash::of(out) != chunk.hash {
+            return Err(FetchError("the source file changed since it was scanned; left for the next round".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Options of a local round.
+#[derive(Debug, Clone, Default)]
+pub struct LocalRoundOptions {
+    /// How to scan the source.
+    pub scan: ScanOptions,
+    /// How to apply to the target.
+    pub apply: ApplyOptions,
+}
+
+/// What a local round did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalRoundReport {
+    /// The scan of the source.
+    pub scan: ScanReport,
+    /// The apply to the target.
+    pub apply: ApplyReport,
+    /// The root hash of what the target now holds.
+    pub target_root: RootHash,
+    /// True when the target now holds exactly the source's manifest.
+    pub in_sync: bool,
+    /// Wall time.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub duration: Duration,
+}
+
+/// A local round that could not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The state folder could not be prepared.
+    #[error("state folder {path}: {source}")]
+    State {
+        /// The folder or file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Another round holds the lock.
+    #[error("another round is running with state folder {0} (its lock is held)")]
+    Busy(PathBuf),
+    /// The target folder could not be created or opened.
+    #[error("target folder {path}: {source}")]
+    Target {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Scanning failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// Applying failed; every file in the target is still either old or complete and new.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// Reading or writing a manifest failed.
+    #[error(transparent)]
+    Manifest(#[from] RecordFileError),
+    /// The chunk index failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Holds the state folder's lock for as long as it lives.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] File);
+
+/// Takes the state folder's lock, or says that another round holds it.
+pub fn lock_state(state: &Path) -> Result<StateLock, RoundError> {
+    let state_err = |source| RoundError::State { path: state.to_owned(), source };
+    std::fs::create_dir_all(state).map_err(state_err)?;
+    let file = File::create(state.join("lock")).map_err(state_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(StateLock(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(RoundError::Busy(state.to_owned())),
+        Err(e) => Err(state_err(e.into())),
+    }
+}
+
+/// Brings `target` to the state of `source`, keeping state in `state`.
+pub fn local_round(
+    source: &Path,
+    target: &Path,
+    state: &Path,
+    options: &LocalRoundOptions,
+) -> Result<LocalRoundReport, RoundError> {
+    let started = Instant::now();
+    let _lock = lock_state(state)?;
+    let (source_state, target_state) = (state.join("source"), state.join("target"));
+    for dir in [&source_state, &target_state] {
+        std::fs::create_dir_all(dir).map_err(|e| RoundError::State { path: dir.clone(), source: e })?;
+    }
+    std::fs::create_dir_all(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+
+    let cache = source_state.join("cache");
+    let new_manifest = source_state.join("manifest");
+    let scan_report = scan(source, Some(&cache), &new_manifest, &cache, &options.scan)?;
+
+    let committed_path = target_state.join("manifest");
+    let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if committed_path.exists() {
+        Box::new(ManifestReader::open(&committed_path)?)
+    } else {
+        Box::new(std::iter::empty())
+    };
+    let new = ManifestReader::open(&new_manifest)?;
+    let mut index = ChunkIndex::open(&target_state.join("chunks.redb"))?;
+    let mut chunk_source =
+        LocalChunkSource::new(source).map_err(|e| RoundError::Target { path: source.to_owned(), source: e })?;
+    let mut committed = ManifestWriter::create(&committed_path)?;
+    let apply_report =
+        apply(target, MergeJoin::new(old, new), &mut chunk_source, &mut index, &mut committed, &options.apply)?;
+    let target_root = committed.finish()?;
+    Ok(LocalRoundReport {
+        in_sync: Some(target_root) == scan_report.root_hash,
+        scan: scan_report,
+        apply: apply_report,
+        target_root,
+        duration: started.elapsed(),
+    })
+}

@@ -1,0 +1,508 @@
+//! The source side: walk a tree in sorted order, reuse what the last scan knew, read and chunk the rest.
+//!
+//! The walk is depth-first with each folder's children sorted by name, which is manifest order, so the
+//! new manifest is written as it goes and last scan's cache is merged in one pass: memory depends on
+//! the depth and width of folders and on the batch size, not on the number of files. Batches of entries
+//! are stat'ed, read and hashed in parallel (rayon) and written out in order.
+//!
+//! A file whose size, mtime, ctime and inode match the last scan's record is not read: its chunk list is
+//! reused. A file that changes while it is read (its `fstat` before and after differ) or that is swapped
+//! for something else between the walk and the read is never recorded torn: its previous version (if
+//! any) stays in the manifest, and it is reported so that the next round picks it up.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::{ChunkerConfig, chunk_reader};
+use crate::hash::{ChunkHash, RootHash};
+use crate::manifest::{ChunkRef, Entry, EntryKind, Keyed, ManifestWriter, RecordFileError, RecordReader, RecordWriter};
+use crate::owner::OwnerNames;
+use crate::path::{RelPath, STAGING_DIR};
+use crate::rootdir::NameExt;
+
+/// What the last scan knew about a path: its entry, plus what tells whether the file changed since.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// The entry as it went into the manifest.
+    pub entry: Entry,
+    /// Inode number.
+    pub ino: u64,
+    /// Status-change time in nanoseconds.
+    pub ctime_ns: i64,
+    /// False when the record must not be trusted (changed too close to the scan to be sure).
+    pub trusted: bool,
+}
+
+impl Keyed for CacheRecord {
+    fn key(&self) -> &RelPath {
+        &self.entry.path
+    }
+}
+
+/// Called after a file's bytes were read and before it is checked for changes. Tests use it to change a
+/// file at exactly that moment.
+pub type AfterReadHook = Arc<dyn Fn(&RelPath) + Send + Sync>;
+
+/// How to scan.
+#[derive(Clone)]
+pub struct ScanOptions {
+    /// Chunk sizes.
+    pub chunker: ChunkerConfig,
+    /// How many entries are stat'ed and hashed in parallel at a time.
+    pub batch: usize,
+    /// See [`AfterReadHook`].
+    pub after_read: Option<AfterReadHook>,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self { chunker: ChunkerConfig::DEFAULT, batch: 512, after_read: None }
+    }
+}
+
+impl std::fmt::Debug for ScanOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScanOptions").field("chunker", &self.chunker).field("batch", &self.batch).finish()
+    }
+}
+
+/// What a scan found and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanReport {
+    /// The new manifest's root hash.
+    pub root_hash: Option<RootHash>,
+    /// Entries in the manifest.
+    pub entries: u64,
+    /// Regular files among them.
+    pub files: u64,
+    /// Bytes in those files.
+    pub file_bytes: u64,
+    /// Files whose content was read (the others were unchanged since the last scan).
+    pub files_read: u64,
+    /// Bytes read from file contents.
+    pub bytes_read: u64,
+    /// Paths that changed while being read, left for the next round (the first 100).
+    pub changed_while_read: Vec<String>,
+    /// How many changed while being read.
+    pub changed_while_read_count: u64,
+    /// Paths that could not be read or are of a kind ferry does not copy, with why (the first 100).
+    pub skipped: Vec<String>,
+    /// How many were skipped.
+    pub skipped_count: u64,
+    /// Wall time.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub duration: Duration,
+}
+
+impl ScanReport {
+    fn changed(&mut self, path: &RelPath) {
+        self.changed_while_read_count += 1;
+        if self.changed_while_read.len() < 100 {
+            self.changed_while_read.push(path.to_string());
+        }
+    }
+
+    fn skip(&mut self, path: &RelPath, why: impl std::fmt::Display) {
+        tracing::warn!("skipped {path}: {why}");
+        self.skipped_count += 1;
+        if self.skipped.len() < 100 {
+            self.skipped.push(format!("{path}: {why}"));
+        }
+    }
+}
+
+/// A scan that could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The tree's top folder could not be opened.
+    #[error("cannot open source folder {path}: {source}")]
+    OpenRoot {
+        /// The folder.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Writing the new manifest or cache failed.
+    #[error(transparent)]
+    Output(#[from] RecordFileError),
+}
+
+/// Scans `root`, writing its manifest to `manifest_out` and the quick-check cache for next time to
+/// `cache_out`. `cache_in` is the last scan's cache, if any (a damaged one is ignored with a warning).
+pub fn scan(
+    root: &Path,
+    cache_in: Option<&Path>,
+    manifest_out: &Path,
+    cache_out: &Path,
+    options: &ScanOptions,
+) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    // Anything modified this close to the scan may change again within the filesystem's timestamp
+    // granularity without its mtime moving: such records are not trusted next time (as git does).
+    let racy_after_ns = to_ns(SystemTime::now()) - 2_000_000_000;
+    let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| ScanError::OpenRoot { path: root.display().to_string(), source: e.into() })?;
+    let mut walker = Walker::new(Arc::new(root_fd), cache_in);
+    let mut manifest = ManifestWriter::create(manifest_out)?;
+    let mut cache = RecordWriter::<CacheRecord>::create(cache_out)?;
+    let mut report = ScanReport::default();
+    let mut names = OwnerNames::default();
+    let mut hard_links: HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)> = HashMap::new();
+
+    loop {
+        let mut batch = Vec::with_capacity(options.batch);
+        while batch.len() < options.batch {
+            match walker.next_item(&mut report) {
+                Some(item) => batch.push(item),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let outcomes: Vec<(WalkItem, Outcome)> = batch
+            .into_par_iter()
+            .map(|item| {
+                let outcome = examine(&item, options);
+                (item, outcome)
+            })
+            .collect();
+        for (item, outcome) in outcomes {
+            let record = match outcome {
+                Outcome::Found { mut entry, stat, was_read, bytes_read } => {
+                    if was_read {
+                        report.files_read += 1;
+                        report.bytes_read += bytes_read;
+                    }
+                    entry.user = names.user(entry.uid);
+                    entry.group = names.group(entry.gid);
+                    if entry.kind == EntryKind::File && stat.st_nlink > 1 {
+                        let key = (stat.st_dev, stat.st_ino);
+                        match hard_links.get(&key) {
+                            Some((leader, chunks)) => {
+                                entry.hard_link_to = Some(leader.clone());
+                                entry.chunks.clone_from(chunks);
+                            }
+                            None => {
+                                hard_links.insert(key, (entry.path.clone(), entry.chunks.clone()));
+                            }
+                        }
+                    }
+                    let ctime_ns = stat_ctime_ns(&stat);
+                    let trusted = entry.mtime_ns < racy_after_ns && ctime_ns < racy_after_ns;
+                    Some(CacheRecord { entry, ino: stat.st_ino, ctime_ns, trusted })
+                }
+                Outcome::Changed => {
+                    report.changed(&item.path);
+                    tracing::warn!("{} changed while it was read; it is left for the next round", item.path);
+                    item.cached.filter(|c| c.entry.kind == EntryKind::File).map(|c| CacheRecord { trusted: false, ..c })
+                }
+                Outcome::Vanished => None,
+                Outcome::Skipped(why) => {
+                    report.skip(&item.path, why);
+                    None
+                }
+                Outcome::Unreadable(why) => {
+                    report.skip(&item.path, &why);
+                    item.cached.map(|c| CacheRecord { trusted: false, ..c })
+                }
+            };
+            if let Some(record) = record {
+                report.entries += 1;
+                if record.entry.kind == EntryKind::File {
+                    report.files += 1;
+                    report.file_bytes += record.entry.size;
+                }
+                manifest.push(&record.entry)?;
+                cache.push(&record)?;
+            }
+        }
+    }
+    report.root_hash = Some(manifest.finish()?);
+    cache.finish()?;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+fn to_ns(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+pub(crate) fn stat_mtime_ns(stat: &Stat) -> i64 {
+    stat.st_mtime.saturating_mul(1_000_000_000).saturating_add(stat.st_mtime_nsec as i64)
+}
+
+fn stat_ctime_ns(stat: &Stat) -> i64 {
+    stat.st_ctime.saturating_mul(1_000_000_000).saturating_add(stat.st_ctime_nsec as i64)
+}
+
+/// One path found by the walk, not yet examined.
+struct WalkItem {
+    /// The folder that holds it (for the root: the root itself, with an empty name).
+    parent: Arc<OwnedFd>,
+    name: Vec<u8>,
+    path: RelPath,
+    cached: Option<CacheRecord>,
+}
+
+struct Frame {
+    fd: Arc<OwnedFd>,
+    path: RelPath,
+    children: std::vec::IntoIter<(Vec<u8>, FileType)>,
+}
+
+struct Walker {
+    stack: Vec<Frame>,
+    root: Option<Arc<OwnedFd>>,
+    cache: Option<std::iter::Peekable<RecordReader<CacheRecord>>>,
+}
+
+impl Walker {
+    fn new(root: Arc<OwnedFd>, cache_in: Option<&Path>) -> Self {
+        let cache = cache_in.filter(|p| p.exists()).and_then(|p| match RecordReader::open(p) {
+            Ok(reader) => Some(reader.peekable()),
+            Err(e) => {
+                tracing::warn!("ignoring the scan cache ({e}); every file will be read");
+                None
+            }
+        });
+        Self { stack: Vec::new(), root: Some(root), cache }
+    }
+
+    /// The last scan's record for `path`, if any. The cache is sorted, as the walk is.
+    fn cached(&mut self, path: &RelPath) -> Option<CacheRecord> {
+        let cache = self.cache.as_mut()?;
+        loop {
+            match cache.peek() {
+                Some(Ok(record)) if record.key() < path => {
+                    cache.next();
+                }
+                Some(Ok(record)) if record.key() == path => return cache.next().and_then(Result::ok),
+                Some(Ok(_)) | None => return None,
+                Some(Err(e)) => {
+                    tracing::warn!("scan cache unreadable from here on ({e}); the rest will be read");
+                    self.cache = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn push_dir(&mut self, fd: Arc<OwnedFd>, path: RelPath, report: &mut ScanReport) {
+        let children = match read_children(&fd) {
+            Ok(children) => children,
+            Err(e) => {
+                report.skip(&path, format_args!("cannot list folder: {e}"));
+                Vec::new()
+            }
+        };
+        self.stack.push(Frame { fd, path, children: children.into_iter() });
+    }
+
+    fn next_item(&mut self, report: &mut ScanReport) -> Option<WalkItem> {
+        if let Some(root) = self.root.take() {
+            let path = RelPath::root();
+            let cached = self.cached(&path);
+            self.push_dir(root.clone(), path.clone(), report);
+            return Some(WalkItem { parent: root, name: Vec::new(), path, cached });
+        }
+        loop {
+            let frame = self.stack.last_mut()?;
+            let Some((name, file_type)) = frame.children.next() else {
+                self.stack.pop();
+                continue;
+            };
+            if frame.path.is_root() && name == STAGING_DIR.as_bytes() {
+                continue;
+            }
+            let parent = frame.fd.clone();
+            let path = match frame.path.join(&name) {
+                Ok(path) => path,
+                Err(e) => {
+                    let shown = RelPath::new(frame.path.as_bytes().to_vec()).unwrap_or_default();
+                    report.skip(&shown, e);
+                    continue;
+                }
+            };
+            let cached = self.cached(&path);
+            let is_dir = match file_type {
+                FileType::Directory => true,
+                FileType::Unknown => rustix::fs::statat(&*parent, name.os(), AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory),
+                _ => false,
+            };
+            if is_dir {
+                match rustix::fs::openat(
+                    &*parent,
+                    name.os(),
+                    OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => self.push_dir(Arc::new(fd), path.clone(), report),
+                    Err(e) => report.skip(&path, format_args!("cannot open folder: {e}")),
+                }
+            }
+            return Some(WalkItem { parent, name, path, cached });
+        }
+    }
+}
+
+fn read_children(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
+    let mut dir = rustix::fs::Dir::read_from(fd)?;
+    let mut children = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        children.push((name.to_vec(), entry.file_type()));
+    }
+    children.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(children)
+}
+
+enum Outcome {
+    Found {
+        entry: Entry,
+        stat: Stat,
+        was_read: bool,
+        bytes_read: u64,
+    },
+    /// Changed while being read, or swapped between the walk and the read.
+    Changed,
+    /// Gone before it could be looked at.
+    Vanished,
+    /// A kind ferry does not copy (device, FIFO, socket).
+    Skipped(String),
+    /// Could not be read (permissions, I/O error).
+    Unreadable(String),
+}
+
+fn examine(item: &WalkItem, options: &ScanOptions) -> Outcome {
+    let stat = if item.name.is_empty() {
+        rustix::fs::fstat(&*item.parent)
+    } else {
+        rustix::fs::statat(&*item.parent, item.name.os(), AtFlags::SYMLINK_NOFOLLOW)
+    };
+    let stat = match stat {
+        Ok(stat) => stat,
+        Err(rustix::io::Errno::NOENT) => return Outcome::Vanished,
+        Err(e) => return Outcome::Unreadable(format!("cannot stat: {e}")),
+    };
+    let kind = match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Directory => EntryKind::Dir,
+        FileType::RegularFile => EntryKind::File,
+        FileType::Symlink => EntryKind::Symlink,
+        other => return Outcome::Skipped(format!("{other:?} is not copied")),
+    };
+    let mut entry = Entry {
+        path: item.path.clone(),
+        kind,
+        mode: stat.st_mode & 0o7777,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        user: None,
+        group: None,
+        mtime_ns: stat_mtime_ns(&stat),
+        size: 0,
+        chunks: Vec::new(),
+        link_target: None,
+        hard_link_to: None,
+    };
+    match kind {
+        EntryKind::Dir => Outcome::Found { entry, stat, was_read: false, bytes_read: 0 },
+        EntryKind::Symlink => match rustix::fs::readlinkat(&*item.parent, item.name.os(), Vec::new()) {
+            Ok(target) => {
+                entry.link_target = Some(target.into_bytes());
+                Outcome::Found { entry, stat, was_read: false, bytes_read: 0 }
+            }
+            Err(rustix::io::Errno::NOENT) => Outcome::Vanished,
+            Err(e) => Outcome::Unreadable(format!("cannot read link: {e}")),
+        },
+        EntryKind::File => {
+            if let Some(cached) = &item.cached
+                && cached.trusted
+                && cached.entry.kind == EntryKind::File
+                && cached.entry.size == stat.st_size as u64
+                && cached.entry.mtime_ns == entry.mtime_ns
+                && cached.ctime_ns == stat_ctime_ns(&stat)
+                && cached.ino == stat.st_ino
+            {
+                entry.size = cached.entry.size;
+                entry.chunks.clone_from(&cached.entry.chunks);
+                return Outcome::Found { entry, stat, was_read: false, bytes_read: 0 };
+            }
+            read_file(item, entry, &stat, options)
+        }
+    }
+}
+
+fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, options: &ScanOptions) -> Outcome {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(&*item.parent, item.name.os(), flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Outcome::Vanished,
+        // ELOOP: it became a symlink since the walk; never followed.
+        Err(rustix::io::Errno::LOOP) => return Outcome::Changed,
+        Err(e) => return Outcome::Unreadable(format!("cannot open: {e}")),
+    };
+    let before = match rustix::fs::fstat(&fd) {
+        Ok(stat) => stat,
+        Err(e) => return Outcome::Unreadable(format!("cannot stat: {e}")),
+    };
+    if before.st_ino != walked.st_ino
+        || before.st_dev != walked.st_dev
+        || FileType::from_raw_mode(before.st_mode) != FileType::RegularFile
+    {
+        return Outcome::Changed;
+    }
+    let mut chunks = Vec::new();
+    let file = std::fs::File::from(fd);
+    let read = READ_BUF.with_borrow_mut(|buf| {
+        chunk_reader(options.chunker, &file, buf, |chunk| {
+            chunks.push(ChunkRef { hash: ChunkHash::of(chunk), len: chunk.len() as u32 });
+            Ok(())
+        })
+    });
+    let bytes_read = match read {
+        Ok(n) => n,
+        Err(e) => return Outcome::Unreadable(format!("read error: {e}")),
+    };
+    if let Some(hook) = &options.after_read {
+        hook(&item.path);
+    }
+    let after = match rustix::fs::fstat(file.as_fd()) {
+        Ok(stat) => stat,
+        Err(e) => return Outcome::Unreadable(format!("cannot stat: {e}")),
+    };
+    let unchanged = after.st_size == before.st_size
+        && stat_mtime_ns(&after) == stat_mtime_ns(&before)
+        && stat_ctime_ns(&after) == stat_ctime_ns(&before)
+        && bytes_read == before.st_size as u64;
+    if !unchanged {
+        return Outcome::Changed;
+    }
+    entry.mode = before.st_mode & 0o7777;
+    entry.uid = before.st_uid;
+    entry.gid = before.st_gid;
+    entry.mtime_ns = stat_mtime_ns(&before);
+    entry.size = bytes_read;
+    entry.chunks = chunks;
+    Outcome::Found { entry, stat: before, was_read: true, bytes_read }
+}
+
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
