@@ -164,6 +164,7 @@ pub fn apply(
         local_file: None,
         dir_cache: None,
         previous: None,
+        root_mtime: None,
     };
     for pair in pairs {
         let pair = pair?;
@@ -176,6 +177,10 @@ pub fn apply(
     rustix::fs::syncfs(applier.root.fd()).map_err(io_err("sync", target.display()))?;
     applier.index.sync()?;
     let _ = rustix::fs::unlinkat(applier.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
+    // Creating and removing the staging folder moved the target's own mtime: put it back.
+    if let Some(mtime_ns) = applier.root_mtime {
+        rustix::fs::futimens(applier.root.fd(), &times(mtime_ns)).map_err(io_err("set mtime of", target.display()))?;
+    }
     applier.report.duration = started.elapsed();
     Ok(applier.report)
 }
@@ -262,6 +267,8 @@ struct Applier<'a> {
     local_file: Option<(RelPath, File)>,
     dir_cache: Option<(RelPath, Arc<OwnedFd>)>,
     previous: Option<RelPath>,
+    /// The mtime the target's top folder must end with.
+    root_mtime: Option<i64>,
 }
 
 impl Applier<'_> {
@@ -279,6 +286,9 @@ impl Applier<'_> {
             new.validate(self.previous.as_ref())?;
         }
         self.previous = Some(path.clone());
+        if let Some(new) = pair.new.as_ref().filter(|n| n.path.is_root()) {
+            self.root_mtime = Some(new.mtime_ns);
+        }
         while let Some(top) = self.stack.last() {
             if top.path.is_ancestor_of(&path) {
                 break;

@@ -147,7 +147,7 @@ pub fn scan(
     let started = Instant::now();
     // Anything modified this close to the scan may change again within the filesystem's timestamp
     // granularity without its mtime moving: such records are not trusted next time (as git does).
-    let racy_after_ns = to_ns(SystemTime::now()) - 2_000_000_000;
+    let racy_after_ns = to_ns(SystemTime::now()) - 1_000_000_000;
     let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| ScanError::OpenRoot { path: root.display().to_string(), source: e.into() })?;
     let mut walker = Walker::new(Arc::new(root_fd), cache_in);
@@ -373,6 +373,7 @@ fn read_children(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
     Ok(children)
 }
 
+#[allow(clippy::large_enum_variant)] // one per entry of a batch, moved once
 enum Outcome {
     Found {
         entry: Entry,

@@ -1,0 +1,41 @@
+//! The `ferry` binary's library: the command line, and the commands it runs.
+//!
+//! It owns the CLI (clap), where state lives on disk, the human and JSON reports, and `ferry demo`.
+//! Sync logic belongs to `ferry-engine`; this crate only wires it to the operator.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod cli;
+mod demo;
+mod human;
+mod local;
+
+pub use demo::{DemoOptions, run_demo};
+pub use local::{LocalSyncOptions, run_local_sync};
+
+/// Exit codes, stable and documented in README.md.
+pub mod exit {
+    /// The round completed and the target matches the source.
+    pub const OK: i32 = 0;
+    /// An error stopped the command (message on stderr).
+    pub const ERROR: i32 = 1;
+    /// The command line was wrong.
+    pub const USAGE: i32 = 2;
+    /// The round ran to its end, but some entries could not be applied (listed on stderr); rerun after
+    /// fixing what the messages say.
+    pub const INCOMPLETE: i32 = 3;
+}
+
+/// The default folder for ferry's state: `/var/lib/ferry` for root, else `$XDG_DATA_HOME/ferry` or
+/// `~/.local/share/ferry`.
+pub fn default_data_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/ferry");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("ferry");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/ferry")
+}

@@ -1,0 +1,125 @@
+//! `ferry sync --round SRC DEST`: a local round.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ferry_engine::{ApplyOptions, LocalRoundOptions, LocalRoundReport, ScanOptions, local_round};
+
+use crate::{exit, human};
+
+/// A local round, as the command line asked for it.
+#[derive(Debug, Clone)]
+pub struct LocalSyncOptions {
+    /// The source folder.
+    pub source: PathBuf,
+    /// The target folder.
+    pub target: PathBuf,
+    /// Explicit state folder, or `None` for the default under the data directory.
+    pub state_dir: Option<PathBuf>,
+    /// `--delete`.
+    pub delete: bool,
+    /// `--numeric-ids`.
+    pub numeric_ids: bool,
+    /// `--json`.
+    pub json: bool,
+}
+
+/// Where a source/target pair keeps its state when not told: one folder per pair, named by a hash of
+/// both canonical paths, so that two pairs never share a scan cache or chunk index.
+pub(crate) fn default_state_dir(source: &Path, target: &Path) -> anyhow::Result<PathBuf> {
+    let source = source.canonicalize().with_context(|| format!("source folder {}", source.display()))?;
+    let target = target.canonicalize().with_context(|| format!("target folder {}", target.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(source.as_os_str().as_encoded_bytes());
+    hasher.update(b"\0");
+    hasher.update(target.as_os_str().as_encoded_bytes());
+    let id = &hasher.finalize().to_hex()[..16];
+    Ok(crate::default_data_dir().join("local").join(id))
+}
+
+/// Runs the round and prints its report; returns the exit code.
+pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
+    if !options.source.is_dir() {
+        anyhow::bail!("source folder {} does not exist or is not a folder", options.source.display());
+    }
+    std::fs::create_dir_all(&options.target)
+        .with_context(|| format!("cannot create target folder {}", options.target.display()))?;
+    let state = match &options.state_dir {
+        Some(dir) => dir.clone(),
+        None => default_state_dir(&options.source, &options.target)?,
+    };
+    tracing::info!(source = %options.source.display(), target = %options.target.display(), state = %state.display(), "local round");
+    let round_options = LocalRoundOptions {
+        scan: ScanOptions::default(),
+        apply: ApplyOptions { delete: options.delete, numeric_ids: options.numeric_ids, ..ApplyOptions::default() },
+    };
+    let report = local_round(&options.source, &options.target, &state, &round_options)
+        .with_context(|| format!("round {} -> {} failed", options.source.display(), options.target.display()))?;
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_summary(&options.source, &options.target, &report);
+    }
+    Ok(exit_code(&report))
+}
+
+pub(crate) fn exit_code(report: &LocalRoundReport) -> i32 {
+    if report.apply.failure_count > 0 { exit::INCOMPLETE } else { exit::OK }
+}
+
+pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundReport) {
+    let (scan, apply) = (&report.scan, &report.apply);
+    println!("round done in {}: {} -> {}", human::duration(report.duration), source.display(), target.display());
+    println!(
+        "  scanned  {} entries, {} files ({}); read {} files ({}), the others unchanged since the last scan",
+        human::count(scan.entries),
+        human::count(scan.files),
+        human::bytes(scan.file_bytes),
+        human::count(scan.files_read),
+        human::bytes(scan.bytes_read),
+    );
+    println!(
+        "  applied  {} files written ({}), {} metadata-only, {} folders created, {} symlinks, {} hard links, {} removed",
+        human::count(apply.files_written),
+        human::bytes(apply.bytes_written),
+        human::count(apply.metadata_updated),
+        human::count(apply.dirs_created),
+        human::count(apply.symlinks),
+        human::count(apply.hard_links),
+        human::count(apply.deleted),
+    );
+    println!(
+        "  chunks   {} reused from data already in the target ({}), {} copied from the source ({})",
+        human::count(apply.chunks_local),
+        human::bytes(apply.bytes_local),
+        human::count(apply.chunks_fetched),
+        human::bytes(apply.bytes_fetched),
+    );
+    if apply.kept > 0 {
+        println!(
+            "  kept     {} paths the source no longer has (run with --delete to remove them)",
+            human::count(apply.kept)
+        );
+    }
+    if scan.changed_while_read_count > 0 {
+        eprintln!(
+            "warning: {} files changed while they were read and were left for the next round, e.g. {}",
+            scan.changed_while_read_count,
+            scan.changed_while_read.join(", ")
+        );
+    }
+    if scan.skipped_count > 0 {
+        eprintln!("warning: {} paths skipped: {}", scan.skipped_count, scan.skipped.join("; "));
+    }
+    if apply.failure_count > 0 {
+        eprintln!("error: {} entries could not be applied:", apply.failure_count);
+        for failure in &apply.failures {
+            eprintln!("  {failure}");
+        }
+    }
+    println!(
+        "  target   {} (root {})",
+        if report.in_sync { "matches the source" } else { "does not match the source yet: run the round again" },
+        report.target_root.short()
+    );
+}
