@@ -36,6 +36,7 @@ use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pa
 use crate::owner::OwnerMap;
 use crate::path::{RelPath, STAGING_DIR};
 use crate::rootdir::{NameExt, RootDir};
+use crate::spill::SpillQueue;
 
 /// How to apply.
 #[derive(Debug, Clone)]
@@ -165,6 +166,7 @@ pub fn apply(
         dir_cache: None,
         previous: None,
         root_mtime: None,
+        deferred: SpillQueue::new(),
     };
     for pair in pairs {
         let pair = pair?;
@@ -174,6 +176,7 @@ pub fn apply(
         applier.leave(frame, committed)?;
     }
     applier.flush()?;
+    applier.delete_deferred()?;
     rustix::fs::syncfs(applier.root.fd()).map_err(io_err("sync", target.display()))?;
     applier.index.sync()?;
     let _ = rustix::fs::unlinkat(applier.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
@@ -241,6 +244,7 @@ struct Staged {
     tmp: Vec<u8>,
     path: RelPath,
     chunks: Vec<ChunkRef>,
+    is_file: bool,
 }
 
 #[derive(Default)]
@@ -269,6 +273,17 @@ struct Applier<'a> {
     previous: Option<RelPath>,
     /// The mtime the target's top folder must end with.
     root_mtime: Option<i64>,
+    /// Deletions put off until everything new is in place.
+    deferred: SpillQueue<Deferred>,
+}
+
+/// A deletion put off until the end of the round.
+#[derive(Serialize, serde::Deserialize)]
+struct Deferred {
+    path: RelPath,
+    kind: EntryKind,
+    /// The mtime the folder holding it must keep, when that folder stays.
+    parent_mtime_ns: Option<i64>,
 }
 
 impl Applier<'_> {
@@ -310,7 +325,7 @@ impl Applier<'_> {
         }
         match (pair.old, pair.new) {
             (None, None) => Ok(()),
-            (Some(old), None) => self.remove(old, forced_delete || self.options.delete),
+            (Some(old), None) => self.remove(old, forced_delete),
             (old, Some(new)) if old.as_ref() == Some(&new) => {
                 committed.push(&new)?;
                 if new.kind == EntryKind::Dir {
@@ -356,37 +371,117 @@ impl Applier<'_> {
         }
     }
 
-    fn remove(&mut self, old: Entry, delete: bool) -> Result<(), ApplyError> {
-        if !delete {
+    /// The source no longer has `old`. Inside a folder being replaced or removed (`forced`) it goes now;
+    /// with `delete` it goes at the end of the round, once everything new is in place (so that a
+    /// renamed file's chunks are still there to be copied); otherwise it is kept.
+    fn remove(&mut self, old: Entry, forced: bool) -> Result<(), ApplyError> {
+        if forced {
+            if old.kind == EntryKind::Dir {
+                let path = old.path.clone();
+                self.stack.push(Frame { path, leave: Leave::Delete, dirty: false });
+                return Ok(());
+            }
+            if self.unlink_if_ours(&old.path, old.kind)? {
+                self.mark_parent_dirty(&old.path);
+            }
+            return Ok(());
+        }
+        if !self.options.delete {
             self.report.kept += 1;
             return Ok(());
         }
-        if old.kind == EntryKind::Dir {
-            let path = old.path.clone();
-            self.stack.push(Frame { path, leave: Leave::Delete, dirty: false });
-            return Ok(());
-        }
-        let current = match self.current_kind(&old.path) {
-            Ok(kind) => kind,
-            Err(_) => return Ok(()), // its folder is gone or not a folder: nothing of ours to remove
+        let parent_mtime_ns = match self.stack.last() {
+            Some(Frame { path, leave: Leave::Keep(entry) | Leave::Update(entry), .. })
+                if Some(path) == old.path.parent().as_ref() =>
+            {
+                Some(entry.mtime_ns)
+            }
+            _ => None,
         };
-        let ours = match old.kind {
+        self.deferred.push(Deferred { path: old.path, kind: old.kind, parent_mtime_ns }).map_err(|e| ApplyError::Io {
+            op: "queue deletions in",
+            path: "a temporary file".into(),
+            source: e,
+        })
+    }
+
+    /// Removes a file or symlink if what is there is still of the kind ferry wrote.
+    fn unlink_if_ours(&mut self, path: &RelPath, kind: EntryKind) -> Result<bool, ApplyError> {
+        let current = match self.current_kind(path) {
+            Ok(kind) => kind,
+            Err(_) => return Ok(false), // its folder is gone or not a folder: nothing of ours to remove
+        };
+        let ours = match kind {
             EntryKind::File => current == Some(FileType::RegularFile),
             EntryKind::Symlink => current == Some(FileType::Symlink),
             EntryKind::Dir => false,
         };
-        if ours {
-            let dir = self.parent_dir(&old.path).map_err(|e| ApplyError::Io {
-                op: "open folder of",
-                path: old.path.to_string(),
-                source: e,
-            })?;
-            rustix::fs::unlinkat(&*dir, name_of(&old.path).os(), AtFlags::empty())
-                .map_err(io_err("remove", &old.path))?;
-            self.report.deleted += 1;
-            self.mark_parent_dirty(&old.path);
+        if !ours {
+            return Ok(false);
+        }
+        let dir = self.parent_dir(path).map_err(|e| ApplyError::Io {
+            op: "open folder of",
+            path: path.to_string(),
+            source: e,
+        })?;
+        rustix::fs::unlinkat(&*dir, name_of(path).os(), AtFlags::empty()).map_err(io_err("remove", path))?;
+        self.report.deleted += 1;
+        Ok(true)
+    }
+
+    /// The deletions `remove` put off, in manifest order: files first, each folder once it is left
+    /// (and only if empty of destination-only content); parents get their mtimes back.
+    fn delete_deferred(&mut self) -> Result<(), ApplyError> {
+        let deferred = std::mem::replace(&mut self.deferred, SpillQueue::new());
+        if deferred.is_empty() {
+            return Ok(());
+        }
+        let queue_err =
+            |e| ApplyError::Io { op: "read queued deletions from", path: "a temporary file".into(), source: e };
+        let mut dirs: Vec<Deferred> = Vec::new();
+        for item in deferred.drain().map_err(queue_err)? {
+            let item = item.map_err(queue_err)?;
+            while let Some(top) = dirs.last() {
+                if top.path.is_ancestor_of(&item.path) {
+                    break;
+                }
+                let dir = dirs.pop().expect("dirs has a top");
+                self.remove_deferred_dir(&dir)?;
+            }
+            if item.kind == EntryKind::Dir {
+                dirs.push(item);
+            } else if self.unlink_if_ours(&item.path, item.kind)? {
+                self.restore_parent_mtime(&item)?;
+            }
+        }
+        while let Some(dir) = dirs.pop() {
+            self.remove_deferred_dir(&dir)?;
         }
         Ok(())
+    }
+
+    fn remove_deferred_dir(&mut self, dir: &Deferred) -> Result<(), ApplyError> {
+        if self.rmdir(&dir.path)? {
+            self.report.deleted += 1;
+            self.restore_parent_mtime(dir)
+        } else {
+            tracing::info!("kept folder {}: it holds files ferry did not write", dir.path);
+            self.report.kept += 1;
+            Ok(())
+        }
+    }
+
+    fn restore_parent_mtime(&mut self, item: &Deferred) -> Result<(), ApplyError> {
+        let Some(mtime_ns) = item.parent_mtime_ns else { return Ok(()) };
+        if item.path.parent().is_some_and(|p| p.is_root()) {
+            self.root_mtime = Some(mtime_ns);
+        }
+        let dir = self.parent_dir(&item.path).map_err(|e| ApplyError::Io {
+            op: "open folder of",
+            path: item.path.to_string(),
+            source: e,
+        })?;
+        rustix::fs::futimens(&*dir, &times(mtime_ns)).map_err(io_err("set mtime of the folder of", &item.path))
     }
 
     fn place(&mut self, old: Option<Entry>, new: Entry, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
@@ -509,7 +604,8 @@ impl Applier<'_> {
     fn stage(&mut self, tmp: Vec<u8>, entry: &Entry, chunks: Vec<ChunkRef>) -> Result<(), ApplyError> {
         self.batch.bytes += entry.size;
         self.batch.by_path.insert(entry.path.clone(), self.batch.staged.len());
-        self.batch.staged.push(Staged { tmp, path: entry.path.clone(), chunks });
+        let is_file = entry.kind == EntryKind::File;
+        self.batch.staged.push(Staged { tmp, path: entry.path.clone(), chunks, is_file });
         self.mark_parent_dirty(&entry.path);
         if self.batch.staged.len() >= self.options.batch_files || self.batch.bytes >= self.options.batch_bytes {
             self.flush()?;
@@ -542,9 +638,17 @@ impl Applier<'_> {
     fn stage_hard_link(&mut self, new: &Entry, leader: &RelPath) -> Result<bool, ApplyError> {
         let tmp = self.tmp_name();
         let linked = if let Some(&i) = self.batch.by_path.get(leader) {
-            let leader_tmp = self.batch.staged[i].tmp.clone();
-            rustix::fs::linkat(&self.staging, leader_tmp.os(), &self.staging, tmp.os(), AtFlags::empty())
+            if !self.batch.staged[i].is_file {
+                Err(Errno::PERM)
+            } else {
+                let leader_tmp = self.batch.staged[i].tmp.clone();
+                rustix::fs::linkat(&self.staging, leader_tmp.os(), &self.staging, tmp.os(), AtFlags::empty())
+            }
         } else {
+            if self.already_linked(&new.path, leader) {
+                // Same inode already (the entry changed only in metadata, which the leader carries).
+                return Ok(true);
+            }
             let dir = match self.parent_dir(leader) {
                 Ok(dir) => dir,
                 Err(e) => {
@@ -568,6 +672,21 @@ impl Applier<'_> {
         self.report.hard_links += 1;
         self.stage(tmp, new, Vec::new())?;
         Ok(true)
+    }
+
+    /// Are `path` and `leader` already two names of one regular file?
+    fn already_linked(&mut self, path: &RelPath, leader: &RelPath) -> bool {
+        let mut stat = |p: &RelPath| {
+            let dir = self.parent_dir(p).ok()?;
+            rustix::fs::statat(&*dir, name_of(p).os(), AtFlags::SYMLINK_NOFOLLOW).ok()
+        };
+        match (stat(path), stat(leader)) {
+            (Some(a), Some(b)) => {
+                FileType::from_raw_mode(a.st_mode) == FileType::RegularFile
+                    && (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            }
+            _ => false,
+        }
     }
 
     fn set_file_metadata(&mut self, fd: &impl std::os::fd::AsFd, entry: &Entry) -> Result<(), Errno> {

@@ -34,6 +34,7 @@ mod path;
 mod rootdir;
 mod round;
 mod scan;
+mod spill;
 
 pub use apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, apply};
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};

@@ -1,0 +1,90 @@
+//! The `ferry` binary as an operator runs it: real processes, exit codes, kill -9 at any moment.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry_testkit::{TreeGenerator, TreeSpec};
+
+use crate::util::{Pair, assert_same_tree, ferry_bin, no_staging_leftovers, random_bytes, write};
+
+fn sync(pair: &Pair, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["sync", "--round"]).arg(pair.source()).arg(pair.target()).arg("--state-dir").arg(pair.state());
+    cmd.args(extra);
+    cmd
+}
+
+#[test]
+fn a_round_prints_a_summary_and_a_json_report() {
+    let pair = Pair::new();
+    write(&pair.source().join("a/b"), b"hello");
+    write(&pair.source().join("c"), &random_bytes(300_000, 1));
+    let out = sync(&pair, &[]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("2 files written") && stdout.contains("matches the source"), "{stdout}");
+    assert_same_tree(&pair.source(), &pair.target(), |_| false);
+
+    let out = sync(&pair, &["--json"]).output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["apply"]["files_written"], 0);
+    assert_eq!(report["scan"]["files"], 2);
+    assert_eq!(report["in_sync"], true);
+}
+
+#[test]
+fn errors_are_clear_and_exit_codes_distinct() {
+    let pair = Pair::new();
+    let out =
+        Command::new(ferry_bin()).args(["sync", "--round", "/no/such/folder"]).arg(pair.target()).output().unwrap();
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/no/such/folder") && stderr.contains("does not exist"), "{stderr}");
+
+    let out = Command::new(ferry_bin()).args(["sync", "--round"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(ferry::exit::USAGE));
+
+    // An entry that cannot be applied: the round goes on, reports it and exits 3.
+    write(&pair.source().join("d/f"), b"x");
+    write(&pair.source().join("e"), b"y");
+    write(&pair.target().join("d"), b"destination-only file where the source has a folder");
+    let out = sync(&pair, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(ferry::exit::INCOMPLETE));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("d: holds a RegularFile that ferry did not write"), "{stderr}");
+    assert_eq!(std::fs::read(pair.target().join("e")).unwrap(), b"y");
+    assert_eq!(std::fs::read(pair.target().join("d")).unwrap(), b"destination-only file where the source has a folder");
+}
+
+#[test]
+fn a_round_killed_at_random_points_ends_identical_when_rerun() {
+    use rand::{RngExt, SeedableRng};
+    let pair = Pair::new();
+    std::fs::remove_dir(pair.source()).unwrap();
+    let mut spec = TreeSpec::with_files(4000, 11);
+    spec.max_blob = 2 << 20;
+    let mut tree = TreeGenerator::create(&pair.source(), spec).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut kills = 0;
+    for day in 0..3 {
+        if day > 0 {
+            tree.next_day().unwrap();
+        }
+        for _ in 0..4 {
+            let mut child = sync(&pair, &["--delete"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+            std::thread::sleep(Duration::from_millis(rng.random_range(20..900)));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap(); // SIGKILL
+                kills += 1;
+            }
+            child.wait().unwrap();
+        }
+        let out = sync(&pair, &["--delete"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_same_tree(&pair.source(), &pair.target(), |_| false);
+        assert!(no_staging_leftovers(&pair.target()));
+        assert!(!pair.target().join(ferry_engine::STAGING_DIR).exists());
+    }
+    assert!(kills >= 3, "only {kills} runs were killed mid-round: the tree is too small to test this");
+}

@@ -1,0 +1,9 @@
+//! ferry's integration tests: one binary, one module per area.
+
+mod util;
+
+mod cli;
+mod hostile;
+mod properties;
+mod reuse;
+mod source_changes;

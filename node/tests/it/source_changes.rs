@@ -1,0 +1,84 @@
+//! The source changes while it is read: nothing torn is ever written.
+
+use std::sync::{Arc, Mutex};
+
+use ferry_engine::{
+    ApplyOptions, ChunkIndex, LocalChunkSource, LocalRoundOptions, ManifestReader, ManifestWriter, MergeJoin, RelPath,
+    ScanOptions, apply, scan,
+};
+
+use crate::util::{Pair, random_bytes, write};
+
+#[test]
+fn a_file_modified_while_read_is_left_for_the_next_round() {
+    let pair = Pair::new();
+    let src = pair.source();
+    let v1 = random_bytes(3 << 20, 1);
+    write(&src.join("busy"), &v1);
+    write(&src.join("calm"), b"calm");
+    pair.round(&LocalRoundOptions::default());
+    assert_eq!(std::fs::read(pair.target().join("busy")).unwrap(), v1);
+
+    // Round 2: both files change before the scan, and again right after each is read.
+    let v2 = random_bytes(3 << 20, 2);
+    write(&src.join("busy"), &v2);
+    write(&src.join("new-busy"), &random_bytes(1 << 20, 3));
+    let v3 = random_bytes(3 << 20 | 77, 4);
+    let (busy, new_busy) = (src.join("busy"), src.join("new-busy"));
+    let touched = Arc::new(Mutex::new(Vec::new()));
+    let log = touched.clone();
+    let v3_hook = v3.clone();
+    let mut options = LocalRoundOptions::default();
+    options.scan.after_read = Some(Arc::new(move |path: &RelPath| {
+        match path.as_bytes() {
+            b"busy" => std::fs::write(&busy, &v3_hook).unwrap(),
+            b"new-busy" => std::fs::write(&new_busy, b"rewritten").unwrap(),
+            _ => return,
+        }
+        log.lock().unwrap().push(path.to_string());
+    }));
+    let second = pair.round(&options);
+    assert_eq!(touched.lock().unwrap().len(), 2);
+    assert_eq!(second.scan.changed_while_read_count, 2, "{:?}", second.scan.changed_while_read);
+    assert!(second.scan.changed_while_read.contains(&"busy".to_owned()));
+    // The old version stays, whole; the new file is not there at all.
+    assert_eq!(std::fs::read(pair.target().join("busy")).unwrap(), v1);
+    assert!(!pair.target().join("new-busy").exists());
+
+    // Next round, without interference: both arrive as they now are.
+    let third = pair.round(&LocalRoundOptions::default());
+    assert_eq!(third.scan.changed_while_read_count, 0);
+    assert_eq!(std::fs::read(pair.target().join("busy")).unwrap(), v3);
+    assert_eq!(std::fs::read(pair.target().join("new-busy")).unwrap(), b"rewritten");
+    assert!(third.in_sync);
+}
+
+#[test]
+fn a_file_changed_between_scan_and_copy_is_not_written() {
+    // The scan sees one version; by the time its chunks are copied, the file holds another. The chunk
+    // hash check catches it: the entry is reported and not written, the rest of the round goes on.
+    let pair = Pair::new();
+    let src = pair.source();
+    write(&src.join("steady"), b"steady");
+    write(&src.join("victim"), &random_bytes(200_000, 5));
+    let state = pair.state();
+    let (manifest, cache) = (state.join("manifest"), state.join("cache"));
+    let scanned = scan(&src, None, &manifest, &cache, &ScanOptions::default()).unwrap();
+    assert_eq!(scanned.files, 2);
+
+    write(&src.join("victim"), &random_bytes(200_000, 6));
+    let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
+    let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
+    let mut source = LocalChunkSource::new(&src).unwrap();
+    let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&manifest).unwrap());
+    let report =
+        apply(&pair.target(), pairs, &mut source, &mut index, &mut committed, &ApplyOptions::default()).unwrap();
+    assert_eq!(report.failure_count, 1, "{:?}", report.failures);
+    assert!(report.failures[0].contains("victim") && report.failures[0].contains("changed since"));
+    assert!(!pair.target().join("victim").exists());
+    assert_eq!(std::fs::read(pair.target().join("steady")).unwrap(), b"steady");
+    committed.finish().unwrap();
+    let recorded: Vec<String> =
+        ManifestReader::open(&state.join("committed")).unwrap().map(|e| e.unwrap().path.to_string()).collect();
+    assert_eq!(recorded, [".", "steady"], "the committed manifest lists only what is really there");
+}

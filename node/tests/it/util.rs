@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+
+use ferry_engine::{LocalRoundOptions, LocalRoundReport, local_round};
+use ferry_testkit::{Snapshot, compare_trees, snapshot};
+
+/// The `ferry` binary built for these tests.
+pub(crate) fn ferry_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// A source, a target and a state folder in one temporary folder.
+pub(crate) struct Pair {
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Pair {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir().unwrap();
+        for sub in ["source", "target", "state"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        Self { dir }
+    }
+
+    pub(crate) fn source(&self) -> PathBuf {
+        self.dir.path().join("source")
+    }
+
+    pub(crate) fn target(&self) -> PathBuf {
+        self.dir.path().join("target")
+    }
+
+    pub(crate) fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A sibling of the target that no round may ever touch.
+    pub(crate) fn outside(&self) -> PathBuf {
+        self.dir.path().join("outside")
+    }
+
+    /// One local round in this process.
+    pub(crate) fn round(&self, options: &LocalRoundOptions) -> LocalRoundReport {
+        local_round(&self.source(), &self.target(), &self.state(), options).unwrap()
+    }
+}
+
+/// Asserts that `target` holds exactly `source`, except paths `extra` allows.
+pub(crate) fn assert_same_tree(source: &Path, target: &Path, extra: impl Fn(&[u8]) -> bool) {
+    let want = snapshot(source, &[]).unwrap();
+    let got = snapshot(target, &[]).unwrap();
+    if let Err(differences) = compare_trees(&want, &got, extra) {
+        panic!("target differs from source: {differences}");
+    }
+}
+
+/// A snapshot of a folder that must not change.
+pub(crate) fn sentinel(path: &Path) -> Snapshot {
+    snapshot(path, &[]).unwrap()
+}
+
+/// True if a folder holds no leftover staging files.
+pub(crate) fn no_staging_leftovers(target: &Path) -> bool {
+    let staging = target.join(ferry_engine::STAGING_DIR);
+    !staging.exists() || std::fs::read_dir(&staging).unwrap().next().is_none()
+}
+
+pub(crate) fn write(path: &Path, content: &[u8]) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, content).unwrap();
+}
+
+pub(crate) fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data[..]);
+    data
+}
+
+pub(crate) fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
