@@ -150,6 +150,8 @@ pub fn apply(
         source: e,
     })?;
     let staging = open_staging(&root)?;
+    // Each file of a batch keeps its descriptor open until the batch's sync.
+    let options = &ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 2).max(1), ..options.clone() };
     let mut applier = Applier {
         root,
         staging,
@@ -167,6 +169,7 @@ pub fn apply(
         previous: None,
         root_mtime: None,
         deferred: SpillQueue::new(),
+        no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
     };
     for pair in pairs {
         let pair = pair?;
@@ -241,10 +244,16 @@ struct Frame {
 
 /// A file or link built in the staging folder, waiting for the sync that lets it be renamed into place.
 struct Staged {
+    /// Its name in the staging folder (reserved only, while `unnamed` holds it).
     tmp: Vec<u8>,
+    /// A file built with `O_TMPFILE` in its final folder: no name until it is linked into place, so a
+    /// crash leaves nothing behind, and its inode is allocated beside its siblings.
+    unnamed: Option<OwnedFd>,
     path: RelPath,
     chunks: Vec<ChunkRef>,
     is_file: bool,
+    /// Something is at the final path already (so linking straight to it would fail).
+    replaces: bool,
 }
 
 #[derive(Default)]
@@ -275,6 +284,8 @@ struct Applier<'a> {
     root_mtime: Option<i64>,
     /// Deletions put off until everything new is in place.
     deferred: SpillQueue<Deferred>,
+    /// The target's filesystem has no `O_TMPFILE`.
+    no_tmpfile: bool,
 }
 
 /// A deletion put off until the end of the round.
@@ -539,8 +550,7 @@ impl Applier<'_> {
             );
             return Ok(());
         }
-        let in_place = current == Some(FileType::RegularFile);
-        match self.place_non_dir(old.as_ref(), &new, in_place)? {
+        match self.place_non_dir(old.as_ref(), &new, current)? {
             true => committed.push(&new)?,
             false => {
                 if let Some(old) = old.filter(|o| Some(o.kind) == kind_of(current)) {
@@ -551,19 +561,21 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// Puts a file or symlink at its path. `Ok(false)`: that entry failed (already reported).
-    fn place_non_dir(&mut self, old: Option<&Entry>, new: &Entry, file_in_place: bool) -> Result<bool, ApplyError> {
+    /// Puts a file or symlink at its path, where `current` is there now. `Ok(false)`: that entry failed
+    /// (already reported).
+    fn place_non_dir(&mut self, old: Option<&Entry>, new: &Entry, current: Option<FileType>) -> Result<bool, ApplyError> {
+        let replaces = current.is_some();
         if new.kind == EntryKind::Symlink {
-            return self.stage_symlink(new);
+            return self.stage_symlink(new, replaces);
         }
         if let Some(leader) = &new.hard_link_to {
-            return self.stage_hard_link(new, leader);
+            return self.stage_hard_link(new, leader, replaces);
         }
         let same_content = old.is_some_and(|o| o.same_content(new) && o.hard_link_to.is_none());
-        if same_content && file_in_place {
+        if same_content && current == Some(FileType::RegularFile) {
             return self.update_in_place(new);
         }
-        self.stage_file(new)
+        self.stage_file(new, replaces)
     }
 
     fn tmp_name(&mut self) -> Vec<u8> {
@@ -601,11 +613,18 @@ impl Applier<'_> {
         self.owners.resolve(entry.uid, entry.gid, entry.user.as_deref(), entry.group.as_deref())
     }
 
-    fn stage(&mut self, tmp: Vec<u8>, entry: &Entry, chunks: Vec<ChunkRef>) -> Result<(), ApplyError> {
+    fn stage(
+        &mut self,
+        tmp: Vec<u8>,
+        unnamed: Option<OwnedFd>,
+        entry: &Entry,
+        chunks: Vec<ChunkRef>,
+        replaces: bool,
+    ) -> Result<(), ApplyError> {
         self.batch.bytes += entry.size;
         self.batch.by_path.insert(entry.path.clone(), self.batch.staged.len());
         let is_file = entry.kind == EntryKind::File;
-        self.batch.staged.push(Staged { tmp, path: entry.path.clone(), chunks, is_file });
+        self.batch.staged.push(Staged { tmp, unnamed, path: entry.path.clone(), chunks, is_file, replaces });
         self.mark_parent_dirty(&entry.path);
         if self.batch.staged.len() >= self.options.batch_files || self.batch.bytes >= self.options.batch_bytes {
             self.flush()?;
@@ -613,7 +632,7 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn stage_symlink(&mut self, new: &Entry) -> Result<bool, ApplyError> {
+    fn stage_symlink(&mut self, new: &Entry, replaces: bool) -> Result<bool, ApplyError> {
         let target = new.link_target.as_deref().unwrap_or_default();
         let tmp = self.tmp_name();
         let shown = || format!("{} (staged for {})", tmp.escape_ascii(), new.path);
@@ -631,16 +650,21 @@ impl Applier<'_> {
         rustix::fs::utimensat(&self.staging, tmp.os(), &times(new.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(io_err("set mtime of", shown()))?;
         self.report.symlinks += 1;
-        self.stage(tmp, new, Vec::new())?;
+        self.stage(tmp, None, new, Vec::new(), replaces)?;
         Ok(true)
     }
 
-    fn stage_hard_link(&mut self, new: &Entry, leader: &RelPath) -> Result<bool, ApplyError> {
+    fn stage_hard_link(&mut self, new: &Entry, leader: &RelPath, replaces: bool) -> Result<bool, ApplyError> {
         let tmp = self.tmp_name();
         let linked = if let Some(&i) = self.batch.by_path.get(leader) {
             if !self.batch.staged[i].is_file {
                 Err(Errno::PERM)
             } else {
+                // The leader may have no name yet: give it its staging name first.
+                if let Some(fd) = self.batch.staged[i].unnamed.take() {
+                    let leader_tmp = self.batch.staged[i].tmp.clone();
+                    link_unnamed(&fd, &self.staging, &leader_tmp).map_err(io_err("name", &new.path))?;
+                }
                 let leader_tmp = self.batch.staged[i].tmp.clone();
                 rustix::fs::linkat(&self.staging, leader_tmp.os(), &self.staging, tmp.os(), AtFlags::empty())
             }
@@ -670,7 +694,7 @@ impl Applier<'_> {
             return Ok(false);
         }
         self.report.hard_links += 1;
-        self.stage(tmp, new, Vec::new())?;
+        self.stage(tmp, None, new, Vec::new(), replaces)?;
         Ok(true)
     }
 
@@ -711,22 +735,30 @@ impl Applier<'_> {
         Ok(true)
     }
 
-    fn stage_file(&mut self, new: &Entry) -> Result<bool, ApplyError> {
+    fn stage_file(&mut self, new: &Entry, replaces: bool) -> Result<bool, ApplyError> {
         let tmp = self.tmp_name();
         let shown = format!("{} (staged for {})", tmp.escape_ascii(), new.path);
-        let fd = rustix::fs::openat(
-            &self.staging,
-            tmp.os(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(io_err("create", &shown))?;
+        let (fd, unnamed) = match self.create_unnamed(&new.path) {
+            Some(fd) => (fd, true),
+            None => {
+                let fd = rustix::fs::openat(
+                    &self.staging,
+                    tmp.os(),
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(io_err("create", &shown))?;
+                (fd, false)
+            }
+        };
         let mut file = File::from(fd);
         let mut offset = 0u64;
         for chunk in &new.chunks {
             if let Err(why) = self.get_chunk(new, offset, chunk) {
                 drop(file);
-                let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
+                if !unnamed {
+                    let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
+                }
                 self.fail(&new.path, why);
                 return Ok(false);
             }
@@ -734,11 +766,29 @@ impl Applier<'_> {
             offset += u64::from(chunk.len);
         }
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
-        drop(file);
         self.report.files_written += 1;
         self.report.bytes_written += new.size;
-        self.stage(tmp, new, new.chunks.clone())?;
+        let unnamed = unnamed.then(|| OwnedFd::from(file));
+        self.stage(tmp, unnamed, new, new.chunks.clone(), replaces)?;
         Ok(true)
+    }
+
+    /// An unnamed file in the folder that will hold `path`, or `None` where `O_TMPFILE` is not
+    /// available (then the file is built under a name in the staging folder).
+    fn create_unnamed(&mut self, path: &RelPath) -> Option<OwnedFd> {
+        if self.no_tmpfile {
+            return None;
+        }
+        let dir = self.parent_dir(path).ok()?;
+        match rustix::fs::openat(&*dir, ".", OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => Some(fd),
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => {
+                tracing::debug!("O_TMPFILE is not supported here; files are built in the staging folder");
+                self.no_tmpfile = true;
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Puts a chunk's verified bytes into `self.buf`: from the target if the index knows where they
@@ -754,7 +804,11 @@ impl Applier<'_> {
         }
         self.source.fetch(entry, offset, chunk, &mut self.buf).map_err(|e| e.to_string())?;
         if self.buf.len() != chunk.len as usize || ChunkHash::of(&self.buf) != chunk.hash {
-            return Err(format!("chunk {} at offset {offset} does not match its hash", chunk.hash.short()));
+            return Err(format!(
+                "chunk {} at offset {offset} does not match its hash: the source changed since it was \
+                 scanned, or the data was damaged on the way; left for the next round",
+                chunk.hash.short()
+            ));
         }
         self.report.chunks_fetched += 1;
         self.report.bytes_fetched += u64::from(chunk.len);
@@ -787,7 +841,7 @@ impl Applier<'_> {
                 if !self.rmdir(&frame.path)? {
                     self.fail(&frame.path, "was a folder and holds files ferry did not write; not replaced");
                     committed.push(&old)?;
-                } else if self.place_non_dir(None, &new, false)? {
+                } else if self.place_non_dir(None, &new, None)? {
                     self.report.deleted += 1;
                     committed.push(&new)?;
                 }
@@ -826,7 +880,20 @@ impl Applier<'_> {
                 path: staged.path.to_string(),
                 source: e,
             })?;
-            rustix::fs::renameat(&self.staging, staged.tmp.os(), &*dir, name_of(&staged.path).os())
+            let name = name_of(&staged.path).os();
+            if let Some(fd) = &staged.unnamed {
+                // A new path takes the file's first name directly; an existing one is replaced by a
+                // rename, which is atomic.
+                if !staged.replaces {
+                    match link_unnamed(fd, &*dir, name.as_encoded_bytes()) {
+                        Ok(()) => continue,
+                        Err(Errno::EXIST) => {}
+                        Err(e) => return Err(io_err("link into place", &staged.path)(e)),
+                    }
+                }
+                link_unnamed(fd, &self.staging, &staged.tmp).map_err(io_err("name", &staged.path))?;
+            }
+            rustix::fs::renameat(&self.staging, staged.tmp.os(), &*dir, name)
                 .map_err(io_err("rename into place", &staged.path))?;
         }
         for (path, entry, full) in &batch.dirs {
@@ -855,6 +922,30 @@ impl Applier<'_> {
         // A file we read chunks from may just have been replaced.
         self.local_file = None;
         Ok(())
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (at most 65536); returns the limit in force.
+fn raise_fd_limit() -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let wanted = limit.maximum.unwrap_or(65536).min(65536);
+    if limit.current.is_some_and(|c| c < wanted) {
+        limit.current = Some(wanted);
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(1024) as usize
+}
+
+/// Gives an unnamed (`O_TMPFILE`) file a name in `dir`.
+fn link_unnamed(fd: &OwnedFd, dir: impl std::os::fd::AsFd, name: &[u8]) -> Result<(), Errno> {
+    match rustix::fs::linkat(fd, "", &dir, name.os(), AtFlags::EMPTY_PATH) {
+        // Without CAP_DAC_READ_SEARCH, the /proc path is the documented way.
+        Err(Errno::NOENT | Errno::PERM) => {
+            let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
+            rustix::fs::linkat(rustix::fs::CWD, proc_path.as_str(), &dir, name.os(), AtFlags::SYMLINK_FOLLOW)
+        }
+        other => other,
     }
 }
 

@@ -48,7 +48,7 @@ fn renamed_folder_duplicated_file_and_inserted_bytes_cost_few_chunks() {
 
 #[test]
 fn unchanged_tree_of_100k_files_is_not_read_again() {
-    let pair = Pair::new();
+    let pair = Pair::in_memory();
     std::fs::remove_dir(pair.source()).unwrap();
     let mut spec = TreeSpec::with_files(100_000, 5);
     spec.max_blob = 64 << 10; // the file count matters here, not the bytes

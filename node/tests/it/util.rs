@@ -17,7 +17,18 @@ pub(crate) struct Pair {
 
 impl Pair {
     pub(crate) fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir().unwrap();
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// On a memory filesystem when there is one: for tests about what is read, not about disks, where
+    /// creating 100k files on a shared disk would only measure the disk.
+    pub(crate) fn in_memory() -> Self {
+        let shm = Path::new("/dev/shm");
+        Self::new_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
+    }
+
+    fn new_in(base: &Path) -> Self {
+        let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir_in(base).unwrap();
         for sub in ["source", "target", "state"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
