@@ -151,7 +151,8 @@ pub fn apply(
     })?;
     let staging = open_staging(&root)?;
     // Each file of a batch keeps its descriptor open until the batch's sync.
-    let options = &ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 2).max(1), ..options.clone() };
+    let options =
+        &ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 2).max(1), ..options.clone() };
     let mut applier = Applier {
         root,
         staging,
@@ -563,7 +564,12 @@ impl Applier<'_> {
 
     /// Puts a file or symlink at its path, where `current` is there now. `Ok(false)`: that entry failed
     /// (already reported).
-    fn place_non_dir(&mut self, old: Option<&Entry>, new: &Entry, current: Option<FileType>) -> Result<bool, ApplyError> {
+    fn place_non_dir(
+        &mut self,
+        old: Option<&Entry>,
+        new: &Entry,
+        current: Option<FileType>,
+    ) -> Result<bool, ApplyError> {
         let replaces = current.is_some();
         if new.kind == EntryKind::Symlink {
             return self.stage_symlink(new, replaces);
@@ -780,7 +786,12 @@ impl Applier<'_> {
             return None;
         }
         let dir = self.parent_dir(path).ok()?;
-        match rustix::fs::openat(&*dir, ".", OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o600)) {
+        match rustix::fs::openat(
+            &*dir,
+            ".",
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
             Ok(fd) => Some(fd),
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => {
                 tracing::debug!("O_TMPFILE is not supported here; files are built in the staging folder");

@@ -72,8 +72,15 @@ fn main() {
         edited.splice(at..at + 10, insert);
     }
 
-    println!("tree: about {files} files; a day of changes wrote {} bytes into {} files", changes.bytes_written, changes.files_added + changes.files_rewritten);
-    println!("{:>16}  {:>10}  {:>12}  {:>14}  {:>16}  {:>10}", "min/avg/max", "chunks", "tree bytes", "day: new bytes", "10 edits in 64M", "MB/s");
+    println!(
+        "tree: about {files} files; a day of changes wrote {} bytes into {} files",
+        changes.bytes_written,
+        changes.files_added + changes.files_rewritten
+    );
+    println!(
+        "{:>16}  {:>10}  {:>12}  {:>14}  {:>16}  {:>10}",
+        "min/avg/max", "chunks", "tree bytes", "day: new bytes", "10 edits in 64M", "MB/s"
+    );
     let mut buf = Vec::new();
     for (min, avg, max) in [(4, 16, 64), (8, 32, 128), (16, 64, 256), (32, 128, 512), (64, 256, 1024)] {
         let config = ChunkerConfig::new(min << 10, avg << 10, max << 10).expect("valid sizes");
