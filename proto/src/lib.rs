@@ -1,2 +1,34 @@
-//! The wire protocol of ferry (messages, framing, the round state machine). Not written yet: see the
-//! QUIC round issue.
+//! ferry's wire protocol, without any I/O.
+//!
+//! Goals: a round's messages, encoded with postcard in length-prefixed frames whose length is checked
+//! against [`MAX_FRAME_LEN`] before anything is allocated; a decoder that never panics on any input
+//! (a property test feeds it garbage); the order of messages on the control stream checked by
+//! [`DestinationRound`]; a wire format frozen by golden tests. Non-goals: sockets, timers, files.
+//!
+//! The version is in the ALPN string ([`ALPN`]): peers that do not speak the same version never get
+//! past the handshake. Postcard encodes enum variants by index: variants are only ever appended.
+//!
+//! A round (push: the source connects):
+//!
+//! ```text
+//! source                                   destination
+//! Hello{job, base}              ──────▶
+//!                               ◀──────    Welcome{holds} | Refused{reason}
+//! Changes{..}* ChangesEnd{root} ──────▶    (changes since `holds`, or everything)
+//!                               ◀──────    Need{chunks}*           (a window of missing chunks)
+//! ChunkBatch* (data streams)    ──────▶    Missing{..} on control for what cannot be read
+//!                               ◀──────    Need ... until Done
+//!                               ◀──────    Committed{round, root} | Failed{reason}
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod frame;
+mod message;
+mod round;
+
+pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, decode, encode};
+pub use message::{
+    ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundRef,
+};
+pub use round::{DestinationRound, Phase, ProtocolError};

@@ -1,0 +1,179 @@
+//! Length-prefixed frames: a 4-byte big-endian length, then one postcard-encoded [`Message`].
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::message::Message;
+
+/// The largest frame accepted, checked before any allocation: a batch of 4 MiB of chunk data (the
+/// sender's limit) plus its chunk list, or a few thousand manifest changes, fit with room.
+pub const MAX_FRAME_LEN: usize = 8 << 20;
+
+/// Bytes that are not a valid frame.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The declared length is over [`MAX_FRAME_LEN`].
+    #[error("frame of {0} bytes is over the {MAX_FRAME_LEN}-byte limit")]
+    TooLong(usize),
+    /// The frame's bytes are not a message.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// A message too large to send.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// Over [`MAX_FRAME_LEN`].
+    #[error("message of {0} bytes is over the {MAX_FRAME_LEN}-byte limit")]
+    TooLong(usize),
+    /// Serialisation failed.
+    #[error("cannot encode: {0}")]
+    Postcard(#[from] postcard::Error),
+}
+
+/// Appends one frame to `out`.
+pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.put_u32(0);
+    let body = postcard::to_extend(message, Vec::new())?;
+    if body.len() > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(EncodeError::TooLong(body.len()));
+    }
+    out.extend_from_slice(&body);
+    let len = (body.len() as u32).to_be_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    Ok(())
+}
+
+/// Takes one frame from the front of `buf`: `Ok(None)` when more bytes are needed.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLong(len));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let body = buf.split_to(len);
+    Ok(Some(postcard::from_bytes(&body)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::*;
+    use ferry_engine::{ChunkHash, RelPath, RootHash};
+    use proptest::prelude::*;
+
+    fn frame(message: &Message) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(message, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    /// The wire format, frozen: a change here breaks every deployed peer, so it needs a new ALPN.
+    #[test]
+    fn golden_frames() {
+        let root = RootHash::from_bytes([7; 32]);
+        let cases: Vec<(Message, &str)> = vec![
+            (
+                Message::Hello(Hello {
+                    version: 1,
+                    job: "zimbra".into(),
+                    base: Some(RoundRef { round: 3, root }),
+                    delete: false,
+                    numeric_ids: true,
+                }),
+                "0000002d0001067a696d627261010307070707070707070707070707070707070707070707070707070707070707070001",
+            ),
+            (Message::Welcome { holds: None }, "000000020100"),
+            (Message::Refused { reason: "no".into() }, "0000000402026e6f"),
+            (
+                Message::Changes(vec![Change {
+                    path: RelPath::new(&b"a/b"[..]).unwrap(),
+                    entry: None,
+                    chunks_as_before: false,
+                }]),
+                "0000000803010361 2f620000",
+            ),
+            (
+                Message::Missing(vec![ChunkHash::from_bytes([1; 32])]),
+                "0000002207010101010101010101010101010101010101010101010101010101010101010101",
+            ),
+            (Message::Done, "0000000108"),
+            (
+                Message::ChunkBatch(ChunkBatch {
+                    codec: Codec::Raw,
+                    chunks: vec![(ChunkHash::from_bytes([2; 32]), 3)],
+                    payload: bytes::Bytes::from_static(b"xyz"),
+                }),
+                "000000280600010202020202020202020202020202020202020202020202020202020202020202030378797a",
+            ),
+        ];
+        let mut checked = 0;
+        for (message, golden) in cases {
+            let golden = golden.replace(' ', "");
+            if hex::encode(frame(&message)) != golden {
+                eprintln!("GOLDEN {} {message:?}", hex::encode(frame(&message)));
+                continue;
+            }
+            let mut buf = BytesMut::from(&hex::decode(&golden).unwrap()[..]);
+            assert_eq!(decode(&mut buf).unwrap(), Some(message));
+            assert!(buf.is_empty());
+            checked += 1;
+        }
+        assert_eq!(checked, 7, "wire format changed");
+    }
+
+    #[test]
+    fn oversize_frames_are_refused_before_allocation() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0][..]);
+        assert!(matches!(decode(&mut buf), Err(DecodeError::TooLong(_))));
+        assert!(buf.capacity() < 1024);
+        let huge = Message::Refused { reason: "x".repeat(MAX_FRAME_LEN + 1) };
+        assert!(matches!(encode(&huge, &mut BytesMut::new()), Err(EncodeError::TooLong(_))));
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let bytes = frame(&Message::Done);
+        let mut buf = BytesMut::from(&bytes[..bytes.len() - 1]);
+        assert_eq!(decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(&bytes[bytes.len() - 1..]);
+        assert_eq!(decode(&mut buf).unwrap(), Some(Message::Done));
+    }
+
+    #[test]
+    fn hostile_paths_do_not_decode() {
+        // A Changes message whose path is "../x".
+        let mut body = vec![3u8, 1, 4];
+        body.extend_from_slice(b"../x");
+        body.extend_from_slice(&[0, 0]);
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.extend_from_slice(&body);
+        assert!(matches!(decode(&mut buf), Err(DecodeError::Malformed(_))));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode(&mut buf) {}
+        }
+
+        #[test]
+        fn decoding_framed_garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32);
+            buf.extend_from_slice(&body);
+            let _ = decode(&mut buf);
+        }
+    }
+}

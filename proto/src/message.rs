@@ -1,0 +1,146 @@
+//! The messages. Postcard encodes variants by index: append only, never reorder.
+
+use bytes::Bytes;
+use ferry_engine::{ChunkHash, Entry, RelPath, RootHash};
+use serde::{Deserialize, Serialize};
+
+/// The protocol name and version, negotiated in the TLS handshake.
+pub const ALPN: &[u8] = b"ferry/1";
+/// The version inside [`ALPN`], also sent in [`Hello`] for messages.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A committed round: its number and the root hash of its manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundRef {
+    /// Rounds count from 1.
+    pub round: u64,
+    /// The manifest's root hash.
+    pub root: RootHash,
+}
+
+/// source → destination: which job, and which round the source can send changes against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The job's name (the destination decides where it goes).
+    pub job: String,
+    /// The last round the source saw committed, whose manifest it kept.
+    pub base: Option<RoundRef>,
+    /// Remove what the source removed (only what ferry wrote).
+    pub delete: bool,
+    /// Keep numeric owners instead of mapping names.
+    pub numeric_ids: bool,
+}
+
+/// One path that changed: its new entry, or `None` when the source no longer has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// The path.
+    pub path: RelPath,
+    /// The new entry. When `chunks_as_before`, its chunk list is empty and the destination keeps the
+    /// one it has (a file whose content did not change costs no chunk list on the wire).
+    pub entry: Option<Entry>,
+    /// See `entry`.
+    pub chunks_as_before: bool,
+}
+
+/// source → destination: all changes are sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangesEnd {
+    /// What the changes are relative to (`None`: an empty tree).
+    pub base: Option<RoundRef>,
+    /// The new manifest's root hash.
+    pub root: RootHash,
+    /// How many entries it has.
+    pub entries: u64,
+}
+
+/// One chunk the destination lacks, and where the source will find it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeedChunk {
+    /// The file in the new manifest.
+    pub path: RelPath,
+    /// Where in it.
+    pub offset: u64,
+    /// How long.
+    pub len: u32,
+    /// What it must hash to.
+    pub hash: ChunkHash,
+}
+
+/// How a chunk batch's payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// As is (already compressed data, such as gzip BLOBs).
+    Raw,
+    /// One zstd frame.
+    Zstd,
+}
+
+/// source → destination, on a data stream: chunks, concatenated in `payload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkBatch {
+    /// How `payload` is encoded.
+    pub codec: Codec,
+    /// The chunks in order, with their lengths; the decoded payload is exactly their concatenation.
+    pub chunks: Vec<(ChunkHash, u32)>,
+    /// The encoded bytes.
+    pub payload: Bytes,
+}
+
+impl ChunkBatch {
+    /// The decoded size the chunk list declares (saturating: a hostile list cannot overflow it).
+    pub fn declared_len(&self) -> u64 {
+        self.chunks.iter().fold(0u64, |sum, (_, len)| sum.saturating_add(u64::from(*len)))
+    }
+}
+
+/// destination → source: the round is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Committed {
+    /// The round now held.
+    pub round: RoundRef,
+    /// Files written.
+    pub files_written: u64,
+    /// Entries that could not be applied, with why (a sample).
+    pub failures: Vec<String>,
+    /// How many failed.
+    pub failure_count: u64,
+}
+
+/// Everything that travels. Variant order is the wire format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Opens a round.
+    Hello(Hello),
+    /// The destination accepts; `holds` is its last committed round.
+    Welcome {
+        /// The destination's last committed round for this job.
+        holds: Option<RoundRef>,
+    },
+    /// The destination refuses (unknown job, not this peer's job, busy, no room).
+    Refused {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// A batch of changes, sorted.
+    Changes(Vec<Change>),
+    /// The last batch of changes was sent.
+    ChangesEnd(ChangesEnd),
+    /// Chunks to send now.
+    Need(Vec<NeedChunk>),
+    /// Chunk data.
+    ChunkBatch(ChunkBatch),
+    /// Chunks the source could not read (changed since the scan).
+    Missing(Vec<ChunkHash>),
+    /// Everything needed has arrived.
+    Done,
+    /// The round is committed.
+    Committed(Committed),
+    /// The round failed on the other side.
+    Failed {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
