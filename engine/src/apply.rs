@@ -143,53 +143,126 @@ pub fn apply(
     committed: &mut ManifestWriter,
     options: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
-    let started = Instant::now();
-    let root = RootDir::open(target).map_err(|e| ApplyError::Io {
-        op: "open target",
-        path: target.display().to_string(),
-        source: e,
-    })?;
-    let staging = open_staging(&root)?;
-    // Each file of a batch keeps its descriptor open until the batch's sync.
-    let options =
-        &ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 2).max(1), ..options.clone() };
-    let mut applier = Applier {
-        root,
-        staging,
-        index,
-        source,
-        owners: OwnerMap::new(options.numeric_ids),
-        options,
-        report: ApplyReport::default(),
-        stack: Vec::new(),
-        batch: Batch::default(),
-        next_tmp: 0,
-        buf: Vec::new(),
-        local_file: None,
-        dir_cache: None,
-        previous: None,
-        root_mtime: None,
-        deferred: SpillQueue::new(),
-        no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
-    };
+    let mut applier = Applier::new(target, source, index, committed, options)?;
     for pair in pairs {
-        let pair = pair?;
-        applier.step(pair, committed)?;
+        applier.step(pair?)?;
     }
-    while let Some(frame) = applier.stack.pop() {
-        applier.leave(frame, committed)?;
+    applier.finish()
+}
+
+/// One chunk the target lacks, found by [`Applier::plan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    /// The file, in the new manifest.
+    pub path: RelPath,
+    /// Where in it.
+    pub offset: u64,
+    /// The chunk.
+    pub chunk: ChunkRef,
+}
+
+/// How many chunk hashes a round remembers having asked for, so that a chunk several new files share
+/// is asked for once (past this, duplicates may be asked for again: correct, only slower).
+const MAX_REQUESTED: usize = 1 << 20;
+
+impl<'a> Applier<'a> {
+    /// Starts applying to `target`: takes the staging folder (emptying what a crashed run left).
+    pub fn new(
+        target: &Path,
+        source: &'a mut dyn ChunkSource,
+        index: &'a mut ChunkIndex,
+        committed: &'a mut ManifestWriter,
+        options: &ApplyOptions,
+    ) -> Result<Self, ApplyError> {
+        let root = RootDir::open(target).map_err(|e| ApplyError::Io {
+            op: "open target",
+            path: target.display().to_string(),
+            source: e,
+        })?;
+        let staging = open_staging(&root)?;
+        // Each file of a batch keeps its descriptor open until the batch's sync.
+        let options =
+            ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 2).max(1), ..options.clone() };
+        Ok(Applier {
+            root,
+            staging,
+            index,
+            source,
+            committed: Some(committed),
+            owners: OwnerMap::new(options.numeric_ids),
+            options,
+            report: ApplyReport::default(),
+            started: Instant::now(),
+            stack: Vec::new(),
+            batch: Batch::default(),
+            next_tmp: 0,
+            buf: Vec::new(),
+            local_file: None,
+            dir_cache: None,
+            previous: None,
+            root_mtime: None,
+            deferred: SpillQueue::new(),
+            no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
+            requested: std::collections::HashSet::new(),
+        })
     }
-    applier.flush()?;
-    applier.delete_deferred()?;
-    rustix::fs::syncfs(applier.root.fd()).map_err(io_err("sync", target.display()))?;
-    applier.index.sync()?;
-    let _ = rustix::fs::unlinkat(applier.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
-    // Creating and removing the staging folder moved the target's own mtime: put it back.
-    if let Some(mtime_ns) = applier.root_mtime {
-        rustix::fs::futimens(applier.root.fd(), &times(mtime_ns)).map_err(io_err("set mtime of", target.display()))?;
+
+    /// Applies the next pair (pairs must come in manifest order).
+    pub fn step(&mut self, pair: Pair<Entry, Entry>) -> Result<(), ApplyError> {
+        let committed = self.committed.take().expect("committed is only taken for the length of a call");
+        let result = self.step_with(pair, committed);
+        self.committed = Some(committed);
+        result
     }
-    applier.report.duration = started.elapsed();
-    Ok(applier.report)
+
+    /// The chunks of `pair` that the target does not seem to have and that have not been asked for
+    /// yet this round. Called before [`Applier::step`] for the same pair, to ask the source ahead.
+    pub fn plan(&mut self, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
+        let Some(new) = &pair.new else { return Ok(Vec::new()) };
+        if new.kind != EntryKind::File || new.hard_link_to.is_some() {
+            return Ok(Vec::new());
+        }
+        if pair.old.as_ref().is_some_and(|old| old.same_content(new) && old.hard_link_to.is_none()) {
+            return Ok(Vec::new());
+        }
+        let mut needed = Vec::new();
+        let mut offset = 0u64;
+        for chunk in &new.chunks {
+            if !self.requested.contains(&chunk.hash) && self.index.get(&chunk.hash)?.is_none() {
+                if self.requested.len() < MAX_REQUESTED {
+                    self.requested.insert(chunk.hash);
+                }
+                needed.push(Needed { path: new.path.clone(), offset, chunk: *chunk });
+            }
+            offset += u64::from(chunk.len);
+        }
+        Ok(needed)
+    }
+
+    /// Makes everything staged so far durable and visible, and records its chunks in the index.
+    pub fn flush_batch(&mut self) -> Result<(), ApplyError> {
+        self.flush()
+    }
+
+    /// Ends the apply: closes every folder, flushes, runs the deletions, syncs.
+    pub fn finish(mut self) -> Result<ApplyReport, ApplyError> {
+        let committed = self.committed.take().expect("committed is only taken for the length of a call");
+        while let Some(frame) = self.stack.pop() {
+            self.leave(frame, committed)?;
+        }
+        self.flush()?;
+        self.delete_deferred()?;
+        let shown = self.root.path().display().to_string();
+        rustix::fs::syncfs(self.root.fd()).map_err(io_err("sync", &shown))?;
+        self.index.sync()?;
+        let _ = rustix::fs::unlinkat(self.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
+        // Creating and removing the staging folder moved the target's own mtime: put it back.
+        if let Some(mtime_ns) = self.root_mtime {
+            rustix::fs::futimens(self.root.fd(), &times(mtime_ns)).map_err(io_err("set mtime of", &shown))?;
+        }
+        self.report.duration = self.started.elapsed();
+        Ok(self.report)
+    }
 }
 
 /// Creates `.ferry-staging` at the top of the target (emptying what a crashed run left in it).
@@ -266,14 +339,17 @@ struct Batch {
     bytes: u64,
 }
 
-struct Applier<'a> {
+/// Applies a new manifest to a target, one pair at a time (see the module's documentation).
+pub struct Applier<'a> {
     root: RootDir,
     staging: OwnedFd,
     index: &'a mut ChunkIndex,
     source: &'a mut dyn ChunkSource,
+    committed: Option<&'a mut ManifestWriter>,
     owners: OwnerMap,
-    options: &'a ApplyOptions,
+    options: ApplyOptions,
     report: ApplyReport,
+    started: Instant,
     stack: Vec<Frame>,
     batch: Batch,
     next_tmp: u64,
@@ -287,6 +363,8 @@ struct Applier<'a> {
     deferred: SpillQueue<Deferred>,
     /// The target's filesystem has no `O_TMPFILE`.
     no_tmpfile: bool,
+    /// Chunks asked for this round (see `plan`).
+    requested: std::collections::HashSet<ChunkHash>,
 }
 
 /// A deletion put off until the end of the round.
@@ -307,7 +385,7 @@ impl Applier<'_> {
         }
     }
 
-    fn step(&mut self, pair: Pair<Entry, Entry>, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
+    fn step_with(&mut self, pair: Pair<Entry, Entry>, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
         let path = pair.path().clone();
         if let Some(new) = &pair.new {
             new.validate(self.previous.as_ref())?;

@@ -36,7 +36,7 @@ mod round;
 mod scan;
 mod spill;
 
-pub use apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, apply};
+pub use apply::{Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Needed, apply};
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError};

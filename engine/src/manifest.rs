@@ -178,7 +178,9 @@ pub struct RecordWriter<T> {
 impl<T: Serialize> RecordWriter<T> {
     /// Starts writing the file that will be at `path`.
     pub fn create(path: &Path) -> Result<Self, RecordFileError> {
-        let tmp_path = path.with_extension("tmp");
+        let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+        tmp_name.push(".tmp");
+        let tmp_path = path.with_file_name(tmp_name);
         let io_err = |source| RecordFileError::Io { path: tmp_path.clone(), source };
         let mut file = BufWriter::with_capacity(1 << 20, File::create(&tmp_path).map_err(io_err)?);
         file.write_all(MAGIC).map_err(io_err)?;

@@ -14,6 +14,9 @@ pub struct Cli {
     /// Only errors and the final summary.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// The config folder (identity, ferry.toml). Default: /etc/ferry for root, else ~/.config/ferry.
+    #[arg(long, global = true, env = "FERRY_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -22,11 +25,23 @@ pub struct Cli {
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create this node's identity and config; print its node ID.
+    Init,
+    /// Pin a peer: only pinned nodes get past the TLS handshake.
+    #[command(after_help = "Example:\n  ferry trust 5xq3...k2a --name dest --addr dest.example.com:7373")]
+    Trust(TrustArgs),
+    /// Configure jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Run the destination daemon: accepts rounds from trusted peers for their jobs.
+    Serve(ServeArgs),
     /// Run one incremental round.
     ///
-    /// Local round: `ferry sync --round SRC_DIR DEST_DIR` brings DEST_DIR to SRC_DIR's state on this
-    /// machine (e.g. to fill a disk that will be shipped), through the same engine as network rounds.
-    #[command(after_help = "Examples:\n  ferry sync --round /opt/zimbra/backup/ng /mnt/disk/ng\n  \
+    /// `ferry sync --round JOB` pushes the job's folder to its peer. `ferry sync --round SRC_DIR DEST_DIR`
+    /// is a local round on this machine (e.g. to fill a disk that will be shipped), through the same
+    /// engine.
+    #[command(after_help = "Examples:\n  ferry sync --round zimbra\n  \
+                            ferry sync --round /opt/zimbra/backup/ng /mnt/disk/ng\n  \
                             ferry sync --round --delete --json /srv/export /srv/copy")]
     Sync(SyncArgs),
     /// Show a whole migration on a generated tree: several rounds with a day of changes between them,
@@ -40,18 +55,18 @@ pub struct SyncArgs {
     /// Run one round now (the only mode so far).
     #[arg(long, required = true)]
     pub round: bool,
-    /// The source folder.
-    pub source: PathBuf,
-    /// The target folder (created if missing).
-    pub target: PathBuf,
+    /// The job (network round), or the source folder (local round).
+    pub job_or_source: PathBuf,
+    /// The target folder, for a local round (created if missing).
+    pub target: Option<PathBuf>,
     /// Remove from the target what the source removed (only what ferry wrote; never other files).
     #[arg(long)]
     pub delete: bool,
     /// Keep owners' numbers as they are instead of mapping them by user and group name.
     #[arg(long)]
     pub numeric_ids: bool,
-    /// Where this pair's state (scan cache, chunk index, last manifest) lives. Default: a folder per
-    /// source/target pair under the data directory (/var/lib/ferry for root, else
+    /// Local rounds: where this pair's state (scan cache, chunk index, last manifest) lives. Default: a
+    /// folder per source/target pair under the data directory (/var/lib/ferry for root, else
     /// ~/.local/share/ferry).
     #[arg(long, env = "FERRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -75,4 +90,46 @@ pub struct DemoArgs {
     /// Keep the demo's folder (source, target, state, import log) instead of removing it.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// `ferry trust`.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// The peer's node ID, as its `ferry init` printed it.
+    pub node_id: String,
+    /// A name for it, used by jobs.
+    #[arg(long)]
+    pub name: String,
+    /// Where to reach it (HOST:PORT), for a peer this node sends to.
+    #[arg(long)]
+    pub addr: Option<String>,
+}
+
+/// `ferry job`.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Add or replace a job: on the source, the folder to send and to whom; on the destination, the
+    /// target folder and the peer allowed to write it.
+    #[command(after_help = "Examples:\n  source: ferry job add zimbra --path /opt/zimbra/backup/ng --peer dest\n  \
+                            destination: ferry job add zimbra --path /srv/migration/ng --peer source")]
+    Add {
+        /// The job's name (the same on both nodes).
+        name: String,
+        /// The folder.
+        #[arg(long)]
+        path: PathBuf,
+        /// The peer's name.
+        #[arg(long)]
+        peer: String,
+    },
+    /// List the jobs.
+    List,
+}
+
+/// `ferry serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen (default: the config's `listen`, else [::]:7373).
+    #[arg(long)]
+    pub listen: Option<String>,
 }

@@ -5,13 +5,21 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod chunks;
 pub mod cli;
+pub mod commands;
+pub mod config;
 mod demo;
 mod human;
 mod local;
+mod net;
+mod push;
+mod serve;
 
 pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
+pub use push::{PushOptions, PushReport, print_push_report, push};
+pub use serve::serve;
 
 /// Exit codes, stable and documented in README.md.
 pub mod exit {

@@ -1,8 +1,9 @@
 //! `ferry`: parse the command line, run the command, map the outcome to an exit code.
 
 use clap::Parser;
-use ferry::cli::{Cli, Command};
-use ferry::{DemoOptions, LocalSyncOptions, exit};
+use ferry::cli::{Cli, Command, JobCommand};
+use ferry::config::ConfigDir;
+use ferry::{DemoOptions, LocalSyncOptions, PushOptions, exit};
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -14,15 +15,39 @@ fn main() {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    let config_dir = ConfigDir::new(cli.config_dir);
     let result = match cli.command {
-        Command::Sync(args) => ferry::run_local_sync(&LocalSyncOptions {
-            source: args.source,
-            target: args.target,
-            state_dir: args.state_dir,
-            delete: args.delete,
-            numeric_ids: args.numeric_ids,
-            json: args.json,
-        }),
+        Command::Init => ferry::commands::init(&config_dir).map(|()| exit::OK),
+        Command::Trust(args) => {
+            ferry::commands::trust(&config_dir, &args.node_id, &args.name, args.addr).map(|()| exit::OK)
+        }
+        Command::Job(JobCommand::Add { name, path, peer }) => {
+            ferry::commands::job_add(&config_dir, &name, &path, &peer).map(|()| exit::OK)
+        }
+        Command::Job(JobCommand::List) => ferry::commands::job_list(&config_dir).map(|()| exit::OK),
+        Command::Serve(args) => runtime()
+            .and_then(|rt| rt.block_on(ferry::serve(config_dir, args.listen, shutdown_signal())).map(|()| exit::OK)),
+        Command::Sync(args) => match args.target {
+            Some(target) => ferry::run_local_sync(&LocalSyncOptions {
+                source: args.job_or_source,
+                target,
+                state_dir: args.state_dir,
+                delete: args.delete,
+                numeric_ids: args.numeric_ids,
+                json: args.json,
+            }),
+            None => {
+                let options = PushOptions {
+                    job: args.job_or_source.to_string_lossy().into_owned(),
+                    delete: args.delete,
+                    numeric_ids: args.numeric_ids,
+                };
+                runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
+                    ferry::print_push_report(&report, args.json);
+                    if report.failure_count > 0 { exit::INCOMPLETE } else { exit::OK }
+                })
+            }
+        },
         Command::Demo(args) => {
             ferry::run_demo(&DemoOptions { files: args.files, rounds: args.rounds, seed: args.seed, keep: args.keep })
                 .map(|()| exit::OK)
@@ -34,6 +59,22 @@ fn main() {
             eprintln!("ferry: error: {e:#}");
             std::process::exit(exit::ERROR);
         }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

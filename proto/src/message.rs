@@ -144,3 +144,9 @@ pub enum Message {
         reason: String,
     },
 }
+
+impl ferry_engine::Keyed for Change {
+    fn key(&self) -> &RelPath {
+        &self.path
+    }
+}

@@ -4,6 +4,7 @@ mod util;
 
 mod cli;
 mod hostile;
+mod network;
 mod properties;
 mod reuse;
 mod source_changes;

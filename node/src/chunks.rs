@@ -1,0 +1,115 @@
+//! Chunk batches on the wire: several chunks concatenated, zstd-compressed when that pays, and checked
+//! on arrival (bounded decompression, every hash verified).
+
+use bytes::Bytes;
+use ferry_engine::ChunkHash;
+use ferry_proto::{ChunkBatch, Codec};
+
+/// A batch is sent once it holds this many bytes of chunk data (one maximum chunk is 256 KiB).
+pub(crate) const BATCH_BYTES: usize = 1 << 20;
+/// The most decoded bytes a received batch may declare.
+pub(crate) const MAX_BATCH_BYTES: u64 = 4 << 20;
+
+/// Encodes chunks into one batch. Compresses a 4 KiB sample first: already-compressed data (the gzip
+/// BLOBs) is sent raw without spending CPU on it.
+pub(crate) fn encode_batch(
+    chunks: Vec<(ChunkHash, u32)>,
+    data: Vec<u8>,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+) -> ChunkBatch {
+    let sample = &data[..data.len().min(4096)];
+    let worth_it = match compressor.compress(sample) {
+        Ok(small) => small.len() * 10 < sample.len() * 9,
+        Err(_) => false,
+    };
+    if worth_it
+        && let Ok(compressed) = compressor.compress(&data)
+        && compressed.len() < data.len()
+    {
+        return ChunkBatch { codec: Codec::Zstd, chunks, payload: Bytes::from(compressed) };
+    }
+    ChunkBatch { codec: Codec::Raw, chunks, payload: Bytes::from(data) }
+}
+
+/// A batch that cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BatchError {
+    /// Declares more than [`MAX_BATCH_BYTES`].
+    #[error("chunk batch declares {0} bytes, over the limit")]
+    TooLarge(u64),
+    /// The payload does not decode to exactly the declared bytes (a zstd bomb ends here too).
+    #[error("chunk batch payload does not decode to its declared size")]
+    BadPayload,
+}
+
+/// A decoded batch: the chunks whose bytes match their hash, and the hashes of those that did not.
+pub(crate) type Decoded = (Vec<(ChunkHash, Bytes)>, Vec<ChunkHash>);
+
+/// Decodes a batch into its chunks, each checked against its hash. Chunks that do not match are
+/// returned in the second list (never used).
+pub(crate) fn decode_batch(
+    batch: ChunkBatch,
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<Decoded, BatchError> {
+    let declared = batch.declared_len();
+    if declared > MAX_BATCH_BYTES {
+        return Err(BatchError::TooLarge(declared));
+    }
+    let data = match batch.codec {
+        Codec::Raw => batch.payload,
+        Codec::Zstd => {
+            // The capacity bounds the output: a payload that inflates beyond it is an error.
+            let out = decompressor.decompress(&batch.payload, declared as usize).map_err(|_| BatchError::BadPayload)?;
+            Bytes::from(out)
+        }
+    };
+    if data.len() as u64 != declared {
+        return Err(BatchError::BadPayload);
+    }
+    let (mut good, mut bad) = (Vec::with_capacity(batch.chunks.len()), Vec::new());
+    let mut at = 0usize;
+    for (hash, len) in batch.chunks {
+        let piece = data.slice(at..at + len as usize);
+        at += len as usize;
+        if ChunkHash::of(&piece) == hash {
+            good.push((hash, piece));
+        } else {
+            bad.push(hash);
+        }
+    }
+    Ok((good, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_raw_and_compressed_and_refuse_bombs() {
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let text = b"{\"txn\":1,\"subject\":\"meeting notes\"}".repeat(200);
+        let random: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for data in [text.clone(), random] {
+            let hash = ChunkHash::of(&data);
+            let batch = encode_batch(vec![(hash, data.len() as u32)], data.clone(), &mut c);
+            let (good, bad) = decode_batch(batch, &mut d).unwrap();
+            assert!(bad.is_empty());
+            assert_eq!(good[0].1, data);
+        }
+        let batch = encode_batch(vec![(ChunkHash::of(&text), text.len() as u32)], text.clone(), &mut c);
+        assert_eq!(batch.codec, Codec::Zstd);
+        // A bomb: a small payload that claims little but inflates to much more.
+        let bomb = zstd::bulk::compress(&vec![0u8; 3 << 20], 3).unwrap();
+        let batch = ChunkBatch { codec: Codec::Zstd, chunks: vec![(ChunkHash::of(b"x"), 1000)], payload: bomb.into() };
+        assert!(matches!(decode_batch(batch, &mut d), Err(BatchError::BadPayload)));
+        let huge =
+            ChunkBatch { codec: Codec::Raw, chunks: vec![(ChunkHash::of(b"x"), u32::MAX); 3], payload: Bytes::new() };
+        assert!(matches!(decode_batch(huge, &mut d), Err(BatchError::TooLarge(_))));
+        // A wrong hash is reported, not used.
+        let batch =
+            ChunkBatch { codec: Codec::Raw, chunks: vec![(ChunkHash::of(b"y"), 1)], payload: Bytes::from_static(b"x") };
+        let (good, bad) = decode_batch(batch, &mut d).unwrap();
+        assert!(good.is_empty() && bad.len() == 1);
+    }
+}

@@ -1,0 +1,176 @@
+//! `ferry.toml` and the folders around it: the config folder (identity, config) and the data folder
+//! (state of rounds).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ferry_certs::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// The config file's name inside the config folder.
+pub const CONFIG_FILE: &str = "ferry.toml";
+/// The port `ferry serve` listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7373;
+
+/// A node's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where `ferry serve` listens (default `[::]:7373`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Where round state lives (default: see [`ConfigDir::data_dir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Trusted peers.
+    #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
+    /// Jobs.
+    #[serde(default, rename = "job", skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobConfig>,
+}
+
+/// A pinned peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The name jobs refer to it by.
+    pub name: String,
+    /// Its node ID, as its `ferry init` printed it.
+    pub id: NodeId,
+    /// Where to reach it (`host:port`), for peers this node sends to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+/// A job: on the source, the folder to send and to which peer; on the destination, the target folder
+/// and the one peer allowed to write it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// The job's name, the same on both nodes.
+    pub name: String,
+    /// The source folder, or the target folder.
+    pub path: PathBuf,
+    /// The peer's name.
+    pub peer: String,
+}
+
+impl Config {
+    /// The peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+
+    /// The peer with node ID `id`.
+    pub fn peer_by_id(&self, id: NodeId) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+
+    /// The job called `name`.
+    pub fn job(&self, name: &str) -> Option<&JobConfig> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+}
+
+/// The config folder: identity, `ferry.toml`.
+#[derive(Debug, Clone)]
+pub struct ConfigDir {
+    dir: PathBuf,
+}
+
+impl ConfigDir {
+    /// `dir`, or the default: `/etc/ferry` for root, else `$XDG_CONFIG_HOME/ferry` or `~/.config/ferry`.
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        let dir = dir.unwrap_or_else(|| {
+            if rustix::process::geteuid().is_root() {
+                return PathBuf::from("/etc/ferry");
+            }
+            if let Some(xdg) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+                return PathBuf::from(xdg).join("ferry");
+            }
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            home.join(".config/ferry")
+        });
+        Self { dir: std::path::absolute(&dir).unwrap_or(dir) }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The config file.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    /// Reads `ferry.toml`.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let path = self.config_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("no {} yet: run `ferry init` first (or pass --config-dir)", path.display())
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        toml::from_str(&text).with_context(|| format!("{} is not a valid ferry config", path.display()))
+    }
+
+    /// Writes `ferry.toml` atomically.
+    pub fn save(&self, config: &Config) -> anyhow::Result<()> {
+        let path = self.config_file();
+        let text = toml::to_string_pretty(config).context("cannot serialise the config")?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
+    }
+
+    /// Where state lives: the config's `data_dir`, else `/var/lib/ferry` beside `/etc/ferry`, else
+    /// `data/` inside the config folder.
+    pub fn data_dir(&self, config: &Config) -> PathBuf {
+        if let Some(dir) = &config.data_dir {
+            return dir.clone();
+        }
+        if self.dir == Path::new("/etc/ferry") {
+            return PathBuf::from("/var/lib/ferry");
+        }
+        self.dir.join("data")
+    }
+}
+
+/// A job's name must be usable as a folder name.
+pub fn check_job_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if !ok {
+        bail!("job name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_unknown_keys() {
+        let id: NodeId = ferry_certs::Identity::generate().unwrap().node_id();
+        let config = Config {
+            listen: Some("[::]:7373".into()),
+            data_dir: None,
+            peers: vec![PeerConfig { name: "dest".into(), id, addr: Some("10.0.0.2:7373".into()) }],
+            jobs: vec![JobConfig { name: "zimbra".into(), path: "/opt/zimbra/backup/ng".into(), peer: "dest".into() }],
+        };
+        let text = toml::to_string_pretty(&config).unwrap();
+        assert!(text.contains("[[peer]]") && text.contains("[[job]]"), "{text}");
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
+        let err = toml::from_str::<Config>("lisen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        assert!(check_job_name("zimbra-1").is_ok());
+        assert!(check_job_name("../x").is_err());
+    }
+}

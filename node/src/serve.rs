@@ -1,0 +1,545 @@
+//! `ferry serve`: the destination daemon, and the destination's side of a round.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use ferry_certs::{Identity, NodeId, TrustedPeers};
+use ferry_engine::{
+    Applier, ApplyOptions, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry, EntryKind, FetchError,
+    ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader, RecordWriter, ScanOptions,
+};
+use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
+use tokio::sync::mpsc;
+
+use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
+use crate::net::{self, FrameReader, close};
+
+/// How many chunk bytes one window asks for before applying them (the memory a round holds).
+const WINDOW_BYTES: u64 = 64 << 20;
+/// How many entries one window holds at most.
+const WINDOW_ENTRIES: usize = 20_000;
+/// A window that receives nothing for this long fails the round.
+const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn serve(
+    config_dir: ConfigDir,
+    listen: Option<String>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let config = config_dir.load()?;
+    let identity = Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
+    let listen = listen.or(config.listen.clone()).unwrap_or_else(|| format!("[::]:{DEFAULT_PORT}"));
+    let addr = net::resolve(&listen)?;
+    let trusted: TrustedPeers = Arc::new(RwLock::new(config.peers.iter().map(|p| p.id).collect()));
+    let endpoint = net::server_endpoint(&identity, trusted.clone(), addr)?;
+    let local = endpoint.local_addr()?;
+    tracing::info!("node {} listening on {local}", identity.node_id());
+    println!("listening on {local} as node {}", identity.node_id());
+    let context = Arc::new(ServerContext { config_dir, trusted, busy: Mutex::new(HashSet::new()) });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                // Peers trusted since the daemon started are let in without a restart.
+                context.refresh_trusted();
+                let context = context.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(connection) => handle_connection(connection, context).await,
+                        Err(e) => {
+                            let text = e.to_string();
+                            match text.split("node ").nth(1).and_then(|r| r.split_whitespace().next()) {
+                                Some(id) if text.contains("not trusted") => tracing::warn!(
+                                    "refused node {id} from {remote}: it is not trusted here (to allow it: ferry trust {id} --name NAME)"
+                                ),
+                                _ => tracing::warn!("connection attempt from {remote} failed: {text}"),
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    endpoint.close(close::DONE.into(), b"the destination is shutting down");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+struct ServerContext {
+    config_dir: ConfigDir,
+    trusted: TrustedPeers,
+    /// Jobs with a round running.
+    busy: Mutex<HashSet<String>>,
+}
+
+impl ServerContext {
+    fn refresh_trusted(&self) {
+        match self.config_dir.load() {
+            Ok(config) => {
+                if let Ok(mut trusted) = self.trusted.write() {
+                    *trusted = config.peers.iter().map(|p| p.id).collect();
+                }
+            }
+            Err(e) => tracing::warn!("cannot re-read the config, keeping the peers trusted so far: {e:#}"),
+        }
+    }
+}
+
+/// Releases a job's busy mark when the round ends, however it ends.
+struct BusyGuard(Arc<ServerContext>, String);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.0.busy.lock() {
+            busy.remove(&self.1);
+        }
+    }
+}
+
+async fn handle_connection(connection: quinn::Connection, context: Arc<ServerContext>) {
+    let remote = connection.remote_address();
+    let Some(peer_id) = net::peer_id(&connection) else {
+        connection.close(close::ERROR.into(), b"no peer identity");
+        return;
+    };
+    match round(&connection, peer_id, context).await {
+        Ok(()) => connection.close(close::DONE.into(), b"round over"),
+        Err(e) => {
+            tracing::warn!("round from {remote} (node {peer_id}) failed: {e:#}");
+            let reason = format!("{e:#}");
+            connection.close(close::ERROR.into(), &reason.as_bytes()[..reason.len().min(1000)]);
+        }
+    }
+}
+
+async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<ServerContext>) -> anyhow::Result<()> {
+    let config = context.config_dir.load()?;
+    let peer = config.peer_by_id(peer_id).ok_or_else(|| anyhow!("node {peer_id} is no longer trusted"))?.clone();
+    tracing::info!("connection from {} ({peer_id}) at {}", peer.name, connection.remote_address());
+    let (mut send, recv) = connection.accept_bi().await.context("the peer opened no stream")?;
+    let mut reader = FrameReader::new(recv);
+    let mut order = DestinationRound::default();
+    let hello = match reader.next().await? {
+        Some(message @ Message::Hello(_)) => {
+            order.handle(&message)?;
+            let Message::Hello(hello) = message else { unreachable!("matched above") };
+            hello
+        }
+        other => bail!("expected Hello, got {other:?}"),
+    };
+    let job = match config.job(&hello.job) {
+        Some(job) if job.peer == peer.name => job.clone(),
+        other => {
+            let reason = match other {
+                Some(job) => format!("job {:?} belongs to peer {} here, not to {}", job.name, job.peer, peer.name),
+                None => format!(
+                    "there is no job {:?} here (on the destination: ferry job add {} --path TARGET --peer {})",
+                    hello.job, hello.job, peer.name
+                ),
+            };
+            net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
+            let _ = send.finish();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            bail!("refused: {reason}");
+        }
+    };
+    let inserted = context.busy.lock().map(|mut busy| busy.insert(job.name.clone())).unwrap_or(false);
+    if !inserted {
+        let reason = format!("a round of job {} is already running here", job.name);
+        net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
+        let _ = send.finish();
+        bail!("refused: {reason}");
+    }
+    let _guard = BusyGuard(context.clone(), job.name.clone());
+    tracing::info!(job = %job.name, "round from {} into {}", peer.name, job.path.display());
+
+    let data_dir = context.config_dir.data_dir(&config);
+    let (to_net, mut outbox) = mpsc::channel::<Message>(64);
+    let (inbox_tx, inbox) = mpsc::channel::<Message>(64);
+    let window = Arc::new(Window::default());
+
+    // Control stream: the round thread's messages out, the source's messages in (order checked).
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            net::send(&mut send, &message).await?;
+        }
+        let _ = send.finish();
+        anyhow::Ok(())
+    });
+    let control = tokio::spawn(async move {
+        while let Some(message) = reader.next().await? {
+            order.handle(&message)?;
+            if inbox_tx.send(message).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    // Data streams: chunk batches, checked and decoded as they arrive.
+    let data = tokio::spawn(receive_chunks(connection.clone(), window.clone()));
+
+    let target = job.path.clone();
+    let result =
+        tokio::task::spawn_blocking(move || destination_round(&job, &data_dir, &hello, inbox, to_net, &window))
+            .await
+            .context("the round thread panicked")?;
+    let _ = writer.await;
+    control.abort();
+    data.abort();
+    match result {
+        Ok(done) => {
+            tracing::info!("round {} into {} committed, root {}", done.round, target.display(), done.root.short());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The chunks of the window in flight, shared between the network tasks and the round thread.
+#[derive(Default)]
+struct Window {
+    state: Mutex<WindowState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct WindowState {
+    chunks: HashMap<ChunkHash, Bytes>,
+    /// Chunks the source said it cannot send, or that arrived damaged.
+    missing: HashSet<ChunkHash>,
+    /// Set when the data streams fail.
+    error: Option<String>,
+}
+
+async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>) {
+    loop {
+        let stream = match connection.accept_uni().await {
+            Ok(stream) => stream,
+            Err(_) => return,
+        };
+        let window = window.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(stream);
+            let mut decompressor = match zstd::bulk::Decompressor::new() {
+                Ok(d) => d,
+                Err(e) => {
+                    window.fail(format!("zstd: {e}"));
+                    return;
+                }
+            };
+            loop {
+                match reader.next().await {
+                    Ok(Some(Message::ChunkBatch(batch))) => match crate::chunks::decode_batch(batch, &mut decompressor)
+                    {
+                        Ok((good, bad)) => window.arrive(good, bad),
+                        Err(e) => return window.fail(e.to_string()),
+                    },
+                    Ok(None) => return,
+                    Ok(Some(other)) => return window.fail(format!("unexpected message on a data stream: {other:?}")),
+                    Err(e) => return window.fail(format!("{e:#}")),
+                }
+            }
+        });
+    }
+}
+
+impl Window {
+    fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
+        if let Ok(mut state) = self.state.lock() {
+            if !bad.is_empty() {
+                tracing::warn!(
+                    "{} chunks arrived damaged (hash mismatch); their files are left for the next round",
+                    bad.len()
+                );
+            }
+            state.chunks.extend(good);
+            state.missing.extend(bad);
+            self.changed.notify_all();
+        }
+    }
+
+    fn fail(&self, error: String) {
+        if let Ok(mut state) = self.state.lock() {
+            state.error = Some(error);
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// Serves `Applier` the window's chunks.
+struct WindowSource(Arc<Window>);
+
+impl ChunkSource for WindowSource {
+    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError> {
+        let state = self.0.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
+        let data = state.chunks.get(&chunk.hash).ok_or_else(|| {
+            FetchError("the source could not send this chunk (the file changed since its scan)".into())
+        })?;
+        out.clear();
+        out.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// The paths of a job's state on the destination.
+pub(crate) struct TargetState {
+    pub(crate) dir: PathBuf,
+}
+
+impl TargetState {
+    pub(crate) fn new(data_dir: &Path, job: &str) -> Self {
+        Self { dir: data_dir.join("jobs").join(job).join("target") }
+    }
+    pub(crate) fn manifest(&self) -> PathBuf {
+        self.dir.join("manifest")
+    }
+    fn round_file(&self) -> PathBuf {
+        self.dir.join("round.json")
+    }
+    pub(crate) fn holds(&self) -> anyhow::Result<Option<RoundRef>> {
+        match std::fs::read(self.round_file()) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("round.json is damaged")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn set_holds(&self, round: RoundRef) -> anyhow::Result<()> {
+        let tmp = self.dir.join("round.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&round)?)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, self.round_file())?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+fn destination_round(
+    job: &JobConfig,
+    data_dir: &Path,
+    hello: &Hello,
+    mut inbox: mpsc::Receiver<Message>,
+    to_net: mpsc::Sender<Message>,
+    window: &Arc<Window>,
+) -> anyhow::Result<RoundRef> {
+    let send = |message: Message| to_net.blocking_send(message).map_err(|_| anyhow!("the connection closed"));
+    let state = TargetState::new(data_dir, &job.name);
+    std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
+    std::fs::create_dir_all(&job.path)
+        .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
+    let _lock = ferry_engine::lock_state(&state.dir)?;
+    let holds = state.holds()?;
+    let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
+    if holds.is_none() {
+        // First round: what is already in the target (a shipped disk, an earlier rsync) is indexed,
+        // so that only what differs is asked for.
+        index_existing(&job.path, &state.dir, &mut index)?;
+    }
+    send(Message::Welcome { holds })?;
+
+    // The changes, to disk (a full manifest can be large).
+    let changes_path = state.dir.join("incoming-changes");
+    let mut changes = RecordWriter::<Change>::create(&changes_path)?;
+    let end = loop {
+        match inbox.blocking_recv() {
+            Some(Message::Changes(batch)) => {
+                for change in &batch {
+                    changes.push(change)?;
+                }
+            }
+            Some(Message::ChangesEnd(end)) => break end,
+            Some(Message::Failed { reason }) => bail!("the source gave up: {reason}"),
+            Some(other) => bail!("unexpected {other:?} while receiving changes"),
+            None => bail!("the connection closed while receiving changes"),
+        }
+    };
+    changes.finish()?;
+    if end.base.is_some() && end.base != holds {
+        bail!("the source sent changes against round {:?}, but this node holds {holds:?}", end.base);
+    }
+
+    let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if state.manifest().exists() {
+        Box::new(ManifestReader::open(&state.manifest())?)
+    } else {
+        Box::new(std::iter::empty())
+    };
+    let incoming = RecordReader::<Change>::open(&changes_path)?;
+    let pairs = patch(old, incoming, end.base.is_some());
+    let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
+    let mut source = WindowSource(window.clone());
+    let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
+    let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
+
+    let mut buffered: Vec<Pair<Entry, Entry>> = Vec::new();
+    let mut needed: Vec<NeedChunk> = Vec::new();
+    let mut needed_bytes = 0u64;
+    let mut pairs = pairs.peekable();
+    while pairs.peek().is_some() || !buffered.is_empty() {
+        while needed_bytes < WINDOW_BYTES && buffered.len() < WINDOW_ENTRIES {
+            let Some(pair) = pairs.next() else { break };
+            let pair = pair?;
+            for need in applier.plan(&pair)? {
+                needed_bytes += u64::from(need.chunk.len);
+                needed.push(NeedChunk {
+                    path: need.path,
+                    offset: need.offset,
+                    len: need.chunk.len,
+                    hash: need.chunk.hash,
+                });
+            }
+            buffered.push(pair);
+        }
+        fetch_window(std::mem::take(&mut needed), &send, &mut inbox, window)?;
+        for pair in buffered.drain(..) {
+            applier.step(pair)?;
+        }
+        applier.flush_batch()?;
+        if let Ok(mut state) = window.state.lock() {
+            state.chunks.clear();
+            state.missing.clear();
+        }
+        needed_bytes = 0;
+    }
+    send(Message::Done)?;
+    let report = applier.finish()?;
+    let root = committed.finish()?;
+    std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
+    let _ = std::fs::remove_file(&changes_path);
+    let round = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
+    state.set_holds(round)?;
+    if root != end.root {
+        tracing::warn!("round {} is incomplete: {} entries failed", round.round, report.failure_count);
+    }
+    send(Message::Committed(Committed {
+        round,
+        files_written: report.files_written,
+        failures: report.failures.clone(),
+        failure_count: report.failure_count,
+    }))?;
+    Ok(round)
+}
+
+/// Asks for a window's chunks and waits until each has arrived or is known missing.
+fn fetch_window(
+    needed: Vec<NeedChunk>,
+    send: &impl Fn(Message) -> anyhow::Result<()>,
+    inbox: &mut mpsc::Receiver<Message>,
+    window: &Window,
+) -> anyhow::Result<()> {
+    if needed.is_empty() {
+        return Ok(());
+    }
+    let wanted: HashSet<ChunkHash> = needed.iter().map(|n| n.hash).collect();
+    for part in needed.chunks(4096) {
+        send(Message::Need(part.to_vec()))?;
+    }
+    let mut last_progress = (Instant::now(), 0usize);
+    loop {
+        // The source reports what it cannot read on the control stream.
+        while let Ok(message) = inbox.try_recv() {
+            match message {
+                Message::Missing(hashes) => {
+                    let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+                    state.missing.extend(hashes);
+                }
+                Message::Failed { reason } => bail!("the source gave up: {reason}"),
+                other => bail!("unexpected {other:?} during the transfer"),
+            }
+        }
+        let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+        if let Some(error) = &state.error {
+            bail!("receiving chunks failed: {error}");
+        }
+        let done = wanted.iter().filter(|h| state.chunks.contains_key(h) || state.missing.contains(h)).count();
+        if done == wanted.len() {
+            return Ok(());
+        }
+        if done != last_progress.1 {
+            last_progress = (Instant::now(), done);
+        } else if last_progress.0.elapsed() > STALL_TIMEOUT {
+            bail!("no chunk arrived for {} s ({done} of {} received)", STALL_TIMEOUT.as_secs(), wanted.len());
+        }
+        let _ = window
+            .changed
+            .wait_timeout(state, Duration::from_millis(200))
+            .map_err(|_| anyhow!("window lock poisoned"))?;
+    }
+}
+
+/// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
+/// the changes are against the old manifest (an unlisted path is unchanged); otherwise they are the
+/// whole new manifest.
+fn patch<'a>(
+    old: impl Iterator<Item = Result<Entry, RecordFileError>> + 'a,
+    changes: RecordReader<Change>,
+    delta: bool,
+) -> impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>> + 'a {
+    MergeJoin::new(old, changes).map(move |pair| {
+        let pair = pair?;
+        match (pair.old, pair.new) {
+            (Some(old), None) => Ok(Pair { new: delta.then(|| old.clone()), old: Some(old) }),
+            (old, Some(change)) => {
+                let new = match change.entry {
+                    Some(mut entry) => {
+                        if change.chunks_as_before {
+                            let Some(previous) =
+                                old.as_ref().filter(|o| o.kind == EntryKind::File && o.size == entry.size)
+                            else {
+                                bail!("{}: sent as unchanged content, but this node has no such file", change.path);
+                            };
+                            entry.chunks.clone_from(&previous.chunks);
+                        }
+                        if entry.path != change.path {
+                            bail!("{}: change and entry disagree on the path", change.path);
+                        }
+                        Some(entry)
+                    }
+                    None => None,
+                };
+                Ok(Pair { old, new })
+            }
+            (None, None) => unreachable!("a merged pair has one side"),
+        }
+    })
+}
+
+/// Records where the chunks of files already in `target` are, before a first round.
+fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex) -> anyhow::Result<()> {
+    let (manifest, cache) = (state.join("existing.manifest"), state.join("existing.cache"));
+    let started = Instant::now();
+    let report = ferry_engine::scan(target, None, &manifest, &cache, &ScanOptions::default())?;
+    let mut batch = Vec::new();
+    for entry in ManifestReader::open(&manifest)? {
+        let entry = entry?;
+        let mut offset = 0u64;
+        for chunk in &entry.chunks {
+            batch.push((chunk.hash, ChunkLocation { path: entry.path.clone(), offset, len: chunk.len }));
+            offset += u64::from(chunk.len);
+        }
+        if batch.len() >= 50_000 {
+            index.insert(batch.iter().map(|(h, l)| (h, l.clone())), false)?;
+            batch.clear();
+        }
+    }
+    index.insert(batch.iter().map(|(h, l)| (h, l.clone())), true)?;
+    let _ = std::fs::remove_file(&manifest);
+    let _ = std::fs::remove_file(&cache);
+    if report.files > 0 {
+        tracing::info!(
+            "indexed {} files ({} bytes) already in {} in {:.1} s",
+            report.files,
+            report.file_bytes,
+            target.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Two real `ferry` processes over QUIC on loopback: init, trust, job add, serve, sync.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use ferry_testkit::{TreeGenerator, TreeSpec};
+
+use crate::util::{assert_same_tree, ferry_bin};
+
+/// One node: its config folder.
+struct Node {
+    config: PathBuf,
+    id: String,
+}
+
+impl Node {
+    fn init(dir: &Path, name: &str) -> Self {
+        let config = dir.join(name);
+        let out = Command::new(ferry_bin()).arg("--config-dir").arg(&config).arg("init").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let id = String::from_utf8(out.stdout).unwrap().lines().next().unwrap().to_owned();
+        assert_eq!(id.len(), 32, "{id}");
+        Self { config, id }
+    }
+
+    fn ferry(&self) -> Command {
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("--config-dir").arg(&self.config);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.ferry().args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `sync --round JOB --json`, parsed.
+    fn sync(&self, job: &str) -> serde_json::Value {
+        let out = self.run(&["sync", "--round", job, "--json"]);
+        assert!(out.status.success(), "sync: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// A running `ferry serve`, stopped when dropped.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(node: &Node) -> Self {
+        let mut child = node
+            .ferry()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.split_whitespace().nth(2).unwrap_or_default().to_owned();
+        assert!(addr.starts_with("127.0.0.1:"), "{line}");
+        Self { child, addr }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    source: Node,
+    dest: Node,
+    daemon: Daemon,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("ferry-net-").tempdir().unwrap();
+        let source = Node::init(dir.path(), "source-node");
+        let dest = Node::init(dir.path(), "dest-node");
+        dest.ok(&["trust", &source.id, "--name", "source"]);
+        let daemon = Daemon::start(&dest);
+        source.ok(&["trust", &dest.id, "--name", "dest"]);
+        // Again, with the address: updates the same peer.
+        source.ok(&["trust", &dest.id, "--name", "dest", "--addr", &daemon.addr]);
+        Self { dir, source, dest, daemon }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn job(&self, name: &str, source: &Path, target: &Path) {
+        self.dest.ok(&["job", "add", name, "--path", target.to_str().unwrap(), "--peer", "source"]);
+        self.source.ok(&["job", "add", name, "--path", source.to_str().unwrap(), "--peer", "dest"]);
+    }
+}
+
+#[test]
+fn three_rounds_send_little_more_than_what_is_new() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(3000, 31)).unwrap();
+    setup.job("zimbra", &source, &target);
+    let jobs = setup.dest.ok(&["job", "list"]);
+    assert!(jobs.contains("zimbra") && jobs.contains("migration"), "{jobs}");
+
+    let first = setup.source.sync("zimbra");
+    assert_eq!(first["round"], 1);
+    assert_eq!(first["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+    let tree_bytes = first["chunk_bytes"].as_u64().unwrap();
+    assert!(first["bytes_on_wire"].as_u64().unwrap() < tree_bytes + tree_bytes / 10);
+
+    let mut kept = ferry_testkit::snapshot(&source, &[]).unwrap();
+    for round in 2..=3 {
+        let day = tree.next_day().unwrap();
+        let report = setup.source.sync("zimbra");
+        assert_eq!(report["round"], round);
+        assert_eq!(report["in_sync"], true, "{report}");
+        assert_same_tree(&source, &target, |p| kept.contains_key(p));
+        let wire = report["bytes_on_wire"].as_u64().unwrap();
+        // What the day wrote (new BLOBs, rewritten metadata), compressed where it pays, plus the
+        // manifest changes and QUIC's own bytes: never the whole tree again.
+        assert!(
+            wire < day.bytes_written + day.bytes_written / 5 + 200_000,
+            "round {round}: {wire} bytes on the wire for {} new",
+            day.bytes_written
+        );
+        assert!(wire < tree_bytes / 4, "round {round}: {wire} bytes on the wire");
+        assert!(report["changes"].as_u64().unwrap() < 2000, "{report}");
+        kept.extend(ferry_testkit::snapshot(&source, &[]).unwrap());
+    }
+
+    // Nothing changed: a few kilobytes.
+    let idle = setup.source.sync("zimbra");
+    assert_eq!(idle["changes"], 0);
+    assert!(idle["bytes_on_wire"].as_u64().unwrap() < 64 << 10, "{idle}");
+}
+
+#[test]
+fn strangers_are_refused_with_a_message_that_says_what_to_do() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("f"), b"data").unwrap();
+    setup.job("zimbra", &source, &target);
+
+    // A node the destination does not trust.
+    let stranger = Node::init(setup.dir.path(), "stranger");
+    stranger.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+    stranger.ok(&["job", "add", "zimbra", "--path", source.to_str().unwrap(), "--peer", "dest"]);
+    let out = stranger.run(&["sync", "--round", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&stranger.id) && stderr.contains("ferry trust"), "{stderr}");
+
+    // A destination that is not the pinned node.
+    setup.source.ok(&["trust", &stranger.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&setup.dest.id) && stderr.contains("ferry trust"), "{stderr}");
+    assert!(!target.join("f").exists(), "something was transferred");
+
+    // A trusted node writing a job that is not its own.
+    setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+    setup.dest.ok(&["trust", &stranger.id, "--name", "other"]);
+    let out = stranger.run(&["sync", "--round", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("belongs to peer source"), "{stderr}");
+    assert!(!target.join("f").exists(), "something was transferred");
+
+    // The rightful source still gets through.
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_eq!(std::fs::read(target.join("f")).unwrap(), b"data");
+}
+
+#[test]
+fn a_target_prefilled_by_cp_sends_only_what_differs() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("shipped"));
+    let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(2000, 41)).unwrap();
+    let status = Command::new("cp").arg("-a").arg(&source).arg(&target).status().unwrap();
+    assert!(status.success());
+    tree.next_day().unwrap();
+    setup.job("zimbra", &source, &target);
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| true);
+    let wire = report["bytes_on_wire"].as_u64().unwrap();
+    let tree_bytes: u64 = walk_bytes(&source);
+    assert!(wire < tree_bytes / 8, "{wire} bytes on the wire for a {tree_bytes}-byte tree already mostly there");
+}
+
+fn walk_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(root).unwrap() {
+        let entry = entry.unwrap();
+        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+        if meta.is_dir() {
+            total += walk_bytes(&entry.path());
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    total
+}
