@@ -10,19 +10,24 @@ pub(crate) const BATCH_BYTES: usize = 1 << 20;
 /// The most decoded bytes a received batch may declare.
 pub(crate) const MAX_BATCH_BYTES: u64 = 4 << 20;
 
-/// Encodes chunks into one batch. Compresses a 4 KiB sample first: already-compressed data (the gzip
-/// BLOBs) is sent raw without spending CPU on it.
+/// Does this chunk compress? A 2 KiB sample is compressed to find out, so that already-compressed
+/// data (the gzip BLOBs) is never pushed through zstd as a whole.
+pub(crate) fn compressible(chunk: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
+    let sample = &chunk[..chunk.len().min(2048)];
+    match compressor.compress(sample) {
+        Ok(small) => small.len() * 10 < sample.len() * 9,
+        Err(_) => false,
+    }
+}
+
+/// Encodes chunks into one batch: zstd when `compress` and it saves bytes, else raw.
 pub(crate) fn encode_batch(
     chunks: Vec<(ChunkHash, u32)>,
     data: Vec<u8>,
+    compress: bool,
     compressor: &mut zstd::bulk::Compressor<'_>,
 ) -> ChunkBatch {
-    let sample = &data[..data.len().min(4096)];
-    let worth_it = match compressor.compress(sample) {
-        Ok(small) => small.len() * 10 < sample.len() * 9,
-        Err(_) => false,
-    };
-    if worth_it
+    if compress
         && let Ok(compressed) = compressor.compress(&data)
         && compressed.len() < data.len()
     {
@@ -89,16 +94,22 @@ mod tests {
         let mut c = zstd::bulk::Compressor::new(1).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let text = b"{\"txn\":1,\"subject\":\"meeting notes\"}".repeat(200);
-        let random: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut random = vec![0u8; 50_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut random);
         for data in [text.clone(), random] {
             let hash = ChunkHash::of(&data);
-            let batch = encode_batch(vec![(hash, data.len() as u32)], data.clone(), &mut c);
+            let compress = compressible(&data, &mut c);
+            let batch = encode_batch(vec![(hash, data.len() as u32)], data.clone(), compress, &mut c);
             let (good, bad) = decode_batch(batch, &mut d).unwrap();
             assert!(bad.is_empty());
             assert_eq!(good[0].1, data);
         }
-        let batch = encode_batch(vec![(ChunkHash::of(&text), text.len() as u32)], text.clone(), &mut c);
+        assert!(compressible(&text, &mut c));
+        let batch = encode_batch(vec![(ChunkHash::of(&text), text.len() as u32)], text.clone(), true, &mut c);
         assert_eq!(batch.codec, Codec::Zstd);
+        let mut gzip_like = vec![0u8; 8192];
+        blake3::Hasher::new().update(b"seed").finalize_xof().fill(&mut gzip_like);
+        assert!(!compressible(&gzip_like, &mut c));
         // A bomb: a small payload that claims little but inflates to much more.
         let bomb = zstd::bulk::compress(&vec![0u8; 3 << 20], 3).unwrap();
         let batch = ChunkBatch { codec: Codec::Zstd, chunks: vec![(ChunkHash::of(b"x"), 1000)], payload: bomb.into() };

@@ -1,18 +1,19 @@
 //! `ferry demo`: a whole incremental migration on a generated tree, with nothing to set up.
 //!
-//! Today it runs local rounds (source and target folders on this machine, through the same engine the
-//! network round uses); each round is followed by a sample import hook and a full comparison of the
-//! two trees.
+//! Two nodes with fresh identities in a temporary folder, pinned to each other; the destination daemon
+//! on loopback; rounds pushed over QUIC with a day of changes between them; a sample import hook after
+//! each committed round; a full comparison of the two trees after each.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use ferry_engine::{LocalRoundOptions, local_round};
+use ferry_certs::Identity;
 use ferry_testkit::{TreeGenerator, TreeSpec, compare_trees, snapshot};
 
-use crate::human;
+use crate::config::{Config, ConfigDir, JobConfig, PeerConfig};
+use crate::{Daemon, PushOptions, human, push};
 
 /// What `ferry demo` runs.
 #[derive(Debug, Clone)]
@@ -32,14 +33,14 @@ const IMPORT_HOOK: &str = r#"#!/bin/sh
 target="$1"; round="$2"
 accounts=$(ls "$target/accounts" | wc -l)
 blobs=$(find "$target/items" -type f | wc -l)
-echo "round $round: imported $accounts accounts, $blobs message blobs from $target"
+echo "round $round: $accounts accounts, $blobs blobs"
 "#;
 
 /// Runs the demo, printing a table as it goes; fails if any round leaves the target different.
 pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("cannot create a temporary folder")?;
     let root = dir.path();
-    let (source, target, state) = (root.join("source"), root.join("target"), root.join("state"));
+    let (source, target) = (root.join("source"), root.join("target"));
     let hook = root.join("import-hook.sh");
     std::fs::write(&hook, IMPORT_HOOK).context("cannot write the sample import hook")?;
 
@@ -52,33 +53,64 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         options.files,
         human::duration(started.elapsed())
     );
+    let (source_node, dest_node) =
+        (ConfigDir::new(Some(root.join("source-node"))), ConfigDir::new(Some(root.join("dest-node"))));
+    let (source_id, _) = Identity::load_or_create(source_node.path())?;
+    let (dest_id, _) = Identity::load_or_create(dest_node.path())?;
+    dest_node.save(&Config {
+        peers: vec![PeerConfig { name: "source".into(), id: source_id.node_id(), addr: None }],
+        jobs: vec![JobConfig { name: "zimbra".into(), path: target.clone(), peer: "source".into() }],
+        ..Config::default()
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let daemon = runtime.block_on(async { Daemon::bind(dest_node.clone(), Some("127.0.0.1:0".into())) })?;
+    let addr = daemon.local_addr()?;
+    source_node.save(&Config {
+        peers: vec![PeerConfig { name: "dest".into(), id: dest_id.node_id(), addr: Some(addr.to_string()) }],
+        jobs: vec![JobConfig { name: "zimbra".into(), path: source.clone(), peer: "dest".into() }],
+        ..Config::default()
+    })?;
+    println!(
+        "source node {} pushes to destination node {} at {addr} (QUIC, pinned TLS 1.3)",
+        source_id.node_id().short(),
+        dest_id.node_id().short()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(daemon.run(async {
+        let _ = stopped.await;
+    }));
+
     println!();
     println!(
-        "{:>5}  {:>8}  {:>9}  {:>10}  {:>10}  {:>10}  {:>9}  {:<8}  import",
-        "round", "files", "written", "read", "copied", "reused", "time", "verified"
+        "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>6}  {:>6}  {:>8}  {:<8}  import",
+        "round", "files", "written", "changed", "new data", "on wire", "dedup", "zstd", "time", "verified"
     );
-    // What the source deleted stays in the target (the import never deletes; nor does ferry without
-    // --delete): paths the source had in an earlier round may remain.
+    // The import never deletes, nor does ferry without --delete: paths the source had in an earlier
+    // round may remain in the target.
     let mut earlier = ferry_testkit::Snapshot::new();
+    let push_options = PushOptions { job: "zimbra".into(), delete: false, numeric_ids: false };
     for round in 1..=options.rounds {
         if round > 1 {
             tree.next_day().context("cannot apply a day of changes to the source tree")?;
         }
-        let report = local_round(&source, &target, &state, &LocalRoundOptions::default())
-            .with_context(|| format!("round {round} failed"))?;
+        let report =
+            runtime.block_on(push(&source_node, &push_options)).with_context(|| format!("round {round} failed"))?;
         let want = snapshot(&source, &[]).context("cannot read the source tree")?;
         let got = snapshot(&target, &[]).context("cannot read the target tree")?;
         let verified = compare_trees(&want, &got, |p| earlier.contains_key(p));
-        let import = run_hook(&hook, &target, round)?;
+        let import = run_hook(&hook, &target, report.round)?;
+        let ratio = |a: u64, b: u64| if b == 0 { "-".to_owned() } else { format!("{:.2}x", a as f64 / b as f64) };
         println!(
-            "{:>5}  {:>8}  {:>9}  {:>10}  {:>10}  {:>10}  {:>9}  {:<8}  {}",
-            round,
-            human::count(report.scan.files),
-            human::count(report.apply.files_written),
-            human::bytes(report.scan.bytes_read),
-            human::bytes(report.apply.bytes_fetched),
-            human::bytes(report.apply.bytes_local),
-            human::duration(report.duration),
+            "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>6}  {:>6}  {:>8}  {:<8}  {}",
+            report.round,
+            human::count(report.entries),
+            human::count(report.files_changed),
+            human::bytes(report.changed_bytes),
+            human::bytes(report.chunk_bytes),
+            human::bytes(report.bytes_on_wire),
+            ratio(report.changed_bytes, report.chunk_bytes),
+            ratio(report.chunk_bytes, report.bytes_on_wire),
+            human::duration(std::time::Duration::from_millis(report.duration_ms)),
             if verified.is_ok() && report.in_sync { "yes" } else { "NO" },
             import
         );
@@ -87,10 +119,15 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         }
         earlier.extend(want);
     }
+    let _ = stop.send(());
+    runtime.block_on(server).context("the daemon panicked")??;
     println!();
     println!(
-        "every round left the target identical to the source (content, modes, owners, mtimes, links), \
-         keeping what the source deleted"
+        "columns: changed = bytes of changed files; new data = chunks the destination lacked; dedup = changed / new data;"
+    );
+    println!("zstd = new data / bytes on the wire (both directions, QUIC's own bytes included)");
+    println!(
+        "every round left the target identical to the source (content, modes, owners, mtimes, links), keeping what the source deleted"
     );
     if options.keep {
         let kept = dir.keep();
@@ -99,7 +136,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_hook(hook: &Path, target: &Path, round: u32) -> anyhow::Result<String> {
+fn run_hook(hook: &Path, target: &Path, round: u64) -> anyhow::Result<String> {
     let output = Command::new("sh")
         .arg(hook)
         .arg(target)

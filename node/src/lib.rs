@@ -19,7 +19,7 @@ mod serve;
 pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
 pub use push::{PushOptions, PushReport, print_push_report, push};
-pub use serve::serve;
+pub use serve::{Daemon, serve};
 
 /// Exit codes, stable and documented in README.md.
 pub mod exit {

@@ -43,6 +43,8 @@ pub struct PushReport {
     pub changes: u64,
     /// Files the destination wrote.
     pub files_changed: u64,
+    /// Bytes in the files whose content changed (what a file-level copy would send).
+    pub changed_bytes: u64,
     /// Bytes read from files by the scan.
     pub bytes_read: u64,
     /// Chunks the destination asked for.
@@ -178,7 +180,7 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         change_count += batch.len() as u64;
         net::send(&mut send, &Message::Changes(batch)).await?;
     }
-    differ.await.context("the diff panicked")??;
+    let changed_bytes = differ.await.context("the diff panicked")??;
     net::send(
         &mut send,
         &Message::ChangesEnd(ChangesEnd { base: delta_base, root: new_root, entries: scanned.entries }),
@@ -251,6 +253,7 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         entries: scanned.entries,
         changes: change_count,
         files_changed: committed.files_written,
+        changed_bytes,
         bytes_read: scanned.bytes_read,
         chunks_sent: sent.chunks.load(Ordering::Relaxed),
         chunk_bytes: sent.bytes.load(Ordering::Relaxed),
@@ -321,7 +324,9 @@ impl BatchReceiver {
 }
 
 /// Diffs the base (or nothing) against the new manifest and hands out changes in batches.
-fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>) -> anyhow::Result<()> {
+/// Returns the bytes of the files whose content changed.
+fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>) -> anyhow::Result<u64> {
+    let mut changed_bytes = 0u64;
     let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = match base {
         Some(path) => Box::new(ManifestReader::open(path)?),
         None => Box::new(std::iter::empty()),
@@ -335,7 +340,12 @@ fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>)
                 new.chunks.clear();
                 Change { path, entry: Some(new), chunks_as_before: true }
             }
-            (_, new) => Change { path, entry: new, chunks_as_before: false },
+            (_, new) => {
+                if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
+                    changed_bytes += entry.size;
+                }
+                Change { path, entry: new, chunks_as_before: false }
+            }
         };
         batch.push(change);
         if batch.len() == 1024 {
@@ -346,8 +356,11 @@ fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>)
     if !batch.is_empty() {
         tx.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
     }
-    Ok(())
+    Ok(changed_bytes)
 }
+
+/// Chunks gathered for one batch: their names and lengths, and their bytes end to end.
+type PendingBatch = (Vec<(ChunkHash, u32)>, Vec<u8>);
 
 /// Reads the asked-for chunks from the source tree and queues them in batches; returns those that no
 /// longer hash to what the scan saw.
@@ -362,7 +375,9 @@ fn read_chunks(
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut missing = Vec::new();
     let mut open: Option<(ferry_engine::RelPath, std::fs::File)> = None;
-    let (mut list, mut data) = (Vec::new(), Vec::with_capacity(crate::chunks::BATCH_BYTES + (256 << 10)));
+    // Two batches fill side by side: chunks that compress, and chunks sent as they are.
+    let mut batches: [PendingBatch; 2] = Default::default();
+    let mut buf = Vec::new();
     for need in chunks {
         if need.len as usize > (16 << 20) {
             missing.push(need.hash);
@@ -371,29 +386,32 @@ fn read_chunks(
         if open.as_ref().is_none_or(|(p, _)| *p != need.path) {
             open = root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
         }
-        let start = data.len();
-        data.resize(start + need.len as usize, 0);
+        buf.resize(need.len as usize, 0);
         let ok = match &open {
-            Some((_, file)) => file.read_exact_at(&mut data[start..], need.offset).is_ok(),
+            Some((_, file)) => file.read_exact_at(&mut buf, need.offset).is_ok(),
             None => false,
         };
-        if !ok || ChunkHash::of(&data[start..]) != need.hash {
-            data.truncate(start);
+        if !ok || ChunkHash::of(&buf) != need.hash {
             missing.push(need.hash);
             continue;
         }
         counters.chunks.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(u64::from(need.len), Ordering::Relaxed);
+        let which = usize::from(crate::chunks::compressible(&buf, &mut compressor));
+        let (list, data) = &mut batches[which];
         list.push((need.hash, need.len));
+        data.extend_from_slice(&buf);
         if data.len() >= crate::chunks::BATCH_BYTES {
-            let batch =
-                crate::chunks::encode_batch(std::mem::take(&mut list), std::mem::take(&mut data), &mut compressor);
+            let (list, data) = (std::mem::take(list), std::mem::take(data));
+            let batch = crate::chunks::encode_batch(list, data, which == 1, &mut compressor);
             tx.0.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
         }
     }
-    if !list.is_empty() {
-        let batch = crate::chunks::encode_batch(list, data, &mut compressor);
-        tx.0.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
+    for (which, (list, data)) in batches.into_iter().enumerate() {
+        if !list.is_empty() {
+            let batch = crate::chunks::encode_batch(list, data, which == 1, &mut compressor);
+            tx.0.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
+        }
     }
     Ok(missing)
 }

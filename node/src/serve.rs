@@ -31,47 +31,73 @@ pub async fn serve(
     listen: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let config = config_dir.load()?;
-    let identity = Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
-    let listen = listen.or(config.listen.clone()).unwrap_or_else(|| format!("[::]:{DEFAULT_PORT}"));
-    let addr = net::resolve(&listen)?;
-    let trusted: TrustedPeers = Arc::new(RwLock::new(config.peers.iter().map(|p| p.id).collect()));
-    let endpoint = net::server_endpoint(&identity, trusted.clone(), addr)?;
-    let local = endpoint.local_addr()?;
-    tracing::info!("node {} listening on {local}", identity.node_id());
-    println!("listening on {local} as node {}", identity.node_id());
-    let context = Arc::new(ServerContext { config_dir, trusted, busy: Mutex::new(HashSet::new()) });
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                // Peers trusted since the daemon started are let in without a restart.
-                context.refresh_trusted();
-                let context = context.clone();
-                tokio::spawn(async move {
-                    let remote = incoming.remote_address();
-                    match incoming.await {
-                        Ok(connection) => handle_connection(connection, context).await,
-                        Err(e) => {
-                            let text = e.to_string();
-                            match text.split("node ").nth(1).and_then(|r| r.split_whitespace().next()) {
-                                Some(id) if text.contains("not trusted") => tracing::warn!(
-                                    "refused node {id} from {remote}: it is not trusted here (to allow it: ferry trust {id} --name NAME)"
-                                ),
-                                _ => tracing::warn!("connection attempt from {remote} failed: {text}"),
+    let daemon = Daemon::bind(config_dir, listen)?;
+    println!("listening on {} as node {}", daemon.local_addr()?, daemon.node_id);
+    daemon.run(shutdown).await
+}
+
+/// The destination daemon, bound to its address.
+pub struct Daemon {
+    endpoint: quinn::Endpoint,
+    context: Arc<ServerContext>,
+    node_id: NodeId,
+}
+
+impl Daemon {
+    /// Binds the daemon's endpoint (`listen`, else the config's, else `[::]:7373`).
+    pub fn bind(config_dir: ConfigDir, listen: Option<String>) -> anyhow::Result<Self> {
+        let config = config_dir.load()?;
+        let identity =
+            Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
+        let listen = listen.or(config.listen.clone()).unwrap_or_else(|| format!("[::]:{DEFAULT_PORT}"));
+        let addr = net::resolve(&listen)?;
+        let trusted: TrustedPeers = Arc::new(RwLock::new(config.peers.iter().map(|p| p.id).collect()));
+        let endpoint = net::server_endpoint(&identity, trusted.clone(), addr)?;
+        let context = Arc::new(ServerContext { config_dir, trusted, busy: Mutex::new(HashSet::new()) });
+        Ok(Self { endpoint, context, node_id: identity.node_id() })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Serves rounds until `shutdown` completes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let Self { endpoint, context, node_id } = self;
+        tracing::info!("node {node_id} listening on {}", endpoint.local_addr()?);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    // Peers trusted since the daemon started are let in without a restart.
+                    context.refresh_trusted();
+                    let context = context.clone();
+                    tokio::spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(connection) => handle_connection(connection, context).await,
+                            Err(e) => {
+                                let text = e.to_string();
+                                match text.split("node ").nth(1).and_then(|r| r.split_whitespace().next()) {
+                                    Some(id) if text.contains("not trusted") => tracing::warn!(
+                                        "refused node {id} from {remote}: it is not trusted here (to allow it: ferry trust {id} --name NAME)"
+                                    ),
+                                    _ => tracing::warn!("connection attempt from {remote} failed: {text}"),
+                                }
                             }
                         }
-                    }
-                });
+                    });
+                }
             }
         }
+        tracing::info!("shutting down");
+        endpoint.close(close::DONE.into(), b"the destination is shutting down");
+        endpoint.wait_idle().await;
+        Ok(())
     }
-    tracing::info!("shutting down");
-    endpoint.close(close::DONE.into(), b"the destination is shutting down");
-    endpoint.wait_idle().await;
-    Ok(())
 }
 
 struct ServerContext {
