@@ -17,6 +17,10 @@ pub struct Cli {
     /// The config folder (identity, ferry.toml). Default: /etc/ferry for root, else ~/.config/ferry.
     #[arg(long, global = true, env = "FERRY_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Where round state lives. Default: the config's `data_dir`, else /var/lib/ferry beside
+    /// /etc/ferry, else `data/` in the config folder.
+    #[arg(long, global = true, env = "FERRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,

@@ -77,6 +77,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct ConfigDir {
     dir: PathBuf,
+    data_dir: Option<PathBuf>,
 }
 
 impl ConfigDir {
@@ -92,7 +93,13 @@ impl ConfigDir {
             let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
             home.join(".config/ferry")
         });
-        Self { dir: std::path::absolute(&dir).unwrap_or(dir) }
+        Self { dir: std::path::absolute(&dir).unwrap_or(dir), data_dir: None }
+    }
+
+    /// Overrides where state lives (`--data-dir`).
+    pub fn with_data_dir(mut self, data_dir: Option<PathBuf>) -> Self {
+        self.data_dir = data_dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+        self
     }
 
     /// The folder.
@@ -127,9 +134,12 @@ impl ConfigDir {
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
     }
 
-    /// Where state lives: the config's `data_dir`, else `/var/lib/ferry` beside `/etc/ferry`, else
+    /// Where state lives: `--data-dir`, else the config's `data_dir`, else `/var/lib/ferry` beside `/etc/ferry`, else
     /// `data/` inside the config folder.
     pub fn data_dir(&self, config: &Config) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
         if let Some(dir) = &config.data_dir {
             return dir.clone();
         }

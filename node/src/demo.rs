@@ -82,8 +82,8 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>6}  {:>6}  {:>8}  {:<8}  import",
-        "round", "files", "written", "changed", "new data", "on wire", "dedup", "zstd", "time", "verified"
+        "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>9}  {:>6}  {:>6}  {:>8}  {:<8}  import",
+        "round", "files", "written", "changed", "new data", "on wire", "resent", "dedup", "zstd", "time", "verified"
     );
     // The import never deletes, nor does ferry without --delete: paths the source had in an earlier
     // round may remain in the target.
@@ -101,13 +101,14 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         let import = run_hook(&hook, &target, report.round)?;
         let ratio = |a: u64, b: u64| if b == 0 { "-".to_owned() } else { format!("{:.2}x", a as f64 / b as f64) };
         println!(
-            "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>6}  {:>6}  {:>8}  {:<8}  {}",
+            "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>9}  {:>6}  {:>6}  {:>8}  {:<8}  {}",
             report.round,
             human::count(report.entries),
             human::count(report.files_changed),
             human::bytes(report.changed_bytes),
             human::bytes(report.chunk_bytes),
             human::bytes(report.bytes_on_wire),
+            human::bytes(report.bytes_lost),
             ratio(report.changed_bytes, report.chunk_bytes),
             ratio(report.chunk_bytes, report.bytes_on_wire),
             human::duration(std::time::Duration::from_millis(report.duration_ms)),
@@ -125,7 +126,9 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     println!(
         "columns: changed = bytes of changed files; new data = chunks the destination lacked; dedup = changed / new data;"
     );
-    println!("zstd = new data / bytes on the wire (both directions, QUIC's own bytes included)");
+    println!(
+        "zstd = new data / bytes on the wire (both directions, QUIC's own bytes included); resent = bytes QUIC lost and sent again"
+    );
     println!(
         "every round left the target identical to the source (content, modes, owners, mtimes, links), keeping what the source deleted"
     );

@@ -14,8 +14,12 @@ fn main() {
             std::process::exit(code);
         }
     };
-    init_logging(cli.verbose, cli.quiet);
-    let config_dir = ConfigDir::new(cli.config_dir);
+    // The daemon and network rounds say what they do (one line per connection, round and progress
+    // step); local commands only warn.
+    let chatty = matches!(&cli.command, Command::Serve(_))
+        || matches!(&cli.command, Command::Sync(args) if args.target.is_none());
+    init_logging(cli.verbose, cli.quiet, chatty);
+    let config_dir = ConfigDir::new(cli.config_dir).with_data_dir(cli.data_dir);
     let result = match cli.command {
         Command::Init => ferry::commands::init(&config_dir).map(|()| exit::OK),
         Command::Trust(args) => {
@@ -78,9 +82,10 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+fn init_logging(verbose: u8, quiet: bool, chatty: bool) {
     let default = match (quiet, verbose) {
         (true, _) => "error",
+        (false, 0) if chatty => "info",
         (false, 0) => "warn",
         (false, 1) => "info",
         (false, 2) => "debug",

@@ -45,6 +45,8 @@ pub(crate) fn server_endpoint(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport());
+    // A flood of connection attempts queues at most this many handshakes; the rest are refused.
+    server.max_incoming(256);
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp_socket(listen)?, runtime)
         .with_context(|| format!("cannot listen on {listen}"))

@@ -53,6 +53,8 @@ pub struct PushReport {
     pub chunk_bytes: u64,
     /// All bytes this round put on the network, both directions (UDP payloads, as QUIC counts them).
     pub bytes_on_wire: u64,
+    /// Bytes QUIC had to send again because packets were lost.
+    pub bytes_lost: u64,
     /// Entries the destination could not apply.
     pub failures: Vec<String>,
     /// How many.
@@ -206,7 +208,8 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         })
         .collect();
     drop(batches_rx);
-    let progress = spawn_progress(sent.clone(), connection.clone());
+    let (stop_progress, stop) = tokio::sync::oneshot::channel();
+    let progress = spawn_progress(sent.clone(), connection.clone(), stop);
     let committed: Committed = loop {
         match reader.next().await {
             Ok(Some(Message::Need(chunks))) => {
@@ -234,7 +237,8 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
     for sender in senders {
         let _ = sender.await;
     }
-    progress.abort();
+    let _ = stop_progress.send(());
+    let _ = progress.await;
     let _ = send.finish();
     let in_sync = committed.round.root == new_root;
     if in_sync {
@@ -258,6 +262,7 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         chunks_sent: sent.chunks.load(Ordering::Relaxed),
         chunk_bytes: sent.bytes.load(Ordering::Relaxed),
         bytes_on_wire,
+        bytes_lost: stats.path.lost_bytes,
         failures: committed.failures,
         failure_count: committed.failure_count,
         duration_ms: started.elapsed().as_millis() as u64,
@@ -416,21 +421,45 @@ fn read_chunks(
     Ok(missing)
 }
 
-/// A progress line every few seconds (a bar on a terminal would be nicer; logs suit cron).
-fn spawn_progress(counters: Arc<Counters>, connection: quinn::Connection) -> tokio::task::JoinHandle<()> {
+/// Progress while chunks flow: a live line on a terminal, a log line every 10 s otherwise (cron).
+fn spawn_progress(
+    counters: Arc<Counters>,
+    connection: quinn::Connection,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    use std::io::IsTerminal;
     tokio::spawn(async move {
         let started = Instant::now();
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar
+        });
+        let period = if bar.is_some() { Duration::from_millis(250) } else { Duration::from_secs(10) };
         loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = &mut stop => break,
+            }
             let stats = connection.stats();
             let secs = started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
+            let line = format!(
                 "sent {} chunks ({}), {} on the wire, {}/s",
-                counters.chunks.load(Ordering::Relaxed),
+                crate::human::count(counters.chunks.load(Ordering::Relaxed)),
                 crate::human::bytes(counters.bytes.load(Ordering::Relaxed)),
                 crate::human::bytes(stats.udp_tx.bytes),
                 crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64)
             );
+            match &bar {
+                Some(bar) => bar.set_message(line),
+                None => tracing::info!("{line}"),
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
         }
     })
 }
