@@ -239,9 +239,12 @@ impl<'a> Applier<'a> {
         Ok(needed)
     }
 
-    /// Makes everything staged so far durable and visible, and records its chunks in the index.
+    /// Makes everything staged so far durable and visible, and records its chunks in the index,
+    /// durably: after a crash, what was written here is found in the index and not fetched again.
     pub fn flush_batch(&mut self) -> Result<(), ApplyError> {
-        self.flush()
+        self.flush()?;
+        self.index.sync()?;
+        Ok(())
     }
 
     /// Ends the apply: closes every folder, flushes, runs the deletions, syncs.
