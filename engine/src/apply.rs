@@ -451,6 +451,11 @@ impl Applier<'_> {
         Ok(fd)
     }
 
+    /// Like `parent_dir`, for operations whose failure stops the round.
+    fn parent_dir_or_fail(&mut self, path: &RelPath) -> Result<Arc<OwnedFd>, ApplyError> {
+        self.parent_dir(path).map_err(|e| ApplyError::Io { op: "open folder of", path: path.to_string(), source: e })
+    }
+
     /// What is at `path` in the target now (`None`: nothing).
     fn current_kind(&mut self, path: &RelPath) -> io::Result<Option<FileType>> {
         if path.is_root() {
@@ -512,13 +517,7 @@ impl Applier<'_> {
         if !ours {
             return Ok(false);
         }
-        let dir = self.parent_dir(path).map_err(|e| ApplyError::Io {
-            op: "open folder of",
-            path: path.to_string(),
-            source: e,
-        })?;
-        rustix::fs::unlinkat(&*dir, name_of(path).os(), AtFlags::empty()).map_err(io_err("remove", path))?;
-        self.report.deleted += 1;
+        self.unlink(path)?;
         Ok(true)
     }
 
@@ -569,11 +568,7 @@ impl Applier<'_> {
         if item.path.parent().is_some_and(|p| p.is_root()) {
             self.root_mtime = Some(mtime_ns);
         }
-        let dir = self.parent_dir(&item.path).map_err(|e| ApplyError::Io {
-            op: "open folder of",
-            path: item.path.to_string(),
-            source: e,
-        })?;
+        let dir = self.parent_dir_or_fail(&item.path)?;
         rustix::fs::futimens(&*dir, &times(mtime_ns)).map_err(io_err("set mtime of the folder of", &item.path))
     }
 
@@ -671,11 +666,7 @@ impl Applier<'_> {
     }
 
     fn mkdir(&mut self, path: &RelPath) -> Result<(), ApplyError> {
-        let dir = self.parent_dir(path).map_err(|e| ApplyError::Io {
-            op: "open folder of",
-            path: path.to_string(),
-            source: e,
-        })?;
+        let dir = self.parent_dir_or_fail(path)?;
         // Private until its contents are in place; its real mode is set when it is left.
         rustix::fs::mkdirat(&*dir, name_of(path).os(), Mode::from_raw_mode(0o700))
             .map_err(io_err("create folder", path))?;
@@ -685,11 +676,7 @@ impl Applier<'_> {
     }
 
     fn unlink(&mut self, path: &RelPath) -> Result<(), ApplyError> {
-        let dir = self.parent_dir(path).map_err(|e| ApplyError::Io {
-            op: "open folder of",
-            path: path.to_string(),
-            source: e,
-        })?;
+        let dir = self.parent_dir_or_fail(path)?;
         rustix::fs::unlinkat(&*dir, name_of(path).os(), AtFlags::empty()).map_err(io_err("remove", path))?;
         self.report.deleted += 1;
         self.mark_parent_dirty(path);
@@ -967,11 +954,7 @@ impl Applier<'_> {
             rustix::fs::syncfs(&self.staging).map_err(io_err("sync", self.root.path().display()))?;
         }
         for staged in &batch.staged {
-            let dir = self.parent_dir(&staged.path).map_err(|e| ApplyError::Io {
-                op: "open folder of",
-                path: staged.path.to_string(),
-                source: e,
-            })?;
+            let dir = self.parent_dir_or_fail(&staged.path)?;
             let name = name_of(&staged.path).os();
             if let Some(fd) = &staged.unnamed {
                 // A new path takes the file's first name directly; an existing one is replaced by a

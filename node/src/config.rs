@@ -83,16 +83,7 @@ pub struct ConfigDir {
 impl ConfigDir {
     /// `dir`, or the default: `/etc/ferry` for root, else `$XDG_CONFIG_HOME/ferry` or `~/.config/ferry`.
     pub fn new(dir: Option<PathBuf>) -> Self {
-        let dir = dir.unwrap_or_else(|| {
-            if rustix::process::geteuid().is_root() {
-                return PathBuf::from("/etc/ferry");
-            }
-            if let Some(xdg) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-                return PathBuf::from(xdg).join("ferry");
-            }
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-            home.join(".config/ferry")
-        });
+        let dir = dir.unwrap_or_else(|| default_dir("/etc/ferry", "XDG_CONFIG_HOME", ".config"));
         Self { dir: std::path::absolute(&dir).unwrap_or(dir), data_dir: None }
     }
 
@@ -148,6 +139,18 @@ impl ConfigDir {
         }
         self.dir.join("data")
     }
+}
+
+/// `system` for root; else `$XDG_VAR/ferry`, or `~/HOME_REL/ferry`.
+pub(crate) fn default_dir(system: &str, xdg_var: &str, home_rel: &str) -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from(system);
+    }
+    if let Some(xdg) = std::env::var_os(xdg_var).filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("ferry");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(home_rel).join("ferry")
 }
 
 /// A job's name must be usable as a folder name.

@@ -37,13 +37,5 @@ pub mod exit {
 /// The default folder for ferry's state: `/var/lib/ferry` for root, else `$XDG_DATA_HOME/ferry` or
 /// `~/.local/share/ferry`.
 pub fn default_data_dir() -> std::path::PathBuf {
-    use std::path::PathBuf;
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/ferry");
-    }
-    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("ferry");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".local/share/ferry")
+    config::default_dir("/var/lib/ferry", "XDG_DATA_HOME", ".local/share")
 }
