@@ -53,7 +53,7 @@ impl Daemon {
         let addr = net::resolve(&listen)?;
         let trusted: TrustedPeers = Arc::new(RwLock::new(config.peers.iter().map(|p| p.id).collect()));
         let endpoint = net::server_endpoint(&identity, trusted.clone(), addr)?;
-        let context = Arc::new(ServerContext { config_dir, trusted, busy: Mutex::new(HashSet::new()) });
+        let context = Arc::new(ServerContext { config_dir, trusted, busy: Mutex::new(HashMap::new()) });
         Ok(Self { endpoint, context, node_id: identity.node_id() })
     }
 
@@ -103,8 +103,8 @@ impl Daemon {
 struct ServerContext {
     config_dir: ConfigDir,
     trusted: TrustedPeers,
-    /// Jobs with a round running.
-    busy: Mutex<HashSet<String>>,
+    /// Jobs with a round running: who runs it, on which connection.
+    busy: Mutex<HashMap<String, (NodeId, quinn::Connection)>>,
 }
 
 impl ServerContext {
@@ -121,12 +121,48 @@ impl ServerContext {
 }
 
 /// Releases a job's busy mark when the round ends, however it ends.
-struct BusyGuard(Arc<ServerContext>, String);
+struct BusyGuard(Arc<ServerContext>, String, usize);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        if let Ok(mut busy) = self.0.busy.lock() {
+        if let Ok(mut busy) = self.0.busy.lock()
+            && busy.get(&self.1).is_some_and(|(_, c)| c.stable_id() == self.2)
+        {
             busy.remove(&self.1);
+        }
+    }
+}
+
+impl ServerContext {
+    /// Marks `job` busy for this connection. When the same peer is still running it on another
+    /// connection, that one is presumed dead (a killed or cut-off source whose connection has not timed
+    /// out yet): it is closed, and this round waits for it to let go.
+    async fn claim(
+        self: &Arc<Self>,
+        job: &str,
+        peer: NodeId,
+        connection: &quinn::Connection,
+    ) -> Result<BusyGuard, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let mut busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
+                match busy.get(job) {
+                    None => {
+                        busy.insert(job.to_owned(), (peer, connection.clone()));
+                        return Ok(BusyGuard(self.clone(), job.to_owned(), connection.stable_id()));
+                    }
+                    Some((holder, old)) if *holder == peer => {
+                        tracing::info!("job {job}: a new connection from the same peer replaces the round still open");
+                        old.close(close::ERROR.into(), b"replaced by a new connection from the same peer");
+                    }
+                    Some(_) => return Err(format!("a round of job {job} is already running here")),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the previous round of job {job} did not stop in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -178,14 +214,14 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             bail!("refused: {reason}");
         }
     };
-    let inserted = context.busy.lock().map(|mut busy| busy.insert(job.name.clone())).unwrap_or(false);
-    if !inserted {
-        let reason = format!("a round of job {} is already running here", job.name);
-        net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
-        let _ = send.finish();
-        bail!("refused: {reason}");
-    }
-    let _guard = BusyGuard(context.clone(), job.name.clone());
+    let _guard = match context.claim(&job.name, peer_id, connection).await {
+        Ok(guard) => guard,
+        Err(reason) => {
+            net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
+            let _ = send.finish();
+            bail!("refused: {reason}");
+        }
+    };
     tracing::info!(job = %job.name, "round from {} into {}", peer.name, job.path.display());
 
     let data_dir = context.config_dir.data_dir(&config);
@@ -250,7 +286,7 @@ async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>) {
     loop {
         let stream = match connection.accept_uni().await {
             Ok(stream) => stream,
-            Err(_) => return,
+            Err(e) => return window.fail(format!("the connection ended: {e}")),
         };
         let window = window.clone();
         tokio::spawn(async move {
@@ -470,7 +506,12 @@ fn fetch_window(
     let mut last_progress = (Instant::now(), 0usize);
     loop {
         // The source reports what it cannot read on the control stream.
-        while let Ok(message) = inbox.try_recv() {
+        loop {
+            let message = match inbox.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => bail!("the connection closed during the transfer"),
+            };
             match message {
                 Message::Missing(hashes) => {
                     let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;

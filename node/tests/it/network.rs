@@ -222,3 +222,39 @@ fn walk_bytes(root: &Path) -> u64 {
     }
     total
 }
+
+#[test]
+fn a_source_killed_mid_round_resumes_at_once_and_converges() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let mut spec = TreeSpec::with_files(3000, 51);
+    spec.max_blob = 4 << 20;
+    TreeGenerator::create(&source, spec).unwrap();
+    setup.job("zimbra", &source, &target);
+    let mut killed_mid_transfer = false;
+    for delay_ms in [400, 900, 1500] {
+        let mut child = setup
+            .source
+            .ferry()
+            .args(["sync", "--round", "zimbra"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed_mid_transfer = true;
+        }
+        child.wait().unwrap();
+    }
+    // The destination still has the dead connection open (UDP says nothing when a process dies): the
+    // next round from the same peer replaces it instead of being refused as busy.
+    let started = std::time::Instant::now();
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(50), "the rerun waited for the dead round to time out");
+    assert_same_tree(&source, &target, |_| false);
+    assert!(!target.join(ferry_engine::STAGING_DIR).exists());
+    assert!(killed_mid_transfer, "no run was interrupted: make the tree bigger");
+}
