@@ -39,6 +39,14 @@ pub enum Command {
     Job(JobCommand),
     /// Run the destination daemon: accepts rounds from trusted peers for their jobs.
     Serve(ServeArgs),
+    /// Rounds on this node (sent and received), imports, and what is in progress.
+    Status {
+        /// Only this job.
+        job: Option<String>,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one incremental round.
     ///
     /// `ferry sync --round JOB` pushes the job's folder to its peer. `ferry sync --round SRC_DIR DEST_DIR`
@@ -77,6 +85,17 @@ pub struct SyncArgs {
     /// Print one JSON report on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+    /// Network rounds: which import the destination runs once the round is committed (default: full
+    /// when the destination has an import command).
+    #[arg(long, value_enum)]
+    pub import: Option<ImportChoice>,
+    /// Network rounds: return once the round is committed, without waiting for the import.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Network rounds: when the destination is busy with this job (a round or an import), wait for
+    /// it instead of giving up.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// `ferry demo`.
@@ -125,9 +144,57 @@ pub enum JobCommand {
         /// The peer's name.
         #[arg(long)]
         peer: String,
+        /// The import hooks (destination).
+        #[command(flatten)]
+        import: ImportArgs,
+    },
+    /// Change a job's settings.
+    #[command(
+        after_help = "Example (destination):\n  ferry job set zimbra --import-cmd 'zxsuite backup doExternalRestore {target}' \\\n    \
+                            --import-provisioning-cmd 'zxsuite backup doExternalRestore {target} provisioning_only TRUE'"
+    )]
+    Set {
+        /// The job's name.
+        name: String,
+        /// A new folder.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// A new peer.
+        #[arg(long)]
+        peer: Option<String>,
+        /// The import hooks (destination).
+        #[command(flatten)]
+        import: ImportArgs,
     },
     /// List the jobs.
     List,
+}
+
+/// The import hooks of a job (destination side).
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Run after each committed round (destination): e.g. 'zxsuite backup doExternalRestore {target}'.
+    /// Split into words like a shell would, never run through one; {target}, {job}, {round} are
+    /// replaced. An empty string removes it.
+    #[arg(long)]
+    pub import_cmd: Option<String>,
+    /// The provisioning-only variant, run for `sync --import provisioning-only`.
+    #[arg(long)]
+    pub import_provisioning_cmd: Option<String>,
+    /// How long an import may run before it is killed (e.g. 12h, 90m). Default 24h.
+    #[arg(long)]
+    pub import_timeout: Option<String>,
+}
+
+/// Which import `sync` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportChoice {
+    /// The full import (the default when the destination has one).
+    Full,
+    /// The provisioning-only import.
+    ProvisioningOnly,
+    /// No import this round.
+    None,
 }
 
 /// `ferry serve`.

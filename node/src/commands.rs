@@ -3,6 +3,7 @@
 use anyhow::{Context, bail};
 use ferry_certs::{Identity, NodeId};
 
+use crate::cli::ImportArgs;
 use crate::config::{Config, ConfigDir, JobConfig, PeerConfig, check_job_name};
 
 /// `ferry init`: prints the node ID alone on the first line.
@@ -58,18 +59,89 @@ pub fn trust(config_dir: &ConfigDir, id: &str, name: &str, addr: Option<String>)
     Ok(())
 }
 
-/// `ferry job add`.
-pub fn job_add(config_dir: &ConfigDir, name: &str, path: &std::path::Path, peer: &str) -> anyhow::Result<()> {
+/// `ferry job add`: adds or replaces a job.
+pub fn job_add(
+    config_dir: &ConfigDir,
+    name: &str,
+    path: &std::path::Path,
+    peer: &str,
+    import: &ImportArgs,
+) -> anyhow::Result<()> {
     check_job_name(name)?;
     let mut config = config_dir.load()?;
-    if config.peer(peer).is_none() {
+    config.jobs.retain(|j| j.name != name);
+    config.jobs.push(JobConfig {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        peer: peer.to_owned(),
+        import_cmd: None,
+        import_provisioning_cmd: None,
+        import_timeout: None,
+    });
+    update_job(config_dir, config, name, Some(path), Some(peer), import)
+}
+
+/// `ferry job set`: changes what is given, keeps the rest.
+pub fn job_set(
+    config_dir: &ConfigDir,
+    name: &str,
+    path: Option<&std::path::Path>,
+    peer: Option<&str>,
+    import: &ImportArgs,
+) -> anyhow::Result<()> {
+    let config = config_dir.load()?;
+    if config.job(name).is_none() {
+        bail!("no job {name:?} (ferry job add {name} --path DIR --peer PEER)");
+    }
+    update_job(config_dir, config, name, path, peer, import)
+}
+
+fn update_job(
+    config_dir: &ConfigDir,
+    mut config: Config,
+    name: &str,
+    path: Option<&std::path::Path>,
+    peer: Option<&str>,
+    import: &ImportArgs,
+) -> anyhow::Result<()> {
+    if let Some(peer) = peer
+        && config.peer(peer).is_none()
+    {
         bail!("no peer called {peer:?}: pin it first with `ferry trust NODE_ID --name {peer}`");
     }
-    let path = std::path::absolute(path).with_context(|| format!("bad path {}", path.display()))?;
-    config.jobs.retain(|j| j.name != name);
-    config.jobs.push(JobConfig { name: name.to_owned(), path: path.clone(), peer: peer.to_owned() });
+    if let Some(timeout) = &import.import_timeout {
+        humantime::parse_duration(timeout)
+            .with_context(|| format!("--import-timeout {timeout:?}: say e.g. 12h or 90m"))?;
+    }
+    for command in [&import.import_cmd, &import.import_provisioning_cmd].into_iter().flatten() {
+        if !command.is_empty() {
+            crate::config::import_argv(command, std::path::Path::new("/target"), name, 1)?;
+        }
+    }
+    let job = config.jobs.iter_mut().find(|j| j.name == name).context("the job was just checked")?;
+    if let Some(path) = path {
+        job.path = std::path::absolute(path).with_context(|| format!("bad path {}", path.display()))?;
+    }
+    if let Some(peer) = peer {
+        job.peer = peer.to_owned();
+    }
+    let set = |value: &Option<String>, field: &mut Option<String>| {
+        if let Some(value) = value {
+            *field = (!value.is_empty()).then(|| value.clone());
+        }
+    };
+    set(&import.import_cmd, &mut job.import_cmd);
+    set(&import.import_provisioning_cmd, &mut job.import_provisioning_cmd);
+    set(&import.import_timeout, &mut job.import_timeout);
+    let shown = format!(
+        "job {}: {} with peer {}{}",
+        job.name,
+        job.path.display(),
+        job.peer,
+        job.import_cmd.as_deref().map(|c| format!(", import: {c}")).unwrap_or_default()
+    );
     config_dir.save(&config)?;
-    println!("job {name}: {} with peer {peer}", path.display());
+    println!("{shown}");
     Ok(())
 }
 

@@ -54,6 +54,17 @@ pub struct JobConfig {
     pub path: PathBuf,
     /// The peer's name.
     pub peer: String,
+    /// Destination: the import to run after each committed round, e.g.
+    /// `zxsuite backup doExternalRestore {target}`. Split into words like a shell would, never run
+    /// through one; `{target}`, `{job}` and `{round}` are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_cmd: Option<String>,
+    /// Destination: the provisioning-only import, for `sync --import provisioning-only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_provisioning_cmd: Option<String>,
+    /// Destination: how long an import may run before it is killed (e.g. `12h`; default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_timeout: Option<String>,
 }
 
 impl Config {
@@ -153,6 +164,24 @@ pub(crate) fn default_dir(system: &str, xdg_var: &str, home_rel: &str) -> PathBu
     home.join(home_rel).join("ferry")
 }
 
+/// Splits an import command into words and replaces `{target}`, `{job}` and `{round}`.
+pub fn import_argv(command: &str, target: &Path, job: &str, round: u64) -> anyhow::Result<Vec<String>> {
+    let words = shlex::split(command).ok_or_else(|| {
+        anyhow::anyhow!("cannot split the import command {command:?} into words (unbalanced quotes?)")
+    })?;
+    if words.is_empty() {
+        bail!("the import command is empty");
+    }
+    Ok(words
+        .into_iter()
+        .map(|w| {
+            w.replace("{target}", &target.display().to_string())
+                .replace("{job}", job)
+                .replace("{round}", &round.to_string())
+        })
+        .collect())
+}
+
 /// A job's name must be usable as a folder name.
 pub fn check_job_name(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
@@ -176,7 +205,14 @@ mod tests {
             listen: Some("[::]:7373".into()),
             data_dir: None,
             peers: vec![PeerConfig { name: "dest".into(), id, addr: Some("10.0.0.2:7373".into()) }],
-            jobs: vec![JobConfig { name: "zimbra".into(), path: "/opt/zimbra/backup/ng".into(), peer: "dest".into() }],
+            jobs: vec![JobConfig {
+                name: "zimbra".into(),
+                path: "/opt/zimbra/backup/ng".into(),
+                peer: "dest".into(),
+                import_cmd: Some("zxsuite backup doExternalRestore {target}".into()),
+                import_provisioning_cmd: None,
+                import_timeout: Some("12h".into()),
+            }],
         };
         let text = toml::to_string_pretty(&config).unwrap();
         assert!(text.contains("[[peer]]") && text.contains("[[job]]"), "{text}");
@@ -184,6 +220,11 @@ mod tests {
         let err = toml::from_str::<Config>("lisen = \"x\"").unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
         assert!(check_job_name("zimbra-1").is_ok());
+        let argv =
+            import_argv("zxsuite backup doExternalRestore '{target}' --round={round}", Path::new("/srv/m ng"), "z", 7)
+                .unwrap();
+        assert_eq!(argv, ["zxsuite", "backup", "doExternalRestore", "/srv/m ng", "--round=7"]);
+        assert!(import_argv("echo 'unbalanced", Path::new("/"), "z", 1).is_err());
         assert!(check_job_name("../x").is_err());
     }
 }

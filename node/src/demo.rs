@@ -1,11 +1,10 @@
 //! `ferry demo`: a whole incremental migration on a generated tree, with nothing to set up.
 //!
 //! Two nodes with fresh identities in a temporary folder, pinned to each other; the destination daemon
-//! on loopback; rounds pushed over QUIC with a day of changes between them; a sample import hook after
-//! each committed round; a full comparison of the two trees after each.
+//! on loopback; rounds pushed over QUIC with a day of changes between them; the destination's import
+//! hook (a stand-in script) run by its daemon after each committed round; a full comparison of the two
+//! trees after each.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -59,7 +58,15 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     let (dest_id, _) = Identity::load_or_create(dest_node.path())?;
     dest_node.save(&Config {
         peers: vec![PeerConfig { name: "source".into(), id: source_id.node_id(), addr: None }],
-        jobs: vec![JobConfig { name: "zimbra".into(), path: target.clone(), peer: "source".into() }],
+        jobs: vec![JobConfig {
+            name: "zimbra".into(),
+            path: target.clone(),
+            peer: "source".into(),
+            // The destination's own import hook, run by its daemon after each committed round.
+            import_cmd: Some(format!("sh '{}' {{target}} {{round}}", hook.display())),
+            import_provisioning_cmd: None,
+            import_timeout: Some("10m".into()),
+        }],
         ..Config::default()
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -67,7 +74,14 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     let addr = daemon.local_addr()?;
     source_node.save(&Config {
         peers: vec![PeerConfig { name: "dest".into(), id: dest_id.node_id(), addr: Some(addr.to_string()) }],
-        jobs: vec![JobConfig { name: "zimbra".into(), path: source.clone(), peer: "dest".into() }],
+        jobs: vec![JobConfig {
+            name: "zimbra".into(),
+            path: source.clone(),
+            peer: "dest".into(),
+            import_cmd: None,
+            import_provisioning_cmd: None,
+            import_timeout: None,
+        }],
         ..Config::default()
     })?;
     println!(
@@ -88,7 +102,14 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     // The import never deletes, nor does ferry without --delete: paths the source had in an earlier
     // round may remain in the target.
     let mut earlier = ferry_testkit::Snapshot::new();
-    let push_options = PushOptions { job: "zimbra".into(), delete: false, numeric_ids: false };
+    let push_options = PushOptions {
+        job: "zimbra".into(),
+        delete: false,
+        numeric_ids: false,
+        import: ferry_proto::ImportMode::Default,
+        wait_for_import: true,
+        wait_if_busy: false,
+    };
     for round in 1..=options.rounds {
         if round > 1 {
             tree.next_day().context("cannot apply a day of changes to the source tree")?;
@@ -98,7 +119,11 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         let want = snapshot(&source, &[]).context("cannot read the source tree")?;
         let got = snapshot(&target, &[]).context("cannot read the target tree")?;
         let verified = compare_trees(&want, &got, |p| earlier.contains_key(p));
-        let import = run_hook(&hook, &target, report.round)?;
+        let import = match &report.import {
+            Some(result) if result.success => result.tail.join(" / "),
+            Some(result) => bail!("the import of round {} failed: {}", report.round, result.tail.join(" / ")),
+            None => bail!("the destination ran no import"),
+        };
         let ratio = |a: u64, b: u64| if b == 0 { "-".to_owned() } else { format!("{:.2}x", a as f64 / b as f64) };
         println!(
             "{:>5}  {:>7}  {:>7}  {:>10}  {:>10}  {:>10}  {:>9}  {:>6}  {:>6}  {:>8}  {:<8}  {}",
@@ -137,17 +162,4 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         println!("kept the demo folder: {}", kept.display());
     }
     Ok(())
-}
-
-fn run_hook(hook: &Path, target: &Path, round: u64) -> anyhow::Result<String> {
-    let output = Command::new("sh")
-        .arg(hook)
-        .arg(target)
-        .arg(round.to_string())
-        .output()
-        .context("cannot run the sample import hook")?;
-    if !output.status.success() {
-        bail!("the import hook failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

@@ -10,11 +10,14 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 mod demo;
+pub mod history;
 mod human;
+mod import;
 mod local;
 mod net;
 mod push;
 mod serve;
+pub mod status;
 
 pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
@@ -32,6 +35,8 @@ pub mod exit {
     /// The round ran to its end, but some entries could not be applied (listed on stderr); rerun after
     /// fixing what the messages say.
     pub const INCOMPLETE: i32 = 3;
+    /// The round was committed, but the destination's import failed (its output's tail is printed).
+    pub const IMPORT_FAILED: i32 = 4;
 }
 
 /// The default folder for ferry's state: `/var/lib/ferry` for root, else `$XDG_DATA_HOME/ferry` or

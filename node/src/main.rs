@@ -1,7 +1,7 @@
 //! `ferry`: parse the command line, run the command, map the outcome to an exit code.
 
 use clap::Parser;
-use ferry::cli::{Cli, Command, JobCommand};
+use ferry::cli::{Cli, Command, ImportChoice, JobCommand};
 use ferry::config::ConfigDir;
 use ferry::{DemoOptions, LocalSyncOptions, PushOptions, exit};
 
@@ -25,10 +25,21 @@ fn main() {
         Command::Trust(args) => {
             ferry::commands::trust(&config_dir, &args.node_id, &args.name, args.addr).map(|()| exit::OK)
         }
-        Command::Job(JobCommand::Add { name, path, peer }) => {
-            ferry::commands::job_add(&config_dir, &name, &path, &peer).map(|()| exit::OK)
+        Command::Job(JobCommand::Add { name, path, peer, import }) => {
+            ferry::commands::job_add(&config_dir, &name, &path, &peer, &import).map(|()| exit::OK)
+        }
+        Command::Job(JobCommand::Set { name, path, peer, import }) => {
+            ferry::commands::job_set(&config_dir, &name, path.as_deref(), peer.as_deref(), &import).map(|()| exit::OK)
         }
         Command::Job(JobCommand::List) => ferry::commands::job_list(&config_dir).map(|()| exit::OK),
+        Command::Status { job, json } => ferry::status::status(&config_dir, job.as_deref()).and_then(|status| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                ferry::status::print(&status);
+            }
+            Ok(exit::OK)
+        }),
         Command::Serve(args) => runtime()
             .and_then(|rt| rt.block_on(ferry::serve(config_dir, args.listen, shutdown_signal())).map(|()| exit::OK)),
         Command::Sync(args) => match args.target {
@@ -45,10 +56,24 @@ fn main() {
                     job: args.job_or_source.to_string_lossy().into_owned(),
                     delete: args.delete,
                     numeric_ids: args.numeric_ids,
+                    import: match args.import {
+                        None => ferry_proto::ImportMode::Default,
+                        Some(ImportChoice::Full) => ferry_proto::ImportMode::Full,
+                        Some(ImportChoice::ProvisioningOnly) => ferry_proto::ImportMode::ProvisioningOnly,
+                        Some(ImportChoice::None) => ferry_proto::ImportMode::None,
+                    },
+                    wait_for_import: !args.no_wait,
+                    wait_if_busy: args.wait,
                 };
                 runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
                     ferry::print_push_report(&report, args.json);
-                    if report.failure_count > 0 { exit::INCOMPLETE } else { exit::OK }
+                    if report.failure_count > 0 {
+                        exit::INCOMPLETE
+                    } else if report.import.as_ref().is_some_and(|i| !i.success) {
+                        exit::IMPORT_FAILED
+                    } else {
+                        exit::OK
+                    }
                 })
             }
         },

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
 use ferry_engine::{ChunkHash, Entry, EntryKind, ManifestReader, RecordFileError, RootDir, ScanOptions, diff, scan};
-use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundRef};
+use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundOptions, RoundRef};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -24,6 +24,12 @@ pub struct PushOptions {
     pub delete: bool,
     /// `--numeric-ids`.
     pub numeric_ids: bool,
+    /// `--import`.
+    pub import: ferry_proto::ImportMode,
+    /// Wait for the import's result (not `--no-wait`).
+    pub wait_for_import: bool,
+    /// `--wait`: when the destination is busy with this job, wait instead of giving up.
+    pub wait_if_busy: bool,
 }
 
 /// The report of a network round (`--json` prints it).
@@ -59,6 +65,8 @@ pub struct PushReport {
     pub failures: Vec<String>,
     /// How many.
     pub failure_count: u64,
+    /// How the destination's import of this round ended (when one ran and was waited for).
+    pub import: Option<ferry_proto::ImportResult>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
 }
@@ -95,8 +103,25 @@ impl SourceState {
     }
 }
 
-/// Runs one round of `options.job`.
+/// The destination refused the round (busy, unknown job, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// Runs one round of `options.job`; with `wait_if_busy`, waits while the destination is busy with it.
 pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
+    loop {
+        match push_once(config_dir, options).await {
+            Err(e) if options.wait_if_busy && e.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running")) => {
+                tracing::info!("{e}; trying again in 15 s (--wait)");
+                tokio::time::sleep(Duration::from_secs(15)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
     let started = Instant::now();
     let config = config_dir.load()?;
     let identity = Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
@@ -142,6 +167,8 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
     let refused = |why: String| {
         if why.contains("not trusted") {
             explain_connect_error(anyhow!(why), &peer.name, peer.id, &addr, me)
+        } else if let Some(reason) = why.strip_prefix("refused: ") {
+            Refused(format!("{} refused the round: {reason}", peer.name)).into()
         } else {
             anyhow!("{} ended the round: {why}", peer.name)
         }
@@ -161,14 +188,22 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         delete: options.delete,
         numeric_ids: options.numeric_ids,
     };
-    if net::send(&mut send, &Message::Hello(hello)).await.is_err() {
+    let options_message = Message::RoundOptions(RoundOptions { import: options.import });
+    if net::send(&mut send, &Message::Hello(hello)).await.is_err()
+        || net::send(&mut send, &options_message).await.is_err()
+    {
         return Err(refused(why_closed(&connection).await));
     }
-    let holds = match reader.next().await {
-        Ok(Some(Message::Welcome { holds })) => holds,
-        Ok(Some(Message::Refused { reason })) => bail!("{} refused the round: {reason}", peer.name),
-        Ok(Some(other)) => bail!("{} answered {other:?} instead of Welcome", peer.name),
-        Ok(None) | Err(_) => return Err(refused(why_closed(&connection).await)),
+    let holds = loop {
+        match reader.next().await {
+            Ok(Some(Message::Welcome { holds })) => break holds,
+            Ok(Some(Message::Notice { text })) => tracing::warn!("{}: {text}", peer.name),
+            Ok(Some(Message::Refused { reason })) => {
+                return Err(Refused(format!("{} refused the round: {reason}", peer.name)).into());
+            }
+            Ok(Some(other)) => bail!("{} answered {other:?} instead of Welcome", peer.name),
+            Ok(None) | Err(_) => return Err(refused(why_closed(&connection).await)),
+        }
     };
 
     // Changes since what the destination holds, when this node still has that manifest; else all.
@@ -240,6 +275,27 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
     let _ = stop_progress.send(());
     let _ = progress.await;
     let _ = send.finish();
+    // The destination runs its import now, if it has one; wait for its result unless told not to.
+    let mut import = None;
+    if options.wait_for_import {
+        loop {
+            match reader.next().await {
+                Ok(Some(Message::ImportStarted { round, command })) => {
+                    tracing::info!("{} imports round {round}: {}", peer.name, command.join(" "));
+                }
+                Ok(Some(Message::ImportDone(result))) => {
+                    import = Some(result);
+                    break;
+                }
+                Ok(Some(Message::Notice { text })) => tracing::warn!("{}: {text}", peer.name),
+                Ok(Some(other)) => bail!("unexpected {other:?} from {} after the commit", peer.name),
+                Ok(None) => break,
+                Err(e) => {
+                    bail!("lost {} while waiting for the import of round {}: {e:#}", peer.name, committed.round.round)
+                }
+            }
+        }
+    }
     let in_sync = committed.round.root == new_root;
     if in_sync {
         state.promote(committed.round)?;
@@ -248,8 +304,9 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
     }
     let stats = connection.stats();
     connection.close(net::close::DONE.into(), b"round over");
+    let history_path = state.dir.join("history.jsonl");
     let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes;
-    Ok(PushReport {
+    let report = PushReport {
         job: job.name,
         round: committed.round.round,
         root_hash: committed.round.root.to_string(),
@@ -265,8 +322,11 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         bytes_lost: stats.path.lost_bytes,
         failures: committed.failures,
         failure_count: committed.failure_count,
+        import,
         duration_ms: started.elapsed().as_millis() as u64,
-    })
+    };
+    crate::history::append(&history_path, &crate::history::Record::pushed(&report, &peer.name))?;
+    Ok(report)
 }
 
 fn explain_connect_error(
@@ -488,6 +548,26 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         crate::human::bytes(report.bytes_on_wire),
         crate::human::bytes(report.bytes_read)
     );
+    match &report.import {
+        Some(import) if import.success => {
+            println!(
+                "  import of round {} succeeded in {}",
+                import.round,
+                crate::human::duration(Duration::from_millis(import.duration_ms))
+            );
+        }
+        Some(import) => {
+            eprintln!(
+                "error: the import of round {} failed (exit code {}); the last lines of its output:",
+                import.round,
+                import.exit_code.map_or("none: killed or timed out".to_owned(), |c| c.to_string())
+            );
+            for line in &import.tail {
+                eprintln!("  | {line}");
+            }
+        }
+        None => {}
+    }
     if report.failure_count > 0 {
         eprintln!("error: {} entries could not be applied on the destination:", report.failure_count);
         for failure in &report.failures {

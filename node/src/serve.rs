@@ -53,7 +53,12 @@ impl Daemon {
         let addr = net::resolve(&listen)?;
         let trusted: TrustedPeers = Arc::new(RwLock::new(config.peers.iter().map(|p| p.id).collect()));
         let endpoint = net::server_endpoint(&identity, trusted.clone(), addr)?;
-        let context = Arc::new(ServerContext { config_dir, trusted, busy: Mutex::new(HashMap::new()) });
+        let context = Arc::new(ServerContext {
+            config_dir,
+            trusted,
+            busy: Mutex::new(HashMap::new()),
+            imports: Arc::new(Mutex::new(HashMap::new())),
+        });
         Ok(Self { endpoint, context, node_id: identity.node_id() })
     }
 
@@ -105,6 +110,8 @@ struct ServerContext {
     trusted: TrustedPeers,
     /// Jobs with a round running: who runs it, on which connection.
     busy: Mutex<HashMap<String, (NodeId, quinn::Connection)>>,
+    /// Jobs whose import is running: which round, since when.
+    imports: Imports,
 }
 
 impl ServerContext {
@@ -145,6 +152,14 @@ impl ServerContext {
     ) -> Result<BusyGuard, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if let Some(import) = self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
+                return Err(format!(
+                    "the import of round {} of job {job} has been running since {} ({})",
+                    import.round,
+                    humantime::format_rfc3339_seconds(import.since),
+                    import.command.join(" ")
+                ));
+            }
             {
                 let mut busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
                 match busy.get(job) {
@@ -219,6 +234,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         Err(reason) => {
             net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
             let _ = send.finish();
+            tokio::time::sleep(Duration::from_millis(200)).await;
             bail!("refused: {reason}");
         }
     };
@@ -238,7 +254,18 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         anyhow::Ok(())
     });
     let control = tokio::spawn(async move {
-        while let Some(message) = reader.next().await? {
+        loop {
+            // Until all changes are in, the source has no reason to be silent: a stalled peer must not
+            // hold the job. (During the transfer, silence on this stream is normal.)
+            let next = if order.phase() == ferry_proto::Phase::Changes {
+                match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
+                    Ok(next) => next?,
+                    Err(_) => bail!("the source sent nothing for {} s", STALL_TIMEOUT.as_secs()),
+                }
+            } else {
+                reader.next().await?
+            };
+            let Some(message) = next else { break };
             order.handle(&message)?;
             if inbox_tx.send(message).await.is_err() {
                 break;
@@ -250,16 +277,20 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let data = tokio::spawn(receive_chunks(connection.clone(), window.clone()));
 
     let target = job.path.clone();
-    let result =
-        tokio::task::spawn_blocking(move || destination_round(&job, &data_dir, &hello, inbox, to_net, &window))
-            .await
-            .context("the round thread panicked")?;
+    let imports = context.imports.clone();
+    let peer_name = peer.name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let round = Round { job: &job, data_dir: &data_dir, hello: &hello, peer: &peer_name, imports: &imports };
+        destination_round(&round, inbox, to_net, &window)
+    })
+    .await
+    .context("the round thread panicked")?;
     let _ = writer.await;
     control.abort();
     data.abort();
     match result {
         Ok(done) => {
-            tracing::info!("round {} into {} committed, root {}", done.round, target.display(), done.root.short());
+            tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
             Ok(())
         }
         Err(e) => Err(e),
@@ -367,6 +398,15 @@ impl TargetState {
     fn round_file(&self) -> PathBuf {
         self.dir.join("round.json")
     }
+    pub(crate) fn history(&self) -> PathBuf {
+        self.dir.join("history.jsonl")
+    }
+    pub(crate) fn import_marker(&self) -> PathBuf {
+        self.dir.join("import.running")
+    }
+    pub(crate) fn round_marker(&self) -> PathBuf {
+        self.dir.join("round.running")
+    }
     pub(crate) fn holds(&self) -> anyhow::Result<Option<RoundRef>> {
         match std::fs::read(self.round_file()) {
             Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("round.json is damaged")?)),
@@ -384,21 +424,55 @@ impl TargetState {
     }
 }
 
+/// An import in progress.
+#[derive(Debug, Clone)]
+struct RunningImport {
+    round: u64,
+    since: std::time::SystemTime,
+    command: Vec<String>,
+}
+
+type Imports = Arc<Mutex<HashMap<String, RunningImport>>>;
+
+/// What a destination round works with.
+struct Round<'a> {
+    job: &'a JobConfig,
+    data_dir: &'a Path,
+    hello: &'a Hello,
+    peer: &'a str,
+    imports: &'a Imports,
+}
+
 fn destination_round(
-    job: &JobConfig,
-    data_dir: &Path,
-    hello: &Hello,
+    round: &Round<'_>,
     mut inbox: mpsc::Receiver<Message>,
     to_net: mpsc::Sender<Message>,
     window: &Arc<Window>,
 ) -> anyhow::Result<RoundRef> {
+    let (job, hello) = (round.job, round.hello);
     let send = |message: Message| to_net.blocking_send(message).map_err(|_| anyhow!("the connection closed"));
-    let state = TargetState::new(data_dir, &job.name);
+    let state = TargetState::new(round.data_dir, &job.name);
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
     std::fs::create_dir_all(&job.path)
         .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
     let _lock = ferry_engine::lock_state(&state.dir)?;
     let holds = state.holds()?;
+    // An import marker left behind means the daemon stopped during an import: say so, do not rerun it.
+    if let Some(stale) = crate::history::read_marker(&state.import_marker()) {
+        let text = format!(
+            "the import of round {} of job {} started at {} was interrupted (the daemon stopped); it was not run again: check it, and run it by hand if needed",
+            stale.round, job.name, stale.since
+        );
+        tracing::warn!("{text}");
+        crate::history::append(&state.history(), &crate::history::Record::import_interrupted(stale.round))?;
+        let _ = std::fs::remove_file(state.import_marker());
+        send(Message::Notice { text })?;
+    }
+    crate::history::write_marker(
+        &state.round_marker(),
+        &crate::history::Marker::now(holds.map_or(1, |h| h.round + 1), vec![round.peer.to_owned()]),
+    )?;
+    let _round_marker = crate::history::MarkerGuard(state.round_marker());
     let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
     if holds.is_none() {
         // First round: what is already in the target (a shipped disk, an earlier rsync) is indexed,
@@ -410,8 +484,10 @@ fn destination_round(
     // The changes, to disk (a full manifest can be large).
     let changes_path = state.dir.join("incoming-changes");
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
+    let mut import_mode = ferry_proto::ImportMode::Default;
     let end = loop {
         match inbox.blocking_recv() {
+            Some(Message::RoundOptions(options)) => import_mode = options.import,
             Some(Message::Changes(batch)) => {
                 for change in &batch {
                     changes.push(change)?;
@@ -475,18 +551,74 @@ fn destination_round(
     let root = committed.finish()?;
     std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
     let _ = std::fs::remove_file(&changes_path);
-    let round = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
-    state.set_holds(round)?;
+    let done = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
+    state.set_holds(done)?;
+    let _ = std::fs::remove_file(state.round_marker());
     if root != end.root {
-        tracing::warn!("round {} is incomplete: {} entries failed", round.round, report.failure_count);
+        tracing::warn!("round {} is incomplete: {} entries failed", done.round, report.failure_count);
     }
+    crate::history::append(
+        &state.history(),
+        &crate::history::Record::committed(done, round.peer, &report, root == end.root),
+    )?;
     send(Message::Committed(Committed {
-        round,
+        round: done,
         files_written: report.files_written,
         failures: report.failures.clone(),
         failure_count: report.failure_count,
     }))?;
-    Ok(round)
+    // The import runs once per committed round, here, whether or not the source still listens.
+    if let Some(argv) = import_command(job, import_mode, done.round)? {
+        let running = RunningImport { round: done.round, since: std::time::SystemTime::now(), command: argv.clone() };
+        round.imports.lock().map_err(|_| anyhow!("lock poisoned"))?.insert(job.name.clone(), running);
+        let result = (|| {
+            crate::history::write_marker(
+                &state.import_marker(),
+                &crate::history::Marker::now(done.round, argv.clone()),
+            )?;
+            let _ = send(Message::ImportStarted { round: done.round, command: argv.clone() });
+            let timeout = match &job.import_timeout {
+                Some(t) => humantime::parse_duration(t).with_context(|| format!("import_timeout {t:?}"))?,
+                None => Duration::from_secs(24 * 3600),
+            };
+            let result = crate::import::run(&argv, done.round, timeout, &state.dir.join("import.log"));
+            crate::history::append(&state.history(), &crate::history::Record::imported(&result))?;
+            let _ = std::fs::remove_file(state.import_marker());
+            anyhow::Ok(result)
+        })();
+        if let Ok(mut imports) = round.imports.lock() {
+            imports.remove(&job.name);
+        }
+        let result = result?;
+        if result.success {
+            tracing::info!("import of round {} succeeded in {} ms", done.round, result.duration_ms);
+        } else {
+            tracing::warn!(
+                "import of round {} failed (exit {:?}): {}",
+                done.round,
+                result.exit_code,
+                result.tail.join(" / ")
+            );
+        }
+        let _ = send(Message::ImportDone(result));
+    }
+    Ok(done)
+}
+
+/// The import command to run for this round, if any.
+fn import_command(job: &JobConfig, mode: ferry_proto::ImportMode, round: u64) -> anyhow::Result<Option<Vec<String>>> {
+    use ferry_proto::ImportMode;
+    let command = match mode {
+        ImportMode::None => return Ok(None),
+        ImportMode::Default => job.import_cmd.as_ref(),
+        ImportMode::Full => {
+            Some(job.import_cmd.as_ref().ok_or_else(|| anyhow!("job {} has no import command on this node (ferry job set {} --import-cmd CMD)", job.name, job.name))?)
+        }
+        ImportMode::ProvisioningOnly => Some(job.import_provisioning_cmd.as_ref().ok_or_else(|| {
+            anyhow!("job {} has no provisioning-only import command on this node (ferry job set {} --import-provisioning-cmd CMD)", job.name, job.name)
+        })?),
+    };
+    command.map(|c| crate::config::import_argv(c, &job.path, &job.name, round)).transpose()
 }
 
 /// Asks for a window's chunks and waits until each has arrived or is known missing.

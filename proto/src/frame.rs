@@ -106,6 +106,7 @@ mod tests {
                 "0000002207010101010101010101010101010101010101010101010101010101010101010101",
             ),
             (Message::Done, "0000000108"),
+            (Message::RoundOptions(RoundOptions { import: ImportMode::ProvisioningOnly }), "000000020b02"),
             (
                 Message::ChunkBatch(ChunkBatch {
                     codec: Codec::Raw,
@@ -127,7 +128,7 @@ mod tests {
             assert!(buf.is_empty());
             checked += 1;
         }
-        assert_eq!(checked, 7, "wire format changed");
+        assert_eq!(checked, 8, "wire format changed");
     }
 
     #[test]

@@ -13,12 +13,14 @@
 //! ```text
 //! source                                   destination
 //! Hello{job, base}              ──────▶
-//!                               ◀──────    Welcome{holds} | Refused{reason}
+//! RoundOptions{import}          ──────▶
+//!                               ◀──────    Notice* Welcome{holds} | Refused{reason}
 //! Changes{..}* ChangesEnd{root} ──────▶    (changes since `holds`, or everything)
 //!                               ◀──────    Need{chunks}*           (a window of missing chunks)
 //! ChunkBatch* (data streams)    ──────▶    Missing{..} on control for what cannot be read
 //!                               ◀──────    Need ... until Done
 //!                               ◀──────    Committed{round, root} | Failed{reason}
+//!                               ◀──────    ImportStarted, ImportDone{success, tail}   (when configured)
 //! ```
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -29,6 +31,7 @@ mod round;
 
 pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, decode, encode};
 pub use message::{
-    ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundRef,
+    ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk,
+    PROTOCOL_VERSION, RoundOptions, RoundRef,
 };
 pub use round::{DestinationRound, Phase, ProtocolError};

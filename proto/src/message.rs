@@ -143,6 +143,57 @@ pub enum Message {
         /// Why, for the operator.
         reason: String,
     },
+    /// source → destination, right after `Hello`: what to do once the round is committed.
+    RoundOptions(RoundOptions),
+    /// Something the operator should know (e.g. an import interrupted by a restart).
+    Notice {
+        /// The text.
+        text: String,
+    },
+    /// The destination started the import of a committed round.
+    ImportStarted {
+        /// The round.
+        round: u64,
+        /// The command, as run.
+        command: Vec<String>,
+    },
+    /// The import finished.
+    ImportDone(ImportResult),
+}
+
+/// Which import to run after the round is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImportMode {
+    /// The full import when the destination has one configured, else none.
+    Default,
+    /// The full import (e.g. `zxsuite backup doExternalRestore {target}`).
+    Full,
+    /// The provisioning-only import (domains, classes of service, accounts).
+    ProvisioningOnly,
+    /// No import.
+    None,
+}
+
+/// Options of a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundOptions {
+    /// Which import.
+    pub import: ImportMode,
+}
+
+/// How an import ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportResult {
+    /// The round imported.
+    pub round: u64,
+    /// It exited with status 0.
+    pub success: bool,
+    /// Its exit code, if it exited (not killed by a signal or the timeout).
+    pub exit_code: Option<i32>,
+    /// The last lines of its output.
+    pub tail: Vec<String>,
+    /// How long it ran.
+    pub duration_ms: u64,
 }
 
 impl ferry_engine::Keyed for Change {

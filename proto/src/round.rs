@@ -50,6 +50,10 @@ fn name(message: &Message) -> &'static str {
         Message::Done => "Done",
         Message::Committed(_) => "Committed",
         Message::Failed { .. } => "Failed",
+        Message::RoundOptions(_) => "RoundOptions",
+        Message::Notice { .. } => "Notice",
+        Message::ImportStarted { .. } => "ImportStarted",
+        Message::ImportDone(_) => "ImportDone",
     }
 }
 
@@ -63,6 +67,7 @@ impl DestinationRound {
     pub fn handle(&mut self, message: &Message) -> Result<(), ProtocolError> {
         let next = match (self.phase, message) {
             (Phase::Greeting, Message::Hello(_)) => Phase::Changes,
+            (Phase::Changes, Message::RoundOptions(_)) => Phase::Changes,
             (Phase::Changes, Message::Changes(_)) => Phase::Changes,
             (Phase::Changes, Message::ChangesEnd(_)) => Phase::Transfer,
             (Phase::Transfer, Message::Missing(_)) => Phase::Transfer,

@@ -258,3 +258,96 @@ fn a_source_killed_mid_round_resumes_at_once_and_converges() {
     assert!(!target.join(ferry_engine::STAGING_DIR).exists());
     assert!(killed_mid_transfer, "no run was interrupted: make the tree bigger");
 }
+
+#[test]
+fn the_import_runs_once_per_committed_round_and_reports_back() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(500, 61)).unwrap();
+    setup.job("zimbra", &source, &target);
+    // A stand-in for zxsuite that records its calls; it fails when told to, and can be slow.
+    let calls = setup.path("calls.log");
+    let script = setup.path("zxsuite");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\necho importing \"$3\"\nif [ -e '{}' ]; then echo 'account x: restore failed' >&2; exit 7; fi\nif [ -e '{}' ]; then sleep 3; fi\n",
+            calls.display(),
+            setup.path("fail").display(),
+            setup.path("slow").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.to_str().unwrap();
+    setup.dest.ok(&[
+        "job",
+        "set",
+        "zimbra",
+        "--import-cmd",
+        &format!("{script} backup doExternalRestore {{target}} round={{round}}"),
+        "--import-provisioning-cmd",
+        &format!("{script} backup doExternalRestore {{target}} provisioning_only TRUE"),
+    ]);
+    let calls_now =
+        || std::fs::read_to_string(&calls).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
+
+    // Round 1, provisioning only.
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--import", "provisioning-only", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["import"]["success"], true, "{report}");
+    assert_eq!(calls_now(), [format!("backup doExternalRestore {} provisioning_only TRUE", target.display())]);
+
+    // Round 2, the full import (the default).
+    tree.next_day().unwrap();
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["round"], 2);
+    assert_eq!(calls_now().len(), 2);
+    assert_eq!(calls_now()[1], format!("backup doExternalRestore {} round=2", target.display()));
+    assert_eq!(report["import"]["tail"][0], format!("importing {}", target.display()));
+
+    // Round 3 with no import.
+    setup.source.ok(&["sync", "--round", "zimbra", "--import", "none"]);
+    assert_eq!(calls_now().len(), 2);
+
+    // A failing import: the round is committed, sync exits 4 and shows the output's tail.
+    std::fs::write(setup.path("fail"), b"").unwrap();
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::IMPORT_FAILED));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exit code 7") && stderr.contains("restore failed"), "{stderr}");
+    std::fs::remove_file(setup.path("fail")).unwrap();
+    assert_eq!(calls_now().len(), 3);
+
+    // While an import runs, another round of the job is refused (and says why), or waits with --wait.
+    std::fs::write(setup.path("slow"), b"").unwrap();
+    let mut slow = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--no-wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(slow.wait().unwrap().success());
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--import", "none"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("import of round 5") && stderr.contains("running since"), "{stderr}");
+    std::fs::remove_file(setup.path("slow")).unwrap();
+    let waited = setup.source.run(&["sync", "--round", "zimbra", "--import", "none", "--wait"]);
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    assert_eq!(calls_now().len(), 4, "each committed round with an import ran it exactly once");
+
+    // Both nodes keep the history.
+    let status: serde_json::Value = serde_json::from_slice(&setup.dest.run(&["status", "--json"]).stdout).unwrap();
+    let received = status["jobs"][0]["received"].as_array().unwrap();
+    let committed = received.iter().filter(|r| r["event"] == "committed").count();
+    let imported = received.iter().filter(|r| r["event"] == "imported").count();
+    assert_eq!((committed, imported), (6, 4), "{status}");
+    let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["jobs"][0]["pushed"].as_array().unwrap().len(), 6, "{status}");
+    let text = setup.dest.ok(&["status", "zimbra"]);
+    assert!(text.contains("import FAILED") && text.contains("round    6"), "{text}");
+}

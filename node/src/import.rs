@@ -1,0 +1,89 @@
+//! Running the destination's import command: never through a shell, with a timeout, its output
+//! appended to a log and its last lines kept for the source.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_proto::ImportResult;
+
+/// How many lines of output go back to the source.
+const TAIL_LINES: usize = 20;
+
+/// Runs `argv`, appending its output to `log`.
+pub(crate) fn run(argv: &[String], round: u64, timeout: Duration, log: &Path) -> ImportResult {
+    let started = Instant::now();
+    let failed = |why: String| ImportResult {
+        round,
+        success: false,
+        exit_code: None,
+        tail: vec![why],
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    let Some((program, args)) = argv.split_first() else { return failed("the import command is empty".into()) };
+    let mut log_file = match std::fs::OpenOptions::new().create(true).append(true).read(true).open(log) {
+        Ok(file) => file,
+        Err(e) => return failed(format!("cannot open {}: {e}", log.display())),
+    };
+    let start = log_file.seek(SeekFrom::End(0)).unwrap_or(0);
+    let _ = writeln!(log_file, "== round {round}: {}", argv.join(" "));
+    let (stdout, stderr) = match (log_file.try_clone(), log_file.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return failed("cannot share the log with the import".into()),
+    };
+    tracing::info!("import of round {round}: {}", argv.join(" "));
+    let mut child = match Command::new(program).args(args).stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn() {
+        Ok(child) => child,
+        Err(e) => return failed(format!("cannot run {program}: {e}")),
+    };
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = writeln!(log_file, "== killed after {} s (import timeout)", timeout.as_secs());
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return failed(format!("cannot wait for the import: {e}")),
+        }
+    };
+    let mut output = String::new();
+    if log_file.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = log_file.take(16 << 20).read_to_string(&mut output);
+    }
+    let lines: Vec<&str> = output.lines().skip(1).collect();
+    let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].iter().map(|l| (*l).to_owned()).collect();
+    ImportResult {
+        round,
+        success: status.is_some_and(|s| s.success()),
+        exit_code: status.and_then(|s| s.code()),
+        tail,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_failure_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("import.log");
+        let argv = |s: &[&str]| s.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        let ok = run(&argv(&["sh", "-c", "echo one; echo two"]), 1, Duration::from_secs(10), &log);
+        assert!(ok.success && ok.tail == ["one", "two"], "{ok:?}");
+        let bad = run(&argv(&["sh", "-c", "echo broken >&2; exit 3"]), 2, Duration::from_secs(10), &log);
+        assert_eq!((bad.success, bad.exit_code), (false, Some(3)));
+        assert_eq!(bad.tail, ["broken"]);
+        let slow = run(&argv(&["sleep", "10"]), 3, Duration::from_millis(300), &log);
+        assert!(!slow.success && slow.exit_code.is_none() && slow.duration_ms < 5000);
+        let missing = run(&argv(&["/no/such/program"]), 4, Duration::from_secs(1), &log);
+        assert!(!missing.success && missing.tail[0].contains("cannot run"));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("== round 1: sh -c") && text.contains("killed after"));
+    }
+}

@@ -1,0 +1,102 @@
+//! `ferry status`: the rounds this node took part in, and what is in progress.
+
+use serde::Serialize;
+
+use crate::config::ConfigDir;
+use crate::history::{self, Marker, Record};
+
+/// One job's state on this node.
+#[derive(Debug, Serialize)]
+pub struct JobStatus {
+    /// The job.
+    pub job: String,
+    /// The folder.
+    pub path: String,
+    /// The peer.
+    pub peer: String,
+    /// As a destination: rounds committed here, imports run.
+    pub received: Vec<Record>,
+    /// As a source: rounds pushed from here.
+    pub pushed: Vec<Record>,
+    /// A round being received now (or left by a daemon that stopped).
+    pub round_running: Option<Marker>,
+    /// An import running now (or interrupted by a daemon that stopped).
+    pub import_running: Option<Marker>,
+}
+
+/// The `--json` document.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The version of this document's shape.
+    pub schema: u32,
+    /// The jobs.
+    pub jobs: Vec<JobStatus>,
+}
+
+/// Gathers the status of `job` (or every job).
+pub fn status(config_dir: &ConfigDir, job: Option<&str>) -> anyhow::Result<Status> {
+    let config = config_dir.load()?;
+    let data = config_dir.data_dir(&config);
+    if let Some(name) = job
+        && config.job(name).is_none()
+    {
+        anyhow::bail!("no job {name:?} here");
+    }
+    let jobs = config
+        .jobs
+        .iter()
+        .filter(|j| job.is_none_or(|name| name == j.name))
+        .map(|j| {
+            let base = data.join("jobs").join(&j.name);
+            let target = base.join("target");
+            JobStatus {
+                job: j.name.clone(),
+                path: j.path.display().to_string(),
+                peer: j.peer.clone(),
+                received: history::read(&target.join("history.jsonl")),
+                pushed: history::read(&base.join("source").join("history.jsonl")),
+                round_running: history::read_marker(&target.join("round.running")),
+                import_running: history::read_marker(&target.join("import.running")),
+            }
+        })
+        .collect();
+    Ok(Status { schema: 1, jobs })
+}
+
+/// Prints the status for people.
+pub fn print(status: &Status) {
+    if status.jobs.is_empty() {
+        println!("no jobs (ferry job add NAME --path DIR --peer PEER)");
+    }
+    for job in &status.jobs {
+        println!("job {} ({}, peer {})", job.job, job.path, job.peer);
+        for record in job.received.iter().chain(&job.pushed) {
+            let import = record
+                .import
+                .as_ref()
+                .map(|i| {
+                    if i.success { " import ok".to_owned() } else { format!(" import FAILED (exit {:?})", i.exit_code) }
+                })
+                .unwrap_or_default();
+            println!(
+                "  {}  {:<18} round {:>4}  {}{}{}{}",
+                record.time,
+                record.event,
+                record.round,
+                record.root_hash.as_deref().map(|h| format!("root {} ", &h[..8.min(h.len())])).unwrap_or_default(),
+                record.files_written.map(|f| format!("{f} files ")).unwrap_or_default(),
+                record.in_sync.map(|s| if s { "in sync" } else { "INCOMPLETE" }).unwrap_or_default(),
+                import
+            );
+        }
+        if let Some(marker) = &job.round_running {
+            println!("  round {} in progress since {} (from {})", marker.round, marker.since, marker.what.join(" "));
+        }
+        if let Some(marker) = &job.import_running {
+            println!("  import of round {} running since {}: {}", marker.round, marker.since, marker.what.join(" "));
+        }
+        if job.received.is_empty() && job.pushed.is_empty() {
+            println!("  no rounds yet");
+        }
+    }
+}
