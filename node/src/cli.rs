@@ -200,7 +200,7 @@ pub enum ImportChoice {
 /// `ferry serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Where to listen (default: the config's `listen`, else [::]:7373).
+    /// Where to listen (default: the config's `listen`, else `[::]:7373`).
     #[arg(long)]
     pub listen: Option<String>,
 }
