@@ -39,6 +39,14 @@ pub enum Command {
     Job(JobCommand),
     /// Run the destination daemon: accepts rounds from trusted peers for their jobs.
     Serve(ServeArgs),
+    /// Destination: re-read a job's target and report every difference from its last committed round.
+    Verify {
+        /// The job.
+        job: String,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rounds on this node (sent and received), imports, and what is in progress.
     Status {
         /// Only this job.

@@ -18,6 +18,7 @@ mod net;
 mod push;
 mod serve;
 pub mod status;
+pub mod verify;
 
 pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
@@ -37,6 +38,8 @@ pub mod exit {
     pub const INCOMPLETE: i32 = 3;
     /// The round was committed, but the destination's import failed (its output's tail is printed).
     pub const IMPORT_FAILED: i32 = 4;
+    /// `ferry verify` found differences between the target and its last committed round.
+    pub const DIFFERENCES: i32 = 5;
 }
 
 /// The default folder for ferry's state: `/var/lib/ferry` for root, else `$XDG_DATA_HOME/ferry` or

@@ -40,6 +40,26 @@ fn main() {
             }
             Ok(exit::OK)
         }),
+        Command::Verify { job, json } => ferry::verify::verify(&config_dir, &job).and_then(|report| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for difference in &report.differences {
+                    println!("{difference}");
+                }
+                println!(
+                    "{} entries of round {} checked: {}",
+                    report.checked,
+                    report.round,
+                    if report.differences.is_empty() {
+                        "the target matches".to_owned()
+                    } else {
+                        format!("{} differ", report.differences.len())
+                    }
+                );
+            }
+            Ok(if report.differences.is_empty() { exit::OK } else { exit::DIFFERENCES })
+        }),
         Command::Serve(args) => runtime()
             .and_then(|rt| rt.block_on(ferry::serve(config_dir, args.listen, shutdown_signal())).map(|()| exit::OK)),
         Command::Sync(args) => match args.target {

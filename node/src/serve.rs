@@ -189,7 +189,11 @@ async fn handle_connection(connection: quinn::Connection, context: Arc<ServerCon
         return;
     };
     match round(&connection, peer_id, context).await {
-        Ok(()) => connection.close(close::DONE.into(), b"round over"),
+        Ok(()) => {
+            // Let the source read the last messages and close first.
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            connection.close(close::DONE.into(), b"round over");
+        }
         Err(e) => {
             tracing::warn!("round from {remote} (node {peer_id}) failed: {e:#}");
             let reason = format!("{e:#}");
@@ -407,6 +411,7 @@ impl TargetState {
     pub(crate) fn round_marker(&self) -> PathBuf {
         self.dir.join("round.running")
     }
+    /// The last committed round.
     pub(crate) fn holds(&self) -> anyhow::Result<Option<RoundRef>> {
         match std::fs::read(self.round_file()) {
             Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("round.json is damaged")?)),

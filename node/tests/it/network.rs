@@ -151,6 +151,29 @@ fn three_rounds_send_little_more_than_what_is_new() {
     let idle = setup.source.sync("zimbra");
     assert_eq!(idle["changes"], 0);
     assert!(idle["bytes_on_wire"].as_u64().unwrap() < 64 << 10, "{idle}");
+
+    // verify re-reads the target: clean, then a flipped byte and a changed mode are found; a file only
+    // the target has (the import's) is not a difference.
+    std::fs::write(target.join("map_source"), b"import map").unwrap();
+    let out = setup.dest.run(&["verify", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::OK), "{}", String::from_utf8_lossy(&out.stdout));
+    let victim = target.join("backupstat");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[0] ^= 1;
+    let mtime = std::fs::metadata(&victim).unwrap().modified().unwrap();
+    std::fs::write(&victim, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&victim).unwrap().set_modified(mtime).unwrap();
+    let account_info =
+        std::fs::read_dir(target.join("accounts")).unwrap().next().unwrap().unwrap().path().join("account_info");
+    std::fs::set_permissions(&account_info, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = setup.dest.run(&["verify", "zimbra", "--json"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::DIFFERENCES));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let differences: Vec<String> =
+        report["differences"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_owned()).collect();
+    assert_eq!(differences.len(), 2, "{differences:?}");
+    assert!(differences[1].starts_with("backupstat: content differs"), "{differences:?}");
+    assert!(differences[0].ends_with("account_info: mode 600, should be 644"), "{differences:?}");
 }
 
 #[test]
