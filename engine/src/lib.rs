@@ -31,6 +31,7 @@ mod index;
 mod manifest;
 mod owner;
 mod path;
+mod rate;
 mod rootdir;
 mod round;
 mod scan;
@@ -46,6 +47,7 @@ pub use manifest::{
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
+pub use rate::{Rate, RateError, TokenBucket};
 pub use rootdir::RootDir;
 pub use round::{
     LocalChunkSource, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_round, lock_state,

@@ -104,6 +104,14 @@ pub struct SyncArgs {
     /// it instead of giving up.
     #[arg(long)]
     pub wait: bool,
+    /// Network rounds: at most this many bytes per second on the network, e.g. 512K, 20M, off (a bare
+    /// number is KiB/s, as in rsync).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<ferry_engine::Rate>,
+}
+
+fn parse_rate(text: &str) -> Result<ferry_engine::Rate, String> {
+    ferry_engine::Rate::parse(text).map_err(|e| e.to_string())
 }
 
 /// `ferry demo`.

@@ -93,6 +93,36 @@ pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> a
     Ok(())
 }
 
+/// Writes one framed message in 64 KiB pieces, each only when `bucket` allows it: the bandwidth limit
+/// applies to what enters QUIC, smoothly, with QUIC's own overhead (about 3%) counted in.
+pub(crate) async fn send_limited(
+    stream: &mut quinn::SendStream,
+    message: &Message,
+    bucket: &std::sync::Mutex<ferry_engine::TokenBucket>,
+) -> anyhow::Result<()> {
+    let mut buf = BytesMut::new();
+    encode(message, &mut buf)?;
+    for piece in buf.chunks(64 << 10) {
+        let cost = piece.len() as u64 + piece.len() as u64 / 32;
+        loop {
+            let wait =
+                bucket.lock().map_err(|_| anyhow!("rate limiter poisoned"))?.take(cost, std::time::Instant::now());
+            match wait {
+                Some(wait) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    break;
+                }
+                // Paused: look again in a second (the rate may change).
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        stream.write_all(piece).await.context("the connection dropped while sending")?;
+    }
+    Ok(())
+}
+
 /// Reads framed messages from a stream.
 pub(crate) struct FrameReader {
     stream: quinn::RecvStream,

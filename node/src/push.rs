@@ -30,6 +30,8 @@ pub struct PushOptions {
     pub wait_for_import: bool,
     /// `--wait`: when the destination is busy with this job, wait instead of giving up.
     pub wait_if_busy: bool,
+    /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data.
+    pub bwlimit: ferry_engine::Rate,
 }
 
 /// The report of a network round (`--json` prints it).
@@ -228,14 +230,16 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     // Serve the chunks the destination asks for, until it commits.
     let sent = Arc::new(Counters::default());
     let (batches_tx, batches_rx) = async_channel();
+    let bucket = Arc::new(std::sync::Mutex::new(ferry_engine::TokenBucket::new(options.bwlimit, Instant::now())));
     let senders: Vec<_> = (0..4)
         .map(|_| {
             let connection = connection.clone();
             let rx = batches_rx.clone();
+            let bucket = bucket.clone();
             tokio::spawn(async move {
                 let mut stream = connection.open_uni().await?;
                 while let Ok(batch) = rx.recv().await {
-                    net::send(&mut stream, &Message::ChunkBatch(batch)).await?;
+                    net::send_limited(&mut stream, &Message::ChunkBatch(batch), &bucket).await?;
                 }
                 let _ = stream.finish();
                 anyhow::Ok(())

@@ -374,3 +374,24 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
     let text = setup.dest.ok(&["status", "zimbra"]);
     assert!(text.contains("import FAILED") && text.contains("round    6"), "{text}");
 }
+
+#[test]
+fn a_limited_round_is_never_faster_than_its_limit_and_uses_it() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("blob.gz"), crate::util::random_bytes(20 << 20, 71)).unwrap();
+    setup.job("zimbra", &source, &target);
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "2M", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seconds = report["duration_ms"].as_f64().unwrap() / 1000.0;
+    let wire = report["bytes_on_wire"].as_f64().unwrap();
+    assert!(seconds >= 9.5, "20 MiB at 2 MiB/s took {seconds} s");
+    assert!(seconds <= 14.0, "20 MiB at 2 MiB/s took {seconds} s: the limit is not used well");
+    assert!(wire / seconds <= 2.0 * 1024.0 * 1024.0 * 1.05, "{wire} bytes in {seconds} s");
+    assert_same_tree(&source, &target, |_| false);
+    let bad = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "fast"]);
+    assert_eq!(bad.status.code(), Some(ferry::exit::USAGE));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad rate \"fast\""));
+}
