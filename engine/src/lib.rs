@@ -47,7 +47,7 @@ pub use manifest::{
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
-pub use rate::{Rate, RateError, TokenBucket};
+pub use rate::{Rate, RateError, Timetable, TimetableError, TokenBucket};
 pub use rootdir::RootDir;
 pub use round::{
     LocalChunkSource, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_round, lock_state,

@@ -144,3 +144,143 @@ mod tests {
         assert_eq!(bucket.take(1 << 30, later), Some(Duration::ZERO));
     }
 }
+
+/// A bandwidth timetable in rclone's syntax: `"Mon-Fri 08:00,512K 19:00,20M 23:00,off"`,
+/// `"08:00,0 22:00,off"`, or a single rate (`"20M"`). Each `HH:MM,RATE` sets the rate from that time
+/// on, for the days named before it (every day when none are); a rate holds until the next change in
+/// the week, across midnight and across days without entries. `0` pauses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timetable {
+    /// Change points: minute of the week (Monday 00:00 = 0) and the rate from then on, sorted.
+    points: Vec<(u32, Rate)>,
+}
+
+/// A timetable that cannot be read; says which part is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("bad bandwidth timetable at {part:?} (word {position}): {why}")]
+pub struct TimetableError {
+    part: String,
+    position: usize,
+    why: String,
+}
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+const MINUTES_PER_WEEK: u32 = 7 * 24 * 60;
+
+impl Timetable {
+    /// Reads a timetable (see the type's documentation).
+    pub fn parse(text: &str) -> Result<Self, TimetableError> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        if words.len() == 1 && !words[0].contains(',') {
+            let rate = Rate::parse(words[0]).map_err(|e| TimetableError {
+                part: words[0].into(),
+                position: 1,
+                why: e.to_string(),
+            })?;
+            return Ok(Self { points: vec![(0, rate)] });
+        }
+        let mut days: Vec<u32> = (0..7).collect();
+        let mut points = Vec::new();
+        for (i, word) in words.iter().enumerate() {
+            let err = |why: &str| TimetableError { part: (*word).to_owned(), position: i + 1, why: why.to_owned() };
+            if let Some((time, rate)) = word.split_once(',') {
+                let (hour, minute) = time.split_once(':').ok_or_else(|| err("expected HH:MM,RATE"))?;
+                let hour: u32 = hour.parse().map_err(|_| err("the hour is not a number"))?;
+                let minute: u32 = minute.parse().map_err(|_| err("the minute is not a number"))?;
+                if hour > 23 || minute > 59 {
+                    return Err(err("the time must be between 00:00 and 23:59"));
+                }
+                let rate = Rate::parse(rate).map_err(|e| err(&e.to_string()))?;
+                for day in &days {
+                    points.push((day * 1440 + hour * 60 + minute, rate));
+                }
+            } else {
+                days = parse_days(word).ok_or_else(|| err("expected days (Mon, Mon-Fri, Sat,Sun) or HH:MM,RATE"))?;
+            }
+        }
+        if points.is_empty() {
+            return Err(TimetableError { part: text.to_owned(), position: 1, why: "no HH:MM,RATE entry".into() });
+        }
+        points.sort_by_key(|p| p.0);
+        points.dedup_by_key(|p| p.0);
+        Ok(Self { points })
+    }
+
+    /// The rate in force at `minute_of_week` (Monday 00:00 = 0).
+    pub fn rate_at(&self, minute_of_week: u32) -> Rate {
+        let minute = minute_of_week % MINUTES_PER_WEEK;
+        let index = self.points.partition_point(|p| p.0 <= minute);
+        // Before the week's first change, the week's last change still holds.
+        let point = if index == 0 { self.points.last() } else { self.points.get(index - 1) };
+        point.map_or(Rate::UNLIMITED, |p| p.1)
+    }
+
+    /// The rate at a weekday (Monday = 0), hour and minute.
+    pub fn rate_at_time(&self, weekday: u32, hour: u32, minute: u32) -> Rate {
+        self.rate_at(weekday * 1440 + hour * 60 + minute)
+    }
+}
+
+fn parse_days(word: &str) -> Option<Vec<u32>> {
+    let day = |name: &str| DAYS.iter().position(|d| name.eq_ignore_ascii_case(d)).map(|i| i as u32);
+    let mut out = Vec::new();
+    for part in word.split(',') {
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (day(from)?, day(to)?);
+                let mut d = from;
+                loop {
+                    out.push(d);
+                    if d == to {
+                        break;
+                    }
+                    d = (d + 1) % 7;
+                }
+            }
+            None => out.push(day(part)?),
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod timetable_tests {
+    use super::*;
+
+    fn rate(s: &str) -> Rate {
+        Rate::parse(s).unwrap()
+    }
+
+    #[test]
+    fn weekdays_evenings_and_the_wrap_at_midnight() {
+        let t = Timetable::parse("Mon-Fri 08:00,512K 19:00,20M 23:00,off").unwrap();
+        assert_eq!(t.rate_at_time(0, 7, 59), Rate::UNLIMITED, "Monday before 08:00: Sunday's last rate holds");
+        assert_eq!(t.rate_at_time(0, 8, 0), rate("512K"));
+        assert_eq!(t.rate_at_time(2, 18, 59), rate("512K"));
+        assert_eq!(t.rate_at_time(2, 19, 0), rate("20M"));
+        assert_eq!(t.rate_at_time(2, 23, 30), Rate::UNLIMITED);
+        assert_eq!(t.rate_at_time(3, 3, 0), Rate::UNLIMITED, "across midnight");
+        assert_eq!(t.rate_at_time(5, 12, 0), Rate::UNLIMITED, "Saturday has no entries: Friday 23:00 holds");
+        let pause = Timetable::parse("08:00,0 22:00,off").unwrap();
+        assert_eq!(pause.rate_at_time(6, 9, 0), rate("0"));
+        assert_eq!(pause.rate_at_time(6, 23, 0), Rate::UNLIMITED);
+        assert_eq!(pause.rate_at_time(0, 1, 0), Rate::UNLIMITED, "Monday 01:00: Sunday 22:00 holds");
+        let wrap = Timetable::parse("Sat-Mon 10:00,1M").unwrap();
+        assert_eq!(wrap.rate_at_time(6, 11, 0), rate("1M"));
+        assert_eq!(Timetable::parse("20M").unwrap().rate_at_time(4, 4, 4), rate("20M"));
+    }
+
+    #[test]
+    fn errors_point_at_the_bad_part() {
+        for (text, part) in [
+            ("Mon-Fri 08:00,512K 25:00,1M", "25:00,1M"),
+            ("Mon-Fry 08:00,1M", "Mon-Fry"),
+            ("08:00,fast", "08:00,fast"),
+            ("8h,1M", "8h,1M"),
+            ("Mon", "Mon"),
+        ] {
+            let err = Timetable::parse(text).unwrap_err().to_string();
+            assert!(err.contains(&format!("{part:?}")), "{text}: {err}");
+        }
+    }
+}

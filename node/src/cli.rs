@@ -105,13 +105,14 @@ pub struct SyncArgs {
     #[arg(long)]
     pub wait: bool,
     /// Network rounds: at most this many bytes per second on the network, e.g. 512K, 20M, off (a bare
-    /// number is KiB/s, as in rsync).
-    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
-    pub bwlimit: Option<ferry_engine::Rate>,
+    /// number is KiB/s, as in rsync), or a timetable in rclone's syntax (local time), e.g.
+    /// "Mon-Fri 08:00,512K 19:00,20M 23:00,off" or "08:00,0 22:00,off" (0 pauses the transfer).
+    #[arg(long, value_name = "RATE|TIMETABLE", value_parser = parse_timetable)]
+    pub bwlimit: Option<ferry_engine::Timetable>,
 }
 
-fn parse_rate(text: &str) -> Result<ferry_engine::Rate, String> {
-    ferry_engine::Rate::parse(text).map_err(|e| e.to_string())
+fn parse_timetable(text: &str) -> Result<ferry_engine::Timetable, String> {
+    ferry_engine::Timetable::parse(text).map_err(|e| e.to_string())
 }
 
 /// `ferry demo`.

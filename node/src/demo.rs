@@ -109,7 +109,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         import: ferry_proto::ImportMode::Default,
         wait_for_import: true,
         wait_if_busy: false,
-        bwlimit: ferry_engine::Rate::UNLIMITED,
+        bwlimit: crate::unlimited(),
     };
     for round in 1..=options.rounds {
         if round > 1 {

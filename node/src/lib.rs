@@ -42,6 +42,11 @@ pub mod exit {
     pub const DIFFERENCES: i32 = 5;
 }
 
+/// No bandwidth limit.
+pub fn unlimited() -> ferry_engine::Timetable {
+    ferry_engine::Timetable::parse("off").expect("\"off\" is a valid timetable")
+}
+
 /// The default folder for ferry's state: `/var/lib/ferry` for root, else `$XDG_DATA_HOME/ferry` or
 /// `~/.local/share/ferry`.
 pub fn default_data_dir() -> std::path::PathBuf {

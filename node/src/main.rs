@@ -84,7 +84,7 @@ fn main() {
                     },
                     wait_for_import: !args.no_wait,
                     wait_if_busy: args.wait,
-                    bwlimit: args.bwlimit.unwrap_or(ferry_engine::Rate::UNLIMITED),
+                    bwlimit: args.bwlimit.unwrap_or_else(ferry::unlimited),
                 };
                 runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
                     ferry::print_push_report(&report, args.json);

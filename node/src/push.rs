@@ -30,8 +30,9 @@ pub struct PushOptions {
     pub wait_for_import: bool,
     /// `--wait`: when the destination is busy with this job, wait instead of giving up.
     pub wait_if_busy: bool,
-    /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data.
-    pub bwlimit: ferry_engine::Rate,
+    /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data, fixed or
+    /// by the time of the week.
+    pub bwlimit: ferry_engine::Timetable,
 }
 
 /// The report of a network round (`--json` prints it).
@@ -102,6 +103,20 @@ impl SourceState {
     }
     fn forget_base(&self) {
         let _ = std::fs::remove_file(self.dir.join("base.json"));
+    }
+}
+
+/// The rate the timetable gives for now, in local time.
+fn rate_now(timetable: &ferry_engine::Timetable) -> ferry_engine::Rate {
+    let now = jiff::ZonedDateTime::now();
+    timetable.rate_at_time(now.weekday().to_monday_zero_offset() as u32, now.hour() as u32, now.minute() as u32)
+}
+
+fn describe_rate(rate: ferry_engine::Rate) -> String {
+    match rate.bytes_per_second() {
+        None => "off (unlimited)".to_owned(),
+        Some(0) => "0 (paused)".to_owned(),
+        Some(bps) => format!("{}/s", crate::human::bytes(bps)),
     }
 }
 
@@ -230,7 +245,26 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     // Serve the chunks the destination asks for, until it commits.
     let sent = Arc::new(Counters::default());
     let (batches_tx, batches_rx) = async_channel();
-    let bucket = Arc::new(std::sync::Mutex::new(ferry_engine::TokenBucket::new(options.bwlimit, Instant::now())));
+    let bucket =
+        Arc::new(std::sync::Mutex::new(ferry_engine::TokenBucket::new(rate_now(&options.bwlimit), Instant::now())));
+    // The timetable moves on while the round runs: look at the clock every 20 s.
+    let timetable_task = {
+        let (bucket, timetable) = (bucket.clone(), options.bwlimit.clone());
+        tokio::spawn(async move {
+            let mut current = rate_now(&timetable);
+            loop {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                let rate = rate_now(&timetable);
+                if rate != current {
+                    tracing::info!("bandwidth limit now {}", describe_rate(rate));
+                    current = rate;
+                    if let Ok(mut bucket) = bucket.lock() {
+                        bucket.set_rate(rate, Instant::now());
+                    }
+                }
+            }
+        })
+    };
     let senders: Vec<_> = (0..4)
         .map(|_| {
             let connection = connection.clone();
@@ -278,6 +312,7 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     }
     let _ = stop_progress.send(());
     let _ = progress.await;
+    timetable_task.abort();
     let _ = send.finish();
     // The destination runs its import now, if it has one; wait for its result unless told not to.
     let mut import = None;

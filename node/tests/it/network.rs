@@ -394,4 +394,18 @@ fn a_limited_round_is_never_faster_than_its_limit_and_uses_it() {
     let bad = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "fast"]);
     assert_eq!(bad.status.code(), Some(ferry::exit::USAGE));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad rate \"fast\""));
+    let bad = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "Mon-Fri 08:00,1M 25:00,off"]);
+    assert_eq!(bad.status.code(), Some(ferry::exit::USAGE));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("\"25:00,off\" (word 3)"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    // A timetable with the same rate all week behaves like the fixed rate.
+    std::fs::write(source.join("blob2.gz"), crate::util::random_bytes(4 << 20, 72)).unwrap();
+    let report = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "00:00,1M 12:00,1M", "--json"]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let seconds = report["duration_ms"].as_f64().unwrap() / 1000.0;
+    assert!((3.7..=7.0).contains(&seconds), "4 MiB at 1 MiB/s took {seconds} s");
 }
