@@ -107,6 +107,8 @@ mod tests {
             ),
             (Message::Done, "0000000108"),
             (Message::RoundOptions(RoundOptions { import: ImportMode::ProvisioningOnly }), "000000020b02"),
+            (Message::Stop { reason: "t".into(), batches: 300 }, "000000050f0174ac02"),
+            (Message::DryRun, "0000000110"),
             (
                 Message::ChunkBatch(ChunkBatch {
                     codec: Codec::Raw,
@@ -128,7 +130,7 @@ mod tests {
             assert!(buf.is_empty());
             checked += 1;
         }
-        assert_eq!(checked, 8, "wire format changed");
+        assert_eq!(checked, 10, "wire format changed");
     }
 
     #[test]

@@ -32,6 +32,6 @@ mod round;
 pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, decode, encode};
 pub use message::{
     ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk,
-    PROTOCOL_VERSION, RoundOptions, RoundRef,
+    PROTOCOL_VERSION, Plan, RoundOptions, RoundRef,
 };
 pub use round::{DestinationRound, Phase, ProtocolError};

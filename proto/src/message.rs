@@ -159,6 +159,31 @@ pub enum Message {
     },
     /// The import finished.
     ImportDone(ImportResult),
+    /// source → destination: stop now (the source's deadline, `--max-duration`). The destination keeps
+    /// what arrived, applies it without committing, and closes the connection.
+    Stop {
+        /// Why, for the logs.
+        reason: String,
+        /// How many chunk batches the source sent in all: the destination waits for them first.
+        batches: u64,
+    },
+    /// source → destination, right after `Hello`: plan the round, write nothing (`--dry-run`).
+    DryRun,
+    /// destination → source, ending a dry run: what the round would do.
+    Planned(Plan),
+}
+
+/// What a round would do on the destination, without doing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Files that would be written.
+    pub files: u64,
+    /// Chunk bytes the destination lacks (all of them were asked for in `Need`).
+    pub need_bytes: u64,
+    /// Bytes the new files take on the destination's disk while the round runs.
+    pub space_needed: u64,
+    /// Bytes free for the target.
+    pub space_available: u64,
 }
 
 /// Which import to run after the round is committed.

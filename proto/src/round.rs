@@ -54,6 +54,9 @@ fn name(message: &Message) -> &'static str {
         Message::Notice { .. } => "Notice",
         Message::ImportStarted { .. } => "ImportStarted",
         Message::ImportDone(_) => "ImportDone",
+        Message::Stop { .. } => "Stop",
+        Message::DryRun => "DryRun",
+        Message::Planned(_) => "Planned",
     }
 }
 
@@ -67,11 +70,11 @@ impl DestinationRound {
     pub fn handle(&mut self, message: &Message) -> Result<(), ProtocolError> {
         let next = match (self.phase, message) {
             (Phase::Greeting, Message::Hello(_)) => Phase::Changes,
-            (Phase::Changes, Message::RoundOptions(_)) => Phase::Changes,
+            (Phase::Changes, Message::RoundOptions(_) | Message::DryRun) => Phase::Changes,
             (Phase::Changes, Message::Changes(_)) => Phase::Changes,
             (Phase::Changes, Message::ChangesEnd(_)) => Phase::Transfer,
             (Phase::Transfer, Message::Missing(_)) => Phase::Transfer,
-            (_, Message::Failed { .. }) => Phase::Closed,
+            (_, Message::Failed { .. }) | (Phase::Transfer, Message::Stop { .. }) => Phase::Closed,
             (phase, other) => return Err(ProtocolError { message: name(other), phase }),
         };
         self.phase = next;
@@ -104,6 +107,12 @@ mod tests {
         assert_eq!(round.phase(), Phase::Transfer);
         assert!(round.handle(&Message::Changes(vec![])).is_err());
         round.handle(&Message::Missing(vec![])).unwrap();
+        round.handle(&Message::Stop { reason: "deadline".into(), batches: 3 }).unwrap();
+        assert!(round.handle(&Message::Missing(vec![])).is_err());
+        let mut round = DestinationRound::default();
+        round.handle(&hello).unwrap();
+        round.handle(&Message::DryRun).unwrap();
+        assert!(round.handle(&Message::Stop { reason: "early".into(), batches: 0 }).is_err());
         round.close();
         assert!(round.handle(&Message::Missing(vec![])).is_err());
     }
