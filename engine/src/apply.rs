@@ -165,6 +165,44 @@ pub struct Needed {
 /// is asked for once (past this, duplicates may be asked for again: correct, only slower).
 const MAX_REQUESTED: usize = 1 << 20;
 
+/// Decides which chunks a round must ask the source for: those of new or changed files that the
+/// chunk index does not know and that were not asked for already this round. Writes nothing, so a dry
+/// run uses it alone.
+#[derive(Debug, Default)]
+pub struct Planner {
+    requested: std::collections::HashSet<ChunkHash>,
+}
+
+impl Planner {
+    /// The chunks `pair` needs from the source.
+    pub fn plan(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
+        let Some(new) = &pair.new else { return Ok(Vec::new()) };
+        if !Self::writes_content(pair) {
+            return Ok(Vec::new());
+        }
+        let mut needed = Vec::new();
+        let mut offset = 0u64;
+        for chunk in &new.chunks {
+            if !self.requested.contains(&chunk.hash) && index.get(&chunk.hash)?.is_none() {
+                if self.requested.len() < MAX_REQUESTED {
+                    self.requested.insert(chunk.hash);
+                }
+                needed.push(Needed { path: new.path.clone(), offset, chunk: *chunk });
+            }
+            offset += u64::from(chunk.len);
+        }
+        Ok(needed)
+    }
+
+    /// True when applying `pair` writes a file's content (a new file, or one whose content changed).
+    pub fn writes_content(pair: &Pair<Entry, Entry>) -> bool {
+        let Some(new) = &pair.new else { return false };
+        new.kind == EntryKind::File
+            && new.hard_link_to.is_none()
+            && !pair.old.as_ref().is_some_and(|old| old.same_content(new) && old.hard_link_to.is_none())
+    }
+}
+
 impl<'a> Applier<'a> {
     /// Starts applying to `target`: takes the staging folder (emptying what a crashed run left).
     pub fn new(
@@ -203,7 +241,7 @@ impl<'a> Applier<'a> {
             root_mtime: None,
             deferred: SpillQueue::new(),
             no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
-            requested: std::collections::HashSet::new(),
+            planner: Planner::default(),
         })
     }
 
@@ -218,25 +256,7 @@ impl<'a> Applier<'a> {
     /// The chunks of `pair` that the target does not seem to have and that have not been asked for
     /// yet this round. Called before [`Applier::step`] for the same pair, to ask the source ahead.
     pub fn plan(&mut self, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
-        let Some(new) = &pair.new else { return Ok(Vec::new()) };
-        if new.kind != EntryKind::File || new.hard_link_to.is_some() {
-            return Ok(Vec::new());
-        }
-        if pair.old.as_ref().is_some_and(|old| old.same_content(new) && old.hard_link_to.is_none()) {
-            return Ok(Vec::new());
-        }
-        let mut needed = Vec::new();
-        let mut offset = 0u64;
-        for chunk in &new.chunks {
-            if !self.requested.contains(&chunk.hash) && self.index.get(&chunk.hash)?.is_none() {
-                if self.requested.len() < MAX_REQUESTED {
-                    self.requested.insert(chunk.hash);
-                }
-                needed.push(Needed { path: new.path.clone(), offset, chunk: *chunk });
-            }
-            offset += u64::from(chunk.len);
-        }
-        Ok(needed)
+        self.planner.plan(self.index, pair)
     }
 
     /// Makes everything staged so far durable and visible, and records its chunks in the index,
@@ -367,7 +387,7 @@ pub struct Applier<'a> {
     /// The target's filesystem has no `O_TMPFILE`.
     no_tmpfile: bool,
     /// Chunks asked for this round (see `plan`).
-    requested: std::collections::HashSet<ChunkHash>,
+    planner: Planner,
 }
 
 /// A deletion put off until the end of the round.

@@ -37,7 +37,7 @@ mod round;
 mod scan;
 mod spill;
 
-pub use apply::{Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Needed, apply};
+pub use apply::{Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Needed, Planner, apply};
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError};
@@ -47,7 +47,7 @@ pub use manifest::{
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
-pub use rate::{Rate, RateError, Timetable, TimetableError, TokenBucket};
+pub use rate::{Rate, RateError, SendTime, Timetable, TimetableError, TokenBucket};
 pub use rootdir::RootDir;
 pub use round::{
     LocalChunkSource, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_round, lock_state,

@@ -66,6 +66,11 @@ impl TokenBucket {
         Self { rate, burst, tokens: burst, last: now }
     }
 
+    /// The rate in force.
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
     /// Changes the rate (a timetable moving on, a reload), keeping what was saved up.
     pub fn set_rate(&mut self, rate: Rate, now: Instant) {
         self.refill(now);
@@ -119,6 +124,25 @@ mod tests {
         for bad in ["fast", "-1M", "2X", "1..2M", "NaNM"] {
             assert!(Rate::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn time_to_send_follows_the_timetable() {
+        let monday = |h: u64, m: u64| (h * 60 + m) * 60;
+        // 1 MiB/s: 10 MiB take 10 s.
+        let fixed = Timetable::parse("1M").unwrap();
+        assert_eq!(fixed.time_to_send(10 << 20, monday(3, 0)), SendTime::Limited { seconds: 10 });
+        assert_eq!(fixed.time_to_send(0, monday(3, 0)), SendTime::Limited { seconds: 0 });
+        // Paused until 22:00, then 1 MiB/s: started at 21:59:30, 60 MiB end at 22:01:00.
+        let night = Timetable::parse("08:00,0 22:00,1M").unwrap();
+        assert_eq!(night.time_to_send(60 << 20, monday(21, 59) + 30), SendTime::Limited { seconds: 90 });
+        // Sunday 23:59, across the week's wrap: the 22:00 rate is still in force.
+        let sunday = 6 * 86_400 + (23 * 60 + 59) * 60;
+        assert_eq!(night.time_to_send(120 << 20, sunday), SendTime::Limited { seconds: 120 });
+        // An unlimited period ahead; a pause for ever.
+        let evening = Timetable::parse("08:00,1M 19:00,off").unwrap();
+        assert_eq!(evening.time_to_send(1 << 40, monday(18, 0)), SendTime::AtLinkSpeed { after: 3600 });
+        assert_eq!(Timetable::parse("0").unwrap().time_to_send(1, 0), SendTime::Never);
     }
 
     #[test]
@@ -219,6 +243,55 @@ impl Timetable {
     pub fn rate_at_time(&self, weekday: u32, hour: u32, minute: u32) -> Rate {
         self.rate_at(weekday * 1440 + hour * 60 + minute)
     }
+
+    /// How long sending `bytes` takes from `second_of_week` on (Monday 00:00:00 = 0), following the
+    /// timetable: [`SendTime::Limited`] when the limits alone decide; [`SendTime::AtLinkSpeed`] when an
+    /// unlimited period starts before it is done (from then on the link decides); [`SendTime::Never`]
+    /// when the timetable pauses for good or a year is not enough.
+    pub fn time_to_send(&self, bytes: u64, second_of_week: u64) -> SendTime {
+        let mut left = bytes as f64;
+        let mut now = second_of_week;
+        let limit = second_of_week + 52 * u64::from(MINUTES_PER_WEEK) * 60;
+        while left > 0.0 {
+            if now >= limit {
+                return SendTime::Never;
+            }
+            // The rest of this minute, at this minute's rate.
+            let minute = (now / 60 % u64::from(MINUTES_PER_WEEK)) as u32;
+            let seconds = 60 - now % 60;
+            match self.rate_at(minute).bytes_per_second() {
+                None => return SendTime::AtLinkSpeed { after: now - second_of_week },
+                Some(rate) => {
+                    let can = rate as f64 * seconds as f64;
+                    if can >= left {
+                        return SendTime::Limited {
+                            seconds: now - second_of_week + (left / rate as f64).ceil() as u64,
+                        };
+                    }
+                    left -= can;
+                }
+            }
+            now += seconds;
+        }
+        SendTime::Limited { seconds: 0 }
+    }
+}
+
+/// How long a transfer takes under a [`Timetable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendTime {
+    /// Done after this many seconds.
+    Limited {
+        /// Seconds from the start.
+        seconds: u64,
+    },
+    /// Limited for `after` seconds, then unlimited: done at the link's speed from then on.
+    AtLinkSpeed {
+        /// Seconds from the start until the limit lifts.
+        after: u64,
+    },
+    /// Not within a year (paused for good).
+    Never,
 }
 
 fn parse_days(word: &str) -> Option<Vec<u32>> {
