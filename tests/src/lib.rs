@@ -4,6 +4,8 @@
 //!   project's shared notes): gzip-like message BLOBs named by digest, per-account JSON metadata that
 //!   grows, `server/` archives that come and go; then mutates them one day at a time, or rewrites them
 //!   as a fresh export (same bytes, new mtimes). Seeded, so every run makes the same tree.
+//! - [`UdpProxy`] impairs a UDP link (delay, loss, duplication, reordering, blackouts, NAT rebinding)
+//!   and counts its bytes, for the network fault tests.
 //! - [`snapshot`] and [`compare_trees`] check that two trees are identical in content, kind, mode,
 //!   owner, mtime, symlink targets and hard-link groups.
 //!
@@ -21,6 +23,8 @@
 
 mod compare;
 mod generate;
+mod proxy;
 
 pub use compare::{Node, NodeKind, Snapshot, compare_trees, snapshot};
 pub use generate::{DayChanges, TreeGenerator, TreeSpec};
+pub use proxy::{Impairment, UdpProxy};
