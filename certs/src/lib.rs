@@ -186,6 +186,12 @@ impl Identity {
         Ok(Self { cert, key, id })
     }
 
+    /// A secret derived from the private key for `context` (e.g. the QUIC stateless-reset key): the
+    /// same after every restart, useless to anyone without the key.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.key.secret_pkcs8_der())
+    }
+
     /// Reads the identity in `dir`, or creates one if there is none. Never overwrites: returns
     /// whether it was created.
     pub fn load_or_create(dir: &Path) -> Result<(Self, bool), IdentityError> {

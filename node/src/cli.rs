@@ -107,8 +107,26 @@ pub struct SyncArgs {
     /// Network rounds: at most this many bytes per second on the network, e.g. 512K, 20M, off (a bare
     /// number is KiB/s, as in rsync), or a timetable in rclone's syntax (local time), e.g.
     /// "Mon-Fri 08:00,512K 19:00,20M 23:00,off" or "08:00,0 22:00,off" (0 pauses the transfer).
+    /// Overrides the job's and the peer's `bwlimit` in ferry.toml; SIGHUP re-reads those while the
+    /// round runs.
     #[arg(long, value_name = "RATE|TIMETABLE", value_parser = parse_timetable)]
     pub bwlimit: Option<ferry_engine::Timetable>,
+    /// Network rounds: stop cleanly after this long (e.g. 8h, 90m), keeping what arrived for the next
+    /// round; exits 6.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_duration: Option<std::time::Duration>,
+    /// Network rounds: scan and compare manifests only, then print what the round would send and when
+    /// it would be done under the bandwidth timetable. Nothing is written to the target.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Network rounds: when the connection drops, keep trying to reconnect for this long (with
+    /// backoff) and go on where the round was.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10m")]
+    pub reconnect_grace: std::time::Duration,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (write e.g. 8h, 90m, 30s)"))
 }
 
 fn parse_timetable(text: &str) -> Result<ferry_engine::Timetable, String> {
@@ -143,6 +161,14 @@ pub struct TrustArgs {
     /// Where to reach it (HOST:PORT), for a peer this node sends to.
     #[arg(long)]
     pub addr: Option<String>,
+    /// Source: the bandwidth limit or timetable for rounds sent to this peer (as `sync --bwlimit`;
+    /// a job's own limit wins). An empty string removes it.
+    #[arg(long, value_name = "RATE|TIMETABLE")]
+    pub bwlimit: Option<String>,
+    /// Destination: the most this peer may send here (a rate or a timetable). An empty string
+    /// removes it.
+    #[arg(long, value_name = "RATE|TIMETABLE")]
+    pub receive_bwlimit: Option<String>,
 }
 
 /// `ferry job`.
@@ -161,7 +187,7 @@ pub enum JobCommand {
         /// The peer's name.
         #[arg(long)]
         peer: String,
-        /// The import hooks (destination).
+        /// Hooks and limits.
         #[command(flatten)]
         import: ImportArgs,
     },
@@ -179,7 +205,7 @@ pub enum JobCommand {
         /// A new peer.
         #[arg(long)]
         peer: Option<String>,
-        /// The import hooks (destination).
+        /// Hooks and limits.
         #[command(flatten)]
         import: ImportArgs,
     },
@@ -187,7 +213,7 @@ pub enum JobCommand {
     List,
 }
 
-/// The import hooks of a job (destination side).
+/// A job's hooks and limits.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// Run after each committed round (destination): e.g. 'zxsuite backup doExternalRestore {target}'.
@@ -201,6 +227,16 @@ pub struct ImportArgs {
     /// How long an import may run before it is killed (e.g. 12h, 90m). Default 24h.
     #[arg(long)]
     pub import_timeout: Option<String>,
+    /// The user the import runs as (destination; default: the daemon's user).
+    #[arg(long)]
+    pub import_user: Option<String>,
+    /// Run before each round's scan (source): e.g. 'zxsuite backup doSmartScan'. {source} and {job}
+    /// are replaced; the round fails if it fails. An empty string removes it.
+    #[arg(long)]
+    pub export_cmd: Option<String>,
+    /// The job's bandwidth limit or timetable (source; as `sync --bwlimit`). An empty string removes it.
+    #[arg(long, value_name = "RATE|TIMETABLE")]
+    pub bwlimit: Option<String>,
 }
 
 /// Which import `sync` asks for.

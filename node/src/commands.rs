@@ -3,7 +3,7 @@
 use anyhow::{Context, bail};
 use ferry_certs::{Identity, NodeId};
 
-use crate::cli::ImportArgs;
+use crate::cli::{ImportArgs, TrustArgs};
 use crate::config::{Config, ConfigDir, JobConfig, PeerConfig, check_job_name};
 
 /// `ferry init`: prints the node ID alone on the first line.
@@ -26,7 +26,11 @@ pub fn init(config_dir: &ConfigDir) -> anyhow::Result<()> {
 }
 
 /// `ferry trust`.
-pub fn trust(config_dir: &ConfigDir, id: &str, name: &str, addr: Option<String>) -> anyhow::Result<()> {
+pub fn trust(config_dir: &ConfigDir, args: &TrustArgs) -> anyhow::Result<()> {
+    let (id, name, addr) = (args.node_id.as_str(), args.name.as_str(), args.addr.clone());
+    for rate in [&args.bwlimit, &args.receive_bwlimit].into_iter().flatten() {
+        ferry_engine::Timetable::parse(rate)?;
+    }
     let id: NodeId = id.parse()?;
     if name.is_empty() {
         bail!("--name must not be empty");
@@ -43,7 +47,16 @@ pub fn trust(config_dir: &ConfigDir, id: &str, name: &str, addr: Option<String>)
                 peer.addr = addr;
             }
         }
-        None => config.peers.push(PeerConfig { name: name.to_owned(), id, addr }),
+        None => config.peers.push(PeerConfig::new(name, id, addr)),
+    }
+    if let Some(peer) = config.peers.iter_mut().find(|p| p.id == id) {
+        let set = |value: &Option<String>, field: &mut Option<String>| {
+            if let Some(value) = value {
+                *field = (!value.is_empty()).then(|| value.clone());
+            }
+        };
+        set(&args.bwlimit, &mut peer.bwlimit);
+        set(&args.receive_bwlimit, &mut peer.receive_bwlimit);
     }
     // One name, one node.
     let mut seen = std::collections::HashSet::new();
@@ -74,9 +87,7 @@ pub fn job_add(
         name: name.to_owned(),
         path: path.to_owned(),
         peer: peer.to_owned(),
-        import_cmd: None,
-        import_provisioning_cmd: None,
-        import_timeout: None,
+        ..JobConfig::default()
     });
     update_job(config_dir, config, name, Some(path), Some(peer), import)
 }
@@ -113,10 +124,18 @@ fn update_job(
         humantime::parse_duration(timeout)
             .with_context(|| format!("--import-timeout {timeout:?}: say e.g. 12h or 90m"))?;
     }
-    for command in [&import.import_cmd, &import.import_provisioning_cmd].into_iter().flatten() {
+    for command in [&import.import_cmd, &import.import_provisioning_cmd, &import.export_cmd].into_iter().flatten() {
         if !command.is_empty() {
             crate::config::import_argv(command, std::path::Path::new("/target"), name, 1)?;
         }
+    }
+    if let Some(rate) = import.bwlimit.as_deref().filter(|r| !r.is_empty()) {
+        ferry_engine::Timetable::parse(rate).context("--bwlimit")?;
+    }
+    if let Some(user) = import.import_user.as_deref().filter(|u| !u.is_empty())
+        && uzers::get_user_by_name(user).is_none()
+    {
+        bail!("--import-user {user}: no such user on this machine");
     }
     let job = config.jobs.iter_mut().find(|j| j.name == name).context("the job was just checked")?;
     if let Some(path) = path {
@@ -133,6 +152,9 @@ fn update_job(
     set(&import.import_cmd, &mut job.import_cmd);
     set(&import.import_provisioning_cmd, &mut job.import_provisioning_cmd);
     set(&import.import_timeout, &mut job.import_timeout);
+    set(&import.import_user, &mut job.import_user);
+    set(&import.export_cmd, &mut job.export_cmd);
+    set(&import.bwlimit, &mut job.bwlimit);
     let shown = format!(
         "job {}: {} with peer {}{}",
         job.name,

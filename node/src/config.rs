@@ -41,11 +41,18 @@ pub struct PeerConfig {
     /// Where to reach it (`host:port`), for peers this node sends to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
+    /// Source: the bandwidth limit or timetable for rounds sent to this peer (see `sync --bwlimit`),
+    /// unless the job or the command line sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<String>,
+    /// Destination: the most this peer may send here, a rate or a timetable like `bwlimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_bwlimit: Option<String>,
 }
 
 /// A job: on the source, the folder to send and to which peer; on the destination, the target folder
 /// and the one peer allowed to write it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobConfig {
     /// The job's name, the same on both nodes.
@@ -65,6 +72,23 @@ pub struct JobConfig {
     /// Destination: how long an import may run before it is killed (e.g. `12h`; default 24h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_timeout: Option<String>,
+    /// Destination: the user the import runs as (default: the daemon's user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_user: Option<String>,
+    /// Source: run before each round's scan, e.g. `zxsuite backup doSmartScan`; the round fails if it
+    /// fails. Split into words like `import_cmd`; `{source}` and `{job}` are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_cmd: Option<String>,
+    /// Source: the bandwidth limit or timetable for this job's rounds (see `sync --bwlimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<String>,
+}
+
+impl PeerConfig {
+    /// A peer with no limits.
+    pub fn new(name: &str, id: NodeId, addr: Option<String>) -> Self {
+        Self { name: name.to_owned(), id, addr, bwlimit: None, receive_bwlimit: None }
+    }
 }
 
 impl Config {
@@ -164,6 +188,23 @@ pub(crate) fn default_dir(system: &str, xdg_var: &str, home_rel: &str) -> PathBu
     home.join(home_rel).join("ferry")
 }
 
+/// The bandwidth timetable a round of `job` follows on the source: the job's, else its peer's, else
+/// none.
+pub fn job_bwlimit(config: &Config, job: &JobConfig) -> anyhow::Result<Option<ferry_engine::Timetable>> {
+    let (text, whose) = match (&job.bwlimit, config.peer(&job.peer).and_then(|p| p.bwlimit.as_ref())) {
+        (Some(text), _) => (text, format!("job {}", job.name)),
+        (None, Some(text)) => (text, format!("peer {}", job.peer)),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(ferry_engine::Timetable::parse(text).with_context(|| format!("the bwlimit of {whose} in ferry.toml"))?))
+}
+
+/// Splits an export command into words and replaces `{source}` and `{job}`.
+pub fn export_argv(command: &str, source: &Path, job: &str) -> anyhow::Result<Vec<String>> {
+    let words = import_argv(command, source, job, 0)?;
+    Ok(words.into_iter().map(|w| w.replace("{source}", &source.display().to_string())).collect())
+}
+
 /// Splits an import command into words and replaces `{target}`, `{job}` and `{round}`.
 pub fn import_argv(command: &str, target: &Path, job: &str, round: u64) -> anyhow::Result<Vec<String>> {
     let words = shlex::split(command).ok_or_else(|| {
@@ -204,7 +245,13 @@ mod tests {
         let config = Config {
             listen: Some("[::]:7373".into()),
             data_dir: None,
-            peers: vec![PeerConfig { name: "dest".into(), id, addr: Some("10.0.0.2:7373".into()) }],
+            peers: vec![PeerConfig {
+                name: "dest".into(),
+                id,
+                addr: Some("10.0.0.2:7373".into()),
+                bwlimit: Some("Mon-Fri 08:00,512K 19:00,20M".into()),
+                receive_bwlimit: None,
+            }],
             jobs: vec![JobConfig {
                 name: "zimbra".into(),
                 path: "/opt/zimbra/backup/ng".into(),
@@ -212,6 +259,9 @@ mod tests {
                 import_cmd: Some("zxsuite backup doExternalRestore {target}".into()),
                 import_provisioning_cmd: None,
                 import_timeout: Some("12h".into()),
+                import_user: Some("zimbra".into()),
+                export_cmd: None,
+                bwlimit: None,
             }],
         };
         let text = toml::to_string_pretty(&config).unwrap();
@@ -226,5 +276,18 @@ mod tests {
         assert_eq!(argv, ["zxsuite", "backup", "doExternalRestore", "/srv/m ng", "--round=7"]);
         assert!(import_argv("echo 'unbalanced", Path::new("/"), "z", 1).is_err());
         assert!(check_job_name("../x").is_err());
+        // The job's limit wins over its peer's; a bad one names whose it is.
+        assert_eq!(
+            job_bwlimit(&config, &config.jobs[0]).unwrap(),
+            Some(ferry_engine::Timetable::parse("Mon-Fri 08:00,512K 19:00,20M").unwrap())
+        );
+        let mut job = config.jobs[0].clone();
+        job.bwlimit = Some("2M".into());
+        assert_eq!(job_bwlimit(&config, &job).unwrap(), Some(ferry_engine::Timetable::parse("2M").unwrap()));
+        job.bwlimit = Some("08:00,fast".into());
+        let err = format!("{:#}", job_bwlimit(&config, &job).unwrap_err());
+        assert!(err.contains("job zimbra") && err.contains("fast"), "{err}");
+        let argv = export_argv("zxsuite backup doSmartScan --dir {source}", Path::new("/opt/b"), "z").unwrap();
+        assert_eq!(argv, ["zxsuite", "backup", "doSmartScan", "--dir", "/opt/b"]);
     }
 }

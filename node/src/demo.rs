@@ -57,7 +57,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     let (source_id, _) = Identity::load_or_create(source_node.path())?;
     let (dest_id, _) = Identity::load_or_create(dest_node.path())?;
     dest_node.save(&Config {
-        peers: vec![PeerConfig { name: "source".into(), id: source_id.node_id(), addr: None }],
+        peers: vec![PeerConfig::new("source", source_id.node_id(), None)],
         jobs: vec![JobConfig {
             name: "zimbra".into(),
             path: target.clone(),
@@ -66,6 +66,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
             import_cmd: Some(format!("sh '{}' {{target}} {{round}}", hook.display())),
             import_provisioning_cmd: None,
             import_timeout: Some("10m".into()),
+            ..JobConfig::default()
         }],
         ..Config::default()
     })?;
@@ -73,14 +74,12 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     let daemon = runtime.block_on(async { Daemon::bind(dest_node.clone(), Some("127.0.0.1:0".into())) })?;
     let addr = daemon.local_addr()?;
     source_node.save(&Config {
-        peers: vec![PeerConfig { name: "dest".into(), id: dest_id.node_id(), addr: Some(addr.to_string()) }],
+        peers: vec![PeerConfig::new("dest", dest_id.node_id(), Some(addr.to_string()))],
         jobs: vec![JobConfig {
             name: "zimbra".into(),
             path: source.clone(),
             peer: "dest".into(),
-            import_cmd: None,
-            import_provisioning_cmd: None,
-            import_timeout: None,
+            ..JobConfig::default()
         }],
         ..Config::default()
     })?;
@@ -109,7 +108,10 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         import: ferry_proto::ImportMode::Default,
         wait_for_import: true,
         wait_if_busy: false,
-        bwlimit: crate::unlimited(),
+        bwlimit: None,
+        max_duration: None,
+        dry_run: false,
+        reconnect_grace: std::time::Duration::from_secs(60),
     };
     for round in 1..=options.rounds {
         if round > 1 {

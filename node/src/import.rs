@@ -11,8 +11,8 @@ use ferry_proto::ImportResult;
 /// How many lines of output go back to the source.
 const TAIL_LINES: usize = 20;
 
-/// Runs `argv`, appending its output to `log`.
-pub(crate) fn run(argv: &[String], round: u64, timeout: Duration, log: &Path) -> ImportResult {
+/// Runs `argv` (as `user` when given), appending its output to `log`.
+pub(crate) fn run(argv: &[String], user: Option<&str>, round: u64, timeout: Duration, log: &Path) -> ImportResult {
     let started = Instant::now();
     let failed = |why: String| ImportResult {
         round,
@@ -33,7 +33,23 @@ pub(crate) fn run(argv: &[String], round: u64, timeout: Duration, log: &Path) ->
         _ => return failed("cannot share the log with the import".into()),
     };
     tracing::info!("import of round {round}: {}", argv.join(" "));
-    let mut child = match Command::new(program).args(args).stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn() {
+    let mut command = Command::new(program);
+    command.args(args).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    if let Some(name) = user {
+        use std::os::unix::process::CommandExt;
+        use uzers::os::unix::UserExt;
+        let Some(account) = uzers::get_user_by_name(name) else {
+            return failed(format!("cannot run the command as {name}: no such user"));
+        };
+        // As root, std also drops the supplementary groups before switching.
+        command
+            .uid(account.uid())
+            .gid(account.primary_group_id())
+            .env("USER", name)
+            .env("LOGNAME", name)
+            .env("HOME", account.home_dir());
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => return failed(format!("cannot run {program}: {e}")),
     };
@@ -74,15 +90,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("import.log");
         let argv = |s: &[&str]| s.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
-        let ok = run(&argv(&["sh", "-c", "echo one; echo two"]), 1, Duration::from_secs(10), &log);
+        let ok = run(&argv(&["sh", "-c", "echo one; echo two"]), None, 1, Duration::from_secs(10), &log);
         assert!(ok.success && ok.tail == ["one", "two"], "{ok:?}");
-        let bad = run(&argv(&["sh", "-c", "echo broken >&2; exit 3"]), 2, Duration::from_secs(10), &log);
+        let bad = run(&argv(&["sh", "-c", "echo broken >&2; exit 3"]), None, 2, Duration::from_secs(10), &log);
         assert_eq!((bad.success, bad.exit_code), (false, Some(3)));
         assert_eq!(bad.tail, ["broken"]);
-        let slow = run(&argv(&["sleep", "10"]), 3, Duration::from_millis(300), &log);
+        let slow = run(&argv(&["sleep", "10"]), None, 3, Duration::from_millis(300), &log);
         assert!(!slow.success && slow.exit_code.is_none() && slow.duration_ms < 5000);
-        let missing = run(&argv(&["/no/such/program"]), 4, Duration::from_secs(1), &log);
+        let missing = run(&argv(&["/no/such/program"]), None, 4, Duration::from_secs(1), &log);
         assert!(!missing.success && missing.tail[0].contains("cannot run"));
+        let nobody = run(&argv(&["id", "-un"]), Some("no-such-user-here"), 5, Duration::from_secs(5), &log);
+        assert!(!nobody.success && nobody.tail[0].contains("no such user"), "{nobody:?}");
+        if rustix::process::geteuid().is_root() {
+            let nobody = run(&argv(&["id", "-un"]), Some("nobody"), 6, Duration::from_secs(5), &log);
+            assert_eq!(nobody.tail, ["nobody"], "{nobody:?}");
+        }
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("== round 1: sh -c") && text.contains("killed after"));
     }

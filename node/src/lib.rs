@@ -13,6 +13,7 @@ mod demo;
 pub mod history;
 mod human;
 mod import;
+mod limit;
 mod local;
 mod net;
 mod push;
@@ -22,7 +23,10 @@ pub mod verify;
 
 pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
-pub use push::{PushOptions, PushReport, print_push_report, push};
+pub use push::{
+    DryRunReport, PushOptions, PushReport, REPORT_SCHEMA, Refused, StoppedAtDeadline, Unreachable, dry_run,
+    print_dry_run, print_push_report, push,
+};
 pub use serve::{Daemon, serve};
 
 /// Exit codes, stable and documented in README.md.
@@ -40,6 +44,14 @@ pub mod exit {
     pub const IMPORT_FAILED: i32 = 4;
     /// `ferry verify` found differences between the target and its last committed round.
     pub const DIFFERENCES: i32 = 5;
+    /// `--max-duration` ran out: the round stopped cleanly; what arrived is kept, and the next round
+    /// goes on from there.
+    pub const DEADLINE: i32 = 6;
+    /// The peer could not be reached (or was lost and did not come back within `--reconnect-grace`).
+    pub const UNREACHABLE: i32 = 7;
+    /// The peer refused the round: it does not trust this node, the job is not this node's, it is busy
+    /// with the job, or the target lacks space.
+    pub const REFUSED: i32 = 8;
 }
 
 /// No bandwidth limit.

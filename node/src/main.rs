@@ -22,9 +22,7 @@ fn main() {
     let config_dir = ConfigDir::new(cli.config_dir).with_data_dir(cli.data_dir);
     let result = match cli.command {
         Command::Init => ferry::commands::init(&config_dir).map(|()| exit::OK),
-        Command::Trust(args) => {
-            ferry::commands::trust(&config_dir, &args.node_id, &args.name, args.addr).map(|()| exit::OK)
-        }
+        Command::Trust(args) => ferry::commands::trust(&config_dir, &args).map(|()| exit::OK),
         Command::Job(JobCommand::Add { name, path, peer, import }) => {
             ferry::commands::job_add(&config_dir, &name, &path, &peer, &import).map(|()| exit::OK)
         }
@@ -84,18 +82,28 @@ fn main() {
                     },
                     wait_for_import: !args.no_wait,
                     wait_if_busy: args.wait,
-                    bwlimit: args.bwlimit.unwrap_or_else(ferry::unlimited),
+                    bwlimit: args.bwlimit,
+                    max_duration: args.max_duration,
+                    dry_run: args.dry_run,
+                    reconnect_grace: args.reconnect_grace,
                 };
-                runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
-                    ferry::print_push_report(&report, args.json);
-                    if report.failure_count > 0 {
-                        exit::INCOMPLETE
-                    } else if report.import.as_ref().is_some_and(|i| !i.success) {
-                        exit::IMPORT_FAILED
-                    } else {
+                if args.dry_run {
+                    runtime().and_then(|rt| rt.block_on(ferry::dry_run(&config_dir, &options))).map(|report| {
+                        ferry::print_dry_run(&report, args.json);
                         exit::OK
-                    }
-                })
+                    })
+                } else {
+                    runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
+                        ferry::print_push_report(&report, args.json);
+                        if report.failure_count > 0 {
+                            exit::INCOMPLETE
+                        } else if report.import.as_ref().is_some_and(|i| !i.success) {
+                            exit::IMPORT_FAILED
+                        } else {
+                            exit::OK
+                        }
+                    })
+                }
             }
         },
         Command::Demo(args) => {
@@ -106,8 +114,21 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
-            std::process::exit(exit::ERROR);
+            let code = if e.downcast_ref::<ferry::StoppedAtDeadline>().is_some() {
+                exit::DEADLINE
+            } else if e.downcast_ref::<ferry::Unreachable>().is_some() {
+                exit::UNREACHABLE
+            } else if e.downcast_ref::<ferry::Refused>().is_some() {
+                exit::REFUSED
+            } else {
+                exit::ERROR
+            };
+            if code == exit::DEADLINE {
+                eprintln!("ferry: {e:#}");
+            } else {
+                eprintln!("ferry: error: {e:#}");
+            }
+            std::process::exit(code);
         }
     }
 }

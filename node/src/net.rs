@@ -13,6 +13,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 /// UDP socket buffers: the kernel default (about 208 KB) drops packets even on loopback.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// How long a handshake may take before the peer counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Flow-control windows and limits: large enough for long fat links, bounded so that a peer cannot
 /// make us buffer without end.
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -23,8 +26,8 @@ fn transport() -> Arc<quinn::TransportConfig> {
         .stream_receive_window((16u32 << 20).into())
         .receive_window((64u32 << 20).into())
         .send_window(64 << 20)
-        .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60 s is a valid idle timeout")))
-        .keep_alive_interval(Some(Duration::from_secs(10)));
+        .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")))
+        .keep_alive_interval(Some(Duration::from_secs(5)));
     Arc::new(transport)
 }
 
@@ -48,7 +51,16 @@ pub(crate) fn server_endpoint(
     // A flood of connection attempts queues at most this many handshakes; the rest are refused.
     server.max_incoming(256);
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp_socket(listen)?, runtime)
+    // The stateless-reset key comes from the identity, so that a restarted daemon's resets are valid
+    // for connections its previous run held: a source learns at once that its round is gone and
+    // reconnects, instead of waiting for the idle timeout.
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &identity.derive_secret("ferry quic reset key v1"));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection IDs carry a keyed check that the endpoint validates before it answers with a reset:
+    // that key must survive a restart as well.
+    let cid_key = u64::from_le_bytes(identity.derive_secret("ferry quic cid key v1")[..8].try_into()?);
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    quinn::Endpoint::new(endpoint_config, Some(server), udp_socket(listen)?, runtime)
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
@@ -75,7 +87,13 @@ pub(crate) async fn connect(
     let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(bind)?, runtime)?;
     endpoint.set_default_client_config(client);
     let connecting = endpoint.connect(addr, "ferry")?;
-    Ok(connecting.await?)
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(connection) => Ok(connection?),
+        Err(_) => Err(anyhow!(
+            "no answer within {} s: is `ferry serve` running there, and is UDP to that port open?",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// The node ID the peer of an established connection proved.
@@ -93,31 +111,17 @@ pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> a
     Ok(())
 }
 
-/// Writes one framed message in 64 KiB pieces, each only when `bucket` allows it: the bandwidth limit
+/// Writes one framed message in 64 KiB pieces, each only when `limiter` allows it: the bandwidth limit
 /// applies to what enters QUIC, smoothly, with QUIC's own overhead (about 3%) counted in.
 pub(crate) async fn send_limited(
     stream: &mut quinn::SendStream,
     message: &Message,
-    bucket: &std::sync::Mutex<ferry_engine::TokenBucket>,
+    limiter: &crate::limit::Limiter,
 ) -> anyhow::Result<()> {
     let mut buf = BytesMut::new();
     encode(message, &mut buf)?;
     for piece in buf.chunks(64 << 10) {
-        let cost = piece.len() as u64 + piece.len() as u64 / 32;
-        loop {
-            let wait =
-                bucket.lock().map_err(|_| anyhow!("rate limiter poisoned"))?.take(cost, std::time::Instant::now());
-            match wait {
-                Some(wait) => {
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    break;
-                }
-                // Paused: look again in a second (the rate may change).
-                None => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
+        limiter.acquire(piece.len() as u64 + piece.len() as u64 / 32).await?;
         stream.write_all(piece).await.context("the connection dropped while sending")?;
     }
     Ok(())

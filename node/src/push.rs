@@ -31,13 +31,25 @@ pub struct PushOptions {
     /// `--wait`: when the destination is busy with this job, wait instead of giving up.
     pub wait_if_busy: bool,
     /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data, fixed or
-    /// by the time of the week.
-    pub bwlimit: ferry_engine::Timetable,
+    /// by the time of the week. `None`: the job's or the peer's limit in ferry.toml, if any.
+    pub bwlimit: Option<ferry_engine::Timetable>,
+    /// `--max-duration`: stop cleanly after this long.
+    pub max_duration: Option<Duration>,
+    /// `--dry-run`: plan only.
+    pub dry_run: bool,
+    /// `--reconnect-grace`: how long to keep reconnecting after the connection is lost.
+    pub reconnect_grace: Duration,
 }
+
+/// The version of the `--json` reports' layout: it changes only when a field changes meaning or goes
+/// away (new fields may appear without it).
+pub const REPORT_SCHEMA: u32 = 1;
 
 /// The report of a network round (`--json` prints it).
 #[derive(Debug, Clone, Serialize)]
 pub struct PushReport {
+    /// [`REPORT_SCHEMA`].
+    pub schema: u32,
     /// The job.
     pub job: String,
     /// The round now committed on the destination.
@@ -64,6 +76,8 @@ pub struct PushReport {
     pub bytes_on_wire: u64,
     /// Bytes QUIC had to send again because packets were lost.
     pub bytes_lost: u64,
+    /// Connections the round took (more than one after a reconnection).
+    pub connections: u64,
     /// Entries the destination could not apply.
     pub failures: Vec<String>,
     /// How many.
@@ -106,24 +120,31 @@ impl SourceState {
     }
 }
 
-/// The rate the timetable gives for now, in local time.
-fn rate_now(timetable: &ferry_engine::Timetable) -> ferry_engine::Rate {
-    let now = jiff::ZonedDateTime::now();
-    timetable.rate_at_time(now.weekday().to_monday_zero_offset() as u32, now.hour() as u32, now.minute() as u32)
-}
-
-fn describe_rate(rate: ferry_engine::Rate) -> String {
-    match rate.bytes_per_second() {
-        None => "off (unlimited)".to_owned(),
-        Some(0) => "0 (paused)".to_owned(),
-        Some(bps) => format!("{}/s", crate::human::bytes(bps)),
-    }
-}
-
-/// The destination refused the round (busy, unknown job, ...).
+/// The destination refused the round (busy, unknown job, no space, not trusted).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Refused(String);
+pub struct Refused(pub String);
+
+/// The peer could not be reached, or was lost and did not come back in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+/// `--max-duration` ran out: the round stopped cleanly and the next one goes on from there.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks} chunks; what arrived is kept: run the round again to go on"
+)]
+pub struct StoppedAtDeadline {
+    limit: String,
+    sent: String,
+    chunks: u64,
+}
+
+/// The connection was lost in the middle of the round: worth reconnecting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Lost(String);
 
 /// Runs one round of `options.job`; with `wait_if_busy`, waits while the destination is busy with it.
 pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
@@ -138,15 +159,189 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
     }
 }
 
-async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
+/// What `sync --round JOB --dry-run` found (`--json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    /// [`REPORT_SCHEMA`].
+    pub schema: u32,
+    /// The job.
+    pub job: String,
+    /// Entries in the tree.
+    pub entries: u64,
+    /// Changes the round would send.
+    pub changes: u64,
+    /// Files the destination would write.
+    pub files: u64,
+    /// Bytes of the files whose content changed (before deduplication).
+    pub changed_bytes: u64,
+    /// Chunk bytes the destination lacks (after deduplication).
+    pub need_bytes: u64,
+    /// The estimate of everything the round would put on the network, both directions.
+    pub bytes_on_wire: u64,
+    /// Seconds the transfer would take under the bandwidth timetable, when the limits decide it.
+    pub seconds: Option<u64>,
+    /// When it would be done (local time, RFC 3339), when the limits decide it.
+    pub done_at: Option<String>,
+    /// The schedule in words ("done Thu 04:10 at the current schedule", "paused for good", ...).
+    pub schedule: String,
+    /// Disk space the round needs on the destination (with the margin) and what is free there.
+    pub space_needed: u64,
+    /// Free space on the destination.
+    pub space_available: u64,
+    /// Wall time of the dry run, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// `sync --round JOB --dry-run`: scans, exchanges manifests, lets the destination plan, and sizes what
+/// it asks for (read and compressed here, not sent). Nothing is written on the destination.
+pub async fn dry_run(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<DryRunReport> {
     let started = Instant::now();
+    let options = PushOptions { dry_run: true, ..options.clone() };
+    let prepared = prepare(config_dir, &options.job).await?;
+    let timetable = timetable(config_dir, &options, &prepared.job.name)?;
+    let mut session = open_session(&prepared, &options).await?;
+    let (changes, changed_bytes) = send_all_changes(&prepared, &mut session).await?;
+    let mut payload = 0u64;
+    let plan = loop {
+        match session.reader.next().await? {
+            Some(Message::Need(chunks)) => {
+                let root = prepared.job.path.clone();
+                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, &chunks))
+                    .await
+                    .context("sizing chunks panicked")??;
+            }
+            Some(Message::Planned(plan)) => break plan,
+            Some(Message::Refused { reason }) => return Err(Refused(reason).into()),
+            Some(other) => bail!("unexpected {other:?} from {} during a dry run", prepared.peer.name),
+            None => bail!("{} ended the dry run: {}", prepared.peer.name, why_closed(&session.connection).await),
+        }
+    };
+    let stats = session.connection.stats();
+    session.connection.close(net::close::DONE.into(), b"dry run over");
+    // What this connection carried (the manifest exchange and the requests, which the real round
+    // repeats) plus the chunk payload with QUIC's framing and acknowledgements (about 3%, measured).
+    let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes + payload + payload * 3 / 100;
+    let chunk_wire = payload + payload * 3 / 100;
+    let (seconds, done_at, schedule) = finish_time(&timetable, chunk_wire);
+    Ok(DryRunReport {
+        schema: REPORT_SCHEMA,
+        job: prepared.job.name.clone(),
+        entries: prepared.scanned.entries,
+        changes,
+        files: plan.files,
+        changed_bytes,
+        need_bytes: plan.need_bytes,
+        bytes_on_wire,
+        seconds,
+        done_at,
+        schedule,
+        space_needed: plan.space_needed,
+        space_available: plan.space_available,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// When sending `bytes` from now would be done under `timetable`.
+fn finish_time(timetable: &ferry_engine::Timetable, bytes: u64) -> (Option<u64>, Option<String>, String) {
+    let now = jiff::ZonedDateTime::now();
+    let at = |seconds: u64| now.checked_add(jiff::SignedDuration::from_secs(seconds as i64)).ok();
+    match timetable.time_to_send(bytes, crate::limit::second_of_week_now()) {
+        ferry_engine::SendTime::Limited { seconds } => {
+            let done = at(seconds);
+            let when = done.as_ref().map(|d| d.strftime("%a %H:%M").to_string()).unwrap_or_default();
+            let schedule = format!(
+                "done {when} at the current schedule ({})",
+                crate::human::duration(Duration::from_secs(seconds))
+            );
+            (Some(seconds), done.map(|d| d.to_string()), schedule)
+        }
+        ferry_engine::SendTime::AtLinkSpeed { after: 0 } => {
+            (None, None, "no bandwidth limit now: as fast as the link allows".to_owned())
+        }
+        ferry_engine::SendTime::AtLinkSpeed { after } => {
+            let when = at(after).map(|d| d.strftime("%a %H:%M").to_string()).unwrap_or_default();
+            (None, None, format!("not done before {when}; from then on there is no limit and the link decides"))
+        }
+        ferry_engine::SendTime::Never => (None, None, "never: the timetable pauses the transfer for good".to_owned()),
+    }
+}
+
+/// Reads the asked-for chunks and returns what they would weigh on the wire: compressed when the
+/// round would compress them, else raw. Chunks that changed since the scan weigh nothing.
+fn estimate_chunks(root: &Path, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
+    let mut compressor = zstd::bulk::Compressor::new(1)?;
+    let mut open: Option<(ferry_engine::RelPath, std::fs::File)> = None;
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    for need in chunks {
+        if need.len as usize > (16 << 20) {
+            continue;
+        }
+        if open.as_ref().is_none_or(|(p, _)| *p != need.path) {
+            open = root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
+        }
+        let Some((_, file)) = &open else { continue };
+        buf.resize(need.len as usize, 0);
+        if file.read_exact_at(&mut buf, need.offset).is_err() {
+            continue;
+        }
+        total += if crate::chunks::compressible(&buf, &mut compressor) {
+            compressor.compress(&buf).map_or(buf.len(), |c| c.len().min(buf.len())) as u64
+        } else {
+            buf.len() as u64
+        };
+    }
+    Ok(total)
+}
+
+/// Prints a dry run's report: one JSON object, or a summary for people.
+pub fn print_dry_run(report: &DryRunReport, json: bool) {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("ferry: cannot print the report: {e}"),
+        }
+        return;
+    }
+    println!(
+        "dry run of {}: {} changes, {} files to write ({} of changed files, {} after deduplication)",
+        report.job,
+        crate::human::count(report.changes),
+        crate::human::count(report.files),
+        crate::human::bytes(report.changed_bytes),
+        crate::human::bytes(report.need_bytes)
+    );
+    println!("  needs {} on the wire, {}", crate::human::bytes(report.bytes_on_wire), report.schedule);
+    println!(
+        "  destination space: needs {}, {} free{}",
+        crate::human::bytes(report.space_needed),
+        crate::human::bytes(report.space_available),
+        if report.space_needed > report.space_available { ": THE ROUND WOULD BE REFUSED" } else { "" }
+    );
+    println!("  nothing was written");
+}
+
+/// A round's source side, ready to connect: the job, its peer and the new scan.
+struct Prepared {
+    job: crate::config::JobConfig,
+    peer: crate::config::PeerConfig,
+    addr: String,
+    identity: Identity,
+    state: SourceState,
+    scanned: ferry_engine::ScanReport,
+    new_root: ferry_engine::RootHash,
+    _lock: ferry_engine::StateLock,
+}
+
+/// Loads the job, runs its export hook, and scans.
+async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepared> {
     let config = config_dir.load()?;
     let identity = Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
     let job = config
-        .job(&options.job)
-        .ok_or_else(|| {
-            anyhow!("no job {:?} here (ferry job add {} --path SOURCE --peer PEER)", options.job, options.job)
-        })?
+        .job(job_name)
+        .ok_or_else(|| anyhow!("no job {job_name:?} here (ferry job add {job_name} --path SOURCE --peer PEER)"))?
         .clone();
     let peer = config
         .peer(&job.peer)
@@ -157,7 +352,25 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     })?;
     let state = SourceState { dir: config_dir.data_dir(&config).join("jobs").join(&job.name).join("source") };
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
-    let _lock = ferry_engine::lock_state(&state.dir)?;
+    let lock = ferry_engine::lock_state(&state.dir)?;
+
+    if let Some(command) = &job.export_cmd {
+        let argv = crate::config::export_argv(command, &job.path, &job.name)?;
+        tracing::info!(job = %job.name, "export: {}", argv.join(" "));
+        let log = state.dir.join("export.log");
+        let run = tokio::task::spawn_blocking(move || {
+            crate::import::run(&argv, None, 0, Duration::from_secs(24 * 3600), &log)
+        });
+        let result = run.await.context("the export hook panicked")?;
+        if !result.success {
+            let code = result.exit_code.map_or("none: killed".to_owned(), |c| c.to_string());
+            bail!(
+                "the export command of job {} failed (exit code {code}), so no round was started; the last lines of its output:\n  | {}",
+                job.name,
+                result.tail.join("\n  | ")
+            );
+        }
+    }
 
     tracing::info!(job = %job.name, "scanning {}", job.path.display());
     let scanned = {
@@ -174,16 +387,44 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         );
     }
     let new_root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
+    Ok(Prepared { job, peer, addr, identity, state, scanned, new_root, _lock: lock })
+}
 
-    let remote = net::resolve(&addr)?;
+/// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.
+fn timetable(config_dir: &ConfigDir, options: &PushOptions, job: &str) -> anyhow::Result<ferry_engine::Timetable> {
+    if let Some(timetable) = &options.bwlimit {
+        return Ok(timetable.clone());
+    }
+    let config = config_dir.load()?;
+    let job = config.job(job).ok_or_else(|| anyhow!("job {job} is no longer in ferry.toml"))?;
+    Ok(crate::config::job_bwlimit(&config, job)?.unwrap_or_else(crate::unlimited))
+}
+
+/// An open round: the connection and its control stream, after `Welcome`.
+struct Session {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    holds: Option<RoundRef>,
+}
+
+/// Connects, says `Hello` and waits for `Welcome`.
+async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Result<Session> {
+    let Prepared { peer, addr, identity, state, job, .. } = prepared;
+    let remote = net::resolve(addr)?;
     tracing::info!(job = %job.name, "connecting to {} ({}) at {remote}", peer.name, peer.id);
-    let connection = net::connect(&identity, peer.id, remote)
-        .await
-        .map_err(|e| explain_connect_error(e, &peer.name, peer.id, &addr, identity.node_id()))?;
+    let connection = match net::connect(identity, peer.id, remote).await {
+        Ok(connection) => connection,
+        Err(e) => {
+            let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
+            let text = format!("{e:#}");
+            return Err(if text.contains("trust") { Refused(text).into() } else { Unreachable(text).into() });
+        }
+    };
     let me = identity.node_id();
-    let refused = |why: String| {
+    let refused = |why: String| -> anyhow::Error {
         if why.contains("not trusted") {
-            explain_connect_error(anyhow!(why), &peer.name, peer.id, &addr, me)
+            Refused(format!("{:#}", explain_connect_error(anyhow!(why), &peer.name, peer.id, addr, me))).into()
         } else if let Some(reason) = why.strip_prefix("refused: ") {
             Refused(format!("{} refused the round: {reason}", peer.name)).into()
         } else {
@@ -205,11 +446,14 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         delete: options.delete,
         numeric_ids: options.numeric_ids,
     };
-    let options_message = Message::RoundOptions(RoundOptions { import: options.import });
-    if net::send(&mut send, &Message::Hello(hello)).await.is_err()
-        || net::send(&mut send, &options_message).await.is_err()
-    {
-        return Err(refused(why_closed(&connection).await));
+    let mut opening = vec![Message::Hello(hello), Message::RoundOptions(RoundOptions { import: options.import })];
+    if options.dry_run {
+        opening.push(Message::DryRun);
+    }
+    for message in &opening {
+        if net::send(&mut send, message).await.is_err() {
+            return Err(refused(why_closed(&connection).await));
+        }
     }
     let holds = loop {
         match reader.next().await {
@@ -222,9 +466,15 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
             Ok(None) | Err(_) => return Err(refused(why_closed(&connection).await)),
         }
     };
+    Ok(Session { connection, send, reader, holds })
+}
 
-    // Changes since what the destination holds, when this node still has that manifest; else all.
-    let delta_base = base.filter(|b| Some(*b) == holds);
+/// Sends the changes since what the destination holds (all of them when this node no longer has
+/// that manifest). Returns how many, and the bytes of files whose content changed.
+async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, u64)> {
+    let state = &prepared.state;
+    let base = state.base_round().filter(|_| state.base().exists());
+    let delta_base = base.filter(|b| Some(*b) == session.holds);
     let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);
     let base_path = delta_base.map(|_| state.base());
     let scanned_path = state.scanned();
@@ -232,48 +482,264 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     let mut change_count = 0u64;
     while let Some(batch) = changes_rx.recv().await {
         change_count += batch.len() as u64;
-        net::send(&mut send, &Message::Changes(batch)).await?;
+        net::send(&mut session.send, &Message::Changes(batch)).await?;
     }
     let changed_bytes = differ.await.context("the diff panicked")??;
-    net::send(
-        &mut send,
-        &Message::ChangesEnd(ChangesEnd { base: delta_base, root: new_root, entries: scanned.entries }),
-    )
-    .await?;
-    tracing::info!(job = %job.name, "{change_count} changes sent (against {:?})", delta_base.map(|b| b.round));
+    let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
+    net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
+    tracing::info!(job = %prepared.job.name, "{change_count} changes sent (against {:?})", delta_base.map(|b| b.round));
+    Ok((change_count, changed_bytes))
+}
 
-    // Serve the chunks the destination asks for, until it commits.
-    let sent = Arc::new(Counters::default());
-    let (batches_tx, batches_rx) = async_channel();
-    let bucket =
-        Arc::new(std::sync::Mutex::new(ferry_engine::TokenBucket::new(rate_now(&options.bwlimit), Instant::now())));
-    // The timetable moves on while the round runs: look at the clock every 20 s.
-    let timetable_task = {
-        let (bucket, timetable) = (bucket.clone(), options.bwlimit.clone());
+/// What the attempts of a round added up to.
+#[derive(Default)]
+struct Totals {
+    bytes_on_wire: u64,
+    bytes_lost: u64,
+    attempts: u64,
+}
+
+impl Totals {
+    fn add(&mut self, connection: &quinn::Connection) {
+        let stats = connection.stats();
+        self.bytes_on_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
+        self.bytes_lost += stats.path.lost_bytes;
+    }
+}
+
+/// A committed round, as one attempt saw it end.
+struct Finished {
+    committed: Committed,
+    changes: u64,
+    changed_bytes: u64,
+    import: Option<ferry_proto::ImportResult>,
+}
+
+async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
+    let started = Instant::now();
+    let deadline = options.max_duration.map(|d| started + d);
+    // SIGHUP re-reads the job's and the peer's limits (from now on, not only during the transfer).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let prepared = prepare(config_dir, &options.job).await?;
+    let limiter = crate::limit::Limiter::new(timetable(config_dir, options, &prepared.job.name)?);
+    if limiter.rate() != ferry_engine::Rate::UNLIMITED {
+        tracing::info!(job = %prepared.job.name, "bandwidth limit {}", crate::limit::describe_rate(limiter.rate()));
+    }
+    let follow = limiter.follow("bandwidth limit");
+    let reload = {
+        let (limiter, config_dir, options, job) =
+            (limiter.clone(), config_dir.clone(), options.clone(), prepared.job.name.clone());
         tokio::spawn(async move {
-            let mut current = rate_now(&timetable);
-            loop {
-                tokio::time::sleep(Duration::from_secs(20)).await;
-                let rate = rate_now(&timetable);
-                if rate != current {
-                    tracing::info!("bandwidth limit now {}", describe_rate(rate));
-                    current = rate;
-                    if let Ok(mut bucket) = bucket.lock() {
-                        bucket.set_rate(rate, Instant::now());
+            let Some(hangup) = hangup.as_mut() else { return };
+            while hangup.recv().await.is_some() {
+                if options.bwlimit.is_some() {
+                    tracing::warn!("SIGHUP: --bwlimit on the command line wins over ferry.toml; the limit stays");
+                    continue;
+                }
+                match timetable(&config_dir, &options, &job) {
+                    Ok(timetable) => {
+                        limiter.set_timetable(timetable);
+                        tracing::info!(
+                            "SIGHUP: re-read ferry.toml; bandwidth limit now {}",
+                            crate::limit::describe_rate(limiter.rate())
+                        );
+                    }
+                    Err(e) => tracing::warn!("SIGHUP: cannot re-read the limits, keeping the current one: {e:#}"),
+                }
+            }
+        })
+    };
+    let sent = Arc::new(Counters::default());
+    let mut totals = Totals::default();
+    let mut lost_since: Option<Instant> = None;
+    let first_backoff = Duration::from_millis(250);
+    let mut backoff = first_backoff;
+    let result = loop {
+        totals.attempts += 1;
+        let attempt = attempt(&prepared, options, &limiter, &sent, &mut totals, deadline).await;
+        match attempt {
+            Ok(finished) => break Ok(finished),
+            Err(e)
+                if e.downcast_ref::<Lost>().is_some()
+                    || (totals.attempts > 1 && e.downcast_ref::<Unreachable>().is_some()) =>
+            {
+                if e.downcast_ref::<Lost>().is_some() {
+                    // It was connected: the grace period starts now.
+                    lost_since = Some(Instant::now());
+                    backoff = first_backoff;
+                }
+                let since = *lost_since.get_or_insert_with(Instant::now);
+                if since.elapsed() + backoff > options.reconnect_grace {
+                    break Err(Unreachable(format!(
+                        "lost {} and could not reconnect within {} (--reconnect-grace): {e:#}; what arrived is kept, run the round again",
+                        prepared.peer.name,
+                        humantime::format_duration(options.reconnect_grace)
+                    ))
+                    .into());
+                }
+                if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                    break Err(deadline_error(options, &sent).into());
+                }
+                tracing::warn!(
+                    "{e:#}; reconnecting to {} in {:.1} s (giving up {} s after the loss)",
+                    prepared.peer.name,
+                    backoff.as_secs_f64(),
+                    options.reconnect_grace.as_secs()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    follow.abort();
+    reload.abort();
+    let finished = result?;
+    let Prepared { job, peer, state, scanned, new_root, .. } = prepared;
+    let committed = finished.committed;
+    let in_sync = committed.round.root == new_root;
+    if in_sync {
+        state.promote(committed.round)?;
+    } else {
+        state.forget_base();
+    }
+    let report = PushReport {
+        schema: REPORT_SCHEMA,
+        job: job.name,
+        round: committed.round.round,
+        root_hash: committed.round.root.to_string(),
+        in_sync,
+        entries: scanned.entries,
+        changes: finished.changes,
+        files_changed: committed.files_written,
+        changed_bytes: finished.changed_bytes,
+        bytes_read: scanned.bytes_read,
+        chunks_sent: sent.chunks.load(Ordering::Relaxed),
+        chunk_bytes: sent.bytes.load(Ordering::Relaxed),
+        bytes_on_wire: totals.bytes_on_wire,
+        bytes_lost: totals.bytes_lost,
+        connections: totals.attempts,
+        failures: committed.failures,
+        failure_count: committed.failure_count,
+        import: finished.import,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    crate::history::append(&state.dir.join("history.jsonl"), &crate::history::Record::pushed(&report, &peer.name))?;
+    Ok(report)
+}
+
+fn deadline_error(options: &PushOptions, sent: &Counters) -> StoppedAtDeadline {
+    StoppedAtDeadline {
+        limit: options.max_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_default(),
+        sent: crate::human::bytes(sent.bytes.load(Ordering::Relaxed)),
+        chunks: sent.chunks.load(Ordering::Relaxed),
+    }
+}
+
+/// What the chunk reader tells the control loop.
+enum FromReader {
+    /// Chunks that could not be read as the scan saw them.
+    Missing(Vec<ChunkHash>),
+    /// Reading failed for good.
+    Failed(String),
+}
+
+/// One connection's worth of a round: open, send the changes, serve chunks until the commit (or the
+/// deadline), wait for the import. A lost connection comes back as [`Lost`].
+async fn attempt(
+    prepared: &Prepared,
+    options: &PushOptions,
+    limiter: &crate::limit::Limiter,
+    sent: &Arc<Counters>,
+    totals: &mut Totals,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Finished> {
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(deadline_error(options, sent).into());
+    }
+    let mut session = open_session(prepared, options).await?;
+    let connection = session.connection.clone();
+    let result = serve_round(prepared, options, limiter, sent, &mut session, deadline).await;
+    totals.add(&connection);
+    match result {
+        Ok(finished) => {
+            connection.close(net::close::DONE.into(), b"round over");
+            Ok(finished)
+        }
+        Err(e) => {
+            if e.downcast_ref::<StoppedAtDeadline>().is_none() && is_lost(&connection) {
+                return Err(Lost(format!("lost {} in the middle of the round: {e:#}", prepared.peer.name)).into());
+            }
+            connection.close(net::close::ERROR.into(), b"the source gave up");
+            Err(e)
+        }
+    }
+}
+
+/// True when the connection ended in a way a new connection may cure: a timeout, a reset, the
+/// daemon shutting down or restarting.
+fn is_lost(connection: &quinn::Connection) -> bool {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset) => true,
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            let reason = String::from_utf8_lossy(&close.reason);
+            reason.contains("shutting down") || reason.contains("replaced by a new connection")
+        }
+        Some(quinn::ConnectionError::ConnectionClosed(_)) => true,
+        _ => false,
+    }
+}
+
+async fn serve_round(
+    prepared: &Prepared,
+    options: &PushOptions,
+    limiter: &crate::limit::Limiter,
+    sent: &Arc<Counters>,
+    session: &mut Session,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Finished> {
+    let peer = &prepared.peer;
+    let (changes, changed_bytes) = send_all_changes(prepared, session).await?;
+    let connection = session.connection.clone();
+
+    // The chunk reader: a blocking task reading what the destination asks for, in order.
+    let (needs_tx, mut needs_rx) = mpsc::unbounded_channel::<Vec<NeedChunk>>();
+    let (reader_tx, mut from_reader) = mpsc::unbounded_channel::<FromReader>();
+    let (batches_tx, batches_rx) = async_channel();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader_task = {
+        let (root, counters, stop, limiter) = (prepared.job.path.clone(), sent.clone(), stop.clone(), limiter.clone());
+        tokio::task::spawn_blocking(move || {
+            while let Some(chunks) = needs_rx.blocking_recv() {
+                // Under a limit, smaller batches: an interruption loses at most the batches on the
+                // wire, and each should take a fraction of a second.
+                let batch_bytes = limiter.rate().bytes_per_second().map_or(crate::chunks::BATCH_BYTES, |bps| {
+                    (bps as usize / 16).clamp(64 << 10, crate::chunks::BATCH_BYTES)
+                });
+                match read_chunks(&root, chunks, &batches_tx, &counters, &stop, batch_bytes) {
+                    Ok(missing) if missing.is_empty() => {}
+                    Ok(missing) => {
+                        let _ = reader_tx.send(FromReader::Missing(missing));
+                    }
+                    Err(e) => {
+                        let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
+                        return;
                     }
                 }
             }
         })
     };
+    let batches_sent = Arc::new(AtomicU64::new(0));
     let senders: Vec<_> = (0..4)
         .map(|_| {
-            let connection = connection.clone();
-            let rx = batches_rx.clone();
-            let bucket = bucket.clone();
+            let (connection, rx, limiter, stop, count) =
+                (connection.clone(), batches_rx.clone(), limiter.clone(), stop.clone(), batches_sent.clone());
             tokio::spawn(async move {
                 let mut stream = connection.open_uni().await?;
-                while let Ok(batch) = rx.recv().await {
-                    net::send_limited(&mut stream, &Message::ChunkBatch(batch), &bucket).await?;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(batch) = rx.recv().await else { break };
+                    net::send_limited(&mut stream, &Message::ChunkBatch(batch), &limiter).await?;
+                    count.fetch_add(1, Ordering::Relaxed);
                 }
                 let _ = stream.finish();
                 anyhow::Ok(())
@@ -281,44 +747,81 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         })
         .collect();
     drop(batches_rx);
-    let (stop_progress, stop) = tokio::sync::oneshot::channel();
-    let progress = spawn_progress(sent.clone(), connection.clone(), stop);
-    let committed: Committed = loop {
-        match reader.next().await {
-            Ok(Some(Message::Need(chunks))) => {
-                let root = job.path.clone();
-                let tx = batches_tx.clone();
-                let counters = sent.clone();
-                let missing = tokio::task::spawn_blocking(move || read_chunks(&root, chunks, &tx, &counters))
-                    .await
-                    .context("reading chunks panicked")??;
-                if !missing.is_empty() {
-                    tracing::warn!("{} chunks could not be read (files changed since the scan)", missing.len());
-                    net::send(&mut send, &Message::Missing(missing)).await?;
+    let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
+    let progress = spawn_progress(sent.clone(), connection.clone(), stop_rx);
+    let deadline_sleep = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline_sleep);
+    let outcome: anyhow::Result<Committed> = loop {
+        tokio::select! {
+            message = session.reader.next() => match message {
+                Ok(Some(Message::Need(chunks))) => {
+                    if needs_tx.send(chunks).is_err() {
+                        break Err(anyhow!("the chunk reader stopped"));
+                    }
                 }
-            }
-            Ok(Some(Message::Done)) => {}
-            Ok(Some(Message::Committed(committed))) => break committed,
-            Ok(Some(Message::Failed { reason })) => bail!("{} failed the round: {reason}", peer.name),
-            Ok(Some(other)) => bail!("unexpected {other:?} from {}", peer.name),
-            Ok(None) | Err(_) => {
-                bail!("{} ended the round before committing it: {}", peer.name, why_closed(&connection).await)
+                Ok(Some(Message::Done)) => {}
+                Ok(Some(Message::Committed(committed))) => break Ok(committed),
+                Ok(Some(Message::Failed { reason })) => break Err(anyhow!("{} failed the round: {reason}", peer.name)),
+                Ok(Some(Message::Refused { reason })) => break Err(Refused(format!("{} refused the round: {reason}", peer.name)).into()),
+                Ok(Some(other)) => break Err(anyhow!("unexpected {other:?} from {}", peer.name)),
+                Ok(None) | Err(_) => {
+                    break Err(anyhow!("{} ended the round before committing it: {}", peer.name, why_closed(&connection).await));
+                }
+            },
+            Some(report) = from_reader.recv() => match report {
+                FromReader::Missing(missing) => {
+                    tracing::warn!("{} chunks could not be read (files changed since the scan)", missing.len());
+                    net::send(&mut session.send, &Message::Missing(missing)).await?;
+                }
+                FromReader::Failed(why) => {
+                    let _ = net::send(&mut session.send, &Message::Failed { reason: why.clone() }).await;
+                    break Err(anyhow!("reading the source failed: {why}"));
+                }
+            },
+            () = &mut deadline_sleep => {
+                // Finish the batches on the wire, tell the destination how many there were, and let it
+                // keep them.
+                stop.store(true, Ordering::Relaxed);
+                drop(needs_tx);
+                for sender in senders {
+                    let _ = sender.await;
+                }
+                let batches = batches_sent.load(Ordering::Relaxed);
+                tracing::info!("deadline reached: stopping after {batches} chunk batches");
+                let limit = options.max_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_default();
+                let stopping = Message::Stop { reason: format!("the source's deadline (--max-duration {limit})"), batches };
+                if net::send(&mut session.send, &stopping).await.is_ok() {
+                    let _ = session.send.finish();
+                    // The destination applies what arrived, then closes.
+                    let _ = tokio::time::timeout(Duration::from_secs(120), connection.closed()).await;
+                }
+                let _ = stop_progress.send(());
+                let _ = progress.await;
+                let _ = reader_task.await;
+                return Err(deadline_error(options, sent).into());
             }
         }
     };
-    drop(batches_tx);
+    stop.store(true, Ordering::Relaxed);
+    drop(needs_tx);
     for sender in senders {
         let _ = sender.await;
     }
     let _ = stop_progress.send(());
     let _ = progress.await;
-    timetable_task.abort();
-    let _ = send.finish();
+    let _ = reader_task.await;
+    let committed = outcome?;
+    let _ = session.send.finish();
     // The destination runs its import now, if it has one; wait for its result unless told not to.
     let mut import = None;
     if options.wait_for_import {
         loop {
-            match reader.next().await {
+            match session.reader.next().await {
                 Ok(Some(Message::ImportStarted { round, command })) => {
                     tracing::info!("{} imports round {round}: {}", peer.name, command.join(" "));
                 }
@@ -329,43 +832,19 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
                 Ok(Some(Message::Notice { text })) => tracing::warn!("{}: {text}", peer.name),
                 Ok(Some(other)) => bail!("unexpected {other:?} from {} after the commit", peer.name),
                 Ok(None) => break,
+                // Committed is committed: no reconnection (it would start another round).
                 Err(e) => {
-                    bail!("lost {} while waiting for the import of round {}: {e:#}", peer.name, committed.round.round)
+                    tracing::warn!(
+                        "lost {} while waiting for the import of round {}: {e:#}; see `ferry status` on it",
+                        peer.name,
+                        committed.round.round
+                    );
+                    break;
                 }
             }
         }
     }
-    let in_sync = committed.round.root == new_root;
-    if in_sync {
-        state.promote(committed.round)?;
-    } else {
-        state.forget_base();
-    }
-    let stats = connection.stats();
-    connection.close(net::close::DONE.into(), b"round over");
-    let history_path = state.dir.join("history.jsonl");
-    let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes;
-    let report = PushReport {
-        job: job.name,
-        round: committed.round.round,
-        root_hash: committed.round.root.to_string(),
-        in_sync,
-        entries: scanned.entries,
-        changes: change_count,
-        files_changed: committed.files_written,
-        changed_bytes,
-        bytes_read: scanned.bytes_read,
-        chunks_sent: sent.chunks.load(Ordering::Relaxed),
-        chunk_bytes: sent.bytes.load(Ordering::Relaxed),
-        bytes_on_wire,
-        bytes_lost: stats.path.lost_bytes,
-        failures: committed.failures,
-        failure_count: committed.failure_count,
-        import,
-        duration_ms: started.elapsed().as_millis() as u64,
-    };
-    crate::history::append(&history_path, &crate::history::Record::pushed(&report, &peer.name))?;
-    Ok(report)
+    Ok(Finished { committed, changes, changed_bytes, import })
 }
 
 fn explain_connect_error(
@@ -473,6 +952,8 @@ fn read_chunks(
     chunks: Vec<NeedChunk>,
     tx: &BatchSender,
     counters: &Counters,
+    stop: &std::sync::atomic::AtomicBool,
+    batch_bytes: usize,
 ) -> anyhow::Result<Vec<ChunkHash>> {
     use std::os::unix::fs::FileExt;
     let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
@@ -483,6 +964,9 @@ fn read_chunks(
     let mut batches: [PendingBatch; 2] = Default::default();
     let mut buf = Vec::new();
     for need in chunks {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(missing);
+        }
         if need.len as usize > (16 << 20) {
             missing.push(need.hash);
             continue;
@@ -505,7 +989,7 @@ fn read_chunks(
         let (list, data) = &mut batches[which];
         list.push((need.hash, need.len));
         data.extend_from_slice(&buf);
-        if data.len() >= crate::chunks::BATCH_BYTES {
+        if data.len() >= batch_bytes {
             let (list, data) = (std::mem::take(list), std::mem::take(data));
             let batch = crate::chunks::encode_batch(list, data, which == 1, &mut compressor);
             tx.0.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;

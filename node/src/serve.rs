@@ -1,6 +1,6 @@
 //! `ferry serve`: the destination daemon, and the destination's side of a round.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -18,8 +18,12 @@ use tokio::sync::mpsc;
 use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
 use crate::net::{self, FrameReader, close};
 
-/// How many chunk bytes one window asks for before applying them (the memory a round holds).
-const WINDOW_BYTES: u64 = 64 << 20;
+/// How many chunk bytes one window asks for before applying them (the memory a round holds). Windows
+/// start at `WINDOW_START`, and grow or shrink so that one takes one to four seconds to arrive. Files
+/// are applied as their chunks arrive, so the window bounds memory, not what an interruption loses.
+const WINDOW_MAX: u64 = 64 << 20;
+const WINDOW_MIN: u64 = 1 << 20;
+const WINDOW_START: u64 = 8 << 20;
 /// How many entries one window holds at most.
 const WINDOW_ENTRIES: usize = 20_000;
 /// A window that receives nothing for this long fails the round.
@@ -277,8 +281,22 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         }
         anyhow::Ok(())
     });
-    // Data streams: chunk batches, checked and decoded as they arrive.
-    let data = tokio::spawn(receive_chunks(connection.clone(), window.clone()));
+    // Data streams: chunk batches, checked and decoded as they arrive, at most as fast as this peer's
+    // `receive_bwlimit` allows (reading slower makes QUIC's flow control slow the sender down).
+    let receive_limit = match &peer.receive_bwlimit {
+        Some(text) => Some(
+            ferry_engine::Timetable::parse(text)
+                .with_context(|| format!("the receive_bwlimit of peer {} in ferry.toml", peer.name))?,
+        ),
+        None => None,
+    };
+    let limiter = receive_limit.map(crate::limit::Limiter::new);
+    let follow = limiter.as_ref().map(|l| l.follow("receive limit"));
+    if let Some(bps) = limiter.as_ref().and_then(|l| l.rate().bytes_per_second()) {
+        connection.set_receive_window((2 * bps).clamp(2 << 20, 64 << 20).try_into().unwrap_or(quinn::VarInt::MAX));
+        tracing::info!(job = %job.name, "receiving at most {}/s from {}", crate::human::bytes(bps), peer.name);
+    }
+    let data = tokio::spawn(receive_chunks(connection.clone(), window.clone(), limiter));
 
     let target = job.path.clone();
     let imports = context.imports.clone();
@@ -292,13 +310,31 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let _ = writer.await;
     control.abort();
     data.abort();
-    match result {
-        Ok(done) => {
-            tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
-            Ok(())
-        }
-        Err(e) => Err(e),
+    if let Some(follow) = follow {
+        follow.abort();
     }
+    match result? {
+        RoundEnd::Committed(done) => {
+            tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
+        }
+        RoundEnd::Stopped(reason) => {
+            tracing::info!("round into {} stopped by the source ({reason}); what arrived is kept", target.display());
+            let text = format!("stopped: {reason}; what arrived is kept for the next round");
+            connection.close(close::DONE.into(), text.as_bytes());
+        }
+        RoundEnd::Planned => tracing::info!("dry run for {} planned", target.display()),
+    }
+    Ok(())
+}
+
+/// How a destination round ended.
+enum RoundEnd {
+    /// Committed as this round.
+    Committed(RoundRef),
+    /// The source stopped it (its deadline): what arrived was applied, nothing committed.
+    Stopped(String),
+    /// A dry run: planned, nothing written.
+    Planned,
 }
 
 /// The chunks of the window in flight, shared between the network tasks and the round thread.
@@ -315,15 +351,18 @@ struct WindowState {
     missing: HashSet<ChunkHash>,
     /// Set when the data streams fail.
     error: Option<String>,
+    /// Chunk batches received in the round.
+    batches: u64,
 }
 
-async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>) {
+async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limiter: Option<crate::limit::Limiter>) {
     loop {
         let stream = match connection.accept_uni().await {
             Ok(stream) => stream,
             Err(e) => return window.fail(format!("the connection ended: {e}")),
         };
         let window = window.clone();
+        let limiter = limiter.clone();
         tokio::spawn(async move {
             let mut reader = FrameReader::new(stream);
             let mut decompressor = match zstd::bulk::Decompressor::new() {
@@ -335,11 +374,18 @@ async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>) {
             };
             loop {
                 match reader.next().await {
-                    Ok(Some(Message::ChunkBatch(batch))) => match crate::chunks::decode_batch(batch, &mut decompressor)
-                    {
-                        Ok((good, bad)) => window.arrive(good, bad),
-                        Err(e) => return window.fail(e.to_string()),
-                    },
+                    Ok(Some(Message::ChunkBatch(batch))) => {
+                        if let Some(limiter) = &limiter {
+                            let cost = batch.payload.len() as u64 + 40 * batch.chunks.len() as u64;
+                            if let Err(e) = limiter.acquire(cost).await {
+                                return window.fail(format!("{e:#}"));
+                            }
+                        }
+                        match crate::chunks::decode_batch(batch, &mut decompressor) {
+                            Ok((good, bad)) => window.arrive(good, bad),
+                            Err(e) => return window.fail(e.to_string()),
+                        }
+                    }
                     Ok(None) => return,
                     Ok(Some(other)) => return window.fail(format!("unexpected message on a data stream: {other:?}")),
                     Err(e) => return window.fail(format!("{e:#}")),
@@ -360,8 +406,16 @@ impl Window {
             }
             state.chunks.extend(good);
             state.missing.extend(bad);
+            state.batches += 1;
             self.changed.notify_all();
         }
+    }
+
+    /// True when every one of `hashes` has arrived or is known missing.
+    fn holds_all(&self, hashes: &[ChunkHash]) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|state| hashes.iter().all(|h| state.chunks.contains_key(h) || state.missing.contains(h)))
     }
 
     fn fail(&self, error: String) {
@@ -453,7 +507,7 @@ fn destination_round(
     mut inbox: mpsc::Receiver<Message>,
     to_net: mpsc::Sender<Message>,
     window: &Arc<Window>,
-) -> anyhow::Result<RoundRef> {
+) -> anyhow::Result<RoundEnd> {
     let (job, hello) = (round.job, round.hello);
     let send = |message: Message| to_net.blocking_send(message).map_err(|_| anyhow!("the connection closed"));
     let state = TargetState::new(round.data_dir, &job.name);
@@ -479,10 +533,12 @@ fn destination_round(
     )?;
     let _round_marker = crate::history::MarkerGuard(state.round_marker());
     let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
-    if holds.is_none() {
+    let indexed = state.dir.join("existing.indexed");
+    if holds.is_none() && !indexed.exists() {
         // First round: what is already in the target (a shipped disk, an earlier rsync) is indexed,
-        // so that only what differs is asked for.
+        // so that only what differs is asked for. Once: an interrupted first round keeps its index.
         index_existing(&job.path, &state.dir, &mut index)?;
+        std::fs::write(&indexed, b"")?;
     }
     send(Message::Welcome { holds })?;
 
@@ -490,9 +546,11 @@ fn destination_round(
     let changes_path = state.dir.join("incoming-changes");
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
     let mut import_mode = ferry_proto::ImportMode::Default;
+    let mut dry_run = false;
     let end = loop {
         match inbox.blocking_recv() {
             Some(Message::RoundOptions(options)) => import_mode = options.import,
+            Some(Message::DryRun) => dry_run = true,
             Some(Message::Changes(batch)) => {
                 for change in &batch {
                     changes.push(change)?;
@@ -509,28 +567,47 @@ fn destination_round(
         bail!("the source sent changes against round {:?}, but this node holds {holds:?}", end.base);
     }
 
-    let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if state.manifest().exists() {
-        Box::new(ManifestReader::open(&state.manifest())?)
-    } else {
-        Box::new(std::iter::empty())
+    let open_pairs = || -> anyhow::Result<_> {
+        let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if state.manifest().exists() {
+            Box::new(ManifestReader::open(&state.manifest())?)
+        } else {
+            Box::new(std::iter::empty())
+        };
+        Ok(patch(old, RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
     };
-    let incoming = RecordReader::<Change>::open(&changes_path)?;
-    let pairs = patch(old, incoming, end.base.is_some());
+
+    // Before any data moves: does the round fit?
+    let space = Space::of_round(open_pairs()?, &job.path)?;
+    if dry_run {
+        plan_only(open_pairs()?, &index, &space, &send)?;
+        let _ = std::fs::remove_file(&changes_path);
+        return Ok(RoundEnd::Planned);
+    }
+    if let Some(reason) = space.refusal(&job.path) {
+        tracing::warn!(job = %job.name, "{reason}");
+        send(Message::Refused { reason: reason.clone() })?;
+        bail!("refused: {reason}");
+    }
+
     let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
     let mut source = WindowSource(window.clone());
     let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
-    let mut buffered: Vec<Pair<Entry, Entry>> = Vec::new();
+    // Each pair waits with the hashes it asked for; it is applied as soon as they are all in.
+    let mut buffered: VecDeque<(Pair<Entry, Entry>, Vec<ChunkHash>)> = VecDeque::new();
     let mut needed: Vec<NeedChunk> = Vec::new();
     let mut needed_bytes = 0u64;
-    let mut pairs = pairs.peekable();
+    let mut window_bytes = WINDOW_START;
+    let mut pairs = open_pairs()?.peekable();
     while pairs.peek().is_some() || !buffered.is_empty() {
-        while needed_bytes < WINDOW_BYTES && buffered.len() < WINDOW_ENTRIES {
+        while needed_bytes < window_bytes && buffered.len() < WINDOW_ENTRIES {
             let Some(pair) = pairs.next() else { break };
             let pair = pair?;
+            let mut hashes = Vec::new();
             for need in applier.plan(&pair)? {
                 needed_bytes += u64::from(need.chunk.len);
+                hashes.push(need.chunk.hash);
                 needed.push(NeedChunk {
                     path: need.path,
                     offset: need.offset,
@@ -538,16 +615,43 @@ fn destination_round(
                     hash: need.chunk.hash,
                 });
             }
-            buffered.push(pair);
+            buffered.push_back((pair, hashes));
         }
-        fetch_window(std::mem::take(&mut needed), &send, &mut inbox, window)?;
-        for pair in buffered.drain(..) {
-            applier.step(pair)?;
-        }
-        applier.flush_batch()?;
+        let started = Instant::now();
+        // While the window arrives, the files whose chunks are all in are applied, in order, and made
+        // durable twice a second: an interruption costs only what was still in flight.
+        let mut last_flush = Instant::now();
+        let mut apply_ready = |all: bool| -> anyhow::Result<()> {
+            while let Some((_, hashes)) = buffered.front() {
+                if !all && !window.holds_all(hashes) {
+                    break;
+                }
+                let Some((pair, _)) = buffered.pop_front() else { break };
+                applier.step(pair)?;
+            }
+            if all || last_flush.elapsed() > Duration::from_millis(500) {
+                applier.flush_batch()?;
+                last_flush = Instant::now();
+            }
+            Ok(())
+        };
+        let outcome = fetch_window(std::mem::take(&mut needed), &send, &mut inbox, window, &mut apply_ready)?;
+        let took = started.elapsed();
+        // Whatever happened, what arrived is applied and made durable.
+        apply_ready(true)?;
         if let Ok(mut state) = window.state.lock() {
             state.chunks.clear();
             state.missing.clear();
+        }
+        match outcome {
+            WindowEnd::Complete => {}
+            WindowEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
+            WindowEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
+        }
+        if needed_bytes >= window_bytes && took < Duration::from_secs(1) {
+            window_bytes = (window_bytes * 2).min(WINDOW_MAX);
+        } else if took > Duration::from_secs(4) {
+            window_bytes = (window_bytes / 2).max(WINDOW_MIN);
         }
         needed_bytes = 0;
     }
@@ -586,7 +690,8 @@ fn destination_round(
                 Some(t) => humantime::parse_duration(t).with_context(|| format!("import_timeout {t:?}"))?,
                 None => Duration::from_secs(24 * 3600),
             };
-            let result = crate::import::run(&argv, done.round, timeout, &state.dir.join("import.log"));
+            let log = state.dir.join("import.log");
+            let result = crate::import::run(&argv, job.import_user.as_deref(), done.round, timeout, &log);
             crate::history::append(&state.history(), &crate::history::Record::imported(&result))?;
             let _ = std::fs::remove_file(state.import_marker());
             anyhow::Ok(result)
@@ -607,7 +712,97 @@ fn destination_round(
         }
         let _ = send(Message::ImportDone(result));
     }
-    Ok(done)
+    Ok(RoundEnd::Committed(done))
+}
+
+/// The disk space a round needs on the destination, and what there is.
+struct Space {
+    /// Files the round writes.
+    files: u64,
+    /// Their bytes: each is built beside the old version before it replaces it.
+    needed: u64,
+    /// Free bytes for the target (for an unprivileged user).
+    available: u64,
+    /// The filesystem's size.
+    total: u64,
+}
+
+impl Space {
+    fn of_round(
+        pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
+        target: &Path,
+    ) -> anyhow::Result<Self> {
+        let (mut files, mut needed) = (0u64, 0u64);
+        for pair in pairs {
+            let pair = pair?;
+            if ferry_engine::Planner::writes_content(&pair)
+                && let Some(new) = &pair.new
+            {
+                files += 1;
+                needed = needed.saturating_add(new.size);
+            }
+        }
+        let stat = rustix::fs::statvfs(target)
+            .with_context(|| format!("cannot read the free space of {}", target.display()))?;
+        Ok(Self {
+            files,
+            needed,
+            available: stat.f_bavail.saturating_mul(stat.f_frsize),
+            total: stat.f_blocks.saturating_mul(stat.f_frsize),
+        })
+    }
+
+    /// Room kept free beyond the round's own bytes: 2% of the filesystem (at most 1 GiB), plus 1 MiB
+    /// for folders and ferry's state.
+    fn margin(&self) -> u64 {
+        (self.total / 50).min(1 << 30) + (1 << 20)
+    }
+
+    /// Why the round cannot start, if it cannot.
+    fn refusal(&self, target: &Path) -> Option<String> {
+        let wanted = self.needed.saturating_add(self.margin());
+        (wanted > self.available).then(|| {
+            format!(
+                "not enough space in {}: the round writes {} files ({}), which needs {} with the margin, and {} is free; free some space or grow the filesystem, then run the round again",
+                target.display(),
+                crate::human::count(self.files),
+                crate::human::bytes(self.needed),
+                crate::human::bytes(wanted),
+                crate::human::bytes(self.available)
+            )
+        })
+    }
+}
+
+/// A dry run: asks for the chunks the round would need (the source sizes them instead of sending
+/// them), then says what the round would write.
+fn plan_only(
+    pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
+    index: &ChunkIndex,
+    space: &Space,
+    send: &impl Fn(Message) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut planner = ferry_engine::Planner::default();
+    let mut needed = Vec::new();
+    let mut need_bytes = 0u64;
+    for pair in pairs {
+        for need in planner.plan(index, &pair?)? {
+            need_bytes += u64::from(need.chunk.len);
+            needed.push(NeedChunk { path: need.path, offset: need.offset, len: need.chunk.len, hash: need.chunk.hash });
+            if needed.len() == 4096 {
+                send(Message::Need(std::mem::take(&mut needed)))?;
+            }
+        }
+    }
+    if !needed.is_empty() {
+        send(Message::Need(needed))?;
+    }
+    send(Message::Planned(ferry_proto::Plan {
+        files: space.files,
+        need_bytes,
+        space_needed: space.needed.saturating_add(space.margin()),
+        space_available: space.available,
+    }))
 }
 
 /// The import command to run for this round, if any.
@@ -626,16 +821,25 @@ fn import_command(job: &JobConfig, mode: ferry_proto::ImportMode, round: u64) ->
     command.map(|c| crate::config::import_argv(c, &job.path, &job.name, round)).transpose()
 }
 
-/// Asks for a window's chunks and waits until each has arrived or is known missing.
+/// How a window's transfer ended.
+enum WindowEnd {
+    /// Every chunk arrived or is known missing.
+    Complete,
+    /// The source stopped the round (its deadline) after sending what it had started.
+    Stopped(String),
+    /// The connection or the source failed; what arrived is still good.
+    Cut(String),
+}
+
+/// Asks for a window's chunks and waits until each has arrived or is known missing, or until the
+/// source stops or the connection fails.
 fn fetch_window(
     needed: Vec<NeedChunk>,
     send: &impl Fn(Message) -> anyhow::Result<()>,
     inbox: &mut mpsc::Receiver<Message>,
     window: &Window,
-) -> anyhow::Result<()> {
-    if needed.is_empty() {
-        return Ok(());
-    }
+    progress: &mut impl FnMut(bool) -> anyhow::Result<()>,
+) -> anyhow::Result<WindowEnd> {
     let wanted: HashSet<ChunkHash> = needed.iter().map(|n| n.hash).collect();
     for part in needed.chunks(4096) {
         send(Message::Need(part.to_vec()))?;
@@ -647,34 +851,54 @@ fn fetch_window(
             let message = match inbox.try_recv() {
                 Ok(message) => message,
                 Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => bail!("the connection closed during the transfer"),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Ok(WindowEnd::Cut("the connection closed during the transfer".into()));
+                }
             };
             match message {
                 Message::Missing(hashes) => {
                     let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
                     state.missing.extend(hashes);
                 }
-                Message::Failed { reason } => bail!("the source gave up: {reason}"),
+                Message::Stop { reason, batches } => {
+                    // The batches the source sent before stopping are on their way on other streams.
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+                    while state.batches < batches && state.error.is_none() && Instant::now() < deadline {
+                        state = window
+                            .changed
+                            .wait_timeout(state, Duration::from_millis(200))
+                            .map_err(|_| anyhow!("window lock poisoned"))?
+                            .0;
+                    }
+                    return Ok(WindowEnd::Stopped(reason));
+                }
+                Message::Failed { reason } => return Ok(WindowEnd::Cut(format!("the source gave up: {reason}"))),
                 other => bail!("unexpected {other:?} during the transfer"),
             }
         }
         let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
         if let Some(error) = &state.error {
-            bail!("receiving chunks failed: {error}");
+            return Ok(WindowEnd::Cut(format!("receiving chunks failed: {error}")));
         }
         let done = wanted.iter().filter(|h| state.chunks.contains_key(h) || state.missing.contains(h)).count();
         if done == wanted.len() {
-            return Ok(());
+            return Ok(WindowEnd::Complete);
         }
         if done != last_progress.1 {
             last_progress = (Instant::now(), done);
         } else if last_progress.0.elapsed() > STALL_TIMEOUT {
-            bail!("no chunk arrived for {} s ({done} of {} received)", STALL_TIMEOUT.as_secs(), wanted.len());
+            return Ok(WindowEnd::Cut(format!(
+                "no chunk arrived for {} s ({done} of {} received)",
+                STALL_TIMEOUT.as_secs(),
+                wanted.len()
+            )));
         }
         let _ = window
             .changed
             .wait_timeout(state, Duration::from_millis(200))
             .map_err(|_| anyhow!("window lock poisoned"))?;
+        progress(false)?;
     }
 }
 

@@ -7,4 +7,5 @@ mod hostile;
 mod network;
 mod properties;
 mod reuse;
+mod rounds;
 mod source_changes;

@@ -9,13 +9,13 @@ use ferry_testkit::{TreeGenerator, TreeSpec};
 use crate::util::{assert_same_tree, ferry_bin};
 
 /// One node: its config folder.
-struct Node {
-    config: PathBuf,
-    id: String,
+pub(crate) struct Node {
+    pub(crate) config: PathBuf,
+    pub(crate) id: String,
 }
 
 impl Node {
-    fn init(dir: &Path, name: &str) -> Self {
+    pub(crate) fn init(dir: &Path, name: &str) -> Self {
         let config = dir.join(name);
         let out = Command::new(ferry_bin()).arg("--config-dir").arg(&config).arg("init").output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -24,24 +24,24 @@ impl Node {
         Self { config, id }
     }
 
-    fn ferry(&self) -> Command {
+    pub(crate) fn ferry(&self) -> Command {
         let mut cmd = Command::new(ferry_bin());
         cmd.arg("--config-dir").arg(&self.config);
         cmd
     }
 
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn run(&self, args: &[&str]) -> std::process::Output {
         self.ferry().args(args).output().unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(out.status.success(), "ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
 
     /// `sync --round JOB --json`, parsed.
-    fn sync(&self, job: &str) -> serde_json::Value {
+    pub(crate) fn sync(&self, job: &str) -> serde_json::Value {
         let out = self.run(&["sync", "--round", job, "--json"]);
         assert!(out.status.success(), "sync: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
@@ -49,18 +49,29 @@ impl Node {
 }
 
 /// A running `ferry serve`, stopped when dropped.
-struct Daemon {
-    child: Child,
-    addr: String,
+/// Where a process's log goes: nowhere, or a file in `$FERRY_TEST_LOGS` when debugging a test.
+pub(crate) fn debug_log(what: &str) -> Stdio {
+    match std::env::var_os("FERRY_TEST_LOGS") {
+        Some(dir) => {
+            let path = Path::new(&dir).join(format!("{what}-{}.log", std::process::id()));
+            std::fs::OpenOptions::new().create(true).append(true).open(path).map_or(Stdio::null(), Stdio::from)
+        }
+        None => Stdio::null(),
+    }
+}
+
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
 }
 
 impl Daemon {
-    fn start(node: &Node) -> Self {
+    pub(crate) fn start(node: &Node) -> Self {
         let mut child = node
             .ferry()
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(debug_log("serve"))
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -81,15 +92,15 @@ impl Drop for Daemon {
     }
 }
 
-struct Setup {
-    dir: tempfile::TempDir,
-    source: Node,
-    dest: Node,
-    daemon: Daemon,
+pub(crate) struct Setup {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) source: Node,
+    pub(crate) dest: Node,
+    pub(crate) daemon: Daemon,
 }
 
 impl Setup {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("ferry-net-").tempdir().unwrap();
         let source = Node::init(dir.path(), "source-node");
         let dest = Node::init(dir.path(), "dest-node");
@@ -101,11 +112,11 @@ impl Setup {
         Self { dir, source, dest, daemon }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn job(&self, name: &str, source: &Path, target: &Path) {
+    pub(crate) fn job(&self, name: &str, source: &Path, target: &Path) {
         self.dest.ok(&["job", "add", name, "--path", target.to_str().unwrap(), "--peer", "source"]);
         self.source.ok(&["job", "add", name, "--path", source.to_str().unwrap(), "--peer", "dest"]);
     }
@@ -189,14 +200,14 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
     stranger.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
     stranger.ok(&["job", "add", "zimbra", "--path", source.to_str().unwrap(), "--peer", "dest"]);
     let out = stranger.run(&["sync", "--round", "zimbra"]);
-    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&stranger.id) && stderr.contains("ferry trust"), "{stderr}");
 
     // A destination that is not the pinned node.
     setup.source.ok(&["trust", &stranger.id, "--name", "dest", "--addr", &setup.daemon.addr]);
     let out = setup.source.run(&["sync", "--round", "zimbra"]);
-    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&setup.dest.id) && stderr.contains("ferry trust"), "{stderr}");
     assert!(!target.join("f").exists(), "something was transferred");
@@ -205,7 +216,7 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
     setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
     setup.dest.ok(&["trust", &stranger.id, "--name", "other"]);
     let out = stranger.run(&["sync", "--round", "zimbra"]);
-    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to peer source"), "{stderr}");
     assert!(!target.join("f").exists(), "something was transferred");
@@ -355,7 +366,7 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
         .unwrap();
     assert!(slow.wait().unwrap().success());
     let out = setup.source.run(&["sync", "--round", "zimbra", "--import", "none"]);
-    assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("import of round 5") && stderr.contains("running since"), "{stderr}");
     std::fs::remove_file(setup.path("slow")).unwrap();
