@@ -123,6 +123,10 @@ pub struct SyncArgs {
     /// backoff) and go on where the round was.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10m")]
     pub reconnect_grace: std::time::Duration,
+    /// Network rounds: yield to other traffic on the link (a delay-based congestion controller, after
+    /// LEDBAT): the round slows down as soon as the link's queue fills, instead of competing.
+    #[arg(long)]
+    pub low_priority: bool,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

@@ -13,6 +13,7 @@ mod demo;
 pub mod history;
 mod human;
 mod import;
+mod ledbat;
 mod limit;
 mod local;
 mod net;

@@ -20,6 +20,13 @@ pub(crate) fn second_of_week_now() -> u64 {
     ((day * 24 + now.hour() as u64) * 60 + now.minute() as u64) * 60 + now.second() as u64
 }
 
+/// How long until the local clock's next minute starts.
+fn until_next_minute() -> Duration {
+    let now = jiff::ZonedDateTime::now();
+    let into_minute = Duration::from_secs(now.second() as u64) + Duration::from_nanos(now.subsec_nanosecond() as u64);
+    Duration::from_secs(60).saturating_sub(into_minute)
+}
+
 /// A rate for people.
 pub(crate) fn describe_rate(rate: Rate) -> String {
     match rate.bytes_per_second() {
@@ -83,13 +90,13 @@ impl Limiter {
         }
     }
 
-    /// Looks at the clock every 20 s while the returned task runs: the timetable moves on. `what`
-    /// names the limit in the log.
+    /// Looks at the clock at the start of every minute (when a timetable can change) while the
+    /// returned task runs. `what` names the limit in the log.
     pub(crate) fn follow(&self, what: &'static str) -> tokio::task::JoinHandle<()> {
         let limiter = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(20)).await;
+                tokio::time::sleep(until_next_minute() + Duration::from_millis(100)).await;
                 if let Some(rate) = limiter.refresh() {
                     tracing::info!("{what} now {}", describe_rate(rate));
                 }

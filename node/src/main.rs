@@ -86,6 +86,7 @@ fn main() {
                     max_duration: args.max_duration,
                     dry_run: args.dry_run,
                     reconnect_grace: args.reconnect_grace,
+                    low_priority: args.low_priority,
                 };
                 if args.dry_run {
                     runtime().and_then(|rt| rt.block_on(ferry::dry_run(&config_dir, &options))).map(|report| {

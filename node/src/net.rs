@@ -19,6 +19,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flow-control windows and limits: large enough for long fat links, bounded so that a peer cannot
 /// make us buffer without end.
 fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_config())
+}
+
+fn transport_config() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(4u32.into())
@@ -28,7 +32,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
         .send_window(64 << 20)
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")))
         .keep_alive_interval(Some(Duration::from_secs(5)));
-    Arc::new(transport)
+    transport
 }
 
 fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
@@ -73,15 +77,22 @@ pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Connects to `peer` at `addr`, accepting only its pinned key.
+/// With `low_priority`, the connection's congestion controller yields to other traffic
+/// ([`crate::ledbat`]).
 pub(crate) async fn connect(
     identity: &Identity,
     peer: NodeId,
     addr: SocketAddr,
+    low_priority: bool,
 ) -> Result<quinn::Connection, anyhow::Error> {
     let tls = ferry_certs::client_config(identity, peer, ALPN).context("cannot build the TLS client config")?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(transport());
+    let mut transport = transport_config();
+    if low_priority {
+        transport.congestion_controller_factory(Arc::new(crate::ledbat::LedbatConfig));
+    }
+    client.transport_config(Arc::new(transport));
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
     let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(bind)?, runtime)?;

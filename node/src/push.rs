@@ -39,6 +39,8 @@ pub struct PushOptions {
     pub dry_run: bool,
     /// `--reconnect-grace`: how long to keep reconnecting after the connection is lost.
     pub reconnect_grace: Duration,
+    /// `--low-priority`: a delay-based congestion controller that yields to other traffic.
+    pub low_priority: bool,
 }
 
 /// The version of the `--json` reports' layout: it changes only when a field changes meaning or goes
@@ -413,7 +415,7 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
     let Prepared { peer, addr, identity, state, job, .. } = prepared;
     let remote = net::resolve(addr)?;
     tracing::info!(job = %job.name, "connecting to {} ({}) at {remote}", peer.name, peer.id);
-    let connection = match net::connect(identity, peer.id, remote).await {
+    let connection = match net::connect(identity, peer.id, remote, options.low_priority).await {
         Ok(connection) => connection,
         Err(e) => {
             let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
