@@ -134,3 +134,13 @@ fn a_replayed_certificate_without_its_key_is_refused() {
     let err = handshake(client, server).unwrap_err();
     assert!(err.starts_with("client:"), "{err}");
 }
+
+#[test]
+fn a_client_speaking_another_protocol_is_refused() {
+    let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    // A pinned, trusted client that offers another ALPN (an older or newer ferry, or another tool).
+    let client = client_config(&a, b.node_id(), b"ferry/0").unwrap();
+    let server = server_config(&b, trusted(&[a.node_id()]), ALPN).unwrap();
+    let err = handshake(client, server).unwrap_err();
+    assert!(err.starts_with("server:") && err.contains("known protocol"), "{err}");
+}

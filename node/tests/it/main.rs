@@ -3,6 +3,7 @@
 mod util;
 
 mod cli;
+mod faults;
 mod hostile;
 mod network;
 mod properties;

@@ -290,6 +290,42 @@ fn a_paused_job_holds_its_transfer_until_sighup_reloads_the_limit() {
 }
 
 #[test]
+fn a_pause_window_in_the_timetable_holds_the_transfer_until_it_closes() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 8, 256 << 10, 8);
+    setup.job("zimbra", &source, &target);
+    // Paused for the rest of this minute, unlimited from the next one (local time, as the operator
+    // writes it). With less than 10 s left in this minute, wait for the next one first.
+    let mut now = jiff::ZonedDateTime::now();
+    if now.second() > 50 {
+        std::thread::sleep(Duration::from_secs(61 - now.second() as u64));
+        now = jiff::ZonedDateTime::now();
+    }
+    let opens = now.checked_add(jiff::SignedDuration::from_secs(60 - now.second() as i64)).unwrap();
+    let timetable = format!("{},0 {},off", now.strftime("%H:%M"), opens.strftime("%H:%M"));
+    let started = Instant::now();
+    let sync = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--json", "--bwlimit", &timetable])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let window_opens = started + Duration::from_secs(60 - now.second() as u64);
+    std::thread::sleep(Duration::from_secs(5).min(window_opens.saturating_duration_since(Instant::now())));
+    assert!(walk(&target).is_empty(), "data moved during the pause ({timetable})");
+    let out = sync.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(Instant::now() + Duration::from_millis(500) >= window_opens, "done before the window opened");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["in_sync"], true);
+    assert_eq!(report["connections"], 1, "the paused connection stayed up: {report}");
+    assert_same_tree(&source, &target, |_| false);
+}
+
+#[test]
 fn the_destination_caps_what_a_peer_sends() {
     let setup = Setup::new();
     let (source, target) = (setup.path("export"), setup.path("migration"));
