@@ -18,13 +18,9 @@ use tokio::sync::mpsc;
 use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
 use crate::net::{self, FrameReader, close};
 
-/// How many chunk bytes one window asks for before applying them (the memory a round holds). Windows
-/// start at `WINDOW_START`, and grow or shrink so that one takes one to four seconds to arrive. Files
-/// are applied as their chunks arrive, so the window bounds memory, not what an interruption loses.
+/// How many chunk bytes a round asks for ahead of what it has applied (the memory a round holds).
 const WINDOW_MAX: u64 = 64 << 20;
-const WINDOW_MIN: u64 = 1 << 20;
-const WINDOW_START: u64 = 8 << 20;
-/// How many entries one window holds at most.
+/// How many entries wait for their chunks at most.
 const WINDOW_ENTRIES: usize = 20_000;
 /// A window that receives nothing for this long fails the round.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -411,6 +407,16 @@ impl Window {
         }
     }
 
+    /// Drops chunks that are now in the target and its index.
+    fn forget(&self, hashes: &[ChunkHash]) {
+        if let Ok(mut state) = self.state.lock() {
+            for hash in hashes {
+                state.chunks.remove(hash);
+                state.missing.remove(hash);
+            }
+        }
+    }
+
     /// True when every one of `hashes` has arrived or is known missing.
     fn holds_all(&self, hashes: &[ChunkHash]) -> bool {
         self.state
@@ -594,66 +600,10 @@ fn destination_round(
     let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
-    // Each pair waits with the hashes it asked for; it is applied as soon as they are all in.
-    let mut buffered: VecDeque<(Pair<Entry, Entry>, Vec<ChunkHash>)> = VecDeque::new();
-    let mut needed: Vec<NeedChunk> = Vec::new();
-    let mut needed_bytes = 0u64;
-    let mut window_bytes = WINDOW_START;
-    let mut pairs = open_pairs()?.peekable();
-    while pairs.peek().is_some() || !buffered.is_empty() {
-        while needed_bytes < window_bytes && buffered.len() < WINDOW_ENTRIES {
-            let Some(pair) = pairs.next() else { break };
-            let pair = pair?;
-            let mut hashes = Vec::new();
-            for need in applier.plan(&pair)? {
-                needed_bytes += u64::from(need.chunk.len);
-                hashes.push(need.chunk.hash);
-                needed.push(NeedChunk {
-                    path: need.path,
-                    offset: need.offset,
-                    len: need.chunk.len,
-                    hash: need.chunk.hash,
-                });
-            }
-            buffered.push_back((pair, hashes));
-        }
-        let started = Instant::now();
-        // While the window arrives, the files whose chunks are all in are applied, in order, and made
-        // durable twice a second: an interruption costs only what was still in flight.
-        let mut last_flush = Instant::now();
-        let mut apply_ready = |all: bool| -> anyhow::Result<()> {
-            while let Some((_, hashes)) = buffered.front() {
-                if !all && !window.holds_all(hashes) {
-                    break;
-                }
-                let Some((pair, _)) = buffered.pop_front() else { break };
-                applier.step(pair)?;
-            }
-            if all || last_flush.elapsed() > Duration::from_millis(500) {
-                applier.flush_batch()?;
-                last_flush = Instant::now();
-            }
-            Ok(())
-        };
-        let outcome = fetch_window(std::mem::take(&mut needed), &send, &mut inbox, window, &mut apply_ready)?;
-        let took = started.elapsed();
-        // Whatever happened, what arrived is applied and made durable.
-        apply_ready(true)?;
-        if let Ok(mut state) = window.state.lock() {
-            state.chunks.clear();
-            state.missing.clear();
-        }
-        match outcome {
-            WindowEnd::Complete => {}
-            WindowEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
-            WindowEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
-        }
-        if needed_bytes >= window_bytes && took < Duration::from_secs(1) {
-            window_bytes = (window_bytes * 2).min(WINDOW_MAX);
-        } else if took > Duration::from_secs(4) {
-            window_bytes = (window_bytes / 2).max(WINDOW_MIN);
-        }
-        needed_bytes = 0;
+    match transfer(&mut applier, open_pairs()?, &send, &mut inbox, window)? {
+        TransferEnd::Complete => {}
+        TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
+        TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
     }
     send(Message::Done)?;
     let report = applier.finish()?;
@@ -821,84 +771,150 @@ fn import_command(job: &JobConfig, mode: ferry_proto::ImportMode, round: u64) ->
     command.map(|c| crate::config::import_argv(c, &job.path, &job.name, round)).transpose()
 }
 
-/// How a window's transfer ended.
-enum WindowEnd {
-    /// Every chunk arrived or is known missing.
+/// How the transfer ended.
+enum TransferEnd {
+    /// Every entry was applied.
     Complete,
     /// The source stopped the round (its deadline) after sending what it had started.
     Stopped(String),
-    /// The connection or the source failed; what arrived is still good.
+    /// The connection or the source failed; what arrived was applied.
     Cut(String),
 }
 
-/// Asks for a window's chunks and waits until each has arrived or is known missing, or until the
-/// source stops or the connection fails.
-fn fetch_window(
-    needed: Vec<NeedChunk>,
+/// An entry waiting for the chunks it asked for.
+struct Waiting {
+    pair: Pair<Entry, Entry>,
+    hashes: Vec<ChunkHash>,
+    bytes: u64,
+}
+
+/// The transfer, streamed: entries are planned ahead and their chunks asked for while at most
+/// `WINDOW_MAX` bytes (and `WINDOW_ENTRIES` entries) are asked for and not yet applied; each entry is
+/// applied, in order, as soon as its chunks are in; every 500 ms what was applied is made durable
+/// (`flush_batch`) and its chunks leave memory. A stop or a cut keeps everything applied so far.
+fn transfer(
+    applier: &mut Applier<'_>,
+    mut pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
     send: &impl Fn(Message) -> anyhow::Result<()>,
     inbox: &mut mpsc::Receiver<Message>,
     window: &Window,
-    progress: &mut impl FnMut(bool) -> anyhow::Result<()>,
-) -> anyhow::Result<WindowEnd> {
-    let wanted: HashSet<ChunkHash> = needed.iter().map(|n| n.hash).collect();
-    for part in needed.chunks(4096) {
-        send(Message::Need(part.to_vec()))?;
-    }
-    let mut last_progress = (Instant::now(), 0usize);
-    loop {
-        // The source reports what it cannot read on the control stream.
-        loop {
-            let message = match inbox.try_recv() {
-                Ok(message) => message,
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Ok(WindowEnd::Cut("the connection closed during the transfer".into()));
-                }
+) -> anyhow::Result<TransferEnd> {
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut outstanding = 0u64;
+    let mut planned_all = false;
+    let mut applied: Vec<ChunkHash> = Vec::new();
+    let mut last_flush = Instant::now();
+    let mut last_progress = (Instant::now(), 0u64);
+    let end = loop {
+        // Plan ahead and ask.
+        let mut needs = Vec::new();
+        while !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
+            let Some(pair) = pairs.next() else {
+                planned_all = true;
+                break;
             };
-            match message {
-                Message::Missing(hashes) => {
-                    let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-                    state.missing.extend(hashes);
-                }
-                Message::Stop { reason, batches } => {
-                    // The batches the source sent before stopping are on their way on other streams.
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-                    while state.batches < batches && state.error.is_none() && Instant::now() < deadline {
-                        state = window
-                            .changed
-                            .wait_timeout(state, Duration::from_millis(200))
-                            .map_err(|_| anyhow!("window lock poisoned"))?
-                            .0;
-                    }
-                    return Ok(WindowEnd::Stopped(reason));
-                }
-                Message::Failed { reason } => return Ok(WindowEnd::Cut(format!("the source gave up: {reason}"))),
-                other => bail!("unexpected {other:?} during the transfer"),
+            let pair = pair?;
+            let (mut hashes, mut bytes) = (Vec::new(), 0u64);
+            for need in applier.plan(&pair)? {
+                bytes += u64::from(need.chunk.len);
+                hashes.push(need.chunk.hash);
+                needs.push(NeedChunk {
+                    path: need.path,
+                    offset: need.offset,
+                    len: need.chunk.len,
+                    hash: need.chunk.hash,
+                });
             }
+            outstanding += bytes;
+            waiting.push_back(Waiting { pair, hashes, bytes });
+        }
+        for part in needs.chunks(4096) {
+            send(Message::Need(part.to_vec()))?;
+        }
+        if let Some(end) = source_messages(inbox, window)? {
+            break end;
+        }
+        // Apply what is ready, in order.
+        let mut progressed = false;
+        while waiting.front().is_some_and(|w| window.holds_all(&w.hashes)) {
+            let Some(entry) = waiting.pop_front() else { break };
+            outstanding -= entry.bytes;
+            applied.extend(entry.hashes);
+            applier.step(entry.pair)?;
+            progressed = true;
+        }
+        if last_flush.elapsed() > Duration::from_millis(500) || (planned_all && waiting.is_empty()) {
+            applier.flush_batch()?;
+            window.forget(&applied);
+            applied.clear();
+            last_flush = Instant::now();
+        }
+        if planned_all && waiting.is_empty() {
+            break TransferEnd::Complete;
+        }
+        // Wait for chunks, unless there is room to plan more.
+        if progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
+            continue;
         }
         let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
         if let Some(error) = &state.error {
-            return Ok(WindowEnd::Cut(format!("receiving chunks failed: {error}")));
+            break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
         }
-        let done = wanted.iter().filter(|h| state.chunks.contains_key(h) || state.missing.contains(h)).count();
-        if done == wanted.len() {
-            return Ok(WindowEnd::Complete);
-        }
-        if done != last_progress.1 {
-            last_progress = (Instant::now(), done);
+        let seen = state.batches + state.missing.len() as u64;
+        if seen != last_progress.1 || progressed {
+            last_progress = (Instant::now(), seen);
         } else if last_progress.0.elapsed() > STALL_TIMEOUT {
-            return Ok(WindowEnd::Cut(format!(
-                "no chunk arrived for {} s ({done} of {} received)",
-                STALL_TIMEOUT.as_secs(),
-                wanted.len()
-            )));
+            break TransferEnd::Cut(format!("no chunk arrived for {} s", STALL_TIMEOUT.as_secs()));
         }
         let _ = window
             .changed
             .wait_timeout(state, Duration::from_millis(200))
             .map_err(|_| anyhow!("window lock poisoned"))?;
-        progress(false)?;
+    };
+    // What arrived before a stop or a cut: the entries whose chunks are all in, then durable.
+    while waiting.front().is_some_and(|w| window.holds_all(&w.hashes)) {
+        let Some(entry) = waiting.pop_front() else { break };
+        applier.step(entry.pair)?;
+    }
+    applier.flush_batch()?;
+    Ok(end)
+}
+
+/// Handles what the source sent on the control stream during the transfer: chunks it cannot read,
+/// a stop, a failure.
+fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyhow::Result<Option<TransferEnd>> {
+    loop {
+        let message = match inbox.try_recv() {
+            Ok(message) => message,
+            Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                return Ok(Some(TransferEnd::Cut("the connection closed during the transfer".into())));
+            }
+        };
+        match message {
+            Message::Missing(hashes) => {
+                let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+                state.missing.extend(hashes);
+                window.changed.notify_all();
+            }
+            Message::Stop { reason, batches } => {
+                // The batches the source sent before stopping are on their way on other streams.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+                while state.batches < batches && state.error.is_none() && Instant::now() < deadline {
+                    state = window
+                        .changed
+                        .wait_timeout(state, Duration::from_millis(200))
+                        .map_err(|_| anyhow!("window lock poisoned"))?
+                        .0;
+                }
+                return Ok(Some(TransferEnd::Stopped(reason)));
+            }
+            Message::Failed { reason } => {
+                return Ok(Some(TransferEnd::Cut(format!("the source gave up: {reason}"))));
+            }
+            other => bail!("unexpected {other:?} during the transfer"),
+        }
     }
 }
 
