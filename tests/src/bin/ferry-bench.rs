@@ -1,0 +1,560 @@
+//! `ferry-bench`: ferry against `rsync -aH` over ssh on the same generated tree, round by round.
+//!
+//! ```text
+//! cargo build --release -p ferry -p ferry-testkit
+//! target/release/ferry-bench --files 20000 [--write BENCHMARKS.md]
+//! ```
+//!
+//! It generates a Backup-NG-like tree, then for each round (initial, no change, one day of changes, a
+//! fresh export) runs `ferry sync --round` against a `ferry serve` (two processes, QUIC on loopback)
+//! and `rsync -aH --stats` over ssh to an sshd it starts on loopback (rsync and openssh-server are
+//! installed with apt-get when missing and this runs as root; without them, only ferry is measured).
+//! For each it records wall time, CPU time and peak RSS of each process, bytes on the wire, files per
+//! second, and prints a table with the ferry/rsync ratios.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_testkit::{TreeGenerator, TreeSpec};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ferry-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    files: usize,
+    seed: u64,
+    write: Option<PathBuf>,
+    work: Option<PathBuf>,
+    ferry: PathBuf,
+    rsync: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        files: 20_000,
+        seed: 1,
+        write: None,
+        work: None,
+        ferry: std::env::current_exe()?.with_file_name("ferry"),
+        rsync: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--files" => args.files = value()?.parse()?,
+            "--seed" => args.seed = value()?.parse()?,
+            "--write" => args.write = Some(value()?.into()),
+            "--work" => args.work = Some(value()?.into()),
+            "--ferry" => args.ferry = value()?.into(),
+            "--no-rsync" => args.rsync = false,
+            "-h" | "--help" => {
+                println!(
+                    "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)").into()),
+        }
+    }
+    Ok(args)
+}
+
+/// What one tool did in one round.
+#[derive(Debug, Clone, Default)]
+struct Measure {
+    wall: Duration,
+    /// CPU seconds of the sending side (`ferry sync`; local `rsync` with its `ssh`).
+    cpu_send: f64,
+    /// CPU seconds of the receiving side (`ferry serve`; the remote `rsync --server` processes).
+    cpu_recv: f64,
+    /// Peak RSS in KiB of each side.
+    rss_send: u64,
+    rss_recv: u64,
+    /// Bytes on the wire: ferry's UDP payloads both ways; rsync's own count of bytes both ways (ssh's
+    /// encryption and TCP/IP headers not included, which favours rsync).
+    wire: u64,
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    if !args.ferry.exists() {
+        return Err(format!("no ferry binary at {} (cargo build --release -p ferry)", args.ferry.display()).into());
+    }
+    let work = match &args.work {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tempfile_in(dir)?
+        }
+        None => tempfile_in(&std::env::temp_dir())?,
+    };
+    let root = work.path().to_owned();
+    let source = root.join("source");
+    let started = Instant::now();
+    let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(args.files, args.seed))?;
+    let (files, bytes) = tree_size(&source)?;
+    eprintln!("generated {files} files, {} MiB, in {:.1} s", bytes >> 20, started.elapsed().as_secs_f64());
+
+    let ferry = FerryPair::start(&args.ferry, &root, &source)?;
+    let rsync = if args.rsync {
+        match Rsync::start(&root) {
+            Ok(rsync) => Some(rsync),
+            Err(e) => {
+                eprintln!("rsync over ssh is not available ({e}); measuring ferry alone");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let mut rows: Vec<(String, Measure, Option<Measure>)> = Vec::new();
+    for round in ["initial", "no change", "one day of changes", "fresh export"] {
+        match round {
+            "one day of changes" => {
+                tree.next_day()?;
+            }
+            "fresh export" => {
+                tree.fresh_export()?;
+            }
+            _ => {}
+        }
+        // Each tool starts with nothing dirty in the page cache: ferry's syncs must not pay for the
+        // other tool's (or the generator's) unwritten data.
+        rustix::fs::sync();
+        let f = ferry.round()?;
+        rustix::fs::sync();
+        let r = match &rsync {
+            Some(rsync) => Some(rsync.round(&source)?),
+            None => None,
+        };
+        eprintln!("{round}: ferry {:.2} s, rsync {:?}", f.wall.as_secs_f64(), r.as_ref().map(|r| r.wall));
+        rows.push((round.to_owned(), f, r));
+    }
+    drop(ferry);
+
+    let table = render(&args, files, bytes, &rows);
+    print!("{table}");
+    if let Some(path) = &args.write {
+        std::fs::write(path, table)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix("ferry-bench-").tempdir_in(dir)?)
+}
+
+fn tree_size(root: &Path) -> Result<(u64, u64)> {
+    let (mut files, mut bytes) = (0, 0);
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                files += 1;
+                bytes += entry.metadata()?.len();
+            }
+        }
+    }
+    Ok((files, bytes))
+}
+
+/// CPU seconds of this process's waited-for children (`cutime + cstime` in `/proc/self/stat`).
+fn children_cpu() -> f64 {
+    proc_stat_times("self", 13).unwrap_or(0.0)
+}
+
+/// CPU seconds of `pid` itself (`utime + stime`).
+fn process_cpu(pid: u32) -> f64 {
+    proc_stat_times(&pid.to_string(), 11).unwrap_or(0.0)
+}
+
+/// Two consecutive times from `/proc/PID/stat`, starting at field `first` (0-based after the name).
+fn proc_stat_times(pid: &str, first: usize) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    Some((fields.get(first)?.parse::<f64>().ok()? + fields.get(first + 1)?.parse::<f64>().ok()?) / ticks)
+}
+
+/// Peak RSS (VmHWM) of a process, KiB.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits for `child`, sampling the peak RSS of it and its descendants; returns the output and the
+/// largest peak seen.
+fn wait_sampling(mut child: Child) -> Result<(std::process::Output, u64)> {
+    let pid = child.id();
+    let mut peak = 0;
+    let stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(mut stdout) = stdout {
+            let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
+        }
+        out
+    });
+    loop {
+        peak = peak.max(peak_rss(pid)).max(descendants(pid).into_iter().map(peak_rss).max().unwrap_or(0));
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait()?;
+    let stdout = reader.join().map_err(|_| "reader panicked")?;
+    Ok((std::process::Output { status, stdout, stderr: Vec::new() }, peak))
+}
+
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        let children = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.push(child);
+            stack.push(child);
+        }
+    }
+    out
+}
+
+/// Two ferry nodes: a daemon and the source's config.
+struct FerryPair {
+    bin: PathBuf,
+    source_node: PathBuf,
+    daemon: Child,
+}
+
+impl FerryPair {
+    fn start(bin: &Path, root: &Path, source: &Path) -> Result<Self> {
+        let (src, dst) = (root.join("ferry-source"), root.join("ferry-dest"));
+        let ferry = |node: &Path, args: &[&str]| -> Result<String> {
+            let out = Command::new(bin).arg("--config-dir").arg(node).args(args).output()?;
+            if !out.status.success() {
+                return Err(format!("ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+            }
+            Ok(String::from_utf8(out.stdout)?)
+        };
+        let src_id = ferry(&src, &["init"])?.lines().next().unwrap_or_default().to_owned();
+        let dst_id = ferry(&dst, &["init"])?.lines().next().unwrap_or_default().to_owned();
+        ferry(&dst, &["trust", &src_id, "--name", "source"])?;
+        let target = root.join("ferry-target");
+        ferry(&dst, &["job", "add", "bench", "--path", &target.to_string_lossy(), "--peer", "source"])?;
+        let mut daemon = Command::new(bin)
+            .arg("--config-dir")
+            .arg(&dst)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(daemon.stdout.take().ok_or("no daemon stdout")?),
+            &mut line,
+        )?;
+        let addr = line.split_whitespace().nth(2).ok_or("the daemon did not say where it listens")?.to_owned();
+        ferry(&src, &["trust", &dst_id, "--name", "dest", "--addr", &addr])?;
+        ferry(&src, &["job", "add", "bench", "--path", &source.to_string_lossy(), "--peer", "dest"])?;
+        Ok(Self { bin: bin.to_owned(), source_node: src, daemon })
+    }
+
+    fn round(&self) -> Result<Measure> {
+        let daemon = self.daemon.id();
+        // Reset the daemon's peak RSS to its current RSS, so that each round shows its own peak.
+        let _ = std::fs::write(format!("/proc/{daemon}/clear_refs"), "5");
+        let (cpu_children, cpu_daemon) = (children_cpu(), process_cpu(daemon));
+        let started = Instant::now();
+        let child = Command::new(&self.bin)
+            .arg("--config-dir")
+            .arg(&self.source_node)
+            .args(["sync", "--round", "bench", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let (out, rss_send) = wait_sampling(child)?;
+        let wall = started.elapsed();
+        if !out.status.success() {
+            return Err(format!("ferry sync failed: {:?}", out.status).into());
+        }
+        let report = String::from_utf8(out.stdout)?;
+        let wire = json_u64(&report, "bytes_on_wire").ok_or("no bytes_on_wire in ferry's report")?;
+        Ok(Measure {
+            wall,
+            cpu_send: children_cpu() - cpu_children,
+            cpu_recv: process_cpu(daemon) - cpu_daemon,
+            rss_send,
+            rss_recv: peak_rss(daemon),
+            wire,
+        })
+    }
+}
+
+impl Drop for FerryPair {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+/// A number field of a JSON object, without a JSON parser: `"name": 123`.
+fn json_u64(text: &str, name: &str) -> Option<u64> {
+    let rest = &text[text.find(&format!("\"{name}\""))? + name.len() + 2..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().ok()
+}
+
+/// An sshd on loopback and the rsync command that goes through it.
+struct Rsync {
+    sshd: Child,
+    port: u16,
+    key: PathBuf,
+    target: PathBuf,
+    wrapper: PathBuf,
+    remote_usage: PathBuf,
+}
+
+impl Rsync {
+    fn start(root: &Path) -> Result<Self> {
+        install_if_missing()?;
+        let dir = root.join("ssh");
+        std::fs::create_dir_all(&dir)?;
+        for key in ["host_key", "client_key"] {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(key))
+                .stdout(Stdio::null())
+                .status()?;
+            if !status.success() {
+                return Err("ssh-keygen failed".into());
+            }
+        }
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
+        let port = free_tcp_port()?;
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n",
+                dir.join("host_key").display(),
+                dir.join("authorized_keys").display(),
+                dir.join("sshd.pid").display()
+            ),
+        )?;
+        std::fs::create_dir_all("/run/sshd")?;
+        let sshd = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-f")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        // The remote rsync runs under a wrapper that records its CPU time and peak RSS.
+        let wrapper = dir.join("usage.py");
+        let remote_usage = dir.join("remote-usage");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "import resource, subprocess, sys\nrc = subprocess.call(sys.argv[1:])\n\
+                 u = resource.getrusage(resource.RUSAGE_CHILDREN)\n\
+                 open({:?}, 'w').write(f'{{u.ru_utime + u.ru_stime}} {{u.ru_maxrss}}')\nsys.exit(rc)\n",
+                remote_usage.display().to_string()
+            ),
+        )?;
+        let rsync =
+            Self { sshd, port, key: dir.join("client_key"), target: root.join("rsync-target"), wrapper, remote_usage };
+        // Wait for sshd to answer.
+        for _ in 0..50 {
+            if rsync.ssh_command().arg("true").status().is_ok_and(|s| s.success()) {
+                return Ok(rsync);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err("sshd did not start".into())
+    }
+
+    fn ssh_args(&self) -> Vec<String> {
+        vec![
+            "-p".into(),
+            self.port.to_string(),
+            "-i".into(),
+            self.key.display().to_string(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+        ]
+    }
+
+    fn ssh_command(&self) -> Command {
+        let mut command = Command::new("ssh");
+        command.args(self.ssh_args()).arg(format!("{}@127.0.0.1", user()));
+        command
+    }
+
+    fn round(&self, source: &Path) -> Result<Measure> {
+        let _ = std::fs::remove_file(&self.remote_usage);
+        let cpu_children = children_cpu();
+        let started = Instant::now();
+        let child = Command::new("rsync")
+            .args(["-aH", "--stats", "-e", &format!("ssh {}", self.ssh_args().join(" "))])
+            .arg(format!("--rsync-path=python3 {} rsync", self.wrapper.display()))
+            .arg(format!("{}/", source.display()))
+            .arg(format!("{}@127.0.0.1:{}/", user(), self.target.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let (out, rss_send) = wait_sampling(child)?;
+        let wall = started.elapsed();
+        if !out.status.success() {
+            return Err(format!("rsync failed: {:?}", out.status).into());
+        }
+        let stats = String::from_utf8_lossy(&out.stdout);
+        let number = |label: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(label))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.replace(',', "").parse().ok())
+                .unwrap_or(0)
+        };
+        let usage = std::fs::read_to_string(&self.remote_usage).unwrap_or_default();
+        let mut usage = usage.split_whitespace();
+        Ok(Measure {
+            wall,
+            cpu_send: children_cpu() - cpu_children,
+            cpu_recv: usage.next().and_then(|v| v.parse().ok()).unwrap_or(0.0),
+            rss_send,
+            rss_recv: usage.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            wire: number("Total bytes sent:") + number("Total bytes received:"),
+        })
+    }
+}
+
+impl Drop for Rsync {
+    fn drop(&mut self) {
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+    }
+}
+
+fn user() -> String {
+    std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn install_if_missing() -> Result<()> {
+    let have = |program: &str| Command::new("sh").args(["-c", &format!("command -v {program}")]).output();
+    let missing = ["rsync", "ssh", "/usr/sbin/sshd"]
+        .iter()
+        .any(|p| have(p).map(|o| !o.status.success() || o.stdout.is_empty()).unwrap_or(true));
+    if !missing {
+        return Ok(());
+    }
+    if !rustix::process::geteuid().is_root() {
+        return Err("rsync or openssh-server is missing, and installing them needs root".into());
+    }
+    eprintln!("installing rsync and openssh-server with apt-get");
+    let ok = Command::new("sh")
+        .args([
+            "-c",
+            "apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q rsync openssh-server openssh-client >/dev/null",
+        ])
+        .status()?
+        .success();
+    if ok { Ok(()) } else { Err("apt-get install rsync openssh-server failed".into()) }
+}
+
+fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<Measure>)]) -> String {
+    let mut out = Vec::new();
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(out, "# ferry benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Made by `target/release/ferry-bench --files {} --seed {}` on {machine} ({cores} cores), loopback; \
+         {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
+         `rsync -aH --stats` over ssh to an sshd on 127.0.0.1.\n",
+        args.files,
+        args.seed,
+        bytes as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        out,
+        "Before each tool's round the harness runs sync(2), so that neither pays for the other's unwritten \
+         data; ferry makes every file durable (fsync/syncfs) before it counts as done, rsync does not. \
+         Wire bytes: ferry counts its UDP payloads both ways (QUIC headers and acknowledgements included); \
+         rsync counts its own protocol bytes both ways (ssh's encryption and TCP/IP headers not included), \
+         which favours rsync. CPU: seconds of the sending side / the receiving side. RSS: peak MiB of the \
+         sending side / the receiving side.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| round | tool | wall s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let line = |out: &mut Vec<u8>, round: &str, tool: &str, m: &Measure, ratio: Option<(f64, f64)>| {
+        let _ = writeln!(
+            out,
+            "| {round} | {tool} | {:.2} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
+            m.wall.as_secs_f64(),
+            files as f64 / m.wall.as_secs_f64().max(1e-9),
+            m.cpu_send,
+            m.cpu_recv,
+            m.rss_send as f64 / 1024.0,
+            m.rss_recv as f64 / 1024.0,
+            m.wire,
+            ratio.map_or(String::new(), |r| format!("{:.2}", r.0)),
+            ratio.map_or(String::new(), |r| format!("{:.3}", r.1)),
+        );
+    };
+    for (round, f, r) in rows {
+        let ratio = r
+            .as_ref()
+            .map(|r| (f.wall.as_secs_f64() / r.wall.as_secs_f64().max(1e-9), f.wire as f64 / (r.wire as f64).max(1.0)));
+        line(&mut out, round, "ferry", f, ratio);
+        if let Some(r) = r {
+            line(&mut out, round, "rsync", r, None);
+        }
+    }
+    let _ = writeln!(out, "\nRatios are ferry / rsync (below 1: ferry is faster or sends less).");
+    let fresh = rows.iter().find(|(r, _, _)| r == "fresh export").map(|(_, f, _)| f.wire as f64 / bytes as f64);
+    if let Some(fresh) = fresh {
+        let _ = writeln!(out, "Fresh export: ferry put {:.2}% of the tree's bytes on the wire.", fresh * 100.0);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
