@@ -298,14 +298,18 @@ fn estimate_chunks(root: &Path, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// Prints one JSON document on stdout.
+fn print_json(report: &impl Serialize) {
+    match serde_json::to_string_pretty(report) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("ferry: cannot print the report: {e}"),
+    }
+}
+
 /// Prints a dry run's report: one JSON object, or a summary for people.
 pub fn print_dry_run(report: &DryRunReport, json: bool) {
     if json {
-        match serde_json::to_string_pretty(report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => eprintln!("ferry: cannot print the report: {e}"),
-        }
-        return;
+        return print_json(report);
     }
     println!(
         "dry run of {}: {} changes, {} files to write ({} of changed files, {} after deduplication)",
@@ -1052,11 +1056,7 @@ fn spawn_progress(
 /// Prints a round's report: one JSON object, or a summary for people.
 pub fn print_push_report(report: &PushReport, json: bool) {
     if json {
-        match serde_json::to_string_pretty(report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => eprintln!("ferry: cannot print the report: {e}"),
-        }
-        return;
+        return print_json(report);
     }
     println!(
         "round {} of {} committed in {}: {} changes, {} files written on the destination",
