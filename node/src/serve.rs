@@ -18,8 +18,12 @@ use tokio::sync::mpsc;
 use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
 use crate::net::{self, FrameReader, close};
 
-/// How many chunk bytes a round asks for ahead of what it has applied (the memory a round holds).
-const WINDOW_MAX: u64 = 64 << 20;
+/// How many chunk bytes a round holds in memory at most: asked for and not yet applied, or applied and
+/// not yet flushed (48 MiB is about a bandwidth-delay product of 1 Gbit/s at 400 ms).
+const WINDOW_MAX: u64 = 48 << 20;
+/// Applied chunk bytes that make a flush due before its time (so that a fast transfer does not wait
+/// for the clock to free memory).
+const FLUSH_BYTES: u64 = 16 << 20;
 /// How many entries wait for their chunks at most.
 const WINDOW_ENTRIES: usize = 20_000;
 /// A window that receives nothing for this long fails the round.
@@ -789,7 +793,7 @@ struct Waiting {
 }
 
 /// The transfer, streamed: entries are planned ahead and their chunks asked for while at most
-/// `WINDOW_MAX` bytes (and `WINDOW_ENTRIES` entries) are asked for and not yet applied; each entry is
+/// `WINDOW_MAX` bytes (and `WINDOW_ENTRIES` entries) are in memory, asked for and not yet flushed; each entry is
 /// applied, in order, as soon as its chunks are in; every 500 ms what was applied is made durable
 /// (`flush_batch`) and its chunks leave memory. A stop or a cut keeps everything applied so far.
 fn transfer(
@@ -802,7 +806,7 @@ fn transfer(
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut outstanding = 0u64;
     let mut planned_all = false;
-    let mut applied: Vec<ChunkHash> = Vec::new();
+    let (mut applied, mut applied_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
     let mut last_progress = (Instant::now(), 0u64);
     let end = loop {
@@ -838,15 +842,19 @@ fn transfer(
         let mut progressed = false;
         while waiting.front().is_some_and(|w| window.holds_all(&w.hashes)) {
             let Some(entry) = waiting.pop_front() else { break };
-            outstanding -= entry.bytes;
+            applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
             applier.step(entry.pair)?;
             progressed = true;
         }
-        if last_flush.elapsed() > Duration::from_millis(500) || (planned_all && waiting.is_empty()) {
+        // Applied chunks stay in memory (and count) until they are durable in the target.
+        let flush_due = last_flush.elapsed() > Duration::from_millis(500) || applied_bytes >= FLUSH_BYTES;
+        if flush_due || (planned_all && waiting.is_empty()) {
             applier.flush_batch()?;
             window.forget(&applied);
             applied.clear();
+            outstanding -= applied_bytes;
+            applied_bytes = 0;
             last_flush = Instant::now();
         }
         if planned_all && waiting.is_empty() {
