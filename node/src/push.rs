@@ -687,9 +687,9 @@ async fn attempt(
 fn is_lost(connection: &quinn::Connection) -> bool {
     match connection.close_reason() {
         Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset) => true,
+        // Not "replaced by a new connection": then another process of this node runs the round.
         Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-            let reason = String::from_utf8_lossy(&close.reason);
-            reason.contains("shutting down") || reason.contains("replaced by a new connection")
+            String::from_utf8_lossy(&close.reason).contains("shutting down")
         }
         Some(quinn::ConnectionError::ConnectionClosed(_)) => true,
         _ => false,

@@ -506,7 +506,7 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     let _ = writeln!(out, "# ferry benchmarks\n");
     let _ = writeln!(
         out,
-        "Made by `target/release/ferry-bench --files {} --seed {}` on {machine} ({cores} cores), loopback; \
+        "Made by `ferry-bench --files {} --seed {}` on {machine} ({cores} cores), loopback; \
          {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
          `rsync -aH --stats` over ssh to an sshd on 127.0.0.1.\n",
         args.files,
