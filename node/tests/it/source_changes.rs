@@ -82,3 +82,31 @@ fn a_file_changed_between_scan_and_copy_is_not_written() {
         ManifestReader::open(&state.join("committed")).unwrap().map(|e| e.unwrap().path.to_string()).collect();
     assert_eq!(recorded, [".", "steady"], "the committed manifest lists only what is really there");
 }
+
+#[test]
+fn a_file_swapped_for_a_symlink_between_scan_and_copy_is_never_followed() {
+    // CVE-2024-12747's shape: after the scan, a file becomes a symlink to a file outside the source
+    // with the very same bytes. Following it would pass the hash check; the source must not follow it.
+    let pair = Pair::new();
+    let src = pair.source();
+    let content = random_bytes(200_000, 7);
+    write(&src.join("victim"), &content);
+    let outside = pair.outside();
+    write(&outside.join("secret"), &content);
+    let state = pair.state();
+    let (manifest, cache) = (state.join("manifest"), state.join("cache"));
+    scan(&src, None, &manifest, &cache, &ScanOptions::default()).unwrap();
+
+    std::fs::remove_file(src.join("victim")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), src.join("victim")).unwrap();
+    let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
+    let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
+    let mut source = LocalChunkSource::new(&src).unwrap();
+    let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&manifest).unwrap());
+    let report =
+        apply(&pair.target(), pairs, &mut source, &mut index, &mut committed, &ApplyOptions::default()).unwrap();
+    assert_eq!(report.failure_count, 1, "{:?}", report.failures);
+    // ELOOP: the open refused the symlink; the bytes outside were never read.
+    assert!(report.failures[0].contains("victim: cannot open the source file"), "{:?}", report.failures);
+    assert!(!pair.target().join("victim").exists(), "the symlink was followed");
+}
