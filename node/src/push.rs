@@ -271,31 +271,49 @@ fn finish_time(timetable: &ferry_engine::Timetable, bytes: u64) -> (Option<u64>,
 /// Reads the asked-for chunks and returns what they would weigh on the wire: compressed when the
 /// round would compress them, else raw. Chunks that changed since the scan weigh nothing.
 fn estimate_chunks(root: &Path, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
+    let mut reader = SourceChunks::open(root)?;
     let mut compressor = zstd::bulk::Compressor::new(1)?;
-    let mut open: Option<(ferry_engine::RelPath, std::fs::File)> = None;
-    let mut buf = Vec::new();
     let mut total = 0u64;
     for need in chunks {
-        if need.len as usize > (16 << 20) {
-            continue;
-        }
-        if open.as_ref().is_none_or(|(p, _)| *p != need.path) {
-            open = root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
-        }
-        let Some((_, file)) = &open else { continue };
-        buf.resize(need.len as usize, 0);
-        if file.read_exact_at(&mut buf, need.offset).is_err() {
-            continue;
-        }
-        total += if crate::chunks::compressible(&buf, &mut compressor) {
-            compressor.compress(&buf).map_or(buf.len(), |c| c.len().min(buf.len())) as u64
+        let Some(chunk) = reader.read(need) else { continue };
+        total += if crate::chunks::compressible(chunk, &mut compressor) {
+            compressor.compress(chunk).map_or(chunk.len(), |c| c.len().min(chunk.len())) as u64
         } else {
-            buf.len() as u64
+            chunk.len() as u64
         };
     }
     Ok(total)
+}
+
+/// Reads asked-for chunks from the source tree, beneath its root, keeping the last file open
+/// (requests come in file order).
+struct SourceChunks {
+    root: RootDir,
+    open: Option<(ferry_engine::RelPath, std::fs::File)>,
+    buf: Vec<u8>,
+}
+
+impl SourceChunks {
+    fn open(root: &Path) -> anyhow::Result<Self> {
+        let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
+        Ok(Self { root, open: None, buf: Vec::new() })
+    }
+
+    /// The chunk's bytes, or `None` when it is too large, unreadable, or no longer hashes to what the
+    /// scan saw.
+    fn read(&mut self, need: &NeedChunk) -> Option<&[u8]> {
+        use std::os::unix::fs::FileExt;
+        if need.len as usize > (16 << 20) {
+            return None;
+        }
+        if self.open.as_ref().is_none_or(|(p, _)| *p != need.path) {
+            self.open = self.root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
+        }
+        let (_, file) = self.open.as_ref()?;
+        self.buf.resize(need.len as usize, 0);
+        file.read_exact_at(&mut self.buf, need.offset).ok()?;
+        (ChunkHash::of(&self.buf) == need.hash).then_some(&self.buf[..])
+    }
 }
 
 /// Prints one JSON document on stdout.
@@ -411,6 +429,8 @@ struct Session {
     connection: quinn::Connection,
     send: quinn::SendStream,
     reader: FrameReader,
+    /// The round whose manifest this node kept, as sent in `Hello`.
+    base: Option<RoundRef>,
     holds: Option<RoundRef>,
 }
 
@@ -472,15 +492,14 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
             Ok(None) | Err(_) => return Err(refused(why_closed(&connection).await)),
         }
     };
-    Ok(Session { connection, send, reader, holds })
+    Ok(Session { connection, send, reader, base, holds })
 }
 
 /// Sends the changes since what the destination holds (all of them when this node no longer has
 /// that manifest). Returns how many, and the bytes of files whose content changed.
 async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, u64)> {
     let state = &prepared.state;
-    let base = state.base_round().filter(|_| state.base().exists());
-    let delta_base = base.filter(|b| Some(*b) == session.holds);
+    let delta_base = session.base.filter(|b| Some(*b) == session.holds);
     let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);
     let base_path = delta_base.map(|_| state.base());
     let scanned_path = state.scanned();
@@ -634,9 +653,14 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     Ok(report)
 }
 
+/// `--max-duration` as the operator wrote it, for messages.
+fn max_duration_text(options: &PushOptions) -> String {
+    options.max_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_default()
+}
+
 fn deadline_error(options: &PushOptions, sent: &Counters) -> StoppedAtDeadline {
     StoppedAtDeadline {
-        limit: options.max_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_default(),
+        limit: max_duration_text(options),
         sent: crate::human::bytes(sent.bytes.load(Ordering::Relaxed)),
         chunks: sent.chunks.load(Ordering::Relaxed),
     }
@@ -799,8 +823,8 @@ async fn serve_round(
                 }
                 let batches = batches_sent.load(Ordering::Relaxed);
                 tracing::info!("deadline reached: stopping after {batches} chunk batches");
-                let limit = options.max_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_default();
-                let stopping = Message::Stop { reason: format!("the source's deadline (--max-duration {limit})"), batches };
+                let reason = format!("the source's deadline (--max-duration {})", max_duration_text(options));
+                let stopping = Message::Stop { reason, batches };
                 if net::send(&mut session.send, &stopping).await.is_ok() {
                     let _ = session.send.finish();
                     // The destination applies what arrived, then closes.
@@ -961,40 +985,25 @@ fn read_chunks(
     stop: &std::sync::atomic::AtomicBool,
     batch_bytes: usize,
 ) -> anyhow::Result<Vec<ChunkHash>> {
-    use std::os::unix::fs::FileExt;
-    let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
+    let mut reader = SourceChunks::open(root)?;
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut missing = Vec::new();
-    let mut open: Option<(ferry_engine::RelPath, std::fs::File)> = None;
     // Two batches fill side by side: chunks that compress, and chunks sent as they are.
     let mut batches: [PendingBatch; 2] = Default::default();
-    let mut buf = Vec::new();
     for need in chunks {
         if stop.load(Ordering::Relaxed) {
             return Ok(missing);
         }
-        if need.len as usize > (16 << 20) {
+        let Some(buf) = reader.read(&need) else {
             missing.push(need.hash);
             continue;
-        }
-        if open.as_ref().is_none_or(|(p, _)| *p != need.path) {
-            open = root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
-        }
-        buf.resize(need.len as usize, 0);
-        let ok = match &open {
-            Some((_, file)) => file.read_exact_at(&mut buf, need.offset).is_ok(),
-            None => false,
         };
-        if !ok || ChunkHash::of(&buf) != need.hash {
-            missing.push(need.hash);
-            continue;
-        }
         counters.chunks.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(u64::from(need.len), Ordering::Relaxed);
-        let which = usize::from(crate::chunks::compressible(&buf, &mut compressor));
+        let which = usize::from(crate::chunks::compressible(buf, &mut compressor));
         let (list, data) = &mut batches[which];
         list.push((need.hash, need.len));
-        data.extend_from_slice(&buf);
+        data.extend_from_slice(buf);
         if data.len() >= batch_bytes {
             let (list, data) = (std::mem::take(list), std::mem::take(data));
             let batch = crate::chunks::encode_batch(list, data, which == 1, &mut compressor);

@@ -340,7 +340,7 @@ fn the_destination_caps_what_a_peer_sends() {
 }
 
 #[test]
-fn an_unreachable_peer_and_a_lost_one_exit_with_their_own_code() {
+fn an_unreachable_peer_exits_with_its_own_code() {
     let setup = Setup::new();
     let (source, target) = (setup.path("export"), setup.path("migration"));
     random_tree(&source, 2, 64 << 10, 7);

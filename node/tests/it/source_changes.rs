@@ -61,25 +61,14 @@ fn a_file_changed_between_scan_and_copy_is_not_written() {
     let src = pair.source();
     write(&src.join("steady"), b"steady");
     write(&src.join("victim"), &random_bytes(200_000, 5));
-    let state = pair.state();
-    let (manifest, cache) = (state.join("manifest"), state.join("cache"));
-    let scanned = scan(&src, None, &manifest, &cache, &ScanOptions::default()).unwrap();
-    assert_eq!(scanned.files, 2);
-
-    write(&src.join("victim"), &random_bytes(200_000, 6));
-    let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
-    let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
-    let mut source = LocalChunkSource::new(&src).unwrap();
-    let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&manifest).unwrap());
-    let report =
-        apply(&pair.target(), pairs, &mut source, &mut index, &mut committed, &ApplyOptions::default()).unwrap();
+    let (report, committed) = scan_then_apply(&pair, || write(&src.join("victim"), &random_bytes(200_000, 6)));
     assert_eq!(report.failure_count, 1, "{:?}", report.failures);
     assert!(report.failures[0].contains("victim") && report.failures[0].contains("changed since"));
     assert!(!pair.target().join("victim").exists());
     assert_eq!(std::fs::read(pair.target().join("steady")).unwrap(), b"steady");
     committed.finish().unwrap();
     let recorded: Vec<String> =
-        ManifestReader::open(&state.join("committed")).unwrap().map(|e| e.unwrap().path.to_string()).collect();
+        ManifestReader::open(&pair.state().join("committed")).unwrap().map(|e| e.unwrap().path.to_string()).collect();
     assert_eq!(recorded, [".", "steady"], "the committed manifest lists only what is really there");
 }
 
@@ -93,20 +82,29 @@ fn a_file_swapped_for_a_symlink_between_scan_and_copy_is_never_followed() {
     write(&src.join("victim"), &content);
     let outside = pair.outside();
     write(&outside.join("secret"), &content);
-    let state = pair.state();
-    let (manifest, cache) = (state.join("manifest"), state.join("cache"));
-    scan(&src, None, &manifest, &cache, &ScanOptions::default()).unwrap();
+    let (report, _) = scan_then_apply(&pair, || {
+        std::fs::remove_file(src.join("victim")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), src.join("victim")).unwrap();
+    });
+    assert_eq!(report.failure_count, 1, "{:?}", report.failures);
+    // ELOOP: the open refused the symlink; the bytes outside were never read.
+    assert!(report.failures[0].contains("victim: cannot open the source file"), "{:?}", report.failures);
+    assert!(!pair.target().join("victim").exists(), "the symlink was followed");
+}
 
-    std::fs::remove_file(src.join("victim")).unwrap();
-    std::os::unix::fs::symlink(outside.join("secret"), src.join("victim")).unwrap();
+/// Scans the pair's source, runs `between` (the source changing under ferry), then applies the
+/// scanned manifest to the target with chunks read from the source as it now is.
+fn scan_then_apply(pair: &Pair, between: impl FnOnce()) -> (ferry_engine::ApplyReport, ManifestWriter) {
+    let (src, state) = (pair.source(), pair.state());
+    let (manifest, cache) = (state.join("manifest"), state.join("cache"));
+    let scanned = scan(&src, None, &manifest, &cache, &ScanOptions::default()).unwrap();
+    assert!(scanned.files > 0);
+    between();
     let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
     let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
     let mut source = LocalChunkSource::new(&src).unwrap();
     let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&manifest).unwrap());
     let report =
         apply(&pair.target(), pairs, &mut source, &mut index, &mut committed, &ApplyOptions::default()).unwrap();
-    assert_eq!(report.failure_count, 1, "{:?}", report.failures);
-    // ELOOP: the open refused the symlink; the bytes outside were never read.
-    assert!(report.failures[0].contains("victim: cannot open the source file"), "{:?}", report.failures);
-    assert!(!pair.target().join("victim").exists(), "the symlink was followed");
+    (report, committed)
 }

@@ -296,8 +296,8 @@ impl FerryPair {
         if !out.status.success() {
             return Err(format!("ferry sync failed: {:?}", out.status).into());
         }
-        let report = String::from_utf8(out.stdout)?;
-        let wire = json_u64(&report, "bytes_on_wire").ok_or("no bytes_on_wire in ferry's report")?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let wire = report["bytes_on_wire"].as_u64().ok_or("no bytes_on_wire in ferry's report")?;
         Ok(Measure {
             wall,
             cpu_send: children_cpu() - cpu_children,
@@ -314,13 +314,6 @@ impl Drop for FerryPair {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
-}
-
-/// A number field of a JSON object, without a JSON parser: `"name": 123`.
-fn json_u64(text: &str, name: &str) -> Option<u64> {
-    let rest = &text[text.find(&format!("\"{name}\""))? + name.len() + 2..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().ok()
 }
 
 /// An sshd on loopback and the rsync command that goes through it.
