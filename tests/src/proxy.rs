@@ -241,18 +241,22 @@ fn scheduler(shared: &Shared, client_side: &UdpSocket) {
         }
         let Some(packet) = queue.0.pop() else { continue };
         drop(queue);
+        // Counted before the send, so that whoever receives the datagram sees it counted.
+        let len = packet.data.len() as u64;
         if packet.to_server {
             let upstream = shared.upstream.lock().map(|u| *u);
             let socket = shared.server_side.lock().map(|s| s.clone());
-            if let (Ok(upstream), Ok(socket)) = (upstream, socket)
-                && socket.send_to(&packet.data, upstream).is_ok()
-            {
-                shared.to_server_bytes.fetch_add(packet.data.len() as u64, Ordering::SeqCst);
+            if let (Ok(upstream), Ok(socket)) = (upstream, socket) {
+                shared.to_server_bytes.fetch_add(len, Ordering::SeqCst);
+                if socket.send_to(&packet.data, upstream).is_err() {
+                    shared.to_server_bytes.fetch_sub(len, Ordering::SeqCst);
+                }
             }
-        } else if let Ok(Some(client)) = shared.client.lock().map(|c| *c)
-            && client_side.send_to(&packet.data, client).is_ok()
-        {
-            shared.to_client_bytes.fetch_add(packet.data.len() as u64, Ordering::SeqCst);
+        } else if let Ok(Some(client)) = shared.client.lock().map(|c| *c) {
+            shared.to_client_bytes.fetch_add(len, Ordering::SeqCst);
+            if client_side.send_to(&packet.data, client).is_err() {
+                shared.to_client_bytes.fetch_sub(len, Ordering::SeqCst);
+            }
         }
         queue = match shared.queue.lock() {
             Ok(queue) => queue,
