@@ -711,9 +711,11 @@ async fn attempt(
 fn is_lost(connection: &quinn::Connection) -> bool {
     match connection.close_reason() {
         Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset) => true,
-        // Not "replaced by a new connection": then another process of this node runs the round.
+        // "Replaced": a connection of a killed earlier run whose Hello arrived late took the job over;
+        // reconnecting takes it back (two live runs of one node cannot happen: the state lock).
         Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-            String::from_utf8_lossy(&close.reason).contains("shutting down")
+            let reason = String::from_utf8_lossy(&close.reason);
+            reason.contains("shutting down") || reason.contains("replaced by a new connection")
         }
         Some(quinn::ConnectionError::ConnectionClosed(_)) => true,
         _ => false,
