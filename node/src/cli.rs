@@ -30,6 +30,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create this node's identity and config; print its node ID.
+    #[command(
+        after_help = "Example:\n  ferry init            # prints the node ID on the first line; give it to the other node"
+    )]
     Init,
     /// Pin a peer: only pinned nodes get past the TLS handshake.
     #[command(after_help = "Example:\n  ferry trust 5xq3...k2a --name dest --addr dest.example.com:7373")]
@@ -38,8 +41,14 @@ pub enum Command {
     #[command(subcommand)]
     Job(JobCommand),
     /// Run the destination daemon: accepts rounds from trusted peers for their jobs.
+    #[command(after_help = "Examples:\n  ferry serve                       # [::]:7373, or the config's `listen`\n  \
+                            ferry serve --listen 10.0.0.2:7373\n  \
+                            systemctl enable --now ferry.service   # the same, from dist/systemd/ferry.service")]
     Serve(ServeArgs),
     /// Destination: re-read a job's target and report every difference from its last committed round.
+    #[command(
+        after_help = "Example:\n  ferry verify zimbra   # exit 0: the target matches; exit 5: the differences are listed"
+    )]
     Verify {
         /// The job.
         job: String,
@@ -48,6 +57,9 @@ pub enum Command {
         json: bool,
     },
     /// Rounds on this node (sent and received), imports, and what is in progress.
+    #[command(
+        after_help = "Examples:\n  ferry status\n  ferry status zimbra --json   # {\"schema\": 1, \"jobs\": [...]}"
+    )]
     Status {
         /// Only this job.
         job: Option<String>,
@@ -66,7 +78,37 @@ pub enum Command {
     Sync(SyncArgs),
     /// Show a whole migration on a generated tree: several rounds with a day of changes between them,
     /// an import hook, and a check that the target matches after each round.
+    #[command(after_help = "Examples:\n  ferry demo\n  ferry demo --files 20000 --rounds 5 --keep")]
     Demo(DemoArgs),
+    /// Check ferry.toml, or print the reference of its keys.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  ferry completions bash > /etc/bash_completion.d/ferry")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (ferry.1, ferry-sync.1, ...) into a folder.
+    #[command(after_help = "Example:\n  ferry man /usr/local/share/man/man1")]
+    Man {
+        /// The folder (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// `ferry config`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check a config file: every problem with its line, column and key. Exits 1 if there is an error.
+    #[command(after_help = "Examples:\n  ferry config check\n  ferry config check /tmp/ferry.toml.new")]
+    Check {
+        /// The file (default: ferry.toml in the config folder).
+        file: Option<PathBuf>,
+    },
+    /// Print every key of ferry.toml with its default and meaning (Markdown; CONFIG.md is this output).
+    #[command(after_help = "Example:\n  ferry config reference | less")]
+    Reference,
 }
 
 /// `ferry sync`.
@@ -127,6 +169,10 @@ pub struct SyncArgs {
     /// LEDBAT): the round slows down as soon as the link's queue fills, instead of competing.
     #[arg(long)]
     pub low_priority: bool,
+    /// Network rounds: how often a run without a terminal (cron, systemd) logs its progress, with the
+    /// rate and an estimate of the time left. On a terminal, a live line shows it instead.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1m")]
+    pub progress_interval: std::time::Duration,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -214,6 +260,7 @@ pub enum JobCommand {
         import: ImportArgs,
     },
     /// List the jobs.
+    #[command(after_help = "Example:\n  ferry job list        # name, peer and folder of each job, tab-separated")]
     List,
 }
 
@@ -238,6 +285,9 @@ pub struct ImportArgs {
     /// are replaced; the round fails if it fails. An empty string removes it.
     #[arg(long)]
     pub export_cmd: Option<String>,
+    /// The user the export command runs as (source; default: the user running `sync`).
+    #[arg(long)]
+    pub export_user: Option<String>,
     /// The job's bandwidth limit or timetable (source; as `sync --bwlimit`). An empty string removes it.
     #[arg(long, value_name = "RATE|TIMETABLE")]
     pub bwlimit: Option<String>,
@@ -260,4 +310,29 @@ pub struct ServeArgs {
     /// Where to listen (default: the config's `listen`, else `[::]:7373`).
     #[arg(long)]
     pub listen: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command an operator runs shows examples under its help.
+    #[test]
+    fn every_command_has_examples() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            if command.has_subcommands() {
+                for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+                    check(sub, &path);
+                }
+                return;
+            }
+            let after = command.get_after_help().map(ToString::to_string).unwrap_or_default();
+            assert!(after.starts_with("Example"), "`{path} --help` shows no example");
+        }
+        Cli::command().debug_assert();
+        check(&Cli::command(), "");
+    }
 }

@@ -132,10 +132,12 @@ fn update_job(
     if let Some(rate) = import.bwlimit.as_deref().filter(|r| !r.is_empty()) {
         ferry_engine::Timetable::parse(rate).context("--bwlimit")?;
     }
-    if let Some(user) = import.import_user.as_deref().filter(|u| !u.is_empty())
-        && uzers::get_user_by_name(user).is_none()
-    {
-        bail!("--import-user {user}: no such user on this machine");
+    for (flag, user) in [("--import-user", &import.import_user), ("--export-user", &import.export_user)] {
+        if let Some(user) = user.as_deref().filter(|u| !u.is_empty())
+            && uzers::get_user_by_name(user).is_none()
+        {
+            bail!("{flag} {user}: no such user on this machine");
+        }
     }
     let job = config.jobs.iter_mut().find(|j| j.name == name).context("the job was just checked")?;
     if let Some(path) = path {
@@ -154,6 +156,7 @@ fn update_job(
     set(&import.import_timeout, &mut job.import_timeout);
     set(&import.import_user, &mut job.import_user);
     set(&import.export_cmd, &mut job.export_cmd);
+    set(&import.export_user, &mut job.export_user);
     set(&import.bwlimit, &mut job.bwlimit);
     let shown = format!(
         "job {}: {} with peer {}{}",
@@ -177,4 +180,45 @@ pub fn job_list(config_dir: &ConfigDir) -> anyhow::Result<()> {
         println!("{}\t{}\t{}", job.name, job.peer, job.path.display());
     }
     Ok(())
+}
+
+/// `ferry config check`: prints each problem as `FILE:LINE:COLUMN: error: KEY: MESSAGE`; fails if one
+/// is an error.
+pub fn config_check(config_dir: &ConfigDir, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let path = file.map_or_else(|| config_dir.config_file(), std::path::Path::to_path_buf);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    match crate::config_check::check(&text) {
+        Ok((config, warnings)) => {
+            for warning in &warnings {
+                eprintln!("{}:{warning}", path.display());
+            }
+            let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            println!(
+                "{} is valid: {}, {}{}",
+                path.display(),
+                plural(config.peers.len(), "peer"),
+                plural(config.jobs.len(), "job"),
+                if warnings.is_empty() { String::new() } else { format!(", {}", plural(warnings.len(), "warning")) }
+            );
+            Ok(())
+        }
+        Err(problems) => Err(crate::config::invalid(&path, &problems)),
+    }
+}
+
+/// `ferry man DIR`: one page for `ferry` and one for each subcommand.
+pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let command = crate::cli::Cli::command();
+    clap_mangen::generate_to(command, dir).with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
+}
+
+/// `ferry completions SHELL`.
+pub fn print_completions(shell: clap_complete::Shell) {
+    use clap::CommandFactory;
+    let mut command = crate::cli::Cli::command();
+    clap_complete::generate(shell, &mut command, "ferry", &mut std::io::stdout());
 }

@@ -79,6 +79,9 @@ pub struct JobConfig {
     /// fails. Split into words like `import_cmd`; `{source}` and `{job}` are replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_cmd: Option<String>,
+    /// Source: the user the export command runs as (default: the user running `sync`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_user: Option<String>,
     /// Source: the bandwidth limit or timetable for this job's rounds (see `sync --bwlimit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bwlimit: Option<String>,
@@ -148,7 +151,10 @@ impl ConfigDir {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        toml::from_str(&text).with_context(|| format!("{} is not a valid ferry config", path.display()))
+        match crate::config_check::check(&text) {
+            Ok((config, _warnings)) => Ok(config),
+            Err(problems) => Err(invalid(&path, &problems)),
+        }
     }
 
     /// Writes `ferry.toml` atomically.
@@ -174,6 +180,16 @@ impl ConfigDir {
         }
         self.dir.join("data")
     }
+}
+
+/// The error for a config file with problems: each on its own line, with where it is.
+pub(crate) fn invalid(path: &Path, problems: &[crate::config_check::Problem]) -> anyhow::Error {
+    let lines: Vec<String> = problems.iter().map(|p| format!("\n  {}:{p}", path.display())).collect();
+    anyhow::anyhow!(
+        "{} is not a valid ferry config (`ferry config check` checks it after an edit):{}",
+        path.display(),
+        lines.concat()
+    )
 }
 
 /// `system` for root; else `$XDG_VAR/ferry`, or `~/HOME_REL/ferry`.
@@ -261,6 +277,7 @@ mod tests {
                 import_timeout: Some("12h".into()),
                 import_user: Some("zimbra".into()),
                 export_cmd: None,
+                export_user: None,
                 bwlimit: None,
             }],
         };

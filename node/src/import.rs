@@ -11,8 +11,10 @@ use ferry_proto::ImportResult;
 /// How many lines of output go back to the source.
 const TAIL_LINES: usize = 20;
 
-/// Runs `argv` (as `user` when given), appending its output to `log`.
+/// Runs `argv` (as `user` when given), appending its output to `log`. `round` 0 is the export hook,
+/// which runs before a round has a number.
 pub(crate) fn run(argv: &[String], user: Option<&str>, round: u64, timeout: Duration, log: &Path) -> ImportResult {
+    let hook = if round == 0 { "export".to_owned() } else { format!("import of round {round}") };
     let started = Instant::now();
     let failed = |why: String| ImportResult {
         round,
@@ -21,18 +23,18 @@ pub(crate) fn run(argv: &[String], user: Option<&str>, round: u64, timeout: Dura
         tail: vec![why],
         duration_ms: started.elapsed().as_millis() as u64,
     };
-    let Some((program, args)) = argv.split_first() else { return failed("the import command is empty".into()) };
+    let Some((program, args)) = argv.split_first() else { return failed(format!("the {hook} command is empty")) };
     let mut log_file = match std::fs::OpenOptions::new().create(true).append(true).read(true).open(log) {
         Ok(file) => file,
         Err(e) => return failed(format!("cannot open {}: {e}", log.display())),
     };
     let start = log_file.seek(SeekFrom::End(0)).unwrap_or(0);
-    let _ = writeln!(log_file, "== round {round}: {}", argv.join(" "));
+    let _ = writeln!(log_file, "== {hook}: {}", argv.join(" "));
     let (stdout, stderr) = match (log_file.try_clone(), log_file.try_clone()) {
         (Ok(a), Ok(b)) => (a, b),
-        _ => return failed("cannot share the log with the import".into()),
+        _ => return failed(format!("cannot share the log with the {hook}")),
     };
-    tracing::info!("import of round {round}: {}", argv.join(" "));
+    tracing::info!("{hook}: {}", argv.join(" "));
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     if let Some(name) = user {
@@ -59,11 +61,11 @@ pub(crate) fn run(argv: &[String], user: Option<&str>, round: u64, timeout: Dura
             Ok(None) if started.elapsed() > timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = writeln!(log_file, "== killed after {} s (import timeout)", timeout.as_secs());
+                let _ = writeln!(log_file, "== killed after {} s ({hook} timeout)", timeout.as_secs());
                 break None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => return failed(format!("cannot wait for the import: {e}")),
+            Err(e) => return failed(format!("cannot wait for the {hook}: {e}")),
         }
     };
     let mut output = String::new();
@@ -106,6 +108,6 @@ mod tests {
             assert_eq!(nobody.tail, ["nobody"], "{nobody:?}");
         }
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.contains("== round 1: sh -c") && text.contains("killed after"));
+        assert!(text.contains("== import of round 1: sh -c") && text.contains("killed after"));
     }
 }

@@ -9,6 +9,7 @@ mod chunks;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod config_check;
 mod demo;
 pub mod history;
 mod human;
@@ -53,6 +54,28 @@ pub mod exit {
     /// The peer refused the round: it does not trust this node, the job is not this node's, it is busy
     /// with the job, or the target lacks space.
     pub const REFUSED: i32 = 8;
+
+    /// Every code, by name, in order (README.md's table is checked against it).
+    pub const ALL: [(&str, i32); 9] = [
+        ("OK", OK),
+        ("ERROR", ERROR),
+        ("USAGE", USAGE),
+        ("INCOMPLETE", INCOMPLETE),
+        ("IMPORT_FAILED", IMPORT_FAILED),
+        ("DIFFERENCES", DIFFERENCES),
+        ("DEADLINE", DEADLINE),
+        ("UNREACHABLE", UNREACHABLE),
+        ("REFUSED", REFUSED),
+    ];
+}
+
+/// `tokio::spawn`, in the current tracing span: the task's log lines keep the job and round.
+pub(crate) fn spawn_in_span<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(future))
 }
 
 /// No bandwidth limit.

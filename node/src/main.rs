@@ -1,7 +1,7 @@
 //! `ferry`: parse the command line, run the command, map the outcome to an exit code.
 
 use clap::Parser;
-use ferry::cli::{Cli, Command, ImportChoice, JobCommand};
+use ferry::cli::{Cli, Command, ConfigCommand, ImportChoice, JobCommand};
 use ferry::config::ConfigDir;
 use ferry::{DemoOptions, LocalSyncOptions, PushOptions, exit};
 
@@ -87,6 +87,7 @@ fn main() {
                     dry_run: args.dry_run,
                     reconnect_grace: args.reconnect_grace,
                     low_priority: args.low_priority,
+                    progress_interval: args.progress_interval,
                 };
                 if args.dry_run {
                     runtime().and_then(|rt| rt.block_on(ferry::dry_run(&config_dir, &options))).map(|report| {
@@ -107,6 +108,18 @@ fn main() {
                 }
             }
         },
+        Command::Config(ConfigCommand::Check { file }) => {
+            ferry::commands::config_check(&config_dir, file.as_deref()).map(|()| exit::OK)
+        }
+        Command::Config(ConfigCommand::Reference) => {
+            print!("{}", ferry::config_check::reference());
+            Ok(exit::OK)
+        }
+        Command::Completions { shell } => {
+            ferry::commands::print_completions(shell);
+            Ok(exit::OK)
+        }
+        Command::Man { dir } => ferry::commands::write_man_pages(&dir).map(|()| exit::OK),
         Command::Demo(args) => {
             ferry::run_demo(&DemoOptions { files: args.files, rounds: args.rounds, seed: args.seed, keep: args.keep })
                 .map(|()| exit::OK)
@@ -161,5 +174,12 @@ fn init_logging(verbose: u8, quiet: bool, chatty: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colours only on a terminal: cron mails and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }

@@ -88,3 +88,89 @@ fn a_round_killed_at_random_points_ends_identical_when_rerun() {
     }
     assert!(kills >= 3, "only {kills} runs were killed mid-round: the tree is too small to test this");
 }
+
+/// README's exit-code table lists exactly the codes of `ferry::exit`, and each row names a test that
+/// exists and asserts that code (by its constant).
+#[test]
+fn the_exit_code_table_is_true() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+    let table = readme.split("## Exit codes").nth(1).unwrap().split("\n## ").next().unwrap();
+    let rows: Vec<(i32, Vec<String>)> = table
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let code = cells.get(1)?.parse().ok()?;
+            let tests = cells.get(3)?.split(',').map(|t| t.trim().trim_matches('`').to_owned()).collect();
+            Some((code, tests))
+        })
+        .collect();
+    let codes: Vec<i32> = rows.iter().map(|(code, _)| *code).collect();
+    assert_eq!(codes, ferry::exit::ALL.map(|(_, code)| code), "README's table and ferry::exit differ");
+    let sources: Vec<String> = std::fs::read_dir(root.join("tests/it"))
+        .unwrap()
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+        .collect();
+    for ((name, code), (_, tests)) in ferry::exit::ALL.iter().zip(&rows) {
+        for test in tests {
+            let body = sources
+                .iter()
+                .find_map(|source| source.split(&format!("fn {test}()")).nth(1))
+                .unwrap_or_else(|| panic!("exit code {code}: no test called {test}"));
+            let body = body.split("\n}\n").next().unwrap();
+            assert!(
+                body.contains(&format!("ferry::exit::{name})")),
+                "exit code {code}: {test} does not assert ferry::exit::{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn config_check_names_the_line_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ferry =
+        |args: &[&str]| Command::new(ferry_bin()).env("FERRY_CONFIG_DIR", dir.path()).args(args).output().unwrap();
+    assert!(ferry(&["init"]).status.success());
+    let id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let file = dir.path().join("ferry.toml");
+    std::fs::write(&file, format!("[[peer]]\nname = \"dest\"\nid = \"{id}\"\nadress = \"x:1\"\n")).unwrap();
+    let out = ferry(&["config", "check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    assert!(stderr.contains(&format!("{}:4:1: error: adress: unknown field `adress`", file.display())), "{stderr}");
+    // Every command that reads the file says the same, not only `config check`.
+    let out = ferry(&["job", "list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ferry.toml:4:1: error: adress"));
+
+    // A file given by path, with a bad value three tables down.
+    let other = dir.path().join("new.toml");
+    std::fs::write(
+        &other,
+        format!("[[peer]]\nname = \"dest\"\nid = \"{id}\"\n\n[[job]]\nname = \"z\"\npath = \"/z\"\npeer = \"dest\"\nbwlimit = \"08:00,fast\"\n"),
+    )
+    .unwrap();
+    let out = ferry(&["config", "check", other.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    assert!(stderr.contains("new.toml:9:1: error: job \"z\" bwlimit:") && stderr.contains("fast"), "{stderr}");
+
+    std::fs::write(&other, format!("[[peer]]\nname = \"dest\"\nid = \"{id}\"\n")).unwrap();
+    let out = ferry(&["config", "check", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(ferry::exit::OK));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is valid: 1 peer, 0 jobs"));
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line() {
+    let out = Command::new(ferry_bin()).args(["completions", "bash"]).output().unwrap();
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && script.contains("--max-duration") && script.contains("complete -F"), "{script}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(ferry_bin()).arg("man").arg(dir.path()).output().unwrap();
+    assert!(out.status.success());
+    let sync = std::fs::read_to_string(dir.path().join("ferry-sync.1")).unwrap();
+    assert!(sync.starts_with(".ie") || sync.contains(".TH"), "{sync}");
+    assert!(sync.contains("max\\-duration") && sync.contains("Examples"), "{}", &sync[..sync.len().min(2000)]);
+    assert!(dir.path().join("ferry.1").exists() && dir.path().join("ferry-config-check.1").exists());
+}
