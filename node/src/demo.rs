@@ -113,6 +113,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         dry_run: false,
         reconnect_grace: std::time::Duration::from_secs(60),
         low_priority: false,
+        progress_interval: std::time::Duration::from_secs(60),
     };
     for round in 1..=options.rounds {
         if round > 1 {

@@ -56,7 +56,15 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
     let report = local_round(&options.source, &options.target, &state, &round_options)
         .with_context(|| format!("round {} -> {} failed", options.source.display(), options.target.display()))?;
     if options.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        /// The local round's report with the schema version every `--json` document carries.
+        #[derive(serde::Serialize)]
+        struct Versioned<'a> {
+            schema: u32,
+            #[serde(flatten)]
+            report: &'a LocalRoundReport,
+        }
+        let versioned = Versioned { schema: crate::REPORT_SCHEMA, report: &report };
+        println!("{}", serde_json::to_string_pretty(&versioned)?);
     } else {
         print_summary(&options.source, &options.target, &report);
     }

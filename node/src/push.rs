@@ -11,6 +11,7 @@ use ferry_engine::{ChunkHash, Entry, EntryKind, ManifestReader, RecordFileError,
 use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundOptions, RoundRef};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::ConfigDir;
 use crate::net::{self, FrameReader};
@@ -41,6 +42,8 @@ pub struct PushOptions {
     pub reconnect_grace: Duration,
     /// `--low-priority`: a delay-based congestion controller that yields to other traffic.
     pub low_priority: bool,
+    /// `--progress-interval`: how often a run without a terminal (cron, systemd) logs its progress.
+    pub progress_interval: Duration,
 }
 
 /// The version of the `--json` reports' layout: it changes only when a field changes meaning or goes
@@ -150,15 +153,22 @@ struct Lost(String);
 
 /// Runs one round of `options.job`; with `wait_if_busy`, waits while the destination is busy with it.
 pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
-    loop {
-        match push_once(config_dir, options).await {
-            Err(e) if options.wait_if_busy && e.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running")) => {
-                tracing::info!("{e}; trying again in 15 s (--wait)");
-                tokio::time::sleep(Duration::from_secs(15)).await;
+    let span = tracing::info_span!("sync", job = %options.job, round = tracing::field::Empty);
+    async {
+        loop {
+            match push_once(config_dir, options).await {
+                Err(e)
+                    if options.wait_if_busy && e.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running")) =>
+                {
+                    tracing::info!("{e}; trying again in 15 s (--wait)");
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                }
+                other => return other,
             }
-            other => return other,
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// What `sync --round JOB --dry-run` found (`--json` prints it).
@@ -197,12 +207,18 @@ pub struct DryRunReport {
 /// `sync --round JOB --dry-run`: scans, exchanges manifests, lets the destination plan, and sizes what
 /// it asks for (read and compressed here, not sent). Nothing is written on the destination.
 pub async fn dry_run(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<DryRunReport> {
+    let span = tracing::info_span!("dry-run", job = %options.job, round = tracing::field::Empty);
+    dry_run_in_span(config_dir, options).instrument(span).await
+}
+
+async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<DryRunReport> {
     let started = Instant::now();
     let options = PushOptions { dry_run: true, ..options.clone() };
     let prepared = prepare(config_dir, &options.job).await?;
     let timetable = timetable(config_dir, &options, &prepared.job.name)?;
     let mut session = open_session(&prepared, &options).await?;
-    let (changes, changed_bytes) = send_all_changes(&prepared, &mut session).await?;
+    let (changes, positions) = send_all_changes(&prepared, &mut session).await?;
+    let changed_bytes = positions.total;
     let mut payload = 0u64;
     let plan = loop {
         match session.reader.next().await? {
@@ -380,10 +396,10 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
 
     if let Some(command) = &job.export_cmd {
         let argv = crate::config::export_argv(command, &job.path, &job.name)?;
-        tracing::info!(job = %job.name, "export: {}", argv.join(" "));
         let log = state.dir.join("export.log");
+        let user = job.export_user.clone();
         let run = tokio::task::spawn_blocking(move || {
-            crate::import::run(&argv, None, 0, Duration::from_secs(24 * 3600), &log)
+            crate::import::run(&argv, user.as_deref(), 0, Duration::from_secs(24 * 3600), &log)
         });
         let result = run.await.context("the export hook panicked")?;
         if !result.success {
@@ -396,7 +412,7 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
         }
     }
 
-    tracing::info!(job = %job.name, "scanning {}", job.path.display());
+    tracing::info!("scanning {}", job.path.display());
     let scanned = {
         let (path, cache, out) = (job.path.clone(), state.cache(), state.scanned());
         tokio::task::spawn_blocking(move || scan(&path, Some(&cache), &out, &cache, &ScanOptions::default()))
@@ -438,7 +454,7 @@ struct Session {
 async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Result<Session> {
     let Prepared { peer, addr, identity, state, job, .. } = prepared;
     let remote = net::resolve(addr)?;
-    tracing::info!(job = %job.name, "connecting to {} ({}) at {remote}", peer.name, peer.id);
+    tracing::info!("connecting to {} ({}) at {remote}", peer.name, peer.id);
     let connection = match net::connect(identity, peer.id, remote, options.low_priority).await {
         Ok(connection) => connection,
         Err(e) => {
@@ -492,12 +508,13 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
             Ok(None) | Err(_) => return Err(refused(why_closed(&connection).await)),
         }
     };
+    tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
     Ok(Session { connection, send, reader, base, holds })
 }
 
 /// Sends the changes since what the destination holds (all of them when this node no longer has
-/// that manifest). Returns how many, and the bytes of files whose content changed.
-async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, u64)> {
+/// that manifest). Returns how many, and where each file whose content changed starts in those bytes.
+async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, Positions)> {
     let state = &prepared.state;
     let delta_base = session.base.filter(|b| Some(*b) == session.holds);
     let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);
@@ -509,11 +526,11 @@ async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow:
         change_count += batch.len() as u64;
         net::send(&mut session.send, &Message::Changes(batch)).await?;
     }
-    let changed_bytes = differ.await.context("the diff panicked")??;
+    let positions = differ.await.context("the diff panicked")??;
     let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
     net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
-    tracing::info!(job = %prepared.job.name, "{change_count} changes sent (against {:?})", delta_base.map(|b| b.round));
-    Ok((change_count, changed_bytes))
+    tracing::info!("{change_count} changes sent (against {:?})", delta_base.map(|b| b.round));
+    Ok((change_count, positions))
 }
 
 /// What the attempts of a round added up to.
@@ -548,13 +565,13 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     let prepared = prepare(config_dir, &options.job).await?;
     let limiter = crate::limit::Limiter::new(timetable(config_dir, options, &prepared.job.name)?);
     if limiter.rate() != ferry_engine::Rate::UNLIMITED {
-        tracing::info!(job = %prepared.job.name, "bandwidth limit {}", crate::limit::describe_rate(limiter.rate()));
+        tracing::info!("bandwidth limit {}", crate::limit::describe_rate(limiter.rate()));
     }
     let follow = limiter.follow("bandwidth limit");
     let reload = {
         let (limiter, config_dir, options, job) =
             (limiter.clone(), config_dir.clone(), options.clone(), prepared.job.name.clone());
-        tokio::spawn(async move {
+        crate::spawn_in_span(async move {
             let Some(hangup) = hangup.as_mut() else { return };
             while hangup.recv().await.is_some() {
                 if options.bwlimit.is_some() {
@@ -731,7 +748,10 @@ async fn serve_round(
     deadline: Option<Instant>,
 ) -> anyhow::Result<Finished> {
     let peer = &prepared.peer;
-    let (changes, changed_bytes) = send_all_changes(prepared, session).await?;
+    let (changes, positions) = send_all_changes(prepared, session).await?;
+    let changed_bytes = positions.total;
+    sent.changed.store(changed_bytes, Ordering::Relaxed);
+    let positions = Arc::new(positions);
     let connection = session.connection.clone();
 
     // The chunk reader: a blocking task reading what the destination asks for, in order.
@@ -741,6 +761,7 @@ async fn serve_round(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader_task = {
         let (root, counters, stop, limiter) = (prepared.job.path.clone(), sent.clone(), stop.clone(), limiter.clone());
+        let mut cursor = PositionCursor { positions, at: 0 };
         tokio::task::spawn_blocking(move || {
             while let Some(chunks) = needs_rx.blocking_recv() {
                 // Under a limit, smaller batches: an interruption loses at most the batches on the
@@ -748,7 +769,7 @@ async fn serve_round(
                 let batch_bytes = limiter.rate().bytes_per_second().map_or(crate::chunks::BATCH_BYTES, |bps| {
                     (bps as usize / 16).clamp(64 << 10, crate::chunks::BATCH_BYTES)
                 });
-                match read_chunks(&root, chunks, &batches_tx, &counters, &stop, batch_bytes) {
+                match read_chunks(&root, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes) {
                     Ok(missing) if missing.is_empty() => {}
                     Ok(missing) => {
                         let _ = reader_tx.send(FromReader::Missing(missing));
@@ -764,14 +785,23 @@ async fn serve_round(
     let batches_sent = Arc::new(AtomicU64::new(0));
     let senders: Vec<_> = (0..4)
         .map(|_| {
-            let (connection, rx, limiter, stop, count) =
-                (connection.clone(), batches_rx.clone(), limiter.clone(), stop.clone(), batches_sent.clone());
-            tokio::spawn(async move {
+            let (connection, rx, limiter, stop, count, counters) = (
+                connection.clone(),
+                batches_rx.clone(),
+                limiter.clone(),
+                stop.clone(),
+                batches_sent.clone(),
+                sent.clone(),
+            );
+            crate::spawn_in_span(async move {
                 let mut stream = connection.open_uni().await?;
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(batch) = rx.recv().await else { break };
+                    let Ok(Outgoing { batch, covered }) = rx.recv().await else { break };
+                    let bytes = batch.declared_len();
                     net::send_limited(&mut stream, &Message::ChunkBatch(batch), &limiter).await?;
                     count.fetch_add(1, Ordering::Relaxed);
+                    counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    counters.covered.fetch_max(covered, Ordering::Relaxed);
                 }
                 let _ = stream.finish();
                 anyhow::Ok(())
@@ -780,7 +810,7 @@ async fn serve_round(
         .collect();
     drop(batches_rx);
     let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
-    let progress = spawn_progress(sent.clone(), connection.clone(), stop_rx);
+    let progress = spawn_progress(sent.clone(), connection.clone(), options.progress_interval, stop_rx);
     let deadline_sleep = async {
         match deadline {
             Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -919,6 +949,12 @@ async fn why_closed(connection: &quinn::Connection) -> String {
 struct Counters {
     chunks: AtomicU64,
     bytes: AtomicU64,
+    /// Chunk bytes handed to the data streams (the two above count what was read).
+    sent_bytes: AtomicU64,
+    /// How far into the changed bytes the chunks sent have gone (see [`Positions`]).
+    covered: AtomicU64,
+    /// The changed bytes of the round.
+    changed: AtomicU64,
 }
 
 /// A multi-consumer queue of batches for the data streams.
@@ -927,21 +963,28 @@ fn async_channel() -> (BatchSender, BatchReceiver) {
     (BatchSender(tx), BatchReceiver(Arc::new(tokio::sync::Mutex::new(rx))))
 }
 
+/// A batch on its way to a data stream, and how far into the changed bytes the round is once it is
+/// sent (see [`Positions`]).
+struct Outgoing {
+    batch: ferry_proto::ChunkBatch,
+    covered: u64,
+}
+
 #[derive(Clone)]
-struct BatchSender(mpsc::Sender<ferry_proto::ChunkBatch>);
+struct BatchSender(mpsc::Sender<Outgoing>);
 #[derive(Clone)]
-struct BatchReceiver(Arc<tokio::sync::Mutex<mpsc::Receiver<ferry_proto::ChunkBatch>>>);
+struct BatchReceiver(Arc<tokio::sync::Mutex<mpsc::Receiver<Outgoing>>>);
 
 impl BatchReceiver {
-    async fn recv(&self) -> Result<ferry_proto::ChunkBatch, ()> {
+    async fn recv(&self) -> Result<Outgoing, ()> {
         self.0.lock().await.recv().await.ok_or(())
     }
 }
 
 /// Diffs the base (or nothing) against the new manifest and hands out changes in batches.
 /// Returns the bytes of the files whose content changed.
-fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>) -> anyhow::Result<u64> {
-    let mut changed_bytes = 0u64;
+fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>) -> anyhow::Result<Positions> {
+    let mut positions = Positions::default();
     let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = match base {
         Some(path) => Box::new(ManifestReader::open(path)?),
         None => Box::new(std::iter::empty()),
@@ -957,7 +1000,7 @@ fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>)
             }
             (_, new) => {
                 if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
-                    changed_bytes += entry.size;
+                    positions.push(&path, entry.size);
                 }
                 Change { path, entry: new, chunks_as_before: false }
             }
@@ -971,11 +1014,54 @@ fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>)
     if !batch.is_empty() {
         tx.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
     }
-    Ok(changed_bytes)
+    Ok(positions)
 }
 
-/// Chunks gathered for one batch: their names and lengths, and their bytes end to end.
-type PendingBatch = (Vec<(ChunkHash, u32)>, Vec<u8>);
+/// Where each file whose content changed starts in the round's changed bytes, in manifest order: the
+/// destination asks for chunks in that order, so the chunks read tell how far the round is (for the
+/// progress line's ETA). 16 bytes a file: a hash of its path and the bytes before it.
+#[derive(Debug, Default)]
+struct Positions {
+    files: Vec<(u64, u64)>,
+    total: u64,
+}
+
+impl Positions {
+    fn push(&mut self, path: &ferry_engine::RelPath, size: u64) {
+        self.files.push((path_key(path), self.total));
+        self.total += size;
+    }
+}
+
+fn path_key(path: &ferry_engine::RelPath) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Follows the chunks read through [`Positions`], forward only.
+struct PositionCursor {
+    positions: Arc<Positions>,
+    at: usize,
+}
+
+impl PositionCursor {
+    /// How far into the changed bytes the round is once `need` is read, if its file is found in the
+    /// next few thousand (a need for a file that is not there, which should not happen, costs a
+    /// bounded search and moves nothing).
+    fn advance(&mut self, need: &NeedChunk) -> Option<u64> {
+        let key = path_key(&need.path);
+        let mut ahead = self.positions.files.get(self.at..)?.iter().take(4096);
+        let found = ahead.position(|(k, _)| *k == key)?;
+        self.at += found;
+        Some(self.positions.files[self.at].1 + need.offset + u64::from(need.len))
+    }
+}
+
+/// Chunks gathered for one batch: their names and lengths, their bytes end to end, and how far into
+/// the changed bytes they reach.
+type PendingBatch = (Vec<(ChunkHash, u32)>, Vec<u8>, u64);
 
 /// Reads the asked-for chunks from the source tree and queues them in batches; returns those that no
 /// longer hash to what the scan saw.
@@ -984,6 +1070,7 @@ fn read_chunks(
     chunks: Vec<NeedChunk>,
     tx: &BatchSender,
     counters: &Counters,
+    cursor: &mut PositionCursor,
     stop: &std::sync::atomic::AtomicBool,
     batch_bytes: usize,
 ) -> anyhow::Result<Vec<ChunkHash>> {
@@ -1003,32 +1090,37 @@ fn read_chunks(
         counters.chunks.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(u64::from(need.len), Ordering::Relaxed);
         let which = usize::from(crate::chunks::compressible(buf, &mut compressor));
-        let (list, data) = &mut batches[which];
+        let (list, data, covered) = &mut batches[which];
         list.push((need.hash, need.len));
         data.extend_from_slice(buf);
+        if let Some(reached) = cursor.advance(&need) {
+            *covered = (*covered).max(reached);
+        }
         if data.len() >= batch_bytes {
             let (list, data) = (std::mem::take(list), std::mem::take(data));
             let batch = crate::chunks::encode_batch(list, data, which == 1, &mut compressor);
-            tx.0.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
+            tx.0.blocking_send(Outgoing { batch, covered: *covered }).map_err(|_| anyhow!("connection closed"))?;
         }
     }
-    for (which, (list, data)) in batches.into_iter().enumerate() {
+    for (which, (list, data, covered)) in batches.into_iter().enumerate() {
         if !list.is_empty() {
             let batch = crate::chunks::encode_batch(list, data, which == 1, &mut compressor);
-            tx.0.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
+            tx.0.blocking_send(Outgoing { batch, covered }).map_err(|_| anyhow!("connection closed"))?;
         }
     }
     Ok(missing)
 }
 
-/// Progress while chunks flow: a live line on a terminal, a log line every 10 s otherwise (cron).
+/// Progress while chunks flow: a live line on a terminal, a log line every `interval` otherwise (cron,
+/// systemd), with the rate and an estimate of the time left.
 fn spawn_progress(
     counters: Arc<Counters>,
     connection: quinn::Connection,
+    interval: Duration,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     use std::io::IsTerminal;
-    tokio::spawn(async move {
+    crate::spawn_in_span(async move {
         let started = Instant::now();
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
@@ -1038,7 +1130,7 @@ fn spawn_progress(
             );
             bar
         });
-        let period = if bar.is_some() { Duration::from_millis(250) } else { Duration::from_secs(10) };
+        let period = if bar.is_some() { Duration::from_millis(250) } else { interval };
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
@@ -1047,11 +1139,15 @@ fn spawn_progress(
             let stats = connection.stats();
             let secs = started.elapsed().as_secs_f64().max(0.001);
             let line = format!(
-                "sent {} chunks ({}), {} on the wire, {}/s",
-                crate::human::count(counters.chunks.load(Ordering::Relaxed)),
-                crate::human::bytes(counters.bytes.load(Ordering::Relaxed)),
+                "sent {} of chunks, {} on the wire, {}/s{}",
+                crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
                 crate::human::bytes(stats.udp_tx.bytes),
-                crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64)
+                crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64),
+                eta(
+                    counters.covered.load(Ordering::Relaxed),
+                    counters.changed.load(Ordering::Relaxed),
+                    started.elapsed()
+                )
             );
             match &bar {
                 Some(bar) => bar.set_message(line),
@@ -1062,6 +1158,21 @@ fn spawn_progress(
             bar.finish_and_clear();
         }
     })
+}
+
+/// "; 40% of the changed data, about 1h 20m left": how far the chunks read are into the changed files,
+/// and that pace kept up. Empty until there is something to go by.
+fn eta(covered: u64, changed: u64, elapsed: Duration) -> String {
+    if covered == 0 || changed == 0 || elapsed < Duration::from_secs(3) {
+        return String::new();
+    }
+    let done = (covered as f64 / changed as f64).min(1.0);
+    let left = elapsed.as_secs_f64() * (1.0 - done) / done;
+    format!(
+        "; {:.0}% of the changed data, about {} left",
+        done * 100.0,
+        crate::human::duration(Duration::from_secs(left.round() as u64))
+    )
 }
 
 /// Prints a round's report: one JSON object, or a summary for people.

@@ -14,6 +14,7 @@ use ferry_engine::{
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
 use crate::net::{self, FrameReader, close};
@@ -187,12 +188,25 @@ impl ServerContext {
 }
 
 async fn handle_connection(connection: quinn::Connection, context: Arc<ServerContext>) {
-    let remote = connection.remote_address();
     let Some(peer_id) = net::peer_id(&connection) else {
         connection.close(close::ERROR.into(), b"no peer identity");
         return;
     };
-    match round(&connection, peer_id, context).await {
+    let span = tracing::info_span!(
+        "round",
+        peer = tracing::field::Empty,
+        job = tracing::field::Empty,
+        round = tracing::field::Empty
+    );
+    async move { finish_round(&connection, round(&connection, peer_id, context).await, peer_id).await }
+        .instrument(span)
+        .await;
+}
+
+/// Closes a round's connection: after the source has read the last messages, or at once with the error.
+async fn finish_round(connection: &quinn::Connection, result: anyhow::Result<()>, peer_id: NodeId) {
+    let remote = connection.remote_address();
+    match result {
         Ok(()) => {
             // Let the source read the last messages and close first.
             let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
@@ -209,6 +223,7 @@ async fn handle_connection(connection: quinn::Connection, context: Arc<ServerCon
 async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<ServerContext>) -> anyhow::Result<()> {
     let config = context.config_dir.load()?;
     let peer = config.peer_by_id(peer_id).ok_or_else(|| anyhow!("node {peer_id} is no longer trusted"))?.clone();
+    tracing::Span::current().record("peer", peer.name.as_str());
     tracing::info!("connection from {} ({peer_id}) at {}", peer.name, connection.remote_address());
     let (mut send, recv) = connection.accept_bi().await.context("the peer opened no stream")?;
     let mut reader = FrameReader::new(recv);
@@ -246,7 +261,8 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             bail!("refused: {reason}");
         }
     };
-    tracing::info!(job = %job.name, "round from {} into {}", peer.name, job.path.display());
+    tracing::Span::current().record("job", job.name.as_str());
+    tracing::info!("round from {} into {}", peer.name, job.path.display());
 
     let data_dir = context.config_dir.data_dir(&config);
     let (to_net, mut outbox) = mpsc::channel::<Message>(64);
@@ -294,14 +310,16 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let follow = limiter.as_ref().map(|l| l.follow("receive limit"));
     if let Some(bps) = limiter.as_ref().and_then(|l| l.rate().bytes_per_second()) {
         connection.set_receive_window((2 * bps).clamp(2 << 20, 64 << 20).try_into().unwrap_or(quinn::VarInt::MAX));
-        tracing::info!(job = %job.name, "receiving at most {}/s from {}", crate::human::bytes(bps), peer.name);
+        tracing::info!("receiving at most {}/s from {}", crate::human::bytes(bps), peer.name);
     }
-    let data = tokio::spawn(receive_chunks(connection.clone(), window.clone(), limiter));
+    let data = tokio::spawn(receive_chunks(connection.clone(), window.clone(), limiter).in_current_span());
 
     let target = job.path.clone();
     let imports = context.imports.clone();
     let peer_name = peer.name.clone();
+    let span = tracing::Span::current();
     let result = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
         let round = Round { job: &job, data_dir: &data_dir, hello: &hello, peer: &peer_name, imports: &imports };
         destination_round(&round, inbox, to_net, &window)
     })
@@ -526,6 +544,7 @@ fn destination_round(
         .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
     let _lock = ferry_engine::lock_state(&state.dir)?;
     let holds = state.holds()?;
+    tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
     // An import marker left behind means the daemon stopped during an import: say so, do not rerun it.
     if let Some(stale) = crate::history::read_marker(&state.import_marker()) {
         let text = format!(
@@ -594,7 +613,7 @@ fn destination_round(
         return Ok(RoundEnd::Planned);
     }
     if let Some(reason) = space.refusal(&job.path) {
-        tracing::warn!(job = %job.name, "{reason}");
+        tracing::warn!("{reason}");
         send(Message::Refused { reason: reason.clone() })?;
         bail!("refused: {reason}");
     }

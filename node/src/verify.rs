@@ -35,8 +35,13 @@ pub fn verify(config_dir: &ConfigDir, job: &str) -> anyhow::Result<VerifyReport>
     let (manifest, cache) = (scratch.path().join("manifest"), scratch.path().join("cache"));
     scan(&job_config.path, None, &manifest, &cache, &ScanOptions::default())
         .with_context(|| format!("cannot read {}", job_config.path.display()))?;
-    let mut report =
-        VerifyReport { schema: 1, job: job.to_owned(), round: holds.round, checked: 0, differences: Vec::new() };
+    let mut report = VerifyReport {
+        schema: crate::REPORT_SCHEMA,
+        job: job.to_owned(),
+        round: holds.round,
+        checked: 0,
+        differences: Vec::new(),
+    };
     let can_chown = rustix::process::geteuid().is_root();
     let pairs = MergeJoin::new(ManifestReader::open(&state.manifest())?, ManifestReader::open(&manifest)?);
     for pair in pairs {

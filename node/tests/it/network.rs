@@ -420,3 +420,60 @@ fn a_limited_round_is_never_faster_than_its_limit_and_uses_it() {
     let seconds = report["duration_ms"].as_f64().unwrap() / 1000.0;
     assert!((3.7..=7.0).contains(&seconds), "4 MiB at 1 MiB/s took {seconds} s");
 }
+
+/// Every `--json` report carries `schema` 1 and exactly the fields README.md's table lists.
+#[test]
+fn json_reports_are_versioned_and_documented() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let table = readme.split("## JSON reports").nth(1).unwrap().split("\n## ").next().unwrap();
+    let documented = |label: &str| -> Vec<String> {
+        let row =
+            table.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no row {label}"));
+        let fields = row.rsplit('|').nth(1).unwrap();
+        let mut fields: Vec<String> = fields.split(',').map(|f| f.trim().trim_matches('`').to_owned()).collect();
+        fields.sort();
+        fields
+    };
+    let keys = |value: &serde_json::Value| -> Vec<String> {
+        let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    TreeGenerator::create(&source, TreeSpec::with_files(100, 2)).unwrap();
+    setup.job("zimbra", &source, &target);
+    setup.dest.ok(&["job", "set", "zimbra", "--import-cmd", "true"]);
+
+    let dry = json(setup.source.run(&["sync", "--round", "zimbra", "--dry-run", "--json"]));
+    assert_eq!(keys(&dry), documented("`ferry sync --round JOB --dry-run --json`"));
+    let round = setup.source.sync("zimbra");
+    assert_eq!(keys(&round), documented("`ferry sync --round JOB --json`"));
+    assert_eq!(keys(&round["import"]), documented("its `import` (null when none ran or `--no-wait`)"));
+    let status = json(setup.dest.run(&["status", "--json"]));
+    assert_eq!(keys(&status), documented("`ferry status --json`"));
+    assert_eq!(keys(&status["jobs"][0]), documented("each of its `jobs`"));
+    let verify = json(setup.dest.run(&["verify", "zimbra", "--json"]));
+    assert_eq!(keys(&verify), documented("`ferry verify JOB --json`"));
+    let local = json(
+        setup
+            .source
+            .ferry()
+            .args(["sync", "--round", "--json", "--state-dir"])
+            .arg(setup.path("local-state"))
+            .arg(&source)
+            .arg(setup.path("copy"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(keys(&local), documented("`ferry sync --round SRC DEST --json`"));
+    for report in [&dry, &round, &status, &verify, &local] {
+        assert_eq!(report["schema"], ferry::REPORT_SCHEMA);
+    }
+    assert_eq!(ferry::REPORT_SCHEMA, 1, "README says the schema is 1");
+}

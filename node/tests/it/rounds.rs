@@ -352,3 +352,26 @@ fn an_unreachable_peer_exits_with_its_own_code() {
     assert_eq!(out.status.code(), Some(ferry::exit::UNREACHABLE), "{stderr}");
     assert!(stderr.contains("cannot connect") && stderr.contains("ferry serve"), "{stderr}");
 }
+
+/// Without a terminal (cron, systemd), `sync` logs its progress every `--progress-interval` with the
+/// rate and an estimate of the time left, and every line names the job and the round.
+#[test]
+fn a_run_without_a_terminal_logs_progress_with_an_eta() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 24, 256 << 10, 8);
+    setup.job("zimbra", &source, &target);
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "1M", "--progress-interval", "1s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::OK), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colours in a log that is not a terminal:\n{stderr}");
+    let progress: Vec<&str> = stderr.lines().filter(|l| l.contains("on the wire,")).collect();
+    assert!(progress.len() >= 3, "{stderr}");
+    assert!(progress.iter().all(|l| l.contains("sync{job=zimbra round=1}")), "{stderr}");
+    let percents: Vec<u32> =
+        progress.iter().filter_map(|l| l.split("; ").nth(1)?.split('%').next()?.parse().ok()).collect();
+    assert!(percents.len() >= 2, "no ETA in the progress lines:\n{stderr}");
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]) && percents.iter().all(|p| *p <= 100), "{percents:?}");
+    assert!(progress.iter().any(|l| l.contains("% of the changed data, about") && l.ends_with(" left")), "{stderr}");
+    println!("{}", progress.join("\n"));
+}
