@@ -10,3 +10,4 @@ mod properties;
 mod reuse;
 mod rounds;
 mod source_changes;
+mod walkthrough;
