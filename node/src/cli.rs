@@ -310,6 +310,10 @@ pub struct ServeArgs {
     /// Where to listen (default: the config's `listen`, else `[::]:7373`).
     #[arg(long)]
     pub listen: Option<String>,
+    /// End a round whose source sends nothing for this long (while it should be sending changes or
+    /// chunks); what arrived is kept. The deadline is this node's: a stalled peer cannot hold a job.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2m")]
+    pub stall_timeout: std::time::Duration,
 }
 
 #[cfg(test)]

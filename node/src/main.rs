@@ -58,8 +58,9 @@ fn main() {
             }
             Ok(if report.differences.is_empty() { exit::OK } else { exit::DIFFERENCES })
         }),
-        Command::Serve(args) => runtime()
-            .and_then(|rt| rt.block_on(ferry::serve(config_dir, args.listen, shutdown_signal())).map(|()| exit::OK)),
+        Command::Serve(args) => runtime().and_then(|rt| {
+            rt.block_on(ferry::serve(config_dir, args.listen, args.stall_timeout, shutdown_signal())).map(|()| exit::OK)
+        }),
         Command::Sync(args) => match args.target {
             Some(target) => ferry::run_local_sync(&LocalSyncOptions {
                 source: args.job_or_source,
@@ -138,9 +139,9 @@ fn main() {
                 exit::ERROR
             };
             if code == exit::DEADLINE {
-                eprintln!("ferry: {e:#}");
+                eprintln!("ferry: {}", ferry::describe(&e));
             } else {
-                eprintln!("ferry: error: {e:#}");
+                eprintln!("ferry: error: {}", ferry::describe(&e));
             }
             std::process::exit(code);
         }

@@ -755,7 +755,9 @@ async fn serve_round(
     let connection = session.connection.clone();
 
     // The chunk reader: a blocking task reading what the destination asks for, in order.
-    let (needs_tx, mut needs_rx) = mpsc::unbounded_channel::<Vec<NeedChunk>>();
+    // Bounded: a destination that asks faster than this node reads waits (QUIC's flow control then
+    // slows it down) instead of queueing without end here.
+    let (needs_tx, mut needs_rx) = mpsc::channel::<Vec<NeedChunk>>(16);
     let (reader_tx, mut from_reader) = mpsc::unbounded_channel::<FromReader>();
     let (batches_tx, batches_rx) = async_channel();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -822,7 +824,7 @@ async fn serve_round(
         tokio::select! {
             message = session.reader.next() => match message {
                 Ok(Some(Message::Need(chunks))) => {
-                    if needs_tx.send(chunks).is_err() {
+                    if needs_tx.send(chunks).await.is_err() {
                         break Err(anyhow!("the chunk reader stopped"));
                     }
                 }

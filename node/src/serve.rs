@@ -27,16 +27,19 @@ const WINDOW_MAX: u64 = 48 << 20;
 const FLUSH_BYTES: u64 = 16 << 20;
 /// How many entries wait for their chunks at most.
 const WINDOW_ENTRIES: usize = 20_000;
-/// A window that receives nothing for this long fails the round.
-const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A source that sends nothing for this long loses its round (`serve --stall-timeout`): a stalled
+/// or hostile peer must not hold a job, and the deadline is this node's, not the peer's.
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn serve(
     config_dir: ConfigDir,
     listen: Option<String>,
+    stall_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let daemon = Daemon::bind(config_dir, listen)?;
+    let mut daemon = Daemon::bind(config_dir, listen)?;
+    daemon.set_stall_timeout(stall_timeout);
     println!("listening on {} as node {}", daemon.local_addr()?, daemon.node_id);
     daemon.run(shutdown).await
 }
@@ -63,8 +66,16 @@ impl Daemon {
             trusted,
             busy: Mutex::new(HashMap::new()),
             imports: Arc::new(Mutex::new(HashMap::new())),
+            stall_timeout: STALL_TIMEOUT,
         });
         Ok(Self { endpoint, context, node_id: identity.node_id() })
+    }
+
+    /// How long a source may send nothing before its round is ended (before [`Daemon::run`]).
+    pub fn set_stall_timeout(&mut self, timeout: Duration) {
+        if let Some(context) = Arc::get_mut(&mut self.context) {
+            context.stall_timeout = timeout;
+        }
     }
 
     /// Where it listens.
@@ -117,6 +128,8 @@ struct ServerContext {
     busy: Mutex<HashMap<String, (NodeId, quinn::Connection)>>,
     /// Jobs whose import is running: which round, since when.
     imports: Imports,
+    /// See [`STALL_TIMEOUT`].
+    stall_timeout: Duration,
 }
 
 impl ServerContext {
@@ -213,8 +226,8 @@ async fn finish_round(connection: &quinn::Connection, result: anyhow::Result<()>
             connection.close(close::DONE.into(), b"round over");
         }
         Err(e) => {
-            tracing::warn!("round from {remote} (node {peer_id}) failed: {e:#}");
-            let reason = format!("{e:#}");
+            let reason = crate::describe(&e);
+            tracing::warn!("round from {remote} (node {peer_id}) failed: {reason}");
             connection.close(close::ERROR.into(), &reason.as_bytes()[..reason.len().min(1000)]);
         }
     }
@@ -277,14 +290,15 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         let _ = send.finish();
         anyhow::Ok(())
     });
+    let stall_timeout = context.stall_timeout;
     let control = tokio::spawn(async move {
         loop {
             // Until all changes are in, the source has no reason to be silent: a stalled peer must not
             // hold the job. (During the transfer, silence on this stream is normal.)
             let next = if order.phase() == ferry_proto::Phase::Changes {
-                match tokio::time::timeout(STALL_TIMEOUT, reader.next()).await {
+                match tokio::time::timeout(stall_timeout, reader.next()).await {
                     Ok(next) => next?,
-                    Err(_) => bail!("the source sent nothing for {} s", STALL_TIMEOUT.as_secs()),
+                    Err(_) => bail!("the source sent nothing for {} s", stall_timeout.as_secs()),
                 }
             } else {
                 reader.next().await?
@@ -320,17 +334,42 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let span = tracing::Span::current();
     let result = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
-        let round = Round { job: &job, data_dir: &data_dir, hello: &hello, peer: &peer_name, imports: &imports };
-        destination_round(&round, inbox, to_net, &window)
+        let round = Round {
+            job: &job,
+            data_dir: &data_dir,
+            hello: &hello,
+            peer: &peer_name,
+            imports: &imports,
+            stall_timeout: context.stall_timeout,
+        };
+        destination_round(&round, inbox, to_net, &window).map_err(|e| {
+            // A refusal keeps its prefix: the source tells it from a failure by it.
+            if e.to_string().starts_with("refused: ") {
+                return e;
+            }
+            let target = job.path.display();
+            e.context(format!("the round into {target} failed (what arrived is kept; run it again once this is fixed)"))
+        })
     })
     .await
     .context("the round thread panicked")?;
     let _ = writer.await;
-    control.abort();
+    // A malformed or out-of-order message ends the control stream first: its error says why the
+    // round ended, not the round thread's "the connection closed".
+    let control_error = if control.is_finished() {
+        control.await.ok().and_then(Result::err)
+    } else {
+        control.abort();
+        None
+    };
     data.abort();
     if let Some(follow) = follow {
         follow.abort();
     }
+    let result = match (result, control_error) {
+        (Err(_), Some(e)) => Err(e),
+        (result, _) => result,
+    };
     match result? {
         RoundEnd::Committed(done) => {
             tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
@@ -364,6 +403,11 @@ struct Window {
 
 #[derive(Default)]
 struct WindowState {
+    /// Chunks asked for and not arrived yet: only those are kept when they come.
+    wanted: HashSet<ChunkHash>,
+    /// Bytes of chunks that came without being asked for (dropped; a source that sends too many is
+    /// cut off: it could otherwise fill this node's memory).
+    unwanted_bytes: u64,
     chunks: HashMap<ChunkHash, Bytes>,
     /// Chunks the source said it cannot send, or that arrived damaged.
     missing: HashSet<ChunkHash>,
@@ -413,16 +457,40 @@ async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limi
     }
 }
 
+/// How many bytes of chunks it did not ask for a destination drops before it ends the round: a few
+/// late duplicates are normal, a stream of them is not.
+const UNWANTED_MAX: u64 = 64 << 20;
+
 impl Window {
+    /// Records that `hashes` were asked for.
+    fn want(&self, hashes: impl IntoIterator<Item = ChunkHash>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.wanted.extend(hashes);
+        }
+    }
+
     fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
         if let Ok(mut state) = self.state.lock() {
+            let bad: Vec<ChunkHash> = bad.into_iter().filter(|h| state.wanted.remove(h)).collect();
             if !bad.is_empty() {
                 tracing::warn!(
                     "{} chunks arrived damaged (hash mismatch); their files are left for the next round",
                     bad.len()
                 );
             }
-            state.chunks.extend(good);
+            for (hash, data) in good {
+                if state.wanted.remove(&hash) {
+                    state.chunks.insert(hash, data);
+                } else if !state.chunks.contains_key(&hash) {
+                    state.unwanted_bytes += data.len() as u64;
+                }
+            }
+            if state.unwanted_bytes > UNWANTED_MAX && state.error.is_none() {
+                state.error = Some(format!(
+                    "the source sent {} of chunks this node did not ask for",
+                    crate::human::bytes(state.unwanted_bytes)
+                ));
+            }
             state.missing.extend(bad);
             state.batches += 1;
             self.changed.notify_all();
@@ -503,11 +571,12 @@ impl TargetState {
     }
     fn set_holds(&self, round: RoundRef) -> anyhow::Result<()> {
         let tmp = self.dir.join("round.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&round)?)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, self.round_file())?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        Ok(())
+        let text = serde_json::to_vec(&round)?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, self.round_file()))
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+            .with_context(|| format!("cannot record the round in {}", self.round_file().display()))
     }
 }
 
@@ -528,6 +597,7 @@ struct Round<'a> {
     hello: &'a Hello,
     peer: &'a str,
     imports: &'a Imports,
+    stall_timeout: Duration,
 }
 
 fn destination_round(
@@ -623,7 +693,7 @@ fn destination_round(
     let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
-    match transfer(&mut applier, open_pairs()?, &send, &mut inbox, window)? {
+    match transfer(&mut applier, open_pairs()?, &send, &mut inbox, window, round.stall_timeout)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
         TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
@@ -821,6 +891,7 @@ fn transfer(
     send: &impl Fn(Message) -> anyhow::Result<()>,
     inbox: &mut mpsc::Receiver<Message>,
     window: &Window,
+    stall_timeout: Duration,
 ) -> anyhow::Result<TransferEnd> {
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut outstanding = 0u64;
@@ -851,6 +922,7 @@ fn transfer(
             outstanding += bytes;
             waiting.push_back(Waiting { pair, hashes, bytes });
         }
+        window.want(needs.iter().map(|n| n.hash));
         for part in needs.chunks(4096) {
             send(Message::Need(part.to_vec()))?;
         }
@@ -890,8 +962,8 @@ fn transfer(
         let seen = state.batches + state.missing.len() as u64;
         if seen != last_progress.1 || progressed {
             last_progress = (Instant::now(), seen);
-        } else if last_progress.0.elapsed() > STALL_TIMEOUT {
-            break TransferEnd::Cut(format!("no chunk arrived for {} s", STALL_TIMEOUT.as_secs()));
+        } else if last_progress.0.elapsed() > stall_timeout {
+            break TransferEnd::Cut(format!("no chunk arrived for {} s", stall_timeout.as_secs()));
         }
         let _ = window
             .changed
@@ -921,6 +993,8 @@ fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyh
         match message {
             Message::Missing(hashes) => {
                 let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+                // Only chunks asked for: a list of others would only grow this set.
+                let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| state.wanted.remove(h)).collect();
                 state.missing.extend(hashes);
                 window.changed.notify_all();
             }

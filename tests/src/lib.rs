@@ -6,6 +6,8 @@
 //!   as a fresh export (same bytes, new mtimes). Seeded, so every run makes the same tree.
 //! - [`UdpProxy`] impairs a UDP link (delay, loss, duplication, reordering, blackouts, NAT rebinding)
 //!   and counts its bytes, for the network fault tests.
+//! - `evil` (feature `evil`): a peer on a real QUIC connection that sends any message sequence or
+//!   bytes, for the hostile-peer tests.
 //! - [`snapshot`] and [`compare_trees`] check that two trees are identical in content, kind, mode,
 //!   owner, mtime, symlink targets and hard-link groups.
 //!
@@ -22,6 +24,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod compare;
+#[cfg(feature = "evil")]
+pub mod evil;
 mod generate;
 mod proxy;
 

@@ -3,6 +3,8 @@
 mod util;
 
 mod cli;
+mod disk;
+mod evil;
 mod faults;
 mod hostile;
 mod network;

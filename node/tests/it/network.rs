@@ -67,9 +67,27 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn start(node: &Node) -> Self {
-        let mut child = node
-            .ferry()
+        Self::start_with(node, &[])
+    }
+
+    /// `ferry serve` with more flags.
+    pub(crate) fn start_with(node: &Node, extra: &[&str]) -> Self {
+        Self::start_wrapped(node, &[], extra)
+    }
+
+    /// `ferry serve` run by another program (`strace ...`), with more flags.
+    pub(crate) fn start_wrapped(node: &Node, wrapper: &[&str], extra: &[&str]) -> Self {
+        let mut command = match wrapper.split_first() {
+            None => node.ferry(),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(ferry_bin()).arg("--config-dir").arg(&node.config);
+                command
+            }
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(debug_log("serve"))
             .spawn()
@@ -84,10 +102,23 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
-            rustix::process::Signal::TERM,
-        );
+        use rustix::process::{Pid, Signal, kill_process};
+        // A wrapper (strace) stops with its children: signal them first.
+        let id = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children")).unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).chain([id as i32]) {
+            if let Some(pid) = Pid::from_raw(pid) {
+                let _ = kill_process(pid, Signal::TERM);
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.child.wait();
     }
 }

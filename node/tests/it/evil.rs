@@ -1,0 +1,289 @@
+//! A trusted peer that turns hostile, over a real QUIC connection (`ferry_testkit::evil`): messages
+//! out of order, bytes that are not frames, absurd sizes, chunks nobody asked for, silence; and, the
+//! other way, a destination that asks the source for what it must not read. Each ends with a clear
+//! error, no panic, nothing written outside the target, and the daemon serving the next round.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_certs::{Identity, NodeId};
+use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
+use ferry_proto::{Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION};
+use ferry_testkit::evil::{EvilDestination, EvilSource, EvilStream};
+
+use crate::network::{Daemon, Node, Setup};
+use crate::util::{assert_same_tree, random_bytes, sentinel, write};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn hello(job: &str) -> Message {
+    Message::Hello(Hello { version: PROTOCOL_VERSION, job: job.into(), base: None, delete: false, numeric_ids: false })
+}
+
+fn file(path: &str, data: &[u8]) -> Entry {
+    Entry {
+        path: RelPath::new(path).unwrap(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        user: None,
+        group: None,
+        mtime_ns: 1_700_000_000_000_000_000,
+        size: data.len() as u64,
+        chunks: vec![ChunkRef { hash: ChunkHash::of(data), len: data.len() as u32 }],
+        link_target: None,
+        hard_link_to: None,
+    }
+}
+
+fn change(entry: Entry) -> Change {
+    Change { path: entry.path.clone(), entry: Some(entry), chunks_as_before: false }
+}
+
+/// Hello, one change, the end of the changes; returns the control stream once `Welcome` came.
+async fn open_round(evil: &EvilSource, job: &str, changes: Vec<Change>, entries: u64) -> EvilStream {
+    let mut control = evil.open().await.unwrap();
+    control.send(&hello(job)).await.unwrap();
+    match control.next(LIMIT).await.unwrap() {
+        Some(Message::Welcome { .. }) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    control.send(&Message::Changes(changes)).await.unwrap();
+    let end = ChangesEnd { base: None, root: RootHash::from_bytes([9; 32]), entries };
+    control.send(&Message::ChangesEnd(end)).await.unwrap();
+    control
+}
+
+struct Scene {
+    setup: Setup,
+    identity: Identity,
+    daemon_id: NodeId,
+}
+
+impl Scene {
+    fn new(stall_timeout: &str) -> Self {
+        let mut setup = Setup::new();
+        // The daemon again, with a short stall deadline.
+        setup.daemon = Daemon::start_with(&setup.dest, &["--stall-timeout", stall_timeout]);
+        setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+        let identity = Identity::load(&setup.source.config).unwrap();
+        let daemon_id = setup.dest.id.parse().unwrap();
+        Self { setup, identity, daemon_id }
+    }
+
+    async fn connect(&self) -> EvilSource {
+        EvilSource::connect(&self.identity, self.daemon_id, self.setup.daemon.addr.parse().unwrap()).await.unwrap()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.setup.daemon.child.try_wait().unwrap().is_none()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_source_is_cut_off_with_a_reason_and_the_daemon_serves_on() {
+    let mut scene = Scene::new("3s");
+    let (source, target) = (scene.setup.path("export"), scene.setup.path("migration"));
+    write(&source.join("mail/1"), &random_bytes(300_000, 1));
+    scene.setup.job("zimbra", &source, &target);
+    let outside = scene.setup.path("outside");
+    write(&outside.join("keep"), b"untouched");
+    let before = sentinel(&outside);
+
+    let mut reasons = Vec::new();
+    // 1. A chunk batch where Hello must come.
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    let batch = ChunkBatch { codec: Codec::Raw, chunks: vec![], payload: Bytes::new() };
+    control.send(&Message::ChunkBatch(batch)).await.unwrap();
+    reasons.push(("a batch before Hello", evil.closed(LIMIT).await.unwrap(), "expected Hello"));
+
+    // 2. Bytes that are not a frame, and a frame that claims 4 GiB.
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    control.send_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    reasons.push(("garbage", evil.closed(LIMIT).await.unwrap(), "malformed"));
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    control.send_raw(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    reasons.push(("a 4 GiB frame", evil.closed(LIMIT).await.unwrap(), "limit"));
+
+    // 3. A path that climbs out, smuggled past the encoder: the same bytes as a valid name.
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    control.send(&hello("zimbra")).await.unwrap();
+    let _welcome = control.next(LIMIT).await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    ferry_proto::encode(&Message::Changes(vec![change(file("zz/evil", b"x"))]), &mut frame).unwrap();
+    let at = frame.windows(7).position(|w| w == b"zz/evil").unwrap();
+    frame[at..at + 7].copy_from_slice(b"../evil");
+    control.send_raw(&frame).await.unwrap();
+    reasons.push(("a path with ..", evil.closed(LIMIT).await.unwrap(), "malformed"));
+
+    // 4. Messages out of order: a commit from the source.
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    control.send(&hello("zimbra")).await.unwrap();
+    let _welcome = control.next(LIMIT).await.unwrap();
+    let committed = Committed {
+        round: ferry_proto::RoundRef { round: u64::MAX, root: RootHash::from_bytes([1; 32]) },
+        files_written: u64::MAX,
+        failures: vec![],
+        failure_count: u64::MAX,
+    };
+    control.send(&Message::Committed(committed)).await.unwrap();
+    reasons.push(("a Committed from the source", evil.closed(LIMIT).await.unwrap(), "Committed"));
+
+    // 5. Absurd sizes (CVE-2024-12084 class): a file of 16 EiB in one 4 GiB chunk.
+    let evil = scene.connect().await;
+    let mut huge = file("mail/huge", b"");
+    huge.size = u64::MAX;
+    huge.chunks = vec![ChunkRef { hash: ChunkHash::from_bytes([3; 32]), len: u32::MAX }];
+    let _control = open_round(&evil, "zimbra", vec![change(huge)], u64::MAX).await;
+    reasons.push(("a 16 EiB file", evil.closed(LIMIT).await.unwrap(), ""));
+
+    // 6. Chunks nobody asked for, 80 MiB of them, valid and hashed.
+    let evil = scene.connect().await;
+    let data = random_bytes(300_000, 2);
+    let mut control = open_round(&evil, "zimbra", vec![change(file("mail/2", &data))], 1).await;
+    let _need = control.next(LIMIT).await.unwrap();
+    let mut stream = evil.open_data().await.unwrap();
+    let started = Instant::now();
+    for i in 0..20u64 {
+        let payload = random_bytes(4 << 20, 100 + i);
+        let batch = ChunkBatch {
+            codec: Codec::Raw,
+            chunks: vec![(ChunkHash::of(&payload), payload.len() as u32)],
+            payload: Bytes::from(payload),
+        };
+        let mut frame = bytes::BytesMut::new();
+        ferry_proto::encode(&Message::ChunkBatch(batch), &mut frame).unwrap();
+        if stream.write_all(&frame).await.is_err() {
+            break; // cut off
+        }
+    }
+    let reason = evil.closed(LIMIT).await.unwrap();
+    reasons.push(("80 MiB of chunks not asked for", reason, "did not ask for"));
+    assert!(started.elapsed() < LIMIT);
+
+    // 7. Silence: after Hello (changes expected), then after the needs (chunks expected). The
+    // daemon's own 3 s deadline ends each, whatever the peer does.
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    control.send(&hello("zimbra")).await.unwrap();
+    let _welcome = control.next(LIMIT).await.unwrap();
+    let started = Instant::now();
+    reasons.push(("silence after Hello", evil.closed(LIMIT).await.unwrap(), "sent nothing for 3 s"));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let evil = scene.connect().await;
+    let mut control = open_round(&evil, "zimbra", vec![change(file("mail/3", &data))], 1).await;
+    let _need = control.next(LIMIT).await.unwrap();
+    let started = Instant::now();
+    reasons.push(("silence instead of chunks", evil.closed(LIMIT).await.unwrap(), "no chunk arrived for 3 s"));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    for (what, reason, expected) in &reasons {
+        println!("{what}: {reason}");
+        assert!(reason.contains(expected), "{what}: the daemon closed with {reason:?}");
+        assert!(!reason.is_empty() && !reason.contains("panick"), "{what}: {reason:?}");
+    }
+    assert!(scene.alive(), "the daemon died");
+    assert_eq!(sentinel(&outside), before, "something outside the target changed");
+    assert!(!target.join("mail/huge").exists() && !scene.setup.path("evil").exists());
+
+    // The daemon serves the real source, and the job is not held by any of the above.
+    let report = scene.setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_destination_cannot_make_the_source_read_outside_its_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let source_node = Node::init(dir.path(), "source-node");
+    let evil_identity = Identity::generate().unwrap();
+    let evil = EvilDestination::listen(&evil_identity, source_node.id.parse().unwrap()).unwrap();
+    let addr = evil.addr().unwrap().to_string();
+    source_node.ok(&["trust", &evil_identity.node_id().to_string(), "--name", "evil", "--addr", &addr]);
+    let tree = dir.path().join("export");
+    let data = random_bytes(200_000, 5);
+    write(&tree.join("mail/1"), &data);
+    let secret = b"a secret outside the exported tree".to_vec();
+    write(&dir.path().join("secret"), &secret);
+    std::os::unix::fs::symlink(dir.path().join("secret"), tree.join("mail/link")).unwrap();
+    source_node.ok(&["job", "add", "zimbra", "--path", tree.to_str().unwrap(), "--peer", "evil"]);
+
+    let mut sync = source_node
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--json", "--reconnect-grace", "0s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (connection, mut control) = evil.accept(LIMIT).await.unwrap();
+    // The source opens with Hello and its round options, then waits for Welcome.
+    assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::Hello(_))));
+    assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::RoundOptions(_))));
+    control.send(&Message::Welcome { holds: None }).await.unwrap();
+    loop {
+        match control.next(LIMIT).await.unwrap() {
+            Some(Message::Changes(_)) => {}
+            Some(Message::ChangesEnd(_)) => break,
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+    let path = |p: &str| RelPath::new(p).unwrap();
+    let asks = vec![
+        // Through a symlink to a file outside, with the right hash.
+        NeedChunk { path: path("mail/link"), offset: 0, len: secret.len() as u32, hash: ChunkHash::of(&secret) },
+        // 4 GiB at once.
+        NeedChunk { path: path("mail/1"), offset: 0, len: u32::MAX, hash: ChunkHash::from_bytes([1; 32]) },
+        // Past the end of the file.
+        NeedChunk { path: path("mail/1"), offset: u64::MAX - 10, len: 100, hash: ChunkHash::from_bytes([2; 32]) },
+        // A file that does not exist.
+        NeedChunk { path: path("mail/nothing"), offset: 0, len: 10, hash: ChunkHash::from_bytes([3; 32]) },
+        // And one fair request, which is answered.
+        NeedChunk { path: path("mail/1"), offset: 0, len: 1000, hash: ChunkHash::of(&data[..1000]) },
+    ];
+    let refused: Vec<ChunkHash> = asks[..4].iter().map(|n| n.hash).collect();
+    control.send(&Message::Need(asks)).await.unwrap();
+    let missing = match control.next(LIMIT).await.unwrap() {
+        Some(Message::Missing(missing)) => missing,
+        other => panic!("expected Missing, got {other:?}"),
+    };
+    assert_eq!(missing, refused);
+    // What comes on the data streams in the next two seconds: the fair chunk, never the secret.
+    let mut sent = Vec::new();
+    let mut data_stream = tokio::time::timeout(LIMIT, connection.accept_uni()).await.unwrap().unwrap();
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), data_stream.read_chunk(1 << 20, true)).await {
+        sent.extend_from_slice(&chunk.bytes);
+    }
+    assert!(sent.len() >= 1000, "the fair chunk did not come ({} bytes)", sent.len());
+    assert!(!sent.windows(secret.len()).any(|w| w == secret.as_slice()), "the secret was sent");
+
+    // An absurd commit: the source reports it without trusting it into a panic.
+    let committed = Committed {
+        round: ferry_proto::RoundRef { round: u64::MAX, root: RootHash::from_bytes([1; 32]) },
+        files_written: u64::MAX,
+        failures: vec!["x".repeat(10_000)],
+        failure_count: u64::MAX,
+    };
+    control.send(&Message::Committed(committed)).await.unwrap();
+    let _ = control.send.finish();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = sync.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < LIMIT, "sync did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let out = sync.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status.code(), Some(ferry::exit::INCOMPLETE), "{stderr}");
+    assert!(Path::new(&dir.path().join("secret")).exists());
+}
