@@ -117,9 +117,7 @@ pub fn append(path: &Path, record: &Record) -> anyhow::Result<()> {
         .append(true)
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    file.write_all(&line)?;
-    file.sync_data()?;
-    Ok(())
+    file.write_all(&line).and_then(|()| file.sync_data()).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Every record of a history file (a damaged line is skipped).
@@ -152,10 +150,11 @@ impl Marker {
 /// Writes a marker durably.
 pub fn write_marker(path: &Path, marker: &Marker) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(marker)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    let text = serde_json::to_vec(marker)?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The marker at `path`, if any.

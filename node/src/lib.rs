@@ -69,6 +69,23 @@ pub mod exit {
     ];
 }
 
+/// An error and its causes on one line, like `{:#}`, but without repeating a cause whose text the
+/// message before it already holds (many errors print their source in their own message too).
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
 /// `tokio::spawn`, in the current tracing span: the task's log lines keep the job and round.
 pub(crate) fn spawn_in_span<F>(future: F) -> tokio::task::JoinHandle<F::Output>
 where

@@ -189,19 +189,7 @@ fn the_space_preflight_refuses_a_round_that_does_not_fit_and_loses_nothing() {
     }
     let setup = Setup::new();
     let (source, mount) = (setup.path("export"), setup.path("small"));
-    std::fs::create_dir_all(&mount).unwrap();
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "ferry-test", mount.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "mount tmpfs");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&mount);
+    let _tmpfs = crate::util::Tmpfs::mount(&mount, "8m");
     let target = mount.join("migration");
     // A first round that fits, then one that does not.
     random_tree(&source, 4, 256 << 10, 3);

@@ -96,3 +96,65 @@ pub(crate) fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub(crate) fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
+
+/// A tmpfs mounted for a test (root only), unmounted when dropped.
+pub(crate) struct Tmpfs(pub(crate) PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `8m`) at `path`.
+    pub(crate) fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ferry-test"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs at {}", path.display());
+        Self(path.to_owned())
+    }
+
+    /// Remounts it read-only, or read-write again.
+    pub(crate) fn set_read_only(&self, read_only: bool) {
+        let mode = if read_only { "remount,ro" } else { "remount,rw" };
+        let status = std::process::Command::new("mount").args(["-o", mode]).arg(&self.0).status().unwrap();
+        assert!(status.success(), "mount -o {mode} {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `program` on this machine, installed with apt-get when missing and this is root (as the benchmark
+/// installs rsync); `None` when it cannot be had, and the caller says it skipped.
+pub(crate) fn tool(program: &str, package: &str) -> Option<PathBuf> {
+    let find = || {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    };
+    if let Some(found) = find() {
+        return Some(found);
+    }
+    if !is_root() {
+        return None;
+    }
+    eprintln!("installing {package} with apt-get for this test");
+    let apt = |args: &[&str]| {
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _ = apt(&["update", "-qq"]);
+    if !apt(&["install", "-y", "-qq", package]) {
+        return None;
+    }
+    find()
+}

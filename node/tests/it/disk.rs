@@ -1,0 +1,175 @@
+//! Broken disks under a real daemon: EIO on sync (strace's fault injection, since the binary makes
+//! its system calls directly), a read-only target, a disk that fills in the middle of a round. Each
+//! round fails with a message that names the fault and the place, the target keeps its previous state
+//! (every file whole, old or new), and the next round succeeds once the fault is gone.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_testkit::{compare_trees, snapshot};
+
+use crate::network::{Daemon, Setup};
+use crate::util::{Tmpfs, assert_same_tree, is_root, no_staging_leftovers, random_bytes, tool, write};
+
+/// `files` random files of `size` bytes under `dir`, named by `seed`.
+fn files(dir: &Path, count: usize, size: usize, seed: u64) {
+    for i in 0..count {
+        write(&dir.join(format!("d{}/f-{seed}-{i:03}", i % 3)), &random_bytes(size, seed * 1000 + i as u64));
+    }
+}
+
+/// Every file in `target` is whole: byte for byte the source's file of the same path, or of the
+/// earlier state `before` (files of a failed round never show up half written).
+fn every_file_whole(target: &Path, source: &Path, before: &ferry_testkit::Snapshot) {
+    let now = snapshot(target, &[]).unwrap();
+    let source_now = snapshot(source, &[]).unwrap();
+    for (path, node) in now.iter() {
+        let matches_source = source_now.get(path).is_some_and(|s| s.kind == node.kind);
+        let matches_before = before.get(path).is_some_and(|b| b.kind == node.kind);
+        let is_dir = node.kind == ferry_testkit::NodeKind::Dir;
+        assert!(
+            is_dir || matches_source || matches_before,
+            "{} is neither the old nor the new file",
+            String::from_utf8_lossy(path)
+        );
+    }
+}
+
+#[test]
+fn eio_on_sync_fails_the_round_keeps_the_old_state_and_the_next_round_succeeds() {
+    let Some(strace) = tool("strace", "strace") else {
+        eprintln!("SKIPPED: strace is not installed and cannot be (not root): no EIO injection");
+        return;
+    };
+    let mut setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    files(&source, 12, 100_000, 1);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let before = snapshot(&target, &[]).unwrap();
+
+    // New and changed files, and a disk that fails its syncs.
+    files(&source, 12, 120_000, 2);
+    write(&source.join("d0/f-1-000"), &random_bytes(50_000, 77));
+    let strace = strace.to_str().unwrap();
+    let wrapper = |calls: &'static str| {
+        [
+            strace.to_owned(),
+            "-f".into(),
+            "-qq".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-e".into(),
+            format!("trace={calls}"),
+            "-e".into(),
+            format!("inject={calls}:error=EIO"),
+        ]
+    };
+    // First EIO from every syncfs (the sync of a batch of files before they are named into place),
+    // then from every fsync and fdatasync (the state files: markers, the round record, manifests).
+    for (calls, expected) in [("syncfs", "sync "), ("fsync,fdatasync", "cannot write ")] {
+        let wrapper = wrapper(calls);
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        setup.daemon = Daemon::start_wrapped(&setup.dest, &wrapper, &[]);
+        setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+        let out = setup.source.run(&["sync", "--round", "zimbra", "--reconnect-grace", "5s"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+        println!("EIO from {calls}: {stderr}");
+        assert!(stderr.contains("Input/output error"), "{stderr}");
+        assert!(stderr.contains(expected) && stderr.contains("migration"), "not what and where: {stderr}");
+        // Nothing whose sync failed was named into place: the target is still the first round's.
+        // (The target folder's own mtime moved: the staging folder was made in it. The next round
+        // that completes puts it back.)
+        let mut after = snapshot(&target, &[]).unwrap();
+        let mut before = before.clone();
+        before.remove(&Vec::new());
+        after.remove(&Vec::new());
+        let target_dirs = |path: &[u8]| target.join(String::from_utf8_lossy(path).as_ref()).is_dir();
+        if let Err(differences) = compare_trees(&before, &after, target_dirs) {
+            panic!("a round whose sync failed changed the target: {differences}");
+        }
+    }
+
+    // The disk is well again.
+    setup.daemon = Daemon::start(&setup.dest);
+    setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+    assert!(no_staging_leftovers(&target));
+}
+
+#[test]
+fn a_read_only_target_fails_the_round_clearly_and_the_next_one_succeeds() {
+    if !is_root() {
+        eprintln!("SKIPPED: the read-only target test remounts a tmpfs and needs root");
+        return;
+    }
+    let setup = Setup::new();
+    let source = setup.path("export");
+    let disk = Tmpfs::mount(&setup.path("disk"), "64m");
+    let target = disk.0.join("migration");
+    files(&source, 6, 100_000, 1);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let before = snapshot(&target, &[]).unwrap();
+
+    files(&source, 6, 100_000, 2);
+    disk.set_read_only(true);
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    println!("{stderr}");
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    assert!(compare_trees(&before, &snapshot(&target, &[]).unwrap(), |_| false).is_ok());
+
+    disk.set_read_only(false);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+}
+
+#[test]
+fn a_disk_that_fills_mid_round_fails_it_cleanly_and_the_next_round_finishes() {
+    if !is_root() {
+        eprintln!("SKIPPED: the full-disk test mounts a tmpfs and needs root");
+        return;
+    }
+    let setup = Setup::new();
+    let source = setup.path("export");
+    let disk = Tmpfs::mount(&setup.path("disk"), "40m");
+    let target = disk.0.join("migration");
+    files(&source, 2, 100_000, 1);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let before = snapshot(&target, &[]).unwrap();
+
+    // 24 MiB to send at 4 MiB/s: it fits when the round starts (the preflight lets it through), and
+    // two seconds in, something else takes all the room left.
+    files(&source, 24, 1 << 20, 2);
+    let round = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--bwlimit", "4M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 1 << 20];
+        while file.write_all(&block).is_ok() {}
+    }
+    let out = round.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    println!("{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    every_file_whole(&target, &source, &before);
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+    assert!(no_staging_leftovers(&target));
+}
