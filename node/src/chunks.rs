@@ -123,4 +123,54 @@ mod tests {
         let (good, bad) = decode_batch(batch, &mut d).unwrap();
         assert!(good.is_empty() && bad.len() == 1);
     }
+
+    /// Bounded fuzzing (`FERRY_FUZZ_SECONDS`, default 3): mutated batches, compressed or not, with
+    /// lists that lie about lengths. Decoding never panics, never returns more than the limit, and a
+    /// chunk it calls good always hashes to its name.
+    #[test]
+    fn mutated_batches_never_panic_and_good_chunks_always_hash_right() {
+        use rand::{RngExt, SeedableRng};
+        let seconds = std::env::var("FERRY_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let text = b"{\"txn\":1,\"subject\":\"meeting notes\"}".repeat(100);
+        let pieces = [&text[..1000], &text[1000..2500], &text[2500..]];
+        let list: Vec<(ChunkHash, u32)> = pieces.iter().map(|p| (ChunkHash::of(p), p.len() as u32)).collect();
+        let seeds = [true, false].map(|compress| encode_batch(list.clone(), text.clone(), compress, &mut c));
+        let started = std::time::Instant::now();
+        let mut runs = 0u64;
+        while started.elapsed() < std::time::Duration::from_secs(seconds) {
+            let mut batch = seeds[rng.random_range(0..2)].clone();
+            let mut payload = batch.payload.to_vec();
+            for _ in 0..rng.random_range(1..6) {
+                match rng.random_range(0..5) {
+                    0 if !payload.is_empty() => {
+                        let at = rng.random_range(0..payload.len());
+                        payload[at] ^= 1 << rng.random_range(0..8);
+                    }
+                    1 if !payload.is_empty() => payload.truncate(rng.random_range(0..payload.len())),
+                    2 => {
+                        let at = rng.random_range(0..batch.chunks.len());
+                        batch.chunks[at].1 = match rng.random_range(0..3) {
+                            0 => 0,
+                            1 => u32::MAX,
+                            _ => rng.random_range(0..4000),
+                        };
+                    }
+                    3 => batch.chunks.push((ChunkHash::from_bytes(rng.random()), rng.random_range(0..2000))),
+                    _ => batch.codec = if batch.codec == Codec::Raw { Codec::Zstd } else { Codec::Raw },
+                }
+            }
+            batch.payload = Bytes::from(payload);
+            if let Ok((good, _bad)) = decode_batch(batch, &mut d) {
+                assert!(good.iter().map(|(_, data)| data.len() as u64).sum::<u64>() <= MAX_BATCH_BYTES);
+                for (hash, data) in good {
+                    assert_eq!(ChunkHash::of(&data), hash);
+                }
+            }
+            runs += 1;
+        }
+        assert!(runs > 1000, "{runs}");
+    }
 }
