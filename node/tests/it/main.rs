@@ -7,6 +7,7 @@ mod disk;
 mod evil;
 mod faults;
 mod hostile;
+mod netns;
 mod network;
 mod properties;
 mod reuse;
