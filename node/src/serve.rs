@@ -280,7 +280,9 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let data_dir = context.config_dir.data_dir(&config);
     let (to_net, mut outbox) = mpsc::channel::<Message>(64);
     let (inbox_tx, inbox) = mpsc::channel::<Message>(64);
-    let window = Arc::new(Window::default());
+    // Chunks beyond the memory budget (one file larger than the window) wait in a file in this job's
+    // state folder, on the destination's disk.
+    let window = Arc::new(Window::spilling_into(TargetState::new(&data_dir, &job.name).dir));
 
     // Control stream: the round thread's messages out, the source's messages in (order checked).
     let writer = tokio::spawn(async move {
@@ -401,6 +403,48 @@ struct Window {
     changed: Condvar,
 }
 
+/// Where an arrived chunk waits: in memory, or (past [`WINDOW_MAX`] in memory, which only a file
+/// larger than the window reaches) in the spill file.
+enum Stored {
+    Memory(Bytes),
+    Spilled { offset: u64, len: u32 },
+}
+
+/// The spill file: created on first use, emptied when nothing in it is waiting any more.
+#[derive(Default)]
+struct Spill {
+    dir: PathBuf,
+    file: Option<std::fs::File>,
+    end: u64,
+    waiting: usize,
+}
+
+impl Spill {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<Stored> {
+        use std::os::unix::fs::FileExt;
+        if self.file.is_none() {
+            std::fs::create_dir_all(&self.dir)?;
+            self.file = Some(tempfile::tempfile_in(&self.dir)?);
+        }
+        let Some(file) = &self.file else { unreachable!("created above") };
+        file.write_all_at(data, self.end)?;
+        let stored = Stored::Spilled { offset: self.end, len: data.len() as u32 };
+        self.end += data.len() as u64;
+        self.waiting += 1;
+        Ok(stored)
+    }
+
+    fn release(&mut self) {
+        self.waiting = self.waiting.saturating_sub(1);
+        if self.waiting == 0 && self.end > 0 {
+            if let Some(file) = &self.file {
+                let _ = file.set_len(0);
+            }
+            self.end = 0;
+        }
+    }
+}
+
 #[derive(Default)]
 struct WindowState {
     /// Chunks asked for and not arrived yet: only those are kept when they come.
@@ -408,7 +452,10 @@ struct WindowState {
     /// Bytes of chunks that came without being asked for (dropped; a source that sends too many is
     /// cut off: it could otherwise fill this node's memory).
     unwanted_bytes: u64,
-    chunks: HashMap<ChunkHash, Bytes>,
+    chunks: HashMap<ChunkHash, Stored>,
+    /// Bytes of `chunks` in memory.
+    memory: u64,
+    spill: Spill,
     /// Chunks the source said it cannot send, or that arrived damaged.
     missing: HashSet<ChunkHash>,
     /// Set when the data streams fail.
@@ -462,6 +509,14 @@ async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limi
 const UNWANTED_MAX: u64 = 64 << 20;
 
 impl Window {
+    fn spilling_into(dir: PathBuf) -> Self {
+        let window = Self::default();
+        if let Ok(mut state) = window.state.lock() {
+            state.spill.dir = dir;
+        }
+        window
+    }
+
     /// Records that `hashes` were asked for.
     fn want(&self, hashes: impl IntoIterator<Item = ChunkHash>) {
         if let Ok(mut state) = self.state.lock() {
@@ -480,7 +535,19 @@ impl Window {
             }
             for (hash, data) in good {
                 if state.wanted.remove(&hash) {
-                    state.chunks.insert(hash, data);
+                    let stored = if state.memory + data.len() as u64 <= WINDOW_MAX {
+                        state.memory += data.len() as u64;
+                        Stored::Memory(data)
+                    } else {
+                        match state.spill.put(&data) {
+                            Ok(stored) => stored,
+                            Err(e) => {
+                                state.error = Some(format!("cannot keep a chunk in the spill file: {e}"));
+                                break;
+                            }
+                        }
+                    };
+                    state.chunks.insert(hash, stored);
                 } else if !state.chunks.contains_key(&hash) {
                     state.unwanted_bytes += data.len() as u64;
                 }
@@ -501,17 +568,29 @@ impl Window {
     fn forget(&self, hashes: &[ChunkHash]) {
         if let Ok(mut state) = self.state.lock() {
             for hash in hashes {
-                state.chunks.remove(hash);
+                match state.chunks.remove(hash) {
+                    Some(Stored::Memory(data)) => state.memory -= data.len() as u64,
+                    Some(Stored::Spilled { .. }) => state.spill.release(),
+                    None => {}
+                }
                 state.missing.remove(hash);
             }
         }
     }
 
     /// True when every one of `hashes` has arrived or is known missing.
-    fn holds_all(&self, hashes: &[ChunkHash]) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|state| hashes.iter().all(|h| state.chunks.contains_key(h) || state.missing.contains(h)))
+    /// True when every one of `waiting`'s chunks has arrived or is known missing. Resumes where the
+    /// last call stopped (a chunk that arrived stays until its entry is applied), so that a file of
+    /// many chunks costs one look per chunk, not one per arrival.
+    fn holds_all(&self, waiting: &mut Waiting) -> bool {
+        let Ok(state) = self.state.lock() else { return false };
+        while let Some(hash) = waiting.hashes.get(waiting.ready) {
+            if !(state.chunks.contains_key(hash) || state.missing.contains(hash)) {
+                return false;
+            }
+            waiting.ready += 1;
+        }
+        true
     }
 
     fn fail(&self, error: String) {
@@ -528,11 +607,19 @@ struct WindowSource(Arc<Window>);
 impl ChunkSource for WindowSource {
     fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError> {
         let state = self.0.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
-        let data = state.chunks.get(&chunk.hash).ok_or_else(|| {
+        let stored = state.chunks.get(&chunk.hash).ok_or_else(|| {
             FetchError("the source could not send this chunk (the file changed since its scan)".into())
         })?;
         out.clear();
-        out.extend_from_slice(data);
+        match stored {
+            Stored::Memory(data) => out.extend_from_slice(data),
+            Stored::Spilled { offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let file = state.spill.file.as_ref().ok_or_else(|| FetchError("the spill file is gone".into()))?;
+                out.resize(*len as usize, 0);
+                file.read_exact_at(out, *offset).map_err(|e| FetchError(format!("reading the spill file: {e}")))?;
+            }
+        }
         Ok(())
     }
 }
@@ -878,6 +965,8 @@ enum TransferEnd {
 struct Waiting {
     pair: Pair<Entry, Entry>,
     hashes: Vec<ChunkHash>,
+    /// How many of `hashes`, from the start, are known to be in (see [`Window::holds_all`]).
+    ready: usize,
     bytes: u64,
 }
 
@@ -920,7 +1009,7 @@ fn transfer(
                 });
             }
             outstanding += bytes;
-            waiting.push_back(Waiting { pair, hashes, bytes });
+            waiting.push_back(Waiting { pair, hashes, ready: 0, bytes });
         }
         window.want(needs.iter().map(|n| n.hash));
         for part in needs.chunks(4096) {
@@ -931,7 +1020,7 @@ fn transfer(
         }
         // Apply what is ready, in order.
         let mut progressed = false;
-        while waiting.front().is_some_and(|w| window.holds_all(&w.hashes)) {
+        while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
@@ -971,7 +1060,7 @@ fn transfer(
             .map_err(|_| anyhow!("window lock poisoned"))?;
     };
     // What arrived before a stop or a cut: the entries whose chunks are all in, then durable.
-    while waiting.front().is_some_and(|w| window.holds_all(&w.hashes)) {
+    while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
         let Some(entry) = waiting.pop_front() else { break };
         applier.step(entry.pair)?;
     }
