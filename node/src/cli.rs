@@ -167,8 +167,13 @@ pub struct SyncArgs {
     pub reconnect_grace: std::time::Duration,
     /// Network rounds: yield to other traffic on the link (a delay-based congestion controller, after
     /// LEDBAT): the round slows down as soon as the link's queue fills, instead of competing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "congestion")]
     pub low_priority: bool,
+    /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; bbr
+    /// keeps most of the rate of a link with random loss (radio, a bad line) but resends much more on
+    /// links with small buffers.
+    #[arg(long, value_enum, value_name = "CONTROLLER", default_value = "cubic")]
+    pub congestion: crate::net::Congestion,
     /// Network rounds: how often a run without a terminal (cron, systemd) logs its progress, with the
     /// rate and an estimate of the time left. On a terminal, a live line shows it instead.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1m")]

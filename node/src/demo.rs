@@ -112,7 +112,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         max_duration: None,
         dry_run: false,
         reconnect_grace: std::time::Duration::from_secs(60),
-        low_priority: false,
+        congestion: crate::net::Congestion::Cubic,
         progress_interval: std::time::Duration::from_secs(60),
     };
     for round in 1..=options.rounds {

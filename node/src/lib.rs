@@ -25,6 +25,7 @@ pub mod verify;
 
 pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
+pub use net::Congestion;
 pub use push::{
     DryRunReport, PushOptions, PushReport, REPORT_SCHEMA, Refused, StoppedAtDeadline, Unreachable, dry_run,
     print_dry_run, print_push_report, push,

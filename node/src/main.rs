@@ -87,7 +87,7 @@ fn main() {
                     max_duration: args.max_duration,
                     dry_run: args.dry_run,
                     reconnect_grace: args.reconnect_grace,
-                    low_priority: args.low_priority,
+                    congestion: if args.low_priority { ferry::Congestion::LowPriority } else { args.congestion },
                     progress_interval: args.progress_interval,
                 };
                 if args.dry_run {

@@ -68,6 +68,20 @@ pub(crate) fn server_endpoint(
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
+/// How a round's connection paces itself against the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Congestion {
+    /// Loss-based (quinn's default, like TCP's): fair to other flows, wastes nothing, but random loss
+    /// (radio links) holds it far below the link's rate.
+    #[default]
+    Cubic,
+    /// Model-based (quinn's experimental BBR): keeps most of a lossy link's rate, but overshoots shallow
+    /// buffers and sends much again (see BENCHMARKS.md).
+    Bbr,
+    /// Delay-based, after LEDBAT (`--low-priority`): yields as soon as the link's queue fills.
+    LowPriority,
+}
+
 /// Resolves `host:port`.
 pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
@@ -77,20 +91,25 @@ pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Connects to `peer` at `addr`, accepting only its pinned key.
-/// With `low_priority`, the connection's congestion controller yields to other traffic
-/// ([`crate::ledbat`]).
+/// `congestion` picks the connection's congestion controller (see [`Congestion`]).
 pub(crate) async fn connect(
     identity: &Identity,
     peer: NodeId,
     addr: SocketAddr,
-    low_priority: bool,
+    congestion: Congestion,
 ) -> Result<quinn::Connection, anyhow::Error> {
     let tls = ferry_certs::client_config(identity, peer, ALPN).context("cannot build the TLS client config")?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = transport_config();
-    if low_priority {
-        transport.congestion_controller_factory(Arc::new(crate::ledbat::LedbatConfig));
+    match congestion {
+        Congestion::Cubic => {}
+        Congestion::Bbr => {
+            transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::LowPriority => {
+            transport.congestion_controller_factory(Arc::new(crate::ledbat::LedbatConfig));
+        }
     }
     client.transport_config(Arc::new(transport));
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };

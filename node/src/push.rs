@@ -41,7 +41,7 @@ pub struct PushOptions {
     /// `--reconnect-grace`: how long to keep reconnecting after the connection is lost.
     pub reconnect_grace: Duration,
     /// `--low-priority`: a delay-based congestion controller that yields to other traffic.
-    pub low_priority: bool,
+    pub congestion: crate::net::Congestion,
     /// `--progress-interval`: how often a run without a terminal (cron, systemd) logs its progress.
     pub progress_interval: Duration,
 }
@@ -455,7 +455,7 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
     let Prepared { peer, addr, identity, state, job, .. } = prepared;
     let remote = net::resolve(addr)?;
     tracing::info!("connecting to {} ({}) at {remote}", peer.name, peer.id);
-    let connection = match net::connect(identity, peer.id, remote, options.low_priority).await {
+    let connection = match net::connect(identity, peer.id, remote, options.congestion).await {
         Ok(connection) => connection,
         Err(e) => {
             let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
