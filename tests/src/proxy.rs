@@ -29,6 +29,12 @@ pub struct Impairment {
     pub duplicate: f64,
     /// Probability that a datagram is held back by an extra `delay + 10 ms`, behind later ones.
     pub reorder: f64,
+    /// The link's rate in bytes per second, each way (`None`: as fast as loopback): datagrams leave
+    /// one after the other, each taking its size over the rate.
+    pub rate: Option<u64>,
+    /// With a rate: how long a datagram may wait for the link before it is dropped, as a router's
+    /// buffer would (zero: 100 ms).
+    pub queue: Duration,
 }
 
 struct Packet {
@@ -66,6 +72,8 @@ struct Shared {
     blackout: AtomicBool,
     stop: AtomicBool,
     queue: Mutex<(BinaryHeap<Packet>, u64)>,
+    /// With a rate: when the link is free again, to the server and to the client.
+    link_free: Mutex<[Instant; 2]>,
     queued: Condvar,
     to_server_bytes: AtomicU64,
     to_client_bytes: AtomicU64,
@@ -93,6 +101,7 @@ impl UdpProxy {
             blackout: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             queue: Mutex::new((BinaryHeap::new(), 0)),
+            link_free: Mutex::new([Instant::now(); 2]),
             queued: Condvar::new(),
             to_server_bytes: AtomicU64::new(0),
             to_client_bytes: AtomicU64::new(0),
@@ -205,7 +214,19 @@ fn impair(shared: &Shared, to_server: bool, data: &[u8]) {
         return;
     }
     let copies = if impairment.duplicate > 0.0 && rng.random_bool(impairment.duplicate.min(1.0)) { 2 } else { 1 };
-    let now = Instant::now();
+    let mut now = Instant::now();
+    if let Some(rate) = impairment.rate.filter(|r| *r > 0) {
+        // The datagram waits for the link, then takes its time on it; a full buffer drops it.
+        let Ok(mut link_free) = shared.link_free.lock() else { return };
+        let free = &mut link_free[usize::from(to_server)];
+        let start = (*free).max(now);
+        let limit = if impairment.queue.is_zero() { Duration::from_millis(100) } else { impairment.queue };
+        if start - now > limit {
+            return;
+        }
+        *free = start + Duration::from_secs_f64(data.len() as f64 / rate as f64);
+        now = *free;
+    }
     let Ok(mut queue) = shared.queue.lock() else { return };
     for _ in 0..copies {
         let mut due = now + impairment.delay;
@@ -319,5 +340,27 @@ mod tests {
         proxy.set(Impairment { duplicate: 1.0, ..Impairment::default() });
         ask(&client, 6).unwrap();
         assert!(client.recv_from(&mut [0u8; 2048]).is_ok(), "the duplicate arrives too");
+    }
+
+    #[test]
+    fn a_rate_spaces_datagrams_and_a_full_buffer_drops() {
+        let (server, _thread) = echo_server();
+        let proxy = UdpProxy::start(server).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+        // 10 KB/s with a 100 ms buffer holds about one 1000-byte datagram: of 50 sent at once, the
+        // first few pass, one every 100 ms, the rest are dropped.
+        proxy.set(Impairment { rate: Some(10_000), queue: Duration::from_millis(100), ..Impairment::default() });
+        let started = Instant::now();
+        for _ in 0..50 {
+            client.send_to(&[9u8; 1000], proxy.addr()).unwrap();
+        }
+        let mut received = 0;
+        let mut buf = [0u8; 2048];
+        while client.recv_from(&mut buf).is_ok() {
+            received += 1;
+        }
+        assert!((1..=5).contains(&received), "{received} of 50 passed a 10 KB/s link with a 100 ms buffer");
+        assert!(started.elapsed() >= Duration::from_millis(100));
     }
 }

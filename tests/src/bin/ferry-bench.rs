@@ -11,6 +11,12 @@
 //! installed with apt-get when missing and this runs as root; without them, only ferry is measured).
 //! For each it records wall time, CPU time and peak RSS of each process, bytes on the wire, files per
 //! second, and prints a table with the ferry/rsync ratios.
+//!
+//! Two more measurements, each on its own:
+//! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
+//! - `--wan`: ferry's initial round of the tree through the UDP proxy set to a 100 Mbit/s link with 50 ms
+//!   of round trip and 1% loss (a 50 ms buffer), its goodput against the link's rate. (rsync's TCP
+//!   cannot go through a UDP proxy; `tests/netns/` shapes real links.)
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +41,12 @@ struct Args {
     work: Option<PathBuf>,
     ferry: PathBuf,
     rsync: bool,
+    single_file: Option<u64>,
+    wan: bool,
+    /// `--wan`'s random loss, percent.
+    loss: f64,
+    /// `ferry sync --congestion`.
+    congestion: String,
 }
 
 fn parse_args() -> Result<Args> {
@@ -45,6 +57,10 @@ fn parse_args() -> Result<Args> {
         work: None,
         ferry: std::env::current_exe()?.with_file_name("ferry"),
         rsync: true,
+        single_file: None,
+        wan: false,
+        loss: 1.0,
+        congestion: "cubic".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,9 +72,14 @@ fn parse_args() -> Result<Args> {
             "--work" => args.work = Some(value()?.into()),
             "--ferry" => args.ferry = value()?.into(),
             "--no-rsync" => args.rsync = false,
+            "--single-file" => args.single_file = Some(value()?.parse()?),
+            "--wan" => args.wan = true,
+            "--loss" => args.loss = value()?.parse()?,
+            "--congestion" => args.congestion = value()?,
             "-h" | "--help" => {
                 println!(
-                    "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync]"
+                    "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
+                     [--congestion cubic|bbr] [--single-file MIB | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -98,12 +119,19 @@ fn run() -> Result<()> {
     };
     let root = work.path().to_owned();
     let source = root.join("source");
+    if let Some(mib) = args.single_file {
+        return single_file(&args, &root, &source, mib);
+    }
     let started = Instant::now();
     let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(args.files, args.seed))?;
     let (files, bytes) = tree_size(&source)?;
     eprintln!("generated {files} files, {} MiB, in {:.1} s", bytes >> 20, started.elapsed().as_secs_f64());
 
-    let ferry = FerryPair::start(&args.ferry, &root, &source)?;
+    let mut ferry = FerryPair::start(&args.ferry, &root, &source)?;
+    ferry.congestion.clone_from(&args.congestion);
+    if args.wan {
+        return wan(&args, &ferry, files, bytes);
+    }
     let rsync = if args.rsync {
         match Rsync::start(&root) {
             Ok(rsync) => Some(rsync),
@@ -146,6 +174,91 @@ fn run() -> Result<()> {
     if let Some(path) = &args.write {
         std::fs::write(path, table)?;
         eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// One large file of random bytes, the initial round of each tool.
+fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> {
+    use rand::{RngExt, SeedableRng};
+    std::fs::create_dir_all(source)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(source.join("blob"))?);
+    let mut block = vec![0u8; 8 << 20];
+    for _ in 0..mib.div_ceil(8) {
+        rng.fill(&mut block[..]);
+        file.write_all(&block)?;
+    }
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let bytes = mib.div_ceil(8) * (8 << 20);
+    let mut ferry = FerryPair::start(&args.ferry, root, source)?;
+    ferry.congestion.clone_from(&args.congestion);
+    let rsync = if args.rsync { Rsync::start(root).map_err(|e| eprintln!("no rsync: {e}")).ok() } else { None };
+    rustix::fs::sync();
+    let f = ferry.round()?;
+    rustix::fs::sync();
+    let r = match &rsync {
+        Some(rsync) => Some(rsync.round(source)?),
+        None => None,
+    };
+    let mut out = format!(
+        "One file of {} MiB of random bytes, initial round (`ferry-bench --single-file {mib}`):\n\n\
+         | tool | wall s | MB/s | CPU send/recv s | RSS send/recv MiB | wire bytes |\n|---|---:|---:|---:|---:|---:|\n",
+        bytes >> 20
+    );
+    for (tool, m) in [("ferry", Some(&f)), ("rsync", r.as_ref())] {
+        let Some(m) = m else { continue };
+        out.push_str(&format!(
+            "| {tool} | {:.2} | {:.0} | {:.2} / {:.2} | {} / {} | {} |\n",
+            m.wall.as_secs_f64(),
+            bytes as f64 / m.wall.as_secs_f64() / 1e6,
+            m.cpu_send,
+            m.cpu_recv,
+            m.rss_send >> 10,
+            m.rss_recv >> 10,
+            m.wire
+        ));
+    }
+    print!("{out}");
+    if let Some(path) = &args.write {
+        std::fs::write(path, out)?;
+    }
+    Ok(())
+}
+
+/// ferry's initial round through a 100 Mbit/s link with 50 ms of round trip and 1% loss.
+fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
+    const RATE: u64 = 100_000_000 / 8;
+    let proxy = ferry_testkit::UdpProxy::start(ferry.daemon_addr.parse()?)?;
+    proxy.set(ferry_testkit::Impairment {
+        rate: Some(RATE),
+        delay: Duration::from_millis(25),
+        loss: args.loss / 100.0,
+        queue: Duration::from_millis(50),
+        ..ferry_testkit::Impairment::default()
+    });
+    ferry.point_at(&proxy.addr().to_string())?;
+    rustix::fs::sync();
+    let m = ferry.round()?;
+    let goodput = bytes as f64 * 8.0 / m.wall.as_secs_f64() / 1e6;
+    let (up, down) = proxy.bytes();
+    let out = format!(
+        "ferry's initial round through the UDP proxy as a 100 Mbit/s link, 50 ms RTT, {}% loss, 50 ms buffer \
+         (`ferry-bench --wan --loss {} --congestion {} --files {}`): {files} files, {} MiB in {:.1} s: goodput {goodput:.1} Mbit/s, \
+         {:.0}% of the link; {} bytes through the proxy (to the destination {up}, back {down}), bytes_on_wire {}.\n",
+        args.loss,
+        args.loss,
+        args.congestion,
+        args.files,
+        bytes >> 20,
+        m.wall.as_secs_f64(),
+        goodput,
+        up + down,
+        m.wire
+    );
+    print!("{out}");
+    if let Some(path) = &args.write {
+        std::fs::write(path, out)?;
     }
     Ok(())
 }
@@ -243,6 +356,9 @@ struct FerryPair {
     bin: PathBuf,
     source_node: PathBuf,
     daemon: Child,
+    daemon_addr: String,
+    daemon_id: String,
+    congestion: String,
 }
 
 impl FerryPair {
@@ -275,7 +391,27 @@ impl FerryPair {
         let addr = line.split_whitespace().nth(2).ok_or("the daemon did not say where it listens")?.to_owned();
         ferry(&src, &["trust", &dst_id, "--name", "dest", "--addr", &addr])?;
         ferry(&src, &["job", "add", "bench", "--path", &source.to_string_lossy(), "--peer", "dest"])?;
-        Ok(Self { bin: bin.to_owned(), source_node: src, daemon })
+        Ok(Self {
+            bin: bin.to_owned(),
+            source_node: src,
+            daemon,
+            daemon_addr: addr,
+            daemon_id: dst_id,
+            congestion: "cubic".into(),
+        })
+    }
+
+    /// Sends the source's rounds to `addr` (a proxy in front of the daemon).
+    fn point_at(&self, addr: &str) -> Result<()> {
+        let out = Command::new(&self.bin)
+            .arg("--config-dir")
+            .arg(&self.source_node)
+            .args(["trust", &self.daemon_id, "--name", "dest", "--addr", addr])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("ferry trust: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        Ok(())
     }
 
     fn round(&self) -> Result<Measure> {
@@ -287,7 +423,7 @@ impl FerryPair {
         let child = Command::new(&self.bin)
             .arg("--config-dir")
             .arg(&self.source_node)
-            .args(["sync", "--round", "bench", "--json"])
+            .args(["sync", "--round", "bench", "--json", "--congestion", &self.congestion])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
