@@ -301,8 +301,10 @@ pub fn check(text: &str) -> Result<(Config, Vec<Problem>), Vec<Problem>> {
             }]);
         }
     };
-    let tree = DeTable::parse(text).ok();
-    let problems: Vec<Problem> = semantic_problems(&config)
+    let found = semantic_problems(&config);
+    // Lines are looked up only when there is something to point at.
+    let tree = if found.is_empty() { None } else { DeTable::parse(text).ok() };
+    let problems: Vec<Problem> = found
         .into_iter()
         .map(|(place, severity, message)| {
             let span = tree.as_ref().and_then(|tree| place.span(tree.get_ref()));

@@ -78,7 +78,9 @@ pub enum Congestion {
     /// Model-based (quinn's experimental BBR): keeps most of a lossy link's rate, but overshoots shallow
     /// buffers and sends much again (see BENCHMARKS.md).
     Bbr,
-    /// Delay-based, after LEDBAT (`--low-priority`): yields as soon as the link's queue fills.
+    /// Delay-based, after LEDBAT: yields as soon as the link's queue fills. Chosen by `--low-priority`
+    /// only, not offered twice on the command line.
+    #[value(skip)]
     LowPriority,
 }
 

@@ -38,8 +38,7 @@ pub async fn serve(
     stall_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut daemon = Daemon::bind(config_dir, listen)?;
-    daemon.set_stall_timeout(stall_timeout);
+    let daemon = Daemon::bind(config_dir, listen, stall_timeout)?;
     println!("listening on {} as node {}", daemon.local_addr()?, daemon.node_id);
     daemon.run(shutdown).await
 }
@@ -52,8 +51,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Binds the daemon's endpoint (`listen`, else the config's, else `[::]:7373`).
-    pub fn bind(config_dir: ConfigDir, listen: Option<String>) -> anyhow::Result<Self> {
+    /// Binds the daemon's endpoint (`listen`, else the config's, else `[::]:7373`); a source that sends
+    /// nothing for `stall_timeout` loses its round (`serve --stall-timeout`, 2 minutes by default).
+    pub fn bind(config_dir: ConfigDir, listen: Option<String>, stall_timeout: Duration) -> anyhow::Result<Self> {
         let config = config_dir.load()?;
         let identity =
             Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
@@ -66,16 +66,9 @@ impl Daemon {
             trusted,
             busy: Mutex::new(HashMap::new()),
             imports: Arc::new(Mutex::new(HashMap::new())),
-            stall_timeout: STALL_TIMEOUT,
+            stall_timeout,
         });
         Ok(Self { endpoint, context, node_id: identity.node_id() })
-    }
-
-    /// How long a source may send nothing before its round is ended (before [`Daemon::run`]).
-    pub fn set_stall_timeout(&mut self, timeout: Duration) {
-        if let Some(context) = Arc::get_mut(&mut self.context) {
-            context.stall_timeout = timeout;
-        }
     }
 
     /// Where it listens.

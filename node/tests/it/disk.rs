@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_testkit::{compare_trees, snapshot};
 
-use crate::network::{Daemon, Setup};
+use crate::network::Setup;
 use crate::util::{Tmpfs, assert_same_tree, is_root, no_staging_leftovers, random_bytes, tool, write};
 
 /// `files` random files of `size` bytes under `dir`, named by `seed`.
@@ -78,8 +78,7 @@ fn eio_on_sync_fails_the_round_keeps_the_old_state_and_the_next_round_succeeds()
     for (calls, expected) in [("syncfs", "sync "), ("fsync,fdatasync", "cannot write ")] {
         let wrapper = wrapper(calls);
         let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        setup.daemon = Daemon::start_wrapped(&setup.dest, &wrapper, &[]);
-        setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+        setup.restart_daemon(&wrapper, &[]);
         let out = setup.source.run(&["sync", "--round", "zimbra", "--reconnect-grace", "5s"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
@@ -100,27 +99,45 @@ fn eio_on_sync_fails_the_round_keeps_the_old_state_and_the_next_round_succeeds()
     }
 
     // The disk is well again.
-    setup.daemon = Daemon::start(&setup.dest);
-    setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
+    setup.restart_daemon(&[], &[]);
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     assert_same_tree(&source, &target, |_| false);
     assert!(no_staging_leftovers(&target));
 }
 
-#[test]
-fn a_read_only_target_fails_the_round_clearly_and_the_next_one_succeeds() {
+/// Two nodes whose target lives on a tmpfs of `size`, after a first round of `count` files of
+/// `bytes`; `None` (and a loud skip) without root.
+struct OnTmpfs {
+    setup: Setup,
+    disk: Tmpfs,
+    source: std::path::PathBuf,
+    target: std::path::PathBuf,
+    /// The target after the first round.
+    before: ferry_testkit::Snapshot,
+}
+
+fn on_tmpfs(what: &str, size: &str, count: usize, bytes: usize) -> Option<OnTmpfs> {
     if !is_root() {
-        eprintln!("SKIPPED: the read-only target test remounts a tmpfs and needs root");
-        return;
+        eprintln!("SKIPPED: {what} mounts a tmpfs and needs root");
+        return None;
     }
     let setup = Setup::new();
     let source = setup.path("export");
-    let disk = Tmpfs::mount(&setup.path("disk"), "64m");
+    let disk = Tmpfs::mount(&setup.path("disk"), size);
     let target = disk.0.join("migration");
-    files(&source, 6, 100_000, 1);
+    files(&source, count, bytes, 1);
     setup.job("zimbra", &source, &target);
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     let before = snapshot(&target, &[]).unwrap();
+    Some(OnTmpfs { setup, disk, source, target, before })
+}
+
+#[test]
+fn a_read_only_target_fails_the_round_clearly_and_the_next_one_succeeds() {
+    let Some(OnTmpfs { setup, disk, source, target, before }) = on_tmpfs("the read-only test", "64m", 6, 100_000)
+    else {
+        return;
+    };
 
     files(&source, 6, 100_000, 2);
     disk.set_read_only(true);
@@ -138,18 +155,10 @@ fn a_read_only_target_fails_the_round_clearly_and_the_next_one_succeeds() {
 
 #[test]
 fn a_disk_that_fills_mid_round_fails_it_cleanly_and_the_next_round_finishes() {
-    if !is_root() {
-        eprintln!("SKIPPED: the full-disk test mounts a tmpfs and needs root");
+    let Some(OnTmpfs { setup, disk, source, target, before }) = on_tmpfs("the full-disk test", "40m", 2, 100_000)
+    else {
         return;
-    }
-    let setup = Setup::new();
-    let source = setup.path("export");
-    let disk = Tmpfs::mount(&setup.path("disk"), "40m");
-    let target = disk.0.join("migration");
-    files(&source, 2, 100_000, 1);
-    setup.job("zimbra", &source, &target);
-    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
-    let before = snapshot(&target, &[]).unwrap();
+    };
 
     // 24 MiB to send at 4 MiB/s: it fits when the round starts (the preflight lets it through), and
     // two seconds in, something else takes all the room left.

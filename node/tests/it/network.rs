@@ -67,12 +67,7 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn start(node: &Node) -> Self {
-        Self::start_with(node, &[])
-    }
-
-    /// `ferry serve` with more flags.
-    pub(crate) fn start_with(node: &Node, extra: &[&str]) -> Self {
-        Self::start_wrapped(node, &[], extra)
+        Self::start_wrapped(node, &[], &[])
     }
 
     /// `ferry serve` run by another program (`strace ...`), with more flags.
@@ -139,6 +134,13 @@ impl Setup {
         // Again, with the address: updates the same peer.
         source.ok(&["trust", &dest.id, "--name", "dest", "--addr", &daemon.addr]);
         Self { dir, source, dest, daemon }
+    }
+
+    /// Replaces the daemon with one run by `wrapper` (`strace ...`, or nothing) with `extra` flags, and
+    /// points the source at its new address.
+    pub(crate) fn restart_daemon(&mut self, wrapper: &[&str], extra: &[&str]) {
+        self.daemon = Daemon::start_wrapped(&self.dest, wrapper, extra);
+        self.source.ok(&["trust", &self.dest.id, "--name", "dest", "--addr", &self.daemon.addr]);
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
