@@ -66,7 +66,21 @@ pub struct FetchError(pub String);
 /// network otherwise.
 pub trait ChunkSource {
     /// Puts the bytes of `chunk`, found at `offset` in the new version of `entry`, into `out`.
-    fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError>;
+    fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>)
+    -> Result<Fetched, FetchError>;
+}
+
+/// Whether the bytes a [`ChunkSource`] handed in were already checked against the chunk's hash.
+///
+/// The applier hashes every `Unchecked` chunk before it writes it; a `Verified` one was hashed where
+/// it arrived (the network destination hashes each chunk as it comes off the wire) and is not hashed
+/// twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// Hashed by the source itself, from the bytes it hands in, and found right.
+    Verified,
+    /// Read from somewhere that may have changed or been damaged since: the applier checks it.
+    Unchecked,
 }
 
 /// What an apply did.
@@ -901,8 +915,10 @@ impl Applier<'_> {
             }
             let _ = self.index.remove(&chunk.hash);
         }
-        self.source.fetch(entry, offset, chunk, &mut self.buf).map_err(|e| e.to_string())?;
-        if self.buf.len() != chunk.len as usize || ChunkHash::of(&self.buf) != chunk.hash {
+        let fetched = self.source.fetch(entry, offset, chunk, &mut self.buf).map_err(|e| e.to_string())?;
+        if self.buf.len() != chunk.len as usize
+            || (fetched == Fetched::Unchecked && ChunkHash::of(&self.buf) != chunk.hash)
+        {
             return Err(format!(
                 "chunk {} at offset {offset} does not match its hash: the source changed since it was \
                  scanned, or the data was damaged on the way; left for the next round",

@@ -37,7 +37,9 @@ mod round;
 mod scan;
 mod spill;
 
-pub use apply::{Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Needed, Planner, apply};
+pub use apply::{
+    Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Fetched, Needed, Planner, apply,
+};
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError};

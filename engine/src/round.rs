@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, apply};
+use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Fetched, apply};
 use crate::hash::RootHash;
 use crate::index::{ChunkIndex, IndexError};
 use crate::manifest::{ChunkRef, Entry, ManifestReader, ManifestWriter, MergeJoin, RecordFileError};
@@ -42,7 +42,13 @@ impl LocalChunkSource {
 }
 
 impl ChunkSource for LocalChunkSource {
-    fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError> {
+    fn fetch(
+        &mut self,
+        entry: &Entry,
+        offset: u64,
+        chunk: &ChunkRef,
+        out: &mut Vec<u8>,
+    ) -> Result<Fetched, FetchError> {
         if self.open.as_ref().is_none_or(|(p, _)| *p != entry.path) {
             let file = self
                 .root
@@ -52,8 +58,9 @@ impl ChunkSource for LocalChunkSource {
         }
         let Some((_, file)) = &self.open else { unreachable!("opened above") };
         out.resize(chunk.len as usize, 0);
-        // No hash check here: `apply` checks every chunk it is handed, whatever its source.
-        file.read_exact_at(out, offset).map_err(|e| FetchError(format!("cannot read the source file: {e}")))
+        // No hash check here: the file may have changed since its scan, and `apply` checks the chunk.
+        file.read_exact_at(out, offset).map_err(|e| FetchError(format!("cannot read the source file: {e}")))?;
+        Ok(Fetched::Unchecked)
     }
 }
 

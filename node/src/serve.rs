@@ -10,7 +10,7 @@ use bytes::Bytes;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
     Applier, ApplyOptions, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry, EntryKind, FetchError,
-    ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader, RecordWriter, ScanOptions,
+    Fetched, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader, RecordWriter, ScanOptions,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -598,22 +598,27 @@ impl Window {
 struct WindowSource(Arc<Window>);
 
 impl ChunkSource for WindowSource {
-    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<(), FetchError> {
+    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<Fetched, FetchError> {
         let state = self.0.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
         let stored = state.chunks.get(&chunk.hash).ok_or_else(|| {
             FetchError("the source could not send this chunk (the file changed since its scan)".into())
         })?;
         out.clear();
         match stored {
-            Stored::Memory(data) => out.extend_from_slice(data),
+            // Hashed by `decode_batch` as it arrived, and held in memory since.
+            Stored::Memory(data) => {
+                out.extend_from_slice(data);
+                Ok(Fetched::Verified)
+            }
+            // Read back from a file: the applier checks it again.
             Stored::Spilled { offset, len } => {
                 use std::os::unix::fs::FileExt;
                 let file = state.spill.file.as_ref().ok_or_else(|| FetchError("the spill file is gone".into()))?;
                 out.resize(*len as usize, 0);
                 file.read_exact_at(out, *offset).map_err(|e| FetchError(format!("reading the spill file: {e}")))?;
+                Ok(Fetched::Unchecked)
             }
         }
-        Ok(())
     }
 }
 
