@@ -6,13 +6,13 @@ use ferry_engine::ChunkHash;
 use ferry_proto::{ChunkBatch, Codec};
 
 /// A batch is sent once it holds this many bytes of chunk data (one maximum chunk is 256 KiB).
-pub(crate) const BATCH_BYTES: usize = 1 << 20;
+pub const BATCH_BYTES: usize = 1 << 20;
 /// The most decoded bytes a received batch may declare.
-pub(crate) const MAX_BATCH_BYTES: u64 = 4 << 20;
+pub const MAX_BATCH_BYTES: u64 = 4 << 20;
 
 /// Does this chunk compress? A 2 KiB sample is compressed to find out, so that already-compressed
 /// data (the gzip BLOBs) is never pushed through zstd as a whole.
-pub(crate) fn compressible(chunk: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
+pub fn compressible(chunk: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
     let sample = &chunk[..chunk.len().min(2048)];
     match compressor.compress(sample) {
         Ok(small) => small.len() * 10 < sample.len() * 9,
@@ -21,7 +21,7 @@ pub(crate) fn compressible(chunk: &[u8], compressor: &mut zstd::bulk::Compressor
 }
 
 /// Encodes chunks into one batch: zstd when `compress` and it saves bytes, else raw.
-pub(crate) fn encode_batch(
+pub fn encode_batch(
     chunks: Vec<(ChunkHash, u32)>,
     data: Vec<u8>,
     compress: bool,
@@ -38,7 +38,7 @@ pub(crate) fn encode_batch(
 
 /// A batch that cannot be trusted.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BatchError {
+pub enum BatchError {
     /// Declares more than [`MAX_BATCH_BYTES`].
     #[error("chunk batch declares {0} bytes, over the limit")]
     TooLarge(u64),
@@ -48,14 +48,11 @@ pub(crate) enum BatchError {
 }
 
 /// A decoded batch: the chunks whose bytes match their hash, and the hashes of those that did not.
-pub(crate) type Decoded = (Vec<(ChunkHash, Bytes)>, Vec<ChunkHash>);
+pub type Decoded = (Vec<(ChunkHash, Bytes)>, Vec<ChunkHash>);
 
 /// Decodes a batch into its chunks, each checked against its hash. Chunks that do not match are
 /// returned in the second list (never used).
-pub(crate) fn decode_batch(
-    batch: ChunkBatch,
-    decompressor: &mut zstd::bulk::Decompressor<'_>,
-) -> Result<Decoded, BatchError> {
+pub fn decode_batch(batch: ChunkBatch, decompressor: &mut zstd::bulk::Decompressor<'_>) -> Result<Decoded, BatchError> {
     let declared = batch.declared_len();
     if declared > MAX_BATCH_BYTES {
         return Err(BatchError::TooLarge(declared));

@@ -5,7 +5,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod chunks;
+pub mod chunks;
 pub mod cli;
 pub mod commands;
 pub mod config;

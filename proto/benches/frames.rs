@@ -1,0 +1,57 @@
+//! Micro-benchmarks of the wire codec: a 1 MiB chunk batch and a 4096-chunk `Need` through
+//! `encode` and `decode` (length prefix, postcard, limits).
+//!
+//! `cargo bench -p ferry-proto`; `cargo test --benches` runs each once, as a check that they work.
+#![allow(missing_docs)]
+
+use bytes::{Bytes, BytesMut};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ferry_engine::{ChunkHash, RelPath};
+use ferry_proto::{ChunkBatch, Codec, Message, NeedChunk, decode, encode};
+use std::hint::black_box;
+
+fn batch() -> Message {
+    let payload = Bytes::from(vec![7u8; 1 << 20]);
+    let chunks = (0..16u32).map(|i| (ChunkHash::of(&i.to_le_bytes()), 65536)).collect();
+    Message::ChunkBatch(ChunkBatch { codec: Codec::Raw, chunks, payload })
+}
+
+fn need() -> Message {
+    let path = RelPath::new("opt/zimbra/backup/accounts/1234/blobs/5678.msg").expect("a valid path");
+    Message::Need(
+        (0..4096u64)
+            .map(|i| NeedChunk {
+                path: path.clone(),
+                offset: i * 65536,
+                len: 65536,
+                hash: ChunkHash::of(&i.to_le_bytes()),
+            })
+            .collect(),
+    )
+}
+
+fn frames(c: &mut Criterion) {
+    for (name, message) in [("chunk batch, 1 MiB", batch()), ("need, 4096 chunks", need())] {
+        let mut encoded = BytesMut::new();
+        encode(&message, &mut encoded).expect("encode");
+        let mut group = c.benchmark_group(name);
+        group.throughput(Throughput::Bytes(encoded.len() as u64));
+        group.bench_function("encode", |b| {
+            let mut out = BytesMut::with_capacity(encoded.len());
+            b.iter(|| {
+                out.clear();
+                encode(black_box(&message), &mut out).expect("encode");
+            })
+        });
+        group.bench_function("decode", |b| {
+            b.iter(|| {
+                let mut buf = encoded.clone();
+                decode(black_box(&mut buf)).expect("decode").expect("one whole frame")
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, frames);
+criterion_main!(benches);
