@@ -91,6 +91,8 @@ pub struct PushReport {
     pub import: Option<ferry_proto::ImportResult>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// Of which the scan of the source tree (stat every file, read and hash the changed ones).
+    pub scan_ms: u64,
 }
 
 /// The source's state for a job.
@@ -665,6 +667,7 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         failure_count: committed.failure_count,
         import: finished.import,
         duration_ms: started.elapsed().as_millis() as u64,
+        scan_ms: scanned.duration.as_millis() as u64,
     };
     crate::history::append(&state.dir.join("history.jsonl"), &crate::history::Record::pushed(&report, &peer.name))?;
     Ok(report)
@@ -1191,11 +1194,12 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         crate::human::count(report.files_changed)
     );
     println!(
-        "  sent {} chunks ({}), {} on the wire; read {} here",
+        "  sent {} chunks ({}), {} on the wire; read {} here, scanned in {}",
         crate::human::count(report.chunks_sent),
         crate::human::bytes(report.chunk_bytes),
         crate::human::bytes(report.bytes_on_wire),
-        crate::human::bytes(report.bytes_read)
+        crate::human::bytes(report.bytes_read),
+        crate::human::duration(Duration::from_millis(report.scan_ms))
     );
     match &report.import {
         Some(import) if import.success => {

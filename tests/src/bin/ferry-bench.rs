@@ -14,6 +14,8 @@
 //!
 //! Two more measurements, each on its own:
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
+//! - `--memory`: ferry alone on trees of `--files` / 10 and `--files` small files (1 M for the target),
+//!   the peak RSS of each process in the initial and the no-change round, and how it grows;
 //! - `--wan`: ferry's initial round of the tree through the UDP proxy set to a 100 Mbit/s link with 50 ms
 //!   of round trip and 1% loss (a 50 ms buffer), its goodput against the link's rate. (rsync's TCP
 //!   cannot go through a UDP proxy; `tests/netns/` shapes real links.)
@@ -42,6 +44,7 @@ struct Args {
     ferry: PathBuf,
     rsync: bool,
     single_file: Option<u64>,
+    memory: bool,
     wan: bool,
     /// `--wan`'s random loss, percent.
     loss: f64,
@@ -58,6 +61,7 @@ fn parse_args() -> Result<Args> {
         ferry: std::env::current_exe()?.with_file_name("ferry"),
         rsync: true,
         single_file: None,
+        memory: false,
         wan: false,
         loss: 1.0,
         congestion: "cubic".into(),
@@ -73,13 +77,14 @@ fn parse_args() -> Result<Args> {
             "--ferry" => args.ferry = value()?.into(),
             "--no-rsync" => args.rsync = false,
             "--single-file" => args.single_file = Some(value()?.parse()?),
+            "--memory" => args.memory = true,
             "--wan" => args.wan = true,
             "--loss" => args.loss = value()?.parse()?,
             "--congestion" => args.congestion = value()?,
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|bbr] [--single-file MIB | --wan [--loss PERCENT]]"
+                     [--congestion cubic|bbr] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -97,6 +102,8 @@ struct Measure {
     cpu_send: f64,
     /// CPU seconds of the receiving side (`ferry serve`; the remote `rsync --server` processes).
     cpu_recv: f64,
+    /// ferry only: of `wall`, the source's scan (its report's `scan_ms`).
+    scan: Option<Duration>,
     /// Peak RSS in KiB of each side.
     rss_send: u64,
     rss_recv: u64,
@@ -121,6 +128,9 @@ fn run() -> Result<()> {
     let source = root.join("source");
     if let Some(mib) = args.single_file {
         return single_file(&args, &root, &source, mib);
+    }
+    if args.memory {
+        return memory(&args, &root);
     }
     let started = Instant::now();
     let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(args.files, args.seed))?;
@@ -222,6 +232,91 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
     print!("{out}");
     if let Some(path) = &args.write {
         std::fs::write(path, out)?;
+    }
+    Ok(())
+}
+
+/// Peak memory of each ferry process against the number of files: trees of `--files` / 10 and
+/// `--files` small files (300 to 700 bytes, each different, 1,000 to a folder), an initial round then
+/// a no-change round on each.
+fn memory(args: &Args, root: &Path) -> Result<()> {
+    let large = args.files;
+    let mut rows = Vec::new();
+    for files in [large / 10, large] {
+        let dir = root.join(format!("memory-{files}"));
+        let source = dir.join("source");
+        let started = Instant::now();
+        small_files(&source, files, args.seed)?;
+        eprintln!("generated {files} small files in {:.1} s", started.elapsed().as_secs_f64());
+        let mut ferry = FerryPair::start(&args.ferry, &dir, &source)?;
+        ferry.congestion.clone_from(&args.congestion);
+        for round in ["initial", "no change"] {
+            rustix::fs::sync();
+            let m = ferry.round()?;
+            eprintln!(
+                "{files} files, {round}: {:.1} s, RSS {} / {} MiB",
+                m.wall.as_secs_f64(),
+                m.rss_send >> 10,
+                m.rss_recv >> 10
+            );
+            rows.push((files, round, m));
+        }
+        drop(ferry);
+        // Not deleted before the next tree: on an ext4 without a journal, inodes freed less than a
+        // minute ago are skipped one by one when new ones are allocated.
+    }
+    let mut out = format!(
+        "Peak RSS of each ferry process against the tree's size (`ferry-bench --memory --files {large}`): \
+         small files of 300 to 700 bytes, each different, 1,000 to a folder.\n\n\
+         | files | round | wall s | files/s | RSS send MiB | RSS recv MiB |\n|---:|---|---:|---:|---:|---:|\n"
+    );
+    for (files, round, m) in &rows {
+        out.push_str(&format!(
+            "| {files} | {round} | {:.1} | {:.0} | {} | {} |\n",
+            m.wall.as_secs_f64(),
+            *files as f64 / m.wall.as_secs_f64(),
+            m.rss_send >> 10,
+            m.rss_recv >> 10
+        ));
+    }
+    let peak = |files: usize, send: bool| {
+        rows.iter()
+            .filter(|(f, _, _)| *f == files)
+            .map(|(_, _, m)| if send { m.rss_send } else { m.rss_recv })
+            .max()
+            .unwrap_or(0)
+    };
+    for (side, send) in [("sending", true), ("receiving", false)] {
+        let (small, big) = (peak(large / 10, send), peak(large, send));
+        out.push_str(&format!(
+            "\n{side} side: peak {} MiB at {} files, {} MiB at {large} files ({:.2}x).",
+            small >> 10,
+            large / 10,
+            big >> 10,
+            big as f64 / small.max(1) as f64
+        ));
+    }
+    out.push('\n');
+    print!("{out}");
+    if let Some(path) = &args.write {
+        std::fs::write(path, out)?;
+    }
+    Ok(())
+}
+
+/// `files` small files under `root`, 1,000 to a folder, each with different contents.
+fn small_files(root: &Path, files: usize, seed: u64) -> Result<()> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut body = vec![0u8; 700];
+    for i in 0..files {
+        let dir = root.join(format!("accounts/{:04}/msg", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let len = 300 + (i * 7919) % 400;
+        rng.fill(&mut body[..len]);
+        std::fs::write(dir.join(format!("{i}.msg")), &body[..len])?;
     }
     Ok(())
 }
@@ -434,8 +529,10 @@ impl FerryPair {
         }
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let wire = report["bytes_on_wire"].as_u64().ok_or("no bytes_on_wire in ferry's report")?;
+        let scan = report["scan_ms"].as_u64().map(Duration::from_millis);
         Ok(Measure {
             wall,
+            scan,
             cpu_send: children_cpu() - cpu_children,
             cpu_recv: process_cpu(daemon) - cpu_daemon,
             rss_send,
@@ -512,14 +609,16 @@ impl Rsync {
         )?;
         let rsync =
             Self { sshd, port, key: dir.join("client_key"), target: root.join("rsync-target"), wrapper, remote_usage };
-        // Wait for sshd to answer.
-        for _ in 0..50 {
-            if rsync.ssh_command().arg("true").status().is_ok_and(|s| s.success()) {
+        // Wait for sshd to answer (slow to start on a loaded machine).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let answered = rsync.ssh_command().arg("true").stderr(Stdio::null()).status();
+            if answered.is_ok_and(|s| s.success()) {
                 return Ok(rsync);
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Err("sshd did not start".into())
+        Err("sshd did not answer within 30 s".into())
     }
 
     fn ssh_args(&self) -> Vec<String> {
@@ -580,6 +679,7 @@ impl Rsync {
             rss_send,
             rss_recv: usage.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             wire: number("Total bytes sent:") + number("Total bytes received:"),
+            scan: None,
         })
     }
 }
@@ -653,14 +753,15 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     );
     let _ = writeln!(
         out,
-        "| round | tool | wall s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
+        "| round | tool | wall s | of which scan s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |out: &mut Vec<u8>, round: &str, tool: &str, m: &Measure, ratio: Option<(f64, f64)>| {
         let _ = writeln!(
             out,
-            "| {round} | {tool} | {:.2} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
+            "| {round} | {tool} | {:.2} | {} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
             m.wall.as_secs_f64(),
+            m.scan.map_or(String::new(), |d| format!("{:.2}", d.as_secs_f64())),
             files as f64 / m.wall.as_secs_f64().max(1e-9),
             m.cpu_send,
             m.cpu_recv,
