@@ -68,7 +68,21 @@ pub trait ChunkSource {
     /// Puts the bytes of `chunk`, found at `offset` in the new version of `entry`, into `out`.
     fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>)
     -> Result<Fetched, FetchError>;
+
+    /// Called, for a file of at least [`LARGE_FILE`] bytes, after a fetched chunk was written at
+    /// `offset` in `file` (the file being built, open for reading too). A source that holds chunks
+    /// in memory or in a spill file may drop its copy and read the chunk from there if it is asked
+    /// for it again, so that a large file's chunks are not kept twice while the file is built.
+    fn written(&mut self, _hash: &ChunkHash, _file: &Arc<File>, _offset: u64) {}
 }
+
+/// A file this large is built in steps: its chunks are handed back to the source as they are
+/// written ([`ChunkSource::written`]) and its data is synced every 32 MiB, so that the disk writes
+/// it while the rest arrives instead of all at the batch's sync.
+pub const LARGE_FILE: u64 = 8 << 20;
+
+/// How much of a large file is written between two syncs of its data.
+const LARGE_FILE_SYNC: u64 = 32 << 20;
 
 /// Whether the bytes a [`ChunkSource`] handed in were already checked against the chunk's hash.
 ///
@@ -175,9 +189,11 @@ pub struct Needed {
     pub chunk: ChunkRef,
 }
 
-/// How many chunk hashes a round remembers having asked for, so that a chunk several new files share
-/// is asked for once (past this, duplicates may be asked for again: correct, only slower).
-const MAX_REQUESTED: usize = 1 << 20;
+/// How many chunk hashes a round remembers having asked for and not yet seen flushed into the index,
+/// so that a chunk several new files share is asked for once (past this, duplicates may be asked for
+/// again: correct, only slower). A transfer holds far fewer in flight; a dry run, which flushes
+/// nothing, can reach it.
+const MAX_REQUESTED: usize = 1 << 18;
 
 /// Decides which chunks a round must ask the source for: those of new or changed files that the
 /// chunk index does not know and that were not asked for already this round. Writes nothing, so a dry
@@ -188,6 +204,13 @@ pub struct Planner {
 }
 
 impl Planner {
+    /// Forgets having asked for `hashes` (they are in the index now).
+    fn forget<'a>(&mut self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
+        for hash in hashes {
+            self.requested.remove(hash);
+        }
+    }
+
     /// The chunks `pair` needs from the source.
     pub fn plan(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
         let Some(new) = &pair.new else { return Ok(Vec::new()) };
@@ -852,7 +875,7 @@ impl Applier<'_> {
                 let fd = rustix::fs::openat(
                     &self.staging,
                     tmp.os(),
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io_err("create", &shown))?;
@@ -860,18 +883,35 @@ impl Applier<'_> {
             }
         };
         let mut file = File::from(fd);
-        let mut offset = 0u64;
+        // A large file's descriptor, shared with the chunk source (see `ChunkSource::written`).
+        let shared = if new.size >= LARGE_FILE {
+            let dup = file.try_clone();
+            Some(Arc::new(dup.map_err(|e| ApplyError::Io { op: "duplicate", path: shown.clone(), source: e })?))
+        } else {
+            None
+        };
+        let (mut offset, mut synced) = (0u64, 0u64);
         for chunk in &new.chunks {
-            if let Err(why) = self.get_chunk(new, offset, chunk) {
-                drop(file);
-                if !unnamed {
-                    let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
+            let fetched = match self.get_chunk(new, offset, chunk) {
+                Ok(fetched) => fetched,
+                Err(why) => {
+                    drop(file);
+                    if !unnamed {
+                        let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
+                    }
+                    self.fail(&new.path, why);
+                    return Ok(false);
                 }
-                self.fail(&new.path, why);
-                return Ok(false);
-            }
+            };
             file.write_all(&self.buf).map_err(|e| ApplyError::Io { op: "write", path: shown.clone(), source: e })?;
+            if let Some(shared) = shared.as_ref().filter(|_| fetched) {
+                self.source.written(&chunk.hash, shared, offset);
+            }
             offset += u64::from(chunk.len);
+            if shared.is_some() && offset - synced >= LARGE_FILE_SYNC {
+                rustix::fs::fdatasync(&file).map_err(io_err("sync", &shown))?;
+                synced = offset;
+            }
         }
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
         self.report.files_written += 1;
@@ -891,7 +931,7 @@ impl Applier<'_> {
         match rustix::fs::openat(
             &*dir,
             ".",
-            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         ) {
             Ok(fd) => Some(fd),
@@ -906,12 +946,13 @@ impl Applier<'_> {
 
     /// Puts a chunk's verified bytes into `self.buf`: from the target if the index knows where they
     /// are and they still hash right, else from the chunk source.
-    fn get_chunk(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef) -> Result<(), String> {
+    /// Returns whether the chunk came from the chunk source (`false`: from the target).
+    fn get_chunk(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef) -> Result<bool, String> {
         if let Some(location) = self.index.get(&chunk.hash).map_err(|e| e.to_string())? {
             if self.read_local(&location, &chunk.hash) {
                 self.report.chunks_local += 1;
                 self.report.bytes_local += u64::from(chunk.len);
-                return Ok(());
+                return Ok(false);
             }
             let _ = self.index.remove(&chunk.hash);
         }
@@ -927,7 +968,7 @@ impl Applier<'_> {
         }
         self.report.chunks_fetched += 1;
         self.report.bytes_fetched += u64::from(chunk.len);
-        Ok(())
+        Ok(true)
     }
 
     fn read_local(&mut self, location: &ChunkLocation, hash: &ChunkHash) -> bool {
@@ -1029,6 +1070,9 @@ impl Applier<'_> {
         }
         if !locations.is_empty() {
             self.index.insert(locations.iter().map(|(h, l)| (h, l.clone())), false)?;
+            // The planner finds these in the index now: it need not remember asking for them, and
+            // its memory stays bounded by what is in flight, not by the round's size.
+            self.planner.forget(locations.iter().map(|(h, _)| h));
         }
         // A file we read chunks from may just have been replaced.
         self.local_file = None;

@@ -15,6 +15,11 @@ use crate::path::RelPath;
 
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 
+/// redb's page cache. Pages beyond it are read again through the kernel's page cache: a lookup costs
+/// a few microseconds more, and the destination's memory stays within its budget with millions of
+/// chunks.
+const CACHE_BYTES: usize = 16 << 20;
+
 /// Where a chunk's bytes are in the target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkLocation {
@@ -52,7 +57,7 @@ impl ChunkIndex {
     pub fn open(path: &Path) -> Result<Self, IndexError> {
         let shown = path.display().to_string();
         let err = |e: redb::Error| IndexError { path: shown.clone(), source: e };
-        let db = Database::builder().set_cache_size(64 << 20).create(path).map_err(|e| err(e.into()))?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| err(e.into()))?;
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(CHUNKS).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;

@@ -38,7 +38,8 @@ mod scan;
 mod spill;
 
 pub use apply::{
-    Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Fetched, Needed, Planner, apply,
+    Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Fetched, LARGE_FILE, Needed, Planner,
+    apply,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};

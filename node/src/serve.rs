@@ -10,7 +10,8 @@ use bytes::Bytes;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
     Applier, ApplyOptions, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry, EntryKind, FetchError,
-    Fetched, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader, RecordWriter, ScanOptions,
+    Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader, RecordWriter,
+    ScanOptions,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -286,6 +287,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         anyhow::Ok(())
     });
     let stall_timeout = context.stall_timeout;
+    let control_window = window.clone();
     let control = tokio::spawn(async move {
         loop {
             // Until all changes are in, the source has no reason to be silent: a stalled peer must not
@@ -300,6 +302,13 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             };
             let Some(message) = next else { break };
             order.handle(&message)?;
+            // The window learns at once what will not come: a large file being built waits in it.
+            match &message {
+                Message::Missing(hashes) => control_window.missing(hashes.clone()),
+                Message::Stop { batches, .. } => control_window.stopped(*batches),
+                Message::Failed { reason } => control_window.fail(format!("the source gave up: {reason}")),
+                _ => {}
+            }
             if inbox_tx.send(message).await.is_err() {
                 break;
             }
@@ -400,7 +409,16 @@ struct Window {
 /// larger than the window reaches) in the spill file.
 enum Stored {
     Memory(Bytes),
-    Spilled { offset: u64, len: u32 },
+    Spilled {
+        offset: u64,
+        len: u32,
+    },
+    /// Written into a large file being built (see `ChunkSource::written`).
+    Written {
+        file: Arc<std::fs::File>,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// The spill file: created on first use, emptied when nothing in it is waiting any more.
@@ -455,6 +473,8 @@ struct WindowState {
     error: Option<String>,
     /// Chunk batches received in the round.
     batches: u64,
+    /// The source stopped after sending this many batches: what has not come by then will not.
+    stopped_after: Option<u64>,
 }
 
 async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limiter: Option<crate::limit::Limiter>) {
@@ -564,14 +584,13 @@ impl Window {
                 match state.chunks.remove(hash) {
                     Some(Stored::Memory(data)) => state.memory -= data.len() as u64,
                     Some(Stored::Spilled { .. }) => state.spill.release(),
-                    None => {}
+                    Some(Stored::Written { .. }) | None => {}
                 }
                 state.missing.remove(hash);
             }
         }
     }
 
-    /// True when every one of `hashes` has arrived or is known missing.
     /// True when every one of `waiting`'s chunks has arrived or is known missing. Resumes where the
     /// last call stopped (a chunk that arrived stays until its entry is applied), so that a file of
     /// many chunks costs one look per chunk, not one per arrival.
@@ -592,14 +611,72 @@ impl Window {
             self.changed.notify_all();
         }
     }
+
+    /// Why the data streams failed, if they did.
+    fn error(&self) -> Option<String> {
+        self.state.lock().map_or_else(|_| Some("window lock poisoned".into()), |state| state.error.clone())
+    }
+
+    /// The source said it cannot send these chunks.
+    fn missing(&self, hashes: Vec<ChunkHash>) {
+        if let Ok(mut state) = self.state.lock() {
+            // Only chunks asked for: a list of others would only grow this set.
+            let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| state.wanted.remove(h)).collect();
+            state.missing.extend(hashes);
+            self.changed.notify_all();
+        }
+    }
+
+    /// The source stopped after sending `batches` batches.
+    fn stopped(&self, batches: u64) {
+        if let Ok(mut state) = self.state.lock() {
+            state.stopped_after = Some(batches);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until `hash`, if it was asked for and has not come yet, arrives or cannot come any more
+    /// (missing, the data streams failed, the source stopped, or nothing came for `stall_timeout`).
+    fn wait_for<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, WindowState>,
+        hash: &ChunkHash,
+        stall_timeout: Duration,
+    ) -> Result<std::sync::MutexGuard<'a, WindowState>, FetchError> {
+        let poisoned = || FetchError("window lock poisoned".into());
+        let mut progress = (Instant::now(), state.batches);
+        while state.wanted.contains(hash) && state.error.is_none() {
+            if state.stopped_after.is_some_and(|after| state.batches >= after) {
+                return Err(FetchError("the source stopped before sending this chunk".into()));
+            }
+            if state.batches != progress.1 {
+                progress = (Instant::now(), state.batches);
+            } else if progress.0.elapsed() > stall_timeout {
+                let error = format!("no chunk arrived for {} s", stall_timeout.as_secs());
+                state.error = Some(error.clone());
+                self.changed.notify_all();
+                return Err(FetchError(error));
+            }
+            state = self.changed.wait_timeout(state, Duration::from_millis(200)).map_err(|_| poisoned())?.0;
+        }
+        Ok(state)
+    }
 }
 
-/// Serves `Applier` the window's chunks.
-struct WindowSource(Arc<Window>);
+/// Serves `Applier` the window's chunks. A large file is applied as its chunks arrive: a chunk asked
+/// for and not yet arrived is waited for.
+struct WindowSource {
+    window: Arc<Window>,
+    stall_timeout: Duration,
+}
 
 impl ChunkSource for WindowSource {
     fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<Fetched, FetchError> {
-        let state = self.0.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
+        let state = self.window.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
+        let state = self.window.wait_for(state, &chunk.hash, self.stall_timeout)?;
+        if let Some(error) = &state.error {
+            return Err(FetchError(format!("receiving chunks failed: {error}")));
+        }
         let stored = state.chunks.get(&chunk.hash).ok_or_else(|| {
             FetchError("the source could not send this chunk (the file changed since its scan)".into())
         })?;
@@ -618,7 +695,33 @@ impl ChunkSource for WindowSource {
                 file.read_exact_at(out, *offset).map_err(|e| FetchError(format!("reading the spill file: {e}")))?;
                 Ok(Fetched::Unchecked)
             }
+            Stored::Written { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                out.resize(*len as usize, 0);
+                file.read_exact_at(out, *offset)
+                    .map_err(|e| FetchError(format!("reading back a chunk of a file being built: {e}")))?;
+                Ok(Fetched::Unchecked)
+            }
         }
+    }
+
+    fn written(&mut self, hash: &ChunkHash, file: &Arc<std::fs::File>, offset: u64) {
+        let Ok(mut state) = self.window.state.lock() else { return };
+        let state = &mut *state;
+        let Some(stored) = state.chunks.get_mut(hash) else { return };
+        let len = match stored {
+            Stored::Memory(data) => {
+                state.memory -= data.len() as u64;
+                data.len() as u32
+            }
+            Stored::Spilled { len, .. } => {
+                let len = *len;
+                state.spill.release();
+                len
+            }
+            Stored::Written { .. } => return,
+        };
+        *stored = Stored::Written { file: file.clone(), offset, len };
     }
 }
 
@@ -774,7 +877,7 @@ fn destination_round(
     }
 
     let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
-    let mut source = WindowSource(window.clone());
+    let mut source = WindowSource { window: window.clone(), stall_timeout: round.stall_timeout };
     let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
@@ -1016,14 +1119,21 @@ fn transfer(
         if let Some(end) = source_messages(inbox, window)? {
             break end;
         }
-        // Apply what is ready, in order.
+        // Apply what is ready, in order. A large file is applied as its chunks arrive: the applier
+        // writes each one as soon as it is in (and waits for the next), so that the file is written
+        // and synced while the rest of it is on the way, and its chunks do not pile up here.
         let mut progressed = false;
-        while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
+        while waiting.front_mut().is_some_and(|w| w.bytes >= LARGE_FILE || window.holds_all(w)) {
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
             applier.step(entry.pair)?;
             progressed = true;
+        }
+        // A large file's wait ends early when the data streams fail or nothing comes for the stall
+        // deadline: the round is cut there, not counted complete without that file.
+        if let Some(error) = window.error() {
+            break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
         }
         // Applied chunks stay in memory (and count) until they are durable in the target.
         let flush_due = last_flush.elapsed() > Duration::from_millis(500) || applied_bytes >= FLUSH_BYTES;
@@ -1078,13 +1188,8 @@ fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyh
             }
         };
         match message {
-            Message::Missing(hashes) => {
-                let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-                // Only chunks asked for: a list of others would only grow this set.
-                let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| state.wanted.remove(h)).collect();
-                state.missing.extend(hashes);
-                window.changed.notify_all();
-            }
+            // Already handed to the window by the control task (see `round`).
+            Message::Missing(_) => {}
             Message::Stop { reason, batches } => {
                 // The batches the source sent before stopping are on their way on other streams.
                 let deadline = Instant::now() + Duration::from_secs(30);

@@ -284,3 +284,110 @@ async fn a_hostile_destination_cannot_make_the_source_read_outside_its_tree() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(status.code(), Some(ferry::exit::INCOMPLETE), "{stderr}");
 }
+
+fn folder(path: &str) -> Entry {
+    Entry { kind: EntryKind::Dir, mode: 0o755, size: 0, chunks: vec![], ..file(path, b"") }
+}
+
+/// A file of `chunks` chunks of 64 KiB of random bytes: its entry and its chunks.
+fn large_file(path: &str, chunks: usize, seed: u64) -> (Entry, Vec<Vec<u8>>) {
+    let data: Vec<Vec<u8>> = (0..chunks).map(|i| random_bytes(64 << 10, seed + i as u64)).collect();
+    let mut entry = file(path, b"");
+    entry.size = (chunks as u64) << 16;
+    entry.chunks = data.iter().map(|d| ChunkRef { hash: ChunkHash::of(d), len: d.len() as u32 }).collect();
+    (entry, data)
+}
+
+/// Sends `chunks` on a new data stream, 16 to a batch.
+async fn send_chunks(evil: &EvilSource, chunks: &[Vec<u8>]) {
+    let mut stream = evil.open_data().await.unwrap();
+    for part in chunks.chunks(16) {
+        let batch = ChunkBatch {
+            codec: Codec::Raw,
+            chunks: part.iter().map(|d| (ChunkHash::of(d), d.len() as u32)).collect(),
+            payload: Bytes::from(part.concat()),
+        };
+        let mut frame = bytes::BytesMut::new();
+        ferry_proto::encode(&Message::ChunkBatch(batch), &mut frame).unwrap();
+        stream.write_all(&frame).await.unwrap();
+    }
+    let _ = stream.finish();
+}
+
+/// The needs of a round, until `count` chunks were asked for.
+async fn needs(control: &mut EvilStream, count: usize) -> Vec<NeedChunk> {
+    let mut all = Vec::new();
+    while all.len() < count {
+        match control.next(LIMIT).await.unwrap() {
+            Some(Message::Need(part)) => all.extend(part),
+            other => panic!("expected Need, got {other:?}"),
+        }
+    }
+    all
+}
+
+// A large file is written as its chunks arrive, the applier waiting for each: a source that then
+// says it cannot send the rest, or falls silent, must end that wait at once (Missing) or at the stall
+// deadline, never leave a partial file at the final path, and leave the job to the next round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
+    let mut scene = Scene::new("3s");
+    let (source, target) = (scene.setup.path("export"), scene.setup.path("migration"));
+    write(&source.join("mail/1"), &random_bytes(300_000, 1));
+    scene.setup.job("zimbra", &source, &target);
+
+    // Half the chunks, then `Missing` for the rest: the round commits without the file.
+    let (entry, data) = large_file("mail/large", 192, 1000);
+    let evil = scene.connect().await;
+    let mut control = open_round(&evil, "zimbra", vec![change(folder("mail")), change(entry)], 2).await;
+    let asked = needs(&mut control, data.len()).await;
+    assert_eq!(asked.len(), data.len());
+    send_chunks(&evil, &data[..96]).await;
+    control.send(&Message::Missing(asked[96..].iter().map(|n| n.hash).collect())).await.unwrap();
+    let started = Instant::now();
+    let committed = loop {
+        match control.next(LIMIT).await.unwrap() {
+            Some(Message::Done) => {}
+            Some(Message::Committed(committed)) => break committed,
+            other => panic!("expected Committed, got {other:?}"),
+        }
+    };
+    assert_eq!(committed.failure_count, 1, "{:?}", committed.failures);
+    assert!(committed.failures[0].contains("mail/large"), "{:?}", committed.failures);
+    // Before the 3 s stall deadline: the wait ended on `Missing`, not on silence.
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(!target.join("mail/large").exists(), "a partial file is at the final path");
+    drop(control);
+    let _ = evil.closed(LIMIT).await;
+
+    // Half the chunks, then silence: the daemon's deadline ends the round.
+    let (entry, data) = large_file("mail/large", 192, 2000);
+    let evil = scene.connect().await;
+    let mut control = open_round(&evil, "zimbra", vec![change(folder("mail")), change(entry)], 2).await;
+    let _asked = needs(&mut control, data.len()).await;
+    let written = |pid: u32| -> Option<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|v| v.parse().ok())
+    };
+    let pid = scene.setup.daemon.child.id();
+    let before = written(pid);
+    send_chunks(&evil, &data[..96]).await;
+    let started = Instant::now();
+    // The half that came is written into the file while the rest is awaited (not held back until
+    // the file is complete): the daemon's write calls grow by at least that much.
+    if let Some(before) = before {
+        while written(pid).unwrap_or(0) < before + (96 << 16) {
+            assert!(started.elapsed() < Duration::from_secs(3), "the arrived half was not written while waiting");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let reason = evil.closed(LIMIT).await.unwrap();
+    assert!(reason.contains("no chunk arrived for 3 s"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(!target.join("mail/large").exists(), "a partial file is at the final path");
+
+    assert!(scene.alive(), "the daemon died");
+    let report = scene.setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+}
