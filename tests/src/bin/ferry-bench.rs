@@ -229,11 +229,33 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
             m.wire
         ));
     }
+    // The floors: reading the file once from the page cache, and writing it durably on this disk.
+    let (read, write) = disk_floor(&source.join("blob"), &root.join("floor"))?;
+    out.push_str(&format!(
+        "\nOn the same disk in the same run: reading the file (cached) {:.0} MB/s; copying it and syncing \
+         the copy (`cp` + fsync, what any durable transfer must at least do) {:.0} MB/s.\n",
+        bytes as f64 / read.as_secs_f64() / 1e6,
+        bytes as f64 / write.as_secs_f64() / 1e6
+    ));
     print!("{out}");
     if let Some(path) = &args.write {
         std::fs::write(path, out)?;
     }
     Ok(())
+}
+
+/// How long reading `file` takes, and copying it to `copy` with an fsync of the copy.
+fn disk_floor(file: &Path, copy: &Path) -> Result<(Duration, Duration)> {
+    let started = Instant::now();
+    std::io::copy(&mut std::fs::File::open(file)?, &mut std::io::sink())?;
+    let read = started.elapsed();
+    rustix::fs::sync();
+    let started = Instant::now();
+    std::fs::copy(file, copy)?;
+    std::fs::File::open(copy)?.sync_all()?;
+    let write = started.elapsed();
+    std::fs::remove_file(copy)?;
+    Ok((read, write))
 }
 
 /// Peak memory of each ferry process against the number of files: trees of `--files` / 10 and
