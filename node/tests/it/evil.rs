@@ -71,6 +71,16 @@ impl Scene {
         Self { setup, identity, daemon_id }
     }
 
+    /// A scene whose source has job `zimbra` (one small file in `export`, to `migration`); returns
+    /// the source and target paths too.
+    fn with_job(stall_timeout: &str) -> (Self, std::path::PathBuf, std::path::PathBuf) {
+        let scene = Self::new(stall_timeout);
+        let (source, target) = (scene.setup.path("export"), scene.setup.path("migration"));
+        write(&source.join("mail/1"), &random_bytes(300_000, 1));
+        scene.setup.job("zimbra", &source, &target);
+        (scene, source, target)
+    }
+
     async fn connect(&self) -> EvilSource {
         EvilSource::connect(&self.identity, self.daemon_id, self.setup.daemon.addr.parse().unwrap()).await.unwrap()
     }
@@ -82,10 +92,7 @@ impl Scene {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hostile_source_is_cut_off_with_a_reason_and_the_daemon_serves_on() {
-    let mut scene = Scene::new("3s");
-    let (source, target) = (scene.setup.path("export"), scene.setup.path("migration"));
-    write(&source.join("mail/1"), &random_bytes(300_000, 1));
-    scene.setup.job("zimbra", &source, &target);
+    let (mut scene, source, target) = Scene::with_job("3s");
     let outside = scene.setup.path("outside");
     write(&outside.join("keep"), b"untouched");
     let before = sentinel(&outside);
@@ -331,10 +338,7 @@ async fn needs(control: &mut EvilStream, count: usize) -> Vec<NeedChunk> {
 // deadline, never leave a partial file at the final path, and leave the job to the next round.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
-    let mut scene = Scene::new("3s");
-    let (source, target) = (scene.setup.path("export"), scene.setup.path("migration"));
-    write(&source.join("mail/1"), &random_bytes(300_000, 1));
-    scene.setup.job("zimbra", &source, &target);
+    let (mut scene, source, target) = Scene::with_job("3s");
 
     // Half the chunks, then `Missing` for the rest: the round commits without the file.
     let (entry, data) = large_file("mail/large", 192, 1000);
