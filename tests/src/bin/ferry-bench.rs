@@ -16,6 +16,8 @@
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
 //! - `--memory`: ferry alone on trees of `--files` / 10 and `--files` small files (1 M for the target),
 //!   the peak RSS of each process in the initial and the no-change round, and how it grows;
+//! - `--shaped MBIT`: the same rounds through a veth pair between two network namespaces that it
+//!   creates (and removes), the source's way out shaped by `tc tbf` to MBIT Mbit/s (root);
 //! - `--wan`: ferry's initial round of the tree through the UDP proxy set to a 100 Mbit/s link with 50 ms
 //!   of round trip and 1% loss (a 50 ms buffer), its goodput against the link's rate. (rsync's TCP
 //!   cannot go through a UDP proxy; `tests/netns/` shapes real links.)
@@ -45,6 +47,9 @@ struct Args {
     rsync: bool,
     single_file: Option<u64>,
     memory: bool,
+    /// `--shaped MBIT`: run the rounds through a veth pair between two network namespaces, the source's
+    /// side shaped by `tc tbf` to this rate.
+    shaped: Option<u32>,
     wan: bool,
     /// `--wan`'s random loss, percent.
     loss: f64,
@@ -62,6 +67,7 @@ fn parse_args() -> Result<Args> {
         rsync: true,
         single_file: None,
         memory: false,
+        shaped: None,
         wan: false,
         loss: 1.0,
         congestion: "cubic".into(),
@@ -78,13 +84,14 @@ fn parse_args() -> Result<Args> {
             "--no-rsync" => args.rsync = false,
             "--single-file" => args.single_file = Some(value()?.parse()?),
             "--memory" => args.memory = true,
+            "--shaped" => args.shaped = Some(value()?.parse()?),
             "--wan" => args.wan = true,
             "--loss" => args.loss = value()?.parse()?,
             "--congestion" => args.congestion = value()?,
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|bbr] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
+                     [--congestion cubic|bbr] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -137,13 +144,19 @@ fn run() -> Result<()> {
     let (files, bytes) = tree_size(&source)?;
     eprintln!("generated {files} files, {} MiB, in {:.1} s", bytes >> 20, started.elapsed().as_secs_f64());
 
-    let mut ferry = FerryPair::start(&args.ferry, &root, &source)?;
+    // Kept until the end of the run: dropping it removes the namespaces.
+    let link = match args.shaped {
+        Some(mbit) => Some(ShapedLink::create(mbit)?),
+        None => None,
+    };
+    let net = link.as_ref().map_or_else(Net::loopback, ShapedLink::net);
+    let mut ferry = FerryPair::start(&args.ferry, &root, &source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
     if args.wan {
         return wan(&args, &ferry, files, bytes);
     }
     let rsync = if args.rsync {
-        match Rsync::start(&root) {
+        match Rsync::start(&root, &net) {
             Ok(rsync) => Some(rsync),
             Err(e) => {
                 eprintln!("rsync over ssh is not available ({e}); measuring ferry alone");
@@ -201,9 +214,13 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
     }
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     let bytes = mib.div_ceil(8) * (8 << 20);
-    let mut ferry = FerryPair::start(&args.ferry, root, source)?;
+    let mut ferry = FerryPair::start(&args.ferry, root, source, &Net::loopback())?;
     ferry.congestion.clone_from(&args.congestion);
-    let rsync = if args.rsync { Rsync::start(root).map_err(|e| eprintln!("no rsync: {e}")).ok() } else { None };
+    let rsync = if args.rsync {
+        Rsync::start(root, &Net::loopback()).map_err(|e| eprintln!("no rsync: {e}")).ok()
+    } else {
+        None
+    };
     rustix::fs::sync();
     let f = ferry.round()?;
     rustix::fs::sync();
@@ -270,7 +287,7 @@ fn memory(args: &Args, root: &Path) -> Result<()> {
         let started = Instant::now();
         small_files(&source, files, args.seed)?;
         eprintln!("generated {files} small files in {:.1} s", started.elapsed().as_secs_f64());
-        let mut ferry = FerryPair::start(&args.ferry, &dir, &source)?;
+        let mut ferry = FerryPair::start(&args.ferry, &dir, &source, &Net::loopback())?;
         ferry.congestion.clone_from(&args.congestion);
         for round in ["initial", "no change"] {
             rustix::fs::sync();
@@ -471,6 +488,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 /// Two ferry nodes: a daemon and the source's config.
 struct FerryPair {
     bin: PathBuf,
+    net: Net,
     source_node: PathBuf,
     daemon: Child,
     daemon_addr: String,
@@ -479,7 +497,7 @@ struct FerryPair {
 }
 
 impl FerryPair {
-    fn start(bin: &Path, root: &Path, source: &Path) -> Result<Self> {
+    fn start(bin: &Path, root: &Path, source: &Path, net: &Net) -> Result<Self> {
         let (src, dst) = (root.join("ferry-source"), root.join("ferry-dest"));
         let ferry = |node: &Path, args: &[&str]| -> Result<String> {
             let out = Command::new(bin).arg("--config-dir").arg(node).args(args).output()?;
@@ -493,10 +511,11 @@ impl FerryPair {
         ferry(&dst, &["trust", &src_id, "--name", "source"])?;
         let target = root.join("ferry-target");
         ferry(&dst, &["job", "add", "bench", "--path", &target.to_string_lossy(), "--peer", "source"])?;
-        let mut daemon = Command::new(bin)
+        let mut daemon = net
+            .dest_command(bin)
             .arg("--config-dir")
             .arg(&dst)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", &format!("{}:0", net.dest_host)])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -510,6 +529,7 @@ impl FerryPair {
         ferry(&src, &["job", "add", "bench", "--path", &source.to_string_lossy(), "--peer", "dest"])?;
         Ok(Self {
             bin: bin.to_owned(),
+            net: net.clone(),
             source_node: src,
             daemon,
             daemon_addr: addr,
@@ -537,7 +557,9 @@ impl FerryPair {
         let _ = std::fs::write(format!("/proc/{daemon}/clear_refs"), "5");
         let (cpu_children, cpu_daemon) = (children_cpu(), process_cpu(daemon));
         let started = Instant::now();
-        let child = Command::new(&self.bin)
+        let child = self
+            .net
+            .source_command(&self.bin)
             .arg("--config-dir")
             .arg(&self.source_node)
             .args(["sync", "--round", "bench", "--json", "--congestion", &self.congestion])
@@ -579,10 +601,105 @@ struct Rsync {
     target: PathBuf,
     wrapper: PathBuf,
     remote_usage: PathBuf,
+    net: Net,
+}
+
+/// Where each side runs: both on loopback, or each in its own network namespace.
+#[derive(Clone)]
+struct Net {
+    source_ns: Option<String>,
+    dest_ns: Option<String>,
+    /// The destination's address, as the source reaches it.
+    dest_host: String,
+}
+
+impl Net {
+    fn loopback() -> Self {
+        Self { source_ns: None, dest_ns: None, dest_host: "127.0.0.1".into() }
+    }
+
+    fn command(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match ns {
+            Some(ns) => {
+                // `ip netns exec` execs the program: the child's PID is the program's.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn source_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Self::command(self.source_ns.as_deref(), program)
+    }
+
+    fn dest_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Self::command(self.dest_ns.as_deref(), program)
+    }
+}
+
+/// Two network namespaces joined by a veth pair, the source's way out shaped by `tc tbf` (a 50 ms
+/// queue). Removed when dropped.
+struct ShapedLink {
+    source_ns: String,
+    dest_ns: String,
+}
+
+impl ShapedLink {
+    const SOURCE_ADDR: &str = "10.78.0.1";
+    const DEST_ADDR: &str = "10.78.0.2";
+
+    fn create(mbit: u32) -> Result<Self> {
+        let id = std::process::id();
+        let link = Self { source_ns: format!("ferry-bench-src-{id}"), dest_ns: format!("ferry-bench-dst-{id}") };
+        let (a, b) = (format!("fbs{id}"), format!("fbd{id}"));
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip").args(args).output()?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()).into());
+            }
+            Ok(())
+        };
+        ip(&["netns", "add", &link.source_ns])?;
+        ip(&["netns", "add", &link.dest_ns])?;
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        ip(&["link", "set", &a, "netns", &link.source_ns])?;
+        ip(&["link", "set", &b, "netns", &link.dest_ns])?;
+        for (ns, dev, addr) in [(&link.source_ns, &a, Self::SOURCE_ADDR), (&link.dest_ns, &b, Self::DEST_ADDR)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let out = Command::new("ip")
+            .args(["netns", "exec", &link.source_ns, "tc", "qdisc", "add", "dev", &a, "root", "tbf"])
+            .args(["rate", &format!("{mbit}mbit"), "burst", "256kbit", "latency", "50ms"])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("tc tbf: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
+        }
+        Ok(link)
+    }
+
+    fn net(&self) -> Net {
+        Net {
+            source_ns: Some(self.source_ns.clone()),
+            dest_ns: Some(self.dest_ns.clone()),
+            dest_host: Self::DEST_ADDR.into(),
+        }
+    }
+}
+
+impl Drop for ShapedLink {
+    fn drop(&mut self) {
+        for ns in [&self.source_ns, &self.dest_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
 }
 
 impl Rsync {
-    fn start(root: &Path) -> Result<Self> {
+    fn start(root: &Path, net: &Net) -> Result<Self> {
         install_if_missing()?;
         let dir = root.join("ssh");
         std::fs::create_dir_all(&dir)?;
@@ -602,15 +719,17 @@ impl Rsync {
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                "Port {port}\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n",
+                net.dest_host,
                 dir.join("host_key").display(),
                 dir.join("authorized_keys").display(),
                 dir.join("sshd.pid").display()
             ),
         )?;
         std::fs::create_dir_all("/run/sshd")?;
-        let sshd = Command::new("/usr/sbin/sshd")
+        let sshd = net
+            .dest_command("/usr/sbin/sshd")
             .arg("-D")
             .arg("-f")
             .arg(&config)
@@ -629,8 +748,15 @@ impl Rsync {
                 remote_usage.display().to_string()
             ),
         )?;
-        let rsync =
-            Self { sshd, port, key: dir.join("client_key"), target: root.join("rsync-target"), wrapper, remote_usage };
+        let rsync = Self {
+            sshd,
+            port,
+            key: dir.join("client_key"),
+            target: root.join("rsync-target"),
+            wrapper,
+            remote_usage,
+            net: net.clone(),
+        };
         // Wait for sshd to answer (slow to start on a loaded machine).
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -661,8 +787,8 @@ impl Rsync {
     }
 
     fn ssh_command(&self) -> Command {
-        let mut command = Command::new("ssh");
-        command.args(self.ssh_args()).arg(format!("{}@127.0.0.1", user()));
+        let mut command = self.net.source_command("ssh");
+        command.args(self.ssh_args()).arg(format!("{}@{}", user(), self.net.dest_host));
         command
     }
 
@@ -670,11 +796,13 @@ impl Rsync {
         let _ = std::fs::remove_file(&self.remote_usage);
         let cpu_children = children_cpu();
         let started = Instant::now();
-        let child = Command::new("rsync")
+        let child = self
+            .net
+            .source_command("rsync")
             .args(["-aH", "--stats", "-e", &format!("ssh {}", self.ssh_args().join(" "))])
             .arg(format!("--rsync-path=python3 {} rsync", self.wrapper.display()))
             .arg(format!("{}/", source.display()))
-            .arg(format!("{}@127.0.0.1:{}/", user(), self.target.display()))
+            .arg(format!("{}@{}:{}/", user(), self.net.dest_host, self.target.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -757,11 +885,16 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     let _ = writeln!(out, "# ferry benchmarks\n");
     let _ = writeln!(
         out,
-        "Made by `ferry-bench --files {} --seed {}` on {machine} ({cores} cores), loopback; \
+        "Made by `ferry-bench --files {} --seed {}{}` on {machine} ({cores} cores), {}; \
          {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
-         `rsync -aH --stats` over ssh to an sshd on 127.0.0.1.\n",
+         `rsync -aH --stats` over ssh to an sshd on the destination's side.\n",
         args.files,
         args.seed,
+        args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
+        args.shaped.map_or("loopback".to_owned(), |mbit| format!(
+            "through a veth pair between two network namespaces, the source's way out shaped by `tc tbf` to \
+             {mbit} Mbit/s with a 50 ms queue"
+        )),
         bytes as f64 / 1048576.0
     );
     let _ = writeln!(
