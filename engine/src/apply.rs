@@ -131,6 +131,10 @@ pub struct ApplyReport {
     /// Wall time.
     #[serde(serialize_with = "crate::serialize_millis")]
     pub duration: Duration,
+    /// Of `duration`, the time spent waiting for the disk: the syncs of the target's filesystem,
+    /// of large files and of the chunk index.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub sync_wait: Duration,
 }
 
 /// An apply that had to stop: the target keeps every file either old or new, never torn.
@@ -300,7 +304,9 @@ impl<'a> Applier<'a> {
     /// durably: after a crash, what was written here is found in the index and not fetched again.
     pub fn flush_batch(&mut self) -> Result<(), ApplyError> {
         self.flush()?;
+        let started = Instant::now();
         self.index.sync()?;
+        self.report.sync_wait += started.elapsed();
         Ok(())
     }
 
@@ -313,8 +319,10 @@ impl<'a> Applier<'a> {
         self.flush()?;
         self.delete_deferred()?;
         let shown = self.root.path().display().to_string();
+        let started = Instant::now();
         rustix::fs::syncfs(self.root.fd()).map_err(io_err("sync", &shown))?;
         self.index.sync()?;
+        self.report.sync_wait += started.elapsed();
         let _ = rustix::fs::unlinkat(self.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
         // Creating and removing the staging folder moved the target's own mtime: put it back.
         if let Some(mtime_ns) = self.root_mtime {
@@ -909,7 +917,9 @@ impl Applier<'_> {
             }
             offset += u64::from(chunk.len);
             if shared.is_some() && offset - synced >= LARGE_FILE_SYNC {
+                let started = Instant::now();
                 rustix::fs::fdatasync(&file).map_err(io_err("sync", &shown))?;
+                self.report.sync_wait += started.elapsed();
                 synced = offset;
             }
         }
@@ -1028,7 +1038,9 @@ impl Applier<'_> {
     fn flush(&mut self) -> Result<(), ApplyError> {
         let batch = std::mem::take(&mut self.batch);
         if !batch.staged.is_empty() {
+            let started = Instant::now();
             rustix::fs::syncfs(&self.staging).map_err(io_err("sync", self.root.path().display()))?;
+            self.report.sync_wait += started.elapsed();
         }
         for staged in &batch.staged {
             let dir = self.parent_dir_or_fail(&staged.path)?;

@@ -888,6 +888,13 @@ fn destination_round(
     }
     send(Message::Done)?;
     let report = applier.finish()?;
+    tracing::info!(
+        "applied {} files ({}) in {:.1} s, {:.1} s of it waiting for the disk's syncs",
+        report.files_written,
+        crate::human::bytes(report.bytes_written),
+        report.duration.as_secs_f64(),
+        report.sync_wait.as_secs_f64()
+    );
     let root = committed.finish()?;
     std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
     let _ = std::fs::remove_file(&changes_path);

@@ -173,6 +173,8 @@ fn generated_tree_through_days_and_a_fresh_export() {
         }
         let report = pair.round(&LocalRoundOptions::default());
         assert_eq!(report.apply.failure_count, 0, "{:?}", report.apply.failures);
+        // The round ends with a sync of the target: its wait is counted, and is part of the round.
+        assert!(!report.apply.sync_wait.is_zero() && report.apply.sync_wait <= report.apply.duration, "{report:?}");
         assert_same_tree(&pair.source(), &pair.target(), |p| allowed(&kept, p));
         if day == 3 {
             // Same bytes, new mtimes: nothing to copy, only metadata to set.
