@@ -304,9 +304,7 @@ impl<'a> Applier<'a> {
     /// durably: after a crash, what was written here is found in the index and not fetched again.
     pub fn flush_batch(&mut self) -> Result<(), ApplyError> {
         self.flush()?;
-        let started = Instant::now();
-        self.index.sync()?;
-        self.report.sync_wait += started.elapsed();
+        waiting(&mut self.report.sync_wait, || self.index.sync())?;
         Ok(())
     }
 
@@ -319,10 +317,8 @@ impl<'a> Applier<'a> {
         self.flush()?;
         self.delete_deferred()?;
         let shown = self.root.path().display().to_string();
-        let started = Instant::now();
-        rustix::fs::syncfs(self.root.fd()).map_err(io_err("sync", &shown))?;
-        self.index.sync()?;
-        self.report.sync_wait += started.elapsed();
+        waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(self.root.fd())).map_err(io_err("sync", &shown))?;
+        waiting(&mut self.report.sync_wait, || self.index.sync())?;
         let _ = rustix::fs::unlinkat(self.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
         // Creating and removing the staging folder moved the target's own mtime: put it back.
         if let Some(mtime_ns) = self.root_mtime {
@@ -917,9 +913,7 @@ impl Applier<'_> {
             }
             offset += u64::from(chunk.len);
             if shared.is_some() && offset - synced >= LARGE_FILE_SYNC {
-                let started = Instant::now();
-                rustix::fs::fdatasync(&file).map_err(io_err("sync", &shown))?;
-                self.report.sync_wait += started.elapsed();
+                waiting(&mut self.report.sync_wait, || rustix::fs::fdatasync(&file)).map_err(io_err("sync", &shown))?;
                 synced = offset;
             }
         }
@@ -1038,9 +1032,8 @@ impl Applier<'_> {
     fn flush(&mut self) -> Result<(), ApplyError> {
         let batch = std::mem::take(&mut self.batch);
         if !batch.staged.is_empty() {
-            let started = Instant::now();
-            rustix::fs::syncfs(&self.staging).map_err(io_err("sync", self.root.path().display()))?;
-            self.report.sync_wait += started.elapsed();
+            waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(&self.staging))
+                .map_err(io_err("sync", self.root.path().display()))?;
         }
         for staged in &batch.staged {
             let dir = self.parent_dir_or_fail(&staged.path)?;
@@ -1090,6 +1083,14 @@ impl Applier<'_> {
         self.local_file = None;
         Ok(())
     }
+}
+
+/// Runs `sync` (a wait for the disk), adding how long it took to `total`.
+fn waiting<T>(total: &mut Duration, sync: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let result = sync();
+    *total += started.elapsed();
+    result
 }
 
 /// Raises the soft limit on open files to the hard limit (at most 65536); returns the limit in force.

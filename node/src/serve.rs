@@ -303,8 +303,15 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             let Some(message) = next else { break };
             order.handle(&message)?;
             // The window learns at once what will not come: a large file being built waits in it.
+            // `Missing` is only the window's business; the round thread also ends on a stop or a failure.
+            let message = match message {
+                Message::Missing(hashes) => {
+                    control_window.missing(hashes);
+                    continue;
+                }
+                message => message,
+            };
             match &message {
-                Message::Missing(hashes) => control_window.missing(hashes.clone()),
                 Message::Stop { batches, .. } => control_window.stopped(*batches),
                 Message::Failed { reason } => control_window.fail(format!("the source gave up: {reason}")),
                 _ => {}
@@ -652,7 +659,7 @@ impl Window {
             if state.batches != progress.1 {
                 progress = (Instant::now(), state.batches);
             } else if progress.0.elapsed() > stall_timeout {
-                let error = format!("no chunk arrived for {} s", stall_timeout.as_secs());
+                let error = stalled(stall_timeout);
                 state.error = Some(error.clone());
                 self.changed.notify_all();
                 return Err(FetchError(error));
@@ -687,21 +694,12 @@ impl ChunkSource for WindowSource {
                 out.extend_from_slice(data);
                 Ok(Fetched::Verified)
             }
-            // Read back from a file: the applier checks it again.
             Stored::Spilled { offset, len } => {
-                use std::os::unix::fs::FileExt;
                 let file = state.spill.file.as_ref().ok_or_else(|| FetchError("the spill file is gone".into()))?;
-                out.resize(*len as usize, 0);
-                file.read_exact_at(out, *offset).map_err(|e| FetchError(format!("reading the spill file: {e}")))?;
-                Ok(Fetched::Unchecked)
+                read_back(file, *offset, *len, out).map_err(|e| FetchError(format!("reading the spill file: {e}")))
             }
-            Stored::Written { file, offset, len } => {
-                use std::os::unix::fs::FileExt;
-                out.resize(*len as usize, 0);
-                file.read_exact_at(out, *offset)
-                    .map_err(|e| FetchError(format!("reading back a chunk of a file being built: {e}")))?;
-                Ok(Fetched::Unchecked)
-            }
+            Stored::Written { file, offset, len } => read_back(file, *offset, *len, out)
+                .map_err(|e| FetchError(format!("reading back a chunk of a file being built: {e}"))),
         }
     }
 
@@ -723,6 +721,14 @@ impl ChunkSource for WindowSource {
         };
         *stored = Stored::Written { file: file.clone(), offset, len };
     }
+}
+
+/// Reads a chunk back from a file it was written to: the applier checks it again.
+fn read_back(file: &std::fs::File, offset: u64, len: u32, out: &mut Vec<u8>) -> std::io::Result<Fetched> {
+    use std::os::unix::fs::FileExt;
+    out.resize(len as usize, 0);
+    file.read_exact_at(out, offset)?;
+    Ok(Fetched::Unchecked)
 }
 
 /// The paths of a job's state on the destination.
@@ -1140,7 +1146,9 @@ fn transfer(
         // A large file's wait ends early when the data streams fail or nothing comes for the stall
         // deadline: the round is cut there, not counted complete without that file.
         if let Some(error) = window.error() {
-            break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
+            // A `Failed` from the source also fails the window: its own words end the round.
+            break source_messages(inbox, window)?
+                .unwrap_or_else(|| TransferEnd::Cut(format!("receiving chunks failed: {error}")));
         }
         // Applied chunks stay in memory (and count) until they are durable in the target.
         let flush_due = last_flush.elapsed() > Duration::from_millis(500) || applied_bytes >= FLUSH_BYTES;
@@ -1167,7 +1175,7 @@ fn transfer(
         if seen != last_progress.1 || progressed {
             last_progress = (Instant::now(), seen);
         } else if last_progress.0.elapsed() > stall_timeout {
-            break TransferEnd::Cut(format!("no chunk arrived for {} s", stall_timeout.as_secs()));
+            break TransferEnd::Cut(stalled(stall_timeout));
         }
         let _ = window
             .changed
@@ -1183,38 +1191,37 @@ fn transfer(
     Ok(end)
 }
 
-/// Handles what the source sent on the control stream during the transfer: chunks it cannot read,
-/// a stop, a failure.
+/// Why a transfer ended when nothing came for `stall_timeout`.
+fn stalled(stall_timeout: Duration) -> String {
+    format!("no chunk arrived for {} s", stall_timeout.as_secs())
+}
+
+/// Handles what the source sent on the control stream during the transfer: a stop, a failure. (Chunks
+/// it cannot read go straight to the window, see `round`.)
 fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyhow::Result<Option<TransferEnd>> {
-    loop {
-        let message = match inbox.try_recv() {
-            Ok(message) => message,
-            Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
-            Err(mpsc::error::TryRecvError::Disconnected) => {
-                return Ok(Some(TransferEnd::Cut("the connection closed during the transfer".into())));
-            }
-        };
-        match message {
-            // Already handed to the window by the control task (see `round`).
-            Message::Missing(_) => {}
-            Message::Stop { reason, batches } => {
-                // The batches the source sent before stopping are on their way on other streams.
-                let deadline = Instant::now() + Duration::from_secs(30);
-                let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-                while state.batches < batches && state.error.is_none() && Instant::now() < deadline {
-                    state = window
-                        .changed
-                        .wait_timeout(state, Duration::from_millis(200))
-                        .map_err(|_| anyhow!("window lock poisoned"))?
-                        .0;
-                }
-                return Ok(Some(TransferEnd::Stopped(reason)));
-            }
-            Message::Failed { reason } => {
-                return Ok(Some(TransferEnd::Cut(format!("the source gave up: {reason}"))));
-            }
-            other => bail!("unexpected {other:?} during the transfer"),
+    let message = match inbox.try_recv() {
+        Ok(message) => message,
+        Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+        Err(mpsc::error::TryRecvError::Disconnected) => {
+            return Ok(Some(TransferEnd::Cut("the connection closed during the transfer".into())));
         }
+    };
+    match message {
+        Message::Stop { reason, batches } => {
+            // The batches the source sent before stopping are on their way on other streams.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+            while state.batches < batches && state.error.is_none() && Instant::now() < deadline {
+                state = window
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(200))
+                    .map_err(|_| anyhow!("window lock poisoned"))?
+                    .0;
+            }
+            Ok(Some(TransferEnd::Stopped(reason)))
+        }
+        Message::Failed { reason } => Ok(Some(TransferEnd::Cut(format!("the source gave up: {reason}")))),
+        other => bail!("unexpected {other:?} during the transfer"),
     }
 }
 

@@ -6,6 +6,8 @@
 //!   as a fresh export (same bytes, new mtimes). Seeded, so every run makes the same tree.
 //! - [`UdpProxy`] impairs a UDP link (delay, loss, duplication, reordering, blackouts, NAT rebinding)
 //!   and counts its bytes, for the network fault tests.
+//! - [`ShapedLink`]: two network namespaces joined by a veth pair shaped by `tc tbf` (root), for the
+//!   shaped-link test and `ferry-bench --shaped`.
 //! - `evil` (feature `evil`): a peer on a real QUIC connection that sends any message sequence or
 //!   bytes, for the hostile-peer tests.
 //! - [`snapshot`] and [`compare_trees`] check that two trees are identical in content, kind, mode,
@@ -27,8 +29,10 @@ mod compare;
 #[cfg(feature = "evil")]
 pub mod evil;
 mod generate;
+mod netns;
 mod proxy;
 
 pub use compare::{Node, NodeKind, Snapshot, compare_trees, snapshot};
 pub use generate::{DayChanges, TreeGenerator, TreeSpec};
+pub use netns::ShapedLink;
 pub use proxy::{Impairment, UdpProxy};

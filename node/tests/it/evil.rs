@@ -379,11 +379,14 @@ async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
     let started = Instant::now();
     // The half that came is written into the file while the rest is awaited (not held back until
     // the file is complete): the daemon's write calls grow by at least that much.
-    if let Some(before) = before {
-        while written(pid).unwrap_or(0) < before + (96 << 16) {
-            assert!(started.elapsed() < Duration::from_secs(3), "the arrived half was not written while waiting");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    match before {
+        Some(before) => {
+            while written(pid).unwrap_or(0) < before + (96 << 16) {
+                assert!(started.elapsed() < Duration::from_secs(3), "the arrived half was not written while waiting");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
+        None => eprintln!("SKIPPED (one check): /proc/{pid}/io is not readable here"),
     }
     let reason = evil.closed(LIMIT).await.unwrap();
     assert!(reason.contains("no chunk arrived for 3 s"), "{reason}");

@@ -5,74 +5,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ferry_testkit::ShapedLink;
+
 use crate::network::{Daemon, Node};
 use crate::util::{assert_same_tree, is_root, random_bytes, write};
-
-/// Two namespaces and the veth between them, removed when dropped.
-struct Link {
-    source: String,
-    dest: String,
-    device: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl Link {
-    /// `10.77.0.1` (source) and `10.77.0.2` (destination), the source's way out at `rate`.
-    /// `None` when this machine does not let the test make namespaces (a container without the right).
-    fn new(rate: &str) -> Option<Self> {
-        let id = std::process::id();
-        let link = Self { source: format!("ferry-{id}-s"), dest: format!("ferry-{id}-d"), device: format!("fs{id}") };
-        let peer = format!("fd{id}");
-        if !Command::new("ip").args(["netns", "add", &link.source]).status().is_ok_and(|s| s.success()) {
-            return None;
-        }
-        ip(&["netns", "add", &link.dest]);
-        ip(&["link", "add", &link.device, "type", "veth", "peer", "name", &peer]);
-        ip(&["link", "set", &link.device, "netns", &link.source]);
-        ip(&["link", "set", &peer, "netns", &link.dest]);
-        ip(&["-n", &link.source, "addr", "add", "10.77.0.1/24", "dev", &link.device]);
-        ip(&["-n", &link.dest, "addr", "add", "10.77.0.2/24", "dev", &peer]);
-        for (ns, dev) in [(&link.source, &link.device), (&link.dest, &peer)] {
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        let tc = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &link.source,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                &link.device,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-            ])
-            .args(["burst", "32kbit", "latency", "100ms"])
-            .status()
-            .unwrap();
-        assert!(tc.success(), "tc tbf");
-        Some(link)
-    }
-
-    fn set_up(&self, up: bool) {
-        ip(&["-n", &self.source, "link", "set", &self.device, if up { "up" } else { "down" }]);
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.source]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.dest]).status();
-    }
-}
 
 #[test]
 fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
@@ -80,19 +16,17 @@ fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
         eprintln!("SKIPPED: the network-namespace test needs root, ip and tc");
         return;
     }
-    let Some(link) = Link::new("20mbit") else {
+    let Some(link) = ShapedLink::create(20, Duration::from_millis(100)).unwrap() else {
         eprintln!("SKIPPED: cannot create a network namespace here (ip netns add failed)");
         return;
     };
     let dir = tempfile::Builder::new().prefix("ferry-netns-").tempdir().unwrap();
     let (source, dest) = (Node::init(dir.path(), "source-node"), Node::init(dir.path(), "dest-node"));
     dest.ok(&["trust", &source.id, "--name", "source"]);
-    let netns = |ns: &str| ["ip", "netns", "exec", ns].map(str::to_owned);
-    let wrapper = netns(&link.dest);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_wrapped(&dest, &wrapper, &["--listen", "10.77.0.2:7373"]);
-    assert_eq!(daemon.addr, "10.77.0.2:7373");
-    source.ok(&["trust", &dest.id, "--name", "dest", "--addr", "10.77.0.2:7373"]);
+    let addr = format!("{}:7373", ShapedLink::DEST_ADDR);
+    let daemon = Daemon::start_wrapped(&dest, &["ip", "netns", "exec", link.dest_ns()], &["--listen", &addr]);
+    assert_eq!(daemon.addr, addr);
+    source.ok(&["trust", &dest.id, "--name", "dest", "--addr", &addr]);
     let (tree, target) = (dir.path().join("export"), dir.path().join("migration"));
     let mut bytes = 0;
     for i in 0..12 {
@@ -103,12 +37,8 @@ fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
     dest.ok(&["job", "add", "zimbra", "--path", target.to_str().unwrap(), "--peer", "source"]);
     source.ok(&["job", "add", "zimbra", "--path", tree.to_str().unwrap(), "--peer", "dest"]);
     let sync = |extra: &[&str]| {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &link.source])
-            .arg(crate::util::ferry_bin())
-            .arg("--config-dir")
-            .arg(&source.config);
+        let mut command = ShapedLink::exec(link.source_ns(), crate::util::ferry_bin());
+        command.arg("--config-dir").arg(&source.config);
         command.args(["sync", "--round", "zimbra", "--json"]).args(extra);
         command
     };
@@ -132,9 +62,9 @@ fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
     let mut child =
         sync(&[]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    link.set_up(false);
+    link.set_up(false).unwrap();
     std::thread::sleep(Duration::from_secs(4));
-    link.set_up(true);
+    link.set_up(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the round did not finish after the link came back");

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_testkit::{TreeGenerator, TreeSpec};
+use ferry_testkit::{ShapedLink, TreeGenerator, TreeSpec};
 
 fn main() {
     if let Err(e) = run() {
@@ -111,6 +111,8 @@ struct Measure {
     cpu_recv: f64,
     /// ferry only: of `wall`, the source's scan (its report's `scan_ms`).
     scan: Option<Duration>,
+    /// ferry only: how long the destination waited for its disk's syncs (from its log).
+    sync_wait: Option<Duration>,
     /// Peak RSS in KiB of each side.
     rss_send: u64,
     rss_recv: u64,
@@ -146,10 +148,13 @@ fn run() -> Result<()> {
 
     // Kept until the end of the run: dropping it removes the namespaces.
     let link = match args.shaped {
-        Some(mbit) => Some(ShapedLink::create(mbit)?),
+        Some(mbit) => Some(
+            ShapedLink::create(mbit, Duration::from_millis(50))?
+                .ok_or("--shaped: cannot create network namespaces here (root is needed)")?,
+        ),
         None => None,
     };
-    let net = link.as_ref().map_or_else(Net::loopback, ShapedLink::net);
+    let net = link.as_ref().map_or_else(Net::loopback, Net::across);
     let mut ferry = FerryPair::start(&args.ferry, &root, &source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
     if args.wan {
@@ -488,6 +493,8 @@ fn descendants(pid: u32) -> Vec<u32> {
 /// Two ferry nodes: a daemon and the source's config.
 struct FerryPair {
     bin: PathBuf,
+    /// The daemon's log (its stderr).
+    daemon_log: PathBuf,
     net: Net,
     source_node: PathBuf,
     daemon: Child,
@@ -517,7 +524,7 @@ impl FerryPair {
             .arg(&dst)
             .args(["serve", "--listen", &format!("{}:0", net.dest_host)])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(root.join("ferry-dest.log"))?)
             .spawn()?;
         let mut line = String::new();
         std::io::BufRead::read_line(
@@ -529,6 +536,7 @@ impl FerryPair {
         ferry(&src, &["job", "add", "bench", "--path", &source.to_string_lossy(), "--peer", "dest"])?;
         Ok(Self {
             bin: bin.to_owned(),
+            daemon_log: root.join("ferry-dest.log"),
             net: net.clone(),
             source_node: src,
             daemon,
@@ -536,6 +544,15 @@ impl FerryPair {
             daemon_id: dst_id,
             congestion: "cubic".into(),
         })
+    }
+
+    /// The destination's wait for its syncs in the last round, from its log line "applied N files (B) in
+    /// S s, W s of it waiting for the disk's syncs".
+    fn last_sync_wait(&self) -> Option<Duration> {
+        let log = std::fs::read_to_string(&self.daemon_log).ok()?;
+        let line = log.lines().rev().find(|l| l.ends_with("s of it waiting for the disk's syncs"))?;
+        let seconds = line.rsplit(", ").next()?.split_whitespace().next()?.parse().ok()?;
+        Some(Duration::from_secs_f64(seconds))
     }
 
     /// Sends the source's rounds to `addr` (a proxy in front of the daemon).
@@ -577,6 +594,7 @@ impl FerryPair {
         Ok(Measure {
             wall,
             scan,
+            sync_wait: self.last_sync_wait(),
             cpu_send: children_cpu() - cpu_children,
             cpu_recv: process_cpu(daemon) - cpu_daemon,
             rss_send,
@@ -618,14 +636,18 @@ impl Net {
         Self { source_ns: None, dest_ns: None, dest_host: "127.0.0.1".into() }
     }
 
+    /// Each side in its own namespace of `link`.
+    fn across(link: &ShapedLink) -> Self {
+        Self {
+            source_ns: Some(link.source_ns().to_owned()),
+            dest_ns: Some(link.dest_ns().to_owned()),
+            dest_host: ShapedLink::DEST_ADDR.into(),
+        }
+    }
+
     fn command(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
         match ns {
-            Some(ns) => {
-                // `ip netns exec` execs the program: the child's PID is the program's.
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns]).arg(program);
-                command
-            }
+            Some(ns) => ShapedLink::exec(ns, program),
             None => Command::new(program),
         }
     }
@@ -636,65 +658,6 @@ impl Net {
 
     fn dest_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         Self::command(self.dest_ns.as_deref(), program)
-    }
-}
-
-/// Two network namespaces joined by a veth pair, the source's way out shaped by `tc tbf` (a 50 ms
-/// queue). Removed when dropped.
-struct ShapedLink {
-    source_ns: String,
-    dest_ns: String,
-}
-
-impl ShapedLink {
-    const SOURCE_ADDR: &str = "10.78.0.1";
-    const DEST_ADDR: &str = "10.78.0.2";
-
-    fn create(mbit: u32) -> Result<Self> {
-        let id = std::process::id();
-        let link = Self { source_ns: format!("ferry-bench-src-{id}"), dest_ns: format!("ferry-bench-dst-{id}") };
-        let (a, b) = (format!("fbs{id}"), format!("fbd{id}"));
-        let ip = |args: &[&str]| -> Result<()> {
-            let out = Command::new("ip").args(args).output()?;
-            if !out.status.success() {
-                return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()).into());
-            }
-            Ok(())
-        };
-        ip(&["netns", "add", &link.source_ns])?;
-        ip(&["netns", "add", &link.dest_ns])?;
-        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
-        ip(&["link", "set", &a, "netns", &link.source_ns])?;
-        ip(&["link", "set", &b, "netns", &link.dest_ns])?;
-        for (ns, dev, addr) in [(&link.source_ns, &a, Self::SOURCE_ADDR), (&link.dest_ns, &b, Self::DEST_ADDR)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        let out = Command::new("ip")
-            .args(["netns", "exec", &link.source_ns, "tc", "qdisc", "add", "dev", &a, "root", "tbf"])
-            .args(["rate", &format!("{mbit}mbit"), "burst", "256kbit", "latency", "50ms"])
-            .output()?;
-        if !out.status.success() {
-            return Err(format!("tc tbf: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
-        }
-        Ok(link)
-    }
-
-    fn net(&self) -> Net {
-        Net {
-            source_ns: Some(self.source_ns.clone()),
-            dest_ns: Some(self.dest_ns.clone()),
-            dest_host: Self::DEST_ADDR.into(),
-        }
-    }
-}
-
-impl Drop for ShapedLink {
-    fn drop(&mut self) {
-        for ns in [&self.source_ns, &self.dest_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
     }
 }
 
@@ -830,6 +793,7 @@ impl Rsync {
             rss_recv: usage.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             wire: number("Total bytes sent:") + number("Total bytes received:"),
             scan: None,
+            sync_wait: None,
         })
     }
 }
@@ -903,20 +867,22 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
          data; ferry makes every file durable (fsync/syncfs) before it counts as done, rsync does not. \
          Wire bytes: ferry counts its UDP payloads both ways (QUIC headers and acknowledgements included); \
          rsync counts its own protocol bytes both ways (ssh's encryption and TCP/IP headers not included), \
-         which favours rsync. CPU: seconds of the sending side / the receiving side. RSS: peak MiB of the \
+         which favours rsync. Dest. sync wait: of the round, how long ferry's destination waited for its disk's \
+         syncs (from its log). CPU: seconds of the sending side / the receiving side. RSS: peak MiB of the \
          sending side / the receiving side.\n"
     );
     let _ = writeln!(
         out,
-        "| round | tool | wall s | of which scan s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
+        "| round | tool | wall s | of which scan s | dest. sync wait s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |out: &mut Vec<u8>, round: &str, tool: &str, m: &Measure, ratio: Option<(f64, f64)>| {
         let _ = writeln!(
             out,
-            "| {round} | {tool} | {:.2} | {} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
+            "| {round} | {tool} | {:.2} | {} | {} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
             m.wall.as_secs_f64(),
             m.scan.map_or(String::new(), |d| format!("{:.2}", d.as_secs_f64())),
+            m.sync_wait.map_or(String::new(), |d| format!("{:.1}", d.as_secs_f64())),
             files as f64 / m.wall.as_secs_f64().max(1e-9),
             m.cpu_send,
             m.cpu_recv,
