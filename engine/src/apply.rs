@@ -9,6 +9,8 @@
 //! [`ChunkSource`] hands in (hashed too). Files are staged in batches: one `syncfs` makes a whole batch
 //! durable, then each file is renamed over its final path. A final path therefore always holds either
 //! the old file or the complete new one, at the cost of one sync per batch instead of one per file.
+//! A batch's sync runs on another thread while the next batch is staged ([`Applier::begin_flush`]);
+//! the batch is renamed into place once its sync is done, before the next sync begins.
 //! Folders' modes and mtimes are set after their contents are in place.
 //!
 //! Destination-only content (anything the old manifest does not list) is never removed. A path the
@@ -259,9 +261,10 @@ impl<'a> Applier<'a> {
             source: e,
         })?;
         let staging = open_staging(&root)?;
-        // Each file of a batch keeps its descriptor open until the batch's sync.
+        // Each file of a batch keeps its descriptor open until the batch's sync, and two batches can be
+        // open at once (one syncing, one staging).
         let options =
-            ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 2).max(1), ..options.clone() };
+            ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 4).max(1), ..options.clone() };
         Ok(Applier {
             root,
             staging,
@@ -274,6 +277,7 @@ impl<'a> Applier<'a> {
             started: Instant::now(),
             stack: Vec::new(),
             batch: Batch::default(),
+            syncing: None,
             next_tmp: 0,
             buf: Vec::new(),
             local_file: None,
@@ -306,6 +310,19 @@ impl<'a> Applier<'a> {
         self.flush()?;
         waiting(&mut self.report.sync_wait, || self.index.sync())?;
         Ok(())
+    }
+
+    /// Like [`Applier::flush_batch`], without waiting for the disk: finishes the flush the previous
+    /// call began (its batch renamed into place and its chunks recorded in the index, durably), then
+    /// begins syncing what is staged now, on another thread, and returns while the next batch is
+    /// staged. Everything applied before the *previous* call is durable and visible when this returns.
+    pub fn begin_flush(&mut self) -> Result<(), ApplyError> {
+        let settled = self.syncing.is_some();
+        self.settle()?;
+        if settled {
+            waiting(&mut self.report.sync_wait, || self.index.sync())?;
+        }
+        self.start_sync()
     }
 
     /// Ends the apply: closes every folder, flushes, runs the deletions, syncs.
@@ -394,6 +411,12 @@ struct Staged {
     replaces: bool,
 }
 
+/// A batch whose `syncfs` runs on another thread while the next batch is staged.
+struct Syncing {
+    batch: Batch,
+    sync: std::thread::JoinHandle<Result<(), Errno>>,
+}
+
 #[derive(Default)]
 struct Batch {
     staged: Vec<Staged>,
@@ -416,6 +439,8 @@ pub struct Applier<'a> {
     started: Instant,
     stack: Vec<Frame>,
     batch: Batch,
+    /// The batch before `batch`, on its way to the disk; renamed into place before the next sync.
+    syncing: Option<Syncing>,
     next_tmp: u64,
     buf: Vec<u8>,
     local_file: Option<(RelPath, File)>,
@@ -762,7 +787,8 @@ impl Applier<'_> {
         self.batch.staged.push(Staged { tmp, unnamed, path: entry.path.clone(), chunks, is_file, replaces });
         self.mark_parent_dirty(&entry.path);
         if self.batch.staged.len() >= self.options.batch_files || self.batch.bytes >= self.options.batch_bytes {
-            self.flush()?;
+            self.settle()?;
+            self.start_sync()?;
         }
         Ok(())
     }
@@ -790,6 +816,10 @@ impl Applier<'_> {
     }
 
     fn stage_hard_link(&mut self, new: &Entry, leader: &RelPath, replaces: bool) -> Result<bool, ApplyError> {
+        if self.syncing.as_ref().is_some_and(|s| s.batch.by_path.contains_key(leader)) {
+            // The leader is staged but not in place yet: link to it once it is.
+            self.settle()?;
+        }
         let tmp = self.tmp_name();
         let linked = if let Some(&i) = self.batch.by_path.get(leader) {
             if !self.batch.staged[i].is_file {
@@ -1027,14 +1057,59 @@ impl Applier<'_> {
         }
     }
 
-    /// Makes the staged files durable with one sync, renames them into place, then sets the metadata
-    /// of the folders that are done and records the new chunks' places in the index.
+    /// Makes the staged files durable with one sync (after the batch already syncing, if any), renames
+    /// them into place, then sets the metadata of the folders that are done and records the new chunks'
+    /// places in the index.
     fn flush(&mut self) -> Result<(), ApplyError> {
+        self.settle()?;
         let batch = std::mem::take(&mut self.batch);
         if !batch.staged.is_empty() {
             waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(&self.staging))
                 .map_err(io_err("sync", self.root.path().display()))?;
         }
+        self.place_batch(batch)
+    }
+
+    /// Begins the sync of the current batch on another thread (the batch before it must be settled).
+    fn start_sync(&mut self) -> Result<(), ApplyError> {
+        debug_assert!(self.syncing.is_none(), "one batch syncs at a time");
+        if self.batch.staged.is_empty() {
+            // Folders' metadata only: nothing to wait for.
+            let batch = std::mem::take(&mut self.batch);
+            return self.place_batch(batch);
+        }
+        let shown = self.root.path().display().to_string();
+        let staging = self.staging.try_clone().map_err(|e| ApplyError::Io { op: "sync", path: shown, source: e })?;
+        let spawned = std::thread::Builder::new().name("ferry-sync".into()).spawn(move || rustix::fs::syncfs(&staging));
+        match spawned {
+            Ok(sync) => {
+                self.syncing = Some(Syncing { batch: std::mem::take(&mut self.batch), sync });
+                Ok(())
+            }
+            // No thread to spare: sync here and now.
+            Err(_) => self.flush(),
+        }
+    }
+
+    /// Waits for the batch that is syncing, if any, then renames it into place.
+    fn settle(&mut self) -> Result<(), ApplyError> {
+        let Some(Syncing { batch, sync }) = self.syncing.take() else {
+            return Ok(());
+        };
+        let shown = self.root.path().display().to_string();
+        match waiting(&mut self.report.sync_wait, || sync.join()) {
+            Ok(synced) => synced.map_err(io_err("sync", shown))?,
+            Err(_) => {
+                let source = io::Error::other("the sync thread panicked");
+                return Err(ApplyError::Io { op: "sync", path: shown, source });
+            }
+        }
+        self.place_batch(batch)
+    }
+
+    /// Renames a synced batch into place, sets the metadata of its folders and records its chunks'
+    /// places in the index.
+    fn place_batch(&mut self, batch: Batch) -> Result<(), ApplyError> {
         for staged in &batch.staged {
             let dir = self.parent_dir_or_fail(&staged.path)?;
             let name = name_of(&staged.path).os();

@@ -26,6 +26,9 @@ const WINDOW_MAX: u64 = 48 << 20;
 /// Applied chunk bytes that make a flush due before its time (so that a fast transfer does not wait
 /// for the clock to free memory).
 const FLUSH_BYTES: u64 = 16 << 20;
+/// How often a flush begins. What was applied is durable by the next one, so a crash of this node
+/// costs at most about twice this of the transfer.
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// How many entries wait for their chunks at most.
 const WINDOW_ENTRIES: usize = 20_000;
 /// A source that sends nothing for this long loses its round (`serve --stall-timeout`): a stalled
@@ -1086,8 +1089,9 @@ struct Waiting {
 
 /// The transfer, streamed: entries are planned ahead and their chunks asked for while at most
 /// `WINDOW_MAX` bytes (and `WINDOW_ENTRIES` entries) are in memory, asked for and not yet flushed; each entry is
-/// applied, in order, as soon as its chunks are in; every 500 ms what was applied is made durable
-/// (`flush_batch`) and its chunks leave memory. A stop or a cut keeps everything applied so far.
+/// applied, in order, as soon as its chunks are in; every `FLUSH_EVERY` what was applied begins its way
+/// to the disk (`begin_flush`), and its chunks leave memory once it is durable, at the next flush. A stop or a
+/// cut keeps everything applied so far.
 fn transfer(
     applier: &mut Applier<'_>,
     mut pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
@@ -1100,6 +1104,8 @@ fn transfer(
     let mut outstanding = 0u64;
     let mut planned_all = false;
     let (mut applied, mut applied_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
+    // Applied before the last flush began, durable once the next one begins.
+    let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
     let mut last_progress = (Instant::now(), 0u64);
     let end = loop {
@@ -1150,14 +1156,14 @@ fn transfer(
             break source_messages(inbox, window)?
                 .unwrap_or_else(|| TransferEnd::Cut(format!("receiving chunks failed: {error}")));
         }
-        // Applied chunks stay in memory (and count) until they are durable in the target.
-        let flush_due = last_flush.elapsed() > Duration::from_millis(500) || applied_bytes >= FLUSH_BYTES;
-        if flush_due || (planned_all && waiting.is_empty()) {
-            applier.flush_batch()?;
-            window.forget(&applied);
-            applied.clear();
-            outstanding -= applied_bytes;
-            applied_bytes = 0;
+        // Applied chunks stay in memory (and count) until they are durable in the target: the flush
+        // begun here makes what the previous one began durable, while the disk syncs this one.
+        if last_flush.elapsed() > FLUSH_EVERY || applied_bytes >= FLUSH_BYTES {
+            applier.begin_flush()?;
+            window.forget(&syncing);
+            outstanding -= syncing_bytes;
+            syncing = std::mem::take(&mut applied);
+            syncing_bytes = std::mem::take(&mut applied_bytes);
             last_flush = Instant::now();
         }
         if planned_all && waiting.is_empty() {

@@ -184,3 +184,28 @@ fn generated_tree_through_days_and_a_fresh_export() {
         kept.extend(ferry_testkit::snapshot(&pair.source(), &[]).unwrap());
     }
 }
+
+/// A batch is renamed into place only after its sync, which runs while the next batch is staged; a
+/// hard link whose leader is in the batch still syncing waits for it, and links to the new file (not
+/// to the old one still at that path).
+#[test]
+fn hard_links_to_files_of_the_batch_still_syncing() {
+    let pair = Pair::new();
+    let src = pair.source();
+    let mut options = LocalRoundOptions::default();
+    options.apply.batch_files = 1; // each file its own batch: every leader is still syncing
+    for round in 0..2u64 {
+        for i in 0..20u64 {
+            let leader = src.join(format!("d{i:02}/a"));
+            // Round 1 replaces each leader with a new file (new inode), so the link must move too.
+            let _ = std::fs::remove_file(&leader);
+            let _ = std::fs::remove_file(src.join(format!("d{i:02}/b")));
+            write(&leader, &random_bytes(3000 + i as usize, round * 100 + i));
+            std::fs::hard_link(&leader, src.join(format!("d{i:02}/b"))).unwrap();
+        }
+        let report = pair.round(&options);
+        assert_eq!(report.apply.failure_count, 0, "{:?}", report.apply.failures);
+        assert_eq!(report.apply.hard_links, 20);
+        assert_same_tree(&src, &pair.target(), |_| false);
+    }
+}
