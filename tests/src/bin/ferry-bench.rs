@@ -91,7 +91,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|bbr] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
+                     [--congestion cubic|lossy|bbr] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -378,7 +378,26 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
     });
     ferry.point_at(&proxy.addr().to_string())?;
     rustix::fs::sync();
-    let m = ferry.round()?;
+    // What reached the destination each second: where the link sat idle, or was not full.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (m, per_second) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut per_second = Vec::new();
+            let mut last = proxy.bytes().0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let now = proxy.bytes().0;
+                per_second.push((now - last) * 8 / 1_000_000);
+                last = now;
+            }
+            per_second
+        });
+        let m = ferry.round();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (m, sampler.join().unwrap_or_default())
+    });
+    let m = m?;
+    let per_second: Vec<String> = per_second.iter().map(u64::to_string).collect();
     let goodput = bytes as f64 * 8.0 / m.wall.as_secs_f64() / 1e6;
     // The link is idle while the source scans (reads and hashes) its tree: goodput after the scan.
     let after_scan = m.wall.saturating_sub(m.scan.unwrap_or_default());
@@ -388,7 +407,8 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
         "ferry's initial round through the UDP proxy as a 100 Mbit/s link, 50 ms RTT, {}% loss, 50 ms buffer \
          (`ferry-bench --wan --loss {} --congestion {} --files {}`): {files} files, {} MiB in {:.1} s: goodput {goodput:.1} Mbit/s, \
          {:.0}% of the link; after the scan ({:.1} s): {transfer_goodput:.1} Mbit/s, {:.0}% of the link; \
-         {} bytes through the proxy (to the destination {up}, back {down}), bytes_on_wire {}.\n",
+         {} bytes through the proxy (to the destination {up}, back {down}), bytes_on_wire {}.\n\
+         Mbit/s to the destination, second by second: {}.\n",
         args.loss,
         args.loss,
         args.congestion,
@@ -399,7 +419,8 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
         m.scan.unwrap_or_default().as_secs_f64(),
         transfer_goodput,
         up + down,
-        m.wire
+        m.wire,
+        per_second.join(" ")
     );
     print!("{out}");
     if let Some(path) = &args.write {
