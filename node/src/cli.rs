@@ -169,9 +169,10 @@ pub struct SyncArgs {
     /// LEDBAT): the round slows down as soon as the link's queue fills, instead of competing.
     #[arg(long, conflicts_with = "congestion")]
     pub low_priority: bool,
-    /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; bbr
-    /// keeps most of the rate of a link with random loss (radio, a bad line) but resends much more on
-    /// links with small buffers.
+    /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; for a
+    /// link with random loss (radio, a bad line), lossy (cubic that ignores a loss while the link's
+    /// queue is empty) keeps most of its rate, and bbr too, but bbr resends much more on links with
+    /// small buffers.
     #[arg(long, value_enum, value_name = "CONTROLLER", default_value = "cubic")]
     pub congestion: crate::net::Congestion,
     /// Network rounds: how often a run without a terminal (cron, systemd) logs its progress, with the

@@ -17,6 +17,7 @@ mod import;
 mod ledbat;
 mod limit;
 mod local;
+mod lossy;
 mod net;
 mod push;
 mod serve;

@@ -78,6 +78,9 @@ pub enum Congestion {
     /// Model-based (quinn's experimental BBR): keeps most of a lossy link's rate, but overshoots shallow
     /// buffers and sends much again (see BENCHMARKS.md).
     Bbr,
+    /// Cubic that takes a loss at an empty queue for noise: keeps a lossy link's rate without BBR's
+    /// overshoot, but is less fair to other flows behind a router that drops early (see `lossy.rs`).
+    Lossy,
     /// Delay-based, after LEDBAT: yields as soon as the link's queue fills. Chosen by `--low-priority`
     /// only, not offered twice on the command line.
     #[value(skip)]
@@ -108,6 +111,9 @@ pub(crate) async fn connect(
         Congestion::Cubic => {}
         Congestion::Bbr => {
             transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::Lossy => {
+            transport.congestion_controller_factory(Arc::new(crate::lossy::LossyConfig));
         }
         Congestion::LowPriority => {
             transport.congestion_controller_factory(Arc::new(crate::ledbat::LedbatConfig));
