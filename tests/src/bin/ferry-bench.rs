@@ -55,6 +55,8 @@ struct Args {
     loss: f64,
     /// `ferry sync --congestion`.
     congestion: String,
+    /// `--logs DIR`: keep both nodes' logs there (the source's appended round after round).
+    logs: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -71,6 +73,7 @@ fn parse_args() -> Result<Args> {
         wan: false,
         loss: 1.0,
         congestion: "cubic".into(),
+        logs: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -88,10 +91,11 @@ fn parse_args() -> Result<Args> {
             "--wan" => args.wan = true,
             "--loss" => args.loss = value()?.parse()?,
             "--congestion" => args.congestion = value()?,
+            "--logs" => args.logs = Some(value()?.into()),
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|lossy|bbr] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
+                     [--congestion cubic|lossy|bbr] [--logs DIR] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -157,6 +161,7 @@ fn run() -> Result<()> {
     let net = link.as_ref().map_or_else(Net::loopback, Net::across);
     let mut ferry = FerryPair::start(&args.ferry, &root, &source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
+    ferry.logs.clone_from(&args.logs);
     if args.wan {
         return wan(&args, &ferry, files, bytes);
     }
@@ -221,6 +226,7 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
     let bytes = mib.div_ceil(8) * (8 << 20);
     let mut ferry = FerryPair::start(&args.ferry, root, source, &Net::loopback())?;
     ferry.congestion.clone_from(&args.congestion);
+    ferry.logs.clone_from(&args.logs);
     let rsync = if args.rsync {
         Rsync::start(root, &Net::loopback()).map_err(|e| eprintln!("no rsync: {e}")).ok()
     } else {
@@ -294,6 +300,7 @@ fn memory(args: &Args, root: &Path) -> Result<()> {
         eprintln!("generated {files} small files in {:.1} s", started.elapsed().as_secs_f64());
         let mut ferry = FerryPair::start(&args.ferry, &dir, &source, &Net::loopback())?;
         ferry.congestion.clone_from(&args.congestion);
+        ferry.logs.clone_from(&args.logs);
         for round in ["initial", "no change"] {
             rustix::fs::sync();
             let m = ferry.round()?;
@@ -528,6 +535,8 @@ struct FerryPair {
     daemon_addr: String,
     daemon_id: String,
     congestion: String,
+    /// Where to keep the nodes' logs (`--logs`); otherwise the source's go nowhere.
+    logs: Option<PathBuf>,
 }
 
 impl FerryPair {
@@ -570,6 +579,7 @@ impl FerryPair {
             daemon_addr: addr,
             daemon_id: dst_id,
             congestion: "cubic".into(),
+            logs: None,
         })
     }
 
@@ -580,6 +590,14 @@ impl FerryPair {
         let line = log.lines().rev().find(|l| l.ends_with("s of it waiting for the disk's syncs"))?;
         let seconds = line.rsplit(", ").next()?.split_whitespace().next()?.parse().ok()?;
         Some(Duration::from_secs_f64(seconds))
+    }
+
+    /// Where `ferry sync` writes its log: appended to `--logs DIR`/ferry-source.log, or nowhere.
+    fn source_log(&self) -> Result<Stdio> {
+        let Some(dir) = &self.logs else { return Ok(Stdio::null()) };
+        std::fs::create_dir_all(dir)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("ferry-source.log"))?;
+        Ok(file.into())
     }
 
     /// Sends the source's rounds to `addr` (a proxy in front of the daemon).
@@ -608,7 +626,7 @@ impl FerryPair {
             .arg(&self.source_node)
             .args(["sync", "--round", "bench", "--json", "--congestion", &self.congestion])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(self.source_log()?)
             .spawn()?;
         let (out, rss_send) = wait_sampling(child)?;
         let wall = started.elapsed();
@@ -635,6 +653,9 @@ impl Drop for FerryPair {
     fn drop(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
+        if let Some(dir) = &self.logs {
+            let _ = std::fs::copy(&self.daemon_log, dir.join("ferry-dest.log"));
+        }
     }
 }
 
