@@ -1141,8 +1141,16 @@ fn transfer(
         // Apply what is ready, in order. A large file is applied as its chunks arrive: the applier
         // writes each one as soon as it is in (and waits for the next), so that the file is written
         // and synced while the rest of it is on the way, and its chunks do not pile up here.
+        // The loop yields when a flush is due: while chunks come as fast as they are applied, what was
+        // applied must still become durable and leave the window, and more be asked for, or the
+        // window runs dry and the link idles (for seconds, on the WAN bench).
         let mut progressed = false;
-        while waiting.front_mut().is_some_and(|w| w.bytes >= LARGE_FILE || window.holds_all(w)) {
+        let flush_due = |last_flush: Instant, applied_bytes: u64| {
+            last_flush.elapsed() > FLUSH_EVERY || applied_bytes >= FLUSH_BYTES
+        };
+        while !flush_due(last_flush, applied_bytes)
+            && waiting.front_mut().is_some_and(|w| w.bytes >= LARGE_FILE || window.holds_all(w))
+        {
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
@@ -1158,7 +1166,7 @@ fn transfer(
         }
         // Applied chunks stay in memory (and count) until they are durable in the target: the flush
         // begun here makes what the previous one began durable, while the disk syncs this one.
-        if last_flush.elapsed() > FLUSH_EVERY || applied_bytes >= FLUSH_BYTES {
+        if flush_due(last_flush, applied_bytes) {
             applier.begin_flush()?;
             window.forget(&syncing);
             outstanding -= syncing_bytes;
@@ -1169,8 +1177,9 @@ fn transfer(
         if planned_all && waiting.is_empty() {
             break TransferEnd::Complete;
         }
-        // Wait for chunks, unless there is room to plan more.
-        if progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
+        // Wait for chunks, unless some are ready (the loop above yielded) or there is room to plan more.
+        let ready = waiting.front_mut().is_some_and(|w| w.bytes >= LARGE_FILE || window.holds_all(w));
+        if ready || (progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES) {
             continue;
         }
         let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
