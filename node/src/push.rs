@@ -1314,7 +1314,7 @@ mod tests {
         let text_hash = ChunkHash::of(&text);
         let text_at = sent.iter().position(|batch| batch.contains(&text_hash)).expect("the text chunk was sent");
         assert_eq!(sent.len(), 7, "six BLOB batches and the text's: {sent:?}");
-        // Its batch is opened at 6 KiB read and overdue at 128 KiB more: after the second BLOB batch.
+        // Its batch opens at about 6 KiB read and is overdue 128 KiB later: after the second BLOB batch.
         assert_eq!(text_at, 2, "the text chunk went out in batch {text_at} of {}", sent.len());
     }
 }

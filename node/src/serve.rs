@@ -601,6 +601,11 @@ impl Window {
         }
     }
 
+    /// Whether `waiting` can be applied now: once its chunks are in, or, a large file, as they arrive.
+    fn can_apply(&self, waiting: &mut Waiting) -> bool {
+        waiting.bytes >= LARGE_FILE || self.holds_all(waiting)
+    }
+
     /// True when every one of `waiting`'s chunks has arrived or is known missing. Resumes where the
     /// last call stopped (a chunk that arrived stays until its entry is applied), so that a file of
     /// many chunks costs one look per chunk, not one per arrival.
@@ -1148,9 +1153,7 @@ fn transfer(
         let flush_due = |last_flush: Instant, applied_bytes: u64| {
             last_flush.elapsed() > FLUSH_EVERY || applied_bytes >= FLUSH_BYTES
         };
-        while !flush_due(last_flush, applied_bytes)
-            && waiting.front_mut().is_some_and(|w| w.bytes >= LARGE_FILE || window.holds_all(w))
-        {
+        while !flush_due(last_flush, applied_bytes) && waiting.front_mut().is_some_and(|w| window.can_apply(w)) {
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
@@ -1178,7 +1181,7 @@ fn transfer(
             break TransferEnd::Complete;
         }
         // Wait for chunks, unless some are ready (the loop above yielded) or there is room to plan more.
-        let ready = waiting.front_mut().is_some_and(|w| w.bytes >= LARGE_FILE || window.holds_all(w));
+        let ready = waiting.front_mut().is_some_and(|w| window.can_apply(w));
         if ready || (progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES) {
             continue;
         }

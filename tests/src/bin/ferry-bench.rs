@@ -55,7 +55,7 @@ struct Args {
     loss: f64,
     /// `ferry sync --congestion`.
     congestion: String,
-    /// `--logs DIR`: keep both nodes' logs there (the source's appended round after round).
+    /// `--logs DIR`: keep both nodes' logs there (appended, run after run).
     logs: Option<PathBuf>,
 }
 
@@ -653,8 +653,12 @@ impl Drop for FerryPair {
     fn drop(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
+        // Appended, like the source's: `--memory` runs two pairs.
         if let Some(dir) = &self.logs {
-            let _ = std::fs::copy(&self.daemon_log, dir.join("ferry-dest.log"));
+            let append = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("ferry-dest.log"));
+            if let (Ok(mut from), Ok(mut to)) = (std::fs::File::open(&self.daemon_log), append) {
+                let _ = std::io::copy(&mut from, &mut to);
+            }
         }
     }
 }
