@@ -110,6 +110,13 @@ impl ScanReport {
         }
     }
 
+    /// Adds the paths `other` skipped to this report's.
+    fn absorb_skips(&mut self, other: ScanReport) {
+        self.skipped_count += other.skipped_count;
+        let room = 100usize.saturating_sub(self.skipped.len());
+        self.skipped.extend(other.skipped.into_iter().take(room));
+    }
+
     fn skip(&mut self, path: &RelPath, why: impl std::fmt::Display) {
         tracing::warn!("skipped {path}: {why}");
         self.skipped_count += 1;
@@ -150,86 +157,138 @@ pub fn scan(
     let racy_after_ns = to_ns(SystemTime::now()) - 1_000_000_000;
     let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| ScanError::OpenRoot { path: root.display().to_string(), source: e.into() })?;
-    let mut walker = Walker::new(Arc::new(root_fd), cache_in);
+    let walker = Walker::new(Arc::new(root_fd), cache_in);
     let mut manifest = ManifestWriter::create(manifest_out)?;
     let mut cache = RecordWriter::<CacheRecord>::create(cache_out)?;
     let mut report = ScanReport::default();
     let mut names = OwnerNames::default();
     let mut hard_links: HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)> = HashMap::new();
 
-    loop {
-        let mut batch = Vec::with_capacity(options.batch);
-        while batch.len() < options.batch {
-            match walker.next_item(&mut report) {
-                Some(item) => batch.push(item),
-                None => break,
+    // Three stages, each on its own thread, so that they overlap: the walk (listing folders, reading
+    // the last scan's cache), the examination of each entry (stat, and reading what changed; in
+    // parallel), and here the writing of the new manifest and cache. Batches keep manifest order.
+    // When a stage stops (an error here), the channel it held closes and the stages before it stop.
+    let (walked_tx, walked_rx) = std::sync::mpsc::sync_channel::<Vec<WalkItem>>(2);
+    let (examined_tx, examined_rx) = std::sync::mpsc::sync_channel::<Vec<(WalkItem, Outcome)>>(2);
+    let written = std::thread::scope(|scope| {
+        let walk = scope.spawn(move || walk_in_batches(walker, options.batch, &walked_tx));
+        scope.spawn(move || {
+            for batch in walked_rx {
+                let outcomes: Vec<(WalkItem, Outcome)> = batch
+                    .into_par_iter()
+                    .map(|item| {
+                        let outcome = examine(&item, options);
+                        (item, outcome)
+                    })
+                    .collect();
+                if examined_tx.send(outcomes).is_err() {
+                    break;
+                }
             }
-        }
-        if batch.is_empty() {
-            break;
-        }
-        let outcomes: Vec<(WalkItem, Outcome)> = batch
-            .into_par_iter()
-            .map(|item| {
-                let outcome = examine(&item, options);
-                (item, outcome)
-            })
-            .collect();
-        for (item, outcome) in outcomes {
-            let record = match outcome {
-                Outcome::Found { mut entry, stat, was_read, bytes_read } => {
-                    if was_read {
-                        report.files_read += 1;
-                        report.bytes_read += bytes_read;
-                    }
-                    entry.user = names.user(entry.uid);
-                    entry.group = names.group(entry.gid);
-                    if entry.kind == EntryKind::File && stat.st_nlink > 1 {
-                        let key = (stat.st_dev, stat.st_ino);
-                        match hard_links.get(&key) {
-                            Some((leader, chunks)) => {
-                                entry.hard_link_to = Some(leader.clone());
-                                entry.chunks.clone_from(chunks);
-                            }
-                            None => {
-                                hard_links.insert(key, (entry.path.clone(), entry.chunks.clone()));
-                            }
-                        }
-                    }
-                    let ctime_ns = stat_ctime_ns(&stat);
-                    let trusted = entry.mtime_ns < racy_after_ns && ctime_ns < racy_after_ns;
-                    Some(CacheRecord { entry, ino: stat.st_ino, ctime_ns, trusted })
-                }
-                Outcome::Changed => {
-                    report.changed(&item.path);
-                    tracing::warn!("{} changed while it was read; it is left for the next round", item.path);
-                    item.cached.filter(|c| c.entry.kind == EntryKind::File).map(|c| CacheRecord { trusted: false, ..c })
-                }
-                Outcome::Vanished => None,
-                Outcome::Skipped(why) => {
-                    report.skip(&item.path, why);
-                    None
-                }
-                Outcome::Unreadable(why) => {
-                    report.skip(&item.path, &why);
-                    item.cached.map(|c| CacheRecord { trusted: false, ..c })
-                }
-            };
-            if let Some(record) = record {
-                report.entries += 1;
-                if record.entry.kind == EntryKind::File {
-                    report.files += 1;
-                    report.file_bytes += record.entry.size;
-                }
-                manifest.push(&record.entry)?;
-                cache.push(&record)?;
-            }
-        }
-    }
+        });
+        let mut state = WriteState {
+            report: &mut report,
+            names: &mut names,
+            hard_links: &mut hard_links,
+            manifest: &mut manifest,
+            cache: &mut cache,
+            racy_after_ns,
+        };
+        let written =
+            examined_rx.into_iter().flatten().try_for_each(|(item, outcome)| write_outcome(item, outcome, &mut state));
+        // The walk's own findings (folders it could not list) join the report.
+        let walked = walk.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        report.absorb_skips(walked);
+        written
+    });
+    written?;
     report.root_hash = Some(manifest.finish()?);
     cache.finish()?;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// The walk's stage: hands out batches of `batch` items in manifest order until the tree is walked or
+/// the next stage stops listening. Returns what it had to skip.
+fn walk_in_batches(mut walker: Walker, batch: usize, out: &std::sync::mpsc::SyncSender<Vec<WalkItem>>) -> ScanReport {
+    let mut report = ScanReport::default();
+    loop {
+        let mut items = Vec::with_capacity(batch);
+        while items.len() < batch {
+            match walker.next_item(&mut report) {
+                Some(item) => items.push(item),
+                None => break,
+            }
+        }
+        if items.is_empty() || out.send(items).is_err() {
+            return report;
+        }
+    }
+}
+
+/// What the writing stage keeps from one entry to the next.
+struct WriteState<'a> {
+    report: &'a mut ScanReport,
+    names: &'a mut OwnerNames,
+    /// The first path seen of each inode with more than one link, and its chunks.
+    hard_links: &'a mut HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)>,
+    manifest: &'a mut ManifestWriter,
+    cache: &'a mut RecordWriter<CacheRecord>,
+    racy_after_ns: i64,
+}
+
+/// Records what examining `item` found: in the manifest and the cache, or in the report.
+fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -> Result<(), ScanError> {
+    let report = &mut *state.report;
+    let record = match outcome {
+        Outcome::Found { mut entry, stat, was_read, bytes_read } => {
+            if was_read {
+                report.files_read += 1;
+                report.bytes_read += bytes_read;
+            }
+            entry.user = state.names.user(entry.uid);
+            entry.group = state.names.group(entry.gid);
+            if entry.kind == EntryKind::File && stat.st_nlink > 1 {
+                let key = (stat.st_dev, stat.st_ino);
+                match state.hard_links.get(&key) {
+                    Some((leader, chunks)) => {
+                        entry.hard_link_to = Some(leader.clone());
+                        entry.chunks.clone_from(chunks);
+                    }
+                    None => {
+                        state.hard_links.insert(key, (entry.path.clone(), entry.chunks.clone()));
+                    }
+                }
+            }
+            let ctime_ns = stat_ctime_ns(&stat);
+            let trusted = entry.mtime_ns < state.racy_after_ns && ctime_ns < state.racy_after_ns;
+            Some(CacheRecord { entry, ino: stat.st_ino, ctime_ns, trusted })
+        }
+        Outcome::Changed => {
+            report.changed(&item.path);
+            tracing::warn!("{} changed while it was read; it is left for the next round", item.path);
+            item.cached.filter(|c| c.entry.kind == EntryKind::File).map(|c| CacheRecord { trusted: false, ..c })
+        }
+        Outcome::Vanished => None,
+        Outcome::Skipped(why) => {
+            report.skip(&item.path, why);
+            None
+        }
+        Outcome::Unreadable(why) => {
+            report.skip(&item.path, &why);
+            item.cached.map(|c| CacheRecord { trusted: false, ..c })
+        }
+    };
+    if let Some(record) = record {
+        report.entries += 1;
+        if record.entry.kind == EntryKind::File {
+            report.files += 1;
+            report.file_bytes += record.entry.size;
+        }
+        state.manifest.push(&record.entry)?;
+        state.cache.push(&record)?;
+    }
+    Ok(())
 }
 
 fn to_ns(t: SystemTime) -> i64 {
