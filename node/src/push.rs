@@ -519,6 +519,14 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
 async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, Positions)> {
     let state = &prepared.state;
     let delta_base = session.base.filter(|b| Some(*b) == session.holds);
+    if delta_base.is_some_and(|b| b.root == prepared.new_root) {
+        // The tree is what the destination holds: no changes, and no need to read both manifests
+        // through to find none.
+        let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
+        net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
+        tracing::info!("0 changes sent (the tree is as in round {:?})", delta_base.map(|b| b.round));
+        return Ok((0, Positions::default()));
+    }
     let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);
     let base_path = delta_base.map(|_| state.base());
     let scanned_path = state.scanned();
