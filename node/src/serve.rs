@@ -9,9 +9,9 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
-    Applier, ApplyOptions, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry, EntryKind, FetchError,
-    Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader, RecordWriter,
-    ScanOptions,
+    Applier, ApplyOptions, ApplyReport, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry, EntryKind,
+    FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader,
+    RecordWriter, RootHash, ScanOptions,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -863,10 +863,20 @@ fn destination_round(
             None => bail!("the connection closed while receiving changes"),
         }
     };
+    let change_count = changes.count();
     changes.finish()?;
     if end.base.is_some() && end.base != holds {
         bail!("the source sent changes against round {:?}, but this node holds {holds:?}", end.base);
     }
+    // Nothing changed since the round this node holds, and it holds that round whole: its committed
+    // manifest is the source's tree already. Applying would only read, hash and rewrite every entry
+    // (most of a no-change round's time here). A staging folder left by a cut attempt takes the full
+    // path, which empties it.
+    let unchanged = change_count == 0
+        && end.base.is_some()
+        && holds.is_some_and(|h| h.root == end.root)
+        && state.manifest().exists()
+        && !job.path.join(ferry_engine::STAGING_DIR).exists();
 
     let open_pairs = || -> anyhow::Result<_> {
         let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if state.manifest().exists() {
@@ -876,6 +886,13 @@ fn destination_round(
         };
         Ok(patch(old, RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
     };
+
+    if unchanged && !dry_run {
+        let _ = std::fs::remove_file(&changes_path);
+        tracing::info!("nothing changed since round {}: its manifest stands", holds.map_or(0, |h| h.round));
+        send(Message::Done)?;
+        return commit_round(round, &state, holds, (end.root, end.root), ApplyReport::default(), import_mode, &send);
+    }
 
     // Before any data moves: does the round fit?
     let space = Space::of_round(open_pairs()?, &job.path)?;
@@ -902,6 +919,25 @@ fn destination_round(
     }
     send(Message::Done)?;
     let report = applier.finish()?;
+    let root = committed.finish()?;
+    std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
+    let _ = std::fs::remove_file(&changes_path);
+    commit_round(round, &state, holds, (root, end.root), report, import_mode, &send)
+}
+
+/// Ends a round whose files are all in place and durable, and whose manifest is committed: records
+/// it, tells the source, and runs the import. `(root, expected)`: the committed manifest's root hash
+/// and the source's (they differ when entries failed).
+fn commit_round(
+    round: &Round<'_>,
+    state: &TargetState,
+    holds: Option<RoundRef>,
+    (root, expected): (RootHash, RootHash),
+    report: ApplyReport,
+    import_mode: ferry_proto::ImportMode,
+    send: &impl Fn(Message) -> anyhow::Result<()>,
+) -> anyhow::Result<RoundEnd> {
+    let job = round.job;
     tracing::info!(
         "applied {} files ({}) in {:.1} s, {:.1} s of it waiting for the disk's syncs",
         report.files_written,
@@ -909,18 +945,15 @@ fn destination_round(
         report.duration.as_secs_f64(),
         report.sync_wait.as_secs_f64()
     );
-    let root = committed.finish()?;
-    std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
-    let _ = std::fs::remove_file(&changes_path);
     let done = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
     state.set_holds(done)?;
     let _ = std::fs::remove_file(state.round_marker());
-    if root != end.root {
+    if root != expected {
         tracing::warn!("round {} is incomplete: {} entries failed", done.round, report.failure_count);
     }
     crate::history::append(
         &state.history(),
-        &crate::history::Record::committed(done, round.peer, &report, root == end.root),
+        &crate::history::Record::committed(done, round.peer, &report, root == expected),
     )?;
     send(Message::Committed(Committed {
         round: done,

@@ -189,10 +189,30 @@ fn three_rounds_send_little_more_than_what_is_new() {
         kept.extend(ferry_testkit::snapshot(&source, &[]).unwrap());
     }
 
-    // Nothing changed: a few kilobytes.
+    // Nothing changed: a few kilobytes, and the destination commits the round without rewriting its
+    // manifest or touching the target (not even the top folder's mtime, which a staging folder moves).
+    let manifest = setup.dest.config.join("data/jobs/zimbra/target/manifest");
+    let identity = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (std::os::unix::fs::MetadataExt::ino(&meta), meta.modified().unwrap())
+    };
+    let (manifest_before, target_before) = (identity(&manifest), identity(&target));
     let idle = setup.source.sync("zimbra");
     assert_eq!(idle["changes"], 0);
+    assert_eq!((idle["round"].as_u64(), idle["in_sync"].as_bool()), (Some(4), Some(true)), "{idle}");
     assert!(idle["bytes_on_wire"].as_u64().unwrap() < 64 << 10, "{idle}");
+    assert_eq!(identity(&manifest), manifest_before, "the manifest was rewritten");
+    assert_eq!(identity(&target), target_before);
+    // What a cut attempt leaves in the staging folder sends the next idle round the full way, which
+    // empties it, and the target's mtime is still the source's.
+    std::fs::create_dir(target.join(".ferry-staging")).unwrap();
+    std::fs::write(target.join(".ferry-staging/tmp-1"), b"half a file").unwrap();
+    let idle = setup.source.sync("zimbra");
+    assert_eq!((idle["round"].as_u64(), idle["in_sync"].as_bool()), (Some(5), Some(true)), "{idle}");
+    assert!(!target.join(".ferry-staging").exists());
+    assert_ne!(identity(&manifest).0, manifest_before.0, "the full way commits a new manifest");
+    assert_eq!(identity(&target).1, std::fs::metadata(&source).unwrap().modified().unwrap());
+    assert_same_tree(&source, &target, |p| kept.contains_key(p));
 
     // verify re-reads the target: clean, then a flipped byte and a changed mode are found; a file only
     // the target has (the import's) is not a difference.
