@@ -176,8 +176,8 @@ pub fn scan(
             for batch in walked_rx {
                 let outcomes: Vec<(WalkItem, Outcome)> = batch
                     .into_par_iter()
-                    .map(|item| {
-                        let outcome = examine(&item, options);
+                    .map(|mut item| {
+                        let outcome = examine(&mut item, options);
                         (item, outcome)
                     })
                     .collect();
@@ -450,7 +450,7 @@ enum Outcome {
     Unreadable(String),
 }
 
-fn examine(item: &WalkItem, options: &ScanOptions) -> Outcome {
+fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
     let stat = if item.name.is_empty() {
         rustix::fs::fstat(&*item.parent)
     } else {
@@ -492,7 +492,7 @@ fn examine(item: &WalkItem, options: &ScanOptions) -> Outcome {
             Err(e) => Outcome::Unreadable(format!("cannot read link: {e}")),
         },
         EntryKind::File => {
-            if let Some(cached) = &item.cached
+            if let Some(cached) = item.cached.as_mut()
                 && cached.trusted
                 && cached.entry.kind == EntryKind::File
                 && cached.entry.size == stat.st_size as u64
@@ -501,7 +501,8 @@ fn examine(item: &WalkItem, options: &ScanOptions) -> Outcome {
                 && cached.ino == stat.st_ino
             {
                 entry.size = cached.entry.size;
-                entry.chunks.clone_from(&cached.entry.chunks);
+                // Taken, not copied: the record is only needed again when the file is not `Found`.
+                entry.chunks = std::mem::take(&mut cached.entry.chunks);
                 return Outcome::Found { entry, stat, was_read: false, bytes_read: 0 };
             }
             read_file(item, entry, &stat, options)
