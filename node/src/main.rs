@@ -5,6 +5,11 @@ use ferry::cli::{Cli, Command, ConfigCommand, ImportChoice, JobCommand};
 use ferry::config::ConfigDir;
 use ferry::{DemoOptions, LocalSyncOptions, PushOptions, exit};
 
+// A round allocates and frees a few small objects per file and per chunk (paths, entries, chunk
+// lists) on several threads; glibc's allocator spent about a tenth of both nodes' CPU on it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
