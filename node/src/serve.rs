@@ -879,7 +879,7 @@ fn destination_round(
         && !job.path.join(ferry_engine::STAGING_DIR).exists();
 
     let open_pairs = || -> anyhow::Result<_> {
-        let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if state.manifest().exists() {
+        let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>> + Send> = if state.manifest().exists() {
             Box::new(ManifestReader::open(&state.manifest())?)
         } else {
             Box::new(std::iter::empty())
@@ -912,7 +912,9 @@ fn destination_round(
     let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
-    match transfer(&mut applier, open_pairs()?, &send, &mut inbox, window, round.stall_timeout)? {
+    // The manifests are read and merged on a thread of their own: applying is this one's work.
+    let pairs = read_ahead(open_pairs()?);
+    match transfer(&mut applier, pairs, &send, &mut inbox, window, round.stall_timeout)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
         TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
@@ -1276,14 +1278,37 @@ fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyh
     }
 }
 
+/// Runs `items` on a thread of its own, up to a few thousand items ahead of the caller. The thread
+/// stops when `items` ends or the returned iterator is dropped; if it fails, the last item says so
+/// (the items must never just stop short: a round would commit a manifest without the rest).
+fn read_ahead<T: Send + 'static>(
+    items: impl Iterator<Item = anyhow::Result<T>> + Send + 'static,
+) -> impl Iterator<Item = anyhow::Result<T>> {
+    const BATCH: usize = 1024;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<anyhow::Result<T>>>(4);
+    let mut reader = Some(std::thread::spawn(move || {
+        let mut items = items.fuse();
+        loop {
+            let batch: Vec<_> = items.by_ref().take(BATCH).collect();
+            if batch.is_empty() || tx.send(batch).is_err() {
+                return;
+            }
+        }
+    }));
+    rx.into_iter().flatten().chain(std::iter::from_fn(move || {
+        let failed = reader.take()?.join().is_err();
+        failed.then(|| Err(anyhow!("the thread reading the manifests failed")))
+    }))
+}
+
 /// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
 /// the changes are against the old manifest (an unlisted path is unchanged); otherwise they are the
 /// whole new manifest.
 fn patch<'a>(
-    old: impl Iterator<Item = Result<Entry, RecordFileError>> + 'a,
+    old: impl Iterator<Item = Result<Entry, RecordFileError>> + Send + 'a,
     changes: RecordReader<Change>,
     delta: bool,
-) -> impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>> + 'a {
+) -> impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>> + Send + 'a {
     MergeJoin::new(old, changes).map(move |pair| {
         let pair = pair?;
         match (pair.old, pair.new) {
@@ -1344,4 +1369,23 @@ fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex) -> anyhow
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_ahead_yields_every_item_in_order() {
+        let got: Vec<u32> = read_ahead((0..5000u32).map(Ok)).collect::<anyhow::Result<_>>().unwrap();
+        assert_eq!(got, (0..5000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn read_ahead_ends_with_an_error_when_its_thread_fails() {
+        let items = (0..3000u32).map(|i| if i == 2500 { panic!("a reader bug") } else { Ok(i) });
+        let got: Vec<anyhow::Result<u32>> = read_ahead(items).collect();
+        assert!(got.len() <= 2501, "{} items", got.len());
+        assert!(got.last().is_some_and(|last| last.is_err()), "the items stopped short without an error");
+    }
 }
