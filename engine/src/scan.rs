@@ -140,6 +140,9 @@ pub enum ScanError {
     /// Writing the new manifest or cache failed.
     #[error(transparent)]
     Output(#[from] RecordFileError),
+    /// The scan's threads could not be started.
+    #[error("cannot start the scan's threads: {0}")]
+    Threads(io::Error),
 }
 
 /// Scans `root`, writing its manifest to `manifest_out` and the quick-check cache for next time to
@@ -171,21 +174,26 @@ pub fn scan(
     let (walked_tx, walked_rx) = std::sync::mpsc::sync_channel::<Vec<WalkItem>>(2);
     let (examined_tx, examined_rx) = std::sync::mpsc::sync_channel::<Vec<(WalkItem, Outcome)>>(2);
     let written = std::thread::scope(|scope| {
-        let walk = scope.spawn(move || walk_in_batches(walker, options.batch, &walked_tx));
-        scope.spawn(move || {
-            for batch in walked_rx {
-                let outcomes: Vec<(WalkItem, Outcome)> = batch
-                    .into_par_iter()
-                    .map(|mut item| {
-                        let outcome = examine(&mut item, options);
-                        (item, outcome)
-                    })
-                    .collect();
-                if examined_tx.send(outcomes).is_err() {
-                    break;
+        let thread = |name: &str| std::thread::Builder::new().name(name.into());
+        let walk = thread("ferry-walk")
+            .spawn_scoped(scope, move || walk_in_batches(walker, options.batch, &walked_tx))
+            .map_err(ScanError::Threads)?;
+        thread("ferry-examine")
+            .spawn_scoped(scope, move || {
+                for batch in walked_rx {
+                    let outcomes: Vec<(WalkItem, Outcome)> = batch
+                        .into_par_iter()
+                        .map(|mut item| {
+                            let outcome = examine(&mut item, options);
+                            (item, outcome)
+                        })
+                        .collect();
+                    if examined_tx.send(outcomes).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            })
+            .map_err(ScanError::Threads)?;
         let mut state = WriteState {
             report: &mut report,
             names: &mut names,

@@ -913,7 +913,7 @@ fn destination_round(
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
-    let pairs = read_ahead(open_pairs()?);
+    let pairs = read_ahead(open_pairs()?)?;
     match transfer(&mut applier, pairs, &send, &mut inbox, window, round.stall_timeout)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
@@ -1283,22 +1283,26 @@ fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyh
 /// (the items must never just stop short: a round would commit a manifest without the rest).
 fn read_ahead<T: Send + 'static>(
     items: impl Iterator<Item = anyhow::Result<T>> + Send + 'static,
-) -> impl Iterator<Item = anyhow::Result<T>> {
+) -> anyhow::Result<impl Iterator<Item = anyhow::Result<T>>> {
     const BATCH: usize = 1024;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<anyhow::Result<T>>>(4);
-    let mut reader = Some(std::thread::spawn(move || {
-        let mut items = items.fuse();
-        loop {
-            let batch: Vec<_> = items.by_ref().take(BATCH).collect();
-            if batch.is_empty() || tx.send(batch).is_err() {
-                return;
+    let reader = std::thread::Builder::new()
+        .name("ferry-manifests".into())
+        .spawn(move || {
+            let mut items = items.fuse();
+            loop {
+                let batch: Vec<_> = items.by_ref().take(BATCH).collect();
+                if batch.is_empty() || tx.send(batch).is_err() {
+                    return;
+                }
             }
-        }
-    }));
-    rx.into_iter().flatten().chain(std::iter::from_fn(move || {
+        })
+        .context("cannot start the thread that reads the manifests")?;
+    let mut reader = Some(reader);
+    Ok(rx.into_iter().flatten().chain(std::iter::from_fn(move || {
         let failed = reader.take()?.join().is_err();
         failed.then(|| Err(anyhow!("the thread reading the manifests failed")))
-    }))
+    })))
 }
 
 /// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
@@ -1377,14 +1381,14 @@ mod tests {
 
     #[test]
     fn read_ahead_yields_every_item_in_order() {
-        let got: Vec<u32> = read_ahead((0..5000u32).map(Ok)).collect::<anyhow::Result<_>>().unwrap();
+        let got: Vec<u32> = read_ahead((0..5000u32).map(Ok)).unwrap().collect::<anyhow::Result<_>>().unwrap();
         assert_eq!(got, (0..5000).collect::<Vec<_>>());
     }
 
     #[test]
     fn read_ahead_ends_with_an_error_when_its_thread_fails() {
         let items = (0..3000u32).map(|i| if i == 2500 { panic!("a reader bug") } else { Ok(i) });
-        let got: Vec<anyhow::Result<u32>> = read_ahead(items).collect();
+        let got: Vec<anyhow::Result<u32>> = read_ahead(items).unwrap().collect();
         assert!(got.len() <= 2501, "{} items", got.len());
         assert!(got.last().is_some_and(|last| last.is_err()), "the items stopped short without an error");
     }
