@@ -894,8 +894,13 @@ fn destination_round(
         return commit_round(round, &state, holds, (end.root, end.root), ApplyReport::default(), import_mode, &send);
     }
 
-    // Before any data moves: does the round fit?
-    let space = Space::of_round(open_pairs()?, &job.path)?;
+    // Before any data moves: does the round fit? Changes against the committed manifest say it alone,
+    // without another pass over that manifest (the transfer's merge checks them against it).
+    let space = if end.base.is_some() {
+        Space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
+    } else {
+        Space::of_round(open_pairs()?, &job.path)?
+    };
     if dry_run {
         plan_only(open_pairs()?, &index, &space, &send)?;
         let _ = std::fs::remove_file(&changes_path);
@@ -1029,6 +1034,30 @@ impl Space {
                 needed = needed.saturating_add(new.size);
             }
         }
+        Self::with(files, needed, target)
+    }
+
+    /// Like [`Space::of_round`], for changes against the committed manifest: a file whose content
+    /// changed is one the round writes. (The one case this misses, a hard link whose content did not
+    /// change becoming a file of its own, is rare and small beside the margin.)
+    fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow::Result<Self> {
+        let (mut files, mut needed) = (0u64, 0u64);
+        for change in changes {
+            let change = change?;
+            if let Some(entry) = &change.entry
+                && entry.kind == EntryKind::File
+                && entry.hard_link_to.is_none()
+                && !change.chunks_as_before
+            {
+                files += 1;
+                needed = needed.saturating_add(entry.size);
+            }
+        }
+        Self::with(files, needed, target)
+    }
+
+    /// A round that writes `files` files of `needed` bytes into `target`'s filesystem.
+    fn with(files: u64, needed: u64, target: &Path) -> anyhow::Result<Self> {
         let stat = rustix::fs::statvfs(target)
             .with_context(|| format!("cannot read the free space of {}", target.display()))?;
         Ok(Self {
@@ -1378,6 +1407,55 @@ fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(path: &str, size: u64, seed: u8) -> Entry {
+        Entry {
+            path: ferry_engine::RelPath::new(path.as_bytes().to_vec()).unwrap(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 1,
+            size,
+            chunks: vec![ChunkRef { hash: ChunkHash::of(&[seed]), len: size as u32 }],
+            link_target: None,
+            hard_link_to: None,
+        }
+    }
+
+    #[test]
+    fn the_space_of_changes_is_the_space_of_the_merged_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let (manifest, changes) = (dir.path().join("manifest"), dir.path().join("changes"));
+        let mut old = ManifestWriter::create(&manifest).unwrap();
+        for entry in [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("e", 500, 5)] {
+            old.push(&entry).unwrap();
+        }
+        old.finish().unwrap();
+        // a: new content; b: only its mtime (chunks as before); c: unchanged; d: new; e: removed.
+        let mut b = file("b", 200, 2);
+        b.mtime_ns = 2;
+        b.chunks.clear();
+        let listed = [
+            Change { path: file("a", 0, 0).path, entry: Some(file("a", 150, 9)), chunks_as_before: false },
+            Change { path: b.path.clone(), entry: Some(b), chunks_as_before: true },
+            Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), chunks_as_before: false },
+            Change { path: file("e", 0, 0).path, entry: None, chunks_as_before: false },
+        ];
+        let mut writer = RecordWriter::<Change>::create(&changes).unwrap();
+        for change in &listed {
+            writer.push(change).unwrap();
+        }
+        writer.finish().unwrap();
+
+        let merged = patch(ManifestReader::open(&manifest).unwrap(), RecordReader::open(&changes).unwrap(), true);
+        let by_pairs = Space::of_round(merged, dir.path()).unwrap();
+        let by_changes = Space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
+        assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));
+        assert_eq!((by_changes.files, by_changes.needed), (by_pairs.files, by_pairs.needed));
+    }
 
     #[test]
     fn read_ahead_yields_every_item_in_order() {
