@@ -167,7 +167,10 @@ fn three_rounds_send_little_more_than_what_is_new() {
     assert_eq!(first["in_sync"], true);
     assert_same_tree(&source, &target, |_| false);
     let tree_bytes = first["chunk_bytes"].as_u64().unwrap();
-    assert!(first["bytes_on_wire"].as_u64().unwrap() < tree_bytes + tree_bytes / 10);
+    // What was sent once: packets lost and sent again (on a loopback starved of CPU by the tests
+    // beside this one, the socket buffers overflow) are QUIC's business, not a chunk sent twice.
+    let sent_once = first["bytes_on_wire"].as_u64().unwrap() - first["bytes_lost"].as_u64().unwrap();
+    assert!(sent_once < tree_bytes + tree_bytes / 10, "{sent_once} bytes sent for {tree_bytes}: {first}");
 
     let mut kept = ferry_testkit::snapshot(&source, &[]).unwrap();
     for round in 2..=3 {
