@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the wire codec: a 1 MiB chunk batch and a 4096-chunk `Need` through
-//! `encode` and `decode` (length prefix, postcard, limits).
+//! `encode` and `decode` (length prefix, postcard, limits), and the batch through `encode_chunk_batch`
+//! (the head alone: the payload is not copied).
 //!
 //! `cargo bench -p ferry-proto`; `cargo test --benches` runs each once, as a check that they work.
 #![allow(missing_docs)]
@@ -7,7 +8,7 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferry_engine::{ChunkHash, RelPath};
-use ferry_proto::{ChunkBatch, Codec, Message, NeedChunk, decode, encode};
+use ferry_proto::{ChunkBatch, Codec, Message, NeedChunk, decode, encode, encode_chunk_batch};
 use std::hint::black_box;
 
 fn batch() -> Message {
@@ -43,6 +44,11 @@ fn frames(c: &mut Criterion) {
                 encode(black_box(&message), &mut out).expect("encode");
             })
         });
+        if let Message::ChunkBatch(batch) = &message {
+            group.bench_function("encode in two pieces", |b| {
+                b.iter(|| encode_chunk_batch(black_box(batch)).expect("encode"))
+            });
+        }
         group.bench_function("decode", |b| {
             b.iter(|| {
                 let mut buf = encoded.clone();

@@ -1,8 +1,18 @@
 //! Length-prefixed frames: a 4-byte big-endian length, then one postcard-encoded [`Message`].
+//!
+//! Chunk data is not copied on its way through: [`encode_chunk_batch`] leaves a batch's payload out
+//! of the frame's head, to be written after it as it is, and [`decode`] hands a batch's payload out as
+//! a slice of the frame it came in.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
 
-use crate::message::Message;
+use crate::message::{ChunkBatch, Codec, Message};
+use ferry_engine::ChunkHash;
+
+/// The first byte of a [`Message::ChunkBatch`]'s body: postcard's index of that variant (frozen, like
+/// every variant's, by the golden frames).
+const CHUNK_BATCH_TAG: u8 = 6;
 
 /// The largest frame accepted, checked before any allocation: a batch of 4 MiB of chunk data (the
 /// sender's limit) plus its chunk list, or a few thousand manifest changes, fit with room.
@@ -32,17 +42,39 @@ pub enum EncodeError {
 
 /// Appends one frame to `out`.
 pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
-    let start = out.len();
-    out.put_u32(0);
-    let body = postcard::to_extend(message, Vec::new())?;
-    if body.len() > MAX_FRAME_LEN {
-        out.truncate(start);
-        return Err(EncodeError::TooLong(body.len()));
+    encode_body(message, 0, out)
+}
+
+/// A chunk batch's frame in two pieces, to be written one after the other: the head (length, variant,
+/// codec, chunk list, payload length), then the payload itself, not copied. The same bytes as
+/// [`encode`] gives.
+pub fn encode_chunk_batch(batch: &ChunkBatch) -> Result<(Bytes, Bytes), EncodeError> {
+    // Postcard writes a variant's index as a varint, then its fields in order; the payload, last, as
+    // its length (a varint) then its bytes.
+    let head = (u32::from(CHUNK_BATCH_TAG), &batch.codec, &batch.chunks, batch.payload.len());
+    let mut out = BytesMut::new();
+    encode_body(&head, batch.payload.len(), &mut out)?;
+    Ok((out.freeze(), batch.payload.clone()))
+}
+
+/// Appends the frame of `value`, whose body goes on for `more` bytes after it, to `out`.
+fn encode_body(value: &impl Serialize, more: usize, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let body = postcard::to_extend(value, Vec::new())?;
+    let len = body.len() + more;
+    if len > MAX_FRAME_LEN {
+        return Err(EncodeError::TooLong(len));
     }
+    out.put_u32(len as u32);
     out.extend_from_slice(&body);
-    let len = (body.len() as u32).to_be_bytes();
-    out[start..start + 4].copy_from_slice(&len);
     Ok(())
+}
+
+/// A [`ChunkBatch`] as decoded in place: its payload borrowed from the frame.
+#[derive(Deserialize)]
+struct BorrowedBatch<'a> {
+    codec: Codec,
+    chunks: Vec<(ChunkHash, u32)>,
+    payload: &'a [u8],
 }
 
 /// Takes one frame from the front of `buf`: `Ok(None)` when more bytes are needed.
@@ -59,7 +91,12 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
         return Ok(None);
     }
     buf.advance(4);
-    let body = buf.split_to(len);
+    let body = buf.split_to(len).freeze();
+    if body.first() == Some(&CHUNK_BATCH_TAG) {
+        let batch: BorrowedBatch<'_> = postcard::from_bytes(&body[1..])?;
+        let payload = body.slice_ref(batch.payload);
+        return Ok(Some(Message::ChunkBatch(ChunkBatch { codec: batch.codec, chunks: batch.chunks, payload })));
+    }
     Ok(Some(postcard::from_bytes(&body)?))
 }
 
@@ -163,8 +200,57 @@ mod tests {
         assert!(matches!(decode(&mut buf), Err(DecodeError::Malformed(_))));
     }
 
+    /// `encode_chunk_batch`'s two pieces are `encode`'s frame, and a decoded batch's payload lies in
+    /// the frame's own buffer.
+    #[test]
+    fn chunk_batches_travel_without_copies() {
+        use rand::{RngExt, SeedableRng};
+        let mut random = vec![0u8; 1 << 20];
+        rand_chacha::ChaCha8Rng::seed_from_u64(1).fill(&mut random[..]);
+        let batches = [
+            ChunkBatch { codec: Codec::Raw, chunks: vec![], payload: Bytes::new() },
+            ChunkBatch {
+                codec: Codec::Zstd,
+                chunks: vec![(ChunkHash::of(b"a"), 1), (ChunkHash::of(b"bc"), 2)],
+                payload: Bytes::from_static(b"compressed"),
+            },
+            ChunkBatch { codec: Codec::Raw, chunks: vec![(ChunkHash::of(&random), 1 << 20)], payload: random.into() },
+        ];
+        for batch in batches {
+            let whole = frame(&Message::ChunkBatch(batch.clone()));
+            let (head, payload) = encode_chunk_batch(&batch).unwrap();
+            assert_eq!([&head[..], &payload[..]].concat(), whole);
+            assert_eq!(payload.as_ptr(), batch.payload.as_ptr(), "the payload was copied on the way out");
+
+            let mut buf = BytesMut::from(&whole[..]);
+            let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+            let Some(Message::ChunkBatch(decoded)) = decode(&mut buf).unwrap() else { panic!("not a batch") };
+            assert_eq!(decoded, batch);
+            let at = decoded.payload.as_ptr() as usize;
+            assert!(decoded.payload.is_empty() || (start..end).contains(&at), "the payload was copied on the way in");
+        }
+        let too_long = ChunkBatch { codec: Codec::Raw, chunks: vec![], payload: vec![0; MAX_FRAME_LEN].into() };
+        assert!(matches!(encode_chunk_batch(&too_long), Err(EncodeError::TooLong(_))));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn split_batches_are_whole_frames(
+            lens in proptest::collection::vec(any::<u32>(), 0..20),
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            zstd in any::<bool>(),
+        ) {
+            let chunks = lens.iter().map(|len| (ChunkHash::of(&len.to_le_bytes()), *len)).collect();
+            let codec = if zstd { Codec::Zstd } else { Codec::Raw };
+            let batch = ChunkBatch { codec, chunks, payload: payload.into() };
+            let (head, payload) = encode_chunk_batch(&batch).unwrap();
+            let whole = [&head[..], &payload[..]].concat();
+            prop_assert_eq!(&whole, &frame(&Message::ChunkBatch(batch.clone())));
+            prop_assert_eq!(decode(&mut BytesMut::from(&whole[..])).unwrap(), Some(Message::ChunkBatch(batch)));
+        }
+
         #[test]
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = BytesMut::from(&bytes[..]);
