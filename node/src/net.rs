@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use bytes::BytesMut;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
-use ferry_proto::{ALPN, Message, decode, encode};
+use ferry_proto::{ALPN, ChunkBatch, Message, decode, encode, encode_chunk_batch};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 /// UDP socket buffers: the kernel default (about 208 KB) drops packets even on loopback.
@@ -141,26 +141,30 @@ pub(crate) fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
     ferry_certs::peer_node_id(&certs)
 }
 
-/// Writes one framed message.
+/// Writes one framed message. (quinn keeps the frame's buffer as it is: `write_chunk` does not copy.)
 pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> anyhow::Result<()> {
     let mut buf = BytesMut::new();
     encode(message, &mut buf)?;
-    stream.write_all(&buf).await.context("the connection dropped while sending")?;
+    stream.write_chunk(buf.freeze()).await.context("the connection dropped while sending")?;
     Ok(())
 }
 
-/// Writes one framed message in 64 KiB pieces, each only when `limiter` allows it: the bandwidth limit
-/// applies to what enters QUIC, smoothly, with QUIC's own overhead (about 3%) counted in.
-pub(crate) async fn send_limited(
+/// Writes one chunk batch in 64 KiB pieces, each only when `limiter` allows it: the bandwidth limit
+/// applies to what enters QUIC, smoothly, with QUIC's own overhead (about 3%) counted in. The payload
+/// goes to QUIC from the batch's own buffer, never copied into a frame.
+pub(crate) async fn send_batch_limited(
     stream: &mut quinn::SendStream,
-    message: &Message,
+    batch: &ChunkBatch,
     limiter: &crate::limit::Limiter,
 ) -> anyhow::Result<()> {
-    let mut buf = BytesMut::new();
-    encode(message, &mut buf)?;
-    for piece in buf.chunks(64 << 10) {
-        limiter.acquire(piece.len() as u64 + piece.len() as u64 / 32).await?;
-        stream.write_all(piece).await.context("the connection dropped while sending")?;
+    const PIECE: usize = 64 << 10;
+    let (head, payload) = encode_chunk_batch(batch)?;
+    for part in [head, payload] {
+        for at in (0..part.len()).step_by(PIECE) {
+            let piece = part.slice(at..part.len().min(at + PIECE));
+            limiter.acquire(piece.len() as u64 + piece.len() as u64 / 32).await?;
+            stream.write_chunk(piece).await.context("the connection dropped while sending")?;
+        }
     }
     Ok(())
 }
@@ -183,11 +187,17 @@ impl FrameReader {
             if let Some(message) = decode(&mut self.buf)? {
                 return Ok(Some(message));
             }
-            if self.buf.capacity() - self.buf.len() < 16 << 10 {
-                self.buf.reserve(64 << 10);
-            }
+            // Reads stop at the frame's end, so that its buffer (which `decode` sized to it) holds that
+            // frame alone: a chunk batch's payload stays in it until applied, and must not keep the
+            // start of the next frame, or twice its size, alive with it.
+            let missing = match self.buf.get(..4) {
+                Some(len) => (4 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+                    .saturating_sub(self.buf.len())
+                    .max(1),
+                None => 4 - self.buf.len(),
+            };
             let chunk =
-                self.stream.read_chunk(256 << 10, true).await.context("the connection dropped while receiving")?;
+                self.stream.read_chunk(missing, true).await.context("the connection dropped while receiving")?;
             match chunk {
                 Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
                 None if self.buf.is_empty() => return Ok(None),

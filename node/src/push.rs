@@ -320,17 +320,35 @@ impl SourceChunks {
     /// The chunk's bytes, or `None` when it is too large, unreadable, or no longer hashes to what the
     /// scan saw.
     fn read(&mut self, need: &NeedChunk) -> Option<&[u8]> {
-        use std::os::unix::fs::FileExt;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let read = self.read_into(need, &mut buf);
+        self.buf = buf;
+        read.then_some(&self.buf[..])
+    }
+
+    /// Like [`SourceChunks::read`], appending the chunk to `out` (read straight into its spare room);
+    /// `false` leaves `out` as it was.
+    fn read_into(&mut self, need: &NeedChunk, out: &mut Vec<u8>) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
         if need.len as usize > (16 << 20) {
-            return None;
+            return false;
         }
         if self.open.as_ref().is_none_or(|(p, _)| *p != need.path) {
             self.open = self.root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
         }
-        let (_, file) = self.open.as_ref()?;
-        self.buf.resize(need.len as usize, 0);
-        file.read_exact_at(&mut self.buf, need.offset).ok()?;
-        (ChunkHash::of(&self.buf) == need.hash).then_some(&self.buf[..])
+        let Some((_, file)) = self.open.as_ref() else { return false };
+        let mut file: &std::fs::File = file;
+        let start = out.len();
+        out.reserve(need.len as usize);
+        let read = file.seek(SeekFrom::Start(need.offset)).is_ok()
+            && file.take(u64::from(need.len)).read_to_end(out).is_ok()
+            && out.len() - start == need.len as usize
+            && ChunkHash::of(&out[start..]) == need.hash;
+        if !read {
+            out.truncate(start);
+        }
+        read
     }
 }
 
@@ -811,7 +829,7 @@ async fn serve_round(
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(Outgoing { batch, covered }) = rx.recv().await else { break };
                     let bytes = batch.declared_len();
-                    net::send_limited(&mut stream, &Message::ChunkBatch(batch), &limiter).await?;
+                    net::send_batch_limited(&mut stream, &batch, &limiter).await?;
                     count.fetch_add(1, Ordering::Relaxed);
                     counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
                     counters.covered.fetch_max(covered, Ordering::Relaxed);
@@ -1074,21 +1092,27 @@ impl PositionCursor {
 
 /// Chunks gathered for one batch: their names and lengths, their bytes end to end, how far into the
 /// changed bytes they reach, and how many bytes the reader had read when the first of them came.
-#[derive(Default)]
 struct PendingBatch {
     list: Vec<(ChunkHash, u32)>,
     data: Vec<u8>,
+    /// Room made for `data` each time: a full batch, plus the chunk that fills it.
+    capacity: usize,
     covered: u64,
     opened_at: u64,
 }
 
 impl PendingBatch {
-    fn push(&mut self, need: &NeedChunk, buf: &[u8], reached: Option<u64>, read: u64) {
+    fn new(batch_bytes: usize) -> Self {
+        let capacity = batch_bytes + (256 << 10);
+        Self { list: Vec::new(), data: Vec::with_capacity(capacity), capacity, covered: 0, opened_at: 0 }
+    }
+
+    /// Records a chunk whose bytes were just appended to `data`.
+    fn push(&mut self, need: &NeedChunk, reached: Option<u64>, read: u64) {
         if self.list.is_empty() {
             self.opened_at = read;
         }
         self.list.push((need.hash, need.len));
-        self.data.extend_from_slice(buf);
         if let Some(reached) = reached {
             self.covered = self.covered.max(reached);
         }
@@ -1104,7 +1128,8 @@ impl PendingBatch {
         if self.list.is_empty() {
             return Ok(());
         }
-        let (list, data) = (std::mem::take(&mut self.list), std::mem::take(&mut self.data));
+        let list = std::mem::take(&mut self.list);
+        let data = std::mem::replace(&mut self.data, Vec::with_capacity(self.capacity));
         let batch = crate::chunks::encode_batch(list, data, compress, compressor);
         tx.0.blocking_send(Outgoing { batch, covered: self.covered }).map_err(|_| anyhow!("connection closed"))
     }
@@ -1130,22 +1155,29 @@ fn read_chunks(
     let mut reader = SourceChunks::open(root)?;
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut missing = Vec::new();
-    let mut batches: [PendingBatch; 2] = Default::default();
+    let mut batches = [PendingBatch::new(batch_bytes), PendingBatch::new(batch_bytes)];
     let mut read = 0u64;
     for need in chunks {
         if stop.load(Ordering::Relaxed) {
             return Ok(missing);
         }
-        let Some(buf) = reader.read(&need) else {
+        // Each chunk is read into the raw batch; one that compresses moves to the other.
+        let [raw, text] = &mut batches;
+        let start = raw.data.len();
+        if !reader.read_into(&need, &mut raw.data) {
             missing.push(need.hash);
             continue;
-        };
+        }
         counters.chunks.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(u64::from(need.len), Ordering::Relaxed);
         read += u64::from(need.len);
-        let compress = crate::chunks::compressible(buf, &mut compressor);
+        let compress = crate::chunks::compressible(&raw.data[start..], &mut compressor);
+        if compress {
+            text.data.extend_from_slice(&raw.data[start..]);
+            raw.data.truncate(start);
+        }
         let reached = cursor.advance(&need);
-        batches[usize::from(compress)].push(&need, buf, reached, read);
+        batches[usize::from(compress)].push(&need, reached, read);
         for (which, batch) in batches.iter_mut().enumerate() {
             let full = batch.data.len() >= batch_bytes;
             let overdue = !batch.list.is_empty() && read - batch.opened_at >= 2 * batch_bytes as u64;
