@@ -103,6 +103,26 @@ pub enum EntryError {
 }
 
 impl Entry {
+    /// An entry of `kind` at `path` with everyday metadata and no content: mode 0644 (0755 for a
+    /// folder), owner and group 0 without names, mtime 0. Tests and tools start from it and set what
+    /// matters to them.
+    pub fn new(path: RelPath, kind: EntryKind) -> Entry {
+        Entry {
+            path,
+            kind,
+            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 0,
+            size: 0,
+            chunks: Vec::new(),
+            link_target: None,
+            hard_link_to: None,
+        }
+    }
+
     /// Checks the entry on its own and against the previous one (manifests are strictly sorted).
     pub fn validate(&self, previous: Option<&RelPath>) -> Result<(), EntryError> {
         if let Some(prev) = previous
@@ -459,18 +479,12 @@ mod tests {
             vec![]
         };
         Entry {
-            path: RelPath::new(path.as_bytes()).unwrap(),
-            kind,
             mode: 0o644,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
             mtime_ns: 1,
             size: if kind == EntryKind::File { content.len() as u64 } else { 0 },
             chunks,
             link_target: (kind == EntryKind::Symlink).then(|| content.to_vec()),
-            hard_link_to: None,
+            ..Entry::new(RelPath::new(path.as_bytes()).unwrap(), kind)
         }
     }
 

@@ -1410,18 +1410,10 @@ mod tests {
 
     fn file(path: &str, size: u64, seed: u8) -> Entry {
         Entry {
-            path: ferry_engine::RelPath::new(path.as_bytes().to_vec()).unwrap(),
-            kind: EntryKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
             mtime_ns: 1,
             size,
             chunks: vec![ChunkRef { hash: ChunkHash::of(&[seed]), len: size as u32 }],
-            link_target: None,
-            hard_link_to: None,
+            ..Entry::new(ferry_engine::RelPath::new(path.as_bytes().to_vec()).unwrap(), EntryKind::File)
         }
     }
 

@@ -22,18 +22,10 @@ fn hello(job: &str) -> Message {
 
 fn file(path: &str, data: &[u8]) -> Entry {
     Entry {
-        path: RelPath::new(path).unwrap(),
-        kind: EntryKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        user: None,
-        group: None,
         mtime_ns: 1_700_000_000_000_000_000,
         size: data.len() as u64,
         chunks: vec![ChunkRef { hash: ChunkHash::of(data), len: data.len() as u32 }],
-        link_target: None,
-        hard_link_to: None,
+        ..Entry::new(RelPath::new(path).unwrap(), EntryKind::File)
     }
 }
 

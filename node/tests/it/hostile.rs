@@ -37,20 +37,7 @@ impl ChunkSource for Chunks {
 }
 
 fn entry(path: &str, kind: EntryKind) -> Entry {
-    Entry {
-        path: RelPath::new(path.as_bytes()).unwrap(),
-        kind,
-        mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
-        uid: 0,
-        gid: 0,
-        user: None,
-        group: None,
-        mtime_ns: 1_700_000_000_000_000_000,
-        size: 0,
-        chunks: vec![],
-        link_target: None,
-        hard_link_to: None,
-    }
+    Entry { mtime_ns: 1_700_000_000_000_000_000, ..Entry::new(RelPath::new(path.as_bytes()).unwrap(), kind) }
 }
 
 fn symlink(path: &str, target: &[u8]) -> Entry {
