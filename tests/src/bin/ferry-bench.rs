@@ -178,6 +178,7 @@ fn run() -> Result<()> {
     };
 
     let mut rows: Vec<(String, Measure, Option<Measure>)> = Vec::new();
+    let mut floor = None;
     for round in ["initial", "no change", "one day of changes", "fresh export"] {
         match round {
             "one day of changes" => {
@@ -199,16 +200,74 @@ fn run() -> Result<()> {
         };
         eprintln!("{round}: ferry {:.2} s, rsync {:?}", f.wall.as_secs_f64(), r.as_ref().map(|r| r.wall));
         rows.push((round.to_owned(), f, r));
+        if round == "no change" {
+            // Right after both tools looked at the unchanged tree: the same warm caches.
+            floor = Some(stat_floor(&source)?);
+        }
     }
     drop(ferry);
 
-    let table = render(&args, files, bytes, &rows);
+    let table = render(&args, files, bytes, &rows, floor);
     print!("{table}");
     if let Some(path) = &args.write {
         std::fs::write(path, table)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The floor under any tool's round with no change: listing every folder and `lstat`ing every entry in
+/// it (each relative to its open folder, on as many threads as there are cores besides the one that
+/// lists), and nothing else: no comparison, no output.
+fn stat_floor(root: &Path) -> Result<Duration> {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+    use std::os::fd::OwnedFd;
+    use std::sync::{Arc, Mutex};
+    let open = |dir: &OwnedFd, name: &std::ffi::CStr| {
+        rustix::fs::openat(dir, name, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+    };
+    let started = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<OwnedFd>, Vec<std::ffi::CString>)>(64);
+    let rx = Arc::new(Mutex::new(rx));
+    let stats = std::thread::scope(|scope| -> Result<u64> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let rx = rx.clone();
+                scope.spawn(move || {
+                    let mut stats = 0u64;
+                    while let Ok((dir, names)) = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ())) {
+                        for name in names {
+                            stats += u64::from(rustix::fs::statat(&*dir, &*name, AtFlags::SYMLINK_NOFOLLOW).is_ok());
+                        }
+                    }
+                    stats
+                })
+            })
+            .collect();
+        let root = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let mut folders = vec![Arc::new(root)];
+        while let Some(dir) = folders.pop() {
+            let mut names = Vec::new();
+            for entry in Dir::read_from(&*dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                if name == c"." || name == c".." {
+                    continue;
+                }
+                if entry.file_type() == FileType::Directory {
+                    folders.push(Arc::new(open(&dir, name)?));
+                }
+                names.push(name.to_owned());
+            }
+            tx.send((dir, names))?;
+        }
+        drop(tx);
+        Ok(workers.into_iter().map(|w| w.join().unwrap_or(0)).sum())
+    })?;
+    let took = started.elapsed();
+    eprintln!("stat floor: {stats} entries in {:.2} s", took.as_secs_f64());
+    Ok(took)
 }
 
 /// One large file of random bytes, the initial round of each tool.
@@ -887,7 +946,13 @@ fn install_if_missing() -> Result<()> {
     if ok { Ok(()) } else { Err("apt-get install rsync openssh-server failed".into()) }
 }
 
-fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<Measure>)]) -> String {
+fn render(
+    args: &Args,
+    files: u64,
+    bytes: u64,
+    rows: &[(String, Measure, Option<Measure>)],
+    floor: Option<Duration>,
+) -> String {
     let mut out = Vec::new();
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -958,6 +1023,20 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     let fresh = rows.iter().find(|(r, _, _)| r == "fresh export").map(|(_, f, _)| f.wire as f64 / bytes as f64);
     if let Some(fresh) = fresh {
         let _ = writeln!(out, "Fresh export: ferry put {:.2}% of the tree's bytes on the wire.", fresh * 100.0);
+    }
+    if let Some(floor) = floor {
+        let rsync = rows.iter().find(|(r, _, _)| r == "no change").and_then(|(_, _, r)| r.as_ref());
+        let _ = writeln!(
+            out,
+            "No change: listing every folder and `lstat`ing every entry, and nothing else (the floor under any \
+             tool that looks at every file; one thread lists, {} stat) took {:.2} s{}.",
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+            floor.as_secs_f64(),
+            rsync.map_or(String::new(), |r| format!(
+                ", {:.2}× rsync's round",
+                floor.as_secs_f64() / r.wall.as_secs_f64().max(1e-9)
+            ))
+        );
     }
     String::from_utf8_lossy(&out).into_owned()
 }
