@@ -10,7 +10,8 @@
 //! and `rsync -aH --stats` over ssh to an sshd it starts on loopback (rsync and openssh-server are
 //! installed with apt-get when missing and this runs as root; without them, only ferry is measured).
 //! For each it records wall time, CPU time and peak RSS of each process, bytes on the wire, files per
-//! second, and prints a table with the ferry/rsync ratios.
+//! second, and prints a table with the ferry/rsync ratios. After the no-change round it times the floor
+//! under any tool's such round: listing every folder and `lstat`ing every entry, nothing else.
 //!
 //! Two more measurements, each on its own:
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
