@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use bytes::BytesMut;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
-use ferry_proto::{ALPN, ChunkBatch, Message, decode, encode, encode_chunk_batch};
+use ferry_proto::{ALPN, ChunkBatch, Message, bytes_missing, decode, encode, encode_chunk_batch};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
 /// UDP socket buffers: the kernel default (about 208 KB) drops packets even on loopback.
@@ -190,14 +190,11 @@ impl FrameReader {
             // Reads stop at the frame's end, so that its buffer (which `decode` sized to it) holds that
             // frame alone: a chunk batch's payload stays in it until applied, and must not keep the
             // start of the next frame, or twice its size, alive with it.
-            let missing = match self.buf.get(..4) {
-                Some(len) => (4 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
-                    .saturating_sub(self.buf.len())
-                    .max(1),
-                None => 4 - self.buf.len(),
-            };
-            let chunk =
-                self.stream.read_chunk(missing, true).await.context("the connection dropped while receiving")?;
+            let chunk = self
+                .stream
+                .read_chunk(bytes_missing(&self.buf).max(1), true)
+                .await
+                .context("the connection dropped while receiving")?;
             match chunk {
                 Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
                 None if self.buf.is_empty() => return Ok(None),

@@ -327,10 +327,9 @@ impl SourceChunks {
         read.then_some(&self.buf[..])
     }
 
-    /// Like [`SourceChunks::read`], appending the chunk to `out` (read straight into its spare room);
-    /// `false` leaves `out` as it was.
+    /// Like [`SourceChunks::read`], appending the chunk to `out`; `false` leaves `out` as it was.
     fn read_into(&mut self, need: &NeedChunk, out: &mut Vec<u8>) -> bool {
-        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
         if need.len as usize > (16 << 20) {
             return false;
         }
@@ -338,13 +337,10 @@ impl SourceChunks {
             self.open = self.root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
         }
         let Some((_, file)) = self.open.as_ref() else { return false };
-        let mut file: &std::fs::File = file;
         let start = out.len();
-        out.reserve(need.len as usize);
-        let read = file.seek(SeekFrom::Start(need.offset)).is_ok()
-            && file.take(u64::from(need.len)).read_to_end(out).is_ok()
-            && out.len() - start == need.len as usize
-            && ChunkHash::of(&out[start..]) == need.hash;
+        out.resize(start + need.len as usize, 0);
+        let read =
+            file.read_exact_at(&mut out[start..], need.offset).is_ok() && ChunkHash::of(&out[start..]) == need.hash;
         if !read {
             out.truncate(start);
         }

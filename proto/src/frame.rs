@@ -77,12 +77,26 @@ struct BorrowedBatch<'a> {
     payload: &'a [u8],
 }
 
+/// The body length the frame at the front of `buf` declares, once its 4-byte prefix is there.
+fn declared_len(buf: &[u8]) -> Option<usize> {
+    let prefix: [u8; 4] = buf.get(..4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(prefix) as usize)
+}
+
+/// How many more bytes the frame at the front of `buf` needs before [`decode`] can take it (0: none).
+/// A reader that reads no more than this keeps each frame in a buffer of its own.
+pub fn bytes_missing(buf: &[u8]) -> usize {
+    match declared_len(buf) {
+        Some(len) => (4 + len).saturating_sub(buf.len()),
+        None => 4 - buf.len(),
+    }
+}
+
 /// Takes one frame from the front of `buf`: `Ok(None)` when more bytes are needed.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
-    if buf.len() < 4 {
+    let Some(len) = declared_len(buf) else {
         return Ok(None);
-    }
-    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    };
     if len > MAX_FRAME_LEN {
         return Err(DecodeError::TooLong(len));
     }
@@ -182,7 +196,12 @@ mod tests {
     #[test]
     fn partial_frames_wait_for_more() {
         let bytes = frame(&Message::Done);
+        assert_eq!(bytes_missing(&[]), 4);
+        assert_eq!(bytes_missing(&bytes[..2]), 2);
+        assert_eq!(bytes_missing(&bytes[..4]), bytes.len() - 4);
+        assert_eq!(bytes_missing(&bytes), 0);
         let mut buf = BytesMut::from(&bytes[..bytes.len() - 1]);
+        assert_eq!(bytes_missing(&buf), 1);
         assert_eq!(decode(&mut buf).unwrap(), None);
         buf.extend_from_slice(&bytes[bytes.len() - 1..]);
         assert_eq!(decode(&mut buf).unwrap(), Some(Message::Done));

@@ -29,7 +29,7 @@ mod frame;
 mod message;
 mod round;
 
-pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, decode, encode, encode_chunk_batch};
+pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, bytes_missing, decode, encode, encode_chunk_batch};
 pub use message::{
     ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk,
     PROTOCOL_VERSION, Plan, RoundOptions, RoundRef,

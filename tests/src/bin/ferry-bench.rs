@@ -237,7 +237,8 @@ fn stat_floor(root: &Path) -> Result<Duration> {
                 let rx = rx.clone();
                 scope.spawn(move || {
                     let mut stats = 0u64;
-                    while let Ok((dir, names)) = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ())) {
+                    loop {
+                        let Some((dir, names)) = rx.lock().ok().and_then(|rx| rx.recv().ok()) else { break };
                         for name in names {
                             stats += u64::from(rustix::fs::statat(&*dir, &*name, AtFlags::SYMLINK_NOFOLLOW).is_ok());
                         }
