@@ -3,12 +3,17 @@
 //! [`Chunker`] takes bytes as they come (`push`), and hands out each chunk as soon as its end is known;
 //! `finish` hands out the last one. Boundaries depend only on content, never on how the input was split
 //! into pushes, so inserting bytes into a file changes only the chunks around the insertion.
-//! [`chunk_reader`] drives a chunker from any `Read`.
+//! [`hash_reader`] cuts and names everything a `Read` gives: what the scan does to every file it
+//! reads. It cuts where a [`Chunker`] would, and hashes one piece while it reads and cuts the next,
+//! so that a large file takes two cores.
 
 use std::io::{self, Read};
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
 use serde::{Deserialize, Serialize};
+
+use crate::hash::ChunkHash;
+use crate::manifest::ChunkRef;
 
 /// Chunk-size parameters, checked once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,11 +76,55 @@ impl Default for ChunkerConfig {
     }
 }
 
+/// Where FastCDC cuts, for one configuration.
+#[derive(Debug, Clone, Copy)]
+struct Cutter {
+    config: ChunkerConfig,
+    masks: [u64; 4],
+}
+
+impl Cutter {
+    fn new(config: ChunkerConfig) -> Self {
+        let (mask_s, mask_l) = select_masks(config.avg as usize, Normalization::Level1);
+        Self { config, masks: [mask_s, mask_l, mask_s << 1, mask_l << 1] }
+    }
+
+    /// The length of the chunk that starts `window`. `window` must hold at least `max` bytes, or run
+    /// to the end of the input: a cut point only ever depends on the next `max` bytes.
+    fn next_len(&self, window: &[u8]) -> usize {
+        let [mask_s, mask_l, mask_s_ls, mask_l_ls] = self.masks;
+        let (_, len) = cut(
+            window,
+            self.config.min as usize,
+            self.config.avg as usize,
+            self.config.max as usize,
+            mask_s,
+            mask_l,
+            mask_s_ls,
+            mask_l_ls,
+        );
+        // `cut` returns at least one byte for non-empty input; guard anyway so that a surprise can
+        // never loop forever.
+        len.clamp(1, window.len())
+    }
+
+    /// The lengths of the chunks that `buf` holds whole: all of it at the end of the input, else up
+    /// to where less than `max` bytes are left.
+    fn cut_all(&self, buf: &[u8], at_end: bool, lens: &mut Vec<usize>) {
+        let max = self.config.max as usize;
+        let mut start = 0;
+        while buf.len() - start >= max || (at_end && start < buf.len()) {
+            let len = self.next_len(&buf[start..]);
+            lens.push(len);
+            start += len;
+        }
+    }
+}
+
 /// A push-style content-defined chunker. Holds at most `max` bytes of input it has not yet handed out.
 #[derive(Debug)]
 pub struct Chunker {
-    config: ChunkerConfig,
-    masks: [u64; 4],
+    cutter: Cutter,
     buf: Vec<u8>,
     start: usize,
 }
@@ -83,18 +132,12 @@ pub struct Chunker {
 impl Chunker {
     /// A chunker at the start of a stream.
     pub fn new(config: ChunkerConfig) -> Self {
-        let (mask_s, mask_l) = select_masks(config.avg as usize, Normalization::Level1);
-        Self {
-            config,
-            masks: [mask_s, mask_l, mask_s << 1, mask_l << 1],
-            buf: Vec::with_capacity(2 * config.max as usize),
-            start: 0,
-        }
+        Self { cutter: Cutter::new(config), buf: Vec::with_capacity(2 * config.max as usize), start: 0 }
     }
 
     /// Feeds bytes; calls `emit` with every chunk whose end is now known.
     pub fn push<E>(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
-        let max = self.config.max as usize;
+        let max = self.cutter.config.max as usize;
         while !data.is_empty() {
             // Fill up to two maximum chunks, then cut while a whole maximum chunk is buffered: a cut
             // point only ever depends on the next `max` bytes.
@@ -123,49 +166,82 @@ impl Chunker {
 
     fn cut_one<E>(&mut self, emit: &mut impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
         let window = &self.buf[self.start..];
-        let [mask_s, mask_l, mask_s_ls, mask_l_ls] = self.masks;
-        let (_, len) = cut(
-            window,
-            self.config.min as usize,
-            self.config.avg as usize,
-            self.config.max as usize,
-            mask_s,
-            mask_l,
-            mask_s_ls,
-            mask_l_ls,
-        );
-        // `cut` returns at least one byte for non-empty input; guard anyway so that a surprise can
-        // never loop forever.
-        let len = len.clamp(1, window.len());
+        let len = self.cutter.next_len(window);
         emit(&window[..len])?;
         self.start += len;
         Ok(())
     }
 }
 
-/// Reads `reader` to its end and calls `emit` with each chunk; returns the number of bytes read.
-pub fn chunk_reader<R: Read>(
+/// Bytes [`hash_reader`] reads at a time.
+const READ_SIZE: usize = 1 << 20;
+
+/// The buffers [`hash_reader`] reads into, kept from one call to the next.
+#[derive(Debug, Default)]
+pub struct ReadBuffers {
+    current: Vec<u8>,
+    next: Vec<u8>,
+    lens: Vec<usize>,
+    next_lens: Vec<usize>,
+}
+
+/// Reads `reader` to its end, cuts what it gives into chunks and names each one; returns the chunks in
+/// order and the number of bytes read. The chunks are those of a [`Chunker`] fed the same bytes.
+///
+/// Input that one read does not hold is pipelined: the chunks of one piece are hashed while the next
+/// piece is read and cut, on rayon's pool.
+pub fn hash_reader<R: Read + Send>(
     config: ChunkerConfig,
     mut reader: R,
-    buf: &mut Vec<u8>,
-    mut emit: impl FnMut(&[u8]) -> io::Result<()>,
-) -> io::Result<u64> {
-    const READ_SIZE: usize = 1 << 20;
-    buf.resize(READ_SIZE, 0);
-    let mut chunker = Chunker::new(config);
-    let mut total = 0u64;
+    bufs: &mut ReadBuffers,
+) -> io::Result<(Vec<ChunkRef>, u64)> {
+    let cutter = Cutter::new(config);
+    let ReadBuffers { current, next, lens, next_lens } = bufs;
+    let mut chunks = Vec::new();
+    current.clear();
+    lens.clear();
+    let mut total = 0;
+    let mut at_end = fill(&mut reader, current, &mut total)?;
+    cutter.cut_all(current, at_end, lens);
     loop {
-        let n = match reader.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        total += n as u64;
-        chunker.push(&buf[..n], &mut emit)?;
+        let whole: usize = lens.iter().sum();
+        if at_end {
+            hash_into(&current[..whole], lens, &mut chunks);
+            return Ok((chunks, total));
+        }
+        // What is left after the last whole chunk starts the next piece.
+        next.clear();
+        next.extend_from_slice(&current[whole..]);
+        next_lens.clear();
+        let (_, read) = rayon::join(
+            || hash_into(&current[..whole], lens, &mut chunks),
+            || -> io::Result<bool> {
+                let at_end = fill(&mut reader, next, &mut total)?;
+                cutter.cut_all(next, at_end, next_lens);
+                Ok(at_end)
+            },
+        );
+        at_end = read?;
+        std::mem::swap(current, next);
+        std::mem::swap(lens, next_lens);
     }
-    chunker.finish(&mut emit)?;
-    Ok(total)
+}
+
+/// Appends up to [`READ_SIZE`] bytes of `reader` to `buf`; true when the reader is at its end.
+fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, total: &mut u64) -> io::Result<bool> {
+    buf.reserve(READ_SIZE);
+    let n = reader.by_ref().take(READ_SIZE as u64).read_to_end(buf)?;
+    *total += n as u64;
+    Ok(n < READ_SIZE)
+}
+
+fn hash_into(data: &[u8], lens: &[usize], chunks: &mut Vec<ChunkRef>) {
+    let mut start = 0;
+    for &len in lens {
+        let chunk = &data[start..start + len];
+        chunks.push(ChunkRef { hash: ChunkHash::of(chunk), len: len as u32 });
+        start += len;
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +315,63 @@ mod tests {
         assert!(new <= 2, "{new} new chunks of {}", after.len());
     }
 
+    /// A reader that gives at most `piece` bytes per read, as pipes and some filesystems do.
+    struct Dribble<'a> {
+        data: &'a [u8],
+        piece: usize,
+    }
+
+    impl Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.piece.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn named(config: ChunkerConfig, data: &[u8]) -> Vec<ChunkRef> {
+        chunks_of(config, data, data.len().max(1))
+            .iter()
+            .map(|c| ChunkRef { hash: ChunkHash::of(c), len: c.len() as u32 })
+            .collect()
+    }
+
+    /// Inputs around the size of one read: the pieces' seams fall in every place a chunk can be.
+    #[test]
+    fn hash_reader_names_what_the_chunker_cuts() {
+        let mut bufs = ReadBuffers::default();
+        for len in [0, 1, READ_SIZE - 1, READ_SIZE, READ_SIZE + 1, 3 * READ_SIZE + 12345] {
+            let data = seeded(len, len as u64);
+            let (chunks, read) = hash_reader(ChunkerConfig::DEFAULT, &data[..], &mut bufs).unwrap();
+            assert_eq!(read, len as u64);
+            assert_eq!(chunks, named(ChunkerConfig::DEFAULT, &data), "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn hash_reader_reports_read_errors() {
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("the disk is gone"));
+                }
+                let n = self.0.min(buf.len());
+                buf[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let mut bufs = ReadBuffers::default();
+        let err = hash_reader(ChunkerConfig::DEFAULT, Failing(2 * READ_SIZE + 5), &mut bufs).unwrap_err();
+        assert_eq!(err.to_string(), "the disk is gone");
+        // The buffers are fit for the next file.
+        let data = seeded(READ_SIZE + 7, 3);
+        let (chunks, _) = hash_reader(ChunkerConfig::DEFAULT, &data[..], &mut bufs).unwrap();
+        assert_eq!(chunks, named(ChunkerConfig::DEFAULT, &data));
+    }
+
     #[test]
     fn rejects_bad_config() {
         assert!(ChunkerConfig::new(16 << 10, 64 << 10, 256 << 10).is_ok());
@@ -260,6 +393,16 @@ mod tests {
             for c in &one_shot[..one_shot.len().saturating_sub(1)] {
                 prop_assert!(c.len() >= 2048 && c.len() <= 32768);
             }
+        }
+
+        #[test]
+        fn hash_reader_equals_the_chunker(len in 0usize..(3 * READ_SIZE), seed: u64, piece in 1usize..400_000) {
+            let config = ChunkerConfig::new(2048, 8192, 32768).unwrap();
+            let data = seeded(len, seed);
+            let mut bufs = ReadBuffers::default();
+            let (chunks, read) = hash_reader(config, Dribble { data: &data, piece }, &mut bufs).unwrap();
+            prop_assert_eq!(read, len as u64);
+            prop_assert_eq!(chunks, named(config, &data));
         }
     }
 }

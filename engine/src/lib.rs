@@ -41,7 +41,7 @@ pub use apply::{
     Applier, ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Fetched, LARGE_FILE, Needed, Planner,
     apply,
 };
-pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, chunk_reader};
+pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError};
 pub use manifest::{

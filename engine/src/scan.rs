@@ -21,8 +21,8 @@ use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use serde::{Deserialize, Serialize};
 
-use crate::chunker::{ChunkerConfig, chunk_reader};
-use crate::hash::{ChunkHash, RootHash};
+use crate::chunker::{ChunkerConfig, ReadBuffers, hash_reader};
+use crate::hash::RootHash;
 use crate::manifest::{ChunkRef, Entry, EntryKind, Keyed, ManifestWriter, RecordFileError, RecordReader, RecordWriter};
 use crate::owner::OwnerNames;
 use crate::path::{RelPath, STAGING_DIR};
@@ -537,16 +537,14 @@ fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, options: &ScanOpt
     {
         return Outcome::Changed;
     }
-    let mut chunks = Vec::new();
     let file = std::fs::File::from(fd);
-    let read = READ_BUF.with_borrow_mut(|buf| {
-        chunk_reader(options.chunker, &file, buf, |chunk| {
-            chunks.push(ChunkRef { hash: ChunkHash::of(chunk), len: chunk.len() as u32 });
-            Ok(())
-        })
-    });
-    let bytes_read = match read {
-        Ok(n) => n,
+    // Taken out, not borrowed: while `hash_reader` waits for its other half, rayon may run another
+    // file's read on this thread.
+    let mut bufs = READ_BUFFERS.take();
+    let read = hash_reader(options.chunker, &file, &mut bufs);
+    READ_BUFFERS.set(bufs);
+    let (chunks, bytes_read) = match read {
+        Ok(read) => read,
         Err(e) => return Outcome::Unreadable(format!("read error: {e}")),
     };
     if let Some(hook) = &options.after_read {
@@ -573,5 +571,5 @@ fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, options: &ScanOpt
 }
 
 thread_local! {
-    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static READ_BUFFERS: std::cell::RefCell<ReadBuffers> = std::cell::RefCell::new(ReadBuffers::default());
 }

@@ -10,11 +10,11 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
 
-use ferry_engine::{ChunkHash, ChunkerConfig, chunk_reader};
+use ferry_engine::{ChunkHash, ChunkerConfig, ReadBuffers, hash_reader};
 use ferry_testkit::{TreeGenerator, TreeSpec};
 use rand::{RngExt, SeedableRng};
 
-fn chunk_tree(root: &Path, config: ChunkerConfig, buf: &mut Vec<u8>) -> (Vec<(ChunkHash, u64)>, u64) {
+fn chunk_tree(root: &Path, config: ChunkerConfig, bufs: &mut ReadBuffers) -> (Vec<(ChunkHash, u64)>, u64) {
     let mut chunks = Vec::new();
     let mut bytes = 0;
     let mut stack = vec![root.to_path_buf()];
@@ -26,25 +26,18 @@ fn chunk_tree(root: &Path, config: ChunkerConfig, buf: &mut Vec<u8>) -> (Vec<(Ch
                 stack.push(child.path());
             } else if kind.is_file() {
                 let file = std::fs::File::open(child.path()).expect("open");
-                bytes += chunk_reader(config, file, buf, |c| {
-                    chunks.push((ChunkHash::of(c), c.len() as u64));
-                    Ok(())
-                })
-                .expect("read");
+                let (named, read) = hash_reader(config, &file, bufs).expect("read");
+                chunks.extend(named.iter().map(|c| (c.hash, c.len as u64)));
+                bytes += read;
             }
         }
     }
     (chunks, bytes)
 }
 
-fn chunk_bytes(data: &[u8], config: ChunkerConfig, buf: &mut Vec<u8>) -> Vec<(ChunkHash, u64)> {
-    let mut chunks = Vec::new();
-    chunk_reader(config, data, buf, |c| {
-        chunks.push((ChunkHash::of(c), c.len() as u64));
-        Ok(())
-    })
-    .expect("in memory");
-    chunks
+fn chunk_bytes(data: &[u8], config: ChunkerConfig, bufs: &mut ReadBuffers) -> Vec<(ChunkHash, u64)> {
+    let (named, _) = hash_reader(config, data, bufs).expect("in memory");
+    named.iter().map(|c| (c.hash, c.len as u64)).collect()
 }
 
 fn new_bytes(before: &[(ChunkHash, u64)], after: &[(ChunkHash, u64)]) -> u64 {
@@ -81,14 +74,14 @@ fn main() {
         "{:>16}  {:>10}  {:>12}  {:>14}  {:>16}  {:>10}",
         "min/avg/max", "chunks", "tree bytes", "day: new bytes", "10 edits in 64M", "MB/s"
     );
-    let mut buf = Vec::new();
+    let mut bufs = ReadBuffers::default();
     for (min, avg, max) in [(4, 16, 64), (8, 32, 128), (16, 64, 256), (32, 128, 512), (64, 256, 1024)] {
         let config = ChunkerConfig::new(min << 10, avg << 10, max << 10).expect("valid sizes");
-        let (before, _) = chunk_tree(&day0, config, &mut buf);
+        let (before, _) = chunk_tree(&day0, config, &mut bufs);
         let started = Instant::now();
-        let (after, bytes) = chunk_tree(&day1, config, &mut buf);
+        let (after, bytes) = chunk_tree(&day1, config, &mut bufs);
         let tree_rate = bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
-        let edit_cost = new_bytes(&chunk_bytes(&big, config, &mut buf), &chunk_bytes(&edited, config, &mut buf));
+        let edit_cost = new_bytes(&chunk_bytes(&big, config, &mut bufs), &chunk_bytes(&edited, config, &mut bufs));
         println!(
             "{:>16}  {:>10}  {:>12}  {:>14}  {:>16}  {:>10.0}",
             format!("{min}K/{avg}K/{max}K"),
