@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
@@ -225,8 +225,8 @@ async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyho
     let plan = loop {
         match session.reader.next().await? {
             Some(Message::Need(chunks)) => {
-                let root = prepared.job.path.clone();
-                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, &chunks))
+                let (root, settled_before) = (prepared.job.path.clone(), prepared.settled_before);
+                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled_before, &chunks))
                     .await
                     .context("sizing chunks panicked")??;
             }
@@ -288,8 +288,8 @@ fn finish_time(timetable: &ferry_engine::Timetable, bytes: u64) -> (Option<u64>,
 
 /// Reads the asked-for chunks and returns what they would weigh on the wire: compressed when the
 /// round would compress them, else raw. Chunks that changed since the scan weigh nothing.
-fn estimate_chunks(root: &Path, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
-    let mut reader = SourceChunks::open(root)?;
+fn estimate_chunks(root: &Path, settled_before: SystemTime, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
+    let mut reader = SourceChunks::open(root, settled_before)?;
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut total = 0u64;
     for need in chunks {
@@ -307,14 +307,20 @@ fn estimate_chunks(root: &Path, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
 /// (requests come in file order).
 struct SourceChunks {
     root: RootDir,
+    settled_before: SystemTime,
     open: Option<(ferry_engine::RelPath, std::fs::File)>,
     buf: Vec<u8>,
 }
 
 impl SourceChunks {
-    fn open(root: &Path) -> anyhow::Result<Self> {
+    /// Reads beneath `root`. A chunk read from a file whose inode still shows no change since
+    /// `settled_before` (a second before the scan began, the margin of the scan's own quick check)
+    /// is what the scan hashed, and is not hashed again: any write since would have moved the
+    /// file's ctime past it. Other chunks are checked against the scan's hashes. The destination
+    /// checks every chunk in any case.
+    fn open(root: &Path, settled_before: SystemTime) -> anyhow::Result<Self> {
         let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
-        Ok(Self { root, open: None, buf: Vec::new() })
+        Ok(Self { root, settled_before, open: None, buf: Vec::new() })
     }
 
     /// The chunk's bytes, or `None` when it is too large, unreadable, or no longer hashes to what the
@@ -339,13 +345,24 @@ impl SourceChunks {
         let Some((_, file)) = self.open.as_ref() else { return false };
         let start = out.len();
         out.resize(start + need.len as usize, 0);
-        let read =
-            file.read_exact_at(&mut out[start..], need.offset).is_ok() && ChunkHash::of(&out[start..]) == need.hash;
+        // The ctime is looked at after the read: unchanged then, the bytes read are the scan's.
+        let read = file.read_exact_at(&mut out[start..], need.offset).is_ok()
+            && (settled(file, self.settled_before) || ChunkHash::of(&out[start..]) == need.hash);
         if !read {
             out.truncate(start);
         }
         read
     }
+}
+
+/// True when `file`'s inode last changed before `before` (its ctime: any write, truncation, rename or
+/// change of owner or mode moves it to the present).
+fn settled(file: &std::fs::File, before: SystemTime) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().is_ok_and(|m| {
+        u64::try_from(m.ctime())
+            .is_ok_and(|secs| SystemTime::UNIX_EPOCH + Duration::new(secs, m.ctime_nsec() as u32) < before)
+    })
 }
 
 /// Prints one JSON document on stdout.
@@ -388,6 +405,8 @@ struct Prepared {
     state: SourceState,
     scanned: ferry_engine::ScanReport,
     new_root: ferry_engine::RootHash,
+    /// Files whose inode last changed before this hold what the scan read (see [`SourceChunks::open`]).
+    settled_before: SystemTime,
     _lock: ferry_engine::StateLock,
 }
 
@@ -429,6 +448,7 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
     }
 
     tracing::info!("scanning {}", job.path.display());
+    let settled_before = SystemTime::now() - Duration::from_secs(1);
     let scanned = {
         let (path, cache, out) = (job.path.clone(), state.cache(), state.scanned());
         tokio::task::spawn_blocking(move || scan(&path, Some(&cache), &out, &cache, &ScanOptions::default()))
@@ -443,7 +463,7 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
         );
     }
     let new_root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
-    Ok(Prepared { job, peer, addr, identity, state, scanned, new_root, _lock: lock })
+    Ok(Prepared { job, peer, addr, identity, state, scanned, new_root, settled_before, _lock: lock })
 }
 
 /// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.
@@ -787,7 +807,8 @@ async fn serve_round(
     let (batches_tx, batches_rx) = async_channel();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader_task = {
-        let (root, counters, stop, limiter) = (prepared.job.path.clone(), sent.clone(), stop.clone(), limiter.clone());
+        let (root, settled_before) = (prepared.job.path.clone(), prepared.settled_before);
+        let (counters, stop, limiter) = (sent.clone(), stop.clone(), limiter.clone());
         let mut cursor = PositionCursor { positions, at: 0 };
         tokio::task::spawn_blocking(move || {
             while let Some(chunks) = needs_rx.blocking_recv() {
@@ -796,7 +817,10 @@ async fn serve_round(
                 let batch_bytes = limiter.rate().bytes_per_second().map_or(crate::chunks::BATCH_BYTES, |bps| {
                     (bps as usize / 16).clamp(64 << 10, crate::chunks::BATCH_BYTES)
                 });
-                match read_chunks(&root, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes) {
+                let read = SourceChunks::open(&root, settled_before).and_then(|mut reader| {
+                    read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)
+                });
+                match read {
                     Ok(missing) if missing.is_empty() => {}
                     Ok(missing) => {
                         let _ = reader_tx.send(FromReader::Missing(missing));
@@ -1140,7 +1164,7 @@ impl PendingBatch {
 /// BLOBs for its batch to fill (with a 48 MiB request, that wait held up the whole window for seconds
 /// on a 100 Mbit/s link).
 fn read_chunks(
-    root: &Path,
+    reader: &mut SourceChunks,
     chunks: Vec<NeedChunk>,
     tx: &BatchSender,
     counters: &Counters,
@@ -1148,7 +1172,6 @@ fn read_chunks(
     stop: &std::sync::atomic::AtomicBool,
     batch_bytes: usize,
 ) -> anyhow::Result<Vec<ChunkHash>> {
-    let mut reader = SourceChunks::open(root)?;
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut missing = Vec::new();
     let mut batches = [PendingBatch::new(batch_bytes), PendingBatch::new(batch_bytes)];
@@ -1321,6 +1344,27 @@ mod tests {
         }
     }
 
+    /// A chunk of a file untouched since before the scan is taken as the scan hashed it; a chunk of a
+    /// file changed since is checked, and is missing when it no longer matches.
+    #[test]
+    fn only_files_changed_since_the_scan_are_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"Subject: minutes\r\n\r\nAs agreed.\r\n".to_vec();
+        std::fs::write(dir.path().join("mail"), &content).unwrap();
+        let good = need("mail", &content, 0, content.len());
+        // What the scan would have named, had the file held other bytes of the same length then.
+        let stale = NeedChunk { hash: ChunkHash::of(b"something else"), ..good.clone() };
+
+        // The scan began a minute after the file's last change.
+        let mut reader = SourceChunks::open(dir.path(), SystemTime::now() + Duration::from_secs(60)).unwrap();
+        assert_eq!(reader.read(&stale), Some(&content[..]), "a settled file's chunk is not hashed again");
+
+        // The scan began before it.
+        let mut reader = SourceChunks::open(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(reader.read(&stale), None, "a changed file's chunk is checked");
+        assert_eq!(reader.read(&good), Some(&content[..]));
+    }
+
     /// A text chunk asked for before megabytes of BLOB goes out after at most two batches of them, not
     /// at the end of the request: the destination applies files in the order it asked for them.
     #[test]
@@ -1338,7 +1382,8 @@ mod tests {
         let (tx, rx) = async_channel();
         let mut cursor = PositionCursor { positions: Arc::default(), at: 0 };
         let stop = std::sync::atomic::AtomicBool::new(false);
-        let missing = read_chunks(dir.path(), needs, &tx, &Counters::default(), &mut cursor, &stop, BATCH).unwrap();
+        let mut reader = SourceChunks::open(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+        let missing = read_chunks(&mut reader, needs, &tx, &Counters::default(), &mut cursor, &stop, BATCH).unwrap();
         assert!(missing.is_empty());
         drop(tx);
 
