@@ -302,14 +302,16 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
     };
     let mut out = format!(
         "One file of {} MiB of random bytes, initial round (`ferry-bench --single-file {mib}`):\n\n\
-         | tool | wall s | MB/s | CPU send/recv s | RSS send/recv MiB | wire bytes |\n|---|---:|---:|---:|---:|---:|\n",
+         | tool | wall s | of which scan s | MB/s | CPU send/recv s | RSS send/recv MiB | wire bytes |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
         bytes >> 20
     );
     for (tool, m) in [("ferry", Some(&f)), ("rsync", r.as_ref())] {
         let Some(m) = m else { continue };
         out.push_str(&format!(
-            "| {tool} | {:.2} | {:.0} | {:.2} / {:.2} | {} / {} | {} |\n",
+            "| {tool} | {:.2} | {} | {:.0} | {:.2} / {:.2} | {} / {} | {} |\n",
             m.wall.as_secs_f64(),
+            m.scan.map_or(String::new(), |d| format!("{:.2}", d.as_secs_f64())),
             bytes as f64 / m.wall.as_secs_f64() / 1e6,
             m.cpu_send,
             m.cpu_recv,
