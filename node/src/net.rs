@@ -10,13 +10,8 @@ use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_proto::{ALPN, ChunkBatch, Message, bytes_missing, decode, encode, encode_chunk_batch};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 
-/// The UDP receive buffer asked for. The kernel default (about 208 KB, and `net.core.rmem_max` caps
-/// what an unprivileged socket may ask at that on a stock system) holds about a hundred packets: a
-/// destination busy writing drops the rest of a burst, even on loopback, and the sender takes each
-/// drop for congestion.
-const RECV_BUFFER: usize = 32 << 20;
-/// The UDP send buffer asked for.
-const SEND_BUFFER: usize = 4 << 20;
+/// UDP socket buffers: the kernel default (about 208 KB) drops packets even on loopback.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// How long a handshake may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,21 +36,9 @@ fn transport_config() -> quinn::TransportConfig {
 }
 
 fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
-    use rustix::net::sockopt;
     let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind UDP {addr}"))?;
-    // Past the system's limit where this process may (CAP_NET_ADMIN: root, as a node that keeps
-    // owners runs), else as much of it as the limit allows. Neither failing stops a round.
-    if sockopt::set_socket_recv_buffer_size_force(&socket, RECV_BUFFER).is_err() {
-        let _ = sockopt::set_socket_recv_buffer_size(&socket, RECV_BUFFER);
-    }
-    if sockopt::set_socket_send_buffer_size_force(&socket, SEND_BUFFER).is_err() {
-        let _ = sockopt::set_socket_send_buffer_size(&socket, SEND_BUFFER);
-    }
-    tracing::debug!(
-        "UDP {addr}: receive buffer {} B, send buffer {} B",
-        sockopt::socket_recv_buffer_size(&socket).unwrap_or(0),
-        sockopt::socket_send_buffer_size(&socket).unwrap_or(0)
-    );
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
     Ok(socket)
 }
 
@@ -227,21 +210,4 @@ pub(crate) mod close {
     pub(crate) const DONE: u32 = 0;
     /// A protocol or local error.
     pub(crate) const ERROR: u32 = 2;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The receive buffer is what was asked for where this process may pass the system's limit, and
-    /// the limit itself where it may not: never the kernel's small default.
-    #[test]
-    fn sockets_get_large_receive_buffers() {
-        let socket = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
-        let got = rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap();
-        let limit: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
-        // The kernel doubles what it grants, for its bookkeeping.
-        let expected = if rustix::process::geteuid().is_root() { RECV_BUFFER } else { RECV_BUFFER.min(limit) };
-        assert!(got >= 2 * expected, "receive buffer {got} B, expected {} B (rmem_max {limit})", 2 * expected);
-    }
 }
