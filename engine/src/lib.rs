@@ -55,7 +55,7 @@ pub use rootdir::RootDir;
 pub use round::{
     LocalChunkSource, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_round, lock_state,
 };
-pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, scan};
+pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, scan};
 
 /// Durations go to JSON as whole milliseconds.
 fn serialize_millis<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {

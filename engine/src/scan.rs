@@ -100,6 +100,30 @@ pub struct ScanReport {
     /// Wall time.
     #[serde(serialize_with = "crate::serialize_millis")]
     pub duration: Duration,
+    /// What the scan's trust in unchanged files rests on.
+    #[serde(skip)]
+    pub settled_before: SettledBefore,
+}
+
+/// A second before a scan began. A file whose inode last changed (its ctime) before then was settled
+/// when the scan read it: a record of it is trusted next time, and while its ctime stays before
+/// then it holds what the scan read (any write, truncation, rename or link moves the ctime to the
+/// present). The second is the filesystem's timestamp granularity: a file changed in the same tick
+/// as the scan began could change again without its timestamps moving (git's "racy" problem). The
+/// default is the epoch: nothing is settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettledBefore(i64);
+
+impl SettledBefore {
+    /// For a scan beginning at `start`.
+    pub fn scan_at(start: SystemTime) -> Self {
+        Self(to_ns(start) - 1_000_000_000)
+    }
+
+    /// True when `file`'s inode shows no change since: it holds what the scan read.
+    pub fn holds(self, file: impl AsFd) -> bool {
+        rustix::fs::fstat(file).is_ok_and(|stat| stat_ctime_ns(&stat) < self.0)
+    }
 }
 
 impl ScanReport {
@@ -155,15 +179,16 @@ pub fn scan(
     options: &ScanOptions,
 ) -> Result<ScanReport, ScanError> {
     let started = Instant::now();
-    // Anything modified this close to the scan may change again within the filesystem's timestamp
-    // granularity without its mtime moving: such records are not trusted next time (as git does).
-    let racy_after_ns = to_ns(SystemTime::now()) - 1_000_000_000;
+    let settled_before = SettledBefore::scan_at(SystemTime::now());
+    // Anything modified after that may change again without its timestamps moving: such records are
+    // not trusted next time.
+    let racy_after_ns = settled_before.0;
     let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| ScanError::OpenRoot { path: root.display().to_string(), source: e.into() })?;
     let walker = Walker::new(Arc::new(root_fd), cache_in);
     let mut manifest = ManifestWriter::create(manifest_out)?;
     let mut cache = RecordWriter::<CacheRecord>::create(cache_out)?;
-    let mut report = ScanReport::default();
+    let mut report = ScanReport { settled_before, ..ScanReport::default() };
     let mut names = OwnerNames::default();
     let mut hard_links: HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)> = HashMap::new();
 

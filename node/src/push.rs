@@ -3,11 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
-use ferry_engine::{ChunkHash, Entry, EntryKind, ManifestReader, RecordFileError, RootDir, ScanOptions, diff, scan};
+use ferry_engine::{
+    ChunkHash, Entry, EntryKind, ManifestReader, RecordFileError, RootDir, ScanOptions, SettledBefore, diff, scan,
+};
 use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundOptions, RoundRef};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -225,8 +227,8 @@ async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyho
     let plan = loop {
         match session.reader.next().await? {
             Some(Message::Need(chunks)) => {
-                let (root, settled_before) = (prepared.job.path.clone(), prepared.settled_before);
-                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled_before, &chunks))
+                let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
+                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled, &chunks))
                     .await
                     .context("sizing chunks panicked")??;
             }
@@ -288,8 +290,8 @@ fn finish_time(timetable: &ferry_engine::Timetable, bytes: u64) -> (Option<u64>,
 
 /// Reads the asked-for chunks and returns what they would weigh on the wire: compressed when the
 /// round would compress them, else raw. Chunks that changed since the scan weigh nothing.
-fn estimate_chunks(root: &Path, settled_before: SystemTime, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
-    let mut reader = SourceChunks::open(root, settled_before)?;
+fn estimate_chunks(root: &Path, settled: SettledBefore, chunks: &[NeedChunk]) -> anyhow::Result<u64> {
+    let mut reader = SourceChunks::open(root, settled)?;
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut total = 0u64;
     for need in chunks {
@@ -307,20 +309,18 @@ fn estimate_chunks(root: &Path, settled_before: SystemTime, chunks: &[NeedChunk]
 /// (requests come in file order).
 struct SourceChunks {
     root: RootDir,
-    settled_before: SystemTime,
+    settled: SettledBefore,
     open: Option<(ferry_engine::RelPath, std::fs::File)>,
     buf: Vec<u8>,
 }
 
 impl SourceChunks {
-    /// Reads beneath `root`. A chunk read from a file whose inode still shows no change since
-    /// `settled_before` (a second before the scan began, the margin of the scan's own quick check)
-    /// is what the scan hashed, and is not hashed again: any write since would have moved the
-    /// file's ctime past it. Other chunks are checked against the scan's hashes. The destination
-    /// checks every chunk in any case.
-    fn open(root: &Path, settled_before: SystemTime) -> anyhow::Result<Self> {
+    /// Reads beneath `root`. A chunk read from a file that the scan's `settled` still holds for is
+    /// what the scan hashed, and is not hashed again. Other chunks are checked against the scan's
+    /// hashes. The destination checks every chunk in any case.
+    fn open(root: &Path, settled: SettledBefore) -> anyhow::Result<Self> {
         let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
-        Ok(Self { root, settled_before, open: None, buf: Vec::new() })
+        Ok(Self { root, settled, open: None, buf: Vec::new() })
     }
 
     /// The chunk's bytes, or `None` when it is too large, unreadable, or no longer hashes to what the
@@ -347,22 +347,12 @@ impl SourceChunks {
         out.resize(start + need.len as usize, 0);
         // The ctime is looked at after the read: unchanged then, the bytes read are the scan's.
         let read = file.read_exact_at(&mut out[start..], need.offset).is_ok()
-            && (settled(file, self.settled_before) || ChunkHash::of(&out[start..]) == need.hash);
+            && (self.settled.holds(file) || ChunkHash::of(&out[start..]) == need.hash);
         if !read {
             out.truncate(start);
         }
         read
     }
-}
-
-/// True when `file`'s inode last changed before `before` (its ctime: any write, truncation, rename or
-/// change of owner or mode moves it to the present).
-fn settled(file: &std::fs::File, before: SystemTime) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    file.metadata().is_ok_and(|m| {
-        u64::try_from(m.ctime())
-            .is_ok_and(|secs| SystemTime::UNIX_EPOCH + Duration::new(secs, m.ctime_nsec() as u32) < before)
-    })
 }
 
 /// Prints one JSON document on stdout.
@@ -405,8 +395,6 @@ struct Prepared {
     state: SourceState,
     scanned: ferry_engine::ScanReport,
     new_root: ferry_engine::RootHash,
-    /// Files whose inode last changed before this hold what the scan read (see [`SourceChunks::open`]).
-    settled_before: SystemTime,
     _lock: ferry_engine::StateLock,
 }
 
@@ -448,7 +436,6 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
     }
 
     tracing::info!("scanning {}", job.path.display());
-    let settled_before = SystemTime::now() - Duration::from_secs(1);
     let scanned = {
         let (path, cache, out) = (job.path.clone(), state.cache(), state.scanned());
         tokio::task::spawn_blocking(move || scan(&path, Some(&cache), &out, &cache, &ScanOptions::default()))
@@ -463,7 +450,7 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
         );
     }
     let new_root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
-    Ok(Prepared { job, peer, addr, identity, state, scanned, new_root, settled_before, _lock: lock })
+    Ok(Prepared { job, peer, addr, identity, state, scanned, new_root, _lock: lock })
 }
 
 /// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.
@@ -807,7 +794,7 @@ async fn serve_round(
     let (batches_tx, batches_rx) = async_channel();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader_task = {
-        let (root, settled_before) = (prepared.job.path.clone(), prepared.settled_before);
+        let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
         let (counters, stop, limiter) = (sent.clone(), stop.clone(), limiter.clone());
         let mut cursor = PositionCursor { positions, at: 0 };
         tokio::task::spawn_blocking(move || {
@@ -817,7 +804,7 @@ async fn serve_round(
                 let batch_bytes = limiter.rate().bytes_per_second().map_or(crate::chunks::BATCH_BYTES, |bps| {
                     (bps as usize / 16).clamp(64 << 10, crate::chunks::BATCH_BYTES)
                 });
-                let read = SourceChunks::open(&root, settled_before).and_then(|mut reader| {
+                let read = SourceChunks::open(&root, settled).and_then(|mut reader| {
                     read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)
                 });
                 match read {
@@ -1356,11 +1343,12 @@ mod tests {
         let stale = NeedChunk { hash: ChunkHash::of(b"something else"), ..good.clone() };
 
         // The scan began a minute after the file's last change.
-        let mut reader = SourceChunks::open(dir.path(), SystemTime::now() + Duration::from_secs(60)).unwrap();
+        let later = SettledBefore::scan_at(std::time::SystemTime::now() + Duration::from_secs(60));
+        let mut reader = SourceChunks::open(dir.path(), later).unwrap();
         assert_eq!(reader.read(&stale), Some(&content[..]), "a settled file's chunk is not hashed again");
 
         // The scan began before it.
-        let mut reader = SourceChunks::open(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+        let mut reader = SourceChunks::open(dir.path(), SettledBefore::default()).unwrap();
         assert_eq!(reader.read(&stale), None, "a changed file's chunk is checked");
         assert_eq!(reader.read(&good), Some(&content[..]));
     }
@@ -1382,7 +1370,7 @@ mod tests {
         let (tx, rx) = async_channel();
         let mut cursor = PositionCursor { positions: Arc::default(), at: 0 };
         let stop = std::sync::atomic::AtomicBool::new(false);
-        let mut reader = SourceChunks::open(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+        let mut reader = SourceChunks::open(dir.path(), SettledBefore::default()).unwrap();
         let missing = read_chunks(&mut reader, needs, &tx, &Counters::default(), &mut cursor, &stop, BATCH).unwrap();
         assert!(missing.is_empty());
         drop(tx);
