@@ -35,6 +35,9 @@ pub struct Impairment {
     /// With a rate: how long a datagram may wait for the link before it is dropped, as a router's
     /// buffer would (zero: 100 ms).
     pub queue: Duration,
+    /// The largest datagram payload the link carries (`None`: any, as loopback); larger ones are
+    /// dropped, as a router drops a packet that may not be fragmented. 1472 is an Ethernet path's.
+    pub max_datagram: Option<usize>,
 }
 
 struct Packet {
@@ -205,6 +208,9 @@ fn impair(shared: &Shared, to_server: bool, data: &[u8]) {
         return;
     }
     let Ok(impairment) = shared.impairment.lock().map(|i| i.clone()) else { return };
+    if impairment.max_datagram.is_some_and(|max| data.len() > max) {
+        return;
+    }
     let Ok(mut rng) = shared.rng.lock() else { return };
     let (rng, in_burst) = &mut *rng;
     let p_loss = if *in_burst { impairment.burst.max(impairment.loss) } else { impairment.loss };
@@ -337,8 +343,13 @@ mod tests {
         proxy.rebind().unwrap();
         let (new_port, _) = ask(&client, 5).unwrap();
         assert_ne!(port, new_port);
+        // A link with a smaller MTU drops the 100-byte datagram, and carries it again when it fits.
+        proxy.set(Impairment { max_datagram: Some(99), ..Impairment::default() });
+        assert!(ask(&client, 6).is_none());
+        proxy.set(Impairment { max_datagram: Some(102), ..Impairment::default() });
+        ask(&client, 7).unwrap();
         proxy.set(Impairment { duplicate: 1.0, ..Impairment::default() });
-        ask(&client, 6).unwrap();
+        ask(&client, 8).unwrap();
         assert!(client.recv_from(&mut [0u8; 2048]).is_ok(), "the duplicate arrives too");
     }
 
