@@ -13,6 +13,26 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 /// UDP socket buffers: the kernel default (about 208 KB) drops packets even on loopback.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// The largest UDP payload ferry sends or accepts: the upper bound of QUIC's path MTU discovery. On an
+/// Ethernet path discovery stays at quinn's 1452 bytes; on loopback or jumbo frames it climbs to this,
+/// and the fixed cost of each packet (encryption, header protection, acknowledgement, its share of a
+/// system call) is paid for four and a half times as many bytes.
+///
+/// quinn sends up to [`QUINN_GSO_BATCH`] datagrams with one `sendmsg` (GSO), and the kernel refuses a
+/// batch larger than one UDP datagram can be (64 KiB) with `EMSGSIZE`, which quinn-udp drops without a
+/// word. With 8952-byte datagrams, batches of eight (71,616 bytes) were refused, quinn took the losses
+/// for a black hole and fell back to 1200-byte datagrams, and a 1 GiB round once crawled into its idle
+/// timeout. Ten of these fit.
+const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// The most datagrams quinn puts in one GSO batch (`MAX_TRANSMIT_SEGMENTS` in quinn 0.11).
+const QUINN_GSO_BATCH: usize = 10;
+
+/// The largest UDP payload of one datagram over IPv4 (65535 minus the IP and UDP headers).
+const MAX_DATAGRAM: usize = 65_507;
+
+const _: () = assert!(MAX_UDP_PAYLOAD as usize * QUINN_GSO_BATCH <= MAX_DATAGRAM);
+
 /// How long a handshake may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,7 +52,17 @@ fn transport_config() -> quinn::TransportConfig {
         .send_window(64 << 20)
         .max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")))
         .keep_alive_interval(Some(Duration::from_secs(5)));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    transport.mtu_discovery_config(Some(mtu));
     transport
+}
+
+/// `config`, accepting datagrams of up to [`MAX_UDP_PAYLOAD`] bytes (a transport parameter: the peer
+/// sends none larger).
+fn accepting_large_datagrams(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
+    config.max_udp_payload_size(MAX_UDP_PAYLOAD).expect("6500 bytes is a valid UDP payload size");
+    config
 }
 
 fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
@@ -64,7 +94,7 @@ pub(crate) fn server_endpoint(
     // that key must survive a restart as well.
     let cid_key = u64::from_le_bytes(identity.derive_secret("ferry quic cid key v1")[..8].try_into()?);
     endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
-    quinn::Endpoint::new(endpoint_config, Some(server), udp_socket(listen)?, runtime)
+    quinn::Endpoint::new(accepting_large_datagrams(endpoint_config), Some(server), udp_socket(listen)?, runtime)
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
@@ -122,7 +152,12 @@ pub(crate) async fn connect(
     client.transport_config(Arc::new(transport));
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
-    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(bind)?, runtime)?;
+    let mut endpoint = quinn::Endpoint::new(
+        accepting_large_datagrams(quinn::EndpointConfig::default()),
+        None,
+        udp_socket(bind)?,
+        runtime,
+    )?;
     endpoint.set_default_client_config(client);
     let connecting = endpoint.connect(addr, "ferry")?;
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {

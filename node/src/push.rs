@@ -83,6 +83,9 @@ pub struct PushReport {
     pub bytes_on_wire: u64,
     /// Bytes QUIC had to send again because packets were lost.
     pub bytes_lost: u64,
+    /// The largest UDP payload the last connection's path MTU discovery found: 1452 on an Ethernet
+    /// path, more on loopback or jumbo frames.
+    pub path_mtu: u16,
     /// Connections the round took (more than one after a reconnection).
     pub connections: u64,
     /// Entries the destination could not apply.
@@ -569,6 +572,7 @@ async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow:
 struct Totals {
     bytes_on_wire: u64,
     bytes_lost: u64,
+    path_mtu: u16,
     attempts: u64,
 }
 
@@ -577,6 +581,7 @@ impl Totals {
         let stats = connection.stats();
         self.bytes_on_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
         self.bytes_lost += stats.path.lost_bytes;
+        self.path_mtu = stats.path.current_mtu;
     }
 }
 
@@ -691,6 +696,7 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         chunk_bytes: sent.bytes.load(Ordering::Relaxed),
         bytes_on_wire: totals.bytes_on_wire,
         bytes_lost: totals.bytes_lost,
+        path_mtu: totals.path_mtu,
         connections: totals.attempts,
         failures: committed.failures,
         failure_count: committed.failure_count,

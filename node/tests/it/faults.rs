@@ -63,6 +63,29 @@ fn a_round_over_100_ms_rtt_with_2_percent_loss_completes() {
 }
 
 #[test]
+fn datagrams_grow_to_what_the_path_carries_and_no_further() {
+    // Loopback carries 64 KiB datagrams: path MTU discovery climbs past Ethernet's 1452 bytes, and the
+    // round keeps its one connection. (With 8952-byte datagrams, quinn's batches outgrew one UDP
+    // datagram, the kernel refused them, and quinn fell back to 1200-byte datagrams.)
+    let (setup, proxy) = behind_proxy(16);
+    let report = finish(sync_in_background(&setup, &[]), Duration::from_secs(120));
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_eq!(report["connections"], 1, "{report}");
+    assert!(report["path_mtu"].as_u64().unwrap() > 1472, "{report}");
+    assert!(report["bytes_lost"].as_u64().unwrap() < report["bytes_on_wire"].as_u64().unwrap() / 10, "{report}");
+
+    // A path with an Ethernet MTU drops anything larger: discovery stops below it, and the round
+    // completes as before.
+    proxy.set(Impairment { max_datagram: Some(1472), ..Impairment::default() });
+    crate::util::write(&setup.path("export/big/blob-new"), &random_bytes(4 << 20, 99));
+    let report = finish(sync_in_background(&setup, &[]), Duration::from_secs(120));
+    assert_eq!(report["in_sync"], true, "{report}");
+    let mtu = report["path_mtu"].as_u64().unwrap();
+    assert!((1200..=1472).contains(&mtu), "{report}");
+    assert_same_tree(&setup.path("export"), &setup.path("migration"), |_| false);
+}
+
+#[test]
 fn a_round_through_reordering_duplication_and_bursty_loss_completes() {
     let (setup, proxy) = behind_proxy(2);
     proxy.set(Impairment {

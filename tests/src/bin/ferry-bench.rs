@@ -435,7 +435,8 @@ fn small_files(root: &Path, files: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// ferry's initial round through a 100 Mbit/s link with 50 ms of round trip and 1% loss.
+/// ferry's initial round through a 100 Mbit/s link with 50 ms of round trip and 1% loss, and an
+/// Ethernet MTU: the link drops datagrams of more than 1472 bytes, as a WAN path would.
 fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
     const RATE: u64 = 100_000_000 / 8;
     let proxy = ferry_testkit::UdpProxy::start(ferry.daemon_addr.parse()?)?;
@@ -444,6 +445,7 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
         delay: Duration::from_millis(25),
         loss: args.loss / 100.0,
         queue: Duration::from_millis(50),
+        max_datagram: Some(1472),
         ..ferry_testkit::Impairment::default()
     });
     ferry.point_at(&proxy.addr().to_string())?;
