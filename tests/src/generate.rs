@@ -60,6 +60,9 @@ pub struct DayChanges {
     pub files_removed: u64,
     /// Bytes of new or rewritten content.
     pub bytes_written: u64,
+    /// Of those, bytes of fresh random content (new BLOBs and archives): incompressible and found in no
+    /// other file, so that no tool can send them in fewer bytes.
+    pub new_random_bytes: u64,
 }
 
 struct Account {
@@ -199,6 +202,7 @@ impl TreeGenerator {
         let size = ((7000f64.ln() + 2.0 * normal).exp() as u64).clamp(200, self.spec.max_blob) as usize;
         let mut data = vec![0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0x00, 0x03];
         data.extend(self.random_bytes(size));
+        self.changes.new_random_bytes += size as u64;
         let digest = blake3::hash(&data);
         let name = base64::engine::general_purpose::STANDARD.encode(digest.as_bytes()).replace('/', ",");
         let rel = PathBuf::from(format!("items/{}/{}", &name[..2], name));
@@ -294,6 +298,7 @@ impl TreeGenerator {
             let size = self.rng.random_range(20_000..200_000);
             let mut data = vec![0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0x00, 0x03];
             data.extend(self.random_bytes(size));
+            self.changes.new_random_bytes += size as u64;
             let rel = PathBuf::from(format!("server/{component}_{dd:02}_{mm:02}_26#02_{:02}_00.tar.gz", self.day % 60));
             self.write_file(&rel, &data)?;
             self.server_files.push(rel);
@@ -426,9 +431,11 @@ mod tests {
         assert!(sa.keys().any(|p| p.starts_with(b"items/")));
         let day = ga.next_day().unwrap();
         assert!(day.files_added > 0 && day.files_rewritten > 0 && day.files_removed == 4);
+        // The new BLOBs and archives are random; the metadata written beside them is not.
+        assert!(day.new_random_bytes > 0 && day.new_random_bytes < day.bytes_written, "{day:?}");
         let after = crate::snapshot(a.path(), &[]).unwrap();
         assert!(crate::compare_trees(&sa, &after, |_| true).is_err());
-        ga.fresh_export().unwrap();
+        assert_eq!(ga.fresh_export().unwrap().new_random_bytes, 0);
         let fresh = crate::snapshot(a.path(), &[]).unwrap();
         let same_bytes = after.iter().all(|(p, n)| fresh.get(p).is_some_and(|f| f.kind == n.kind));
         assert!(same_bytes);

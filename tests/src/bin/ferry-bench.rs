@@ -10,8 +10,10 @@
 //! and `rsync -aH --stats` over ssh to an sshd it starts on loopback (rsync and openssh-server are
 //! installed with apt-get when missing and this runs as root; without them, only ferry is measured).
 //! For each it records wall time, CPU time and peak RSS of each process, bytes on the wire, files per
-//! second, and prints a table with the ferry/rsync ratios. After the no-change round it times the floor
-//! under any tool's such round: listing every folder and `lstat`ing every entry, nothing else.
+//! second, and prints a table with the ferry/rsync ratios. After the rounds it times the floor under
+//! any tool's such round on the same disk: a local copy of the tree with a `syncfs` (initial), listing
+//! every folder and `lstat`ing every entry (no change), and both with a copy of the changed files (one
+//! day); and it counts the day's fresh random bytes, which no tool can send in fewer.
 //!
 //! Two more measurements, each on its own:
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
@@ -179,11 +181,14 @@ fn run() -> Result<()> {
     };
 
     let mut rows: Vec<(String, Measure, Option<Measure>)> = Vec::new();
-    let mut floor = None;
+    let mut floors = Floors::default();
+    let replica = root.join("floor-copy");
+    let mut day_began = std::time::SystemTime::now();
     for round in ["initial", "no change", "one day of changes", "fresh export"] {
         match round {
             "one day of changes" => {
-                tree.next_day()?;
+                day_began = std::time::SystemTime::now();
+                floors.day_random_bytes = Some(tree.next_day()?.new_random_bytes);
             }
             "fresh export" => {
                 tree.fresh_export()?;
@@ -201,20 +206,160 @@ fn run() -> Result<()> {
         };
         eprintln!("{round}: ferry {:.2} s, rsync {:?}", f.wall.as_secs_f64(), r.as_ref().map(|r| r.wall));
         rows.push((round.to_owned(), f, r));
-        if round == "no change" {
-            // Right after both tools looked at the unchanged tree: the same warm caches.
-            floor = Some(stat_floor(&source)?);
+        // Right after both tools' rounds: the same warm caches.
+        match round {
+            "initial" => floors.initial = Some(copy_floor(&source, &replica)?),
+            "no change" => floors.no_change = Some(stat_floor(&source)?),
+            "one day of changes" => {
+                let changed = changed_since(&source, day_began)?;
+                rustix::fs::sync();
+                let stat = stat_floor(&source)?;
+                let (copy, sync) = durable_copy(&source, &replica, &changed)?;
+                floors.day = Some((stat, copy, sync, changed.len()));
+            }
+            _ => {}
         }
     }
     drop(ferry);
 
-    let table = render(&args, files, bytes, &rows, floor);
+    let table = render(&args, files, bytes, &rows, &floors);
     print!("{table}");
     if let Some(path) = &args.write {
         std::fs::write(path, table)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// What any tool must at least do in a round, measured on the same tree and disk in the same run.
+#[derive(Default)]
+struct Floors {
+    /// The initial round: the tree copied on the same disk, and the sync after it.
+    initial: Option<(Duration, Duration)>,
+    /// The no-change round: listing and `lstat`ing the tree.
+    no_change: Option<Duration>,
+    /// The day: listing and `lstat`ing the tree, then copying the changed files (how many: the last
+    /// field) over the initial copy, and the sync after it.
+    day: Option<(Duration, Duration, Duration, usize)>,
+    /// The day's fresh random content, which no tool can send in fewer bytes.
+    day_random_bytes: Option<u64>,
+}
+
+/// The floor under the initial round of any tool that makes what it writes durable: the tree copied
+/// to `replica` on the same disk, with no network, hashing or comparison (folders, then files on as
+/// many threads as there are cores, the kernel moving their bytes, then hard links and symlinks),
+/// and one `syncfs` after it. How long the copy took, and the sync.
+fn copy_floor(source: &Path, replica: &Path) -> Result<(Duration, Duration)> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+    let started = Instant::now();
+    let (mut files, mut links, mut symlinks) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first_link: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    std::fs::create_dir(replica)?;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(source.join(&dir))? {
+            let entry = entry?;
+            let rel = dir.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                std::fs::create_dir(replica.join(&rel))?;
+                stack.push(rel);
+            } else if kind.is_symlink() {
+                symlinks.push(rel);
+            } else if kind.is_file() {
+                let meta = entry.metadata()?;
+                if meta.nlink() > 1 {
+                    if let Some(first) = first_link.get(&(meta.dev(), meta.ino())) {
+                        links.push((first.clone(), rel));
+                        continue;
+                    }
+                    first_link.insert((meta.dev(), meta.ino()), rel.clone());
+                }
+                files.push(rel);
+            }
+        }
+    }
+    copy_files(source, replica, &files)?;
+    for (first, rel) in links {
+        std::fs::hard_link(replica.join(first), replica.join(rel))?;
+    }
+    for rel in symlinks {
+        std::os::unix::fs::symlink(std::fs::read_link(source.join(&rel))?, replica.join(rel))?;
+    }
+    let copy = started.elapsed();
+    let sync = sync_filesystem(replica)?;
+    eprintln!("copy floor: {} files in {:.2} s, sync {:.2} s", files.len(), copy.as_secs_f64(), sync.as_secs_f64());
+    Ok((copy, sync))
+}
+
+/// The regular files under `root` whose inode changed at or after `since` (relative paths).
+fn changed_since(root: &Path, since: std::time::SystemTime) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let since = since.duration_since(std::time::UNIX_EPOCH)?;
+    let mut changed = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(root.join(&dir))? {
+            let entry = entry?;
+            let rel = dir.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(rel);
+            } else if kind.is_file() {
+                let meta = entry.metadata()?;
+                if Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32) >= since {
+                    changed.push(rel);
+                }
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Copies `files` from `source` over their copies in `replica` (making folders where needed), then
+/// syncs the filesystem. How long the copy took, and the sync.
+fn durable_copy(source: &Path, replica: &Path, files: &[PathBuf]) -> Result<(Duration, Duration)> {
+    let started = Instant::now();
+    for rel in files {
+        if let Some(parent) = rel.parent() {
+            std::fs::create_dir_all(replica.join(parent))?;
+        }
+    }
+    copy_files(source, replica, files)?;
+    let copy = started.elapsed();
+    Ok((copy, sync_filesystem(replica)?))
+}
+
+/// Copies `files` from `source` to `replica` on as many threads as there are cores (`std::fs::copy`:
+/// the kernel moves the bytes with `copy_file_range`).
+fn copy_files(source: &Path, replica: &Path, files: &[PathBuf]) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> std::io::Result<()> {
+                    while let Some(rel) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        std::fs::copy(source.join(rel), replica.join(rel))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| "a copying thread panicked")??;
+        }
+        Ok(())
+    })
+}
+
+/// `syncfs` of the filesystem holding `path`, timed.
+fn sync_filesystem(path: &Path) -> Result<Duration> {
+    let started = Instant::now();
+    rustix::fs::syncfs(std::fs::File::open(path)?)?;
+    Ok(started.elapsed())
 }
 
 /// The floor under any tool's round with no change: listing every folder and `lstat`ing every entry in
@@ -952,13 +1097,7 @@ fn install_if_missing() -> Result<()> {
     if ok { Ok(()) } else { Err("apt-get install rsync openssh-server failed".into()) }
 }
 
-fn render(
-    args: &Args,
-    files: u64,
-    bytes: u64,
-    rows: &[(String, Measure, Option<Measure>)],
-    floor: Option<Duration>,
-) -> String {
+fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<Measure>)], floors: &Floors) -> String {
     let mut out = Vec::new();
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1030,18 +1169,62 @@ fn render(
     if let Some(fresh) = fresh {
         let _ = writeln!(out, "Fresh export: ferry put {:.2}% of the tree's bytes on the wire.", fresh * 100.0);
     }
-    if let Some(floor) = floor {
-        let rsync = rows.iter().find(|(r, _, _)| r == "no change").and_then(|(_, _, r)| r.as_ref());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // rsync's round: its wall time and wire bytes.
+    let rsync = |round: &str| rows.iter().find(|(r, _, _)| r == round).and_then(|(_, _, r)| r.as_ref());
+    let of_rsync = |round: &str, took: Duration| {
+        rsync(round).map_or(String::new(), |r| {
+            format!(", {:.2}× rsync's round", took.as_secs_f64() / r.wall.as_secs_f64().max(1e-9))
+        })
+    };
+    let _ = writeln!(
+        out,
+        "\nFloors, measured on the same tree and disk right after both tools' round (what any tool must at least \
+         do, with no network, hashing or comparison):\n"
+    );
+    if let Some((copy, sync)) = floors.initial {
         let _ = writeln!(
             out,
-            "No change: listing every folder and `lstat`ing every entry, and nothing else (the floor under any \
-             tool that looks at every file; one thread lists, {} stat) took {:.2} s{}.",
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
+            "- Initial: copying the tree on the same disk (folders, then files on {threads} threads with \
+             `copy_file_range`, then links) took {:.2} s{}, and one `syncfs` after it {:.2} s more: {:.2} s{} \
+             for a tool that makes every file durable.",
+            copy.as_secs_f64(),
+            of_rsync("initial", copy),
+            sync.as_secs_f64(),
+            (copy + sync).as_secs_f64(),
+            of_rsync("initial", copy + sync),
+        );
+    }
+    if let Some(floor) = floors.no_change {
+        let _ = writeln!(
+            out,
+            "- No change: listing every folder and `lstat`ing every entry (one thread lists, {threads} stat) took \
+             {:.2} s{}.",
             floor.as_secs_f64(),
-            rsync.map_or(String::new(), |r| format!(
-                ", {:.2}× rsync's round",
-                floor.as_secs_f64() / r.wall.as_secs_f64().max(1e-9)
-            ))
+            of_rsync("no change", floor),
+        );
+    }
+    if let Some((stat, copy, sync, files)) = floors.day {
+        let _ = writeln!(
+            out,
+            "- One day of changes: listing and `lstat`ing the tree took {:.2} s, then copying the {files} files \
+             the day changed over the initial copy {:.2} s and one `syncfs` {:.2} s: {:.2} s{}.",
+            stat.as_secs_f64(),
+            copy.as_secs_f64(),
+            sync.as_secs_f64(),
+            (stat + copy + sync).as_secs_f64(),
+            of_rsync("one day of changes", stat + copy + sync),
+        );
+    }
+    if let Some(random) = floors.day_random_bytes {
+        let _ = writeln!(
+            out,
+            "- One day of changes: the day wrote {random} bytes of fresh random content (new BLOBs and archives), \
+             which no tool can send in fewer bytes{}.",
+            rsync("one day of changes").map_or(String::new(), |r| format!(
+                ": {:.3}× rsync's wire bytes",
+                random as f64 / (r.wire as f64).max(1.0)
+            )),
         );
     }
     String::from_utf8_lossy(&out).into_owned()
