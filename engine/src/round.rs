@@ -182,3 +182,67 @@ pub fn local_round(
         duration: started.elapsed(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::ChunkHash;
+
+    /// A chunk source that has every chunk at hand, as the network round's window has what arrived.
+    struct Holding(LocalChunkSource);
+
+    impl ChunkSource for Holding {
+        fn fetch(
+            &mut self,
+            entry: &Entry,
+            offset: u64,
+            chunk: &ChunkRef,
+            out: &mut Vec<u8>,
+        ) -> Result<Fetched, FetchError> {
+            self.0.fetch(entry, offset, chunk, out)
+        }
+
+        fn holds(&mut self, _: &ChunkHash) -> bool {
+            true
+        }
+    }
+
+    /// A first local round of a file `a`, then a copy of it as `b` applied with a source that holds
+    /// its chunks or not.
+    fn copy_applied(holding: bool) -> ApplyReport {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target, state) = (dir.path().join("source"), dir.path().join("target"), dir.path().join("state"));
+        std::fs::create_dir(&source).unwrap();
+        let mut bytes = vec![0u8; 300_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut bytes);
+        std::fs::write(source.join("a"), &bytes).unwrap();
+        local_round(&source, &target, &state, &LocalRoundOptions::default()).unwrap();
+
+        std::fs::write(source.join("b"), &bytes).unwrap();
+        let (cache, manifest) = (state.join("source/cache"), state.join("source/manifest.2"));
+        scan(&source, Some(&cache), &manifest, &state.join("source/cache.2"), &ScanOptions::default()).unwrap();
+        let old = ManifestReader::open(&state.join("target/manifest")).unwrap();
+        let new = ManifestReader::open(&manifest).unwrap();
+        let mut index = ChunkIndex::open(&state.join("target/chunks.redb")).unwrap();
+        let mut committed = ManifestWriter::create(&state.join("target/manifest.2")).unwrap();
+        let (mut local, mut held) =
+            (LocalChunkSource::new(&source).unwrap(), Holding(LocalChunkSource::new(&source).unwrap()));
+        let chunks: &mut dyn ChunkSource = if holding { &mut held } else { &mut local };
+        let report =
+            apply(&target, MergeJoin::new(old, new), chunks, &mut index, &mut committed, &ApplyOptions::default())
+                .unwrap();
+        committed.finish().unwrap();
+        assert_eq!(std::fs::read(target.join("b")).unwrap(), bytes);
+        report
+    }
+
+    #[test]
+    fn a_chunk_the_source_holds_is_taken_from_it_and_others_from_the_target() {
+        let from_target = copy_applied(false);
+        assert!(from_target.chunks_local > 1, "{from_target:?}");
+        assert_eq!(from_target.chunks_fetched, 0, "{from_target:?}");
+        let held = copy_applied(true);
+        assert_eq!(held.chunks_fetched, from_target.chunks_local, "{held:?}");
+        assert_eq!(held.chunks_local, 0, "{held:?}");
+    }
+}

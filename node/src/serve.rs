@@ -729,6 +729,10 @@ impl ChunkSource for WindowSource {
         };
         *stored = Stored::Written { file: file.clone(), offset, len };
     }
+
+    fn holds(&mut self, hash: &ChunkHash) -> bool {
+        self.window.state.lock().is_ok_and(|state| state.chunks.contains_key(hash))
+    }
 }
 
 /// Reads a chunk back from a file it was written to: the applier checks it again.
