@@ -86,8 +86,8 @@ pub trait ChunkSource {
 }
 
 /// A file this large is built in steps: its chunks are handed back to the source as they are
-/// written ([`ChunkSource::written`]) and its data is synced every 32 MiB, so that the disk writes
-/// it while the rest arrives instead of all at the batch's sync.
+/// written ([`ChunkSource::written`]) and a sync of its data starts every 32 MiB, beside the
+/// writing, so that the disk writes it while the rest arrives instead of all at the batch's sync.
 pub const LARGE_FILE: u64 = 8 << 20;
 
 /// How much of a large file is written between two syncs of its data.
@@ -932,11 +932,15 @@ impl Applier<'_> {
             None
         };
         let (mut offset, mut synced) = (0u64, 0u64);
+        let mut syncing: Option<DataSync> = None;
         for chunk in &new.chunks {
             let fetched = match self.get_chunk(new, offset, chunk) {
                 Ok(fetched) => fetched,
                 Err(why) => {
                     drop(file);
+                    if let Some(sync) = syncing.take() {
+                        let _ = sync.wait();
+                    }
                     if !unnamed {
                         let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
                     }
@@ -949,10 +953,24 @@ impl Applier<'_> {
                 self.source.written(&chunk.hash, shared, offset);
             }
             offset += u64::from(chunk.len);
-            if shared.is_some() && offset - synced >= LARGE_FILE_SYNC {
-                waiting(&mut self.report.sync_wait, || rustix::fs::fdatasync(&file)).map_err(io_err("sync", &shown))?;
+            if let Some(shared) = shared.as_ref().filter(|_| offset - synced >= LARGE_FILE_SYNC) {
+                // One sync at a time: the one of the piece before this one must be done.
+                if let Some(sync) = syncing.take() {
+                    waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
+                }
+                syncing = match DataSync::start(shared) {
+                    Some(sync) => Some(sync),
+                    None => {
+                        waiting(&mut self.report.sync_wait, || rustix::fs::fdatasync(&file))
+                            .map_err(io_err("sync", &shown))?;
+                        None
+                    }
+                };
                 synced = offset;
             }
+        }
+        if let Some(sync) = syncing.take() {
+            waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
         }
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
         self.report.files_written += 1;
@@ -1173,6 +1191,26 @@ impl Applier<'_> {
     }
 }
 
+/// The `fdatasync` of a large file being built, on a thread of its own while the applier writes the
+/// next piece: the disk writes the file as it arrives, and the applier waits only when a piece is
+/// written before the sync of the one before it is done.
+struct DataSync(std::thread::JoinHandle<Result<(), Errno>>);
+
+impl DataSync {
+    /// Starts syncing `file`'s data, or `None` when no thread can be spawned (then sync in place).
+    fn start(file: &Arc<File>) -> Option<Self> {
+        let file = file.clone();
+        let spawned =
+            std::thread::Builder::new().name("ferry-sync".into()).spawn(move || rustix::fs::fdatasync(&*file));
+        spawned.ok().map(Self)
+    }
+
+    /// Waits for the sync; a thread that panicked counts as a sync that failed.
+    fn wait(self) -> Result<(), Errno> {
+        self.0.join().unwrap_or(Err(Errno::IO))
+    }
+}
+
 /// Runs `sync` (a wait for the disk), adding how long it took to `total`.
 fn waiting<T>(total: &mut Duration, sync: impl FnOnce() -> T) -> T {
     let started = Instant::now();
@@ -1225,5 +1263,21 @@ fn times(mtime_ns: i64) -> Timestamps {
             tv_sec: mtime_ns.div_euclid(1_000_000_000),
             tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_sync_reports_back_what_the_disk_said() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        (&*file).write_all(b"some data").unwrap();
+        DataSync::start(&file).unwrap().wait().unwrap();
+        // A socket cannot be synced: the error comes back from the thread to the waiter.
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let socket = Arc::new(File::from(OwnedFd::from(socket)));
+        assert_eq!(DataSync::start(&socket).unwrap().wait(), Err(Errno::INVAL));
     }
 }
