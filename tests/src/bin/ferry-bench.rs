@@ -60,6 +60,9 @@ struct Args {
     congestion: String,
     /// `--logs DIR`: keep both nodes' logs there (appended, run after run).
     logs: Option<PathBuf>,
+    /// `--rsync-first`: in each round, rsync's before ferry's (the first tool after the generator can
+    /// pay for the machine's memory; see BENCHMARKS.md).
+    rsync_first: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -77,6 +80,7 @@ fn parse_args() -> Result<Args> {
         loss: 1.0,
         congestion: "cubic".into(),
         logs: None,
+        rsync_first: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -95,10 +99,11 @@ fn parse_args() -> Result<Args> {
             "--loss" => args.loss = value()?.parse()?,
             "--congestion" => args.congestion = value()?,
             "--logs" => args.logs = Some(value()?.into()),
+            "--rsync-first" => args.rsync_first = true,
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|lossy|bbr] [--logs DIR] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
+                     [--congestion cubic|lossy|bbr] [--logs DIR] [--rsync-first] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -198,11 +203,18 @@ fn run() -> Result<()> {
         // Each tool starts with nothing dirty in the page cache: ferry's syncs must not pay for the
         // other tool's (or the generator's) unwritten data.
         rustix::fs::sync();
-        let f = ferry.round()?;
-        rustix::fs::sync();
-        let r = match &rsync {
-            Some(rsync) => Some(rsync.round(&source)?),
-            None => None,
+        let rsync_round = || -> Result<Option<Measure>> {
+            let r = rsync.as_ref().map(|rsync| rsync.round(&source)).transpose()?;
+            rustix::fs::sync();
+            Ok(r)
+        };
+        let (f, r) = if args.rsync_first {
+            let r = rsync_round()?;
+            (ferry.round()?, r)
+        } else {
+            let f = ferry.round()?;
+            rustix::fs::sync();
+            (f, rsync_round()?)
         };
         eprintln!("{round}: ferry {:.2} s, rsync {:?}", f.wall.as_secs_f64(), r.as_ref().map(|r| r.wall));
         rows.push((round.to_owned(), f, r));
@@ -1111,12 +1123,13 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     let _ = writeln!(out, "# ferry benchmarks\n");
     let _ = writeln!(
         out,
-        "Made by `ferry-bench --files {} --seed {}{}` on {machine} ({cores} cores), {}; \
+        "Made by `ferry-bench --files {} --seed {}{}{}` on {machine} ({cores} cores), {}; \
          {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
          `rsync -aH --stats` over ssh to an sshd on the destination's side.\n",
         args.files,
         args.seed,
         args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
+        if args.rsync_first { " --rsync-first" } else { "" },
         args.shaped.map_or("loopback".to_owned(), |mbit| format!(
             "through a veth pair between two network namespaces, the source's way out shaped by `tc tbf` to \
              {mbit} Mbit/s with a 50 ms queue"
@@ -1125,13 +1138,14 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     );
     let _ = writeln!(
         out,
-        "Before each tool's round the harness runs sync(2), so that neither pays for the other's unwritten \
-         data; ferry makes every file durable (fsync/syncfs) before it counts as done, rsync does not. \
+        "In each round {} went first. Before each tool's round the harness runs sync(2), so that neither pays \
+         for the other's unwritten data; ferry makes every file durable (fsync/syncfs) before it counts as done, rsync does not. \
          Wire bytes: ferry counts its UDP payloads both ways (QUIC headers and acknowledgements included); \
          rsync counts its own protocol bytes both ways (ssh's encryption and TCP/IP headers not included), \
          which favours rsync. Dest. sync wait: of the round, how long ferry's destination waited for its disk's \
          syncs (from its log). CPU: seconds of the sending side / the receiving side. RSS: peak MiB of the \
-         sending side / the receiving side.\n"
+         sending side / the receiving side.\n",
+        if args.rsync_first { "rsync" } else { "ferry" }
     );
     let _ = writeln!(
         out,
