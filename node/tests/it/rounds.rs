@@ -301,7 +301,10 @@ fn a_pause_window_in_the_timetable_holds_the_transfer_until_it_closes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let window_opens = started + Duration::from_secs(60 - now.second() as u64);
+    // From the clock's own fraction of a second: with whole seconds, the window seemed to open up to
+    // a second later than it does, and a round that resumed at once looked early.
+    let into_minute = Duration::from_secs(now.second() as u64) + Duration::from_nanos(now.subsec_nanosecond() as u64);
+    let window_opens = started + Duration::from_secs(60) - into_minute;
     std::thread::sleep(Duration::from_secs(5).min(window_opens.saturating_duration_since(Instant::now())));
     assert!(walk(&target).is_empty(), "data moved during the pause ({timetable})");
     let out = sync.wait_with_output().unwrap();
