@@ -192,8 +192,10 @@ fn three_rounds_send_little_more_than_what_is_new() {
         kept.extend(ferry_testkit::snapshot(&source, &[]).unwrap());
     }
 
-    // Nothing changed: a few kilobytes, and the destination commits the round without rewriting its
-    // manifest or touching the target (not even the top folder's mtime, which a staging folder moves).
+    // Nothing changed: about a hundred kilobytes, and the destination commits the round without
+    // rewriting its manifest or touching the target (not even the top folder's mtime, which a staging
+    // folder moves). Most of those bytes are QUIC's path MTU probes: on loopback each side searches up
+    // to 6500 bytes with padded datagrams, once per connection (16 KB without them).
     let manifest = setup.dest.config.join("data/jobs/zimbra/target/manifest");
     let identity = |path: &Path| {
         let meta = std::fs::metadata(path).unwrap();
@@ -203,7 +205,7 @@ fn three_rounds_send_little_more_than_what_is_new() {
     let idle = setup.source.sync("zimbra");
     assert_eq!(idle["changes"], 0);
     assert_eq!((idle["round"].as_u64(), idle["in_sync"].as_bool()), (Some(4), Some(true)), "{idle}");
-    assert!(idle["bytes_on_wire"].as_u64().unwrap() < 64 << 10, "{idle}");
+    assert!(idle["bytes_on_wire"].as_u64().unwrap() < 160 << 10, "{idle}");
     assert_eq!(identity(&manifest), manifest_before, "the manifest was rewritten");
     assert_eq!(identity(&target), target_before);
     // What a cut attempt leaves in the staging folder sends the next idle round the full way, which
