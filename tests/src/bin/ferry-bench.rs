@@ -268,30 +268,24 @@ fn copy_floor(source: &Path, replica: &Path) -> Result<(Duration, Duration)> {
     let (mut files, mut links, mut symlinks) = (Vec::new(), Vec::new(), Vec::new());
     let mut first_link: HashMap<(u64, u64), PathBuf> = HashMap::new();
     std::fs::create_dir(replica)?;
-    let mut stack = vec![PathBuf::new()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(source.join(&dir))? {
-            let entry = entry?;
-            let rel = dir.join(entry.file_name());
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                std::fs::create_dir(replica.join(&rel))?;
-                stack.push(rel);
-            } else if kind.is_symlink() {
-                symlinks.push(rel);
-            } else if kind.is_file() {
-                let meta = entry.metadata()?;
-                if meta.nlink() > 1 {
-                    if let Some(first) = first_link.get(&(meta.dev(), meta.ino())) {
-                        links.push((first.clone(), rel));
-                        continue;
-                    }
-                    first_link.insert((meta.dev(), meta.ino()), rel.clone());
+    walk(source, |rel, entry, kind| {
+        if kind.is_dir() {
+            std::fs::create_dir(replica.join(rel))?;
+        } else if kind.is_symlink() {
+            symlinks.push(rel.to_owned());
+        } else if kind.is_file() {
+            let meta = entry.metadata()?;
+            if meta.nlink() > 1 {
+                if let Some(first) = first_link.get(&(meta.dev(), meta.ino())) {
+                    links.push((first.clone(), rel.to_owned()));
+                    return Ok(());
                 }
-                files.push(rel);
+                first_link.insert((meta.dev(), meta.ino()), rel.to_owned());
             }
+            files.push(rel.to_owned());
         }
-    }
+        Ok(())
+    })?;
     copy_files(source, replica, &files)?;
     for (first, rel) in links {
         std::fs::hard_link(replica.join(first), replica.join(rel))?;
@@ -310,23 +304,37 @@ fn changed_since(root: &Path, since: std::time::SystemTime) -> Result<Vec<PathBu
     use std::os::unix::fs::MetadataExt;
     let since = since.duration_since(std::time::UNIX_EPOCH)?;
     let mut changed = Vec::new();
+    walk(root, |rel, entry, kind| {
+        if kind.is_file() {
+            let meta = entry.metadata()?;
+            if Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32) >= since {
+                changed.push(rel.to_owned());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(changed)
+}
+
+/// Calls `visit` with every entry under `root` (its path relative to `root`, the entry, its type), a
+/// folder before what is in it.
+fn walk(
+    root: &Path,
+    mut visit: impl FnMut(&Path, &std::fs::DirEntry, std::fs::FileType) -> std::io::Result<()>,
+) -> Result<()> {
     let mut stack = vec![PathBuf::new()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(root.join(&dir))? {
             let entry = entry?;
             let rel = dir.join(entry.file_name());
             let kind = entry.file_type()?;
+            visit(&rel, &entry, kind)?;
             if kind.is_dir() {
                 stack.push(rel);
-            } else if kind.is_file() {
-                let meta = entry.metadata()?;
-                if Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32) >= since {
-                    changed.push(rel);
-                }
             }
         }
     }
-    Ok(changed)
+    Ok(())
 }
 
 /// Copies `files` from `source` over their copies in `replica` (making folders where needed), then
@@ -664,19 +672,13 @@ fn tempfile_in(dir: &Path) -> Result<tempfile::TempDir> {
 
 fn tree_size(root: &Path) -> Result<(u64, u64)> {
     let (mut files, mut bytes) = (0, 0);
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                stack.push(entry.path());
-            } else if kind.is_file() {
-                files += 1;
-                bytes += entry.metadata()?.len();
-            }
+    walk(root, |_, entry, kind| {
+        if kind.is_file() {
+            files += 1;
+            bytes += entry.metadata()?.len();
         }
-    }
+        Ok(())
+    })?;
     Ok((files, bytes))
 }
 
