@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -421,7 +421,7 @@ struct Staged {
 /// A batch whose `syncfs` runs on another thread while the next batch is staged.
 struct Syncing {
     batch: Batch,
-    sync: std::thread::JoinHandle<Result<(), Errno>>,
+    sync: BackgroundSync,
 }
 
 #[derive(Default)]
@@ -932,7 +932,7 @@ impl Applier<'_> {
             None
         };
         let (mut offset, mut synced) = (0u64, 0u64);
-        let mut syncing: Option<DataSync> = None;
+        let mut syncing: Option<BackgroundSync> = None;
         for chunk in &new.chunks {
             let fetched = match self.get_chunk(new, offset, chunk) {
                 Ok(fetched) => fetched,
@@ -958,14 +958,7 @@ impl Applier<'_> {
                 if let Some(sync) = syncing.take() {
                     waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
                 }
-                syncing = match DataSync::start(shared) {
-                    Some(sync) => Some(sync),
-                    None => {
-                        waiting(&mut self.report.sync_wait, || rustix::fs::fdatasync(&file))
-                            .map_err(io_err("sync", &shown))?;
-                        None
-                    }
-                };
+                syncing = Some(BackgroundSync::start(shared.clone(), |fd| rustix::fs::fdatasync(fd)));
                 synced = offset;
             }
         }
@@ -1009,9 +1002,10 @@ impl Applier<'_> {
     fn get_chunk(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef) -> Result<bool, String> {
         // What was asked for and arrived needs no index lookup: in a first round that is every chunk,
         // and the lookup was an eighth of the applying thread's time.
-        let local = match self.source.holds(&chunk.hash) {
-            true => None,
-            false => self.index.get(&chunk.hash).map_err(|e| e.to_string())?,
+        let local = if self.source.holds(&chunk.hash) {
+            None
+        } else {
+            self.index.get(&chunk.hash).map_err(|e| e.to_string())?
         };
         if let Some(location) = local {
             if self.read_local(&location, &chunk.hash) {
@@ -1111,15 +1105,9 @@ impl Applier<'_> {
         }
         let shown = self.root.path().display().to_string();
         let staging = self.staging.try_clone().map_err(|e| ApplyError::Io { op: "sync", path: shown, source: e })?;
-        let spawned = std::thread::Builder::new().name("ferry-sync".into()).spawn(move || rustix::fs::syncfs(&staging));
-        match spawned {
-            Ok(sync) => {
-                self.syncing = Some(Syncing { batch: std::mem::take(&mut self.batch), sync });
-                Ok(())
-            }
-            // No thread to spare: sync here and now.
-            Err(_) => self.flush(),
-        }
+        let sync = BackgroundSync::start(Arc::new(staging), |fd| rustix::fs::syncfs(fd));
+        self.syncing = Some(Syncing { batch: std::mem::take(&mut self.batch), sync });
+        Ok(())
     }
 
     /// Waits for the batch that is syncing, if any, then renames it into place.
@@ -1128,13 +1116,7 @@ impl Applier<'_> {
             return Ok(());
         };
         let shown = self.root.path().display().to_string();
-        match waiting(&mut self.report.sync_wait, || sync.join()) {
-            Ok(synced) => synced.map_err(io_err("sync", shown))?,
-            Err(_) => {
-                let source = io::Error::other("the sync thread panicked");
-                return Err(ApplyError::Io { op: "sync", path: shown, source });
-            }
-        }
+        waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", shown))?;
         self.place_batch(batch)
     }
 
@@ -1191,23 +1173,31 @@ impl Applier<'_> {
     }
 }
 
-/// The `fdatasync` of a large file being built, on a thread of its own while the applier writes the
-/// next piece: the disk writes the file as it arrives, and the applier waits only when a piece is
-/// written before the sync of the one before it is done.
-struct DataSync(std::thread::JoinHandle<Result<(), Errno>>);
+/// A sync on a thread of its own, while the applier goes on writing: a batch's `syncfs` while the next
+/// batch is staged, a large file's `fdatasync` while its next piece is written.
+enum BackgroundSync {
+    Running(std::thread::JoinHandle<Result<(), Errno>>),
+    /// No thread could be spawned: the sync ran in [`BackgroundSync::start`].
+    Done(Result<(), Errno>),
+}
 
-impl DataSync {
-    /// Starts syncing `file`'s data, or `None` when no thread can be spawned (then sync in place).
-    fn start(file: &Arc<File>) -> Option<Self> {
-        let file = file.clone();
-        let spawned =
-            std::thread::Builder::new().name("ferry-sync".into()).spawn(move || rustix::fs::fdatasync(&*file));
-        spawned.ok().map(Self)
+impl BackgroundSync {
+    /// Starts `sync` of `fd` on a thread of its own, or runs it here and now when there is no thread
+    /// to spare.
+    fn start<F: AsFd + Send + Sync + 'static>(fd: Arc<F>, sync: fn(BorrowedFd<'_>) -> Result<(), Errno>) -> Self {
+        let theirs = fd.clone();
+        match std::thread::Builder::new().name("ferry-sync".into()).spawn(move || sync(theirs.as_fd())) {
+            Ok(thread) => Self::Running(thread),
+            Err(_) => Self::Done(sync(fd.as_fd())),
+        }
     }
 
     /// Waits for the sync; a thread that panicked counts as a sync that failed.
     fn wait(self) -> Result<(), Errno> {
-        self.0.join().unwrap_or(Err(Errno::IO))
+        match self {
+            Self::Running(thread) => thread.join().unwrap_or(Err(Errno::IO)),
+            Self::Done(synced) => synced,
+        }
     }
 }
 
@@ -1271,13 +1261,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_data_sync_reports_back_what_the_disk_said() {
+    fn a_background_sync_reports_back_what_the_disk_said() {
         let file = Arc::new(tempfile::tempfile().unwrap());
         (&*file).write_all(b"some data").unwrap();
-        DataSync::start(&file).unwrap().wait().unwrap();
+        BackgroundSync::start(file, |fd| rustix::fs::fdatasync(fd)).wait().unwrap();
         // A socket cannot be synced: the error comes back from the thread to the waiter.
         let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        let socket = Arc::new(File::from(OwnedFd::from(socket)));
-        assert_eq!(DataSync::start(&socket).unwrap().wait(), Err(Errno::INVAL));
+        let socket = Arc::new(OwnedFd::from(socket));
+        assert_eq!(BackgroundSync::start(socket, |fd| rustix::fs::fdatasync(fd)).wait(), Err(Errno::INVAL));
     }
 }

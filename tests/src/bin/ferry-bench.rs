@@ -203,6 +203,11 @@ fn run() -> Result<()> {
         // Each tool starts with nothing dirty in the page cache: ferry's syncs must not pay for the
         // other tool's (or the generator's) unwritten data.
         rustix::fs::sync();
+        let ferry_round = || -> Result<Measure> {
+            let f = ferry.round()?;
+            rustix::fs::sync();
+            Ok(f)
+        };
         let rsync_round = || -> Result<Option<Measure>> {
             let r = rsync.as_ref().map(|rsync| rsync.round(&source)).transpose()?;
             rustix::fs::sync();
@@ -210,10 +215,9 @@ fn run() -> Result<()> {
         };
         let (f, r) = if args.rsync_first {
             let r = rsync_round()?;
-            (ferry.round()?, r)
+            (ferry_round()?, r)
         } else {
-            let f = ferry.round()?;
-            rustix::fs::sync();
+            let f = ferry_round()?;
             (f, rsync_round()?)
         };
         eprintln!("{round}: ferry {:.2} s, rsync {:?}", f.wall.as_secs_f64(), r.as_ref().map(|r| r.wall));
@@ -337,14 +341,13 @@ fn walk(
     Ok(())
 }
 
-/// Copies `files` from `source` over their copies in `replica` (making folders where needed), then
-/// syncs the filesystem. How long the copy took, and the sync.
+/// Copies `files` from `source` over their copies in `replica` (making each folder they need once),
+/// then syncs the filesystem. How long the copy took, and the sync.
 fn durable_copy(source: &Path, replica: &Path, files: &[PathBuf]) -> Result<(Duration, Duration)> {
     let started = Instant::now();
-    for rel in files {
-        if let Some(parent) = rel.parent() {
-            std::fs::create_dir_all(replica.join(parent))?;
-        }
+    let folders: std::collections::BTreeSet<&Path> = files.iter().filter_map(|rel| rel.parent()).collect();
+    for folder in folders {
+        std::fs::create_dir_all(replica.join(folder))?;
     }
     copy_files(source, replica, files)?;
     let copy = started.elapsed();
