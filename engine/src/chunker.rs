@@ -4,12 +4,14 @@
 //! `finish` hands out the last one. Boundaries depend only on content, never on how the input was split
 //! into pushes, so inserting bytes into a file changes only the chunks around the insertion.
 //! [`hash_reader`] cuts and names everything a `Read` gives: what the scan does to every file it
-//! reads. It cuts where a [`Chunker`] would, and hashes one piece while it reads and cuts the next,
-//! so that a large file takes two cores.
+//! reads. It cuts where a [`Chunker`] would, and hashes one piece while it reads and cuts the next;
+//! a large file's pieces are also cut and hashed in segments side by side, so that one file keeps
+//! every core busy.
 
 use std::io::{self, Read};
 
 use fastcdc::v2020::{Normalization, cut, select_masks};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::ChunkHash;
@@ -108,16 +110,75 @@ impl Cutter {
         len.clamp(1, window.len())
     }
 
+    /// Whether [`Cutter::cut_all`] cuts a chunk starting at `start`: while a whole maximum chunk is
+    /// left, or anything at all at the end of the input.
+    fn cuts_at(&self, buf: &[u8], at_end: bool, start: usize) -> bool {
+        buf.len() - start >= self.config.max as usize || (at_end && start < buf.len())
+    }
+
     /// The lengths of the chunks that `buf` holds whole: all of it at the end of the input, else up
     /// to where less than `max` bytes are left.
     fn cut_all(&self, buf: &[u8], at_end: bool, lens: &mut Vec<usize>) {
-        let max = self.config.max as usize;
         let mut start = 0;
-        while buf.len() - start >= max || (at_end && start < buf.len()) {
+        while self.cuts_at(buf, at_end, start) {
             let len = self.next_len(&buf[start..]);
             lens.push(len);
             start += len;
         }
+    }
+
+    /// What [`Cutter::cut_all`] gives, the work shared among rayon's threads: `buf` is split into
+    /// `segments`, and each is cut from its own start as if a chunk began there, up to the first cut
+    /// at or past the next segment's start. A cut point depends only on where its chunk starts, so
+    /// from the first cut that the chunks before a segment and the segment's own cuts share, the two
+    /// agree; on random data that is one or two chunks in. Where they share none (a run of bytes
+    /// with no cut point but the maximum chunk size, zeros say), the segment is cut again from the
+    /// true chunks' end, as `cut_all` would.
+    fn cut_all_parallel(&self, buf: &[u8], at_end: bool, segments: usize, lens: &mut Vec<usize>) {
+        if segments <= 1 {
+            return self.cut_all(buf, at_end, lens);
+        }
+        let bounds: Vec<usize> = (0..=segments).map(|i| buf.len() * i / segments).collect();
+        let parts: Vec<Vec<usize>> = (0..segments)
+            .into_par_iter()
+            .map(|i| {
+                let (mut start, next) = (bounds[i], bounds[i + 1]);
+                let mut ends = Vec::new();
+                while start < next && self.cuts_at(buf, at_end, start) {
+                    start += self.next_len(&buf[start..]);
+                    ends.push(start);
+                }
+                ends
+            })
+            .collect();
+        // The true chunks' ends, and where the next one starts.
+        let mut ends: Vec<usize> = Vec::new();
+        let mut at = 0;
+        for (i, part) in parts.iter().enumerate() {
+            let next = bounds[i + 1];
+            // `at` is the first true cut at or past this segment's start; from where the segment's own
+            // cuts meet it, they are the true ones.
+            let mut joined = at == bounds[i];
+            while !joined && at < next && self.cuts_at(buf, at_end, at) {
+                if part.binary_search(&at).is_ok() {
+                    joined = true;
+                    break;
+                }
+                at += self.next_len(&buf[at..]);
+                ends.push(at);
+            }
+            if joined {
+                let from = part.partition_point(|&end| end <= at);
+                ends.extend_from_slice(&part[from..]);
+                at = ends.last().copied().unwrap_or(at);
+            }
+        }
+        let mut start = 0;
+        lens.extend(ends.iter().map(|&end| {
+            let len = end - start;
+            start = end;
+            len
+        }));
     }
 }
 
@@ -174,7 +235,18 @@ impl Chunker {
 }
 
 /// Bytes [`hash_reader`] reads at a time.
-const READ_SIZE: usize = 1 << 20;
+const READ_SIZE: usize = 4 << 20;
+
+/// The least input that one thread cuts or hashes on its own when [`hash_reader`] shares a piece's
+/// work among rayon's threads: less, and what the threads cut twice to agree on a cut (a chunk or
+/// two per segment) weighs more than what they gain.
+const SEGMENT_MIN: usize = 1 << 20;
+
+/// How many segments [`Cutter::cut_all_parallel`] splits `len` bytes into: enough for each of
+/// rayon's threads to take a turn beside the hashing of the piece before.
+fn segments(len: usize) -> usize {
+    (len / SEGMENT_MIN).clamp(1, 2 * rayon::current_num_threads())
+}
 
 /// The buffers [`hash_reader`] reads into, kept from one call to the next.
 #[derive(Debug, Default)]
@@ -189,7 +261,8 @@ pub struct ReadBuffers {
 /// order and the number of bytes read. The chunks are those of a [`Chunker`] fed the same bytes.
 ///
 /// Input that one read does not hold is pipelined: the chunks of one piece are hashed while the next
-/// piece is read and cut, on rayon's pool.
+/// piece is read and cut, on rayon's pool. A piece of several [`SEGMENT_MIN`]s is also cut and hashed
+/// a segment per thread, so that one large file keeps every core busy.
 pub fn hash_reader<R: Read + Send>(
     config: ChunkerConfig,
     mut reader: R,
@@ -202,7 +275,7 @@ pub fn hash_reader<R: Read + Send>(
     lens.clear();
     let mut total = 0;
     let mut at_end = fill(&mut reader, current, &mut total)?;
-    cutter.cut_all(current, at_end, lens);
+    cutter.cut_all_parallel(current, at_end, segments(current.len()), lens);
     loop {
         let whole: usize = lens.iter().sum();
         if at_end {
@@ -217,7 +290,7 @@ pub fn hash_reader<R: Read + Send>(
             || hash_into(&current[..whole], lens, &mut chunks),
             || -> io::Result<bool> {
                 let at_end = fill(&mut reader, next, &mut total)?;
-                cutter.cut_all(next, at_end, next_lens);
+                cutter.cut_all_parallel(next, at_end, segments(next.len()), next_lens);
                 Ok(at_end)
             },
         );
@@ -235,12 +308,19 @@ fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, total: &mut u64) -> io::Resul
     Ok(n < READ_SIZE)
 }
 
+/// Names the chunks of `data`, `lens` long each, in order; on several threads when there is enough.
 fn hash_into(data: &[u8], lens: &[usize], chunks: &mut Vec<ChunkRef>) {
     let mut start = 0;
-    for &len in lens {
-        let chunk = &data[start..start + len];
-        chunks.push(ChunkRef { hash: ChunkHash::of(chunk), len: len as u32 });
+    let spans = lens.iter().map(|&len| {
         start += len;
+        start - len..start
+    });
+    let name = |span: std::ops::Range<usize>| ChunkRef { len: span.len() as u32, hash: ChunkHash::of(&data[span]) };
+    if segments(data.len()) == 1 {
+        chunks.extend(spans.map(name));
+    } else {
+        let spans: Vec<_> = spans.collect();
+        chunks.par_extend(spans.into_par_iter().map(name));
     }
 }
 
@@ -372,6 +452,34 @@ mod tests {
         assert_eq!(chunks, named(ChunkerConfig::DEFAULT, &data));
     }
 
+    /// Input on which segments cut on their own agree with the true cuts at once, late, or never: random
+    /// bytes, zeros (no cut point but the maximum size: a segment's cuts never meet the true ones
+    /// unless it starts on one), and random bytes with long runs of zeros.
+    fn awkward_inputs(len: usize, seed: u64) -> [Vec<u8>; 3] {
+        let mut runs = seeded(len, seed);
+        for run in runs.chunks_mut(len / 5 + 1).step_by(2) {
+            run.fill(0);
+        }
+        [seeded(len, seed), vec![0; len], runs]
+    }
+
+    #[test]
+    fn cutting_in_segments_cuts_where_one_pass_does() {
+        let config = ChunkerConfig::new(2048, 8192, 32768).unwrap();
+        let cutter = Cutter::new(config);
+        for (n, data) in awkward_inputs(700_000, 5).iter().enumerate() {
+            for at_end in [false, true] {
+                let mut one_pass = Vec::new();
+                cutter.cut_all(data, at_end, &mut one_pass);
+                for segments in [2, 3, 7, 64, 1000] {
+                    let mut shared = Vec::new();
+                    cutter.cut_all_parallel(data, at_end, segments, &mut shared);
+                    assert_eq!(shared, one_pass, "input {n}, {segments} segments, at end: {at_end}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_config() {
         assert!(ChunkerConfig::new(16 << 10, 64 << 10, 256 << 10).is_ok());
@@ -393,6 +501,18 @@ mod tests {
             for c in &one_shot[..one_shot.len().saturating_sub(1)] {
                 prop_assert!(c.len() >= 2048 && c.len() <= 32768);
             }
+        }
+
+        #[test]
+        fn cutting_in_any_segments_cuts_where_one_pass_does(
+            len in 0usize..400_000, seed: u64, segments in 2usize..40, kind in 0usize..3, at_end: bool
+        ) {
+            let cutter = Cutter::new(ChunkerConfig::new(1024, 4096, 16384).unwrap());
+            let data = &awkward_inputs(len, seed)[kind];
+            let (mut one_pass, mut shared) = (Vec::new(), Vec::new());
+            cutter.cut_all(data, at_end, &mut one_pass);
+            cutter.cut_all_parallel(data, at_end, segments, &mut shared);
+            prop_assert_eq!(shared, one_pass);
         }
 
         #[test]
