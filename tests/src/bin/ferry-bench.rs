@@ -15,7 +15,10 @@
 //! every folder and `lstat`ing every entry (no change), and both with a copy of the changed files (one
 //! day); and it counts the day's fresh random bytes, which no tool can send in fewer.
 //!
-//! Two more measurements, each on its own:
+//! `--fill-memory DIR` first fills the free memory with the page cache of a file in DIR, kept until the
+//! end, so that the tools write into recycled memory (see `MemoryFiller`).
+//!
+//! More measurements, each on its own:
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
 //! - `--memory`: ferry alone on trees of `--files` / 10 and `--files` small files (1 M for the target),
 //!   the peak RSS of each process in the initial and the no-change round, and how it grows;
@@ -63,6 +66,8 @@ struct Args {
     /// `--rsync-first`: in each round, rsync's before ferry's (the first tool after the generator can
     /// pay for the machine's memory; see BENCHMARKS.md).
     rsync_first: bool,
+    /// `--fill-memory DIR`: fill the page cache with a file in DIR before the run (see [`MemoryFiller`]).
+    fill_memory: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -81,6 +86,7 @@ fn parse_args() -> Result<Args> {
         congestion: "cubic".into(),
         logs: None,
         rsync_first: false,
+        fill_memory: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -100,10 +106,11 @@ fn parse_args() -> Result<Args> {
             "--congestion" => args.congestion = value()?,
             "--logs" => args.logs = Some(value()?.into()),
             "--rsync-first" => args.rsync_first = true,
+            "--fill-memory" => args.fill_memory = Some(value()?.into()),
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|lossy|bbr] [--logs DIR] [--rsync-first] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
+                     [--congestion cubic|lossy|bbr] [--logs DIR] [--rsync-first] [--fill-memory DIR] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -147,6 +154,8 @@ fn run() -> Result<()> {
     };
     let root = work.path().to_owned();
     let source = root.join("source");
+    // Kept until the end of the run: dropping it removes the file, and its pages go back to free memory.
+    let _filler = args.fill_memory.as_deref().map(MemoryFiller::fill).transpose()?;
     if let Some(mib) = args.single_file {
         return single_file(&args, &root, &source, mib);
     }
@@ -469,10 +478,11 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
         None => None,
     };
     let mut out = format!(
-        "One file of {} MiB of random bytes, initial round (`ferry-bench --single-file {mib}`):\n\n\
+        "One file of {} MiB of random bytes, initial round (`ferry-bench --single-file {mib}{}`):\n\n\
          | tool | wall s | of which scan s | MB/s | CPU send/recv s | RSS send/recv MiB | wire bytes |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
-        bytes >> 20
+        bytes >> 20,
+        args.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display())),
     );
     for (tool, m) in [("ferry", Some(&f)), ("rsync", r.as_ref())] {
         let Some(m) = m else { continue };
@@ -667,6 +677,60 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
         std::fs::write(path, out)?;
     }
     Ok(())
+}
+
+/// A file that fills the machine's free memory with page cache, so that the tools write into memory
+/// the kernel takes back from that cache rather than into free pages.
+///
+/// On a virtual machine whose balloon reports free pages to its host (`virtio_balloon` with
+/// `page_reporting`, as here), a free page, once reported, costs a fault on the host the next time it
+/// is written: writing 4 GiB into the page cache took 8 s of system time then, against 1.3 s
+/// when the same memory had just been used (BENCHMARKS.md, "The machine's memory"). Whichever tool
+/// wrote first after the generator paid for it. A server that has been up for a while has its memory
+/// full of cache; this is that state.
+struct MemoryFiller {
+    path: PathBuf,
+}
+
+impl MemoryFiller {
+    /// Writes a file in `dir` as large as the free memory less 2 GiB (at most what `dir`'s disk has
+    /// free less 2 GiB), and syncs it, so that its pages are clean cache the kernel can drop at once.
+    fn fill(dir: &Path) -> Result<Self> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+        let free_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemFree:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("--fill-memory: no MemFree in /proc/meminfo")?;
+        let disk = rustix::fs::statvfs(dir)?;
+        let room = disk.f_bavail * disk.f_frsize;
+        let size = (free_kib << 10).min(room).saturating_sub(2 << 30);
+        let started = Instant::now();
+        let file = tempfile::Builder::new().prefix("ferry-bench-filler-").tempfile_in(dir)?;
+        let (mut file, path) = file.keep().map_err(|e| e.error)?;
+        let filler = Self { path };
+        let block = vec![0u8; 8 << 20];
+        let mut written = 0;
+        while written < size {
+            let n = block.len().min((size - written) as usize);
+            file.write_all(&block[..n])?;
+            written += n as u64;
+        }
+        file.sync_all()?;
+        eprintln!(
+            "filled the page cache with {:.1} GiB in {} in {:.1} s",
+            size as f64 / f64::from(1 << 30),
+            filler.path.display(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(filler)
+    }
+}
+
+impl Drop for MemoryFiller {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn tempfile_in(dir: &Path) -> Result<tempfile::TempDir> {
@@ -1128,13 +1192,14 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     let _ = writeln!(out, "# ferry benchmarks\n");
     let _ = writeln!(
         out,
-        "Made by `ferry-bench --files {} --seed {}{}{}` on {machine} ({cores} cores), {}; \
+        "Made by `ferry-bench --files {} --seed {}{}{}{}` on {machine} ({cores} cores), {}; \
          {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
          `rsync -aH --stats` over ssh to an sshd on the destination's side.\n",
         args.files,
         args.seed,
         args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
         if args.rsync_first { " --rsync-first" } else { "" },
+        args.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display())),
         args.shaped.map_or("loopback".to_owned(), |mbit| format!(
             "through a veth pair between two network namespaces, the source's way out shaped by `tc tbf` to \
              {mbit} Mbit/s with a 50 ms queue"
@@ -1152,6 +1217,13 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
          sending side / the receiving side.\n",
         if args.rsync_first { "rsync" } else { "ferry" }
     );
+    if args.fill_memory.is_some() {
+        let _ = writeln!(
+            out,
+            "Before the run a file filled the free memory with page cache (`--fill-memory`), so that both \
+             tools wrote into memory taken back from that cache, as on a server that has been up a while.\n"
+        );
+    }
     let _ = writeln!(
         out,
         "| round | tool | wall s | of which scan s | dest. sync wait s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
