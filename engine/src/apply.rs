@@ -28,6 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT};
 use rustix::io::Errno;
 use serde::Serialize;
@@ -64,12 +65,46 @@ impl Default for ApplyOptions {
 #[error("{0}")]
 pub struct FetchError(pub String);
 
+/// A chunk's bytes as a [`ChunkSource`] hands them to the applier: read into the applier's buffer, or
+/// shared from where the source keeps them, without a copy.
+#[derive(Debug, Default)]
+pub struct ChunkBuf {
+    owned: Vec<u8>,
+    shared: Option<Bytes>,
+}
+
+impl ChunkBuf {
+    /// The applier's own buffer, to read a chunk into (what was shared before is let go).
+    pub fn owned(&mut self) -> &mut Vec<u8> {
+        self.shared = None;
+        &mut self.owned
+    }
+
+    /// Hands in bytes the source holds anyway (a clone of a [`Bytes`] shares them).
+    pub fn share(&mut self, bytes: Bytes) {
+        self.shared = Some(bytes);
+    }
+}
+
+impl std::ops::Deref for ChunkBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.shared.as_deref().unwrap_or(&self.owned)
+    }
+}
+
 /// Where the chunks the target lacks come from: the source tree in a local round, the peer over the
 /// network otherwise.
 pub trait ChunkSource {
     /// Puts the bytes of `chunk`, found at `offset` in the new version of `entry`, into `out`.
-    fn fetch(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef, out: &mut Vec<u8>)
-    -> Result<Fetched, FetchError>;
+    fn fetch(
+        &mut self,
+        entry: &Entry,
+        offset: u64,
+        chunk: &ChunkRef,
+        out: &mut ChunkBuf,
+    ) -> Result<Fetched, FetchError>;
 
     /// Called, for a file of at least [`LARGE_FILE`] bytes, after a fetched chunk was written at
     /// `offset` in `file` (the file being built, open for reading too). A source that holds chunks
@@ -286,7 +321,7 @@ impl<'a> Applier<'a> {
             batch: Batch::default(),
             syncing: None,
             next_tmp: 0,
-            buf: Vec::new(),
+            buf: ChunkBuf::default(),
             local_file: None,
             dir_cache: None,
             previous: None,
@@ -449,7 +484,7 @@ pub struct Applier<'a> {
     /// The batch before `batch`, on its way to the disk; renamed into place before the next sync.
     syncing: Option<Syncing>,
     next_tmp: u64,
-    buf: Vec<u8>,
+    buf: ChunkBuf,
     local_file: Option<(RelPath, File)>,
     dir_cache: Option<(RelPath, Arc<OwnedFd>)>,
     previous: Option<RelPath>,
@@ -1035,8 +1070,9 @@ impl Applier<'_> {
             self.local_file = self.root.open_file(&location.path).ok().map(|f| (location.path.clone(), f));
         }
         let Some((_, file)) = &self.local_file else { return false };
-        self.buf.resize(location.len as usize, 0);
-        file.read_exact_at(&mut self.buf, location.offset).is_ok() && ChunkHash::of(&self.buf) == *hash
+        let buf = self.buf.owned();
+        buf.resize(location.len as usize, 0);
+        file.read_exact_at(buf, location.offset).is_ok() && ChunkHash::of(buf) == *hash
     }
 
     fn leave(&mut self, frame: Frame, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
@@ -1259,6 +1295,21 @@ fn times(mtime_ns: i64) -> Timestamps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The applier writes what the source handed in last: bytes shared from the source, or its own
+    /// buffer once the next chunk is read into it (never a stale shared chunk).
+    #[test]
+    fn a_chunk_buffer_holds_the_last_chunk_handed_in() {
+        let mut buf = ChunkBuf::default();
+        buf.owned().extend_from_slice(b"read");
+        assert_eq!(&*buf, b"read");
+        buf.share(Bytes::from_static(b"shared"));
+        assert_eq!(&*buf, b"shared");
+        let owned = buf.owned();
+        owned.clear();
+        owned.extend_from_slice(b"read again");
+        assert_eq!(&*buf, b"read again");
+    }
 
     #[test]
     fn a_background_sync_reports_back_what_the_disk_said() {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkSource, FetchError, Fetched, apply};
+use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, apply};
 use crate::hash::RootHash;
 use crate::index::{ChunkIndex, IndexError};
 use crate::manifest::{ChunkRef, Entry, ManifestReader, ManifestWriter, MergeJoin, RecordFileError};
@@ -47,7 +47,7 @@ impl ChunkSource for LocalChunkSource {
         entry: &Entry,
         offset: u64,
         chunk: &ChunkRef,
-        out: &mut Vec<u8>,
+        out: &mut ChunkBuf,
     ) -> Result<Fetched, FetchError> {
         if self.open.as_ref().is_none_or(|(p, _)| *p != entry.path) {
             let file = self
@@ -57,6 +57,7 @@ impl ChunkSource for LocalChunkSource {
             self.open = Some((entry.path.clone(), file));
         }
         let Some((_, file)) = &self.open else { unreachable!("opened above") };
+        let out = out.owned();
         out.resize(chunk.len as usize, 0);
         // No hash check here: the file may have changed since its scan, and `apply` checks the chunk.
         file.read_exact_at(out, offset).map_err(|e| FetchError(format!("cannot read the source file: {e}")))?;
@@ -197,7 +198,7 @@ mod tests {
             entry: &Entry,
             offset: u64,
             chunk: &ChunkRef,
-            out: &mut Vec<u8>,
+            out: &mut ChunkBuf,
         ) -> Result<Fetched, FetchError> {
             self.0.fetch(entry, offset, chunk, out)
         }

@@ -9,9 +9,9 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
-    Applier, ApplyOptions, ApplyReport, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry, EntryKind,
-    FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError, RecordReader,
-    RecordWriter, RootHash, ScanOptions,
+    Applier, ApplyOptions, ApplyReport, ChunkBuf, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry,
+    EntryKind, FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError,
+    RecordReader, RecordWriter, RootHash, ScanOptions,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -686,7 +686,7 @@ struct WindowSource {
 }
 
 impl ChunkSource for WindowSource {
-    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<Fetched, FetchError> {
+    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut ChunkBuf) -> Result<Fetched, FetchError> {
         let state = self.window.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
         let state = self.window.wait_for(state, &chunk.hash, self.stall_timeout)?;
         if let Some(error) = &state.error {
@@ -695,18 +695,18 @@ impl ChunkSource for WindowSource {
         let stored = state.chunks.get(&chunk.hash).ok_or_else(|| {
             FetchError("the source could not send this chunk (the file changed since its scan)".into())
         })?;
-        out.clear();
         match stored {
-            // Hashed by `decode_batch` as it arrived, and held in memory since.
+            // Hashed by `decode_batch` as it arrived, and held in memory since: shared, not copied.
             Stored::Memory(data) => {
-                out.extend_from_slice(data);
+                out.share(data.clone());
                 Ok(Fetched::Verified)
             }
             Stored::Spilled { offset, len } => {
                 let file = state.spill.file.as_ref().ok_or_else(|| FetchError("the spill file is gone".into()))?;
-                read_back(file, *offset, *len, out).map_err(|e| FetchError(format!("reading the spill file: {e}")))
+                read_back(file, *offset, *len, out.owned())
+                    .map_err(|e| FetchError(format!("reading the spill file: {e}")))
             }
-            Stored::Written { file, offset, len } => read_back(file, *offset, *len, out)
+            Stored::Written { file, offset, len } => read_back(file, *offset, *len, out.owned())
                 .map_err(|e| FetchError(format!("reading back a chunk of a file being built: {e}"))),
         }
     }

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 
 use ferry_engine::{
-    ApplyError, ApplyOptions, ChunkHash, ChunkIndex, ChunkRef, ChunkSource, Entry, EntryKind, FetchError, Fetched,
-    LocalRoundOptions, ManifestReader, ManifestWriter, MergeJoin, RecordFileError, RecordWriter, RelPath, apply,
+    ApplyError, ApplyOptions, ChunkBuf, ChunkHash, ChunkIndex, ChunkRef, ChunkSource, Entry, EntryKind, FetchError,
+    Fetched, LocalRoundOptions, ManifestReader, ManifestWriter, MergeJoin, RecordFileError, RecordWriter, RelPath,
+    apply,
 };
 use serde::Serialize;
 
@@ -28,8 +29,9 @@ impl Chunks {
 }
 
 impl ChunkSource for Chunks {
-    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<Fetched, FetchError> {
+    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut ChunkBuf) -> Result<Fetched, FetchError> {
         let data = self.0.get(&chunk.hash).ok_or_else(|| FetchError("no such chunk".into()))?;
+        let out = out.owned();
         out.clear();
         out.extend_from_slice(data);
         Ok(Fetched::Unchecked)
