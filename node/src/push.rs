@@ -530,6 +530,7 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
             Ok(Some(Message::Refused { reason })) => {
                 return Err(Refused(format!("{} refused the round: {reason}", peer.name)).into());
             }
+            Ok(Some(Message::Failed { reason })) => bail!("{} failed the round: {reason}", peer.name),
             Ok(Some(other)) => bail!("{} answered {other:?} instead of Welcome", peer.name),
             Ok(None) | Err(_) => return Err(refused(why_closed(&connection).await)),
         }

@@ -346,6 +346,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let imports = context.imports.clone();
     let peer_name = peer.name.clone();
     let span = tracing::Span::current();
+    let failed_tx = to_net.clone();
     let result = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
         let round = Round {
@@ -367,7 +368,18 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     })
     .await
     .context("the round thread panicked")?;
+    // Why the round failed goes to the source on the control stream, which delivers it: the close of
+    // the connection is sent once, and a source that misses it sees a reset and no reason. The source
+    // closes once it has read it.
+    let failed = result.as_ref().err().filter(|e| !e.to_string().starts_with("refused: "));
+    if let Some(e) = failed {
+        let _ = failed_tx.send(Message::Failed { reason: crate::describe(e) }).await;
+    }
+    drop(failed_tx);
     let _ = writer.await;
+    if failed.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+    }
     // A malformed or out-of-order message ends the control stream first: its error says why the
     // round ended, not the round thread's "the connection closed".
     let control_error = if control.is_finished() {
