@@ -261,7 +261,7 @@ pub struct ReadBuffers {
 /// order and the number of bytes read. The chunks are those of a [`Chunker`] fed the same bytes.
 ///
 /// Input that one read does not hold is pipelined: the chunks of one piece are hashed while the next
-/// piece is read and cut, on rayon's pool. A piece of several [`SEGMENT_MIN`]s is also cut and hashed
+/// piece is read and cut, on rayon's pool. A piece of 2 MiB or more is also cut and hashed
 /// a segment per thread, so that one large file keeps every core busy.
 pub fn hash_reader<R: Read + Send>(
     config: ChunkerConfig,
