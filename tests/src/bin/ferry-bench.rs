@@ -154,7 +154,7 @@ fn run() -> Result<()> {
     };
     let root = work.path().to_owned();
     let source = root.join("source");
-    // Kept until the end of the run: dropping it removes the file, and its pages go back to free memory.
+    // Kept until the end of the run: closing it frees the file, and its pages go back to free memory.
     let _filler = args.fill_memory.as_deref().map(MemoryFiller::fill).transpose()?;
     if let Some(mib) = args.single_file {
         return single_file(&args, &root, &source, mib);
@@ -689,7 +689,9 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
 /// wrote first after the generator paid for it. A server that has been up for a while has its memory
 /// full of cache; this is that state.
 struct MemoryFiller {
-    path: PathBuf,
+    /// Unnamed (removed as soon as created), so that nothing is left on the disk however the run
+    /// ends; its pages stay cached while it is open.
+    _file: std::fs::File,
 }
 
 impl MemoryFiller {
@@ -706,9 +708,7 @@ impl MemoryFiller {
         let room = disk.f_bavail * disk.f_frsize;
         let size = (free_kib << 10).min(room).saturating_sub(2 << 30);
         let started = Instant::now();
-        let file = tempfile::Builder::new().prefix("ferry-bench-filler-").tempfile_in(dir)?;
-        let (mut file, path) = file.keep().map_err(|e| e.error)?;
-        let filler = Self { path };
+        let mut file = tempfile::tempfile_in(dir)?;
         let block = vec![0u8; 8 << 20];
         let mut written = 0;
         while written < size {
@@ -718,18 +718,12 @@ impl MemoryFiller {
         }
         file.sync_all()?;
         eprintln!(
-            "filled the page cache with {:.1} GiB in {} in {:.1} s",
+            "filled the page cache with {:.1} GiB (an unnamed file in {}) in {:.1} s",
             size as f64 / f64::from(1 << 30),
-            filler.path.display(),
+            dir.display(),
             started.elapsed().as_secs_f64()
         );
-        Ok(filler)
-    }
-}
-
-impl Drop for MemoryFiller {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        Ok(Self { _file: file })
     }
 }
 
