@@ -684,7 +684,7 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
 ///
 /// On a virtual machine whose balloon reports free pages to its host (`virtio_balloon` with
 /// `page_reporting`, as here), a free page, once reported, costs a fault on the host the next time it
-/// is written: writing 4 GiB into the page cache took 8 s of system time then, against 1.3 s
+/// is written: writing 4 GiB into the page cache took 8 s of system time then, against 1.2 s
 /// when the same memory had just been used (BENCHMARKS.md, "The machine's memory"). Whichever tool
 /// wrote first after the generator paid for it. A server that has been up for a while has its memory
 /// full of cache; this is that state.
