@@ -70,6 +70,13 @@ struct Args {
     fill_memory: Option<PathBuf>,
 }
 
+impl Args {
+    /// `--fill-memory DIR` as given, for the command lines the reports print (empty without it).
+    fn fill_memory_flag(&self) -> String {
+        self.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display()))
+    }
+}
+
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         files: 20_000,
@@ -482,7 +489,7 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
          | tool | wall s | of which scan s | MB/s | CPU send/recv s | RSS send/recv MiB | wire bytes |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
         bytes >> 20,
-        args.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display())),
+        args.fill_memory_flag(),
     );
     for (tool, m) in [("ferry", Some(&f)), ("rsync", r.as_ref())] {
         let Some(m) = m else { continue };
@@ -1193,7 +1200,7 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
         args.seed,
         args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
         if args.rsync_first { " --rsync-first" } else { "" },
-        args.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display())),
+        args.fill_memory_flag(),
         args.shaped.map_or("loopback".to_owned(), |mbit| format!(
             "through a veth pair between two network namespaces, the source's way out shaped by `tc tbf` to \
              {mbit} Mbit/s with a 50 ms queue"
