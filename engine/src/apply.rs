@@ -41,6 +41,9 @@ use crate::path::{RelPath, STAGING_DIR};
 use crate::rootdir::{NameExt, RootDir};
 use crate::spill::SpillQueue;
 
+mod make;
+use make::{Job, Maker};
+
 /// How to apply.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -83,6 +86,11 @@ impl ChunkBuf {
     /// Hands in bytes the source holds anyway (a clone of a [`Bytes`] shares them).
     pub fn share(&mut self, bytes: Bytes) {
         self.shared = Some(bytes);
+    }
+
+    /// The bytes held, to keep: shared ones as they are, the applier's own copied out.
+    fn take(&mut self) -> Bytes {
+        self.shared.take().unwrap_or_else(|| Bytes::copy_from_slice(&self.owned))
     }
 }
 
@@ -303,6 +311,7 @@ impl<'a> Applier<'a> {
             source: e,
         })?;
         let staging = open_staging(&root)?;
+        let maker = Maker::start(&staging);
         // Each file of a batch keeps its descriptor open until the batch's sync, and two batches can be
         // open at once (one syncing, one staging).
         let options =
@@ -329,6 +338,7 @@ impl<'a> Applier<'a> {
             deferred: SpillQueue::new(),
             no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
             planner: Planner::default(),
+            maker,
         })
     }
 
@@ -496,6 +506,8 @@ pub struct Applier<'a> {
     no_tmpfile: bool,
     /// Chunks asked for this round (see `plan`).
     planner: Planner,
+    /// Makes the small files of the batch being staged (`None`: they are made here).
+    maker: Option<Maker>,
 }
 
 /// A deletion put off until the end of the round.
@@ -862,6 +874,10 @@ impl Applier<'_> {
             // The leader is staged but not in place yet: link to it once it is.
             self.settle()?;
         }
+        if self.batch.by_path.contains_key(leader) {
+            // The leader may still be on the maker's thread.
+            self.collect_made()?;
+        }
         let tmp = self.tmp_name();
         let linked = if let Some(&i) = self.batch.by_path.get(leader) {
             if !self.batch.staged[i].is_file {
@@ -921,12 +937,8 @@ impl Applier<'_> {
     }
 
     fn set_file_metadata(&mut self, fd: &impl std::os::fd::AsFd, entry: &Entry) -> Result<(), Errno> {
-        if let Some((uid, gid)) = self.owner_of(entry) {
-            rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
-        }
-        // After chown, which clears setuid and setgid bits.
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode))?;
-        rustix::fs::futimens(fd, &times(entry.mtime_ns))
+        let owner = self.owner_of(entry);
+        set_metadata(fd, owner, entry.mode, entry.mtime_ns)
     }
 
     fn update_in_place(&mut self, new: &Entry) -> Result<bool, ApplyError> {
@@ -945,6 +957,9 @@ impl Applier<'_> {
     fn stage_file(&mut self, new: &Entry, replaces: bool) -> Result<bool, ApplyError> {
         let tmp = self.tmp_name();
         let shown = format!("{} (staged for {})", tmp.escape_ascii(), new.path);
+        if new.size < LARGE_FILE && self.maker.is_some() {
+            return self.give_file(new, tmp, shown, replaces);
+        }
         let (fd, unnamed) = match self.create_unnamed(&new.path) {
             Some(fd) => (fd, true),
             None => {
@@ -1006,6 +1021,51 @@ impl Applier<'_> {
         let unnamed = unnamed.then(|| OwnedFd::from(file));
         self.stage(tmp, unnamed, new, new.chunks.clone(), replaces)?;
         Ok(true)
+    }
+
+    /// Stages a small file made by the maker: its bytes are gathered (and checked) here, the file is
+    /// created, written and given its metadata on the maker's thread, and collected before the batch
+    /// is synced.
+    fn give_file(&mut self, new: &Entry, tmp: Vec<u8>, shown: String, replaces: bool) -> Result<bool, ApplyError> {
+        let mut pieces = Vec::with_capacity(new.chunks.len());
+        let mut offset = 0u64;
+        for chunk in &new.chunks {
+            if let Err(why) = self.get_chunk(new, offset, chunk) {
+                // Nothing was created: the entry fails and the round goes on.
+                self.fail(&new.path, why);
+                return Ok(false);
+            }
+            pieces.push(self.buf.take());
+            offset += u64::from(chunk.len);
+        }
+        let dir = if self.no_tmpfile { None } else { self.parent_dir(&new.path).ok() };
+        let job = Job {
+            slot: self.batch.staged.len(),
+            dir,
+            tmp: tmp.clone(),
+            pieces,
+            owner: self.owner_of(new),
+            mode: new.mode,
+            mtime_ns: new.mtime_ns,
+            shown,
+        };
+        let maker = self.maker.as_mut().expect("give_file is called with a maker");
+        maker.give(job);
+        self.report.files_written += 1;
+        self.report.bytes_written += new.size;
+        self.stage(tmp, None, new, new.chunks.clone(), replaces)?;
+        Ok(true)
+    }
+
+    /// Waits for the maker's files of the batch being staged and puts each in its place there.
+    fn collect_made(&mut self) -> Result<(), ApplyError> {
+        let Some(maker) = self.maker.as_mut() else { return Ok(()) };
+        while maker.pending() > 0 {
+            let (slot, made) = maker.collect()?;
+            self.no_tmpfile |= made.no_tmpfile;
+            self.batch.staged[slot].unnamed = made.unnamed;
+        }
+        Ok(())
     }
 
     /// An unnamed file in the folder that will hold `path`, or `None` where `O_TMPFILE` is not
@@ -1123,6 +1183,7 @@ impl Applier<'_> {
     /// places in the index.
     fn flush(&mut self) -> Result<(), ApplyError> {
         self.settle()?;
+        self.collect_made()?;
         let batch = std::mem::take(&mut self.batch);
         if !batch.staged.is_empty() {
             waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(&self.staging))
@@ -1134,6 +1195,7 @@ impl Applier<'_> {
     /// Begins the sync of the current batch on another thread (the batch before it must be settled).
     fn start_sync(&mut self) -> Result<(), ApplyError> {
         debug_assert!(self.syncing.is_none(), "one batch syncs at a time");
+        self.collect_made()?;
         if self.batch.staged.is_empty() {
             // Folders' metadata only: nothing to wait for.
             let batch = std::mem::take(&mut self.batch);
@@ -1255,6 +1317,16 @@ fn raise_fd_limit() -> usize {
         let _ = setrlimit(Resource::Nofile, limit);
     }
     getrlimit(Resource::Nofile).current.unwrap_or(1024) as usize
+}
+
+/// Sets a file's or folder's owner (`None`: left as it is), mode and mtime.
+fn set_metadata(fd: &impl AsFd, owner: Option<(u32, u32)>, mode: u32, mtime_ns: i64) -> Result<(), Errno> {
+    if let Some((uid, gid)) = owner {
+        rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
+    }
+    // After chown, which clears setuid and setgid bits.
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?;
+    rustix::fs::futimens(fd, &times(mtime_ns))
 }
 
 /// Gives an unnamed (`O_TMPFILE`) file a name in `dir`.

@@ -209,3 +209,26 @@ fn hard_links_to_files_of_the_batch_still_syncing() {
         assert_same_tree(&src, &pair.target(), |_| false);
     }
 }
+
+/// Small files are made on a thread beside the applier; a hard link whose leader is in the same batch
+/// waits for the leader to be made, then links to it (one inode in the target, as in the source).
+#[test]
+fn hard_links_to_files_of_the_batch_being_made() {
+    use std::os::unix::fs::MetadataExt;
+    let pair = Pair::new();
+    let src = pair.source();
+    for i in 0..200u64 {
+        let leader = src.join(format!("d{:02}/a{i:03}", i % 7));
+        write(&leader, &random_bytes(100 + i as usize * 37, i));
+        std::fs::hard_link(&leader, src.join(format!("d{:02}/b{i:03}", i % 7))).unwrap();
+    }
+    let report = pair.round(&LocalRoundOptions::default());
+    assert_eq!(report.apply.failure_count, 0, "{:?}", report.apply.failures);
+    assert_eq!((report.apply.files_written, report.apply.hard_links), (200, 200));
+    assert_same_tree(&src, &pair.target(), |_| false);
+    for i in 0..200u64 {
+        let dir = pair.target().join(format!("d{:02}", i % 7));
+        let (a, b) = (dir.join(format!("a{i:03}")), dir.join(format!("b{i:03}")));
+        assert_eq!(std::fs::metadata(a).unwrap().ino(), std::fs::metadata(b).unwrap().ino());
+    }
+}

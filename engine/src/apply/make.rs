@@ -1,0 +1,218 @@
+//! Small files built on a thread beside the applier.
+//!
+//! In a round of many small files the applying thread spent most of its time in the system calls that
+//! make each file (create it unnamed, write it, set its owner, mode and mtime), one file after the
+//! other, while a core stood idle. The applier now decides everything, gathers a small file's verified
+//! bytes and hands the rest to a [`Maker`]: the file comes back as a descriptor before its batch is
+//! synced. What is decided, reported and made visible, and in which order, does not change.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use bytes::Bytes;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+
+use super::{ApplyError, NameExt, set_metadata};
+
+/// What a small file is made of, decided by the applier.
+pub(super) struct Job {
+    /// Its place in the batch being staged.
+    pub(super) slot: usize,
+    /// The folder that will hold it, to create it unnamed there (`None`: in the staging folder).
+    pub(super) dir: Option<Arc<OwnedFd>>,
+    /// Its name in the staging folder, should it be built there.
+    pub(super) tmp: Vec<u8>,
+    /// Its chunks' bytes, in order, already checked against their hashes.
+    pub(super) pieces: Vec<Bytes>,
+    pub(super) owner: Option<(u32, u32)>,
+    pub(super) mode: u32,
+    pub(super) mtime_ns: i64,
+    /// How errors name it.
+    pub(super) shown: String,
+}
+
+/// A file made: unnamed in its folder (`Some`), or named in the staging folder (`None`).
+pub(super) struct Made {
+    pub(super) unnamed: Option<OwnedFd>,
+    /// Its folder's filesystem has no `O_TMPFILE`: the next files go to the staging folder directly.
+    pub(super) no_tmpfile: bool,
+}
+
+/// A thread that makes small files, in the order it is given them.
+pub(super) struct Maker {
+    jobs: Sender<Job>,
+    made: Receiver<(usize, Result<Made, ApplyError>)>,
+    /// Jobs given and not yet collected.
+    pending: usize,
+}
+
+impl Maker {
+    /// Starts the thread; `None` when no thread can be spawned (the applier then makes files itself).
+    pub(super) fn start(staging: &OwnedFd) -> Option<Self> {
+        let staging = staging.try_clone().ok()?;
+        let (jobs, inbox) = channel::<Job>();
+        let (outbox, made) = channel();
+        std::thread::Builder::new()
+            .name("ferry-make".into())
+            .spawn(move || {
+                for job in inbox {
+                    let slot = job.slot;
+                    if outbox.send((slot, make(job, &staging))).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Self { jobs, made, pending: 0 })
+    }
+
+    /// Queues a file to make. If the thread is gone, the job is dropped and [`Maker::collect`] says so.
+    pub(super) fn give(&mut self, job: Job) {
+        self.pending += 1;
+        let _ = self.jobs.send(job);
+    }
+
+    /// Jobs given and not yet collected.
+    pub(super) fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Waits for the next file made, in the order the jobs were given.
+    pub(super) fn collect(&mut self) -> Result<(usize, Made), ApplyError> {
+        let (slot, made) = self.made.recv().map_err(|_| ApplyError::Io {
+            op: "make files on",
+            path: "their thread".into(),
+            source: io::Error::other("stopped"),
+        })?;
+        self.pending -= 1;
+        Ok((slot, made?))
+    }
+}
+
+/// Makes one file: unnamed in its folder where the filesystem allows it, else in the staging folder
+/// under the name the applier reserved; then its bytes and its metadata.
+fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
+    let err = |op: &'static str| {
+        let path = job.shown.clone();
+        move |e: Errno| ApplyError::Io { op, path, source: e.into() }
+    };
+    let mut no_tmpfile = false;
+    let unnamed = match &job.dir {
+        Some(dir) => {
+            match rustix::fs::openat(
+                &**dir,
+                ".",
+                OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => Some(fd),
+                Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => {
+                    no_tmpfile = true;
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        None => None,
+    };
+    let named = unnamed.is_none();
+    let fd = match unnamed {
+        Some(fd) => fd,
+        None => rustix::fs::openat(
+            staging,
+            job.tmp.os(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(err("create"))?,
+    };
+    let mut file = File::from(fd);
+    for piece in &job.pieces {
+        file.write_all(piece).map_err(|e| ApplyError::Io { op: "write", path: job.shown.clone(), source: e })?;
+    }
+    set_metadata(&file.as_fd(), job.owner, job.mode, job.mtime_ns).map_err(err("set metadata of"))?;
+    Ok(Made { unnamed: (!named).then(|| OwnedFd::from(file)), no_tmpfile })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::apply::link_unnamed;
+
+    fn open_dir(path: &std::path::Path) -> OwnedFd {
+        rustix::fs::open(path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).unwrap()
+    }
+
+    fn job(slot: usize, dir: Option<Arc<OwnedFd>>, tmp: &[u8], pieces: &[&'static [u8]]) -> Job {
+        Job {
+            slot,
+            dir,
+            tmp: tmp.to_vec(),
+            pieces: pieces.iter().map(|p| Bytes::from_static(p)).collect(),
+            owner: None,
+            mode: 0o640,
+            mtime_ns: 1_500_000_000_123_456_789,
+            shown: String::from_utf8_lossy(tmp).into_owned(),
+        }
+    }
+
+    /// Files come back in the order given, unnamed in their folder (or, where the filesystem has no
+    /// `O_TMPFILE`, named in the staging folder), with their bytes and metadata; a file that cannot be
+    /// created is an error for the round, and the files after it are still made.
+    #[test]
+    fn files_are_made_in_order_with_their_bytes_and_metadata() {
+        let root = tempfile::tempdir().unwrap();
+        let (folder_path, staging_path) = (root.path().join("folder"), root.path().join("staging"));
+        std::fs::create_dir(&folder_path).unwrap();
+        std::fs::create_dir(&staging_path).unwrap();
+        std::fs::write(staging_path.join("taken"), b"").unwrap();
+        let (folder, staging) = (Arc::new(open_dir(&folder_path)), open_dir(&staging_path));
+        let mut maker = Maker::start(&staging).unwrap();
+
+        maker.give(job(0, Some(folder.clone()), b"t1", &[b"hello ", b"world"]));
+        maker.give(job(1, None, b"t2", &[b"named"]));
+        maker.give(job(2, None, b"taken", &[b"x"]));
+        maker.give(job(3, None, b"t4", &[]));
+        assert_eq!(maker.pending(), 4);
+
+        let (slot, made) = maker.collect().unwrap();
+        assert_eq!(slot, 0);
+        match made.unnamed {
+            Some(fd) => {
+                // Nothing has a name until it is linked into place.
+                assert_eq!(std::fs::read_dir(&folder_path).unwrap().count(), 0);
+                link_unnamed(&fd, &*folder, b"a").unwrap();
+                assert!(!made.no_tmpfile);
+            }
+            None => {
+                assert!(made.no_tmpfile);
+                std::fs::rename(staging_path.join("t1"), folder_path.join("a")).unwrap();
+            }
+        }
+        let made_path = folder_path.join("a");
+        assert_eq!(std::fs::read(&made_path).unwrap(), b"hello world");
+        let meta = std::fs::metadata(&made_path).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        assert_eq!((meta.mtime(), meta.mtime_nsec()), (1_500_000_000, 123_456_789));
+
+        let (slot, made) = maker.collect().unwrap();
+        assert_eq!(slot, 1);
+        assert!(made.unnamed.is_none());
+        assert_eq!(std::fs::read(staging_path.join("t2")).unwrap(), b"named");
+
+        let error = maker.collect().err().unwrap().to_string();
+        assert!(error.starts_with("create taken: "), "{error}");
+        assert_eq!(std::fs::read(staging_path.join("taken")).unwrap(), b"");
+
+        let (slot, _) = maker.collect().unwrap();
+        assert_eq!(slot, 3);
+        assert_eq!(std::fs::read(staging_path.join("t4")).unwrap(), b"");
+        assert_eq!(maker.pending(), 0);
+    }
+}
