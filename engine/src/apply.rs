@@ -59,7 +59,7 @@ pub struct ApplyOptions {
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        Self { delete: false, numeric_ids: false, batch_files: 2000, batch_bytes: 256 << 20 }
+        Self { delete: false, numeric_ids: false, batch_files: 8000, batch_bytes: 256 << 20 }
     }
 }
 
