@@ -963,13 +963,7 @@ impl Applier<'_> {
         let (fd, unnamed) = match self.create_unnamed(&new.path) {
             Some(fd) => (fd, true),
             None => {
-                let fd = rustix::fs::openat(
-                    &self.staging,
-                    tmp.os(),
-                    OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(io_err("create", &shown))?;
+                let fd = create_staged(&self.staging, &tmp).map_err(io_err("create", &shown))?;
                 (fd, false)
             }
         };
@@ -1075,19 +1069,15 @@ impl Applier<'_> {
             return None;
         }
         let dir = self.parent_dir(path).ok()?;
-        match rustix::fs::openat(
-            &*dir,
-            ".",
-            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        ) {
+        match open_unnamed(&*dir) {
             Ok(fd) => Some(fd),
-            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => {
-                tracing::debug!("O_TMPFILE is not supported here; files are built in the staging folder");
-                self.no_tmpfile = true;
+            Err(e) => {
+                if no_tmpfile(e) {
+                    tracing::debug!("O_TMPFILE is not supported here; files are built in the staging folder");
+                    self.no_tmpfile = true;
+                }
                 None
             }
-            Err(_) => None,
         }
     }
 
@@ -1317,6 +1307,26 @@ fn raise_fd_limit() -> usize {
         let _ = setrlimit(Resource::Nofile, limit);
     }
     getrlimit(Resource::Nofile).current.unwrap_or(1024) as usize
+}
+
+/// A new unnamed file (`O_TMPFILE`) in `dir`, private until it is linked to a name.
+fn open_unnamed(dir: &impl AsFd) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(dir, ".", OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, Mode::from_raw_mode(0o600))
+}
+
+/// Whether `open_unnamed` failed because the filesystem has no `O_TMPFILE`.
+fn no_tmpfile(error: Errno) -> bool {
+    matches!(error, Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS)
+}
+
+/// A new file named `tmp` in the staging folder (where there is no `O_TMPFILE`).
+fn create_staged(staging: &impl AsFd, tmp: &[u8]) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(
+        staging,
+        tmp.os(),
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
 }
 
 /// Sets a file's or folder's owner (`None`: left as it is), mode and mtime.

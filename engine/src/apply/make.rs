@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use bytes::Bytes;
-use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
-use super::{ApplyError, NameExt, set_metadata};
+use super::{ApplyError, create_staged, no_tmpfile, open_unnamed, set_metadata};
 
 /// What a small file is made of, decided by the applier.
 pub(super) struct Job {
@@ -100,47 +99,33 @@ fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
         let path = job.shown.clone();
         move |e: Errno| ApplyError::Io { op, path, source: e.into() }
     };
-    let mut no_tmpfile = false;
-    let unnamed = match &job.dir {
-        Some(dir) => {
-            match rustix::fs::openat(
-                &**dir,
-                ".",
-                OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            ) {
-                Ok(fd) => Some(fd),
-                Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => {
-                    no_tmpfile = true;
-                    None
-                }
-                Err(_) => None,
-            }
+    let mut unsupported = false;
+    let unnamed = match job.dir.as_deref().map(open_unnamed) {
+        Some(Ok(fd)) => Some(fd),
+        Some(Err(e)) => {
+            unsupported = no_tmpfile(e);
+            None
         }
         None => None,
     };
     let named = unnamed.is_none();
     let fd = match unnamed {
         Some(fd) => fd,
-        None => rustix::fs::openat(
-            staging,
-            job.tmp.os(),
-            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(err("create"))?,
+        None => create_staged(staging, &job.tmp).map_err(err("create"))?,
     };
     let mut file = File::from(fd);
     for piece in &job.pieces {
         file.write_all(piece).map_err(|e| ApplyError::Io { op: "write", path: job.shown.clone(), source: e })?;
     }
     set_metadata(&file.as_fd(), job.owner, job.mode, job.mtime_ns).map_err(err("set metadata of"))?;
-    Ok(Made { unnamed: (!named).then(|| OwnedFd::from(file)), no_tmpfile })
+    Ok(Made { unnamed: (!named).then(|| OwnedFd::from(file)), no_tmpfile: unsupported })
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;
+
+    use rustix::fs::{Mode, OFlags};
 
     use super::*;
     use crate::apply::link_unnamed;
