@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
 use crate::net::{self, FrameReader, close};
+use crate::push::Refused;
 
 /// How many chunk bytes a round holds in memory at most: asked for and not yet applied, or applied and
 /// not yet flushed (48 MiB is about a bandwidth-delay product of 1 Gbit/s at 400 ms).
@@ -259,7 +260,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
             let _ = send.finish();
             tokio::time::sleep(Duration::from_millis(200)).await;
-            bail!("refused: {reason}");
+            return Err(Refused(format!("refused: {reason}")).into());
         }
     };
     let _guard = match context.claim(&job.name, peer_id, connection).await {
@@ -268,7 +269,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
             let _ = send.finish();
             tokio::time::sleep(Duration::from_millis(200)).await;
-            bail!("refused: {reason}");
+            return Err(Refused(format!("refused: {reason}")).into());
         }
     };
     tracing::Span::current().record("job", job.name.as_str());
@@ -358,8 +359,8 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             stall_timeout: context.stall_timeout,
         };
         destination_round(&round, inbox, to_net, &window).map_err(|e| {
-            // A refusal keeps its prefix: the source tells it from a failure by it.
-            if e.to_string().starts_with("refused: ") {
+            // A refusal keeps its words ("refused: ..."): the source tells it from a failure by them.
+            if is_refusal(&e) {
                 return e;
             }
             let target = job.path.display();
@@ -371,7 +372,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     // Why the round failed goes to the source on the control stream, which delivers it: the close of
     // the connection is sent once, and a source that misses it sees a reset and no reason. The source
     // closes once it has read it.
-    let failed = result.as_ref().err().filter(|e| !e.to_string().starts_with("refused: "));
+    let failed = result.as_ref().err().filter(|e| !is_refusal(e));
     if let Some(e) = failed {
         let _ = failed_tx.send(Message::Failed { reason: crate::describe(e) }).await;
     }
@@ -925,7 +926,7 @@ fn destination_round(
     if let Some(reason) = space.refusal(&job.path) {
         tracing::warn!("{reason}");
         send(Message::Refused { reason: reason.clone() })?;
-        bail!("refused: {reason}");
+        return Err(Refused(format!("refused: {reason}")).into());
     }
 
     let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
@@ -1287,6 +1288,11 @@ fn transfer(
     }
     applier.flush_batch()?;
     Ok(end)
+}
+
+/// Whether a round ended because this node refused it (its reason went to the source as `Refused`).
+fn is_refusal(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Refused>().is_some()
 }
 
 /// Why a transfer ended when nothing came for `stall_timeout`.
