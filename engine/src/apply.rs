@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::hash::ChunkHash;
 use crate::index::{ChunkIndex, ChunkLocation, IndexError};
-use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pair, RecordFileError};
+use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pair, RawEntry, RecordFileError};
 use crate::owner::OwnerMap;
 use crate::path::{RelPath, STAGING_DIR};
 use crate::rootdir::{NameExt, RootDir};
@@ -221,15 +221,15 @@ fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(Errno) 
 /// manifest of what the target then holds.
 pub fn apply(
     target: &Path,
-    pairs: impl Iterator<Item = Result<Pair<Entry, Entry>, RecordFileError>>,
+    steps: impl Iterator<Item = Result<Step, RecordFileError>>,
     source: &mut dyn ChunkSource,
     index: &mut ChunkIndex,
     committed: &mut ManifestWriter,
     options: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
     let mut applier = Applier::new(target, source, index, committed, options)?;
-    for pair in pairs {
-        applier.step(pair?)?;
+    for step in steps {
+        applier.step(step?)?;
     }
     applier.finish()
 }
@@ -250,6 +250,32 @@ pub struct Needed {
 /// again: correct, only slower). A transfer holds far fewer in flight; a dry run, which flushes
 /// nothing, can reach it.
 const MAX_REQUESTED: usize = 1 << 18;
+
+/// One path of a round, as [`Applier::step`] takes it.
+#[derive(Debug)]
+pub enum Step {
+    /// A path whose entry appears, changes, goes or stays (both sides decoded).
+    Apply(Box<Pair<Entry, Entry>>),
+    /// A file or symlink that stays as it was: its stored entry goes to the new manifest as it is,
+    /// without being decoded (most of a day's round over a large tree).
+    Keep(RawEntry),
+}
+
+impl From<Pair<Entry, Entry>> for Step {
+    fn from(pair: Pair<Entry, Entry>) -> Self {
+        Step::Apply(Box::new(pair))
+    }
+}
+
+impl Step {
+    /// The pair, unless the entry is kept as it is.
+    pub fn pair(&self) -> Option<&Pair<Entry, Entry>> {
+        match self {
+            Step::Apply(pair) => Some(pair),
+            Step::Keep(_) => None,
+        }
+    }
+}
 
 /// Decides which chunks a round must ask the source for: those of new or changed files that the
 /// chunk index does not know and that were not asked for already this round. Writes nothing, so a dry
@@ -342,10 +368,21 @@ impl<'a> Applier<'a> {
         })
     }
 
-    /// Applies the next pair (pairs must come in manifest order).
-    pub fn step(&mut self, pair: Pair<Entry, Entry>) -> Result<(), ApplyError> {
+    /// Applies the next step (steps must come in manifest order). A kept entry ([`Step::Keep`]) is
+    /// checked for its place in the order and copied to the new manifest as it is stored (its content
+    /// and metadata were checked when it came).
+    pub fn step(&mut self, step: Step) -> Result<(), ApplyError> {
         let committed = self.committed.take().expect("committed is only taken for the length of a call");
-        let result = self.step_with(pair, committed);
+        let result = match step {
+            Step::Apply(pair) => self.step_with(*pair, committed),
+            Step::Keep(kept) if kept.kind() == EntryKind::Dir => {
+                // A folder opens a frame its contents need: it takes the whole path.
+                kept.decode()
+                    .map_err(ApplyError::from)
+                    .and_then(|entry| self.step_with(Pair { old: Some(entry.clone()), new: Some(entry) }, committed))
+            }
+            Step::Keep(kept) => self.keep_with(kept, committed),
+        };
         self.committed = Some(committed);
         result
     }
@@ -537,13 +574,7 @@ impl Applier<'_> {
         if let Some(new) = pair.new.as_ref().filter(|n| n.path.is_root()) {
             self.root_mtime = Some(new.mtime_ns);
         }
-        while let Some(top) = self.stack.last() {
-            if top.path.is_ancestor_of(&path) {
-                break;
-            }
-            let frame = self.stack.pop().expect("stack has a top");
-            self.leave(frame, committed)?;
-        }
+        self.leave_until_inside(&path, committed)?;
         let forced_delete = matches!(self.stack.last().map(|f| &f.leave), Some(Leave::Replace { .. } | Leave::Delete));
         if matches!(self.stack.last().map(|f| &f.leave), Some(Leave::Failed)) {
             // Inside a folder that could not be applied: leave everything as it was.
@@ -568,6 +599,35 @@ impl Applier<'_> {
             }
             (old, Some(new)) => self.place(old, new, committed),
         }
+    }
+
+    fn keep_with(&mut self, kept: RawEntry, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
+        let path = kept.path();
+        if let Some(previous) = self.previous.as_ref().filter(|p| *p >= path) {
+            return Err(EntryError::OutOfOrder { path: path.clone(), previous: previous.clone() }.into());
+        }
+        self.previous = Some(path.clone());
+        self.leave_until_inside(path, committed)?;
+        match self.stack.last().map(|f| &f.leave) {
+            Some(Leave::Replace { .. } | Leave::Delete) => {
+                self.fail(path, "is listed inside a path that is no longer a folder");
+                Ok(())
+            }
+            // Inside a folder that could not be applied, the entry is kept as well.
+            _ => Ok(committed.push_raw(&kept)?),
+        }
+    }
+
+    /// Leaves (finishes) every open folder that `path` is not inside.
+    fn leave_until_inside(&mut self, path: &RelPath, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
+        while let Some(top) = self.stack.last() {
+            if top.path.is_ancestor_of(path) {
+                break;
+            }
+            let frame = self.stack.pop().expect("stack has a top");
+            self.leave(frame, committed)?;
+        }
+        Ok(())
     }
 
     fn mark_parent_dirty(&mut self, path: &RelPath) {

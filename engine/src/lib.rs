@@ -39,14 +39,14 @@ mod spill;
 
 pub use apply::{
     Applier, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, LARGE_FILE, Needed,
-    Planner, apply,
+    Planner, Step, apply,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
-    RecordFileError, RecordReader, RecordWriter, diff,
+    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_raw, steps,
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};

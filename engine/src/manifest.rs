@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::apply::Step;
 use crate::hash::{ChunkHash, RootHash};
 use crate::path::RelPath;
 
@@ -275,6 +276,13 @@ impl<T: Serialize> RecordWriter<T> {
     }
 }
 
+impl RecordWriter<Entry> {
+    /// Appends an entry as it was read, without encoding it again.
+    pub fn push_raw(&mut self, entry: &RawEntry) -> Result<(), RecordFileError> {
+        self.push_bytes(&entry.bytes)
+    }
+}
+
 /// Fsyncs the folder that holds `path`, so that a rename into it is durable.
 pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -441,6 +449,71 @@ impl<T: DeserializeOwned> RecordReader<T> {
     }
 }
 
+impl RecordReader<Entry> {
+    /// The next entry as it is stored, with only its path and kind decoded, or `None` after the last
+    /// one (whose trailer was checked).
+    pub fn next_raw(&mut self) -> Result<Option<RawEntry>, RecordFileError> {
+        if !self.read_bytes()? {
+            return Ok(None);
+        }
+        let bytes = &self.block[self.record.clone()];
+        let head = postcard::take_from_bytes::<Head<'_>>(bytes)
+            .map_err(|e| self.corrupt(format!("undecodable record: {e}")))?
+            .0;
+        let path = RelPath::new(head.path).map_err(|e| self.corrupt(format!("undecodable record: {e}")))?;
+        Ok(Some(RawEntry { path, kind: head.kind, bytes: bytes.to_vec() }))
+    }
+
+    /// The entries as they are stored (see [`RecordReader::next_raw`]).
+    pub fn raw(mut self) -> impl Iterator<Item = Result<RawEntry, RecordFileError>> {
+        std::iter::from_fn(move || self.next_raw().transpose())
+    }
+}
+
+/// The first fields of an encoded [`Entry`] (postcard encodes a struct's fields in order).
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    path: &'a [u8],
+    kind: EntryKind,
+}
+
+/// A manifest entry as it is stored: its encoded bytes, with its path and kind decoded. A pass that
+/// keeps most entries as they were (a day's round over a large tree) compares and copies these
+/// instead of decoding and encoding every entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    path: RelPath,
+    kind: EntryKind,
+    bytes: Vec<u8>,
+}
+
+impl RawEntry {
+    /// Its path.
+    pub fn path(&self) -> &RelPath {
+        &self.path
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> EntryKind {
+        self.kind
+    }
+
+    /// The whole entry.
+    pub fn decode(&self) -> Result<Entry, RecordFileError> {
+        postcard::from_bytes(&self.bytes).map_err(|e| RecordFileError::Corrupt {
+            path: PathBuf::from(self.path.to_string()),
+            reason: format!("undecodable record: {e}"),
+        })
+    }
+}
+
+impl Keyed for RawEntry {
+    fn key(&self) -> &RelPath {
+        &self.path
+    }
+}
+
 impl<T: DeserializeOwned> Iterator for RecordReader<T> {
     type Item = Result<T, RecordFileError>;
 
@@ -541,6 +614,46 @@ where
     MergeJoin::new(old, new).filter(|pair| !matches!(pair, Ok(Pair { old: Some(o), new: Some(n) }) if o == n))
 }
 
+/// Like [`diff`], over manifests read with [`RecordReader::raw`]: an entry stored with the same bytes
+/// on both sides is unchanged and skipped without being decoded.
+pub fn diff_raw<L, R>(old: L, new: R) -> impl Iterator<Item = Result<Pair<Entry, Entry>, RecordFileError>>
+where
+    L: Iterator<Item = Result<RawEntry, RecordFileError>>,
+    R: Iterator<Item = Result<RawEntry, RecordFileError>>,
+{
+    MergeJoin::new(old, new).filter_map(|pair| {
+        let decode = |pair: Pair<RawEntry, RawEntry>| -> Result<Pair<Entry, Entry>, RecordFileError> {
+            Ok(Pair {
+                old: pair.old.as_ref().map(RawEntry::decode).transpose()?,
+                new: pair.new.as_ref().map(RawEntry::decode).transpose()?,
+            })
+        };
+        match pair {
+            Ok(Pair { old: Some(o), new: Some(n) }) if o.bytes == n.bytes => None,
+            // Equal entries are equal bytes (the encoding is canonical); decoded, in case one was not.
+            Ok(pair) => decode(pair).map(|p| (p.old != p.new).then_some(p)).transpose(),
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
+/// The steps from an old manifest to a new one, both read as stored (see [`RecordReader::raw`]): a
+/// file or symlink stored with the same bytes on both sides is kept without being decoded
+/// ([`Step::Keep`]); every other path is decoded on both sides.
+pub fn steps<L, R>(old: L, new: R) -> impl Iterator<Item = Result<Step, RecordFileError>>
+where
+    L: Iterator<Item = Result<RawEntry, RecordFileError>>,
+    R: Iterator<Item = Result<RawEntry, RecordFileError>>,
+{
+    MergeJoin::new(old, new).map(|pair| match pair? {
+        Pair { old: Some(o), new: Some(n) } if o.bytes == n.bytes && n.kind != EntryKind::Dir => Ok(Step::Keep(n)),
+        pair => Ok(Step::from(Pair {
+            old: pair.old.as_ref().map(RawEntry::decode).transpose()?,
+            new: pair.new.as_ref().map(RawEntry::decode).transpose()?,
+        })),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,6 +739,9 @@ mod tests {
         let read: Vec<Entry> = reader.by_ref().collect::<Result<_, _>>().unwrap();
         assert!(read == entries);
         assert_eq!(reader.root_hash(), Some(root));
+        let mut raw = ManifestReader::open(&path).unwrap();
+        let count = std::iter::from_fn(|| raw.next_raw().unwrap()).count();
+        assert_eq!((count, raw.root_hash()), (entries.len(), Some(root)));
         let bytes = std::fs::read(&path).unwrap();
         for cut in [1 << 20, (1 << 20) + 1, bytes.len() / 2, bytes.len() - 41] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
@@ -645,6 +761,69 @@ mod tests {
         let paths: Vec<String> = changes.iter().map(|p| p.path().to_string()).collect();
         assert_eq!(paths, ["b", "c"]);
         assert!(changes[0].new.is_none() && changes[1].old.is_none());
+    }
+
+    #[test]
+    fn raw_entries_copy_to_the_same_manifest_and_decode_to_the_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut named = entry("a/x", EntryKind::File, b"hello");
+        named.user = Some("zimbra".into());
+        named.hard_link_to = Some(RelPath::new(&b"a/b"[..]).unwrap());
+        let entries = vec![
+            entry("", EntryKind::Dir, b""),
+            entry("a", EntryKind::Dir, b""),
+            entry("a/b", EntryKind::Symlink, b"../x"),
+            named,
+        ];
+        let (path, root) = write(dir.path(), "m", &entries);
+        let raw: Vec<RawEntry> = ManifestReader::open(&path).unwrap().raw().collect::<Result<_, _>>().unwrap();
+        let heads: Vec<(String, EntryKind)> = raw.iter().map(|r| (r.path().to_string(), r.kind())).collect();
+        let expected: Vec<(String, EntryKind)> = entries.iter().map(|e| (e.path.to_string(), e.kind)).collect();
+        assert_eq!(heads, expected);
+        let decoded: Vec<Entry> = raw.iter().map(|r| r.decode().unwrap()).collect();
+        assert_eq!(decoded, entries);
+        let copy = dir.path().join("copy");
+        let mut writer = ManifestWriter::create(&copy).unwrap();
+        for r in &raw {
+            writer.push_raw(r).unwrap();
+        }
+        assert_eq!(writer.finish().unwrap(), root);
+        assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&path).unwrap());
+        // The raw reader checks the trailer like the decoding one.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let i = bytes.len() - 45;
+        bytes[i] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(ManifestReader::open(&path).unwrap().raw().any(|r| r.is_err()));
+    }
+
+    #[test]
+    fn diff_raw_finds_what_diff_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut touched = entry("a", EntryKind::File, b"1");
+        touched.mtime_ns = 2;
+        let a = vec![
+            entry("", EntryKind::Dir, b""),
+            entry("a", EntryKind::File, b"1"),
+            entry("b", EntryKind::File, b"2"),
+            entry("d", EntryKind::Dir, b""),
+            entry("d/e", EntryKind::File, b"4"),
+        ];
+        let b = vec![
+            entry("", EntryKind::Dir, b""),
+            touched,
+            entry("c", EntryKind::File, b"3"),
+            entry("d", EntryKind::Dir, b""),
+            entry("d/e", EntryKind::File, b"4"),
+        ];
+        let (old, _) = write(dir.path(), "old", &a);
+        let (new, _) = write(dir.path(), "new", &b);
+        let raw = diff_raw(ManifestReader::open(&old).unwrap().raw(), ManifestReader::open(&new).unwrap().raw());
+        let raw: Vec<Pair<Entry, Entry>> = raw.collect::<Result<_, _>>().unwrap();
+        let ok = |v: Vec<Entry>| v.into_iter().map(Ok::<_, ()>);
+        let decoded: Vec<Pair<Entry, Entry>> = diff(ok(a), ok(b)).map(Result::unwrap).collect();
+        assert_eq!(raw, decoded);
+        assert_eq!(raw.iter().map(|p| p.path().to_string()).collect::<Vec<_>>(), ["a", "b", "c"]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, apply};
 use crate::hash::RootHash;
 use crate::index::{ChunkIndex, IndexError};
-use crate::manifest::{ChunkRef, Entry, ManifestReader, ManifestWriter, MergeJoin, RecordFileError};
+use crate::manifest::{ChunkRef, Entry, ManifestReader, ManifestWriter, RawEntry, RecordFileError, steps};
 use crate::path::RelPath;
 use crate::rootdir::RootDir;
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
@@ -162,18 +162,17 @@ pub fn local_round(
     let scan_report = scan(source, Some(&cache), &new_manifest, &cache, &options.scan)?;
 
     let committed_path = target_state.join("manifest");
-    let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = if committed_path.exists() {
-        Box::new(ManifestReader::open(&committed_path)?)
+    let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>>> = if committed_path.exists() {
+        Box::new(ManifestReader::open(&committed_path)?.raw())
     } else {
         Box::new(std::iter::empty())
     };
-    let new = ManifestReader::open(&new_manifest)?;
+    let new = ManifestReader::open(&new_manifest)?.raw();
     let mut index = ChunkIndex::open(&target_state.join("chunks.redb"))?;
     let mut chunk_source =
         LocalChunkSource::new(source).map_err(|e| RoundError::Target { path: source.to_owned(), source: e })?;
     let mut committed = ManifestWriter::create(&committed_path)?;
-    let apply_report =
-        apply(target, MergeJoin::new(old, new), &mut chunk_source, &mut index, &mut committed, &options.apply)?;
+    let apply_report = apply(target, steps(old, new), &mut chunk_source, &mut index, &mut committed, &options.apply)?;
     let target_root = committed.finish()?;
     Ok(LocalRoundReport {
         in_sync: Some(target_root) == scan_report.root_hash,
@@ -187,7 +186,9 @@ pub fn local_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::Step;
     use crate::hash::ChunkHash;
+    use crate::manifest::MergeJoin;
 
     /// A chunk source that has every chunk at hand, as the network round's window has what arrived.
     struct Holding(LocalChunkSource);
@@ -229,9 +230,15 @@ mod tests {
         let (mut local, mut held) =
             (LocalChunkSource::new(&source).unwrap(), Holding(LocalChunkSource::new(&source).unwrap()));
         let chunks: &mut dyn ChunkSource = if holding { &mut held } else { &mut local };
-        let report =
-            apply(&target, MergeJoin::new(old, new), chunks, &mut index, &mut committed, &ApplyOptions::default())
-                .unwrap();
+        let report = apply(
+            &target,
+            MergeJoin::new(old, new).map(|p| p.map(Step::from)),
+            chunks,
+            &mut index,
+            &mut committed,
+            &ApplyOptions::default(),
+        )
+        .unwrap();
         committed.finish().unwrap();
         assert_eq!(std::fs::read(target.join("b")).unwrap(), bytes);
         report

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
 use ferry_engine::{
-    ChunkHash, Entry, EntryKind, ManifestReader, RecordFileError, RootDir, ScanOptions, SettledBefore, diff, scan,
+    ChunkHash, EntryKind, ManifestReader, RawEntry, RecordFileError, RootDir, ScanOptions, SettledBefore, diff_raw,
+    scan,
 };
 use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundOptions, RoundRef};
 use serde::Serialize;
@@ -1030,12 +1031,13 @@ impl BatchReceiver {
 /// Returns the bytes of the files whose content changed.
 fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>) -> anyhow::Result<Positions> {
     let mut positions = Positions::default();
-    let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>>> = match base {
-        Some(path) => Box::new(ManifestReader::open(path)?),
+    // Compared as stored: an entry whose bytes did not change is not decoded (most of a day's tree).
+    let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>>> = match base {
+        Some(path) => Box::new(ManifestReader::open(path)?.raw()),
         None => Box::new(std::iter::empty()),
     };
     let mut batch = Vec::with_capacity(1024);
-    for pair in diff(old, ManifestReader::open(new)?) {
+    for pair in diff_raw(old, ManifestReader::open(new)?.raw()) {
         let pair = pair?;
         let path = pair.path().clone();
         let change = match (pair.old, pair.new) {

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
     Applier, ApplyOptions, ApplyReport, ChunkBuf, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry,
-    EntryKind, FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RecordFileError,
-    RecordReader, RecordWriter, RootHash, ScanOptions,
+    EntryKind, FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry,
+    RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -896,8 +896,8 @@ fn destination_round(
         && !job.path.join(ferry_engine::STAGING_DIR).exists();
 
     let open_pairs = || -> anyhow::Result<_> {
-        let old: Box<dyn Iterator<Item = Result<Entry, RecordFileError>> + Send> = if state.manifest().exists() {
-            Box::new(ManifestReader::open(&state.manifest())?)
+        let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.manifest().exists() {
+            Box::new(ManifestReader::open(&state.manifest())?.raw())
         } else {
             Box::new(std::iter::empty())
         };
@@ -935,8 +935,8 @@ fn destination_round(
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
-    let pairs = read_ahead(open_pairs()?)?;
-    match transfer(&mut applier, pairs, &send, &mut inbox, window, round.stall_timeout)? {
+    let steps = read_ahead(open_pairs()?)?;
+    match transfer(&mut applier, steps, &send, &mut inbox, window, round.stall_timeout)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
         TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
@@ -1037,14 +1037,12 @@ struct Space {
 }
 
 impl Space {
-    fn of_round(
-        pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
-        target: &Path,
-    ) -> anyhow::Result<Self> {
+    fn of_round(steps: impl Iterator<Item = anyhow::Result<Step>>, target: &Path) -> anyhow::Result<Self> {
         let (mut files, mut needed) = (0u64, 0u64);
-        for pair in pairs {
-            let pair = pair?;
-            if ferry_engine::Planner::writes_content(&pair)
+        for step in steps {
+            let step = step?;
+            if let Some(pair) = step.pair()
+                && ferry_engine::Planner::writes_content(pair)
                 && let Some(new) = &pair.new
             {
                 files += 1;
@@ -1110,7 +1108,7 @@ impl Space {
 /// A dry run: asks for the chunks the round would need (the source sizes them instead of sending
 /// them), then says what the round would write.
 fn plan_only(
-    pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
+    steps: impl Iterator<Item = anyhow::Result<Step>>,
     index: &ChunkIndex,
     space: &Space,
     send: &impl Fn(Message) -> anyhow::Result<()>,
@@ -1118,8 +1116,9 @@ fn plan_only(
     let mut planner = ferry_engine::Planner::default();
     let mut needed = Vec::new();
     let mut need_bytes = 0u64;
-    for pair in pairs {
-        for need in planner.plan(index, &pair?)? {
+    for step in steps {
+        let Step::Apply(pair) = step? else { continue };
+        for need in planner.plan(index, &pair)? {
             need_bytes += u64::from(need.chunk.len);
             needed.push(NeedChunk { path: need.path, offset: need.offset, len: need.chunk.len, hash: need.chunk.hash });
             if needed.len() == 4096 {
@@ -1166,7 +1165,7 @@ enum TransferEnd {
 
 /// An entry waiting for the chunks it asked for.
 struct Waiting {
-    pair: Pair<Entry, Entry>,
+    step: Step,
     hashes: Vec<ChunkHash>,
     /// How many of `hashes`, from the start, are known to be in (see [`Window::holds_all`]).
     ready: usize,
@@ -1180,7 +1179,7 @@ struct Waiting {
 /// cut keeps everything applied so far.
 fn transfer(
     applier: &mut Applier<'_>,
-    mut pairs: impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>>,
+    mut steps: impl Iterator<Item = anyhow::Result<Step>>,
     send: &impl Fn(Message) -> anyhow::Result<()>,
     inbox: &mut mpsc::Receiver<Message>,
     window: &Window,
@@ -1198,13 +1197,17 @@ fn transfer(
         // Plan ahead and ask.
         let mut needs = Vec::new();
         while !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
-            let Some(pair) = pairs.next() else {
+            let Some(step) = steps.next() else {
                 planned_all = true;
                 break;
             };
-            let pair = pair?;
+            let step = step?;
             let (mut hashes, mut bytes) = (Vec::new(), 0u64);
-            for need in applier.plan(&pair)? {
+            let planned = match step.pair() {
+                Some(pair) => applier.plan(pair)?,
+                None => Vec::new(),
+            };
+            for need in planned {
                 bytes += u64::from(need.chunk.len);
                 hashes.push(need.chunk.hash);
                 needs.push(NeedChunk {
@@ -1215,7 +1218,7 @@ fn transfer(
                 });
             }
             outstanding += bytes;
-            waiting.push_back(Waiting { pair, hashes, ready: 0, bytes });
+            waiting.push_back(Waiting { step, hashes, ready: 0, bytes });
         }
         window.want(needs.iter().map(|n| n.hash));
         for part in needs.chunks(4096) {
@@ -1238,7 +1241,7 @@ fn transfer(
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
-            applier.step(entry.pair)?;
+            applier.step(entry.step)?;
             progressed = true;
         }
         // A large file's wait ends early when the data streams fail or nothing comes for the stall
@@ -1284,7 +1287,7 @@ fn transfer(
     // What arrived before a stop or a cut: the entries whose chunks are all in, then durable.
     while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
         let Some(entry) = waiting.pop_front() else { break };
-        applier.step(entry.pair)?;
+        applier.step(entry.step)?;
     }
     applier.flush_batch()?;
     Ok(end)
@@ -1357,18 +1360,23 @@ fn read_ahead<T: Send + 'static>(
 }
 
 /// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
-/// the changes are against the old manifest (an unlisted path is unchanged); otherwise they are the
-/// whole new manifest.
+/// the changes are against the old manifest (an unlisted path is unchanged: a file or symlink is kept
+/// as it is stored, undecoded); otherwise they are the whole new manifest.
 fn patch<'a>(
-    old: impl Iterator<Item = Result<Entry, RecordFileError>> + Send + 'a,
+    old: impl Iterator<Item = Result<RawEntry, RecordFileError>> + Send + 'a,
     changes: RecordReader<Change>,
     delta: bool,
-) -> impl Iterator<Item = anyhow::Result<Pair<Entry, Entry>>> + Send + 'a {
+) -> impl Iterator<Item = anyhow::Result<Step>> + Send + 'a {
     MergeJoin::new(old, changes).map(move |pair| {
         let pair = pair?;
-        match (pair.old, pair.new) {
-            (Some(old), None) => Ok(Pair { new: delta.then(|| old.clone()), old: Some(old) }),
+        let pair = match (pair.old, pair.new) {
+            (Some(old), None) if delta && old.kind() != EntryKind::Dir => return Ok(Step::Keep(old)),
+            (Some(old), None) => {
+                let old = old.decode()?;
+                Pair { new: delta.then(|| old.clone()), old: Some(old) }
+            }
             (old, Some(change)) => {
+                let old = old.as_ref().map(RawEntry::decode).transpose()?;
                 let new = match change.entry {
                     Some(mut entry) => {
                         if change.chunks_as_before {
@@ -1386,10 +1394,11 @@ fn patch<'a>(
                     }
                     None => None,
                 };
-                Ok(Pair { old, new })
+                Pair { old, new }
             }
             (None, None) => unreachable!("a merged pair has one side"),
-        }
+        };
+        Ok(Step::Apply(Box::new(pair)))
     })
 }
 
@@ -1464,7 +1473,17 @@ mod tests {
         }
         writer.finish().unwrap();
 
-        let merged = patch(ManifestReader::open(&manifest).unwrap(), RecordReader::open(&changes).unwrap(), true);
+        // Only c, which no change lists, is kept as it is stored.
+        let merged = patch(ManifestReader::open(&manifest).unwrap().raw(), RecordReader::open(&changes).unwrap(), true);
+        let kept: Vec<String> = merged
+            .map(Result::unwrap)
+            .filter_map(|step| match step {
+                Step::Keep(raw) => Some(raw.path().to_string()),
+                Step::Apply(_) => None,
+            })
+            .collect();
+        assert_eq!(kept, ["c"]);
+        let merged = patch(ManifestReader::open(&manifest).unwrap().raw(), RecordReader::open(&changes).unwrap(), true);
         let by_pairs = Space::of_round(merged, dir.path()).unwrap();
         let by_changes = Space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
         assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));

@@ -6,8 +6,7 @@ use std::os::unix::fs::MetadataExt;
 
 use ferry_engine::{
     ApplyError, ApplyOptions, ChunkBuf, ChunkHash, ChunkIndex, ChunkRef, ChunkSource, Entry, EntryKind, FetchError,
-    Fetched, LocalRoundOptions, ManifestReader, ManifestWriter, MergeJoin, RecordFileError, RecordWriter, RelPath,
-    apply,
+    Fetched, LocalRoundOptions, ManifestReader, ManifestWriter, RecordFileError, RecordWriter, RelPath, apply,
 };
 use serde::Serialize;
 
@@ -57,8 +56,26 @@ fn apply_entries(
     let state = pair.state();
     let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
     let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
-    let ok = |v: Vec<Entry>| v.into_iter().map(Ok::<_, RecordFileError>);
-    apply(&pair.target(), MergeJoin::new(ok(old), ok(new)), chunks, &mut index, &mut committed, options)
+    // Through manifest files, as rounds read them: what is stored alike on both sides is kept as it is.
+    let stored = |name: &str, entries: Vec<Entry>| {
+        let path = state.join(name);
+        let mut writer = ManifestWriter::create(&path).unwrap();
+        for entry in &entries {
+            writer.push(entry).unwrap();
+        }
+        writer.finish().unwrap();
+        ManifestReader::open(&path).unwrap().raw()
+    };
+    let steps = ferry_engine::steps(stored("old", old), stored("new", new));
+    let report = apply(&pair.target(), steps, chunks, &mut index, &mut committed, options)?;
+    committed.finish().unwrap();
+    Ok(report)
+}
+
+/// The paths a committed manifest lists.
+fn committed_paths(pair: &Pair) -> Vec<String> {
+    let entries = ManifestReader::open(&pair.state().join("committed")).unwrap();
+    entries.map(|e| e.unwrap().path.to_string()).collect()
 }
 
 fn outside_with_secret(pair: &Pair) -> std::path::PathBuf {
@@ -87,6 +104,28 @@ fn a_symlink_in_the_manifest_is_never_written_through() {
         assert_eq!(sentinel(&outside), before, "something was written outside the target");
         assert_eq!(std::fs::read_link(pair.target().join("d")).unwrap(), outside, "the link itself is kept verbatim");
     }
+}
+
+/// The same, with the file inside stored exactly as before: it is kept without being decoded, and
+/// still fails, as a path inside what is no longer a folder (not copied into the new manifest).
+#[test]
+fn an_unchanged_file_inside_a_folder_turned_symlink_is_refused() {
+    let pair = Pair::new();
+    let outside = outside_with_secret(&pair);
+    let before = sentinel(&outside);
+    let mut chunks = Chunks::default();
+    let secret = chunks.file("d/secret", b"v1");
+    let round1 = vec![entry("", EntryKind::Dir), entry("d", EntryKind::Dir), secret.clone()];
+    apply_entries(&pair, vec![], round1.clone(), &mut chunks, &ApplyOptions::default()).unwrap();
+    let round2 = vec![entry("", EntryKind::Dir), symlink("d", outside.as_os_str().as_encoded_bytes()), secret];
+    let report = apply_entries(&pair, round1, round2, &mut chunks, &ApplyOptions::default()).unwrap();
+    assert!(
+        report.failures.iter().any(|f| f.contains("d/secret: is listed inside a path that is no longer a folder")),
+        "{:?}",
+        report.failures
+    );
+    assert_eq!(sentinel(&outside), before);
+    assert!(!committed_paths(&pair).contains(&"d/secret".to_owned()), "{:?}", committed_paths(&pair));
 }
 
 #[test]
@@ -192,8 +231,8 @@ fn a_manifest_with_a_hostile_path_is_refused_whole() {
         chunks.file("unused", content);
         let mut index = ChunkIndex::open(&pair.state().join("chunks.redb")).unwrap();
         let mut committed = ManifestWriter::create(&pair.state().join("committed")).unwrap();
-        let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&path).unwrap());
-        let result = apply(&pair.target(), pairs, &mut chunks, &mut index, &mut committed, &ApplyOptions::default());
+        let steps = ferry_engine::steps(std::iter::empty(), ManifestReader::open(&path).unwrap().raw());
+        let result = apply(&pair.target(), steps, &mut chunks, &mut index, &mut committed, &ApplyOptions::default());
         assert!(
             matches!(result, Err(ApplyError::Manifest(RecordFileError::Corrupt { .. }))),
             "{:?} was not refused: {result:?}",

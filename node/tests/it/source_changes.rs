@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_engine::{
     ApplyOptions, ChunkIndex, LocalChunkSource, LocalRoundOptions, ManifestReader, ManifestWriter, MergeJoin, RelPath,
-    ScanOptions, apply, scan,
+    ScanOptions, Step, apply, scan,
 };
 
 use crate::util::{Pair, random_bytes, write};
@@ -103,7 +103,7 @@ fn scan_then_apply(pair: &Pair, between: impl FnOnce()) -> (ferry_engine::ApplyR
     let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
     let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
     let mut source = LocalChunkSource::new(&src).unwrap();
-    let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&manifest).unwrap());
+    let pairs = MergeJoin::new(std::iter::empty(), ManifestReader::open(&manifest).unwrap()).map(|p| p.map(Step::from));
     let report =
         apply(&pair.target(), pairs, &mut source, &mut index, &mut committed, &ApplyOptions::default()).unwrap();
     (report, committed)
