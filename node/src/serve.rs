@@ -895,7 +895,7 @@ fn destination_round(
         && state.manifest().exists()
         && !job.path.join(ferry_engine::STAGING_DIR).exists();
 
-    let open_pairs = || -> anyhow::Result<_> {
+    let open_steps = || -> anyhow::Result<_> {
         let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.manifest().exists() {
             Box::new(ManifestReader::open(&state.manifest())?.raw())
         } else {
@@ -916,10 +916,10 @@ fn destination_round(
     let space = if end.base.is_some() {
         Space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
     } else {
-        Space::of_round(open_pairs()?, &job.path)?
+        Space::of_round(open_steps()?, &job.path)?
     };
     if dry_run {
-        plan_only(open_pairs()?, &index, &space, &send)?;
+        plan_only(open_steps()?, &index, &space, &send)?;
         let _ = std::fs::remove_file(&changes_path);
         return Ok(RoundEnd::Planned);
     }
@@ -935,7 +935,7 @@ fn destination_round(
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
-    let steps = read_ahead(open_pairs()?)?;
+    let steps = read_ahead(open_steps()?)?;
     match transfer(&mut applier, steps, &send, &mut inbox, window, round.stall_timeout)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
