@@ -106,32 +106,10 @@ fn a_symlink_in_the_manifest_is_never_written_through() {
     }
 }
 
-/// The same, with the file inside stored exactly as before: it is kept without being decoded, and
-/// still fails, as a path inside what is no longer a folder (not copied into the new manifest).
-#[test]
-fn an_unchanged_file_inside_a_folder_turned_symlink_is_refused() {
-    let pair = Pair::new();
-    let outside = outside_with_secret(&pair);
-    let before = sentinel(&outside);
-    let mut chunks = Chunks::default();
-    let secret = chunks.file("d/secret", b"v1");
-    let round1 = vec![entry("", EntryKind::Dir), entry("d", EntryKind::Dir), secret.clone()];
-    apply_entries(&pair, vec![], round1.clone(), &mut chunks, &ApplyOptions::default()).unwrap();
-    let round2 = vec![entry("", EntryKind::Dir), symlink("d", outside.as_os_str().as_encoded_bytes()), secret];
-    let report = apply_entries(&pair, round1, round2, &mut chunks, &ApplyOptions::default()).unwrap();
-    assert!(
-        report.failures.iter().any(|f| f.contains("d/secret: is listed inside a path that is no longer a folder")),
-        "{:?}",
-        report.failures
-    );
-    assert_eq!(sentinel(&outside), before);
-    assert!(!committed_paths(&pair).contains(&"d/secret".to_owned()), "{:?}", committed_paths(&pair));
-}
-
-#[test]
-fn a_folder_turned_symlink_between_rounds_is_not_written_through() {
-    // rsync CVE-2024-12087: a folder in one round becomes a symlink to outside in the next, and a file
-    // is then written "inside" it.
+/// rsync CVE-2024-12087: a folder in one round becomes a symlink to outside in the next, and a file
+/// is then written "inside" it, with `second` as its content (new, or the same as in the first round).
+/// Checks that nothing outside changed; returns the pair and the second round's report.
+fn folder_turned_symlink(second: &[u8]) -> (Pair, ferry_engine::ApplyReport) {
     let pair = Pair::new();
     let outside = outside_with_secret(&pair);
     let before = sentinel(&outside);
@@ -142,12 +120,28 @@ fn a_folder_turned_symlink_between_rounds_is_not_written_through() {
     let round2 = vec![
         entry("", EntryKind::Dir),
         symlink("d", outside.as_os_str().as_encoded_bytes()),
-        chunks.file("d/secret", b"pwned"),
+        chunks.file("d/secret", second),
     ];
     let report = apply_entries(&pair, round1, round2, &mut chunks, &ApplyOptions::default()).unwrap();
-    assert!(report.failure_count >= 1, "{:?}", report.failures);
     assert_eq!(sentinel(&outside), before);
+    (pair, report)
+}
+
+#[test]
+fn a_folder_turned_symlink_between_rounds_is_not_written_through() {
+    let (pair, report) = folder_turned_symlink(b"pwned");
+    assert!(report.failure_count >= 1, "{:?}", report.failures);
     assert_eq!(std::fs::read(pair.target().join("d/secret")).unwrap(), b"v1");
+}
+
+/// The same with the file inside stored exactly as before: it is kept without being decoded, and still
+/// fails, as a path inside what is no longer a folder (and leaves the new manifest).
+#[test]
+fn an_unchanged_file_inside_a_folder_turned_symlink_is_refused() {
+    let (pair, report) = folder_turned_symlink(b"v1");
+    let refused = "d/secret: is listed inside a path that is no longer a folder";
+    assert!(report.failures.iter().any(|f| f.contains(refused)), "{:?}", report.failures);
+    assert!(!committed_paths(&pair).contains(&"d/secret".to_owned()), "{:?}", committed_paths(&pair));
 }
 
 #[test]
