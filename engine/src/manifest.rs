@@ -3,7 +3,7 @@
 //! A manifest file never has to fit in memory: [`RecordWriter`] appends entries one by one and
 //! [`RecordReader`] reads them back one by one, checking the trailer (count and root hash) at the end,
 //! so a truncated or altered file is an error, not a smaller tree. Two sorted manifests are compared in
-//! one pass with [`MergeJoin`]; [`diff`] keeps only what changed.
+//! one pass with [`MergeJoin`]; [`diff`] keeps only what changed, comparing entries as stored.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -423,18 +423,21 @@ impl<T: DeserializeOwned> RecordReader<T> {
             }
         }
         if len == 0 {
-            // The records end before the trailer's marker.
+            // The records end before the trailer's marker: all of them are hashed now.
             self.hasher.update(&self.block[self.hashed..self.pos - 1]);
+            let root = RootHash::from(self.hasher.finalize());
             self.hashed = self.pos;
             let trailer = self.take(40)?;
             let trailer = &self.block[trailer];
             let count = u64::from_le_bytes(trailer[..8].try_into().unwrap_or_default());
-            let root = RootHash::from(self.hasher.finalize());
             if count != self.count || root.as_bytes()[..] != trailer[8..] {
                 return Err(self.corrupt("trailer does not match the records"));
             }
-            self.fill(1)?;
-            if self.block.len() > self.pos {
+            let more = self
+                .file
+                .read(&mut [0u8; 1])
+                .map_err(|source| RecordFileError::Io { path: self.path.clone(), source })?;
+            if self.block.len() > self.pos || more != 0 {
                 return Err(self.corrupt("bytes after the trailer"));
             }
             self.done = Some(root);
@@ -605,41 +608,26 @@ where
     }
 }
 
-/// The entries that differ between two sorted manifests (added, removed or changed).
-pub fn diff<E, L, R>(old: L, new: R) -> impl Iterator<Item = Result<Pair<Entry, Entry>, E>>
-where
-    L: Iterator<Item = Result<Entry, E>>,
-    R: Iterator<Item = Result<Entry, E>>,
-{
-    MergeJoin::new(old, new).filter(|pair| !matches!(pair, Ok(Pair { old: Some(o), new: Some(n) }) if o == n))
-}
-
-/// Like [`diff`], over manifests read with [`RecordReader::raw`]: an entry stored with the same bytes
-/// on both sides is unchanged and skipped without being decoded.
-pub fn diff_raw<L, R>(old: L, new: R) -> impl Iterator<Item = Result<Pair<Entry, Entry>, RecordFileError>>
+/// The entries that differ between two sorted manifests (added, removed or changed), read as stored
+/// (see [`RecordReader::raw`]): an entry stored with the same bytes on both sides is unchanged and
+/// skipped without being decoded.
+pub fn diff<L, R>(old: L, new: R) -> impl Iterator<Item = Result<Pair<Entry, Entry>, RecordFileError>>
 where
     L: Iterator<Item = Result<RawEntry, RecordFileError>>,
     R: Iterator<Item = Result<RawEntry, RecordFileError>>,
 {
-    MergeJoin::new(old, new).filter_map(|pair| {
-        let decode = |pair: Pair<RawEntry, RawEntry>| -> Result<Pair<Entry, Entry>, RecordFileError> {
-            Ok(Pair {
-                old: pair.old.as_ref().map(RawEntry::decode).transpose()?,
-                new: pair.new.as_ref().map(RawEntry::decode).transpose()?,
-            })
-        };
-        match pair {
-            Ok(Pair { old: Some(o), new: Some(n) }) if o.bytes == n.bytes => None,
-            // Equal entries are equal bytes (the encoding is canonical); decoded, in case one was not.
-            Ok(pair) => decode(pair).map(|p| (p.old != p.new).then_some(p)).transpose(),
-            Err(e) => Some(Err(e)),
-        }
+    MergeJoin::new(old, new).filter_map(|pair| match pair {
+        Ok(Pair { old: Some(o), new: Some(n) }) if o.bytes == n.bytes => None,
+        // Equal entries are equal bytes (the encoding is canonical); compared decoded, in case one was not.
+        Ok(pair) => decoded(pair).map(|p| (p.old != p.new).then_some(p)).transpose(),
+        Err(e) => Some(Err(e)),
     })
 }
 
 /// The steps from an old manifest to a new one, both read as stored (see [`RecordReader::raw`]): a
 /// file or symlink stored with the same bytes on both sides is kept without being decoded
-/// ([`Step::Keep`]); every other path is decoded on both sides.
+/// ([`Step::Keep`]); every other path is decoded on both sides (a folder here, off the applying
+/// thread: the applier needs it whole).
 pub fn steps<L, R>(old: L, new: R) -> impl Iterator<Item = Result<Step, RecordFileError>>
 where
     L: Iterator<Item = Result<RawEntry, RecordFileError>>,
@@ -647,10 +635,15 @@ where
 {
     MergeJoin::new(old, new).map(|pair| match pair? {
         Pair { old: Some(o), new: Some(n) } if o.bytes == n.bytes && n.kind != EntryKind::Dir => Ok(Step::Keep(n)),
-        pair => Ok(Step::from(Pair {
-            old: pair.old.as_ref().map(RawEntry::decode).transpose()?,
-            new: pair.new.as_ref().map(RawEntry::decode).transpose()?,
-        })),
+        pair => decoded(pair).map(Step::from),
+    })
+}
+
+/// Both sides of `pair`, decoded.
+fn decoded(pair: Pair<RawEntry, RawEntry>) -> Result<Pair<Entry, Entry>, RecordFileError> {
+    Ok(Pair {
+        old: pair.old.as_ref().map(RawEntry::decode).transpose()?,
+        new: pair.new.as_ref().map(RawEntry::decode).transpose()?,
     })
 }
 
@@ -748,16 +741,26 @@ mod tests {
             let result: Result<Vec<Entry>, _> = ManifestReader::open(&path).unwrap().collect();
             assert!(matches!(result, Err(RecordFileError::Corrupt { .. })), "cut at {cut}");
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        std::fs::write(&path, &longer).unwrap();
+        let result: Result<Vec<Entry>, _> = ManifestReader::open(&path).unwrap().collect();
+        assert!(
+            matches!(&result, Err(RecordFileError::Corrupt { reason, .. }) if reason.contains("after the trailer"))
+        );
     }
 
     #[test]
     fn diff_finds_changes() {
+        let dir = tempfile::tempdir().unwrap();
         let a =
             vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"1"), entry("b", EntryKind::File, b"2")];
         let b =
             vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"1"), entry("c", EntryKind::File, b"3")];
-        let ok = |v: Vec<Entry>| v.into_iter().map(Ok::<_, ()>);
-        let changes: Vec<_> = diff(ok(a), ok(b)).map(Result::unwrap).collect();
+        let (old, _) = write(dir.path(), "old", &a);
+        let (new, _) = write(dir.path(), "new", &b);
+        let changes = diff(ManifestReader::open(&old).unwrap().raw(), ManifestReader::open(&new).unwrap().raw());
+        let changes: Vec<Pair<Entry, Entry>> = changes.map(Result::unwrap).collect();
         let paths: Vec<String> = changes.iter().map(|p| p.path().to_string()).collect();
         assert_eq!(paths, ["b", "c"]);
         assert!(changes[0].new.is_none() && changes[1].old.is_none());
@@ -798,7 +801,7 @@ mod tests {
     }
 
     #[test]
-    fn diff_raw_finds_what_diff_finds() {
+    fn diff_finds_what_comparing_decoded_entries_finds() {
         let dir = tempfile::tempdir().unwrap();
         let mut touched = entry("a", EntryKind::File, b"1");
         touched.mtime_ns = 2;
@@ -818,10 +821,11 @@ mod tests {
         ];
         let (old, _) = write(dir.path(), "old", &a);
         let (new, _) = write(dir.path(), "new", &b);
-        let raw = diff_raw(ManifestReader::open(&old).unwrap().raw(), ManifestReader::open(&new).unwrap().raw());
+        let raw = diff(ManifestReader::open(&old).unwrap().raw(), ManifestReader::open(&new).unwrap().raw());
         let raw: Vec<Pair<Entry, Entry>> = raw.collect::<Result<_, _>>().unwrap();
         let ok = |v: Vec<Entry>| v.into_iter().map(Ok::<_, ()>);
-        let decoded: Vec<Pair<Entry, Entry>> = diff(ok(a), ok(b)).map(Result::unwrap).collect();
+        let decoded: Vec<Pair<Entry, Entry>> =
+            MergeJoin::new(ok(a), ok(b)).map(Result::unwrap).filter(|p| p.old != p.new).collect();
         assert_eq!(raw, decoded);
         assert_eq!(raw.iter().map(|p| p.path().to_string()).collect::<Vec<_>>(), ["a", "b", "c"]);
     }

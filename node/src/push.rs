@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
 use ferry_engine::{
-    ChunkHash, EntryKind, ManifestReader, RawEntry, RecordFileError, RootDir, ScanOptions, SettledBefore, diff_raw,
-    scan,
+    ChunkHash, EntryKind, ManifestReader, RawEntry, RecordFileError, RootDir, ScanOptions, SettledBefore, diff, scan,
 };
 use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundOptions, RoundRef};
 use serde::Serialize;
@@ -1037,7 +1036,7 @@ fn send_changes(base: Option<&Path>, new: &Path, tx: &mpsc::Sender<Vec<Change>>)
         None => Box::new(std::iter::empty()),
     };
     let mut batch = Vec::with_capacity(1024);
-    for pair in diff_raw(old, ManifestReader::open(new)?.raw()) {
+    for pair in diff(old, ManifestReader::open(new)?.raw()) {
         let pair = pair?;
         let path = pair.path().clone();
         let change = match (pair.old, pair.new) {

@@ -1370,6 +1370,7 @@ fn patch<'a>(
     MergeJoin::new(old, changes).map(move |pair| {
         let pair = pair?;
         let pair = match (pair.old, pair.new) {
+            // A folder is decoded here, off the applying thread: the applier needs it whole.
             (Some(old), None) if delta && old.kind() != EntryKind::Dir => return Ok(Step::Keep(old)),
             (Some(old), None) => {
                 let old = old.decode()?;
