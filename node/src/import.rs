@@ -11,6 +11,12 @@ use ferry_proto::ImportResult;
 /// How many lines of output go back to the source.
 const TAIL_LINES: usize = 20;
 
+/// An import's or export's exit code as the operator reads it; there is none when the command could
+/// not start, was killed by a signal, or ran past its timeout (its output's last lines say which).
+pub(crate) fn exit_code_text(code: Option<i32>) -> String {
+    code.map_or_else(|| "none: not started, killed or timed out".to_owned(), |c| c.to_string())
+}
+
 /// Runs `argv` (as `user` when given), appending its output to `log`. `round` 0 is the export hook,
 /// which runs before a round has a number.
 pub(crate) fn run(argv: &[String], user: Option<&str>, round: u64, timeout: Duration, log: &Path) -> ImportResult {

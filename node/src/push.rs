@@ -429,7 +429,7 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
         });
         let result = run.await.context("the export hook panicked")?;
         if !result.success {
-            let code = result.exit_code.map_or("none: killed".to_owned(), |c| c.to_string());
+            let code = crate::import::exit_code_text(result.exit_code);
             bail!(
                 "the export command of job {} failed (exit code {code}), so no round was started; the last lines of its output:\n  | {}",
                 job.name,
@@ -549,7 +549,7 @@ async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow:
         // through to find none.
         let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
         net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
-        tracing::info!("0 changes sent (the tree is as in round {:?})", delta_base.map(|b| b.round));
+        tracing::info!("0 changes sent (the tree is as in round {})", delta_base.map_or(0, |b| b.round));
         return Ok((0, Positions::default()));
     }
     let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);
@@ -564,7 +564,10 @@ async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow:
     let positions = differ.await.context("the diff panicked")??;
     let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
     net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
-    tracing::info!("{change_count} changes sent (against {:?})", delta_base.map(|b| b.round));
+    match delta_base {
+        Some(base) => tracing::info!("{change_count} changes sent (against round {})", base.round),
+        None => tracing::info!("{change_count} changes sent (the whole manifest: no round held in common)"),
+    }
     Ok((change_count, positions))
 }
 
@@ -1303,7 +1306,7 @@ pub fn print_push_report(report: &PushReport, json: bool) {
             eprintln!(
                 "error: the import of round {} failed (exit code {}); the last lines of its output:",
                 import.round,
-                import.exit_code.map_or("none: killed or timed out".to_owned(), |c| c.to_string())
+                crate::import::exit_code_text(import.exit_code)
             );
             for line in &import.tail {
                 eprintln!("  | {line}");

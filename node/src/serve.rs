@@ -883,7 +883,10 @@ fn destination_round(
     let change_count = changes.count();
     changes.finish()?;
     if end.base.is_some() && end.base != holds {
-        bail!("the source sent changes against round {:?}, but this node holds {holds:?}", end.base);
+        let held =
+            holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
+        let base = end.base.map_or(0, |b| b.round);
+        bail!("the source sent changes against round {base}, but this node holds {held}");
     }
     // Nothing changed since the round this node holds, and it holds that round whole: its committed
     // manifest is the source's tree already. Applying would only read, hash and rewrite every entry
@@ -1013,9 +1016,9 @@ fn commit_round(
             tracing::info!("import of round {} succeeded in {} ms", done.round, result.duration_ms);
         } else {
             tracing::warn!(
-                "import of round {} failed (exit {:?}): {}",
+                "import of round {} failed (exit code {}): {}",
                 done.round,
-                result.exit_code,
+                crate::import::exit_code_text(result.exit_code),
                 result.tail.join(" / ")
             );
         }

@@ -75,7 +75,11 @@ pub fn print(status: &Status) {
                 .import
                 .as_ref()
                 .map(|i| {
-                    if i.success { " import ok".to_owned() } else { format!(" import FAILED (exit {:?})", i.exit_code) }
+                    if i.success {
+                        " import ok".to_owned()
+                    } else {
+                        format!(" import FAILED (exit code {})", crate::import::exit_code_text(i.exit_code))
+                    }
                 })
                 .unwrap_or_default();
             println!(

@@ -439,7 +439,7 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
     let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["jobs"][0]["pushed"].as_array().unwrap().len(), 6, "{status}");
     let text = setup.dest.ok(&["status", "zimbra"]);
-    assert!(text.contains("import FAILED") && text.contains("round    6"), "{text}");
+    assert!(text.contains("import FAILED (exit code 7)") && text.contains("round    6"), "{text}");
 }
 
 #[test]
