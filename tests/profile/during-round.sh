@@ -6,7 +6,9 @@
 # Waits for the Nth `ferry sync --round` process to start (in a ferry-bench run: 1 initial, 2 no
 # change, 3 one day, 4 fresh export), runs COMMAND with `{sync}` and `{serve}` replaced by the pids
 # of that sync and of the `ferry serve` daemon, and stops COMMAND with SIGINT when the sync exits.
-# Start it just before ferry-bench. Gives up after 30 minutes.
+# Start it just before ferry-bench. Gives up after 30 minutes. Until the round starts it looks for it
+# every 3 ms (a round with no change lasts half a second), which costs the rounds before it a few
+# percent of the CPU; during the round it looks every 100 ms.
 #
 # Examples (BENCHMARKS.md, "Unchanged entries kept as stored bytes"):
 #   tests/profile/during-round.sh 3 perf record -F 1999 --call-graph dwarf,16384 -p {serve} -o /tmp/dest.data &
@@ -32,7 +34,7 @@ while [ "$SECONDS" -lt "$deadline" ]; do
             done
             "${args[@]}" &
             command=$!
-            while kill -0 "$pid" 2>/dev/null; do sleep 0.01; done
+            while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
             kill -INT "$command" 2>/dev/null || true
             wait "$command" || true
             exit 0
