@@ -16,8 +16,8 @@ pub const MAX_BATCH_BYTES: u64 = 4 << 20;
 /// The sample's byte entropy settles the clear cases without zstd: text, markup and base64 (at most 6
 /// bits a byte) compress; a full sample near 8 bits a byte is compressed or encrypted data. Between the
 /// two, and for samples too short to tell, the sample is compressed to find out. zstd's probe cost
-/// 4.5 µs a chunk on mail text, the entropy a fraction of that, and most chunks are one or the other
-/// (BENCHMARKS.md, micro-benchmarks).
+/// 4.3 µs a chunk on mail text and 2.2 µs on random bytes, the entropy 0.86 µs, and most chunks are
+/// one or the other (BENCHMARKS.md, micro-benchmarks).
 pub fn compressible(chunk: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
     let sample = &chunk[..chunk.len().min(PROBE_BYTES)];
     if sample.len() >= 256 {
@@ -47,6 +47,9 @@ fn entropy(bytes: &[u8]) -> f64 {
     let table = C_LOG2_C
         .get_or_init(|| (0..=PROBE_BYTES).map(|c| if c < 2 { 0.0 } else { c as f64 * (c as f64).log2() }).collect());
     let bytes = &bytes[..bytes.len().min(PROBE_BYTES)];
+    if bytes.is_empty() {
+        return 0.0;
+    }
     let mut counts = [0u16; 256];
     for &byte in bytes {
         counts[usize::from(byte)] += 1;
@@ -167,6 +170,7 @@ mod tests {
     #[test]
     fn entropy_is_zero_for_one_byte_and_eight_bits_for_all_of_them() {
         assert!(entropy(&[7u8; 1000]).abs() < 1e-9);
+        assert_eq!(entropy(&[]), 0.0);
         let all: Vec<u8> = (0..=255u8).cycle().take(2048).collect();
         assert!((entropy(&all) - 8.0).abs() < 1e-9);
         assert!((entropy(b"abab") - 1.0).abs() < 1e-9);
