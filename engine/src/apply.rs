@@ -603,9 +603,7 @@ impl Applier<'_> {
 
     fn keep_with(&mut self, kept: RawEntry, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
         let path = kept.path();
-        if let Some(previous) = self.previous.as_ref().filter(|p| *p >= path) {
-            return Err(EntryError::OutOfOrder { path: path.clone(), previous: previous.clone() }.into());
-        }
+        crate::manifest::check_order(path, self.previous.as_ref())?;
         self.previous = Some(path.clone());
         self.leave_until_inside(path, committed)?;
         match self.stack.last().map(|f| &f.leave) {

@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -103,6 +104,16 @@ pub enum EntryError {
     RootNotDir,
 }
 
+/// Manifests are strictly sorted: `path` must come after `previous`.
+pub(crate) fn check_order(path: &RelPath, previous: Option<&RelPath>) -> Result<(), EntryError> {
+    match previous {
+        Some(previous) if previous >= path => {
+            Err(EntryError::OutOfOrder { path: path.clone(), previous: previous.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Entry {
     /// An entry of `kind` at `path` with everyday metadata and no content: mode 0644 (0755 for a
     /// folder), owner and group 0 without names, mtime 0. Tests and tools start from it and set what
@@ -126,11 +137,7 @@ impl Entry {
 
     /// Checks the entry on its own and against the previous one (manifests are strictly sorted).
     pub fn validate(&self, previous: Option<&RelPath>) -> Result<(), EntryError> {
-        if let Some(prev) = previous
-            && *prev >= self.path
-        {
-            return Err(EntryError::OutOfOrder { path: self.path.clone(), previous: prev.clone() });
-        }
+        check_order(&self.path, previous)?;
         if self.path.is_root() && self.kind != EntryKind::Dir {
             return Err(EntryError::RootNotDir);
         }
@@ -306,7 +313,8 @@ fn encode_varint(mut v: u64, out: &mut [u8; 10]) -> &[u8] {
 /// Reads the records of a file written by [`RecordWriter`], one at a time, and checks its trailer.
 pub struct RecordReader<T> {
     file: File,
-    path: PathBuf,
+    /// Shared with the raw entries read (their errors name the file).
+    path: Arc<Path>,
     hasher: blake3::Hasher,
     count: u64,
     /// Bytes read from the file: `block[..hashed]` are hashed, `block[..pos]` are parsed.
@@ -336,7 +344,7 @@ impl<T: DeserializeOwned> RecordReader<T> {
         }
         Ok(Self {
             file,
-            path: path.to_owned(),
+            path: path.into(),
             hasher: blake3::Hasher::new(),
             count: 0,
             block: Vec::new(),
@@ -354,7 +362,7 @@ impl<T: DeserializeOwned> RecordReader<T> {
     }
 
     fn corrupt(&self, reason: impl Into<String>) -> RecordFileError {
-        RecordFileError::Corrupt { path: self.path.clone(), reason: reason.into() }
+        RecordFileError::Corrupt { path: self.path.to_path_buf(), reason: reason.into() }
     }
 
     /// The next record, or `None` after the last one (whose trailer was checked).
@@ -386,7 +394,7 @@ impl<T: DeserializeOwned> RecordReader<T> {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(RecordFileError::Io { path: self.path.clone(), source }),
+                Err(source) => return Err(RecordFileError::Io { path: self.path.to_path_buf(), source }),
             }
         }
         Ok(())
@@ -436,7 +444,7 @@ impl<T: DeserializeOwned> RecordReader<T> {
             let more = self
                 .file
                 .read(&mut [0u8; 1])
-                .map_err(|source| RecordFileError::Io { path: self.path.clone(), source })?;
+                .map_err(|source| RecordFileError::Io { path: self.path.to_path_buf(), source })?;
             if self.block.len() > self.pos || more != 0 {
                 return Err(self.corrupt("bytes after the trailer"));
             }
@@ -464,7 +472,7 @@ impl RecordReader<Entry> {
             .map_err(|e| self.corrupt(format!("undecodable record: {e}")))?
             .0;
         let path = RelPath::new(head.path).map_err(|e| self.corrupt(format!("undecodable record: {e}")))?;
-        Ok(Some(RawEntry { path, kind: head.kind, bytes: bytes.to_vec() }))
+        Ok(Some(RawEntry { path, kind: head.kind, bytes: bytes.to_vec(), file: self.path.clone() }))
     }
 
     /// The entries as they are stored (see [`RecordReader::next_raw`]).
@@ -484,11 +492,13 @@ struct Head<'a> {
 /// A manifest entry as it is stored: its encoded bytes, with its path and kind decoded. A pass that
 /// keeps most entries as they were (a day's round over a large tree) compares and copies these
 /// instead of decoding and encoding every entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RawEntry {
     path: RelPath,
     kind: EntryKind,
     bytes: Vec<u8>,
+    /// The manifest it was read from.
+    file: Arc<Path>,
 }
 
 impl RawEntry {
@@ -505,8 +515,8 @@ impl RawEntry {
     /// The whole entry.
     pub fn decode(&self) -> Result<Entry, RecordFileError> {
         postcard::from_bytes(&self.bytes).map_err(|e| RecordFileError::Corrupt {
-            path: PathBuf::from(self.path.to_string()),
-            reason: format!("undecodable record: {e}"),
+            path: self.file.to_path_buf(),
+            reason: format!("undecodable record for {}: {e}", self.path),
         })
     }
 }
@@ -792,6 +802,16 @@ mod tests {
         }
         assert_eq!(writer.finish().unwrap(), root);
         assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&path).unwrap());
+        // An entry whose head reads but whose rest does not: the error names the manifest and the entry.
+        let mut broken = raw[3].clone();
+        broken.bytes.truncate(broken.bytes.len() - 4);
+        match broken.decode() {
+            Err(RecordFileError::Corrupt { path: file, reason }) => {
+                assert_eq!(file, path);
+                assert!(reason.contains("a/x"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
         // The raw reader checks the trailer like the decoding one.
         let mut bytes = std::fs::read(&path).unwrap();
         let i = bytes.len() - 45;

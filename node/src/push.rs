@@ -544,12 +544,12 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
 async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, Positions)> {
     let state = &prepared.state;
     let delta_base = session.base.filter(|b| Some(*b) == session.holds);
-    if delta_base.is_some_and(|b| b.root == prepared.new_root) {
+    if let Some(base) = delta_base.filter(|b| b.root == prepared.new_root) {
         // The tree is what the destination holds: no changes, and no need to read both manifests
         // through to find none.
         let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
         net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
-        tracing::info!("0 changes sent (the tree is as in round {})", delta_base.map_or(0, |b| b.round));
+        tracing::info!("0 changes sent (the tree is as in round {})", base.round);
         return Ok((0, Positions::default()));
     }
     let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);

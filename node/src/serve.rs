@@ -882,11 +882,10 @@ fn destination_round(
     };
     let change_count = changes.count();
     changes.finish()?;
-    if end.base.is_some() && end.base != holds {
+    if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
             holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
-        let base = end.base.map_or(0, |b| b.round);
-        bail!("the source sent changes against round {base}, but this node holds {held}");
+        bail!("the source sent changes against round {}, but this node holds {held}", base.round);
     }
     // Nothing changed since the round this node holds, and it holds that round whole: its committed
     // manifest is the source's tree already. Applying would only read, hash and rewrite every entry
@@ -1120,8 +1119,9 @@ fn plan_only(
     let mut needed = Vec::new();
     let mut need_bytes = 0u64;
     for step in steps {
-        let Step::Apply(pair) = step? else { continue };
-        for need in planner.plan(index, &pair)? {
+        let step = step?;
+        let Some(pair) = step.pair() else { continue };
+        for need in planner.plan(index, pair)? {
             need_bytes += u64::from(need.chunk.len);
             needed.push(NeedChunk { path: need.path, offset: need.offset, len: need.chunk.len, hash: need.chunk.hash });
             if needed.len() == 4096 {
