@@ -164,9 +164,9 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
     async {
         loop {
             match push_once(config_dir, options).await {
-                Err(e)
-                    if options.wait_if_busy && e.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running")) =>
-                {
+                // The check before the export hook waits while the job is busy; this is for a round that
+                // became busy after it.
+                Err(e) if options.wait_if_busy && is_busy(&e) => {
                     tracing::info!("{e}; trying again in 15 s (--wait)");
                     tokio::time::sleep(Duration::from_secs(15)).await;
                 }
@@ -221,7 +221,7 @@ pub async fn dry_run(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::R
 async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<DryRunReport> {
     let started = Instant::now();
     let options = PushOptions { dry_run: true, ..options.clone() };
-    let prepared = prepare(config_dir, &options.job).await?;
+    let prepared = prepare(config_dir, &options).await?;
     let timetable = timetable(config_dir, &options, &prepared.job.name)?;
     let mut session = open_session(&prepared, &options).await?;
     let (changes, positions) = send_all_changes(&prepared, &mut session).await?;
@@ -401,8 +401,10 @@ struct Prepared {
     _lock: ferry_engine::StateLock,
 }
 
-/// Loads the job, runs its export hook, and scans.
-async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepared> {
+/// Loads the job, asks the destination whether it would take a round now, runs the export hook, and
+/// scans.
+async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<Prepared> {
+    let job_name = &options.job;
     let config = config_dir.load()?;
     let identity = Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
     let job = config
@@ -419,6 +421,16 @@ async fn prepare(config_dir: &ConfigDir, job_name: &str) -> anyhow::Result<Prepa
     let state = SourceState { dir: config_dir.data_dir(&config).join("jobs").join(&job.name).join("source") };
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
     let lock = ferry_engine::lock_state(&state.dir)?;
+
+    loop {
+        match check_peer(&job, &peer, &addr, &identity, options).await {
+            Err(e) if options.wait_if_busy && is_busy(&e) => {
+                tracing::info!("{e}; asking again in 15 s (--wait)");
+                tokio::time::sleep(Duration::from_secs(15)).await;
+            }
+            other => break other?,
+        }
+    }
 
     if let Some(command) = &job.export_cmd {
         let argv = crate::config::export_argv(command, &job.path, &job.name)?;
@@ -476,29 +488,101 @@ struct Session {
     holds: Option<RoundRef>,
 }
 
-/// Connects, says `Hello` and waits for `Welcome`.
-async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Result<Session> {
-    let Prepared { peer, addr, identity, state, job, .. } = prepared;
+/// Opens a connection to the job's peer; failures are [`Unreachable`] or, when trust is what failed,
+/// [`Refused`].
+async fn connect(
+    peer: &crate::config::PeerConfig,
+    addr: &str,
+    identity: &Identity,
+    options: &PushOptions,
+) -> anyhow::Result<quinn::Connection> {
     let remote = net::resolve(addr)?;
     tracing::info!("connecting to {} ({}) at {remote}", peer.name, peer.id);
-    let connection = match net::connect(identity, peer.id, remote, options.congestion).await {
-        Ok(connection) => connection,
+    match net::connect(identity, peer.id, remote, options.congestion).await {
+        Ok(connection) => Ok(connection),
         Err(e) => {
             let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
             let text = format!("{e:#}");
-            return Err(if text.contains("trust") { Refused(text).into() } else { Unreachable(text).into() });
+            Err(if text.contains("trust") { Refused(text).into() } else { Unreachable(text).into() })
         }
-    };
-    let me = identity.node_id();
-    let refused = |why: String| -> anyhow::Error {
-        if why.contains("not trusted") {
-            Refused(format!("{:#}", explain_connect_error(anyhow!(why), &peer.name, peer.id, addr, me))).into()
-        } else if let Some(reason) = why.strip_prefix("refused: ") {
-            Refused(format!("{} refused the round: {reason}", peer.name)).into()
-        } else {
-            anyhow!("{} ended the round: {why}", peer.name)
+    }
+}
+
+/// What the peer's closing of a connection means for the round, from its reason.
+fn closed_error(why: String, peer: &crate::config::PeerConfig, addr: &str, identity: &Identity) -> anyhow::Error {
+    if why.contains("not trusted") {
+        Refused(format!("{:#}", explain_connect_error(anyhow!(why), &peer.name, peer.id, addr, identity.node_id())))
+            .into()
+    } else if let Some(reason) = why.strip_prefix("refused: ") {
+        Refused(format!("{} refused the round: {reason}", peer.name)).into()
+    } else {
+        anyhow!("{} ended the round: {why}", peer.name)
+    }
+}
+
+/// Whether the destination refused because the job is busy there (a round or an import).
+fn is_busy(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running"))
+}
+
+/// How long the destination has to answer a `Check`.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the destination, on a connection of its own, whether it would accept a round of `job` now
+/// (`Check`). This comes before the export hook and the scan, which on a large store take hours: a
+/// peer that is down, does not trust this node, lacks the job or is busy with it is found in seconds,
+/// with the error (and exit code) the round would have met. A peer that answers anything else (a
+/// build without `Check`) is left to the round itself.
+async fn check_peer(
+    job: &crate::config::JobConfig,
+    peer: &crate::config::PeerConfig,
+    addr: &str,
+    identity: &Identity,
+    options: &PushOptions,
+) -> anyhow::Result<()> {
+    let connection = connect(peer, addr, identity, options).await?;
+    let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
+        let (mut send, recv) = connection.open_bi().await.map_err(|_| ())?;
+        net::send(&mut send, &Message::Check { job: job.name.clone() }).await.map_err(|_| ())?;
+        let _ = send.finish();
+        FrameReader::new(recv).next().await.map_err(|_| ())
+    })
+    .await;
+    let result = match answer {
+        Err(_) => Err(Unreachable(format!(
+            "{} accepted the connection but did not answer within {} s whether it would take a round",
+            peer.name,
+            CHECK_TIMEOUT.as_secs()
+        ))
+        .into()),
+        Ok(Ok(Some(Message::Welcome { .. }))) => {
+            tracing::info!("{} would take a round of job {} now", peer.name, job.name);
+            Ok(())
         }
+        Ok(Ok(Some(Message::Refused { reason }))) => {
+            Err(Refused(format!("{} refused the round: {reason}", peer.name)).into())
+        }
+        Ok(Ok(Some(other))) => {
+            tracing::warn!("{} answered the check with {other:?}; going on with the round", peer.name);
+            Ok(())
+        }
+        Ok(_) => match closed_error(why_closed(&connection).await, peer, addr, identity) {
+            e if e.downcast_ref::<Refused>().is_some() => Err(e),
+            e => {
+                tracing::warn!("{} did not answer the check ({e:#}); going on with the round", peer.name);
+                Ok(())
+            }
+        },
     };
+    connection.close(net::close::DONE.into(), b"checked");
+    result
+}
+
+/// Connects, says `Hello` and waits for `Welcome`.
+async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Result<Session> {
+    let Prepared { peer, addr, identity, state, job, .. } = prepared;
+    let connection = connect(peer, addr, identity, options).await?;
+    let refused = |why: String| closed_error(why, peer, addr, identity);
     // With TLS 1.3 the server checks this node's certificate after the client considers the handshake
     // done: a refusal shows up on the first stream operations.
     let (mut send, recv) = match connection.open_bi().await {
@@ -602,7 +686,7 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     let deadline = options.max_duration.map(|d| started + d);
     // SIGHUP re-reads the job's and the peer's limits (from now on, not only during the transfer).
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let prepared = prepare(config_dir, &options.job).await?;
+    let prepared = prepare(config_dir, options).await?;
     let limiter = crate::limit::Limiter::new(timetable(config_dir, options, &prepared.job.name)?);
     if limiter.rate() != ferry_engine::Rate::UNLIMITED {
         tracing::info!("bandwidth limit {}", crate::limit::describe_rate(limiter.rate()));

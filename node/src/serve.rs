@@ -17,7 +17,7 @@ use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::config::{ConfigDir, DEFAULT_PORT, JobConfig};
+use crate::config::{Config, ConfigDir, DEFAULT_PORT, JobConfig, PeerConfig};
 use crate::net::{self, FrameReader, close};
 use crate::push::Refused;
 
@@ -157,6 +157,19 @@ impl Drop for BusyGuard {
 }
 
 impl ServerContext {
+    /// Why a round of `job` from `peer` would be refused now, without claiming it: an import runs, or
+    /// another peer's round. A round of the same peer would replace its own (see [`Self::claim`]).
+    fn busy_for(&self, job: &str, peer: NodeId) -> Result<(), String> {
+        if let Some(import) = self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
+            return Err(import_running(job, &import));
+        }
+        let busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
+        match busy.get(job) {
+            Some((holder, _)) if *holder != peer => Err(format!("a round of job {job} is already running here")),
+            _ => Ok(()),
+        }
+    }
+
     /// Marks `job` busy for this connection. When the same peer is still running it on another
     /// connection, that one is presumed dead (a killed or cut-off source whose connection has not timed
     /// out yet): it is closed, and this round waits for it to let go.
@@ -169,12 +182,7 @@ impl ServerContext {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(import) = self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
-                return Err(format!(
-                    "the import of round {} of job {job} has been running since {} ({})",
-                    import.round,
-                    humantime::format_rfc3339_seconds(import.since),
-                    import.command.join(" ")
-                ));
+                return Err(import_running(job, &import));
             }
             {
                 let mut busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
@@ -231,6 +239,49 @@ async fn finish_round(connection: &quinn::Connection, result: anyhow::Result<()>
     }
 }
 
+/// The job named `name`, when it is `peer`'s; else why not, in the words the source prints.
+fn job_of_peer(config: &Config, name: &str, peer: &PeerConfig) -> Result<JobConfig, String> {
+    match config.job(name) {
+        Some(job) if job.peer == peer.name => Ok(job.clone()),
+        Some(job) => Err(format!("job {:?} belongs to peer {} here, not to {}", job.name, job.peer, peer.name)),
+        None => Err(format!(
+            "there is no job {name:?} here (on the destination: ferry job add {name} --path TARGET --peer {})",
+            peer.name
+        )),
+    }
+}
+
+/// Answers a source's `Check`: whether a round of `job` from it would be accepted now (the job is its,
+/// and neither an import nor another peer's round holds it), without opening one.
+async fn answer_check(
+    context: &Arc<ServerContext>,
+    config: &Config,
+    peer: &PeerConfig,
+    peer_id: NodeId,
+    job: &str,
+    mut send: quinn::SendStream,
+) -> anyhow::Result<()> {
+    tracing::Span::current().record("job", job);
+    let answer = job_of_peer(config, job, peer).and_then(|job| {
+        context.busy_for(&job.name, peer_id)?;
+        let state = TargetState::new(&context.config_dir.data_dir(config), &job.name);
+        state.holds().map_err(|e| format!("cannot read the state of job {}: {e:#}", job.name))
+    });
+    let message = match answer {
+        Ok(holds) => {
+            tracing::info!("{} checked job {job}: a round would be accepted", peer.name);
+            Message::Welcome { holds }
+        }
+        Err(reason) => {
+            tracing::info!("{} checked job {job}: a round would be refused: {reason}", peer.name);
+            Message::Refused { reason }
+        }
+    };
+    net::send(&mut send, &message).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
 async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<ServerContext>) -> anyhow::Result<()> {
     let config = context.config_dir.load()?;
     let peer = config.peer_by_id(peer_id).ok_or_else(|| anyhow!("node {peer_id} is no longer trusted"))?.clone();
@@ -245,32 +296,22 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             let Message::Hello(hello) = message else { unreachable!("matched above") };
             hello
         }
+        Some(Message::Check { job }) => return answer_check(&context, &config, &peer, peer_id, &job, send).await,
         other => bail!("expected Hello, got {other:?}"),
     };
-    let job = match config.job(&hello.job) {
-        Some(job) if job.peer == peer.name => job.clone(),
-        other => {
-            let reason = match other {
-                Some(job) => format!("job {:?} belongs to peer {} here, not to {}", job.name, job.peer, peer.name),
-                None => format!(
-                    "there is no job {:?} here (on the destination: ferry job add {} --path TARGET --peer {})",
-                    hello.job, hello.job, peer.name
-                ),
-            };
-            net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
-            let _ = send.finish();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            return Err(Refused(format!("refused: {reason}")).into());
-        }
+    let refuse = |mut send: quinn::SendStream, reason: String| async move {
+        net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
+        let _ = send.finish();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(Refused(format!("refused: {reason}")).into())
+    };
+    let job = match job_of_peer(&config, &hello.job, &peer) {
+        Ok(job) => job,
+        Err(reason) => return refuse(send, reason).await,
     };
     let _guard = match context.claim(&job.name, peer_id, connection).await {
         Ok(guard) => guard,
-        Err(reason) => {
-            net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
-            let _ = send.finish();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            return Err(Refused(format!("refused: {reason}")).into());
-        }
+        Err(reason) => return refuse(send, reason).await,
     };
     tracing::Span::current().record("job", job.name.as_str());
     tracing::info!("round from {} into {}", peer.name, job.path.display());
@@ -808,6 +849,16 @@ struct RunningImport {
 }
 
 type Imports = Arc<Mutex<HashMap<String, RunningImport>>>;
+
+/// Why a round of `job` is refused while its import runs.
+fn import_running(job: &str, import: &RunningImport) -> String {
+    format!(
+        "the import of round {} of job {job} has been running since {} ({})",
+        import.round,
+        humantime::format_rfc3339_seconds(import.since),
+        import.command.join(" ")
+    )
+}
 
 /// What a destination round works with.
 struct Round<'a> {

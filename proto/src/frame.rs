@@ -168,6 +168,7 @@ mod tests {
                 }),
                 "000000280600010202020202020202020202020202020202020202020202020202020202020202030378797a",
             ),
+            (Message::Check { job: "zimbra".into() }, "0000000812067a696d627261"),
         ];
         let mut checked = 0;
         for (message, golden) in cases {
@@ -181,7 +182,7 @@ mod tests {
             assert!(buf.is_empty());
             checked += 1;
         }
-        assert_eq!(checked, 10, "wire format changed");
+        assert_eq!(checked, 11, "wire format changed");
     }
 
     #[test]

@@ -171,6 +171,13 @@ pub enum Message {
     DryRun,
     /// destination → source, ending a dry run: what the round would do.
     Planned(Plan),
+    /// source → destination, alone on a connection of its own, before the source runs its export hook
+    /// and scans: would a round of `job` from this node be accepted now? The answer is `Welcome` or
+    /// `Refused`, as for `Hello`, and no round is opened.
+    Check {
+        /// The job's name.
+        job: String,
+    },
 }
 
 /// What a round would do on the destination, without doing it.

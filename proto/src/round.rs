@@ -57,6 +57,7 @@ fn name(message: &Message) -> &'static str {
         Message::Stop { .. } => "Stop",
         Message::DryRun => "DryRun",
         Message::Planned(_) => "Planned",
+        Message::Check { .. } => "Check",
     }
 }
 
@@ -70,6 +71,8 @@ impl DestinationRound {
     pub fn handle(&mut self, message: &Message) -> Result<(), ProtocolError> {
         let next = match (self.phase, message) {
             (Phase::Greeting, Message::Hello(_)) => Phase::Changes,
+            // A readiness check is all its connection carries.
+            (Phase::Greeting, Message::Check { .. }) => Phase::Closed,
             (Phase::Changes, Message::RoundOptions(_) | Message::DryRun) => Phase::Changes,
             (Phase::Changes, Message::Changes(_)) => Phase::Changes,
             (Phase::Changes, Message::ChangesEnd(_)) => Phase::Transfer,
@@ -115,5 +118,13 @@ mod tests {
         assert!(round.handle(&Message::Stop { reason: "early".into(), batches: 0 }).is_err());
         round.close();
         assert!(round.handle(&Message::Missing(vec![])).is_err());
+        let check = Message::Check { job: "j".into() };
+        let mut round = DestinationRound::default();
+        round.handle(&check).unwrap();
+        assert_eq!(round.phase(), Phase::Closed);
+        assert!(round.handle(&hello).is_err(), "a check's connection carries no round");
+        let mut round = DestinationRound::default();
+        round.handle(&hello).unwrap();
+        assert!(round.handle(&check).is_err(), "a round's connection carries no check");
     }
 }

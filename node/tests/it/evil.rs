@@ -219,6 +219,10 @@ async fn a_hostile_destination_cannot_make_the_source_read_outside_its_tree() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The source asks first, on a connection of its own, whether a round would be taken.
+    let (_check, mut control) = evil.accept(LIMIT).await.unwrap();
+    assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::Check { job }) if job == "zimbra"));
+    control.send(&Message::Welcome { holds: None }).await.unwrap();
     let (connection, mut control) = evil.accept(LIMIT).await.unwrap();
     // The source opens with Hello and its round options, then waits for Welcome.
     assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::Hello(_))));

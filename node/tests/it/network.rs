@@ -252,13 +252,19 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
     setup.job("zimbra", &source, &target);
 
     // A node the destination does not trust.
+    // Every refusal comes from the check before the export hook: the hook never runs.
     let stranger = Node::init(setup.dir.path(), "stranger");
     stranger.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
     stranger.ok(&["job", "add", "zimbra", "--path", source.to_str().unwrap(), "--peer", "dest"]);
+    let exported = setup.path("exported");
+    let export_cmd = format!("touch {}", exported.display());
+    stranger.ok(&["job", "set", "zimbra", "--export-cmd", &export_cmd]);
+    setup.source.ok(&["job", "set", "zimbra", "--export-cmd", &export_cmd]);
     let out = stranger.run(&["sync", "--round", "zimbra"]);
     assert_eq!(out.status.code(), Some(ferry::exit::REFUSED));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&stranger.id) && stderr.contains("ferry trust"), "{stderr}");
+    assert!(!exported.exists(), "the export hook ran for a round the destination refuses");
 
     // A destination that is not the pinned node.
     setup.source.ok(&["trust", &stranger.id, "--name", "dest", "--addr", &setup.daemon.addr]);
@@ -267,6 +273,7 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&setup.dest.id) && stderr.contains("ferry trust"), "{stderr}");
     assert!(!target.join("f").exists(), "something was transferred");
+    assert!(!exported.exists(), "the export hook ran for a round the destination refuses");
 
     // A trusted node writing a job that is not its own.
     setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &setup.daemon.addr]);
@@ -276,10 +283,24 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to peer source"), "{stderr}");
     assert!(!target.join("f").exists(), "something was transferred");
+    assert!(!exported.exists(), "the export hook ran for a round the destination refuses");
 
-    // The rightful source still gets through.
+    // A job the destination does not have.
+    setup.source.ok(&["job", "add", "mailbox", "--path", source.to_str().unwrap(), "--peer", "dest"]);
+    setup.source.ok(&["job", "set", "mailbox", "--export-cmd", &export_cmd]);
+    let out = setup.source.run(&["sync", "--round", "mailbox"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("there is no job \"mailbox\"") && stderr.contains("ferry job add mailbox"), "{stderr}");
+    assert!(!exported.exists(), "the export hook ran for a round the destination refuses");
+    assert!(!stderr.contains("scanning"), "the tree was scanned for a round the destination refuses:\n{stderr}");
+
+    // The rightful source still gets through, its export hook run once.
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     assert_eq!(std::fs::read(target.join("f")).unwrap(), b"data");
+    assert!(exported.exists());
+    let dest: serde_json::Value = serde_json::from_slice(&setup.dest.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(dest["jobs"][0]["received"].as_array().unwrap().len(), 1, "a check opened a round: {dest}");
 }
 
 #[test]
@@ -426,8 +447,15 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("import of round 5") && stderr.contains("running since"), "{stderr}");
     std::fs::remove_file(setup.path("slow")).unwrap();
+    // --wait asks again until the import is over, and only then runs the export hook and scans: once.
+    let exports = setup.path("exports.log");
+    let export_cmd = format!("sh -c 'echo export >> {}'", exports.display());
+    setup.source.ok(&["job", "set", "zimbra", "--export-cmd", &export_cmd]);
     let waited = setup.source.run(&["sync", "--round", "zimbra", "--import", "none", "--wait"]);
-    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    let stderr = String::from_utf8_lossy(&waited.stderr);
+    assert!(waited.status.success(), "{stderr}");
+    assert!(stderr.contains("running since") && stderr.contains("asking again in 15 s (--wait)"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&exports).unwrap(), "export\n", "{stderr}");
     assert_eq!(calls_now().len(), 4, "each committed round with an import ran it exactly once");
 
     // Both nodes keep the history.

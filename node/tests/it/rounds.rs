@@ -338,10 +338,17 @@ fn an_unreachable_peer_exits_with_its_own_code() {
     setup.job("zimbra", &source, &target);
     let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &closed.to_string()]);
+    // Found before the export hook and the scan, which on a real store take hours.
+    let exported = setup.path("exported");
+    setup.source.ok(&["job", "set", "zimbra", "--export-cmd", &format!("touch {}", exported.display())]);
     let out = setup.source.run(&["sync", "--round", "zimbra"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(ferry::exit::UNREACHABLE), "{stderr}");
     assert!(stderr.contains("cannot connect") && stderr.contains("ferry serve"), "{stderr}");
+    assert!(
+        !exported.exists() && !stderr.contains("scanning"),
+        "exported or scanned for an unreachable peer:\n{stderr}"
+    );
 }
 
 /// Without a terminal (cron, systemd), `sync` logs its progress every `--progress-interval` with the
