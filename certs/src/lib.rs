@@ -370,8 +370,19 @@ impl ClientCertVerifier for PinnedPeerVerifier {
 
 /// The one crypto provider ferry uses (ring), named explicitly so that nothing depends on which
 /// providers happen to be compiled in.
+///
+/// Its TLS 1.3 suites are put in the order BoringSSL and Go use, AES-128-GCM first (ring's default
+/// puts AES-256-GCM first): every byte of a round is sealed and opened with the suite chosen here,
+/// and AES-128 takes 10 rounds a block where AES-256 takes 14. The price is a 128-bit key instead of a
+/// 256-bit one: the strength of TLS 1.3's mandatory suite.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| match suite.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    });
+    Arc::new(provider)
 }
 
 /// A client configuration that presents `identity` and accepts only the server `peer`.

@@ -15,7 +15,11 @@ fn trusted(ids: &[NodeId]) -> TrustedPeers {
 }
 
 /// Runs a handshake to its end; returns the first error of either side.
-fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Result<(), String> {
+/// Returns the cipher suite the two sides agreed on.
+fn handshake(
+    client: rustls::ClientConfig,
+    server: rustls::ServerConfig,
+) -> Result<rustls::SupportedCipherSuite, String> {
     let mut client = ClientConnection::new(Arc::new(client), ServerName::try_from("ferry").unwrap()).unwrap();
     let mut server = ServerConnection::new(Arc::new(server)).unwrap();
     for _ in 0..20 {
@@ -34,7 +38,7 @@ fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Resu
             client.write_tls(&mut buf).unwrap();
             server.read_tls(&mut &buf[..]).unwrap();
             server.process_new_packets().map_err(|e| format!("server: {e}"))?;
-            return Ok(());
+            return client.negotiated_cipher_suite().ok_or_else(|| "no cipher suite".into());
         }
     }
     Err("handshake did not finish".into())
@@ -70,7 +74,8 @@ fn pinned_peers_get_through() {
     let (a, b) = (Identity::generate().unwrap(), Identity::generate().unwrap());
     let client = client_config(&a, b.node_id(), ALPN).unwrap();
     let server = server_config(&b, trusted(&[a.node_id()]), ALPN).unwrap();
-    handshake(client, server).unwrap();
+    let suite = handshake(client, server).unwrap();
+    assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256, "the bulk cipher is AES-128-GCM");
 }
 
 #[test]
