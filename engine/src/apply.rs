@@ -414,6 +414,12 @@ impl<'a> Applier<'a> {
         self.start_sync()
     }
 
+    /// Whether the batch [`Applier::begin_flush`] handed to the disk last is still syncing: a
+    /// `begin_flush` now would wait for it.
+    pub fn is_syncing(&self) -> bool {
+        self.syncing.as_ref().is_some_and(|s| !s.sync.is_done())
+    }
+
     /// Ends the apply: closes every folder, flushes, runs the deletions, syncs.
     pub fn finish(mut self) -> Result<ApplyReport, ApplyError> {
         let committed = self.committed.take().expect("committed is only taken for the length of a call");
@@ -1338,6 +1344,14 @@ impl BackgroundSync {
         }
     }
 
+    /// Whether the sync has ended (a [`BackgroundSync::wait`] would not wait).
+    fn is_done(&self) -> bool {
+        match self {
+            Self::Running(thread) => thread.is_finished(),
+            Self::Done(_) => true,
+        }
+    }
+
     /// Waits for the sync; a thread that panicked counts as a sync that failed.
     fn wait(self) -> Result<(), Errno> {
         match self {
@@ -1460,5 +1474,28 @@ mod tests {
         let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let socket = Arc::new(OwnedFd::from(socket));
         assert_eq!(BackgroundSync::start(socket, |fd| rustix::fs::fdatasync(fd)).wait(), Err(Errno::INVAL));
+    }
+
+    /// The applying loop applies on while a sync runs and flushes once it is done: `is_done` must
+    /// say which, without waiting.
+    #[test]
+    fn a_background_sync_says_whether_it_is_done_without_waiting() {
+        static RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        fn slow_sync(_: BorrowedFd<'_>) -> Result<(), Errno> {
+            while !RELEASED.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        }
+        let sync = BackgroundSync::start(Arc::new(tempfile::tempfile().unwrap()), slow_sync);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!sync.is_done(), "done before the disk answered");
+        RELEASED.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sync.is_done() {
+            assert!(Instant::now() < deadline, "still syncing 10 s after the disk answered");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sync.wait().unwrap();
     }
 }

@@ -1287,11 +1287,15 @@ fn transfer(
         // The loop yields when a flush is due: while chunks come as fast as they are applied, what was
         // applied must still become durable and leave the window, and more be asked for, or the
         // window runs dry and the link idles (for seconds, on the WAN bench).
+        // A due flush waits for the batch before it to be durable; while that one is still syncing,
+        // the loop applies on instead of waiting (the window still bounds what is applied).
         let mut progressed = false;
         let flush_due = |last_flush: Instant, applied_bytes: u64| {
             last_flush.elapsed() > FLUSH_EVERY || applied_bytes >= FLUSH_BYTES
         };
-        while !flush_due(last_flush, applied_bytes) && waiting.front_mut().is_some_and(|w| window.can_apply(w)) {
+        while (!flush_due(last_flush, applied_bytes) || applier.is_syncing())
+            && waiting.front_mut().is_some_and(|w| window.can_apply(w))
+        {
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
             applied.extend(entry.hashes);
@@ -1307,7 +1311,8 @@ fn transfer(
         }
         // Applied chunks stay in memory (and count) until they are durable in the target: the flush
         // begun here makes what the previous one began durable, while the disk syncs this one.
-        if flush_due(last_flush, applied_bytes) {
+        let idle = !waiting.front_mut().is_some_and(|w| window.can_apply(w));
+        if flush_due(last_flush, applied_bytes) && (idle || !applier.is_syncing()) {
             applier.begin_flush()?;
             window.forget(&syncing);
             outstanding -= syncing_bytes;
