@@ -251,8 +251,8 @@ fn job_of_peer(config: &Config, name: &str, peer: &PeerConfig) -> Result<JobConf
     }
 }
 
-/// Answers a source's `Check`: whether a round of `job` from it would be accepted now (the job is its,
-/// and neither an import nor another peer's round holds it), without opening one.
+/// Answers a source's `Check`: whether a round of `job` from it would be accepted now (the job is this
+/// peer's, and neither an import nor another peer's round holds it), without opening one.
 async fn answer_check(
     context: &Arc<ServerContext>,
     config: &Config,
