@@ -167,8 +167,8 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
                 // The check before the export hook waits while the job is busy; this is for a round that
                 // became busy after it.
                 Err(e) if options.wait_if_busy && is_busy(&e) => {
-                    tracing::info!("{e}; trying again in 15 s (--wait)");
-                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    tracing::info!("{e}; trying again in {} s (--wait)", BUSY_RETRY.as_secs());
+                    tokio::time::sleep(BUSY_RETRY).await;
                 }
                 other => return other,
             }
@@ -425,8 +425,8 @@ async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resul
     loop {
         match check_peer(&job, &peer, &addr, &identity, options).await {
             Err(e) if options.wait_if_busy && is_busy(&e) => {
-                tracing::info!("{e}; asking again in 15 s (--wait)");
-                tokio::time::sleep(Duration::from_secs(15)).await;
+                tracing::info!("{e}; asking again in {} s (--wait)", BUSY_RETRY.as_secs());
+                tokio::time::sleep(BUSY_RETRY).await;
             }
             other => break other?,
         }
@@ -524,6 +524,9 @@ fn closed_error(why: String, peer: &crate::config::PeerConfig, addr: &str, ident
 fn is_busy(error: &anyhow::Error) -> bool {
     error.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running"))
 }
+
+/// `--wait`: how long to wait before asking a destination busy with the job again.
+const BUSY_RETRY: Duration = Duration::from_secs(15);
 
 /// How long the destination has to answer a `Check`.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);

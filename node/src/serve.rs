@@ -157,12 +157,23 @@ impl Drop for BusyGuard {
 }
 
 impl ServerContext {
+    /// Refuses a round of `job` while its import runs, saying which and since when.
+    fn no_import(&self, job: &str) -> Result<(), String> {
+        match self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
+            Some(import) => Err(format!(
+                "the import of round {} of job {job} has been running since {} ({})",
+                import.round,
+                humantime::format_rfc3339_seconds(import.since),
+                import.command.join(" ")
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Why a round of `job` from `peer` would be refused now, without claiming it: an import runs, or
     /// another peer's round. A round of the same peer would replace its own (see [`Self::claim`]).
     fn busy_for(&self, job: &str, peer: NodeId) -> Result<(), String> {
-        if let Some(import) = self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
-            return Err(import_running(job, &import));
-        }
+        self.no_import(job)?;
         let busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
         match busy.get(job) {
             Some((holder, _)) if *holder != peer => Err(format!("a round of job {job} is already running here")),
@@ -181,9 +192,7 @@ impl ServerContext {
     ) -> Result<BusyGuard, String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(import) = self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
-                return Err(import_running(job, &import));
-            }
+            self.no_import(job)?;
             {
                 let mut busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
                 match busy.get(job) {
@@ -849,16 +858,6 @@ struct RunningImport {
 }
 
 type Imports = Arc<Mutex<HashMap<String, RunningImport>>>;
-
-/// Why a round of `job` is refused while its import runs.
-fn import_running(job: &str, import: &RunningImport) -> String {
-    format!(
-        "the import of round {} of job {job} has been running since {} ({})",
-        import.round,
-        humantime::format_rfc3339_seconds(import.since),
-        import.command.join(" ")
-    )
-}
 
 /// What a destination round works with.
 struct Round<'a> {
