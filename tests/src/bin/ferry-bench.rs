@@ -61,7 +61,8 @@ struct Args {
     loss: f64,
     /// `ferry sync --congestion`.
     congestion: String,
-    /// `--logs DIR`: keep both nodes' logs there (appended, run after run).
+    /// `--logs DIR`: keep both nodes' logs there, and each round's `--json` report (appended, run after
+    /// run).
     logs: Option<PathBuf>,
     /// `--rsync-first`: in each round, rsync's before ferry's (the first tool after the generator can
     /// pay for the machine's memory; see BENCHMARKS.md).
@@ -926,6 +927,12 @@ impl FerryPair {
             return Err(format!("ferry sync failed: {:?}", out.status).into());
         }
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(dir) = &self.logs {
+            // One line per round, for what the table leaves out (chunk bytes, path MTU, failures).
+            let mut reports =
+                std::fs::OpenOptions::new().create(true).append(true).open(dir.join("ferry-reports.jsonl"))?;
+            writeln!(reports, "{report}")?;
+        }
         let wire = report["bytes_on_wire"].as_u64().ok_or("no bytes_on_wire in ferry's report")?;
         let scan = report["scan_ms"].as_u64().map(Duration::from_millis);
         Ok(Measure {

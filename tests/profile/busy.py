@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Where both cores went, second by second, from a whole-machine profile of one round:
+
+  tests/profile/during-round.sh 1 perf record -a -F 999 -o /tmp/all.data &
+  target/release/ferry-bench --files 200000 --work /mnt/bench --no-rsync --fill-memory /var/tmp
+  perf script -i /tmp/all.data -F comm,pid,tid,time,ip,sym > /tmp/all.txt
+  tests/profile/busy.py /tmp/all.txt [SOURCE_PID DEST_PID]
+
+`perf record -a` samples every CPU at the same rate, the idle ones too (as pid 0), so a share of the
+samples is a share of the machine's time. For each second of the round it prints how much of it was
+idle, ferry's source (`ferry sync`), its destination (`ferry serve`) and everything else (kernel
+threads: writeback, the disk, softirqs), then each of ferry's threads over the whole round, with
+its four most sampled functions. Without the pids the source is the process with a `ferry-examine`
+thread (the scan) and the destination the one with a `ferry-make` or `ferry-manifests` thread.
+"""
+import collections
+import sys
+
+def samples(path):
+    """Yields (comm, pid, tid, seconds, symbol) for each line of a `perf script` without call graphs."""
+    for line in open(path, errors="replace"):
+        fields = line.split()
+        slash = next((i for i, f in enumerate(fields) if "/" in f and f.split("/")[0].isdigit()), None)
+        if slash is None or slash + 1 >= len(fields):
+            continue
+        pid, tid = fields[slash].split("/")
+        time = float(fields[slash + 1].rstrip(":"))
+        symbol = " ".join(fields[slash + 3 :]) or "?"
+        yield (" ".join(fields[:slash]), pid, tid, time, symbol)
+
+
+def main():
+    path = sys.argv[1]
+    rows = list(samples(path))
+    if not rows:
+        sys.exit("no samples: record with `perf record -a`, print with `perf script -F comm,pid,tid,time,ip,sym`")
+    names = collections.defaultdict(set)
+    for comm, pid, _, _, _ in rows:
+        names[pid].add(comm)
+    if len(sys.argv) >= 4:
+        source, dest = sys.argv[2], sys.argv[3]
+    else:
+        source = next((p for p, n in names.items() if "ferry-examine" in n), None)
+        dest = next((p for p, n in names.items() if n & {"ferry-make", "ferry-manifests"}), None)
+    role = {source: "source", dest: "dest", "0": "idle"}
+
+    start = min(r[3] for r in rows)
+    per_second = collections.defaultdict(collections.Counter)
+    others = collections.defaultdict(collections.Counter)
+    threads = collections.Counter()
+    symbols = collections.defaultdict(collections.Counter)
+    for comm, pid, tid, time, symbol in rows:
+        second = int(time - start)
+        who = role.get(pid, "other")
+        per_second[second][who] += 1
+        if who == "other":
+            others[second][comm.split("/")[0].split("-")[0]] += 1
+        if who in ("source", "dest"):
+            threads[(who, comm, tid)] += 1
+            symbols[(who, comm, tid)][symbol] += 1
+
+    print(f"source pid {source}, destination pid {dest}; shares of both cores' time")
+    print("second  idle  source  dest  other (largest)")
+    for second in sorted(per_second):
+        counts = per_second[second]
+        total = sum(counts.values())
+        share = {k: 100 * counts[k] / total for k in ("idle", "source", "dest", "other")}
+        largest = ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in others[second].most_common(2))
+        print(
+            f"{second:6d} {share['idle']:5.1f} {share['source']:7.1f} {share['dest']:5.1f} {share['other']:6.1f}"
+            f"  ({largest})"
+        )
+    total = len(rows)
+    print(f"\nferry's threads over the round ({total} samples, {total / (len(per_second) or 1):.0f} a second)")
+    for (who, comm, tid), n in threads.most_common(12):
+        top = ", ".join(f"{s[:40]} {100 * k / n:.0f}%" for s, k in symbols[(who, comm, tid)].most_common(4))
+        print(f"{100 * n / total:5.1f}%  {who:6s} {comm}#{tid}: {top}")
+
+
+if __name__ == "__main__":
+    main()
