@@ -61,6 +61,9 @@ struct Args {
     loss: f64,
     /// `ferry sync --congestion`.
     congestion: String,
+    /// `--bwlimit RATE`: both tools' own bandwidth limit in the rounds (`ferry sync --bwlimit`, `rsync
+    /// --bwlimit`; the same syntax, 1024-based).
+    bwlimit: Option<String>,
     /// `--logs DIR`: keep both nodes' logs there, and each round's `--json` report (appended, run after
     /// run).
     logs: Option<PathBuf>,
@@ -92,6 +95,7 @@ fn parse_args() -> Result<Args> {
         wan: false,
         loss: 1.0,
         congestion: "cubic".into(),
+        bwlimit: None,
         logs: None,
         rsync_first: false,
         fill_memory: None,
@@ -112,13 +116,14 @@ fn parse_args() -> Result<Args> {
             "--wan" => args.wan = true,
             "--loss" => args.loss = value()?.parse()?,
             "--congestion" => args.congestion = value()?,
+            "--bwlimit" => args.bwlimit = Some(value()?),
             "--logs" => args.logs = Some(value()?.into()),
             "--rsync-first" => args.rsync_first = true,
             "--fill-memory" => args.fill_memory = Some(value()?.into()),
             "-h" | "--help" => {
                 println!(
                     "ferry-bench [--files N] [--seed S] [--write FILE.md] [--work DIR] [--ferry PATH] [--no-rsync] \
-                     [--congestion cubic|lossy|bbr] [--logs DIR] [--rsync-first] [--fill-memory DIR] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
+                     [--congestion cubic|lossy|bbr] [--bwlimit RATE] [--logs DIR] [--rsync-first] [--fill-memory DIR] [--shaped MBIT] [--single-file MIB | --memory | --wan [--loss PERCENT]]"
                 );
                 std::process::exit(0);
             }
@@ -187,12 +192,16 @@ fn run() -> Result<()> {
     let mut ferry = FerryPair::start(&args.ferry, &root, &source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
     ferry.logs.clone_from(&args.logs);
+    ferry.bwlimit.clone_from(&args.bwlimit);
     if args.wan {
         return wan(&args, &ferry, files, bytes);
     }
     let rsync = if args.rsync {
         match Rsync::start(&root, &net) {
-            Ok(rsync) => Some(rsync),
+            Ok(mut rsync) => {
+                rsync.bwlimit.clone_from(&args.bwlimit);
+                Some(rsync)
+            }
             Err(e) => {
                 eprintln!("rsync over ssh is not available ({e}); measuring ferry alone");
                 None
@@ -828,6 +837,8 @@ struct FerryPair {
     daemon_addr: String,
     daemon_id: String,
     congestion: String,
+    /// `ferry sync --bwlimit`, if any.
+    bwlimit: Option<String>,
     /// Where to keep the nodes' logs (`--logs`); otherwise the source's go nowhere.
     logs: Option<PathBuf>,
 }
@@ -872,6 +883,7 @@ impl FerryPair {
             daemon_addr: addr,
             daemon_id: dst_id,
             congestion: "cubic".into(),
+            bwlimit: None,
             logs: None,
         })
     }
@@ -918,6 +930,7 @@ impl FerryPair {
             .arg("--config-dir")
             .arg(&self.source_node)
             .args(["sync", "--round", "bench", "--json", "--congestion", &self.congestion])
+            .args(self.bwlimit.iter().flat_map(|rate| ["--bwlimit", rate.as_str()]))
             .stdout(Stdio::piped())
             .stderr(self.source_log()?)
             .spawn()?;
@@ -971,6 +984,8 @@ struct Rsync {
     wrapper: PathBuf,
     remote_usage: PathBuf,
     net: Net,
+    /// `rsync --bwlimit`, if any.
+    bwlimit: Option<String>,
 }
 
 /// Where each side runs: both on loopback, or each in its own network namespace.
@@ -1070,6 +1085,7 @@ impl Rsync {
             wrapper,
             remote_usage,
             net: net.clone(),
+            bwlimit: None,
         };
         // Wait for sshd to answer (slow to start on a loaded machine).
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1114,6 +1130,7 @@ impl Rsync {
             .net
             .source_command("rsync")
             .args(["-aH", "--stats", "-e", &format!("ssh {}", self.ssh_args().join(" "))])
+            .args(self.bwlimit.iter().map(|rate| format!("--bwlimit={rate}")))
             .arg(format!("--rsync-path=python3 {} rsync", self.wrapper.display()))
             .arg(format!("{}/", source.display()))
             .arg(format!("{}@{}:{}/", user(), self.net.dest_host, self.target.display()))
@@ -1200,19 +1217,24 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     let _ = writeln!(out, "# ferry benchmarks\n");
     let _ = writeln!(
         out,
-        "Made by `ferry-bench --files {} --seed {}{}{}{}` on {machine} ({cores} cores), {}; \
+        "Made by `ferry-bench --files {} --seed {}{}{}{}{}` on {machine} ({cores} cores), {}; \
          {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
-         `rsync -aH --stats` over ssh to an sshd on the destination's side.\n",
+         `rsync -aH --stats` over ssh to an sshd on the destination's side.{}\n",
         args.files,
         args.seed,
         args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
+        args.bwlimit.as_ref().map_or(String::new(), |rate| format!(" --bwlimit {rate}")),
         if args.rsync_first { " --rsync-first" } else { "" },
         args.fill_memory_flag(),
         args.shaped.map_or("loopback".to_owned(), |mbit| format!(
             "through a veth pair between two network namespaces, the source's way out shaped by `tc tbf` to \
              {mbit} Mbit/s with a 50 ms queue"
         )),
-        bytes as f64 / 1048576.0
+        bytes as f64 / 1048576.0,
+        args.bwlimit.as_ref().map_or(String::new(), |rate| format!(
+            " Both tools limited themselves to {rate} (1024-based, per second: `ferry sync --bwlimit {rate}`, \
+             `rsync --bwlimit={rate}`)."
+        )),
     );
     let _ = writeln!(
         out,
