@@ -90,6 +90,17 @@ impl Limiter {
         }
     }
 
+    /// Like [`Limiter::acquire`], except that a pause does not hold these bytes: the destination gives
+    /// a source that falls silent while it sends the list of changes two minutes, so during a pause the
+    /// list goes on unlimited (and the chunks wait).
+    pub(crate) async fn acquire_unless_paused(&self, bytes: u64) -> anyhow::Result<()> {
+        let wait = self.bucket.lock().map_err(|_| anyhow!("rate limiter poisoned"))?.take(bytes, Instant::now());
+        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(())
+    }
+
     /// Looks at the clock at the start of every minute (when a timetable can change) while the
     /// returned task runs. `what` names the limit in the log.
     pub(crate) fn follow(&self, what: &'static str) -> tokio::task::JoinHandle<()> {

@@ -184,6 +184,27 @@ pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> a
     Ok(())
 }
 
+/// Writes one message in 64 KiB pieces, each charged to `limiter` like a chunk batch's, except during a
+/// pause (see [`crate::limit::Limiter::acquire_unless_paused`]): a first round's list of changes is
+/// some 200 bytes a file on the wire, hundreds of megabytes on a large store, and counts against the
+/// limit too.
+pub(crate) async fn send_limited(
+    stream: &mut quinn::SendStream,
+    message: &Message,
+    limiter: &crate::limit::Limiter,
+) -> anyhow::Result<()> {
+    const PIECE: usize = 64 << 10;
+    let mut buf = BytesMut::new();
+    encode(message, &mut buf)?;
+    let mut frame = buf.freeze();
+    while !frame.is_empty() {
+        let piece = frame.split_to(frame.len().min(PIECE));
+        limiter.acquire_unless_paused(piece.len() as u64 + piece.len() as u64 / 32).await?;
+        stream.write_chunk(piece).await.context("the connection dropped while sending")?;
+    }
+    Ok(())
+}
+
 /// Writes one chunk batch in 64 KiB pieces, each only when `limiter` allows it: the bandwidth limit
 /// applies to what enters QUIC, smoothly, with QUIC's own overhead (about 3%) counted in. The payload
 /// goes to QUIC from the batch's own buffer, never copied into a frame.

@@ -33,8 +33,8 @@ pub struct PushOptions {
     pub wait_for_import: bool,
     /// `--wait`: when the destination is busy with this job, wait instead of giving up.
     pub wait_if_busy: bool,
-    /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data, fixed or
-    /// by the time of the week. `None`: the job's or the peer's limit in ferry.toml, if any.
+    /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data and the
+    /// list of changes, fixed or by the time of the week. `None`: the job's or the peer's limit in ferry.toml, if any.
     pub bwlimit: Option<ferry_engine::Timetable>,
     /// `--max-duration`: stop cleanly after this long.
     pub max_duration: Option<Duration>,
@@ -224,7 +224,9 @@ async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyho
     let prepared = prepare(config_dir, &options).await?;
     let timetable = timetable(config_dir, &options, &prepared.job.name)?;
     let mut session = open_session(&prepared, &options).await?;
-    let (changes, positions) = send_all_changes(&prepared, &mut session).await?;
+    // A dry run moves no chunks; its list of changes is what it puts on the network.
+    let limiter = crate::limit::Limiter::new(timetable.clone());
+    let (changes, positions) = send_all_changes(&prepared, &mut session, &limiter).await?;
     let changed_bytes = positions.total;
     let mut payload = 0u64;
     let plan = loop {
@@ -628,7 +630,11 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
 
 /// Sends the changes since what the destination holds (all of them when this node no longer has
 /// that manifest). Returns how many, and where each file whose content changed starts in those bytes.
-async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow::Result<(u64, Positions)> {
+async fn send_all_changes(
+    prepared: &Prepared,
+    session: &mut Session,
+    limiter: &crate::limit::Limiter,
+) -> anyhow::Result<(u64, Positions)> {
     let state = &prepared.state;
     let delta_base = session.base.filter(|b| Some(*b) == session.holds);
     if let Some(base) = delta_base.filter(|b| b.root == prepared.new_root) {
@@ -646,7 +652,7 @@ async fn send_all_changes(prepared: &Prepared, session: &mut Session) -> anyhow:
     let mut change_count = 0u64;
     while let Some(batch) = changes_rx.recv().await {
         change_count += batch.len() as u64;
-        net::send(&mut session.send, &Message::Changes(batch)).await?;
+        net::send_limited(&mut session.send, &Message::Changes(batch), limiter).await?;
     }
     let positions = differ.await.context("the diff panicked")??;
     let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
@@ -877,7 +883,7 @@ async fn serve_round(
     deadline: Option<Instant>,
 ) -> anyhow::Result<Finished> {
     let peer = &prepared.peer;
-    let (changes, positions) = send_all_changes(prepared, session).await?;
+    let (changes, positions) = send_all_changes(prepared, session, limiter).await?;
     let changed_bytes = positions.total;
     sent.changed.store(changed_bytes, Ordering::Relaxed);
     let positions = Arc::new(positions);

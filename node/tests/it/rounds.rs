@@ -242,6 +242,34 @@ fn the_export_hook_runs_before_the_scan_and_a_failing_one_stops_the_round() {
     }
 }
 
+/// A first round's list of changes is some 200 bytes a file on the wire and goes before any chunk: on a
+/// store of millions of files, hundreds of megabytes that the operator's limit must hold too.
+#[test]
+fn the_list_of_changes_counts_against_the_bandwidth_limit() {
+    let setup = Setup::new();
+    let (source, quick, limited) = (setup.path("export"), setup.path("quick"), setup.path("limited"));
+    // Empty files with long names: a round of them is nothing but its list of changes.
+    let name = "m".repeat(100);
+    for i in 0..1200 {
+        crate::util::write(&source.join(format!("folder-{:02}/{name}-{i:04}", i % 25)), b"");
+    }
+    setup.job("quick", &source, &quick);
+    setup.job("limited", &source, &limited);
+    let report = setup.source.sync("quick");
+    let wire = report["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire > 250_000, "the list is {wire} bytes on the wire");
+
+    let started = Instant::now();
+    let out = setup.source.run(&["sync", "--round", "limited", "--bwlimit", "64K", "--json"]);
+    let took = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // At 64 KiB/s, less the bucket's tenth of a second and the destination's share of the bytes
+    // (acknowledgements, its answers): well over half of wire / rate. Unlimited, it takes under a second.
+    let least = 0.6 * wire as f64 / 65536.0;
+    assert!(took >= least, "{wire} bytes of changes in {took:.1} s under 64K (at least {least:.1} s)");
+    assert_same_tree(&source, &limited, |_| false);
+}
+
 #[test]
 fn a_paused_job_holds_its_transfer_until_sighup_reloads_the_limit() {
     let setup = Setup::new();
