@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_proto::{ALPN, ChunkBatch, Message, bytes_missing, decode, encode, encode_chunk_batch};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -184,43 +184,52 @@ pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> a
     Ok(())
 }
 
-/// Writes one message in 64 KiB pieces, each charged to `limiter` like a chunk batch's, except during a
-/// pause (see [`crate::limit::Limiter::acquire_unless_paused`]): a first round's list of changes is
-/// some 200 bytes a file on the wire, hundreds of megabytes on a large store, and counts against the
-/// limit too.
+/// Writes one message under `limiter`, like a chunk batch, except that a pause does not hold it (see
+/// [`crate::limit::Limiter::acquire_unless_paused`]): a first round's list of changes is some 200 bytes
+/// a file on the wire, hundreds of megabytes on a large store, and counts against the limit too.
 pub(crate) async fn send_limited(
     stream: &mut quinn::SendStream,
     message: &Message,
     limiter: &crate::limit::Limiter,
 ) -> anyhow::Result<()> {
-    const PIECE: usize = 64 << 10;
     let mut buf = BytesMut::new();
     encode(message, &mut buf)?;
-    let mut frame = buf.freeze();
-    while !frame.is_empty() {
-        let piece = frame.split_to(frame.len().min(PIECE));
-        limiter.acquire_unless_paused(piece.len() as u64 + piece.len() as u64 / 32).await?;
-        stream.write_chunk(piece).await.context("the connection dropped while sending")?;
-    }
-    Ok(())
+    write_limited(stream, buf.freeze(), limiter, false).await
 }
 
-/// Writes one chunk batch in 64 KiB pieces, each only when `limiter` allows it: the bandwidth limit
-/// applies to what enters QUIC, smoothly, with QUIC's own overhead (about 3%) counted in. The payload
+/// Writes one chunk batch, each piece only when `limiter` allows it (see [`write_limited`]). The payload
 /// goes to QUIC from the batch's own buffer, never copied into a frame.
 pub(crate) async fn send_batch_limited(
     stream: &mut quinn::SendStream,
     batch: &ChunkBatch,
     limiter: &crate::limit::Limiter,
 ) -> anyhow::Result<()> {
-    const PIECE: usize = 64 << 10;
     let (head, payload) = encode_chunk_batch(batch)?;
     for part in [head, payload] {
-        for at in (0..part.len()).step_by(PIECE) {
-            let piece = part.slice(at..part.len().min(at + PIECE));
-            limiter.acquire(piece.len() as u64 + piece.len() as u64 / 32).await?;
-            stream.write_chunk(piece).await.context("the connection dropped while sending")?;
+        write_limited(stream, part, limiter, true).await?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` in 64 KiB pieces, each charged to `limiter` before it enters QUIC, with QUIC's own
+/// overhead (about 3%) counted in: the bandwidth limit applies smoothly. `pause_holds`: whether a pause
+/// (rate 0) waits, or lets the pieces through.
+async fn write_limited(
+    stream: &mut quinn::SendStream,
+    mut bytes: Bytes,
+    limiter: &crate::limit::Limiter,
+    pause_holds: bool,
+) -> anyhow::Result<()> {
+    const PIECE: usize = 64 << 10;
+    while !bytes.is_empty() {
+        let piece = bytes.split_to(bytes.len().min(PIECE));
+        let charge = piece.len() as u64 + piece.len() as u64 / 32;
+        if pause_holds {
+            limiter.acquire(charge).await?;
+        } else {
+            limiter.acquire_unless_paused(charge).await?;
         }
+        stream.write_chunk(piece).await.context("the connection dropped while sending")?;
     }
     Ok(())
 }

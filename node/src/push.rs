@@ -34,7 +34,8 @@ pub struct PushOptions {
     /// `--wait`: when the destination is busy with this job, wait instead of giving up.
     pub wait_if_busy: bool,
     /// `--bwlimit`: the most bytes per second this round puts on the network for chunk data and the
-    /// list of changes, fixed or by the time of the week. `None`: the job's or the peer's limit in ferry.toml, if any.
+    /// list of changes, fixed or by the time of the week. `None`: the job's or the peer's limit in
+    /// ferry.toml, if any.
     pub bwlimit: Option<ferry_engine::Timetable>,
     /// `--max-duration`: stop cleanly after this long.
     pub max_duration: Option<Duration>,
