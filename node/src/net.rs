@@ -186,7 +186,8 @@ pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> a
 
 /// Writes one message under `limiter`, like a chunk batch, except that a pause does not hold it (see
 /// [`crate::limit::Limiter::acquire_unless_paused`]): a first round's list of changes is some 200 bytes
-/// a file on the wire, hundreds of megabytes on a large store, and counts against the limit too.
+/// a file on the wire, hundreds of megabytes on a large store, and counts against the limit too. A
+/// message the limit would spread over more than a minute goes at once (see [`limits_message`]).
 pub(crate) async fn send_limited(
     stream: &mut quinn::SendStream,
     message: &Message,
@@ -194,7 +195,20 @@ pub(crate) async fn send_limited(
 ) -> anyhow::Result<()> {
     let mut buf = BytesMut::new();
     encode(message, &mut buf)?;
+    if !limits_message(limiter.rate(), buf.len()) {
+        stream.write_chunk(buf.freeze()).await.context("the connection dropped while sending")?;
+        return Ok(());
+    }
     write_limited(stream, buf.freeze(), limiter, false).await
+}
+
+/// Whether a message of `len` bytes is held to `rate`: not when that would take more than a minute (a
+/// batch of 1024 changes under about 5 KiB/s, or one file of many GiB with its chunk list under a
+/// few dozen), because the destination drops a source that sends it no whole message for two minutes
+/// while the changes come.
+fn limits_message(rate: ferry_engine::Rate, len: usize) -> bool {
+    const LONGEST: u64 = 60;
+    rate.bytes_per_second().is_some_and(|bps| bps.saturating_mul(LONGEST) >= len as u64)
 }
 
 /// Writes one chunk batch, each piece only when `limiter` allows it (see [`write_limited`]). The payload
@@ -275,4 +289,20 @@ pub(crate) mod close {
     pub(crate) const DONE: u32 = 0;
     /// A protocol or local error.
     pub(crate) const ERROR: u32 = 2;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Held to the limit unless that takes over a minute; a pause and no limit send at once.
+    #[test]
+    fn a_message_is_held_to_the_limit_only_when_it_goes_within_a_minute() {
+        let rate = |text: &str| ferry_engine::Rate::parse(text).unwrap();
+        assert!(limits_message(rate("64K"), 300 << 10), "300 KiB at 64 KiB/s: 5 s");
+        assert!(limits_message(rate("5K"), 300 << 10), "300 KiB at 5 KiB/s: a minute");
+        assert!(!limits_message(rate("4K"), 300 << 10), "300 KiB at 4 KiB/s: 75 s");
+        assert!(!limits_message(rate("0"), 1), "a pause does not hold the list");
+        assert!(!limits_message(ferry_engine::Rate::UNLIMITED, 1 << 30));
+    }
 }
