@@ -165,8 +165,10 @@ pub struct SyncArgs {
     /// backoff) and go on where the round was.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10m")]
     pub reconnect_grace: std::time::Duration,
-    /// Network rounds: yield to other traffic on the link (a delay-based congestion controller, after
-    /// LEDBAT): the round slows down as soon as the link's queue fills, instead of competing.
+    /// Network rounds: try to yield to other traffic on the link (a delay-based congestion controller,
+    /// after LEDBAT): the round slows down when the link's queue fills. Measured on a shaped link it
+    /// now leaves a TCP flow only about a tenth of it (DESIGN.md, "Low priority"); use --bwlimit to
+    /// be sure.
     #[arg(long, conflicts_with = "congestion")]
     pub low_priority: bool,
     /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; for a
