@@ -28,6 +28,10 @@ const MAX_UDP_PAYLOAD: u16 = 6500;
 /// The most datagrams quinn puts in one GSO batch (`MAX_TRANSMIT_SEGMENTS` in quinn 0.11).
 const QUINN_GSO_BATCH: usize = 10;
 
+/// The ACK frequency threshold the data's receiver is asked to use: it acknowledges after more than
+/// this many ack-eliciting packets.
+const ACK_EVERY_PACKETS: u32 = 7;
+
 /// The largest UDP payload of one datagram over IPv4 (65535 minus the IP and UDP headers).
 const MAX_DATAGRAM: usize = 65_507;
 
@@ -64,10 +68,6 @@ fn transport_config() -> quinn::TransportConfig {
     transport.ack_frequency_config(Some(acks));
     transport
 }
-
-/// The ACK frequency threshold the data's receiver is asked to use: it acknowledges after more than
-/// this many ack-eliciting packets.
-const ACK_EVERY_PACKETS: u32 = 7;
 
 /// `config`, accepting datagrams of up to [`MAX_UDP_PAYLOAD`] bytes (a transport parameter: the peer
 /// sends none larger).
