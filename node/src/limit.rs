@@ -77,8 +77,7 @@ impl Limiter {
     /// Waits until `bytes` may go (or come); while paused, looks again every second.
     pub(crate) async fn acquire(&self, bytes: u64) -> anyhow::Result<()> {
         loop {
-            let wait = self.bucket.lock().map_err(|_| anyhow!("rate limiter poisoned"))?.take(bytes, Instant::now());
-            match wait {
+            match self.take(bytes)? {
                 Some(wait) => {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
@@ -94,11 +93,15 @@ impl Limiter {
     /// a source that falls silent while it sends the list of changes two minutes, so during a pause the
     /// list goes on unlimited (and the chunks wait).
     pub(crate) async fn acquire_unless_paused(&self, bytes: u64) -> anyhow::Result<()> {
-        let wait = self.bucket.lock().map_err(|_| anyhow!("rate limiter poisoned"))?.take(bytes, Instant::now());
-        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+        if let Some(wait) = self.take(bytes)?.filter(|w| !w.is_zero()) {
             tokio::time::sleep(wait).await;
         }
         Ok(())
+    }
+
+    /// Takes `bytes` from the bucket now: how long to wait before they go, `None` while paused.
+    fn take(&self, bytes: u64) -> anyhow::Result<Option<Duration>> {
+        Ok(self.bucket.lock().map_err(|_| anyhow!("rate limiter poisoned"))?.take(bytes, Instant::now()))
     }
 
     /// Looks at the clock at the start of every minute (when a timetable can change) while the
