@@ -16,6 +16,7 @@ thread (the scan) and the destination the one with a `ferry-make` or `ferry-mani
 import collections
 import sys
 
+
 def samples(path):
     """Yields (comm, pid, tid, seconds, symbol) for each line of a `perf script` without call graphs."""
     for line in open(path, errors="replace"):

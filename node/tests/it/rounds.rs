@@ -262,6 +262,7 @@ fn the_destination_acknowledges_every_eighth_packet_on_a_link() {
     setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &proxy.addr().to_string()]);
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     let (forward, back) = proxy.bytes();
+    eprintln!("{back} bytes back for {forward} forward: {:.2}%", back as f64 * 100.0 / forward as f64);
     assert!(forward > 16 << 20, "{forward} bytes to the destination");
     assert!(back * 100 < forward * 14 / 10, "{back} bytes back for {forward} forward");
     assert_same_tree(&source, &target, |_| false);
