@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# Does `ferry sync --low-priority` yield to other traffic? Two network namespaces joined by a veth pair,
-# the source's side shaped by `tc tbf` (default 20 Mbit/s, a 100 ms queue); a ferry round starts, and a
-# TCP flow (the production traffic) starts beside it 3 s later. Prints the TCP flow's throughput alone, beside a normal round and beside a
-# low-priority round, and each round's time. Needs root (ip netns, tc); removes what it creates.
+# Does `ferry sync --low-priority` yield to other traffic? A source and a destination network namespace
+# joined through a router namespace, whose way to the destination is shaped by `tc tbf` (default
+# 20 Mbit/s, a 100 ms queue); a ferry round starts, and a TCP flow (the production traffic, Cubic unless
+# told otherwise) starts beside it 3 s later. Prints the TCP flow's throughput alone, beside a normal
+# round and beside a low-priority round, and each round's time. Needs root (ip netns, tc); removes what
+# it creates.
 #
-#   sudo tests/netns/low-priority.sh [RATE_MBIT] [TREE_MIB]
+# The queue is in the router, as on a real path. A queue on the sending host itself holds only about a
+# millisecond of a TCP flow (the kernel's TCP small queues) however much UDP stands in it: there a TCP
+# flow gets almost nothing beside any UDP sender, low priority or not.
+#
+#   sudo tests/netns/low-priority.sh [RATE_MBIT] [TREE_MIB] [TCP_CONGESTION]
 set -euo pipefail
 
 rate_mbit=${1:-20}
 tree_mib=${2:-40}
+tcp_cc=${3:-cubic}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 work=$(mktemp -d /tmp/ferry-lowprio.XXXXXX)
 ns_a=ferry-lp-a-$$
 ns_b=ferry-lp-b-$$
+ns_r=ferry-lp-r-$$
 
 cleanup() {
     set +e
     [ -n "${serve_pid:-}" ] && kill "$serve_pid" 2>/dev/null
     ip netns del "$ns_a" 2>/dev/null
     ip netns del "$ns_b" 2>/dev/null
+    ip netns del "$ns_r" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -31,19 +40,25 @@ fi
 cargo build --release -q -p ferry --manifest-path "$here/Cargo.toml"
 ferry="$here/target/release/ferry"
 
-ip netns add "$ns_a"
-ip netns add "$ns_b"
-ip link add "va$$" type veth peer name "vb$$"
-ip link set "va$$" netns "$ns_a"
-ip link set "vb$$" netns "$ns_b"
-ip -n "$ns_a" addr add 10.77.0.1/24 dev "va$$"
+for ns in "$ns_a" "$ns_r" "$ns_b"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+done
+ip link add "va$$" netns "$ns_a" type veth peer name "ra$$" netns "$ns_r"
+ip link add "vb$$" netns "$ns_b" type veth peer name "rb$$" netns "$ns_r"
+ip -n "$ns_a" addr add 10.77.1.1/24 dev "va$$"
+ip -n "$ns_r" addr add 10.77.1.254/24 dev "ra$$"
+ip -n "$ns_r" addr add 10.77.0.254/24 dev "rb$$"
 ip -n "$ns_b" addr add 10.77.0.2/24 dev "vb$$"
 ip -n "$ns_a" link set "va$$" up
+ip -n "$ns_r" link set "ra$$" up
+ip -n "$ns_r" link set "rb$$" up
 ip -n "$ns_b" link set "vb$$" up
-ip -n "$ns_a" link set lo up
-ip -n "$ns_b" link set lo up
-# The bottleneck: the source's way out, with a queue of 100 ms.
-ip netns exec "$ns_a" tc qdisc add dev "va$$" root tbf rate "${rate_mbit}mbit" burst 32kbit latency 100ms
+ip -n "$ns_a" route add default via 10.77.1.254
+ip -n "$ns_b" route add default via 10.77.0.254
+ip netns exec "$ns_r" sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'
+# The bottleneck: the router's way to B, with a queue of 100 ms.
+ip netns exec "$ns_r" tc qdisc add dev "rb$$" root tbf rate "${rate_mbit}mbit" burst 32kbit latency 100ms
 
 # A TCP sink in B; a sender in A that prints its throughput over a period.
 cat >"$work/sink.py" <<'EOF'
@@ -58,8 +73,10 @@ while True:
 EOF
 cat >"$work/send.py" <<'EOF'
 import socket, sys, time
-seconds = float(sys.argv[1])
-s = socket.create_connection(("10.77.0.2", 5201))
+seconds, congestion = float(sys.argv[1]), sys.argv[2]
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+s.connect(("10.77.0.2", 5201))
 buf = b"x" * 65536
 sent, start = 0, time.time()
 while time.time() - start < seconds:
@@ -88,7 +105,7 @@ serve_pid=$!
 sleep 1
 
 seconds=15
-alone=$(ip netns exec "$ns_a" python3 "$work/send.py" "$seconds")
+alone=$(ip netns exec "$ns_a" python3 "$work/send.py" "$seconds" "$tcp_cc")
 
 round() { # job, extra flags: prints the round's seconds
     local started=$(date +%s.%N)
@@ -104,7 +121,7 @@ for job in normal low; do
     round "$job" "$flags" >"$work/time-$job" &
     sync=$!
     sleep 3
-    ip netns exec "$ns_a" python3 "$work/send.py" "$seconds" >"$work/tcp-$job"
+    ip netns exec "$ns_a" python3 "$work/send.py" "$seconds" "$tcp_cc" >"$work/tcp-$job"
     wait "$sync"
 done
 "$ferry" --config-dir "$src" job add solo --path "$work/tree" --peer dest >/dev/null
@@ -112,7 +129,7 @@ done
 solo=$(round solo --low-priority)
 kill "$sink_pid" 2>/dev/null || true
 
-echo "link: ${rate_mbit} Mbit/s tbf, 100 ms queue; tree: ${tree_mib} MiB incompressible; TCP flow: ${seconds} s"
+echo "link: ${rate_mbit} Mbit/s tbf in a router, 100 ms queue; tree: ${tree_mib} MiB incompressible; TCP flow: ${seconds} s, $tcp_cc"
 printf '%-40s %10s\n' "TCP alone (Mbit/s)" "$alone"
 printf '%-40s %10s   round %.1f s\n' "TCP beside a normal round (Mbit/s)" "$(cat "$work/tcp-normal")" "$(cat "$work/time-normal")"
 printf '%-40s %10s   round %.1f s\n' "TCP beside a --low-priority round" "$(cat "$work/tcp-low")" "$(cat "$work/time-low")"

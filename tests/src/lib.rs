@@ -6,7 +6,7 @@
 //!   as a fresh export (same bytes, new mtimes). Seeded, so every run makes the same tree.
 //! - [`UdpProxy`] impairs a UDP link (delay, loss, duplication, reordering, blackouts, NAT rebinding)
 //!   and counts its bytes, for the network fault tests.
-//! - [`ShapedLink`]: two network namespaces joined by a veth pair shaped by `tc tbf` (root), for the
+//! - [`ShapedLink`]: two network namespaces joined through a router namespace shaped by `tc tbf` (root), for the
 //!   shaped-link test and `ferry-bench --shaped`.
 //! - `evil` (feature `evil`): a peer on a real QUIC connection that sends any message sequence or
 //!   bytes, for the hostile-peer tests.

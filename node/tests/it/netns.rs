@@ -1,8 +1,10 @@
-//! Rounds over a real, shaped link: two network namespaces joined by a veth pair, the source's side
-//! limited by `tc tbf` (these machines have no netem; delay and loss come from the UDP proxy in
-//! `faults.rs`). Needs root; without it the test says loudly that it skipped.
+//! Rounds over a real, shaped link: a source and a destination network namespace joined through a
+//! router namespace whose way to the destination is limited by `tc tbf` (these machines have no
+//! netem; delay and loss come from the UDP proxy in `faults.rs`). Needs root; without it the tests say
+//! loudly that they skipped.
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_testkit::ShapedLink;
@@ -10,68 +12,100 @@ use ferry_testkit::ShapedLink;
 use crate::network::{Daemon, Node};
 use crate::util::{assert_same_tree, is_root, random_bytes, write};
 
-#[test]
-fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
-    if !is_root() || Command::new("tc").arg("-V").output().is_err() {
-        eprintln!("SKIPPED: the network-namespace test needs root, ip and tc");
-        return;
+/// A source node in the link's source namespace, a destination daemon in its destination namespace,
+/// and a job `zimbra` between them. (Fields drop in this order: the daemon before its namespace.)
+struct AcrossLink {
+    _daemon: Daemon,
+    link: ShapedLink,
+    source: Node,
+    tree: PathBuf,
+    target: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl AcrossLink {
+    /// `None` (after saying why) where this machine cannot make namespaces.
+    fn new(mbit: u32, queue: Duration) -> Option<Self> {
+        if !is_root() || Command::new("tc").arg("-V").output().is_err() {
+            eprintln!("SKIPPED: the network-namespace tests need root, ip and tc");
+            return None;
+        }
+        let Some(link) = ShapedLink::create(mbit, queue).unwrap() else {
+            eprintln!("SKIPPED: cannot create a network namespace here (ip netns add failed)");
+            return None;
+        };
+        let dir = tempfile::Builder::new().prefix("ferry-netns-").tempdir().unwrap();
+        let (source, dest) = (Node::init(dir.path(), "source-node"), Node::init(dir.path(), "dest-node"));
+        dest.ok(&["trust", &source.id, "--name", "source"]);
+        let addr = format!("{}:7373", ShapedLink::DEST_ADDR);
+        let daemon = Daemon::start_wrapped(&dest, &["ip", "netns", "exec", link.dest_ns()], &["--listen", &addr]);
+        assert_eq!(daemon.addr, addr);
+        source.ok(&["trust", &dest.id, "--name", "dest", "--addr", &addr]);
+        let (tree, target) = (dir.path().join("export"), dir.path().join("migration"));
+        dest.ok(&["job", "add", "zimbra", "--path", target.to_str().unwrap(), "--peer", "source"]);
+        source.ok(&["job", "add", "zimbra", "--path", tree.to_str().unwrap(), "--peer", "dest"]);
+        Some(Self { _daemon: daemon, link, source, tree, target, _dir: dir })
     }
-    let Some(link) = ShapedLink::create(20, Duration::from_millis(100)).unwrap() else {
-        eprintln!("SKIPPED: cannot create a network namespace here (ip netns add failed)");
-        return;
-    };
-    let dir = tempfile::Builder::new().prefix("ferry-netns-").tempdir().unwrap();
-    let (source, dest) = (Node::init(dir.path(), "source-node"), Node::init(dir.path(), "dest-node"));
-    dest.ok(&["trust", &source.id, "--name", "source"]);
-    let addr = format!("{}:7373", ShapedLink::DEST_ADDR);
-    let daemon = Daemon::start_wrapped(&dest, &["ip", "netns", "exec", link.dest_ns()], &["--listen", &addr]);
-    assert_eq!(daemon.addr, addr);
-    source.ok(&["trust", &dest.id, "--name", "dest", "--addr", &addr]);
-    let (tree, target) = (dir.path().join("export"), dir.path().join("migration"));
-    let mut bytes = 0;
-    for i in 0..12 {
-        let data = random_bytes(1 << 20, i);
-        bytes += data.len() as u64;
-        write(&tree.join(format!("d/{i:02}")), &data);
+
+    /// Writes `mib` MiB of incompressible files under `folder` of the tree.
+    fn add_files(&self, folder: &str, mib: u64, seed: u64) -> u64 {
+        for i in 0..mib {
+            write(&self.tree.join(format!("{folder}/{i:02}")), &random_bytes(1 << 20, seed + i));
+        }
+        mib << 20
     }
-    dest.ok(&["job", "add", "zimbra", "--path", target.to_str().unwrap(), "--peer", "source"]);
-    source.ok(&["job", "add", "zimbra", "--path", tree.to_str().unwrap(), "--peer", "dest"]);
-    let sync = |extra: &[&str]| {
-        let mut command = ShapedLink::exec(link.source_ns(), crate::util::ferry_bin());
-        command.arg("--config-dir").arg(&source.config);
+
+    /// `ferry sync --round zimbra --json` with `extra`, in the source's namespace.
+    fn sync(&self, extra: &[&str]) -> Command {
+        let mut command = ShapedLink::exec(self.link.source_ns(), crate::util::ferry_bin());
+        command.arg("--config-dir").arg(&self.source.config);
         command.args(["sync", "--round", "zimbra", "--json"]).args(extra);
         command
-    };
+    }
+
+    /// Waits (at most two minutes) for a round started with [`Self::sync`] and checks that it brought
+    /// the target in step with the tree.
+    fn finish(&self, mut child: Child) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the round did not finish within two minutes");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["in_sync"], true);
+        assert_same_tree(&self.tree, &self.target, |_| false);
+    }
+
+    /// [`Self::sync`], started.
+    fn spawn(&self, extra: &[&str]) -> Child {
+        self.sync(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+}
+
+#[test]
+fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
+    let Some(across) = AcrossLink::new(20, Duration::from_millis(100)) else { return };
 
     // 12 MiB of incompressible data through 20 Mbit/s: it crosses the shaped link, at most at its rate.
+    let bytes = across.add_files("d", 12, 0);
     let started = Instant::now();
-    let out = sync(&[]).output().unwrap();
+    across.finish(across.spawn(&[]));
     let took = started.elapsed();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["in_sync"], true);
-    assert_same_tree(&tree, &target, |_| false);
     let mbit = bytes as f64 * 8.0 / took.as_secs_f64() / 1e6;
     println!("12 MiB over a 20 Mbit/s tbf link: {:.1} s, {mbit:.1} Mbit/s of file data", took.as_secs_f64());
     assert!(mbit < 21.0, "faster than the link: the round did not cross it ({mbit:.1} Mbit/s)");
 
     // The link goes down for 4 s in the middle of the next round; the round waits and completes.
-    for i in 0..12 {
-        write(&tree.join(format!("e/{i:02}")), &random_bytes(1 << 20, 100 + i));
-    }
-    let mut child =
-        sync(&[]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    across.add_files("e", 12, 100);
+    let child = across.spawn(&[]);
     std::thread::sleep(Duration::from_secs(2));
-    link.set_up(false).unwrap();
+    across.link.set_up(false).unwrap();
     std::thread::sleep(Duration::from_secs(4));
-    link.set_up(true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the round did not finish after the link came back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_same_tree(&tree, &target, |_| false);
-    drop(daemon);
+    across.link.set_up(true).unwrap();
+    across.finish(child);
 }

@@ -22,8 +22,8 @@
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
 //! - `--memory`: ferry alone on trees of `--files` / 10 and `--files` small files (1 M for the target),
 //!   the peak RSS of each process in the initial and the no-change round, and how it grows;
-//! - `--shaped MBIT`: the same rounds through a veth pair between two network namespaces that it
-//!   creates (and removes), the source's way out shaped by `tc tbf` to MBIT Mbit/s (root);
+//! - `--shaped MBIT`: the same rounds between two network namespaces joined through a third, a router
+//!   whose way to the destination `tc tbf` shapes to MBIT Mbit/s (root; it creates and removes them);
 //! - `--wan`: ferry's initial round of the tree through the UDP proxy set to a 100 Mbit/s link with 50 ms
 //!   of round trip and 1% loss (a 50 ms buffer), its goodput against the link's rate. (rsync's TCP
 //!   cannot go through a UDP proxy; `tests/netns/` shapes real links.)
@@ -53,8 +53,8 @@ struct Args {
     rsync: bool,
     single_file: Option<u64>,
     memory: bool,
-    /// `--shaped MBIT`: run the rounds through a veth pair between two network namespaces, the source's
-    /// side shaped by `tc tbf` to this rate.
+    /// `--shaped MBIT`: run the rounds between two network namespaces joined through a router
+    /// namespace, its way to the destination shaped by `tc tbf` to this rate.
     shaped: Option<u32>,
     wan: bool,
     /// `--wan`'s random loss, percent.
@@ -1227,8 +1227,8 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
         if args.rsync_first { " --rsync-first" } else { "" },
         args.fill_memory_flag(),
         args.shaped.map_or("loopback".to_owned(), |mbit| format!(
-            "through a veth pair between two network namespaces, the source's way out shaped by `tc tbf` to \
-             {mbit} Mbit/s with a 50 ms queue"
+            "between two network namespaces joined through a router namespace, its way to the destination \
+             shaped by `tc tbf` to {mbit} Mbit/s with a 50 ms queue"
         )),
         bytes as f64 / 1048576.0,
         args.bwlimit.as_ref().map_or(String::new(), |rate| format!(
