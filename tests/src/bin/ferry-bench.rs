@@ -1203,6 +1203,13 @@ fn install_if_missing() -> Result<()> {
     if ok { Ok(()) } else { Err("apt-get install rsync openssh-server failed".into()) }
 }
 
+/// This machine's default TCP congestion control, which rsync's ssh uses (network namespaces start with
+/// the host's).
+fn tcp_congestion_control() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map_or_else(|_| "unknown".to_owned(), |name| name.trim().to_owned())
+}
+
 fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<Measure>)], floors: &Floors) -> String {
     let mut out = Vec::new();
     let machine = std::fs::read_to_string("/proc/cpuinfo")
@@ -1219,7 +1226,8 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
         out,
         "Made by `ferry-bench --files {} --seed {}{}{}{}{}` on {machine} ({cores} cores), {}; \
          {files} files, {:.1} MiB. ferry: `ferry sync --round` against `ferry serve` (QUIC). rsync: \
-         `rsync -aH --stats` over ssh to an sshd on the destination's side.{}\n",
+         `rsync -aH --stats` over ssh to an sshd on the destination's side, over TCP with this machine's \
+         congestion control ({}).{}\n",
         args.files,
         args.seed,
         args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
@@ -1231,6 +1239,7 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
              shaped by `tc tbf` to {mbit} Mbit/s with a 50 ms queue"
         )),
         bytes as f64 / 1048576.0,
+        tcp_congestion_control(),
         args.bwlimit.as_ref().map_or(String::new(), |rate| format!(
             " Both tools limited themselves to {rate} (1024-based, per second: `ferry sync --bwlimit {rate}`, \
              `rsync --bwlimit={rate}`)."
