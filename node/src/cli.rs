@@ -166,9 +166,9 @@ pub struct SyncArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10m")]
     pub reconnect_grace: std::time::Duration,
     /// Network rounds: try to yield to other traffic on the link (a delay-based congestion controller,
-    /// after LEDBAT): the round slows down when the link's queue fills. Measured on a shaped link it
-    /// now leaves a TCP flow only about a tenth of it (DESIGN.md, "Low priority"); use --bwlimit to
-    /// be sure.
+    /// after LEDBAT): the round slows down when the link's queue fills. On a shaped 20 Mbit/s link a
+    /// TCP flow that starts during such a round keeps 19 Mbit/s of it (DESIGN.md, "Low priority").
+    /// A round that starts while the link is already full cannot tell and takes its share.
     #[arg(long, conflicts_with = "congestion")]
     pub low_priority: bool,
     /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; for a

@@ -3,8 +3,11 @@
 //! netem; delay and loss come from the UDP proxy in `faults.rs`). Needs root; without it the tests say
 //! loudly that they skipped.
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::ShapedLink;
@@ -108,4 +111,65 @@ fn rounds_cross_a_shaped_veth_link_and_a_link_that_goes_down() {
     std::thread::sleep(Duration::from_secs(4));
     across.link.set_up(true).unwrap();
     across.finish(child);
+}
+
+/// The operator's promise of `--low-priority`: a round that runs into the day's traffic gives the link
+/// to it. A TCP flow (Cubic, as a server's own traffic) starts 2 s into a low-priority round through a
+/// 20 Mbit/s link with a 100 ms queue and must get most of the link; beside a round at the default
+/// controller it gets 6 to 11 Mbit/s (this test without the flag, and `tests/netns/low-priority.sh`).
+#[test]
+fn a_low_priority_round_leaves_a_shaped_link_to_other_traffic() {
+    const MBIT: u32 = 20;
+    let Some(across) = AcrossLink::new(MBIT, Duration::from_millis(100)) else { return };
+    across.add_files("d", 16, 0);
+    let round = across.spawn(&["--low-priority"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let tcp = tcp_flow(&across.link, Duration::from_secs(6));
+    across.finish(round);
+    println!("TCP beside a --low-priority round through {MBIT} Mbit/s: {tcp:.1} Mbit/s");
+    assert!(
+        tcp > 0.7 * f64::from(MBIT),
+        "the low-priority round kept the link: TCP beside it got {tcp:.1} of {MBIT} Mbit/s"
+    );
+}
+
+/// Sends TCP from the link's source namespace to its destination namespace for `sending`, with Cubic
+/// (what a mail server's own traffic uses; this machine's default may be another), and returns the
+/// goodput the receiver saw, in Mbit/s.
+fn tcp_flow(link: &ShapedLink, sending: Duration) -> f64 {
+    const PORT: u16 = 5201;
+    let (dest_ns, source_ns) = (link.dest_ns().to_owned(), link.source_ns().to_owned());
+    let (listening, listen) = mpsc::channel();
+    let sink = std::thread::spawn(move || {
+        ShapedLink::enter(&dest_ns).unwrap();
+        let listener = TcpListener::bind((ShapedLink::DEST_ADDR, PORT)).unwrap();
+        listening.send(()).unwrap();
+        let (mut flow, _) = listener.accept().unwrap();
+        flow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (started, mut received, mut buf) = (Instant::now(), 0u64, vec![0; 1 << 16]);
+        loop {
+            match flow.read(&mut buf).unwrap() {
+                0 => break,
+                n => received += n as u64,
+            }
+        }
+        received as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6
+    });
+    listen.recv().unwrap();
+    std::thread::spawn(move || {
+        ShapedLink::enter(&source_ns).unwrap();
+        let mut flow = TcpStream::connect((ShapedLink::DEST_ADDR, PORT)).unwrap();
+        if let Err(e) = rustix::net::sockopt::set_tcp_congestion(&flow, "cubic") {
+            eprintln!("the TCP flow keeps this machine's congestion control: cannot choose cubic ({e})");
+        }
+        flow.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (deadline, buf) = (Instant::now() + sending, vec![0x5a; 1 << 16]);
+        while Instant::now() < deadline {
+            flow.write_all(&buf).unwrap();
+        }
+        flow.shutdown(Shutdown::Write).unwrap();
+    })
+    .join()
+    .unwrap();
+    sink.join().unwrap()
 }
