@@ -13,6 +13,7 @@ pub mod config_check;
 mod demo;
 pub mod history;
 mod human;
+mod hystart;
 mod import;
 mod ledbat;
 mod limit;

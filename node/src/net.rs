@@ -149,7 +149,10 @@ pub(crate) async fn connect(
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = transport_config();
     match congestion {
-        Congestion::Cubic => {}
+        Congestion::Cubic => {
+            let cubic = Arc::new(quinn::congestion::CubicConfig::default());
+            transport.congestion_controller_factory(Arc::new(crate::hystart::HyStartConfig::around(cubic)));
+        }
         Congestion::Bbr => {
             transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
