@@ -8,6 +8,10 @@
 //! that matters, also shows as a longer round trip. The queueing delay is quinn's smoothed RTT minus
 //! the smallest RTT seen on the connection.
 //!
+//! Its slow start ends when the round trip starts to grow (`hystart`), not at the first loss: the random
+//! losses it takes for noise leave slow start going, and without that it would go on until the
+//! buffer overflows.
+//!
 //! The price: behind an active queue manager that drops early (CoDel keeps about 5 ms), this takes
 //! those drops for noise and is less fair to other flows than Cubic. That is why it is a choice, not
 //! the default.
@@ -19,13 +23,15 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics, CubicConfig};
 use quinn_proto::RttEstimator;
 
+use crate::hystart::HyStartConfig;
+
 /// Builds [`Lossy`] controllers.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LossyConfig;
 
 impl ControllerFactory for LossyConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        let cubic = Arc::new(CubicConfig::default()).build(now, current_mtu);
+        let cubic = Arc::new(HyStartConfig::around(Arc::new(CubicConfig::default()))).build(now, current_mtu);
         Box::new(Lossy { cubic, queueing: Duration::ZERO, min_rtt: Duration::ZERO })
     }
 }
