@@ -3,12 +3,12 @@
 //! target is identical.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_testkit::{Impairment, TreeGenerator, TreeSpec, UdpProxy};
 
 use crate::network::Setup;
-use crate::util::{assert_same_tree, random_bytes};
+use crate::util::{assert_same_tree, finish_round, random_bytes};
 
 /// A setup whose source reaches the daemon through a proxy, with a mixed tree (generated mail data and
 /// a few MiB of incompressible BLOBs).
@@ -37,26 +37,11 @@ fn sync_in_background(setup: &Setup, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-fn finish(child: std::process::Child, limit: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + limit;
-    let mut child = child;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the round did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "sync failed with {:?}", out.status);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn a_round_over_100_ms_rtt_with_2_percent_loss_completes() {
     let (setup, proxy) = behind_proxy(2);
     proxy.set(Impairment { delay: Duration::from_millis(50), loss: 0.02, ..Impairment::default() });
-    let report = finish(sync_in_background(&setup, &[]), Duration::from_secs(120));
+    let report = finish_round(sync_in_background(&setup, &[]), Duration::from_secs(120));
     assert_eq!(report["in_sync"], true, "{report}");
     assert!(report["bytes_lost"].as_u64().unwrap() > 0, "the proxy lost nothing? {report}");
     assert_same_tree(&setup.path("export"), &setup.path("migration"), |_| false);
@@ -68,7 +53,7 @@ fn datagrams_grow_to_what_the_path_carries_and_no_further() {
     // round keeps its one connection. (With 8952-byte datagrams, quinn's batches outgrew one UDP
     // datagram, the kernel refused them, and quinn fell back to 1200-byte datagrams.)
     let (setup, proxy) = behind_proxy(16);
-    let report = finish(sync_in_background(&setup, &[]), Duration::from_secs(120));
+    let report = finish_round(sync_in_background(&setup, &[]), Duration::from_secs(120));
     assert_eq!(report["in_sync"], true, "{report}");
     assert_eq!(report["connections"], 1, "{report}");
     assert!(report["path_mtu"].as_u64().unwrap() > 1472, "{report}");
@@ -77,7 +62,7 @@ fn datagrams_grow_to_what_the_path_carries_and_no_further() {
     // completes as before.
     proxy.set(Impairment { max_datagram: Some(1472), ..Impairment::default() });
     crate::util::write(&setup.path("export/big/blob-new"), &random_bytes(4 << 20, 99));
-    let report = finish(sync_in_background(&setup, &[]), Duration::from_secs(120));
+    let report = finish_round(sync_in_background(&setup, &[]), Duration::from_secs(120));
     assert_eq!(report["in_sync"], true, "{report}");
     let mtu = report["path_mtu"].as_u64().unwrap();
     assert!((1200..=1472).contains(&mtu), "{report}");
@@ -96,7 +81,7 @@ fn a_round_through_reordering_duplication_and_bursty_loss_completes() {
         reorder: 0.1,
         ..Impairment::default()
     });
-    let report = finish(sync_in_background(&setup, &[]), Duration::from_secs(120));
+    let report = finish_round(sync_in_background(&setup, &[]), Duration::from_secs(120));
     assert_eq!(report["in_sync"], true, "{report}");
     assert_same_tree(&setup.path("export"), &setup.path("migration"), |_| false);
 }
@@ -108,7 +93,7 @@ fn the_source_changing_address_mid_round_keeps_the_connection() {
     std::thread::sleep(Duration::from_millis(1500));
     // The destination now sees the source at another port, as after a NAT rebinding.
     proxy.rebind().unwrap();
-    let report = finish(sync, Duration::from_secs(60));
+    let report = finish_round(sync, Duration::from_secs(60));
     assert_eq!(report["in_sync"], true, "{report}");
     assert_eq!(report["connections"], 1, "QUIC migrated the connection: {report}");
     assert_same_tree(&setup.path("export"), &setup.path("migration"), |_| false);
@@ -122,7 +107,7 @@ fn a_60_second_blackout_mid_round_is_ridden_out() {
     proxy.blackout(true);
     std::thread::sleep(Duration::from_secs(60));
     proxy.blackout(false);
-    let report = finish(sync, Duration::from_secs(120));
+    let report = finish_round(sync, Duration::from_secs(120));
     assert_eq!(report["in_sync"], true, "{report}");
     // The idle timeout (30 s) ended the first connection; sync reconnected by itself.
     assert!(report["connections"].as_u64().unwrap() >= 2, "{report}");

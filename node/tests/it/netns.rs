@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::ShapedLink;
 
 use crate::network::{Daemon, Node};
-use crate::util::{assert_same_tree, is_root, random_bytes, write};
+use crate::util::{assert_same_tree, finish_round, is_root, random_bytes, write};
 
 /// A source node in the link's source namespace, a destination daemon in its destination namespace,
 /// and a job `zimbra` between them. (Fields drop in this order: the daemon before its namespace.)
@@ -68,18 +68,8 @@ impl AcrossLink {
 
     /// Waits (at most two minutes) for a round started with [`Self::sync`], checks that it brought
     /// the target in step with the tree, and returns its report.
-    fn finish(&self, mut child: Child) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("the round did not finish within two minutes");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    fn finish(&self, child: Child) -> serde_json::Value {
+        let report = finish_round(child, Duration::from_secs(120));
         assert_eq!(report["in_sync"], true);
         assert_same_tree(&self.tree, &self.target, |_| false);
         report

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ferry_engine::{LocalRoundOptions, LocalRoundReport, local_round};
 use ferry_testkit::{Snapshot, compare_trees, snapshot};
@@ -91,6 +92,22 @@ pub(crate) fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; len];
     rng.fill(&mut data[..]);
     data
+}
+
+/// Waits at most `limit` for a `sync --round --json` started in the background (killing it after
+/// that), checks that it succeeded, and returns its report.
+pub(crate) fn finish_round(mut child: std::process::Child, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the round did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sync failed with {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 pub(crate) fn is_root() -> bool {
