@@ -74,6 +74,11 @@ impl Limiter {
         self.bucket.lock().map(|b| b.rate()).unwrap_or(Rate::UNLIMITED)
     }
 
+    /// Whether the rate is 0 (a timetable's pause): nothing goes until it changes.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.rate().bytes_per_second() == Some(0)
+    }
+
     /// Waits until `bytes` may go (or come); while paused, looks again every second.
     pub(crate) async fn acquire(&self, bytes: u64) -> anyhow::Result<()> {
         loop {

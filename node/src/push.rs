@@ -875,6 +875,9 @@ fn is_lost(connection: &quinn::Connection) -> bool {
     }
 }
 
+/// How often a paused round tells the destination that it is paused (see `Message::Paused`).
+const PAUSE_NOTICE: Duration = Duration::from_secs(1);
+
 async fn serve_round(
     prepared: &Prepared,
     options: &PushOptions,
@@ -960,8 +963,17 @@ async fn serve_round(
         }
     };
     tokio::pin!(deadline_sleep);
+    // While the limit pauses the chunks, the destination hears every second that the round is alive:
+    // its stall timer would otherwise end the round two minutes into a timetable's pause.
+    let mut pause_notice = tokio::time::interval(PAUSE_NOTICE);
+    pause_notice.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome: anyhow::Result<Committed> = loop {
         tokio::select! {
+            _ = pause_notice.tick() => {
+                if limiter.is_paused() {
+                    net::send(&mut session.send, &Message::Paused).await?;
+                }
+            }
             message = session.reader.next() => match message {
                 Ok(Some(Message::Need(chunks))) => {
                     if needs_tx.send(chunks).await.is_err() {

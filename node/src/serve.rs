@@ -363,6 +363,10 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
                     control_window.missing(hashes);
                     continue;
                 }
+                Message::Paused => {
+                    control_window.paused();
+                    continue;
+                }
                 message => message,
             };
             match &message {
@@ -548,6 +552,16 @@ struct WindowState {
     batches: u64,
     /// The source stopped after sending this many batches: what has not come by then will not.
     stopped_after: Option<u64>,
+    /// `Paused` notices: the source's bandwidth limit holds its chunks for now.
+    pause_notices: u64,
+}
+
+impl WindowState {
+    /// What changes while the source is alive: batches, chunks it cannot send, notices that it is
+    /// paused. The stall timers watch this.
+    fn progress(&self) -> u64 {
+        self.batches + self.missing.len() as u64 + self.pause_notices
+    }
 }
 
 async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limiter: Option<crate::limit::Limiter>) {
@@ -705,6 +719,14 @@ impl Window {
         }
     }
 
+    /// The source says its bandwidth limit pauses it: not stalled.
+    fn paused(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.pause_notices += 1;
+            self.changed.notify_all();
+        }
+    }
+
     /// The source stopped after sending `batches` batches.
     fn stopped(&self, batches: u64) {
         if let Ok(mut state) = self.state.lock() {
@@ -722,13 +744,13 @@ impl Window {
         stall_timeout: Duration,
     ) -> Result<std::sync::MutexGuard<'a, WindowState>, FetchError> {
         let poisoned = || FetchError("window lock poisoned".into());
-        let mut progress = (Instant::now(), state.batches);
+        let mut progress = (Instant::now(), state.progress());
         while state.wanted.contains(hash) && state.error.is_none() {
             if state.stopped_after.is_some_and(|after| state.batches >= after) {
                 return Err(FetchError("the source stopped before sending this chunk".into()));
             }
-            if state.batches != progress.1 {
-                progress = (Instant::now(), state.batches);
+            if state.progress() != progress.1 {
+                progress = (Instant::now(), state.progress());
             } else if progress.0.elapsed() > stall_timeout {
                 let error = stalled(stall_timeout);
                 state.error = Some(error.clone());
@@ -1331,7 +1353,7 @@ fn transfer(
         if let Some(error) = &state.error {
             break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
         }
-        let seen = state.batches + state.missing.len() as u64;
+        let seen = state.progress();
         if seen != last_progress.1 || progressed {
             last_progress = (Instant::now(), seen);
         } else if last_progress.0.elapsed() > stall_timeout {

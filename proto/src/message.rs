@@ -178,6 +178,9 @@ pub enum Message {
         /// The job's name.
         job: String,
     },
+    /// source → destination, every second while its bandwidth limit pauses it (a timetable's `0`):
+    /// nothing comes for now, and the round is not stalled. The destination counts it as progress.
+    Paused,
 }
 
 /// What a round would do on the destination, without doing it.

@@ -58,6 +58,7 @@ fn name(message: &Message) -> &'static str {
         Message::DryRun => "DryRun",
         Message::Planned(_) => "Planned",
         Message::Check { .. } => "Check",
+        Message::Paused => "Paused",
     }
 }
 
@@ -77,6 +78,8 @@ impl DestinationRound {
             (Phase::Changes, Message::Changes(_)) => Phase::Changes,
             (Phase::Changes, Message::ChangesEnd(_)) => Phase::Transfer,
             (Phase::Transfer, Message::Missing(_)) => Phase::Transfer,
+            // The source may be paused while the destination commits: a notice late for that is harmless.
+            (Phase::Transfer | Phase::Closed, Message::Paused) => self.phase,
             (_, Message::Failed { .. }) | (Phase::Transfer, Message::Stop { .. }) => Phase::Closed,
             (phase, other) => return Err(ProtocolError { message: name(other), phase }),
         };
@@ -110,8 +113,11 @@ mod tests {
         assert_eq!(round.phase(), Phase::Transfer);
         assert!(round.handle(&Message::Changes(vec![])).is_err());
         round.handle(&Message::Missing(vec![])).unwrap();
+        round.handle(&Message::Paused).unwrap();
+        assert_eq!(round.phase(), Phase::Transfer);
         round.handle(&Message::Stop { reason: "deadline".into(), batches: 3 }).unwrap();
         assert!(round.handle(&Message::Missing(vec![])).is_err());
+        assert!(DestinationRound::default().handle(&Message::Paused).is_err(), "no round to pause yet");
         let mut round = DestinationRound::default();
         round.handle(&hello).unwrap();
         round.handle(&Message::DryRun).unwrap();

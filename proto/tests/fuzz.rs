@@ -112,6 +112,7 @@ fn corpus() -> Vec<Vec<u8>> {
         }),
         Message::Planned(Plan { files: 3, need_bytes: 1 << 20, space_needed: 2 << 20, space_available: 1 << 30 }),
         Message::Check { job: "zimbra".into() },
+        Message::Paused,
     ];
     messages
         .iter()

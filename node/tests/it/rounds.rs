@@ -302,26 +302,8 @@ fn a_paused_job_holds_its_transfer_until_sighup_reloads_the_limit() {
     let (source, target) = (setup.path("export"), setup.path("migration"));
     random_tree(&source, 8, 256 << 10, 5);
     setup.job("zimbra", &source, &target);
-    // The job's own limit in ferry.toml: 0, paused.
-    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "0"]);
     let started = Instant::now();
-    let sync = setup
-        .source
-        .ferry()
-        .args(["sync", "--round", "zimbra", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(4));
-    assert!(walk(&target).is_empty(), "data moved while paused");
-    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "off"]);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(sync.id() as i32).unwrap(),
-        rustix::process::Signal::HUP,
-    )
-    .unwrap();
-    let out = sync.wait_with_output().unwrap();
+    let out = paused_round_resumed_by_sighup(&setup, &target, Duration::from_secs(4));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["in_sync"], true);
@@ -458,4 +440,45 @@ fn a_file_larger_than_the_window_does_not_grow_the_destinations_memory() {
         .unwrap();
     println!("destination peak RSS for a 400 MiB file: {} MiB", peak_kib >> 10);
     assert!(peak_kib < 350 << 10, "the destination peaked at {} MiB for a 400 MiB file", peak_kib >> 10);
+}
+
+/// A timetable's pause may last all day, far longer than the destination's stall timeout (2 minutes;
+/// 3 s here): the source tells it every second that it is paused, and the round goes on when the
+/// pause ends, on the same connection.
+#[test]
+fn a_pause_longer_than_the_destinations_stall_timeout_keeps_the_round() {
+    let mut setup = Setup::new();
+    setup.restart_daemon(&[], &["--stall-timeout", "3s"]);
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 8, 256 << 10, 5);
+    setup.job("zimbra", &source, &target);
+    let out = paused_round_resumed_by_sighup(&setup, &target, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["in_sync"], true);
+    assert_eq!(report["connections"], 1, "the paused round was cut: {report}");
+    assert_same_tree(&source, &target, |_| false);
+}
+
+/// Starts a round of job `zimbra` with its limit in ferry.toml at 0 (paused), checks after `paused`
+/// that nothing reached `target`, lifts the limit, tells the round with SIGHUP, and waits for it.
+fn paused_round_resumed_by_sighup(setup: &Setup, target: &Path, paused: Duration) -> std::process::Output {
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "0"]);
+    let sync = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(paused);
+    assert!(walk(target).is_empty(), "data moved while paused");
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "off"]);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(sync.id() as i32).unwrap(),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    sync.wait_with_output().unwrap()
 }
