@@ -94,9 +94,9 @@ impl Limiter {
         }
     }
 
-    /// Like [`Limiter::acquire`], except that a pause does not hold these bytes: the destination gives
-    /// a source that falls silent while it sends the list of changes two minutes, so during a pause the
-    /// list goes on unlimited (and the chunks wait).
+    /// Like [`Limiter::acquire`], except that a pause does not hold these bytes: the rest of a message
+    /// of the list of changes that a pause began in the middle of (a notice of the pause can only go
+    /// between messages, and the destination gives a silent source two minutes).
     pub(crate) async fn acquire_unless_paused(&self, bytes: u64) -> anyhow::Result<()> {
         if let Some(wait) = self.take(bytes)?.filter(|w| !w.is_zero()) {
             tokio::time::sleep(wait).await;

@@ -198,10 +198,11 @@ pub(crate) async fn send(stream: &mut quinn::SendStream, message: &Message) -> a
     Ok(())
 }
 
-/// Writes one message under `limiter`, like a chunk batch, except that a pause does not hold it (see
-/// [`crate::limit::Limiter::acquire_unless_paused`]): a first round's list of changes is some 200 bytes
-/// a file on the wire, hundreds of megabytes on a large store, and counts against the limit too. A
-/// message the limit would spread over more than a minute goes at once (see [`limits_message`]).
+/// Writes one message of the list of changes under `limiter`, like a chunk batch, except that a pause
+/// that begins in the middle of it does not hold the rest (see
+/// [`crate::limit::Limiter::acquire_unless_paused`]): a notice of the pause can only go between
+/// messages. A first round's list is some 200 bytes a file on the wire, hundreds of megabytes on a
+/// large store, and counts against the limit too.
 pub(crate) async fn send_limited(
     stream: &mut quinn::SendStream,
     message: &Message,
@@ -209,20 +210,7 @@ pub(crate) async fn send_limited(
 ) -> anyhow::Result<()> {
     let mut buf = BytesMut::new();
     encode(message, &mut buf)?;
-    if !limits_message(limiter.rate(), buf.len()) {
-        stream.write_chunk(buf.freeze()).await.context("the connection dropped while sending")?;
-        return Ok(());
-    }
     write_limited(stream, buf.freeze(), limiter, false).await
-}
-
-/// Whether a message of `len` bytes is held to `rate`: not when that would take more than a minute (a
-/// batch of 1024 changes under about 5 KiB/s, or one file of many GiB with its chunk list under a
-/// few dozen), because the destination drops a source that sends it no whole message for two minutes
-/// while the changes come.
-fn limits_message(rate: ferry_engine::Rate, len: usize) -> bool {
-    const LONGEST: u64 = 60;
-    rate.bytes_per_second().is_some_and(|bps| bps.saturating_mul(LONGEST) >= len as u64)
 }
 
 /// Writes one chunk batch, each piece only when `limiter` allows it (see [`write_limited`]). The payload
@@ -239,18 +227,19 @@ pub(crate) async fn send_batch_limited(
     Ok(())
 }
 
-/// Writes `bytes` in 64 KiB pieces, each charged to `limiter` before it enters QUIC, with QUIC's own
-/// overhead (about 3%) counted in: the bandwidth limit applies smoothly. `pause_holds`: whether a pause
-/// (rate 0) waits, or lets the pieces through.
+/// Writes `bytes` in pieces of at most a second of traffic (1 to 64 KiB), each charged to `limiter`
+/// before it enters QUIC, with QUIC's own overhead (about 3%) counted in: the bandwidth limit applies
+/// smoothly, and the receiver sees bytes come at least every second or so however slow the limit (its
+/// stall timer counts bytes, not whole messages). `pause_holds`: whether a pause (rate 0) waits, or
+/// lets the pieces through.
 async fn write_limited(
     stream: &mut quinn::SendStream,
     mut bytes: Bytes,
     limiter: &crate::limit::Limiter,
     pause_holds: bool,
 ) -> anyhow::Result<()> {
-    const PIECE: usize = 64 << 10;
     while !bytes.is_empty() {
-        let piece = bytes.split_to(bytes.len().min(PIECE));
+        let piece = bytes.split_to(bytes.len().min(piece_len(limiter.rate())));
         let charge = piece.len() as u64 + piece.len() as u64 / 32;
         if pause_holds {
             limiter.acquire(charge).await?;
@@ -261,6 +250,19 @@ async fn write_limited(
     }
     Ok(())
 }
+
+/// How much [`write_limited`] charges and writes at a time under `rate`: about a second of traffic,
+/// from 1 KiB (a piece smaller than that costs more in QUIC's framing than it carries) to 64 KiB.
+fn piece_len(rate: ferry_engine::Rate) -> usize {
+    const SMALLEST: u64 = 1 << 10;
+    const LARGEST: u64 = 64 << 10;
+    rate.bytes_per_second().map_or(LARGEST, |bps| bps.clamp(SMALLEST, LARGEST)) as usize
+}
+
+/// No byte came on a stream for this long (see [`FrameReader::next_within`]).
+#[derive(Debug, thiserror::Error)]
+#[error("nothing came for {} s", .0.as_secs())]
+pub(crate) struct Silent(pub(crate) Duration);
 
 /// Reads framed messages from a stream.
 pub(crate) struct FrameReader {
@@ -276,6 +278,16 @@ impl FrameReader {
 
     /// The next message, or `None` at the end of the stream.
     pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Message>> {
+        self.read(None).await
+    }
+
+    /// Like [`FrameReader::next`], but fails with [`Silent`] when no byte at all comes for `idle`: a
+    /// message that a bandwidth limit spreads over minutes is slow, not stalled; silence is.
+    pub(crate) async fn next_within(&mut self, idle: Duration) -> anyhow::Result<Option<Message>> {
+        self.read(Some(idle)).await
+    }
+
+    async fn read(&mut self, idle: Option<Duration>) -> anyhow::Result<Option<Message>> {
         loop {
             if let Some(message) = decode(&mut self.buf)? {
                 return Ok(Some(message));
@@ -283,11 +295,12 @@ impl FrameReader {
             // Reads stop at the frame's end, so that its buffer (which `decode` sized to it) holds that
             // frame alone: a chunk batch's payload stays in it until applied, and must not keep the
             // start of the next frame, or twice its size, alive with it.
-            let chunk = self
-                .stream
-                .read_chunk(bytes_missing(&self.buf).max(1), true)
-                .await
-                .context("the connection dropped while receiving")?;
+            let read = self.stream.read_chunk(bytes_missing(&self.buf).max(1), true);
+            let chunk = match idle {
+                Some(idle) => tokio::time::timeout(idle, read).await.map_err(|_| Silent(idle))?,
+                None => read.await,
+            }
+            .context("the connection dropped while receiving")?;
             match chunk {
                 Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
                 None if self.buf.is_empty() => return Ok(None),
@@ -309,14 +322,14 @@ pub(crate) mod close {
 mod tests {
     use super::*;
 
-    /// Held to the limit unless that takes over a minute; a pause and no limit send at once.
+    /// About a second of traffic a piece, within 1 and 64 KiB.
     #[test]
-    fn a_message_is_held_to_the_limit_only_when_it_goes_within_a_minute() {
+    fn a_limited_piece_is_about_a_second_of_traffic() {
         let rate = |text: &str| ferry_engine::Rate::parse(text).unwrap();
-        assert!(limits_message(rate("64K"), 300 << 10), "300 KiB at 64 KiB/s: 5 s");
-        assert!(limits_message(rate("5K"), 300 << 10), "300 KiB at 5 KiB/s: a minute");
-        assert!(!limits_message(rate("4K"), 300 << 10), "300 KiB at 4 KiB/s: 75 s");
-        assert!(!limits_message(rate("0"), 1), "a pause does not hold the list");
-        assert!(!limits_message(ferry_engine::Rate::UNLIMITED, 1 << 30));
+        assert_eq!(piece_len(rate("5K")), 5 << 10);
+        assert_eq!(piece_len(rate("100B")), 1 << 10, "at least 1 KiB");
+        assert_eq!(piece_len(rate("20M")), 64 << 10);
+        assert_eq!(piece_len(rate("0")), 1 << 10, "a pause: the smallest, if it lets a piece through");
+        assert_eq!(piece_len(ferry_engine::Rate::UNLIMITED), 64 << 10);
     }
 }

@@ -226,8 +226,9 @@ async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyho
     let timetable = timetable(config_dir, &options, &prepared.job.name)?;
     let mut session = open_session(&prepared, &options).await?;
     // A dry run moves no chunks; its list of changes is what it puts on the network.
+    // A pause does not hold it: the operator asked for the plan now, and the list is all it sends.
     let limiter = crate::limit::Limiter::new(timetable.clone());
-    let (changes, positions) = send_all_changes(&prepared, &mut session, &limiter).await?;
+    let (changes, positions) = send_all_changes(&prepared, &mut session, &limiter, ListPause::LetsThrough).await?;
     let changed_bytes = positions.total;
     let mut payload = 0u64;
     let plan = loop {
@@ -629,12 +630,48 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
     Ok(Session { connection, send, reader, base, holds })
 }
 
+/// What a bandwidth pause (rate 0) does to the list of changes.
+enum ListPause<'a> {
+    /// The list waits between its messages, telling the destination every second, until the pause
+    /// ends or `deadline` (`--max-duration`) passes.
+    Holds { deadline: Option<Instant>, options: &'a PushOptions, sent: &'a Counters },
+    /// The list goes on (a dry run: the operator asked for its plan now).
+    LetsThrough,
+}
+
+impl ListPause<'_> {
+    /// Waits while `limiter` pauses the round, sending `Paused` every second.
+    async fn wait(&self, session: &mut Session, limiter: &crate::limit::Limiter) -> anyhow::Result<()> {
+        let ListPause::Holds { deadline, options, sent } = self else { return Ok(()) };
+        let mut told = false;
+        while limiter.is_paused() {
+            if !told {
+                tracing::info!("the bandwidth limit pauses the round: the list of changes waits for it to open");
+                told = true;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let error = deadline_error(options, sent);
+                let reason = format!("{error}, paused by the bandwidth limit");
+                let _ = net::send(&mut session.send, &Message::Failed { reason }).await;
+                return Err(error.into());
+            }
+            net::send(&mut session.send, &Message::Paused).await?;
+            tokio::time::sleep(PAUSE_NOTICE).await;
+        }
+        if told {
+            tracing::info!("the bandwidth limit opened: the list of changes goes on");
+        }
+        Ok(())
+    }
+}
+
 /// Sends the changes since what the destination holds (all of them when this node no longer has
 /// that manifest). Returns how many, and where each file whose content changed starts in those bytes.
 async fn send_all_changes(
     prepared: &Prepared,
     session: &mut Session,
     limiter: &crate::limit::Limiter,
+    pause: ListPause<'_>,
 ) -> anyhow::Result<(u64, Positions)> {
     let state = &prepared.state;
     let delta_base = session.base.filter(|b| Some(*b) == session.holds);
@@ -653,6 +690,7 @@ async fn send_all_changes(
     let mut change_count = 0u64;
     while let Some(batch) = changes_rx.recv().await {
         change_count += batch.len() as u64;
+        pause.wait(session, limiter).await?;
         net::send_limited(&mut session.send, &Message::Changes(batch), limiter).await?;
     }
     let positions = differ.await.context("the diff panicked")??;
@@ -887,7 +925,8 @@ async fn serve_round(
     deadline: Option<Instant>,
 ) -> anyhow::Result<Finished> {
     let peer = &prepared.peer;
-    let (changes, positions) = send_all_changes(prepared, session, limiter).await?;
+    let pause = ListPause::Holds { deadline, options, sent };
+    let (changes, positions) = send_all_changes(prepared, session, limiter, pause).await?;
     let changed_bytes = positions.total;
     sent.changed.store(changed_bytes, Ordering::Relaxed);
     let positions = Arc::new(positions);

@@ -345,11 +345,15 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let control = tokio::spawn(async move {
         loop {
             // Until all changes are in, the source has no reason to be silent: a stalled peer must not
-            // hold the job. (During the transfer, silence on this stream is normal.)
+            // hold the job. Bytes count, not whole messages: under a slow limit one message of the list
+            // takes minutes. A paused source says so every second. (During the transfer, silence on
+            // this stream is normal.)
             let next = if order.phase() == ferry_proto::Phase::Changes {
-                match tokio::time::timeout(stall_timeout, reader.next()).await {
-                    Ok(next) => next?,
-                    Err(_) => bail!("the source sent nothing for {} s", stall_timeout.as_secs()),
+                match reader.next_within(stall_timeout).await {
+                    Err(e) if e.is::<net::Silent>() => {
+                        bail!("the source sent nothing for {} s", stall_timeout.as_secs())
+                    }
+                    next => next?,
                 }
             } else {
                 reader.next().await?

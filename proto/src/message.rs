@@ -178,8 +178,9 @@ pub enum Message {
         /// The job's name.
         job: String,
     },
-    /// source → destination, every second while its bandwidth limit pauses it (a timetable's `0`):
-    /// nothing comes for now, and the round is not stalled. The destination counts it as progress.
+    /// source → destination, every second while its bandwidth limit pauses it (a timetable's `0`),
+    /// between messages of the list of changes or during the transfer: nothing comes for now, and the
+    /// round is not stalled. The destination counts it as progress.
     Paused,
 }
 

@@ -78,8 +78,9 @@ impl DestinationRound {
             (Phase::Changes, Message::Changes(_)) => Phase::Changes,
             (Phase::Changes, Message::ChangesEnd(_)) => Phase::Transfer,
             (Phase::Transfer, Message::Missing(_)) => Phase::Transfer,
-            // The source may be paused while the destination commits: a notice late for that is harmless.
-            (Phase::Transfer | Phase::Closed, Message::Paused) => self.phase,
+            // A paused source says so between the messages of its list and during the transfer; a
+            // notice late for the commit is harmless.
+            (Phase::Changes | Phase::Transfer | Phase::Closed, Message::Paused) => self.phase,
             (_, Message::Failed { .. }) | (Phase::Transfer, Message::Stop { .. }) => Phase::Closed,
             (phase, other) => return Err(ProtocolError { message: name(other), phase }),
         };
@@ -108,6 +109,7 @@ mod tests {
         assert!(round.handle(&Message::Changes(vec![])).is_err());
         round.handle(&hello).unwrap();
         assert!(round.handle(&hello).is_err());
+        round.handle(&Message::Paused).unwrap();
         round.handle(&Message::Changes(vec![])).unwrap();
         round.handle(&end).unwrap();
         assert_eq!(round.phase(), Phase::Transfer);

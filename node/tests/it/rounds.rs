@@ -136,6 +136,26 @@ fn a_deadline_stops_cleanly_and_the_next_round_resumes_without_resending() {
     assert!(resent <= tree_bytes - kept_bytes + (2 << 20), "{resent} sent again, {kept_bytes} were kept");
 }
 
+/// A round that begins in a pause waits with its list of changes, and `--max-duration` still ends it
+/// at the deadline, with its own exit code; the destination's job is free again at once.
+#[test]
+fn a_deadline_ends_a_round_whose_list_waits_for_a_pause() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 4, 64 << 10, 3);
+    setup.job("zimbra", &source, &target);
+    let started = Instant::now();
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "0", "--max-duration", "3s"]);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::DEADLINE), "{stderr}");
+    assert!(stderr.contains("the list of changes waits") && !stderr.contains("changes sent"), "{stderr}");
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "{took:?}");
+    assert!(walk(&target).is_empty(), "data moved during the pause");
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -274,11 +294,7 @@ fn the_destination_acknowledges_every_eighth_packet_on_a_link() {
 fn the_list_of_changes_counts_against_the_bandwidth_limit() {
     let setup = Setup::new();
     let (source, quick, limited) = (setup.path("export"), setup.path("quick"), setup.path("limited"));
-    // Empty files with long names: a round of them is nothing but its list of changes.
-    let name = "m".repeat(100);
-    for i in 0..1200 {
-        crate::util::write(&source.join(format!("folder-{:02}/{name}-{i:04}", i % 25)), b"");
-    }
+    list_only_tree(&source);
     setup.job("quick", &source, &quick);
     setup.job("limited", &source, &limited);
     let report = setup.source.sync("quick");
@@ -294,6 +310,37 @@ fn the_list_of_changes_counts_against_the_bandwidth_limit() {
     let least = 0.6 * wire as f64 / 65536.0;
     assert!(took >= least, "{wire} bytes of changes in {took:.1} s under 64K (at least {least:.1} s)");
     assert_same_tree(&source, &limited, |_| false);
+}
+
+/// Under a slow limit one message of the list (1024 changes) takes longer than the destination's stall
+/// timeout (2 minutes; 3 s here): its timer counts bytes, which come every second, not whole messages.
+/// (Before, such a message went unlimited when it would take over a minute, and failed the round
+/// when it took less than that but more than the stall timeout.)
+#[test]
+fn a_list_message_slower_than_the_stall_timeout_keeps_the_round() {
+    let mut setup = Setup::new();
+    setup.restart_daemon(&[], &["--stall-timeout", "3s"]);
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    list_only_tree(&source);
+    setup.job("zimbra", &source, &target);
+    let started = Instant::now();
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "48K", "--json"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["connections"], 1, "{report}");
+    // The first message alone is over 250 kB: more than 5 s at 48 KiB/s, held to the limit.
+    assert!(took > Duration::from_secs(5), "the list took {took:?} under 48K");
+    assert_same_tree(&source, &target, |_| false);
+}
+
+/// Empty files with long names: a round of them is nothing but its list of changes (about 370 kB on
+/// the wire, 1024 changes to a message).
+fn list_only_tree(source: &Path) {
+    let name = "m".repeat(100);
+    for i in 0..1200 {
+        crate::util::write(&source.join(format!("folder-{:02}/{name}-{i:04}", i % 25)), b"");
+    }
 }
 
 #[test]
@@ -453,10 +500,14 @@ fn a_pause_longer_than_the_destinations_stall_timeout_keeps_the_round() {
     random_tree(&source, 8, 256 << 10, 5);
     setup.job("zimbra", &source, &target);
     let out = paused_round_resumed_by_sighup(&setup, &target, Duration::from_secs(10));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["in_sync"], true);
     assert_eq!(report["connections"], 1, "the paused round was cut: {report}");
+    // The round began paused: the pause held its list of changes too, not only the chunks.
+    let (resumed, listed) = (stderr.find("SIGHUP: re-read"), stderr.find("changes sent"));
+    assert!(resumed.is_some() && listed > resumed, "the list went during the pause:\n{stderr}");
     assert_same_tree(&source, &target, |_| false);
 }
 
