@@ -2,6 +2,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -268,12 +269,20 @@ pub(crate) struct Silent(pub(crate) Duration);
 pub(crate) struct FrameReader {
     stream: quinn::RecvStream,
     buf: BytesMut,
+    /// Where the bytes read are counted, if anywhere.
+    counter: Option<Arc<AtomicU64>>,
 }
 
 impl FrameReader {
     /// Reads from `stream`.
     pub(crate) fn new(stream: quinn::RecvStream) -> Self {
-        Self { stream, buf: BytesMut::with_capacity(64 << 10) }
+        Self { stream, buf: BytesMut::with_capacity(64 << 10), counter: None }
+    }
+
+    /// Reads from `stream`, adding the bytes read to `counter` as they come (a message under a slow
+    /// limit takes long, and its bytes show that the peer is alive).
+    pub(crate) fn counting(stream: quinn::RecvStream, counter: Arc<AtomicU64>) -> Self {
+        Self { counter: Some(counter), ..Self::new(stream) }
     }
 
     /// The next message, or `None` at the end of the stream.
@@ -302,7 +311,12 @@ impl FrameReader {
             }
             .context("the connection dropped while receiving")?;
             match chunk {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                Some(chunk) => {
+                    if let Some(counter) = &self.counter {
+                        counter.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    }
+                    self.buf.extend_from_slice(&chunk.bytes)
+                }
                 None if self.buf.is_empty() => return Ok(None),
                 None => return Err(anyhow!("the stream ended in the middle of a message")),
             }

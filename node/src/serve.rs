@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -484,6 +485,9 @@ enum RoundEnd {
 struct Window {
     state: Mutex<WindowState>,
     changed: Condvar,
+    /// Bytes read from the data streams, whole batches or not: under a slow limit one batch takes
+    /// longer than the stall timeout, and its bytes show that the source is alive.
+    bytes_arrived: Arc<AtomicU64>,
 }
 
 /// Where an arrived chunk waits: in memory, or (past [`WINDOW_MAX`] in memory, which only a file
@@ -560,11 +564,11 @@ struct WindowState {
     pause_notices: u64,
 }
 
-impl WindowState {
-    /// What changes while the source is alive: batches, chunks it cannot send, notices that it is
-    /// paused. The stall timers watch this.
-    fn progress(&self) -> u64 {
-        self.batches + self.missing.len() as u64 + self.pause_notices
+impl Window {
+    /// What changes while the source is alive: bytes on the data streams, chunks it cannot send,
+    /// notices that it is paused. The stall timers watch this.
+    fn progress(&self, state: &WindowState) -> u64 {
+        self.bytes_arrived.load(Ordering::Relaxed) + state.missing.len() as u64 + state.pause_notices
     }
 }
 
@@ -577,7 +581,7 @@ async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limi
         let window = window.clone();
         let limiter = limiter.clone();
         tokio::spawn(async move {
-            let mut reader = FrameReader::new(stream);
+            let mut reader = FrameReader::counting(stream, window.bytes_arrived.clone());
             let mut decompressor = match zstd::bulk::Decompressor::new() {
                 Ok(d) => d,
                 Err(e) => {
@@ -748,13 +752,13 @@ impl Window {
         stall_timeout: Duration,
     ) -> Result<std::sync::MutexGuard<'a, WindowState>, FetchError> {
         let poisoned = || FetchError("window lock poisoned".into());
-        let mut progress = (Instant::now(), state.progress());
+        let mut progress = (Instant::now(), self.progress(&state));
         while state.wanted.contains(hash) && state.error.is_none() {
             if state.stopped_after.is_some_and(|after| state.batches >= after) {
                 return Err(FetchError("the source stopped before sending this chunk".into()));
             }
-            if state.progress() != progress.1 {
-                progress = (Instant::now(), state.progress());
+            if self.progress(&state) != progress.1 {
+                progress = (Instant::now(), self.progress(&state));
             } else if progress.0.elapsed() > stall_timeout {
                 let error = stalled(stall_timeout);
                 state.error = Some(error.clone());
@@ -1357,7 +1361,7 @@ fn transfer(
         if let Some(error) = &state.error {
             break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
         }
-        let seen = state.progress();
+        let seen = window.progress(&state);
         if seen != last_progress.1 || progressed {
             last_progress = (Instant::now(), seen);
         } else if last_progress.0.elapsed() > stall_timeout {

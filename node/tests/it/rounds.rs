@@ -334,6 +334,27 @@ fn a_list_message_slower_than_the_stall_timeout_keeps_the_round() {
     assert_same_tree(&source, &target, |_| false);
 }
 
+/// Under a slow limit one chunk batch (at least 64 KiB) takes longer than the destination's stall
+/// timeout (2 s here): its timers count the bytes on the data streams, not whole batches. (Before,
+/// the round failed with "no chunk arrived for 2 s".)
+#[test]
+fn a_chunk_batch_slower_than_the_stall_timeout_keeps_the_round() {
+    let mut setup = Setup::new();
+    setup.restart_daemon(&[], &["--stall-timeout", "2s"]);
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 1, 256 << 10, 11);
+    setup.job("zimbra", &source, &target);
+    let started = Instant::now();
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "20K", "--json"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["connections"], 1, "{report}");
+    // 256 KiB at 20 KiB/s, less the bucket's burst: over 10 s, held to the limit.
+    assert!(took > Duration::from_secs(10), "256 KiB in {took:?} under 20K");
+    assert_same_tree(&source, &target, |_| false);
+}
+
 /// Empty files with long names: a round of them is nothing but its list of changes (about 370 kB on
 /// the wire, 1024 changes to a message).
 fn list_only_tree(source: &Path) {
