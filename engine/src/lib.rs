@@ -46,7 +46,7 @@ pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
-    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, steps,
+    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, same_records, steps, sync_record_file,
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};

@@ -262,18 +262,44 @@ impl<T: Serialize> RecordWriter<T> {
     }
 
     /// Writes the trailer, fsyncs and renames the file into place; returns the root hash.
-    pub fn finish(mut self) -> Result<RootHash, RecordFileError> {
+    pub fn finish(self) -> Result<RootHash, RecordFileError> {
+        self.finish_with(Finish::Sync)
+    }
+
+    /// Like [`RecordWriter::finish`], but when the file already at the final path holds the same
+    /// records (its trailer has the same count and root hash), keeps that one and drops this one:
+    /// nothing to write or sync. A scan's cache of a tree that did not change.
+    pub fn finish_or_keep(self) -> Result<RootHash, RecordFileError> {
+        self.finish_with(Finish::KeepSame)
+    }
+
+    /// Like [`RecordWriter::finish`] without the fsyncs: the file is whole at its final path for
+    /// this boot, and [`sync_record_file`] makes it durable when it must survive a crash.
+    pub fn finish_unsynced(self) -> Result<RootHash, RecordFileError> {
+        self.finish_with(Finish::NoSync)
+    }
+
+    fn finish_with(mut self, how: Finish) -> Result<RootHash, RecordFileError> {
         self.write_out()?;
         let root = RootHash::from(self.hasher.finalize());
         let io_err = |source| RecordFileError::Io { path: self.tmp_path.clone(), source };
         let mut trailer = vec![0u8];
         trailer.extend_from_slice(&self.count.to_le_bytes());
         trailer.extend_from_slice(root.as_bytes());
+        if how == Finish::KeepSame && trailer_of(&self.path).is_some_and(|old| old == trailer) {
+            drop(self.file);
+            std::fs::remove_file(&self.tmp_path).map_err(io_err)?;
+            return Ok(root);
+        }
         self.file.write_all(&trailer).map_err(io_err)?;
-        self.file.sync_all().map_err(io_err)?;
+        if how != Finish::NoSync {
+            self.file.sync_all().map_err(io_err)?;
+        }
         drop(self.file);
         std::fs::rename(&self.tmp_path, &self.path).map_err(io_err)?;
-        sync_parent(&self.path).map_err(|source| RecordFileError::Io { path: self.path.clone(), source })?;
+        if how != Finish::NoSync {
+            sync_parent(&self.path).map_err(|source| RecordFileError::Io { path: self.path.clone(), source })?;
+        }
         Ok(root)
     }
 
@@ -288,6 +314,43 @@ impl RecordWriter<Entry> {
     pub fn push_raw(&mut self, entry: &RawEntry) -> Result<(), RecordFileError> {
         self.push_bytes(&entry.bytes)
     }
+}
+
+/// How [`RecordWriter`] puts its file in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    Sync,
+    KeepSame,
+    NoSync,
+}
+
+/// The trailer of the record file at `path` (a zero byte, the count, the root hash), if it has one.
+fn trailer_of(path: &Path) -> Option<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    const LEN: usize = 1 + 8 + 32;
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    if len < (MAGIC.len() + LEN) as u64 {
+        return None;
+    }
+    file.seek(SeekFrom::End(-(LEN as i64))).ok()?;
+    let mut trailer = vec![0u8; LEN];
+    file.read_exact(&mut trailer).ok()?;
+    Some(trailer)
+}
+
+/// Whether the record files at `a` and `b` hold the same records: their trailers (count and root
+/// hash) match. Reads only the trailers.
+pub fn same_records(a: &Path, b: &Path) -> bool {
+    trailer_of(a).is_some_and(|ta| trailer_of(b).is_some_and(|tb| ta == tb))
+}
+
+/// Makes a record file put in place by [`RecordWriter::finish_unsynced`] durable: its bytes, then its
+/// name in its folder.
+pub fn sync_record_file(path: &Path) -> Result<(), RecordFileError> {
+    let io_err = |source| RecordFileError::Io { path: path.to_owned(), source };
+    File::open(path).and_then(|f| f.sync_all()).map_err(io_err)?;
+    sync_parent(path).map_err(io_err)
 }
 
 /// Fsyncs the folder that holds `path`, so that a rename into it is durable.
@@ -702,6 +765,40 @@ mod tests {
         assert_eq!(reader.root_hash(), Some(root));
         let (_, other) = write(dir.path(), "m2", &entries[..2]);
         assert_ne!(root, other);
+    }
+
+    /// The same records: the file in place stays (same inode, no write) and the new one goes; other
+    /// records replace it. An unsynced file reads back whole.
+    #[test]
+    fn a_writer_keeps_the_file_in_place_when_its_records_are_the_same() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"hello")];
+        let (path, root) = write(dir.path(), "m", &entries);
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        let rewrite = |entries: &[Entry]| {
+            let mut w = ManifestWriter::create(&path).unwrap();
+            entries.iter().for_each(|e| w.push(e).unwrap());
+            w.finish_or_keep().unwrap()
+        };
+        assert_eq!(rewrite(&entries), root);
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "rewritten though the same");
+        assert!(!dir.path().join("m.tmp").exists());
+        let changed = vec![entries[0].clone(), entry("a", EntryKind::File, b"hello!")];
+        let new_root = rewrite(&changed);
+        assert_ne!(new_root, root);
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode, "kept though changed");
+        assert_eq!(ManifestReader::open(&path).unwrap().collect::<Result<Vec<_>, _>>().unwrap(), changed);
+
+        let unsynced = dir.path().join("u");
+        let mut w = ManifestWriter::create(&unsynced).unwrap();
+        changed.iter().for_each(|e| w.push(e).unwrap());
+        assert_eq!(w.finish_unsynced().unwrap(), new_root);
+        sync_record_file(&unsynced).unwrap();
+        assert!(same_records(&unsynced, &path));
+        assert!(!same_records(&unsynced, &dir.path().join("absent")));
+        let (other, _) = write(dir.path(), "o", &entries);
+        assert!(!same_records(&unsynced, &other));
     }
 
     #[test]

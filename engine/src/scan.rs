@@ -171,6 +171,10 @@ pub enum ScanError {
 
 /// Scans `root`, writing its manifest to `manifest_out` and the quick-check cache for next time to
 /// `cache_out`. `cache_in` is the last scan's cache, if any (a damaged one is ignored with a warning).
+///
+/// The manifest is whole at `manifest_out` but not fsynced: it is a working file until the caller
+/// keeps it ([`crate::sync_record_file`]). The cache is durable; when it holds the same records as the
+/// one already at `cache_out` (nothing changed), that one is kept and nothing is written.
 pub fn scan(
     root: &Path,
     cache_in: Option<&Path>,
@@ -235,8 +239,8 @@ pub fn scan(
         written
     });
     written?;
-    report.root_hash = Some(manifest.finish()?);
-    cache.finish()?;
+    report.root_hash = Some(manifest.finish_unsynced()?);
+    cache.finish_or_keep()?;
     report.duration = started.elapsed();
     Ok(report)
 }

@@ -120,12 +120,23 @@ impl SourceState {
         let bytes = std::fs::read(self.dir.join("base.json")).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
-    /// The scanned manifest becomes the base of the next round's changes.
+    /// The scanned manifest becomes the base of the next round's changes. When the base already holds
+    /// the same records (nothing changed), the base stays and the scan's copy goes: nothing to sync.
+    /// Else the scan's manifest (not fsynced by the scan) is made durable first, then named the base,
+    /// then `base.json` says which round it is.
     fn promote(&self, round: RoundRef) -> anyhow::Result<()> {
-        std::fs::rename(self.scanned(), self.base())?;
+        if ferry_engine::same_records(&self.scanned(), &self.base()) {
+            let _ = std::fs::remove_file(self.scanned());
+        } else {
+            ferry_engine::sync_record_file(&self.scanned())?;
+            std::fs::rename(self.scanned(), self.base())?;
+        }
         let tmp = self.dir.join("base.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&round)?)?;
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, &serde_json::to_vec(&round)?)?;
+        file.sync_all()?;
         std::fs::rename(&tmp, self.dir.join("base.json"))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(())
     }
     fn forget_base(&self) {

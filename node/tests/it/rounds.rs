@@ -136,6 +136,36 @@ fn a_deadline_stops_cleanly_and_the_next_round_resumes_without_resending() {
     assert!(resent <= tree_bytes - kept_bytes + (2 << 20), "{resent} sent again, {kept_bytes} were kept");
 }
 
+/// A round with no change writes none of the source's state files again: its base manifest and its
+/// scan cache stay the same files (nothing to write or fsync), and the next change still goes.
+#[test]
+fn a_round_with_no_change_keeps_the_sources_state_files() {
+    use std::os::unix::fs::MetadataExt;
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 4, 64 << 10, 21);
+    setup.job("zimbra", &source, &target);
+    let state = setup.source.config.join("data/jobs/zimbra/source");
+    let inode = |name: &str| std::fs::metadata(state.join(name)).unwrap().ino();
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    // Files written within the last second are not trusted in the cache until a scan sees them older:
+    // the second round's scan rewrites the cache for that.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let (base, cache) = (inode("manifest.base"), inode("cache"));
+    let third = setup.source.sync("zimbra");
+    assert_eq!(third["in_sync"], true);
+    assert_eq!((inode("manifest.base"), inode("cache")), (base, cache), "state files written again");
+    assert!(!state.join("manifest.scan").exists());
+    let based_on: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("base.json")).unwrap()).unwrap();
+    assert_eq!(based_on["round"], third["round"], "base.json names the round");
+
+    crate::util::write(&source.join("d0/blob-000"), b"changed");
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_ne!(inode("manifest.base"), base);
+    assert_same_tree(&source, &target, |_| false);
+}
+
 /// A round that begins in a pause waits with its list of changes, and `--max-duration` still ends it
 /// at the deadline, with its own exit code; the destination's job is free again at once.
 #[test]
