@@ -1005,7 +1005,8 @@ async fn serve_round(
         .collect();
     drop(batches_rx);
     let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
-    let progress = spawn_progress(sent.clone(), connection.clone(), options.progress_interval, stop_rx);
+    let progress =
+        spawn_progress(sent.clone(), connection.clone(), limiter.clone(), options.progress_interval, stop_rx);
     let deadline_sleep = async {
         match deadline {
             Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -1370,6 +1371,7 @@ fn read_chunks(
 fn spawn_progress(
     counters: Arc<Counters>,
     connection: quinn::Connection,
+    limiter: crate::limit::Limiter,
     interval: Duration,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
@@ -1392,17 +1394,26 @@ fn spawn_progress(
             }
             let stats = connection.stats();
             let secs = started.elapsed().as_secs_f64().max(0.001);
-            let line = format!(
-                "sent {} of chunks, {} on the wire, {}/s{}",
-                crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
-                crate::human::bytes(stats.udp_tx.bytes),
-                crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64),
-                eta(
-                    counters.covered.load(Ordering::Relaxed),
-                    counters.changed.load(Ordering::Relaxed),
-                    started.elapsed()
+            // A rate and a time left would be the pause's average, not what comes when it ends.
+            let line = if limiter.is_paused() {
+                format!(
+                    "paused by the bandwidth limit: sent {} of chunks, {} on the wire so far",
+                    crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
+                    crate::human::bytes(stats.udp_tx.bytes),
                 )
-            );
+            } else {
+                format!(
+                    "sent {} of chunks, {} on the wire, {}/s{}",
+                    crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
+                    crate::human::bytes(stats.udp_tx.bytes),
+                    crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64),
+                    eta(
+                        counters.covered.load(Ordering::Relaxed),
+                        counters.changed.load(Ordering::Relaxed),
+                        started.elapsed()
+                    )
+                )
+            };
             match &bar {
                 Some(bar) => bar.set_message(line),
                 None => tracing::info!("{line}"),

@@ -562,6 +562,46 @@ fn a_pause_longer_than_the_destinations_stall_timeout_keeps_the_round() {
     assert_same_tree(&source, &target, |_| false);
 }
 
+/// A pause that begins during the transfer: the progress lines say so, instead of an average rate and
+/// a time left, and the round goes on when it ends.
+#[test]
+fn a_pause_during_the_transfer_shows_in_the_progress_lines() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    random_tree(&source, 16, 256 << 10, 9);
+    setup.job("zimbra", &source, &target);
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "256K"]);
+    let sync = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--json", "--progress-interval", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let hangup = || {
+        let pid = rustix::process::Pid::from_raw(sync.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    };
+    // 4 MiB at 256 KiB/s: the transfer is under way after 3 s and far from done.
+    std::thread::sleep(Duration::from_secs(3));
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "0"]);
+    hangup();
+    std::thread::sleep(Duration::from_secs(3));
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "off"]);
+    hangup();
+    let out = sync.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["in_sync"], true);
+    let paused: Vec<&str> = stderr.lines().filter(|l| l.contains("paused by the bandwidth limit: sent")).collect();
+    assert!(!paused.is_empty(), "no progress line said paused:\n{stderr}");
+    assert!(paused.iter().all(|l| !l.contains("/s") && !l.contains(" left")), "{paused:?}");
+    assert!(stderr.lines().any(|l| l.contains("on the wire, ") && l.contains("/s")), "{stderr}");
+    assert_same_tree(&source, &target, |_| false);
+}
+
 /// Starts a round of job `zimbra` with its limit in ferry.toml at 0 (paused), checks after `paused`
 /// that nothing reached `target`, lifts the limit, tells the round with SIGHUP, and waits for it.
 fn paused_round_resumed_by_sighup(setup: &Setup, target: &Path, paused: Duration) -> std::process::Output {
