@@ -651,14 +651,22 @@ enum ListPause<'a> {
 }
 
 impl ListPause<'_> {
-    /// Waits while `limiter` pauses the round, sending `Paused` every second.
+    /// Waits while `limiter` pauses the round, sending `Paused` every second, and saying so in the log
+    /// every `--progress-interval` (a log without it would look hung for the hours of a pause).
     async fn wait(&self, session: &mut Session, limiter: &crate::limit::Limiter) -> anyhow::Result<()> {
         let ListPause::Holds { deadline, options, sent } = self else { return Ok(()) };
-        let mut told = false;
+        let mut told: Option<Instant> = None;
         while limiter.is_paused() {
-            if !told {
-                tracing::info!("the bandwidth limit pauses the round: the list of changes waits for it to open");
-                told = true;
+            match told {
+                None => {
+                    tracing::info!("the bandwidth limit pauses the round: the list of changes waits for it to open");
+                    told = Some(Instant::now());
+                }
+                Some(at) if at.elapsed() >= options.progress_interval => {
+                    tracing::info!("paused by the bandwidth limit: the list of changes still waits");
+                    told = Some(Instant::now());
+                }
+                Some(_) => {}
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let error = deadline_error(options, sent);
@@ -669,7 +677,7 @@ impl ListPause<'_> {
             net::send(&mut session.send, &Message::Paused).await?;
             tokio::time::sleep(PAUSE_NOTICE).await;
         }
-        if told {
+        if told.is_some() {
             tracing::info!("the bandwidth limit opened: the list of changes goes on");
         }
         Ok(())

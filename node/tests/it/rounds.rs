@@ -175,11 +175,23 @@ fn a_deadline_ends_a_round_whose_list_waits_for_a_pause() {
     random_tree(&source, 4, 64 << 10, 3);
     setup.job("zimbra", &source, &target);
     let started = Instant::now();
-    let out = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "0", "--max-duration", "3s"]);
+    let out = setup.source.run(&[
+        "sync",
+        "--round",
+        "zimbra",
+        "--bwlimit",
+        "0",
+        "--max-duration",
+        "3s",
+        "--progress-interval",
+        "1s",
+    ]);
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(ferry::exit::DEADLINE), "{stderr}");
     assert!(stderr.contains("the list of changes waits") && !stderr.contains("changes sent"), "{stderr}");
+    // The log says every progress interval that the round is still paused, not only once.
+    assert!(stderr.matches("the list of changes still waits").count() >= 1, "{stderr}");
     assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "{took:?}");
     assert!(walk(&target).is_empty(), "data moved during the pause");
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
