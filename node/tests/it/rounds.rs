@@ -234,6 +234,10 @@ fn a_dry_run_writes_nothing_and_estimates_the_wire_within_ten_percent() {
     assert!(seconds.abs_diff(estimate >> 20) <= 2 + (estimate >> 20) / 20, "{plan}");
     let human = setup.source.ok(&["sync", "--round", "zimbra", "--dry-run", "--bwlimit", "1M"]);
     assert!(human.contains("on the wire") && human.contains("at the current schedule"), "{human}");
+    // A pause holds a round's list of changes, not a dry run's: the operator asked for the plan now.
+    let started = Instant::now();
+    let paused = setup.source.ok(&["sync", "--round", "zimbra", "--dry-run", "--bwlimit", "0"]);
+    assert!(paused.contains("on the wire") && started.elapsed() < Duration::from_secs(20), "{paused}");
 
     let real = setup.source.sync("zimbra");
     let wire = real["bytes_on_wire"].as_u64().unwrap();
