@@ -157,13 +157,11 @@ impl ConfigDir {
         }
     }
 
-    /// Writes `ferry.toml` atomically.
+    /// Writes `ferry.toml` atomically and durably.
     pub fn save(&self, config: &Config) -> anyhow::Result<()> {
         let path = self.config_file();
         let text = toml::to_string_pretty(config).context("cannot serialise the config")?;
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
+        crate::write_durably(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Where state lives: `--data-dir`, else the config's `data_dir`, else `/var/lib/ferry` beside `/etc/ferry`, else

@@ -149,12 +149,7 @@ impl Marker {
 
 /// Writes a marker durably.
 pub fn write_marker(path: &Path, marker: &Marker) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let text = serde_json::to_vec(marker)?;
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::write_durably(path, &serde_json::to_vec(marker)?).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The marker at `path`, if any.

@@ -89,6 +89,19 @@ pub fn describe(error: &anyhow::Error) -> String {
     text
 }
 
+/// Writes `bytes` to `path` durably: into `NAME.tmp` beside it, fsynced, renamed into place, and the
+/// folder fsynced. A crash leaves the old file or the new one, never a part of one.
+pub(crate) fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(folder)?.sync_all()
+}
+
 /// `tokio::spawn`, in the current tracing span: the task's log lines keep the job and round.
 pub(crate) fn spawn_in_span<F>(future: F) -> tokio::task::JoinHandle<F::Output>
 where

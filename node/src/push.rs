@@ -131,12 +131,7 @@ impl SourceState {
             ferry_engine::sync_record_file(&self.scanned())?;
             std::fs::rename(self.scanned(), self.base())?;
         }
-        let tmp = self.dir.join("base.json.tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut file, &serde_json::to_vec(&round)?)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join("base.json"))?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
+        crate::write_durably(&self.dir.join("base.json"), &serde_json::to_vec(&round)?)?;
         Ok(())
     }
     fn forget_base(&self) {

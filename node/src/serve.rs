@@ -564,14 +564,6 @@ struct WindowState {
     pause_notices: u64,
 }
 
-impl Window {
-    /// What changes while the source is alive: bytes on the data streams, chunks it cannot send,
-    /// notices that it is paused. The stall timers watch this.
-    fn progress(&self, state: &WindowState) -> u64 {
-        self.bytes_arrived.load(Ordering::Relaxed) + state.missing.len() as u64 + state.pause_notices
-    }
-}
-
 async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limiter: Option<crate::limit::Limiter>) {
     loop {
         let stream = match connection.accept_uni().await {
@@ -727,6 +719,12 @@ impl Window {
         }
     }
 
+    /// What changes while the source is alive: bytes on the data streams, chunks it cannot send,
+    /// notices that it is paused. The stall timers watch this.
+    fn progress(&self, state: &WindowState) -> u64 {
+        self.bytes_arrived.load(Ordering::Relaxed) + state.missing.len() as u64 + state.pause_notices
+    }
+
     /// The source says its bandwidth limit pauses it: not stalled.
     fn paused(&self) {
         if let Ok(mut state) = self.state.lock() {
@@ -869,12 +867,7 @@ impl TargetState {
         }
     }
     fn set_holds(&self, round: RoundRef) -> anyhow::Result<()> {
-        let tmp = self.dir.join("round.json.tmp");
-        let text = serde_json::to_vec(&round)?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, self.round_file()))
-            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+        crate::write_durably(&self.round_file(), &serde_json::to_vec(&round)?)
             .with_context(|| format!("cannot record the round in {}", self.round_file().display()))
     }
 }
