@@ -441,14 +441,7 @@ fn a_pause_window_in_the_timetable_holds_the_transfer_until_it_closes() {
     let opens = now.checked_add(jiff::SignedDuration::from_secs(60 - now.second() as i64)).unwrap();
     let timetable = format!("{},0 {},off", now.strftime("%H:%M"), opens.strftime("%H:%M"));
     let started = Instant::now();
-    let sync = setup
-        .source
-        .ferry()
-        .args(["sync", "--round", "zimbra", "--json", "--bwlimit", &timetable])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sync = spawn_round(&setup, &["--bwlimit", &timetable]);
     // From the clock's own fraction of a second: with whole seconds, the window seemed to open up to
     // a second later than it does, and a round that resumed at once looked early.
     let into_minute = Duration::from_secs(now.second() as u64) + Duration::from_nanos(now.subsec_nanosecond() as u64);
@@ -585,25 +578,12 @@ fn a_pause_during_the_transfer_shows_in_the_progress_lines() {
     random_tree(&source, 16, 256 << 10, 9);
     setup.job("zimbra", &source, &target);
     setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "256K"]);
-    let sync = setup
-        .source
-        .ferry()
-        .args(["sync", "--round", "zimbra", "--json", "--progress-interval", "1s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let hangup = || {
-        let pid = rustix::process::Pid::from_raw(sync.id() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-    };
+    let sync = spawn_round(&setup, &["--progress-interval", "1s"]);
     // 4 MiB at 256 KiB/s: the transfer is under way after 3 s and far from done.
     std::thread::sleep(Duration::from_secs(3));
-    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "0"]);
-    hangup();
+    set_limit_and_hangup(&setup, &sync, "0");
     std::thread::sleep(Duration::from_secs(3));
-    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "off"]);
-    hangup();
+    set_limit_and_hangup(&setup, &sync, "off");
     let out = sync.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -620,21 +600,23 @@ fn a_pause_during_the_transfer_shows_in_the_progress_lines() {
 /// that nothing reached `target`, lifts the limit, tells the round with SIGHUP, and waits for it.
 fn paused_round_resumed_by_sighup(setup: &Setup, target: &Path, paused: Duration) -> std::process::Output {
     setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "0"]);
-    let sync = setup
-        .source
-        .ferry()
-        .args(["sync", "--round", "zimbra", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sync = spawn_round(setup, &[]);
     std::thread::sleep(paused);
     assert!(walk(target).is_empty(), "data moved while paused");
-    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "off"]);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(sync.id() as i32).unwrap(),
-        rustix::process::Signal::HUP,
-    )
-    .unwrap();
+    set_limit_and_hangup(setup, &sync, "off");
     sync.wait_with_output().unwrap()
+}
+
+/// `ferry sync --round zimbra --json` with `extra`, started in the background, its output piped.
+fn spawn_round(setup: &Setup, extra: &[&str]) -> Child {
+    let mut command = setup.source.ferry();
+    command.args(["sync", "--round", "zimbra", "--json"]).args(extra);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Sets job `zimbra`'s limit in ferry.toml to `rate` and tells the running `sync` with SIGHUP.
+fn set_limit_and_hangup(setup: &Setup, sync: &Child, rate: &str) {
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", rate]);
+    let pid = rustix::process::Pid::from_raw(sync.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
 }
