@@ -241,8 +241,9 @@ impl<T: Serialize> RecordWriter<T> {
         result
     }
 
-    /// Appends one record already encoded.
-    fn push_bytes(&mut self, body: &[u8]) -> Result<(), RecordFileError> {
+    /// Appends one record already encoded: the caller vouches that `body` is a `T` as postcard
+    /// encodes it.
+    pub(crate) fn push_bytes(&mut self, body: &[u8]) -> Result<(), RecordFileError> {
         let mut len = [0u8; 10];
         self.out.extend_from_slice(encode_varint(body.len() as u64, &mut len));
         self.out.extend_from_slice(body);
@@ -523,10 +524,11 @@ impl<T: DeserializeOwned> RecordReader<T> {
     }
 }
 
-impl RecordReader<Entry> {
-    /// The next entry as it is stored, with only its path and kind decoded, or `None` after the last
-    /// one (whose trailer was checked).
-    pub fn next_raw(&mut self) -> Result<Option<RawEntry>, RecordFileError> {
+impl<T: DeserializeOwned> RecordReader<T> {
+    /// The next record's bytes with its path and kind decoded, for records whose encoding begins
+    /// with an [`Entry`] (entries, and the scan's cache records); `None` after the last one (whose
+    /// trailer was checked).
+    pub(crate) fn next_headed(&mut self) -> Result<Option<Headed<'_>>, RecordFileError> {
         if !self.read_bytes()? {
             return Ok(None);
         }
@@ -535,7 +537,23 @@ impl RecordReader<Entry> {
             .map_err(|e| self.corrupt(format!("undecodable record: {e}")))?
             .0;
         let path = RelPath::new(head.path).map_err(|e| self.corrupt(format!("undecodable record: {e}")))?;
-        Ok(Some(RawEntry { path, kind: head.kind, bytes: bytes.to_vec(), file: self.path.clone() }))
+        Ok(Some(Headed { path, kind: head.kind, bytes }))
+    }
+}
+
+/// A record as it is stored, with the path and kind that begin it decoded ([`RecordReader::next_headed`]).
+pub(crate) struct Headed<'a> {
+    pub(crate) path: RelPath,
+    pub(crate) kind: EntryKind,
+    pub(crate) bytes: &'a [u8],
+}
+
+impl RecordReader<Entry> {
+    /// The next entry as it is stored, with only its path and kind decoded, or `None` after the last
+    /// one (whose trailer was checked).
+    pub fn next_raw(&mut self) -> Result<Option<RawEntry>, RecordFileError> {
+        let file = self.path.clone();
+        Ok(self.next_headed()?.map(|Headed { path, kind, bytes }| RawEntry { path, kind, bytes: bytes.to_vec(), file }))
     }
 
     /// The entries as they are stored (see [`RecordReader::next_raw`]).

@@ -14,18 +14,28 @@ pub struct OwnerNames {
 impl OwnerNames {
     /// The user name of `uid`, if it has one.
     pub fn user(&mut self, uid: u32) -> Option<String> {
-        self.users
-            .entry(uid)
-            .or_insert_with(|| uzers::get_user_by_uid(uid).and_then(|u| u.name().to_str().map(str::to_owned)))
-            .clone()
+        self.user_name(uid).map(str::to_owned)
     }
 
     /// The group name of `gid`, if it has one.
     pub fn group(&mut self, gid: u32) -> Option<String> {
+        self.group_name(gid).map(str::to_owned)
+    }
+
+    /// [`OwnerNames::user`], borrowed.
+    pub fn user_name(&mut self, uid: u32) -> Option<&str> {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| uzers::get_user_by_uid(uid).and_then(|u| u.name().to_str().map(str::to_owned)))
+            .as_deref()
+    }
+
+    /// [`OwnerNames::group`], borrowed.
+    pub fn group_name(&mut self, gid: u32) -> Option<&str> {
         self.groups
             .entry(gid)
             .or_insert_with(|| uzers::get_group_by_gid(gid).and_then(|g| g.name().to_str().map(str::to_owned)))
-            .clone()
+            .as_deref()
     }
 }
 

@@ -6,9 +6,11 @@
 //! are stat'ed, read and hashed in parallel (rayon) and written out in order.
 //!
 //! A file whose size, mtime, ctime and inode match the last scan's record is not read: its chunk list is
-//! reused. A file that changes while it is read (its `fstat` before and after differ) or that is swapped
-//! for something else between the walk and the read is never recorded torn: its previous version (if
-//! any) stays in the manifest, and it is reported so that the next round picks it up.
+//! reused, and when the record describes the file exactly, the record's stored bytes are copied to the
+//! new cache and manifest without being decoded. A file that changes while it is read (its `fstat`
+//! before and after differ) or that is swapped for something else between the walk and the read is
+//! never recorded torn: its previous version (if any) stays in the manifest, and it is reported so that
+//! the next round picks it up.
 
 use std::collections::HashMap;
 use std::io;
@@ -229,6 +231,7 @@ pub fn scan(
             hard_links: &mut hard_links,
             manifest: &mut manifest,
             cache: &mut cache,
+            cache_in: cache_in.unwrap_or(Path::new("")),
             racy_after_ns,
         };
         let written =
@@ -271,6 +274,8 @@ struct WriteState<'a> {
     hard_links: &'a mut HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)>,
     manifest: &'a mut ManifestWriter,
     cache: &'a mut RecordWriter<CacheRecord>,
+    /// The last scan's cache (for errors).
+    cache_in: &'a Path,
     racy_after_ns: i64,
 }
 
@@ -278,6 +283,7 @@ struct WriteState<'a> {
 fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -> Result<(), ScanError> {
     let report = &mut *state.report;
     let record = match outcome {
+        Outcome::Kept { stat } => return keep_stored(item, stat, state),
         Outcome::Found { mut entry, stat, was_read, bytes_read } => {
             if was_read {
                 report.files_read += 1;
@@ -304,7 +310,9 @@ fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -
         Outcome::Changed => {
             report.changed(&item.path);
             tracing::warn!("{} changed while it was read; it is left for the next round", item.path);
-            item.cached.filter(|c| c.entry.kind == EntryKind::File).map(|c| CacheRecord { trusted: false, ..c })
+            item.cached_record()
+                .filter(|c| c.entry.kind == EntryKind::File)
+                .map(|c| CacheRecord { trusted: false, ..c })
         }
         Outcome::Vanished => None,
         Outcome::Skipped(why) => {
@@ -313,7 +321,7 @@ fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -
         }
         Outcome::Unreadable(why) => {
             report.skip(&item.path, &why);
-            item.cached.map(|c| CacheRecord { trusted: false, ..c })
+            item.cached_record().map(|c| CacheRecord { trusted: false, ..c })
         }
     };
     if let Some(record) = record {
@@ -326,6 +334,38 @@ fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -
         state.cache.push(&record)?;
     }
     Ok(())
+}
+
+/// Records a file found as the last scan left it ([`Outcome::Kept`]): its stored record is copied to
+/// the new cache, and the entry that begins it to the manifest, without decoding its chunks or
+/// encoding them again. Only when the record is exactly what a new one would be: the owner's names
+/// are looked up anew (a renamed user changes the entry, not the file) and the record must still be
+/// trusted; otherwise it is decoded and written as any other found file.
+fn keep_stored(item: WalkItem, stat: Stat, state: &mut WriteState<'_>) -> Result<(), ScanError> {
+    let bytes = item.cached.as_deref().unwrap_or_default();
+    if let Some(stored) = StoredRecord::decode(bytes)
+        && stored.entry.user == state.names.user_name(stored.entry.uid)
+        && stored.entry.group == state.names.group_name(stored.entry.gid)
+        && stored.entry.mtime_ns < state.racy_after_ns
+        && stored.ctime_ns < state.racy_after_ns
+    {
+        let report = &mut *state.report;
+        report.entries += 1;
+        report.files += 1;
+        report.file_bytes += stored.entry.size;
+        state.manifest.push_bytes(&bytes[..stored.entry_len])?;
+        state.cache.push_bytes(bytes)?;
+        return Ok(());
+    }
+    // Examining the file decoded this record; only a bug could make the whole of it undecodable.
+    let Some(record) = item.cached_record() else {
+        return Err(ScanError::Output(RecordFileError::Corrupt {
+            path: state.cache_in.to_owned(),
+            reason: format!("undecodable record for {}", item.path),
+        }));
+    };
+    let outcome = Outcome::Found { entry: record.entry, stat, was_read: false, bytes_read: 0 };
+    write_outcome(item, outcome, state)
 }
 
 fn to_ns(t: SystemTime) -> i64 {
@@ -349,7 +389,115 @@ struct WalkItem {
     parent: Arc<OwnedFd>,
     name: Vec<u8>,
     path: RelPath,
-    cached: Option<CacheRecord>,
+    /// The last scan's record of this path, as it is stored ([`StoredRecord`] reads it).
+    cached: Option<Vec<u8>>,
+}
+
+impl WalkItem {
+    /// The last scan's record of this path, decoded whole.
+    fn cached_record(&self) -> Option<CacheRecord> {
+        postcard::from_bytes(self.cached.as_deref()?).ok()
+    }
+}
+
+/// The fields of a stored [`CacheRecord`] that tell whether its file changed, read in place: the
+/// chunk list is stepped over, not collected. Postcard encodes a struct's fields in order, so the
+/// record's bytes begin with its entry's, as a manifest stores it.
+struct StoredRecord<'a> {
+    entry: StoredEntry<'a>,
+    /// How many of the record's bytes are its entry's.
+    entry_len: usize,
+    ino: u64,
+    ctime_ns: i64,
+    trusted: bool,
+}
+
+/// [`Entry`]'s fields, in its order and with its encodings, borrowed.
+#[derive(Deserialize)]
+struct StoredEntry<'a> {
+    /// Stepped over: the walk matched it already.
+    #[serde(borrow)]
+    _path: &'a [u8],
+    kind: EntryKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    #[serde(borrow)]
+    user: Option<&'a str>,
+    #[serde(borrow)]
+    group: Option<&'a str>,
+    mtime_ns: i64,
+    size: u64,
+    _chunks: SteppedOver,
+    #[serde(borrow)]
+    link_target: Option<&'a [u8]>,
+    #[serde(borrow)]
+    hard_link_to: Option<&'a [u8]>,
+}
+
+/// [`CacheRecord`]'s fields after its entry.
+#[derive(Deserialize)]
+struct StoredTail {
+    ino: u64,
+    ctime_ns: i64,
+    trusted: bool,
+}
+
+/// A sequence of [`ChunkRef`]s, checked but not kept.
+struct SteppedOver;
+
+impl<'de> Deserialize<'de> for SteppedOver {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = SteppedOver;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of chunks")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SteppedOver, A::Error> {
+                while seq.next_element::<ChunkRef>()?.is_some() {}
+                Ok(SteppedOver)
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
+}
+
+impl<'a> StoredRecord<'a> {
+    /// Reads a record as [`RecordWriter`] stored it; `None` when it is not a whole [`CacheRecord`].
+    fn decode(bytes: &'a [u8]) -> Option<Self> {
+        let (entry, rest) = postcard::take_from_bytes::<StoredEntry<'a>>(bytes).ok()?;
+        let entry_len = bytes.len() - rest.len();
+        let (tail, rest) = postcard::take_from_bytes::<StoredTail>(rest).ok()?;
+        rest.is_empty().then_some(Self {
+            entry,
+            entry_len,
+            ino: tail.ino,
+            ctime_ns: tail.ctime_ns,
+            trusted: tail.trusted,
+        })
+    }
+
+    /// Is `stat` (of a regular file with one link) the file this record describes, exactly as it
+    /// describes it? Then the file is not read again and the record stands as it is.
+    fn describes(&self, stat: &Stat) -> bool {
+        let entry = &self.entry;
+        self.trusted
+            && entry.kind == EntryKind::File
+            && FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
+            && stat.st_nlink == 1
+            && entry.size == stat.st_size as u64
+            && entry.mtime_ns == stat_mtime_ns(stat)
+            && self.ctime_ns == stat_ctime_ns(stat)
+            && self.ino == stat.st_ino
+            && entry.mode == stat.st_mode & 0o7777
+            && entry.uid == stat.st_uid
+            && entry.gid == stat.st_gid
+            && entry.link_target.is_none()
+            && entry.hard_link_to.is_none()
+    }
 }
 
 struct Frame {
@@ -361,36 +509,45 @@ struct Frame {
 struct Walker {
     stack: Vec<Frame>,
     root: Option<Arc<OwnedFd>>,
-    cache: Option<std::iter::Peekable<RecordReader<CacheRecord>>>,
+    cache: Option<RecordReader<CacheRecord>>,
+    /// The cache's next record, read ahead: its path, and its bytes.
+    next_cached: Option<(RelPath, Vec<u8>)>,
 }
 
 impl Walker {
     fn new(root: Arc<OwnedFd>, cache_in: Option<&Path>) -> Self {
         let cache = cache_in.filter(|p| p.exists()).and_then(|p| match RecordReader::open(p) {
-            Ok(reader) => Some(reader.peekable()),
+            Ok(reader) => Some(reader),
             Err(e) => {
                 tracing::warn!("ignoring the scan cache ({e}); every file will be read");
                 None
             }
         });
-        Self { stack: Vec::new(), root: Some(root), cache }
+        Self { stack: Vec::new(), root: Some(root), cache, next_cached: None }
     }
 
-    /// The last scan's record for `path`, if any. The cache is sorted, as the walk is.
-    fn cached(&mut self, path: &RelPath) -> Option<CacheRecord> {
-        let cache = self.cache.as_mut()?;
+    /// The last scan's record for `path` as it is stored, if any. The cache is sorted, as the walk is.
+    fn cached(&mut self, path: &RelPath) -> Option<Vec<u8>> {
         loop {
-            match cache.peek() {
-                Some(Ok(record)) if record.key() < path => {
-                    cache.next();
+            if self.next_cached.is_none() {
+                match self.cache.as_mut()?.next_headed() {
+                    Ok(Some(record)) => self.next_cached = Some((record.path, record.bytes.to_vec())),
+                    Ok(None) => {
+                        self.cache = None;
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!("scan cache unreadable from here on ({e}); the rest will be read");
+                        self.cache = None;
+                        return None;
+                    }
                 }
-                Some(Ok(record)) if record.key() == path => return cache.next().and_then(Result::ok),
-                Some(Ok(_)) | None => return None,
-                Some(Err(e)) => {
-                    tracing::warn!("scan cache unreadable from here on ({e}); the rest will be read");
-                    self.cache = None;
-                    return None;
-                }
+            }
+            let (key, _) = self.next_cached.as_ref()?;
+            match key.cmp(path) {
+                std::cmp::Ordering::Less => self.next_cached = None,
+                std::cmp::Ordering::Equal => return self.next_cached.take().map(|(_, bytes)| bytes),
+                std::cmp::Ordering::Greater => return None,
             }
         }
     }
@@ -471,6 +628,10 @@ fn read_children(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
 
 #[allow(clippy::large_enum_variant)] // one per entry of a batch, moved once
 enum Outcome {
+    /// A regular file as the last scan recorded it: its stored record stands.
+    Kept {
+        stat: Stat,
+    },
     Found {
         entry: Entry,
         stat: Stat,
@@ -529,17 +690,23 @@ fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
             Err(e) => Outcome::Unreadable(format!("cannot read link: {e}")),
         },
         EntryKind::File => {
-            if let Some(cached) = item.cached.as_mut()
-                && cached.trusted
-                && cached.entry.kind == EntryKind::File
-                && cached.entry.size == stat.st_size as u64
-                && cached.entry.mtime_ns == entry.mtime_ns
-                && cached.ctime_ns == stat_ctime_ns(&stat)
-                && cached.ino == stat.st_ino
+            let Some(stored) = item.cached.as_deref().and_then(StoredRecord::decode) else {
+                return read_file(item, entry, &stat, options);
+            };
+            if stored.describes(&stat) {
+                return Outcome::Kept { stat };
+            }
+            // A hard link's record names its group's first path, which may have moved; decoded whole.
+            if stored.trusted
+                && stored.entry.kind == EntryKind::File
+                && stored.entry.size == stat.st_size as u64
+                && stored.entry.mtime_ns == entry.mtime_ns
+                && stored.ctime_ns == stat_ctime_ns(&stat)
+                && stored.ino == stat.st_ino
+                && let Some(cached) = item.cached_record()
             {
                 entry.size = cached.entry.size;
-                // Taken, not copied: the record is only needed again when the file is not `Found`.
-                entry.chunks = std::mem::take(&mut cached.entry.chunks);
+                entry.chunks = cached.entry.chunks;
                 return Outcome::Found { entry, stat, was_read: false, bytes_read: 0 };
             }
             read_file(item, entry, &stat, options)
@@ -601,4 +768,113 @@ fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, options: &ScanOpt
 
 thread_local! {
     static READ_BUFFERS: std::cell::RefCell<ReadBuffers> = std::cell::RefCell::new(ReadBuffers::default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::ChunkHash;
+
+    fn record(user: Option<&str>, chunks: usize, links: bool) -> CacheRecord {
+        let entry = Entry {
+            path: RelPath::new(&b"accounts/0001/meta.json"[..]).unwrap(),
+            kind: EntryKind::File,
+            mode: 0o4751,
+            uid: 1001,
+            gid: 70_000,
+            user: user.map(str::to_owned),
+            group: Some("zimbra".into()),
+            mtime_ns: -1_234_567_890_123,
+            size: 300_000 * chunks as u64,
+            chunks: (0..chunks)
+                .map(|i| ChunkRef { hash: ChunkHash::of(&i.to_le_bytes()), len: 300_000 + i as u32 })
+                .collect(),
+            link_target: links.then(|| b"../elsewhere".to_vec()),
+            hard_link_to: links.then(|| RelPath::new(&b"accounts/0000/meta.json"[..]).unwrap()),
+        };
+        CacheRecord { entry, ino: u64::MAX - 3, ctime_ns: 1_700_000_000_123_456_789, trusted: true }
+    }
+
+    #[test]
+    fn a_stored_record_reads_as_the_record_it_stores() {
+        for (user, chunks, links) in [(Some("zimbra"), 3, true), (None, 0, false), (Some(""), 1, false)] {
+            let original = record(user, chunks, links);
+            let bytes = postcard::to_allocvec(&original).unwrap();
+            let stored = StoredRecord::decode(&bytes).unwrap();
+            let entry = &original.entry;
+            assert_eq!(&bytes[..stored.entry_len], &postcard::to_allocvec(entry).unwrap()[..]);
+            assert_eq!(stored.entry.kind, entry.kind);
+            assert_eq!((stored.entry.mode, stored.entry.uid, stored.entry.gid), (entry.mode, entry.uid, entry.gid));
+            assert_eq!(stored.entry.user, entry.user.as_deref());
+            assert_eq!(stored.entry.group, entry.group.as_deref());
+            assert_eq!((stored.entry.mtime_ns, stored.entry.size), (entry.mtime_ns, entry.size));
+            assert_eq!(stored.entry.link_target, entry.link_target.as_deref());
+            assert_eq!(stored.entry.hard_link_to, entry.hard_link_to.as_ref().map(RelPath::as_bytes));
+            assert_eq!((stored.ino, stored.ctime_ns, stored.trusted), (original.ino, original.ctime_ns, true));
+            // Cut short or followed by more, it is not a record.
+            assert!(StoredRecord::decode(&bytes[..bytes.len() - 1]).is_none());
+            assert!(StoredRecord::decode(&[&bytes[..], &[0]].concat()).is_none());
+        }
+    }
+
+    /// Scans `root` against the cache at `cache_in`, into `out`: the new manifest's root hash and the
+    /// report.
+    fn scan_into(root: &Path, cache_in: &Path, out: &Path) -> (RootHash, ScanReport) {
+        std::fs::create_dir_all(out).unwrap();
+        let report =
+            scan(root, Some(cache_in), &out.join("manifest"), &out.join("cache"), &ScanOptions::default()).unwrap();
+        (report.root_hash.unwrap(), report)
+    }
+
+    #[test]
+    fn an_unchanged_file_keeps_its_records_and_its_owners_name_is_looked_up_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        for i in 0..50 {
+            std::fs::write(root.join(format!("a/f{i}")), vec![i as u8; 1000 + i]).unwrap();
+        }
+        // Records of files changed within the last second are not trusted; let the tree age.
+        std::thread::sleep(Duration::from_millis(1100));
+        let first = dir.path().join("first");
+        let (first_root, report) = scan_into(&root, &dir.path().join("none"), &first);
+        assert_eq!(report.files_read, 50);
+
+        // Kept as stored: the same manifest and the same cache, byte for byte, nothing read.
+        let second = dir.path().join("second");
+        let (second_root, report) = scan_into(&root, &first.join("cache"), &second);
+        assert_eq!((second_root, report.files_read, report.files), (first_root, 0, 50));
+        assert_eq!(std::fs::read(second.join("cache")).unwrap(), std::fs::read(first.join("cache")).unwrap());
+        assert_eq!(std::fs::read(second.join("manifest")).unwrap(), std::fs::read(first.join("manifest")).unwrap());
+
+        // A cache whose records name another owner (a user renamed since): the files are not read
+        // again, but their entries carry the name the system gives now.
+        let renamed = dir.path().join("renamed-cache");
+        let mut writer = RecordWriter::<CacheRecord>::create(&renamed).unwrap();
+        for record in RecordReader::<CacheRecord>::open(&first.join("cache")).unwrap() {
+            let mut record = record.unwrap();
+            if record.entry.kind == EntryKind::File {
+                record.entry.user = Some("someone-renamed".into());
+            }
+            writer.push(&record).unwrap();
+        }
+        writer.finish().unwrap();
+        let third = dir.path().join("third");
+        let (third_root, report) = scan_into(&root, &renamed, &third);
+        assert_eq!((third_root, report.files_read), (first_root, 0));
+        assert_eq!(std::fs::read(third.join("cache")).unwrap(), std::fs::read(first.join("cache")).unwrap());
+        for entry in RecordReader::<Entry>::open(&third.join("manifest")).unwrap() {
+            assert_ne!(entry.unwrap().user.as_deref(), Some("someone-renamed"));
+        }
+
+        // A file changed in place with its size and mtime restored: its ctime moved, so it is read.
+        let path = root.join("a/f7");
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, vec![0xee; 1007]).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+        let fourth = dir.path().join("fourth");
+        let (fourth_root, report) = scan_into(&root, &first.join("cache"), &fourth);
+        assert_eq!(report.files_read, 1);
+        assert_ne!(fourth_root, first_root);
+    }
 }
