@@ -107,7 +107,8 @@ impl RelPath {
         })
     }
 
-    /// This path with one more component.
+    /// This path with one more component. When `name` is one plain component, only it and the new
+    /// length are checked (`self` was checked when it was made); anything else is checked whole.
     pub fn join(&self, name: &[u8]) -> Result<RelPath, PathError> {
         let mut bytes = Vec::with_capacity(self.0.len() + 1 + name.len());
         bytes.extend_from_slice(&self.0);
@@ -115,7 +116,14 @@ impl RelPath {
             bytes.push(b'/');
         }
         bytes.extend_from_slice(name);
-        Self::new(bytes)
+        let plain = !name.is_empty()
+            && name != b"."
+            && name != b".."
+            && name.len() <= MAX_NAME_LEN
+            && bytes.len() <= MAX_PATH_LEN
+            && !name.iter().any(|&b| b == b'/' || b == 0)
+            && !(self.is_root() && name == STAGING_DIR.as_bytes());
+        if plain { Ok(Self(bytes)) } else { Self::new(bytes) }
     }
 
     /// Is `self` a strict ancestor of `other` (the root is an ancestor of every other path)?
@@ -170,9 +178,22 @@ impl From<RelPath> for Vec<u8> {
 impl Ord for RelPath {
     fn cmp(&self, other: &Self) -> Ordering {
         // Component-wise order equals byte order with '/' ranked below every other byte (NUL, the only
-        // smaller byte, never occurs in a path).
-        let key = |b: &u8| if *b == b'/' { 0u8 } else { *b };
-        self.0.iter().map(key).cmp(other.0.iter().map(key))
+        // smaller byte, never occurs in a path). Sorted neighbours share long prefixes: those are
+        // stepped over eight bytes at a time, and the first differing byte decides.
+        let (a, b) = (&self.0[..], &other.0[..]);
+        let common = a.len().min(b.len());
+        let mut i = 0;
+        while i + 8 <= common && a[i..i + 8] == b[i..i + 8] {
+            i += 8;
+        }
+        while i < common && a[i] == b[i] {
+            i += 1;
+        }
+        let key = |b: u8| if b == b'/' { 0u8 } else { b };
+        match (a.get(i), b.get(i)) {
+            (Some(&x), Some(&y)) => key(x).cmp(&key(y)),
+            _ => a.len().cmp(&b.len()),
+        }
     }
 }
 
@@ -265,5 +286,49 @@ mod tests {
                 prop_assert_eq!(pa.cmp(&pb), ca.cmp(&cb));
             }
         }
+
+        /// Long shared prefixes, as sorted neighbours in a tree have: the first difference may fall
+        /// anywhere in or after an eight-byte step.
+        #[test]
+        fn order_matches_component_order_past_long_prefixes(
+            prefix in "[a-c/]{0,30}", a in "[a-c./-]{0,12}", b in "[a-c./-]{0,12}"
+        ) {
+            let (a, b) = (format!("x{prefix}{a}"), format!("x{prefix}{b}"));
+            if let (Ok(pa), Ok(pb)) = (RelPath::new(a.as_bytes()), RelPath::new(b.as_bytes())) {
+                let ca: Vec<&[u8]> = pa.components().collect();
+                let cb: Vec<&[u8]> = pb.components().collect();
+                prop_assert_eq!(pa.cmp(&pb), ca.cmp(&cb));
+            }
+        }
+
+        /// Joining checks as much as building the joined path whole does.
+        #[test]
+        fn join_accepts_what_new_accepts(parent in "[a.b/]{0,10}", name in "[a.b/\\x00]{0,6}") {
+            if let Ok(parent) = RelPath::new(parent.as_bytes()) {
+                let mut whole = parent.as_bytes().to_vec();
+                if !parent.is_root() {
+                    whole.push(b'/');
+                }
+                whole.extend_from_slice(name.as_bytes());
+                prop_assert_eq!(parent.join(name.as_bytes()), RelPath::new(whole));
+            }
+        }
+    }
+
+    #[test]
+    fn join_refuses_what_new_refuses() {
+        let root = RelPath::root();
+        let a = RelPath::new(&b"a"[..]).unwrap();
+        for name in [&b""[..], b".", b"..", b"x\0y", b"x/", b"/x", b"x//y", b"../x"] {
+            assert!(a.join(name).is_err(), "{:?} accepted", name.escape_ascii());
+        }
+        assert!(matches!(root.join(STAGING_DIR.as_bytes()), Err(PathError::Reserved(_))));
+        assert!(a.join(STAGING_DIR.as_bytes()).is_ok(), "only the top-level name is reserved");
+        assert!(matches!(a.join(&[b'n'; 256]), Err(PathError::TooLong(_))));
+        let deep: Vec<u8> = std::iter::repeat_n(&b"abcdefgh/"[..], 454).flatten().copied().chain(*b"abc").collect();
+        let deep = RelPath::new(deep).unwrap();
+        assert_eq!(deep.join(b"123456").unwrap().as_bytes().len(), MAX_PATH_LEN);
+        assert!(matches!(deep.join(b"1234567"), Err(PathError::TooLong(_))));
+        assert_eq!(a.join(b"b/c").unwrap().as_bytes(), b"a/b/c", "several components are checked whole");
     }
 }

@@ -512,6 +512,8 @@ struct Walker {
     cache: Option<RecordReader<CacheRecord>>,
     /// The cache's next record, read ahead: its path, and its bytes.
     next_cached: Option<(RelPath, Vec<u8>)>,
+    /// Room for folder listings ([`read_children`]).
+    listing: Vec<u8>,
 }
 
 impl Walker {
@@ -523,7 +525,13 @@ impl Walker {
                 None
             }
         });
-        Self { stack: Vec::new(), root: Some(root), cache, next_cached: None }
+        Self {
+            stack: Vec::new(),
+            root: Some(root),
+            cache,
+            next_cached: None,
+            listing: Vec::with_capacity(LISTING_BUFFER),
+        }
     }
 
     /// The last scan's record for `path` as it is stored, if any. The cache is sorted, as the walk is.
@@ -553,7 +561,7 @@ impl Walker {
     }
 
     fn push_dir(&mut self, fd: Arc<OwnedFd>, path: RelPath, report: &mut ScanReport) {
-        let children = match read_children(&fd) {
+        let children = match read_children(&fd, &mut self.listing) {
             Ok(children) => children,
             Err(e) => {
                 report.skip(&path, format_args!("cannot list folder: {e}"));
@@ -611,10 +619,15 @@ impl Walker {
     }
 }
 
-fn read_children(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
-    let mut dir = rustix::fs::Dir::read_from(fd)?;
+/// Room for the folder entries one `getdents64` returns: at least one of the longest name.
+const LISTING_BUFFER: usize = 32 << 10;
+
+/// The names and types in the folder `fd` (opened for this), sorted by name. `buf` is room for the
+/// kernel's listing, reused from one folder to the next.
+fn read_children(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<Vec<(Vec<u8>, FileType)>> {
+    let mut dir = rustix::fs::RawDir::new(fd, buf.spare_capacity_mut());
     let mut children = Vec::new();
-    while let Some(entry) = dir.read() {
+    while let Some(entry) = dir.next() {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
