@@ -279,6 +279,11 @@ struct WriteState<'a> {
     racy_after_ns: i64,
 }
 
+/// Were both times before `racy_after_ns`? Then a record of them is trusted next time.
+fn settled(racy_after_ns: i64, mtime_ns: i64, ctime_ns: i64) -> bool {
+    mtime_ns < racy_after_ns && ctime_ns < racy_after_ns
+}
+
 /// Records what examining `item` found: in the manifest and the cache, or in the report.
 fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -> Result<(), ScanError> {
     let report = &mut *state.report;
@@ -304,7 +309,7 @@ fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -
                 }
             }
             let ctime_ns = stat_ctime_ns(&stat);
-            let trusted = entry.mtime_ns < state.racy_after_ns && ctime_ns < state.racy_after_ns;
+            let trusted = settled(state.racy_after_ns, entry.mtime_ns, ctime_ns);
             Some(CacheRecord { entry, ino: stat.st_ino, ctime_ns, trusted })
         }
         Outcome::Changed => {
@@ -346,8 +351,7 @@ fn keep_stored(item: WalkItem, stat: Stat, state: &mut WriteState<'_>) -> Result
     if let Some(stored) = StoredRecord::decode(bytes)
         && stored.entry.user == state.names.user_name(stored.entry.uid)
         && stored.entry.group == state.names.group_name(stored.entry.gid)
-        && stored.entry.mtime_ns < state.racy_after_ns
-        && stored.ctime_ns < state.racy_after_ns
+        && settled(state.racy_after_ns, stored.entry.mtime_ns, stored.ctime_ns)
     {
         let report = &mut *state.report;
         report.entries += 1;
@@ -480,18 +484,23 @@ impl<'a> StoredRecord<'a> {
         })
     }
 
-    /// Is `stat` (of a regular file with one link) the file this record describes, exactly as it
-    /// describes it? Then the file is not read again and the record stands as it is.
-    fn describes(&self, stat: &Stat) -> bool {
-        let entry = &self.entry;
+    /// The quick check: is the regular file of `stat` unchanged since this trusted record was
+    /// made? Then its content is the record's chunks and it is not read again.
+    fn unchanged(&self, stat: &Stat) -> bool {
         self.trusted
-            && entry.kind == EntryKind::File
-            && FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
-            && stat.st_nlink == 1
-            && entry.size == stat.st_size as u64
-            && entry.mtime_ns == stat_mtime_ns(stat)
+            && self.entry.kind == EntryKind::File
+            && self.entry.size == stat.st_size as u64
+            && self.entry.mtime_ns == stat_mtime_ns(stat)
             && self.ctime_ns == stat_ctime_ns(stat)
             && self.ino == stat.st_ino
+    }
+
+    /// Beyond [`StoredRecord::unchanged`], does the record describe the file exactly as a new one
+    /// would (its mode and owner ids, one link, no hard-link leader)? Then it stands as it is.
+    fn describes(&self, stat: &Stat) -> bool {
+        let entry = &self.entry;
+        self.unchanged(stat)
+            && stat.st_nlink == 1
             && entry.mode == stat.st_mode & 0o7777
             && entry.uid == stat.st_uid
             && entry.gid == stat.st_gid
@@ -710,12 +719,7 @@ fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
                 return Outcome::Kept { stat };
             }
             // A hard link's record names its group's first path, which may have moved; decoded whole.
-            if stored.trusted
-                && stored.entry.kind == EntryKind::File
-                && stored.entry.size == stat.st_size as u64
-                && stored.entry.mtime_ns == entry.mtime_ns
-                && stored.ctime_ns == stat_ctime_ns(&stat)
-                && stored.ino == stat.st_ino
+            if stored.unchanged(&stat)
                 && let Some(cached) = item.cached_record()
             {
                 entry.size = cached.entry.size;
