@@ -137,50 +137,76 @@ pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
         .ok_or_else(|| anyhow!("{addr} resolves to no address"))
 }
 
-/// Connects to `peer` at `addr`, accepting only its pinned key.
-/// `congestion` picks the connection's congestion controller (see [`Congestion`]).
-pub(crate) async fn connect(
-    identity: &Identity,
-    peer: NodeId,
-    addr: SocketAddr,
-    congestion: Congestion,
-) -> Result<quinn::Connection, anyhow::Error> {
-    let tls = ferry_certs::client_config(identity, peer, ALPN).context("cannot build the TLS client config")?;
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = transport_config();
-    match congestion {
-        Congestion::Cubic => {
-            let cubic = Arc::new(quinn::congestion::CubicConfig::default());
-            transport.congestion_controller_factory(Arc::new(crate::hystart::HyStartConfig::around(cubic)));
+/// The QUIC endpoints a source's connections go out from: one per address family, made on first use
+/// and kept for every connection of a round (the readiness check, the round, each reconnection).
+///
+/// quinn gives an endpoint a receive buffer for its largest batch of datagrams (32 batches of 64 GRO
+/// segments of [`MAX_UDP_PAYLOAD`] bytes: 13.3 MB) and zeroes it when the endpoint is made. With an
+/// endpoint per connection the source made and touched two of them a round, more memory than the
+/// scan of 200,000 files needs (BENCHMARKS.md, "One endpoint for a round's connections").
+#[derive(Default)]
+pub(crate) struct Client {
+    v4: std::sync::Mutex<Option<quinn::Endpoint>>,
+    v6: std::sync::Mutex<Option<quinn::Endpoint>>,
+}
+
+impl Client {
+    /// Connects to `peer` at `addr`, accepting only its pinned key.
+    /// `congestion` picks the connection's congestion controller (see [`Congestion`]).
+    pub(crate) async fn connect(
+        &self,
+        identity: &Identity,
+        peer: NodeId,
+        addr: SocketAddr,
+        congestion: Congestion,
+    ) -> Result<quinn::Connection, anyhow::Error> {
+        let tls = ferry_certs::client_config(identity, peer, ALPN).context("cannot build the TLS client config")?;
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = transport_config();
+        match congestion {
+            Congestion::Cubic => {
+                let cubic = Arc::new(quinn::congestion::CubicConfig::default());
+                transport.congestion_controller_factory(Arc::new(crate::hystart::HyStartConfig::around(cubic)));
+            }
+            Congestion::Bbr => {
+                transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+            Congestion::Lossy => {
+                transport.congestion_controller_factory(Arc::new(crate::lossy::LossyConfig));
+            }
+            Congestion::LowPriority => {
+                transport.congestion_controller_factory(Arc::new(crate::ledbat::LedbatConfig));
+            }
         }
-        Congestion::Bbr => {
-            transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
-        }
-        Congestion::Lossy => {
-            transport.congestion_controller_factory(Arc::new(crate::lossy::LossyConfig));
-        }
-        Congestion::LowPriority => {
-            transport.congestion_controller_factory(Arc::new(crate::ledbat::LedbatConfig));
+        client.transport_config(Arc::new(transport));
+        let connecting = self.endpoint(addr)?.connect_with(client, addr, "ferry")?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(connection) => Ok(connection?),
+            Err(_) => Err(anyhow!(
+                "no answer within {} s: is `ferry serve` running there, and is UDP to that port open?",
+                CONNECT_TIMEOUT.as_secs()
+            )),
         }
     }
-    client.transport_config(Arc::new(transport));
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
-    let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
-    let mut endpoint = quinn::Endpoint::new(
-        accepting_large_datagrams(quinn::EndpointConfig::default()),
-        None,
-        udp_socket(bind)?,
-        runtime,
-    )?;
-    endpoint.set_default_client_config(client);
-    let connecting = endpoint.connect(addr, "ferry")?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(connection) => Ok(connection?),
-        Err(_) => Err(anyhow!(
-            "no answer within {} s: is `ferry serve` running there, and is UDP to that port open?",
-            CONNECT_TIMEOUT.as_secs()
-        )),
+
+    /// The endpoint for `addr`'s address family, made on first use.
+    fn endpoint(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+        let slot = if addr.is_ipv6() { &self.v6 } else { &self.v4 };
+        let mut slot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(endpoint) = slot.as_ref() {
+            return Ok(endpoint.clone());
+        }
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+        let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
+        let endpoint = quinn::Endpoint::new(
+            accepting_large_datagrams(quinn::EndpointConfig::default()),
+            None,
+            udp_socket(bind)?,
+            runtime,
+        )?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
     }
 }
 

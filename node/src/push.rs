@@ -401,6 +401,8 @@ pub fn print_dry_run(report: &DryRunReport, json: bool) {
 
 /// A round's source side, ready to connect: the job, its peer and the new scan.
 struct Prepared {
+    /// Where the round's connections go out from: the check's, the round's and any reconnection's.
+    client: net::Client,
     job: crate::config::JobConfig,
     peer: crate::config::PeerConfig,
     addr: String,
@@ -431,9 +433,10 @@ async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resul
     let state = SourceState { dir: config_dir.data_dir(&config).join("jobs").join(&job.name).join("source") };
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
     let lock = ferry_engine::lock_state(&state.dir)?;
+    let client = net::Client::default();
 
     loop {
-        match check_peer(&job, &peer, &addr, &identity, options).await {
+        match check_peer(&client, &job, &peer, &addr, &identity, options).await {
             Err(e) if options.wait_if_busy && is_busy(&e) => {
                 tracing::info!("{e}; asking again in {} s (--wait)", BUSY_RETRY.as_secs());
                 tokio::time::sleep(BUSY_RETRY).await;
@@ -475,7 +478,7 @@ async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resul
         );
     }
     let new_root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
-    Ok(Prepared { job, peer, addr, identity, state, scanned, new_root, _lock: lock })
+    Ok(Prepared { client, job, peer, addr, identity, state, scanned, new_root, _lock: lock })
 }
 
 /// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.
@@ -501,6 +504,7 @@ struct Session {
 /// Opens a connection to the job's peer; failures are [`Unreachable`] or, when trust is what failed,
 /// [`Refused`].
 async fn connect(
+    client: &net::Client,
     peer: &crate::config::PeerConfig,
     addr: &str,
     identity: &Identity,
@@ -508,7 +512,7 @@ async fn connect(
 ) -> anyhow::Result<quinn::Connection> {
     let remote = net::resolve(addr)?;
     tracing::info!("connecting to {} ({}) at {remote}", peer.name, peer.id);
-    match net::connect(identity, peer.id, remote, options.congestion).await {
+    match client.connect(identity, peer.id, remote, options.congestion).await {
         Ok(connection) => Ok(connection),
         Err(e) => {
             let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
@@ -547,13 +551,14 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// with the error (and exit code) the round would have met. A peer that answers anything else (a
 /// build without `Check`) is left to the round itself.
 async fn check_peer(
+    client: &net::Client,
     job: &crate::config::JobConfig,
     peer: &crate::config::PeerConfig,
     addr: &str,
     identity: &Identity,
     options: &PushOptions,
 ) -> anyhow::Result<()> {
-    let connection = connect(peer, addr, identity, options).await?;
+    let connection = connect(client, peer, addr, identity, options).await?;
     let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
         let (mut send, recv) = connection.open_bi().await.map_err(|_| ())?;
         net::send(&mut send, &Message::Check { job: job.name.clone() }).await.map_err(|_| ())?;
@@ -593,8 +598,8 @@ async fn check_peer(
 
 /// Connects, says `Hello` and waits for `Welcome`.
 async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Result<Session> {
-    let Prepared { peer, addr, identity, state, job, .. } = prepared;
-    let connection = connect(peer, addr, identity, options).await?;
+    let Prepared { client, peer, addr, identity, state, job, .. } = prepared;
+    let connection = connect(client, peer, addr, identity, options).await?;
     let refused = |why: String| closed_error(why, peer, addr, identity);
     // With TLS 1.3 the server checks this node's certificate after the client considers the handshake
     // done: a refusal shows up on the first stream operations.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_testkit::{compare_trees, snapshot};
 
 use crate::network::Setup;
-use crate::util::{Tmpfs, assert_same_tree, is_root, no_staging_leftovers, random_bytes, tool, write};
+use crate::util::{Tmpfs, assert_same_tree, is_root, no_staging_leftovers, random_bytes, strace, write};
 
 /// `files` random files of `size` bytes under `dir`, named by `seed`.
 fn files(dir: &Path, count: usize, size: usize, seed: u64) {
@@ -37,18 +37,7 @@ fn every_file_whole(target: &Path, source: &Path, before: &ferry_testkit::Snapsh
 
 #[test]
 fn eio_on_sync_fails_the_round_keeps_the_old_state_and_the_next_round_succeeds() {
-    let Some(strace) = tool("strace", "strace") else {
-        eprintln!("SKIPPED: strace is not installed and cannot be (not root): no EIO injection");
-        return;
-    };
-    if !std::process::Command::new(&strace)
-        .args(["-f", "-qq", "-o", "/dev/null", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("SKIPPED: strace cannot trace here (ptrace not allowed): no EIO injection");
-        return;
-    }
+    let Some(strace) = strace("no EIO injection") else { return };
     let mut setup = Setup::new();
     let (source, target) = (setup.path("export"), setup.path("migration"));
     files(&source, 12, 100_000, 1);

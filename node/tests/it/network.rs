@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use ferry_testkit::{TreeGenerator, TreeSpec};
 
-use crate::util::{assert_same_tree, ferry_bin};
+use crate::util::{assert_same_tree, ferry_bin, strace};
 
 /// One node: its config folder.
 pub(crate) struct Node {
@@ -301,6 +301,37 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
     assert!(exported.exists());
     let dest: serde_json::Value = serde_json::from_slice(&setup.dest.run(&["status", "--json"]).stdout).unwrap();
     assert_eq!(dest["jobs"][0]["received"].as_array().unwrap().len(), 1, "a check opened a round: {dest}");
+}
+
+/// The check before the export hook and the round go out from one UDP socket (one quinn endpoint):
+/// quinn gives each endpoint a 13 MB receive buffer and zeroes it when it is made.
+#[test]
+fn the_check_and_the_round_go_out_from_one_socket() {
+    let Some(strace) = strace("cannot count the source's sockets") else { return };
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("f"), b"data").unwrap();
+    setup.job("zimbra", &source, &target);
+    let trace = setup.path("sync.trace");
+    let out = Command::new(strace)
+        .args(["-f", "-qq", "-e", "trace=bind", "-o"])
+        .arg(&trace)
+        .arg(ferry_bin())
+        .arg("--config-dir")
+        .arg(&setup.source.config)
+        .args(["sync", "--round", "zimbra", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("would take a round"), "no check before the round:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["in_sync"], true, "{report}");
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    // An endpoint's socket is bound to 0.0.0.0 (quinn-udp's probes for GSO and GRO bind others).
+    let bound = trace.lines().filter(|l| l.contains("inet_addr(\"0.0.0.0\")")).count();
+    assert_eq!(bound, 1, "the source bound {bound} sockets for a check and a round:\n{trace}");
 }
 
 #[test]

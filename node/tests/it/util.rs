@@ -175,3 +175,21 @@ pub(crate) fn tool(program: &str, package: &str) -> Option<PathBuf> {
     }
     find()
 }
+
+/// strace, when it is here (or can be installed) and may trace here (ptrace allowed); `None` after
+/// saying why the caller's test skips `what`.
+pub(crate) fn strace(what: &str) -> Option<PathBuf> {
+    let Some(strace) = tool("strace", "strace") else {
+        eprintln!("SKIPPED: strace is not installed and cannot be (not root): {what}");
+        return None;
+    };
+    if !std::process::Command::new(&strace)
+        .args(["-f", "-qq", "-o", "/dev/null", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("SKIPPED: strace cannot trace here (ptrace not allowed): {what}");
+        return None;
+    }
+    Some(strace)
+}
