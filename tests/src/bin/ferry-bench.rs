@@ -610,6 +610,12 @@ fn memory(args: &Args, root: &Path) -> Result<()> {
     if let Some(path) = &args.write {
         std::fs::write(path, out)?;
     }
+    // Both nodes' copies of both trees go when `run` returns, which takes minutes at a million files:
+    // a benchmark started before this command ends shares the disk with the deletion.
+    eprintln!(
+        "removing the trees ({} files on each side); the disk is busy until this command ends",
+        large + large / 10
+    );
     Ok(())
 }
 
