@@ -4,13 +4,14 @@
   tests/profile/during-round.sh 1 perf record -a -F 999 -o /tmp/all.data &
   target/release/ferry-bench --files 200000 --work /mnt/bench --no-rsync --fill-memory /var/tmp
   perf script -i /tmp/all.data -F comm,pid,tid,time,ip,sym > /tmp/all.txt
-  tests/profile/busy.py /tmp/all.txt [SOURCE_PID DEST_PID]
+  tests/profile/busy.py [--step SECONDS] /tmp/all.txt [SOURCE_PID DEST_PID]
 
 `perf record -a` samples every CPU at the same rate, the idle ones too (as pid 0), so a share of the
 samples is a share of the machine's time. For each second of the round it prints how much of it was
 idle, ferry's source (`ferry sync`), its destination (`ferry serve`) and everything else (kernel
 threads: writeback, the disk, softirqs), then each of ferry's threads over the whole round, with
-its four most sampled functions. Without the pids the source is the process with a `ferry-examine`
+its four most sampled functions. `--step 0.1` prints tenths of a second instead (a round with few
+changes lasts two). Without the pids the source is the process with a `ferry-examine`
 thread (the scan) and the destination the one with a `ferry-make` or `ferry-manifests` thread.
 """
 import collections
@@ -31,6 +32,12 @@ def samples(path):
 
 
 def main():
+    args = sys.argv[1:]
+    step = 1.0
+    if args[:1] == ["--step"]:
+        step = float(args[1])
+        args = args[2:]
+    sys.argv = [sys.argv[0], *args]
     path = sys.argv[1]
     rows = list(samples(path))
     if not rows:
@@ -51,28 +58,28 @@ def main():
     threads = collections.Counter()
     symbols = collections.defaultdict(collections.Counter)
     for comm, pid, tid, time, symbol in rows:
-        second = int(time - start)
+        bucket = int((time - start) / step)
         who = role.get(pid, "other")
-        per_second[second][who] += 1
+        per_second[bucket][who] += 1
         if who == "other":
-            others[second][comm.split("/")[0].split("-")[0]] += 1
+            others[bucket][comm.split("/")[0].split("-")[0]] += 1
         if who in ("source", "dest"):
             threads[(who, comm, tid)] += 1
             symbols[(who, comm, tid)][symbol] += 1
 
     print(f"source pid {source}, destination pid {dest}; shares of both cores' time")
-    print("second  idle  source  dest  other (largest)")
-    for second in sorted(per_second):
-        counts = per_second[second]
+    print("  from  idle  source  dest  other (largest)")
+    for bucket in sorted(per_second):
+        counts = per_second[bucket]
         total = sum(counts.values())
         share = {k: 100 * counts[k] / total for k in ("idle", "source", "dest", "other")}
-        largest = ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in others[second].most_common(2))
+        largest = ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in others[bucket].most_common(2))
         print(
-            f"{second:6d} {share['idle']:5.1f} {share['source']:7.1f} {share['dest']:5.1f} {share['other']:6.1f}"
+            f"{bucket * step:6.1f} {share['idle']:5.1f} {share['source']:7.1f} {share['dest']:5.1f} {share['other']:6.1f}"
             f"  ({largest})"
         )
     total = len(rows)
-    print(f"\nferry's threads over the round ({total} samples, {total / (len(per_second) or 1):.0f} a second)")
+    print(f"\nferry's threads over the round ({total} samples, {total / (len(per_second) or 1) / step:.0f} a second)")
     for (who, comm, tid), n in threads.most_common(12):
         top = ", ".join(f"{s[:40]} {100 * k / n:.0f}%" for s, k in symbols[(who, comm, tid)].most_common(4))
         print(f"{100 * n / total:5.1f}%  {who:6s} {comm}#{tid}: {top}")
