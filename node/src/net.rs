@@ -143,7 +143,8 @@ pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 /// quinn gives an endpoint a receive buffer for its largest batch of datagrams (32 batches of 64 GRO
 /// segments of [`MAX_UDP_PAYLOAD`] bytes: 13.3 MB) and zeroes it when the endpoint is made. With an
 /// endpoint per connection the source made and touched two of them a round, more memory than the
-/// scan of 200,000 files needs (BENCHMARKS.md, "One endpoint for a round's connections").
+/// scan of 200,000 files needs (BENCHMARKS.md, "One endpoint for a round's connections"). An endpoint
+/// quinn has stopped (its socket failed) is replaced by the next connection.
 #[derive(Default)]
 pub(crate) struct Client {
     v4: std::sync::Mutex<Option<quinn::Endpoint>>,
@@ -180,7 +181,16 @@ impl Client {
             }
         }
         client.transport_config(Arc::new(transport));
-        let connecting = self.endpoint(addr)?.connect_with(client, addr, "ferry")?;
+        let connecting = match self.endpoint(addr)?.connect_with(client.clone(), addr, "ferry") {
+            // quinn stops an endpoint whose socket fails (any receive error but a reset): a reconnection
+            // goes out from a new one instead of failing for the rest of the round.
+            Err(quinn::ConnectError::EndpointStopping) => {
+                tracing::debug!("the QUIC endpoint has stopped; making a new one");
+                self.forget(addr);
+                self.endpoint(addr)?.connect_with(client, addr, "ferry")?
+            }
+            connecting => connecting?,
+        };
         match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(connection) => Ok(connection?),
             Err(_) => Err(anyhow!(
@@ -190,10 +200,20 @@ impl Client {
         }
     }
 
+    /// The slot of `addr`'s address family.
+    fn slot(&self, addr: SocketAddr) -> std::sync::MutexGuard<'_, Option<quinn::Endpoint>> {
+        let slot = if addr.is_ipv6() { &self.v6 } else { &self.v4 };
+        slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops the endpoint for `addr`'s address family: the next connection makes a new one.
+    fn forget(&self, addr: SocketAddr) {
+        self.slot(addr).take();
+    }
+
     /// The endpoint for `addr`'s address family, made on first use.
     fn endpoint(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-        let slot = if addr.is_ipv6() { &self.v6 } else { &self.v4 };
-        let mut slot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.slot(addr);
         if let Some(endpoint) = slot.as_ref() {
             return Ok(endpoint.clone());
         }
@@ -371,5 +391,40 @@ mod tests {
         assert_eq!(piece_len(rate("20M")), 64 << 10);
         assert_eq!(piece_len(rate("0")), 1 << 10, "a pause: the smallest, if it lets a piece through");
         assert_eq!(piece_len(ferry_engine::Rate::UNLIMITED), 64 << 10);
+    }
+
+    /// A stopped endpoint (quinn stops one whose socket fails) is replaced, not reused for the rest of
+    /// the round. A socket the kernel breaks cannot be made here, so the test closes the endpoint,
+    /// which puts it in the same state for `connect_with`.
+    #[tokio::test]
+    async fn a_stopped_endpoint_is_replaced_by_the_next_connection() {
+        let server = Identity::generate().unwrap();
+        let source = Identity::generate().unwrap();
+        let trusted = TrustedPeers::default();
+        trusted.write().unwrap().insert(source.node_id());
+        let listening = server_endpoint(&server, trusted, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listening.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            for _ in 0..2 {
+                let connection = listening.accept().await.unwrap().await.unwrap();
+                connection.closed().await;
+            }
+        });
+
+        let client = Client::default();
+        let first = client.connect(&source, server.node_id(), addr, Congestion::Cubic).await.unwrap();
+        let stopped = client.endpoint(addr).unwrap();
+        first.close(0u32.into(), b"");
+        stopped.close(0u32.into(), b"");
+
+        let second = client.connect(&source, server.node_id(), addr, Congestion::Cubic).await.unwrap();
+        assert_eq!(peer_id(&second), Some(server.node_id()));
+        assert_ne!(
+            client.endpoint(addr).unwrap().local_addr().unwrap(),
+            stopped.local_addr().unwrap(),
+            "the second connection went out from a new socket"
+        );
+        second.close(0u32.into(), b"");
+        tokio::time::timeout(Duration::from_secs(10), accepting).await.unwrap().unwrap();
     }
 }
