@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The kernel's cost of writing a file's chunks with a `write` each against one `writev`.
+
+usage: tests/profile/write-pieces.py DIR [--files N] [--size BYTES] [--piece BYTES] [--pairs K]
+                                       [--group BYTES] [--writev-first]
+
+Creates N files of BYTES random bytes in a fresh folder under DIR, each written in pieces of PIECE
+bytes (FastCDC's chunks end anywhere inside a block), once with one `write` per piece and once with
+one `writev` for each run of pieces that fits in `--group` bytes (1 MiB, as ferry's maker; 0: one
+`writev` for the whole file), alternated K times (`write` first unless `--writev-first`), and prints
+the system and wall time of each run and the medians. Each folder is removed after its run and `sync`
+is called before the next, so that no run pays for another's writeback. What ferry's maker thread
+does per small file (engine/src/apply/make.rs), without the rest of a round.
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import time
+
+
+def groups_of(pieces, group):
+    """Runs of pieces of at most `group` bytes (at least one piece each); 0: all of them."""
+    if group == 0:
+        return [pieces]
+    groups, current, length = [], [], 0
+    for p in pieces:
+        if current and length + len(p) > group:
+            groups.append(current)
+            current, length = [], 0
+        current.append(p)
+        length += len(p)
+    return groups + [current] if current else groups
+
+
+def run(base, mode, files, size, piece, group):
+    data = os.urandom(size)
+    pieces = [data[i : i + piece] for i in range(0, size, piece)]
+    groups = groups_of(pieces, group)
+    folder = os.path.join(base, f"write-pieces-{mode}-{os.getpid()}")
+    os.makedirs(folder)
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    for i in range(files):
+        fd = os.open(os.path.join(folder, f"f{i}"), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+        if mode == "write":
+            for p in pieces:
+                os.write(fd, p)
+        else:
+            for g in groups:
+                os.writev(fd, g)
+        os.close(fd)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    shutil.rmtree(folder)
+    os.sync()
+    return after.ru_stime - before.ru_stime, wall
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir")
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--size", type=int, default=300_000)
+    parser.add_argument("--piece", type=int, default=65_537)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--group", type=int, default=1 << 20)
+    parser.add_argument("--writev-first", action="store_true")
+    args = parser.parse_args()
+    print(
+        f"{args.files} files of {args.size} bytes in pieces of {args.piece} under {args.dir}, "
+        f"writev groups of {args.group or 'the whole file'}"
+    )
+    results = {"write": [], "writev": []}
+    for pair in range(args.pairs):
+        for mode in ("writev", "write") if args.writev_first else ("write", "writev"):
+            system, wall = run(args.dir, mode, args.files, args.size, args.piece, args.group)
+            results[mode].append((system, wall))
+            print(f"  pair {pair + 1} {mode:6}  system {system:6.2f} s  wall {wall:6.2f} s")
+    for mode, runs in results.items():
+        system = statistics.median(s for s, _ in runs)
+        wall = statistics.median(w for _, w in runs)
+        print(f"median {mode:6}  system {system:6.2f} s  wall {wall:6.2f} s")
+
+
+if __name__ == "__main__":
+    main()
