@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -42,7 +42,7 @@ use crate::rootdir::{NameExt, RootDir};
 use crate::spill::SpillQueue;
 
 mod make;
-use make::{Job, Maker};
+use make::{Job, Maker, WRITE_GROUP};
 
 /// How to apply.
 #[derive(Debug, Clone)]
@@ -504,6 +504,26 @@ struct Staged {
     is_file: bool,
     /// Something is at the final path already (so linking straight to it would fail).
     replaces: bool,
+}
+
+/// Chunks of a file built on the applying thread, fetched and not yet written: they are written
+/// together, up to [`make::WRITE_GROUP`] bytes at a time, instead of one `write` each.
+#[derive(Default)]
+struct Unwritten {
+    pieces: Vec<Bytes>,
+    /// Those fetched from the source, with their offsets, to hand back once written.
+    fetched: Vec<(ChunkHash, u64)>,
+    len: u64,
+}
+
+impl Unwritten {
+    fn push(&mut self, bytes: Bytes, hash: ChunkHash, offset: u64, fetched: bool) {
+        self.len += bytes.len() as u64;
+        self.pieces.push(bytes);
+        if fetched {
+            self.fetched.push((hash, offset));
+        }
+    }
 }
 
 /// A batch whose `syncfs` runs on another thread while the next batch is staged.
@@ -1031,7 +1051,7 @@ impl Applier<'_> {
                 (fd, false)
             }
         };
-        let mut file = File::from(fd);
+        let file = File::from(fd);
         // A large file's descriptor, shared with the chunk source (see `ChunkSource::written`).
         let shared = if new.size >= LARGE_FILE {
             let dup = file.try_clone();
@@ -1041,6 +1061,7 @@ impl Applier<'_> {
         };
         let (mut offset, mut synced) = (0u64, 0u64);
         let mut syncing: Option<BackgroundSync> = None;
+        let mut unwritten = Unwritten::default();
         for chunk in &new.chunks {
             let fetched = match self.get_chunk(new, offset, chunk) {
                 Ok(fetched) => fetched,
@@ -1056,12 +1077,13 @@ impl Applier<'_> {
                     return Ok(false);
                 }
             };
-            file.write_all(&self.buf).map_err(|e| ApplyError::Io { op: "write", path: shown.clone(), source: e })?;
-            if let Some(shared) = shared.as_ref().filter(|_| fetched) {
-                self.source.written(&chunk.hash, shared, offset);
-            }
+            unwritten.push(self.buf.take(), chunk.hash, offset, fetched);
             offset += u64::from(chunk.len);
-            if let Some(shared) = shared.as_ref().filter(|_| offset - synced >= LARGE_FILE_SYNC) {
+            let sync_due = shared.is_some() && offset - synced >= LARGE_FILE_SYNC;
+            if unwritten.len >= WRITE_GROUP as u64 || sync_due {
+                self.write_unwritten(&mut unwritten, &file, shared.as_ref(), &shown)?;
+            }
+            if let Some(shared) = shared.as_ref().filter(|_| sync_due) {
                 // One sync at a time: the one of the piece before this one must be done.
                 if let Some(sync) = syncing.take() {
                     waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
@@ -1070,6 +1092,7 @@ impl Applier<'_> {
                 synced = offset;
             }
         }
+        self.write_unwritten(&mut unwritten, &file, shared.as_ref(), &shown)?;
         if let Some(sync) = syncing.take() {
             waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
         }
@@ -1079,6 +1102,29 @@ impl Applier<'_> {
         let unnamed = unnamed.then(|| OwnedFd::from(file));
         self.stage(tmp, unnamed, new, new.chunks.clone(), replaces)?;
         Ok(true)
+    }
+
+    /// Writes the chunks gathered in `unwritten` to the end of `file` (see [`make::write_pieces`]),
+    /// then hands those that came from the source back to it (a large file's, `shared`).
+    fn write_unwritten(
+        &mut self,
+        unwritten: &mut Unwritten,
+        file: &File,
+        shared: Option<&Arc<File>>,
+        shown: &str,
+    ) -> Result<(), ApplyError> {
+        let Unwritten { pieces, fetched, .. } = std::mem::take(unwritten);
+        make::write_pieces(file, &pieces).map_err(|e| ApplyError::Io {
+            op: "write",
+            path: shown.to_owned(),
+            source: e,
+        })?;
+        if let Some(shared) = shared {
+            for (hash, offset) in fetched {
+                self.source.written(&hash, shared, offset);
+            }
+        }
+        Ok(())
     }
 
     /// Stages a small file made by the maker: its bytes are gathered (and checked) here, the file is
@@ -1468,7 +1514,7 @@ mod tests {
     #[test]
     fn a_background_sync_reports_back_what_the_disk_said() {
         let file = Arc::new(tempfile::tempfile().unwrap());
-        (&*file).write_all(b"some data").unwrap();
+        std::io::Write::write_all(&mut &*file, b"some data").unwrap();
         BackgroundSync::start(file, |fd| rustix::fs::fdatasync(fd)).wait().unwrap();
         // A socket cannot be synced: the error comes back from the thread to the waiter.
         let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();

@@ -123,14 +123,14 @@ fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
 /// write: writes of 4 and 8 MB into new files took 1.4 to 8 times the kernel time of 1 MiB ones on
 /// this virtual machine, which had to fault the 2 MiB blocks it hands back to its host in again
 /// (BENCHMARKS.md, "One writev per run of chunks").
-const WRITE_GROUP: usize = 1 << 20;
+pub(super) const WRITE_GROUP: usize = 1 << 20;
 
 /// Writes `pieces` one after the other, with one `writev` for each run of them that fits in
 /// [`WRITE_GROUP`] (at least one piece).
 ///
 /// A `write` per chunk ends most writes inside a block, and ext4 zeroes the rest of a new block before
 /// a write that does not cover it: each chunk boundary cost a partly zeroed block and a system call.
-fn write_pieces(file: &File, pieces: &[Bytes]) -> io::Result<()> {
+pub(super) fn write_pieces(file: &File, pieces: &[Bytes]) -> io::Result<()> {
     let mut rest = pieces;
     while !rest.is_empty() {
         let (group, after) = rest.split_at(group_len(rest));
