@@ -6,7 +6,7 @@ usage: tests/profile/write-pieces.py DIR [--files N] [--size BYTES] [--piece BYT
 
 Creates N files of BYTES random bytes in a fresh folder under DIR, each written in pieces of PIECE
 bytes (FastCDC's chunks end anywhere inside a block), once with one `write` per piece and once with
-one `writev` for each run of pieces that fits in `--group` bytes (1 MiB, as ferry's maker; 0: one
+one `writev` for each run of pieces that fits in `--group` bytes (256 KiB, as ferry; 0: one
 `writev` for the whole file), alternated K times (`write` first unless `--writev-first`), and prints
 the system and wall time of each run and the medians. Each folder is removed after its run and `sync`
 is called before the next, so that no run pays for another's writeback. What ferry's maker thread
@@ -65,7 +65,7 @@ def main():
     parser.add_argument("--size", type=int, default=300_000)
     parser.add_argument("--piece", type=int, default=65_537)
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--group", type=int, default=1 << 20)
+    parser.add_argument("--group", type=int, default=256 << 10)
     parser.add_argument("--writev-first", action="store_true")
     args = parser.parse_args()
     print(
