@@ -119,12 +119,12 @@ fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
     Ok(Made { unnamed: (!named).then(|| OwnedFd::from(file)), no_tmpfile: unsupported })
 }
 
-/// The most bytes one `writev` of [`write_pieces`] carries (four average chunks). ext4 sizes a new
-/// page-cache folio to the write, and on this virtual machine writes of 512 KiB and more into new
-/// files now and then took 1.5 to 6 times the kernel time of a `write` per chunk, the whole time in
-/// copying into the new folios; groups of 256 KiB never did, and took about a fifth less than a
-/// `write` per chunk (BENCHMARKS.md, "Chunks written together").
-pub(super) const WRITE_GROUP: usize = 256 << 10;
+/// The most bytes one `writev` of [`write_pieces`] carries (16 average chunks). With the memory
+/// full of page cache, as on a server that has been up a while, groups of 1 MiB took a third less
+/// kernel time than a `write` per chunk, groups of 256 KiB a tenth less, a whole 8 MB file in one
+/// `writev` no less than 1 MiB groups (BENCHMARKS.md, "Chunks written together"); the bound keeps
+/// the list of slices and each page-cache folio ext4 sizes to the write moderate.
+pub(super) const WRITE_GROUP: usize = 1 << 20;
 
 /// Writes `pieces` one after the other, with one `writev` for each run of them that fits in
 /// [`WRITE_GROUP`] (at least one piece).
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn a_group_is_the_pieces_that_fit_and_at_least_one() {
         let pieces = |lens: &[usize]| lens.iter().map(|&len| Bytes::from(vec![0u8; len])).collect::<Vec<_>>();
-        assert_eq!(group_len(&pieces(&[100_000; 5])), 2);
+        assert_eq!(group_len(&pieces(&[300_000; 5])), 3);
         assert_eq!(group_len(&pieces(&[WRITE_GROUP / 2; 3])), 2);
         assert_eq!(group_len(&pieces(&[WRITE_GROUP + 1, 10])), 1);
         assert_eq!(group_len(&pieces(&[10, 20])), 2);
