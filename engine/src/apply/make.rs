@@ -121,9 +121,9 @@ fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
 
 /// The most bytes one `writev` of [`write_pieces`] carries (16 average chunks). With the memory
 /// full of page cache, as on a server that has been up a while, groups of 1 MiB took a third less
-/// kernel time than a `write` per chunk, groups of 256 KiB a tenth less, a whole 8 MB file in one
-/// `writev` no less than 1 MiB groups (BENCHMARKS.md, "Chunks written together"); the bound keeps
-/// the list of slices and each page-cache folio ext4 sizes to the write moderate.
+/// kernel time than a `write` per chunk, groups of 256 KiB a tenth less, and one `writev` for a whole
+/// 8 MB file about as much as 1 MiB groups (BENCHMARKS.md, "Chunks written together"). The bound keeps
+/// the list of slices short and the page-cache folios ext4 sizes to each write moderate.
 pub(super) const WRITE_GROUP: usize = 1 << 20;
 
 /// Writes `pieces` one after the other, with one `writev` for each run of them that fits in
