@@ -187,6 +187,10 @@ pub struct ApplyReport {
     /// of large files and of the chunk index.
     #[serde(serialize_with = "crate::serialize_millis")]
     pub sync_wait: Duration,
+    /// Of `duration`, the time spent waiting for the thread that makes small files to finish a
+    /// batch's, before the batch syncs.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub make_wait: Duration,
 }
 
 /// An apply that had to stop: the target keeps every file either old or new, never torn.
@@ -1165,7 +1169,7 @@ impl Applier<'_> {
     fn collect_made(&mut self) -> Result<(), ApplyError> {
         let Some(maker) = self.maker.as_mut() else { return Ok(()) };
         while maker.pending() > 0 {
-            let (slot, made) = maker.collect()?;
+            let (slot, made) = waiting(&mut self.report.make_wait, || maker.collect())?;
             self.no_tmpfile |= made.no_tmpfile;
             self.batch.staged[slot].unnamed = made.unnamed;
         }
@@ -1407,10 +1411,11 @@ impl BackgroundSync {
     }
 }
 
-/// Runs `sync` (a wait for the disk), adding how long it took to `total`.
-fn waiting<T>(total: &mut Duration, sync: impl FnOnce() -> T) -> T {
+/// Runs `wait` (for the disk, or for the thread that makes small files), adding how long it took to
+/// `total`.
+fn waiting<T>(total: &mut Duration, wait: impl FnOnce() -> T) -> T {
     let started = Instant::now();
-    let result = sync();
+    let result = wait();
     *total += started.elapsed();
     result
 }

@@ -1044,6 +1044,7 @@ fn commit_round(
         report.duration.as_secs_f64(),
         report.sync_wait.as_secs_f64()
     );
+    tracing::debug!("{:.2} s waiting for the small files of a batch to be made", report.make_wait.as_secs_f64());
     let done = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
     state.set_holds(done)?;
     let _ = std::fs::remove_file(state.round_marker());
@@ -1269,9 +1270,11 @@ fn transfer(
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
     let mut last_progress = (Instant::now(), 0u64);
+    let mut spent = Spent::default();
     let end = loop {
         // Plan ahead and ask.
         let mut needs = Vec::new();
+        let mut clock = Instant::now();
         while !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
             let Some(step) = steps.next() else {
                 planned_all = true;
@@ -1300,6 +1303,7 @@ fn transfer(
         for part in needs.chunks(4096) {
             send(Message::Need(part.to_vec()))?;
         }
+        spent.planning += lap(&mut clock);
         if let Some(end) = source_messages(inbox, window)? {
             break end;
         }
@@ -1324,6 +1328,7 @@ fn transfer(
             applier.step(entry.step)?;
             progressed = true;
         }
+        spent.applying += lap(&mut clock);
         // A large file's wait ends early when the data streams fail or nothing comes for the stall
         // deadline: the round is cut there, not counted complete without that file.
         if let Some(error) = window.error() {
@@ -1341,6 +1346,7 @@ fn transfer(
             syncing = std::mem::take(&mut applied);
             syncing_bytes = std::mem::take(&mut applied_bytes);
             last_flush = Instant::now();
+            spent.flushing += lap(&mut clock);
         }
         if planned_all && waiting.is_empty() {
             break TransferEnd::Complete;
@@ -1364,14 +1370,40 @@ fn transfer(
             .changed
             .wait_timeout(state, Duration::from_millis(200))
             .map_err(|_| anyhow!("window lock poisoned"))?;
+        spent.waiting += lap(&mut clock);
     };
     // What arrived before a stop or a cut: the entries whose chunks are all in, then durable.
     while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
         let Some(entry) = waiting.pop_front() else { break };
         applier.step(entry.step)?;
     }
+    let mut clock = Instant::now();
     applier.flush_batch()?;
+    spent.flushing += lap(&mut clock);
+    tracing::debug!(
+        "transfer: {:.2} s planning (reading the manifests, looking chunks up), {:.2} s applying, {:.2} s flushing \
+         (waiting for a batch's sync, linking it into place), {:.2} s waiting for chunks",
+        spent.planning.as_secs_f64(),
+        spent.applying.as_secs_f64(),
+        spent.flushing.as_secs_f64(),
+        spent.waiting.as_secs_f64()
+    );
     Ok(end)
+}
+
+/// Where the transfer's thread spent its time, for the debug log: in which part of its loop.
+#[derive(Default)]
+struct Spent {
+    planning: Duration,
+    applying: Duration,
+    flushing: Duration,
+    waiting: Duration,
+}
+
+/// The time since `clock`, which moves to now.
+fn lap(clock: &mut Instant) -> Duration {
+    let now = Instant::now();
+    now.saturating_duration_since(std::mem::replace(clock, now))
 }
 
 /// Whether a round ended because this node refused it (its reason went to the source as `Refused`).
