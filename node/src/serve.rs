@@ -1382,7 +1382,7 @@ fn transfer(
     spent.flushing += lap(&mut clock);
     tracing::debug!(
         "transfer: {:.2} s planning (reading the manifests, looking chunks up), {:.2} s applying, {:.2} s flushing \
-         (waiting for a batch's sync, linking it into place), {:.2} s waiting for chunks",
+         (waiting for a batch's files to be made and synced, naming them into place), {:.2} s waiting for chunks",
         spent.planning.as_secs_f64(),
         spent.applying.as_secs_f64(),
         spent.flushing.as_secs_f64(),
