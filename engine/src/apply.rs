@@ -10,8 +10,9 @@
 //! durable, then each file is renamed over its final path. A final path therefore always holds either
 //! the old file or the complete new one, at the cost of one sync per batch instead of one per file.
 //! A batch's sync runs on another thread while the next batch is staged ([`Applier::begin_flush`]);
-//! the batch is renamed into place once its sync is done, before the next sync begins.
-//! Folders' modes and mtimes are set after their contents are in place.
+//! the same thread then renames the batch into place, sets the metadata of the folders it finished
+//! (after their contents are in place) and records its chunks in the index, all before the next sync
+//! begins.
 //!
 //! Destination-only content (anything the old manifest does not list) is never removed. A path the
 //! source deleted is kept unless [`ApplyOptions::delete`] is set. When a path changes kind and the
@@ -191,6 +192,10 @@ pub struct ApplyReport {
     /// batch's, before the batch syncs.
     #[serde(serialize_with = "crate::serialize_millis")]
     pub make_wait: Duration,
+    /// Of `duration`, the time spent waiting for a synced batch to be named into place, its folders'
+    /// metadata set and its chunks recorded in the index (on another thread, after its sync).
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub place_wait: Duration,
 }
 
 /// An apply that had to stop: the target keeps every file either old or new, never torn.
@@ -347,8 +352,8 @@ impl<'a> Applier<'a> {
         let options =
             ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 4).max(1), ..options.clone() };
         Ok(Applier {
-            root,
-            staging,
+            root: Arc::new(root),
+            staging: Arc::new(staging),
             index,
             source,
             committed: Some(committed),
@@ -358,7 +363,7 @@ impl<'a> Applier<'a> {
             started: Instant::now(),
             stack: Vec::new(),
             batch: Batch::default(),
-            syncing: None,
+            placing: None,
             next_tmp: 0,
             buf: ChunkBuf::default(),
             local_file: None,
@@ -369,6 +374,7 @@ impl<'a> Applier<'a> {
             no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
             planner: Planner::default(),
             maker,
+            place_spent: PlaceTimes::default(),
         })
     }
 
@@ -410,7 +416,7 @@ impl<'a> Applier<'a> {
     /// begins syncing what is staged now, on another thread, and returns while the next batch is
     /// staged. Everything applied before the *previous* call is durable and visible when this returns.
     pub fn begin_flush(&mut self) -> Result<(), ApplyError> {
-        let settled = self.syncing.is_some();
+        let settled = self.placing.is_some();
         self.settle()?;
         if settled {
             waiting(&mut self.report.sync_wait, || self.index.sync())?;
@@ -418,10 +424,10 @@ impl<'a> Applier<'a> {
         self.start_sync()
     }
 
-    /// Whether the batch [`Applier::begin_flush`] handed to the disk last is still syncing: a
-    /// `begin_flush` now would wait for it.
+    /// Whether the batch [`Applier::begin_flush`] handed to the disk last is still syncing or being
+    /// put into place: a `begin_flush` now would wait for it.
     pub fn is_syncing(&self) -> bool {
-        self.syncing.as_ref().is_some_and(|s| !s.sync.is_done())
+        self.placing.as_ref().is_some_and(|p| !p.work.is_done())
     }
 
     /// Ends the apply: closes every folder, flushes, runs the deletions, syncs.
@@ -441,7 +447,26 @@ impl<'a> Applier<'a> {
             rustix::fs::futimens(self.root.fd(), &times(mtime_ns)).map_err(io_err("set mtime of", &shown))?;
         }
         self.report.duration = self.started.elapsed();
-        Ok(self.report)
+        let spent = &self.place_spent;
+        tracing::debug!(
+            "putting batches into place (on their own thread, after each sync): {:.2} s naming files, {:.2} s \
+             setting folders' metadata, {:.2} s recording chunks in the index, {:.2} s closing",
+            spent.naming.as_secs_f64(),
+            spent.folders.as_secs_f64(),
+            spent.index.as_secs_f64(),
+            spent.closing.as_secs_f64()
+        );
+        Ok(std::mem::take(&mut self.report))
+    }
+}
+
+impl Drop for Applier<'_> {
+    /// An apply that stopped early still waits for the batch being put into place, so that nothing
+    /// goes on touching the target or the index once the applier is gone.
+    fn drop(&mut self) {
+        if let Some(placing) = self.placing.take() {
+            let _ = placing.work.wait();
+        }
     }
 }
 
@@ -530,25 +555,67 @@ impl Unwritten {
     }
 }
 
-/// A batch whose `syncfs` runs on another thread while the next batch is staged.
-struct Syncing {
-    batch: Batch,
-    sync: BackgroundSync,
+/// A batch being made durable and put into place on another thread (see [`place`]) while the next
+/// batch is staged.
+struct Placing {
+    /// The batch's paths (a hard link to one of them waits until it is in place).
+    paths: HashMap<RelPath, usize>,
+    work: Background<Result<Placed, ApplyError>>,
+}
+
+/// What [`place`] did with a batch.
+struct Placed {
+    /// When its sync ended (before the renames).
+    synced: Instant,
+    /// The chunks it recorded in the index.
+    hashes: Vec<ChunkHash>,
+    spent: PlaceTimes,
+}
+
+/// How long [`place`] took, by part, after the sync (logged at debug level at the end of an apply).
+#[derive(Default)]
+struct PlaceTimes {
+    /// Linking and renaming files into place.
+    naming: Duration,
+    /// Setting folders' metadata.
+    folders: Duration,
+    /// Recording chunks in the index.
+    index: Duration,
+    /// Closing the batch's descriptors and freeing it.
+    closing: Duration,
+}
+
+impl PlaceTimes {
+    fn add(&mut self, other: &PlaceTimes) {
+        self.naming += other.naming;
+        self.folders += other.folders;
+        self.index += other.index;
+        self.closing += other.closing;
+    }
 }
 
 #[derive(Default)]
 struct Batch {
     staged: Vec<Staged>,
     by_path: HashMap<RelPath, usize>,
-    /// Folder metadata to set once the renames into them are done.
-    dirs: Vec<(RelPath, Entry, bool)>,
+    /// Folders whose metadata is set once the renames into them are done.
+    dirs: Vec<DoneFolder>,
     bytes: u64,
+}
+
+/// A folder the walk has left, whose metadata is set once its batch's files are in place.
+struct DoneFolder {
+    path: RelPath,
+    mtime_ns: i64,
+    /// Its owner (`None`: left as it is) and mode, for a new or changed folder; `None` when only the
+    /// mtime is put back (an unchanged folder that something was put into or removed from).
+    metadata: Option<(Option<(u32, u32)>, u32)>,
 }
 
 /// Applies a new manifest to a target, one pair at a time (see the module's documentation).
 pub struct Applier<'a> {
-    root: RootDir,
-    staging: OwnedFd,
+    root: Arc<RootDir>,
+    staging: Arc<OwnedFd>,
     index: &'a mut ChunkIndex,
     source: &'a mut dyn ChunkSource,
     committed: Option<&'a mut ManifestWriter>,
@@ -558,8 +625,9 @@ pub struct Applier<'a> {
     started: Instant,
     stack: Vec<Frame>,
     batch: Batch,
-    /// The batch before `batch`, on its way to the disk; renamed into place before the next sync.
-    syncing: Option<Syncing>,
+    /// The batch before `batch`, on its way to the disk and its final paths; in place before the next
+    /// sync.
+    placing: Option<Placing>,
     next_tmp: u64,
     buf: ChunkBuf,
     local_file: Option<(RelPath, File)>,
@@ -575,6 +643,8 @@ pub struct Applier<'a> {
     planner: Planner,
     /// Makes the small files of the batch being staged (`None`: they are made here).
     maker: Option<Maker>,
+    /// How long putting the batches into place took, by part.
+    place_spent: PlaceTimes,
 }
 
 /// A deletion put off until the end of the round.
@@ -958,7 +1028,7 @@ impl Applier<'_> {
     }
 
     fn stage_hard_link(&mut self, new: &Entry, leader: &RelPath, replaces: bool) -> Result<bool, ApplyError> {
-        if self.syncing.as_ref().is_some_and(|s| s.batch.by_path.contains_key(leader)) {
+        if self.placing.as_ref().is_some_and(|p| p.paths.contains_key(leader)) {
             // The leader is staged but not in place yet: link to it once it is.
             self.settle()?;
         }
@@ -1072,7 +1142,7 @@ impl Applier<'_> {
                 Err(why) => {
                     drop(file);
                     if let Some(sync) = syncing.take() {
-                        let _ = sync.wait();
+                        let _ = sync.synced();
                     }
                     if !unnamed {
                         let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
@@ -1090,15 +1160,15 @@ impl Applier<'_> {
             if let Some(shared) = shared.as_ref().filter(|_| sync_due) {
                 // One sync at a time: the one of the piece before this one must be done.
                 if let Some(sync) = syncing.take() {
-                    waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
+                    waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &shown))?;
                 }
-                syncing = Some(BackgroundSync::start(shared.clone(), |fd| rustix::fs::fdatasync(fd)));
+                syncing = Some(BackgroundSync::sync(shared.clone(), |fd| rustix::fs::fdatasync(fd)));
                 synced = offset;
             }
         }
         self.write_unwritten(&mut unwritten, &file, shared.as_ref(), &shown)?;
         if let Some(sync) = syncing.take() {
-            waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", &shown))?;
+            waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &shown))?;
         }
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
         self.report.files_written += 1;
@@ -1241,9 +1311,14 @@ impl Applier<'_> {
 
     fn leave(&mut self, frame: Frame, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
         match frame.leave {
-            Leave::Keep(entry) if frame.dirty => self.batch.dirs.push((frame.path, entry, false)),
+            Leave::Keep(entry) if frame.dirty => {
+                self.batch.dirs.push(DoneFolder { path: frame.path, mtime_ns: entry.mtime_ns, metadata: None });
+            }
             Leave::Keep(_) | Leave::Failed => {}
-            Leave::Update(entry) => self.batch.dirs.push((frame.path, entry, true)),
+            Leave::Update(entry) => {
+                let metadata = Some((self.owner_of(&entry), entry.mode));
+                self.batch.dirs.push(DoneFolder { path: frame.path, mtime_ns: entry.mtime_ns, metadata });
+            }
             Leave::Delete => {
                 if self.rmdir(&frame.path)? {
                     self.report.deleted += 1;
@@ -1287,114 +1362,157 @@ impl Applier<'_> {
     /// places in the index.
     fn flush(&mut self) -> Result<(), ApplyError> {
         self.settle()?;
-        self.collect_made()?;
-        let batch = std::mem::take(&mut self.batch);
-        if !batch.staged.is_empty() {
-            waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(&self.staging))
-                .map_err(io_err("sync", self.root.path().display()))?;
-        }
-        self.place_batch(batch)
+        self.start_sync()?;
+        self.settle()
     }
 
-    /// Begins the sync of the current batch on another thread (the batch before it must be settled).
+    /// Hands the current batch to a thread of its own that syncs it and puts it into place (the batch
+    /// before it must be settled).
     fn start_sync(&mut self) -> Result<(), ApplyError> {
-        debug_assert!(self.syncing.is_none(), "one batch syncs at a time");
+        debug_assert!(self.placing.is_none(), "one batch is put into place at a time");
         self.collect_made()?;
-        if self.batch.staged.is_empty() {
+        let mut batch = std::mem::take(&mut self.batch);
+        let paths = std::mem::take(&mut batch.by_path);
+        let target = Target { root: self.root.clone(), staging: self.staging.clone(), index: self.index.clone() };
+        if batch.staged.is_empty() {
             // Folders' metadata only: nothing to wait for.
-            let batch = std::mem::take(&mut self.batch);
-            return self.place_batch(batch);
+            let placed = place(target, batch)?;
+            self.place_spent.add(&placed.spent);
+            return Ok(());
         }
-        let shown = self.root.path().display().to_string();
-        let staging = self.staging.try_clone().map_err(|e| ApplyError::Io { op: "sync", path: shown, source: e })?;
-        let sync = BackgroundSync::start(Arc::new(staging), |fd| rustix::fs::syncfs(fd));
-        self.syncing = Some(Syncing { batch: std::mem::take(&mut self.batch), sync });
+        let work = Background::start("ferry-place", move || place(target, batch));
+        self.placing = Some(Placing { paths, work });
         Ok(())
     }
 
-    /// Waits for the batch that is syncing, if any, then renames it into place.
+    /// Waits for the batch being synced and put into place, if any.
     fn settle(&mut self) -> Result<(), ApplyError> {
-        let Some(Syncing { batch, sync }) = self.syncing.take() else {
+        let Some(placing) = self.placing.take() else {
             return Ok(());
         };
-        let shown = self.root.path().display().to_string();
-        waiting(&mut self.report.sync_wait, || sync.wait()).map_err(io_err("sync", shown))?;
-        self.place_batch(batch)
-    }
-
-    /// Renames a synced batch into place, sets the metadata of its folders and records its chunks'
-    /// places in the index.
-    fn place_batch(&mut self, batch: Batch) -> Result<(), ApplyError> {
-        for staged in &batch.staged {
-            let dir = self.parent_dir_or_fail(&staged.path)?;
-            let name = name_of(&staged.path).os();
-            if let Some(fd) = &staged.unnamed {
-                // A new path takes the file's first name directly; an existing one is replaced by a
-                // rename, which is atomic.
-                if !staged.replaces {
-                    match link_unnamed(fd, &*dir, name.as_encoded_bytes()) {
-                        Ok(()) => continue,
-                        Err(Errno::EXIST) => {}
-                        Err(e) => return Err(io_err("link into place", &staged.path)(e)),
-                    }
-                }
-                link_unnamed(fd, &self.staging, &staged.tmp).map_err(io_err("name", &staged.path))?;
-            }
-            rustix::fs::renameat(&self.staging, staged.tmp.os(), &*dir, name)
-                .map_err(io_err("rename into place", &staged.path))?;
-        }
-        for (path, entry, full) in &batch.dirs {
-            let fd = self.root.open_dir(path).map_err(|e| ApplyError::Io {
-                op: "open folder",
-                path: path.to_string(),
-                source: e,
-            })?;
-            if *full {
-                self.set_file_metadata(&fd, entry).map_err(io_err("set metadata of folder", path))?;
-            } else {
-                rustix::fs::futimens(&fd, &times(entry.mtime_ns)).map_err(io_err("set mtime of folder", path))?;
-            }
-        }
-        let mut locations = Vec::new();
-        for staged in &batch.staged {
-            let mut offset = 0u64;
-            for chunk in &staged.chunks {
-                locations.push((chunk.hash, ChunkLocation { path: staged.path.clone(), offset, len: chunk.len }));
-                offset += u64::from(chunk.len);
-            }
-        }
-        if !locations.is_empty() {
-            self.index.insert(locations.iter().map(|(h, l)| (h, l.clone())), false)?;
-            // The planner finds these in the index now: it need not remember asking for them, and
-            // its memory stays bounded by what is in flight, not by the round's size.
-            self.planner.forget(locations.iter().map(|(h, _)| h));
-        }
+        let started = Instant::now();
+        let placed = placing.work.wait().unwrap_or_else(|| {
+            let why = io::Error::other("the thread putting a batch into place stopped (a bug)");
+            Err(ApplyError::Io { op: "put into place", path: self.root.path().display().to_string(), source: why })
+        })?;
+        // Waiting until the sync ended is waiting for the disk; after it, for the renames and the index.
+        let now = Instant::now();
+        let synced = placed.synced.clamp(started, now);
+        self.report.sync_wait += synced - started;
+        self.report.place_wait += now - synced;
+        self.place_spent.add(&placed.spent);
+        // The planner finds these in the index now: it need not remember asking for them, and its
+        // memory stays bounded by what is in flight, not by the round's size.
+        self.planner.forget(&placed.hashes);
         // A file we read chunks from may just have been replaced.
         self.local_file = None;
         Ok(())
     }
 }
 
-/// A sync on a thread of its own, while the applier goes on writing: a batch's `syncfs` while the next
-/// batch is staged, a large file's `fdatasync` while its next piece is written.
-enum BackgroundSync {
-    Running(std::thread::JoinHandle<Result<(), Errno>>),
-    /// No thread could be spawned: the sync ran in [`BackgroundSync::start`].
-    Done(Result<(), Errno>),
+/// What [`place`] works on, shared with the applier.
+struct Target {
+    root: Arc<RootDir>,
+    staging: Arc<OwnedFd>,
+    index: ChunkIndex,
 }
 
-impl BackgroundSync {
-    /// Starts `sync` of `fd` on a thread of its own, or runs it here and now when there is no thread
-    /// to spare.
-    fn start<F: AsFd + Send + Sync + 'static>(fd: Arc<F>, sync: fn(BorrowedFd<'_>) -> Result<(), Errno>) -> Self {
-        let theirs = fd.clone();
-        match std::thread::Builder::new().name("ferry-sync".into()).spawn(move || sync(theirs.as_fd())) {
+/// Makes a batch's staged files durable with one `syncfs`, names each into its final path, sets the
+/// metadata of the folders the batch finished and records the batch's chunks in the index; the
+/// batch's descriptors are closed here too. Runs on a thread of its own beside the applier (see
+/// [`Applier::begin_flush`]): it touches nothing the applier is still working on, since the walk has
+/// left the folders whose metadata it sets, and the applier waits for it before linking to a file of
+/// the batch or starting the next batch's sync.
+fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> {
+    let Target { root, staging, mut index } = target;
+    if !batch.staged.is_empty() {
+        rustix::fs::syncfs(&*staging).map_err(io_err("sync", root.path().display()))?;
+    }
+    let synced = Instant::now();
+    let mut spent = PlaceTimes::default();
+    let mut clock = synced;
+    let mut lap = || crate::lap(&mut clock);
+    let mut dir_cache: Option<(RelPath, OwnedFd)> = None;
+    for staged in &batch.staged {
+        let parent = staged.path.parent().unwrap_or_default();
+        let dir = match dir_cache.take() {
+            Some((cached, fd)) if cached == parent => fd,
+            _ => root.open_dir(&parent).map_err(|e| ApplyError::Io {
+                op: "open folder of",
+                path: staged.path.to_string(),
+                source: e,
+            })?,
+        };
+        let dir = &dir_cache.insert((parent, dir)).1;
+        let name = name_of(&staged.path).os();
+        if let Some(fd) = &staged.unnamed {
+            // A new path takes the file's first name directly; an existing one is replaced by a
+            // rename, which is atomic.
+            if !staged.replaces {
+                match link_unnamed(fd, dir, name.as_encoded_bytes()) {
+                    Ok(()) => continue,
+                    Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io_err("link into place", &staged.path)(e)),
+                }
+            }
+            link_unnamed(fd, &*staging, &staged.tmp).map_err(io_err("name", &staged.path))?;
+        }
+        rustix::fs::renameat(&*staging, staged.tmp.os(), dir, name)
+            .map_err(io_err("rename into place", &staged.path))?;
+    }
+    spent.naming = lap();
+    for folder in &batch.dirs {
+        let path = &folder.path;
+        let fd =
+            root.open_dir(path).map_err(|e| ApplyError::Io { op: "open folder", path: path.to_string(), source: e })?;
+        match folder.metadata {
+            Some((owner, mode)) => {
+                set_metadata(&fd, owner, mode, folder.mtime_ns).map_err(io_err("set metadata of folder", path))?
+            }
+            None => rustix::fs::futimens(&fd, &times(folder.mtime_ns)).map_err(io_err("set mtime of folder", path))?,
+        }
+    }
+    spent.folders = lap();
+    let mut locations = Vec::new();
+    for staged in &batch.staged {
+        let mut offset = 0u64;
+        for chunk in &staged.chunks {
+            locations.push((chunk.hash, ChunkLocation { path: staged.path.clone(), offset, len: chunk.len }));
+            offset += u64::from(chunk.len);
+        }
+    }
+    if !locations.is_empty() {
+        index.insert(locations.iter().map(|(h, l)| (h, l.clone())), false)?;
+    }
+    let hashes = locations.into_iter().map(|(hash, _)| hash).collect();
+    spent.index = lap();
+    drop(batch);
+    spent.closing = lap();
+    Ok(Placed { synced, hashes, spent })
+}
+
+/// Work on a thread of its own while the applier goes on: a batch's sync and renames while the next
+/// batch is staged ([`place`]), a large file's `fdatasync` while its next piece is written.
+enum Background<T> {
+    Running(std::thread::JoinHandle<Option<T>>),
+    /// No thread could be spawned: the work ran in [`Background::start`].
+    Done(T),
+}
+
+impl<T: Send + 'static> Background<T> {
+    /// Starts `work` on a thread of its own, or runs it here and now when there is no thread to spare.
+    fn start(name: &str, work: impl FnOnce() -> T + Send + 'static) -> Self {
+        // Shared, so that it can still run here if the thread cannot be spawned.
+        let work = Arc::new(std::sync::Mutex::new(Some(work)));
+        let theirs = work.clone();
+        let take = |work: &std::sync::Mutex<Option<_>>| work.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match std::thread::Builder::new().name(name.into()).spawn(move || take(&theirs).map(|work| work())) {
             Ok(thread) => Self::Running(thread),
-            Err(_) => Self::Done(sync(fd.as_fd())),
+            Err(_) => Self::Done(take(&work).expect("the thread that was not spawned took nothing")()),
         }
     }
 
-    /// Whether the sync has ended (a [`BackgroundSync::wait`] would not wait).
+    /// Whether the work has ended (a [`Background::wait`] would not wait).
     fn is_done(&self) -> bool {
         match self {
             Self::Running(thread) => thread.is_finished(),
@@ -1402,12 +1520,27 @@ impl BackgroundSync {
         }
     }
 
-    /// Waits for the sync; a thread that panicked counts as a sync that failed.
-    fn wait(self) -> Result<(), Errno> {
+    /// Waits for the work's result; `None` if its thread panicked.
+    fn wait(self) -> Option<T> {
         match self {
-            Self::Running(thread) => thread.join().unwrap_or(Err(Errno::IO)),
-            Self::Done(synced) => synced,
+            Self::Running(thread) => thread.join().ok().flatten(),
+            Self::Done(result) => Some(result),
         }
+    }
+}
+
+/// A sync on a thread of its own.
+type BackgroundSync = Background<Result<(), Errno>>;
+
+impl BackgroundSync {
+    /// Starts syncing `fd` with `sync` (see [`Background::start`]).
+    fn sync<F: AsFd + Send + Sync + 'static>(fd: Arc<F>, sync: fn(BorrowedFd<'_>) -> Result<(), Errno>) -> Self {
+        Background::start("ferry-sync", move || sync(fd.as_fd()))
+    }
+
+    /// Waits for the sync; a thread that panicked counts as a sync that failed.
+    fn synced(self) -> Result<(), Errno> {
+        self.wait().unwrap_or(Err(Errno::IO))
     }
 }
 
@@ -1520,11 +1653,11 @@ mod tests {
     fn a_background_sync_reports_back_what_the_disk_said() {
         let file = Arc::new(tempfile::tempfile().unwrap());
         std::io::Write::write_all(&mut &*file, b"some data").unwrap();
-        BackgroundSync::start(file, |fd| rustix::fs::fdatasync(fd)).wait().unwrap();
+        BackgroundSync::sync(file, |fd| rustix::fs::fdatasync(fd)).synced().unwrap();
         // A socket cannot be synced: the error comes back from the thread to the waiter.
         let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let socket = Arc::new(OwnedFd::from(socket));
-        assert_eq!(BackgroundSync::start(socket, |fd| rustix::fs::fdatasync(fd)).wait(), Err(Errno::INVAL));
+        assert_eq!(BackgroundSync::sync(socket, |fd| rustix::fs::fdatasync(fd)).synced(), Err(Errno::INVAL));
     }
 
     /// The applying loop applies on while a sync runs and flushes once it is done: `is_done` must
@@ -1538,7 +1671,7 @@ mod tests {
             }
             Ok(())
         }
-        let sync = BackgroundSync::start(Arc::new(tempfile::tempfile().unwrap()), slow_sync);
+        let sync = BackgroundSync::sync(Arc::new(tempfile::tempfile().unwrap()), slow_sync);
         std::thread::sleep(Duration::from_millis(20));
         assert!(!sync.is_done(), "done before the disk answered");
         RELEASED.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1547,6 +1680,6 @@ mod tests {
             assert!(Instant::now() < deadline, "still syncing 10 s after the disk answered");
             std::thread::sleep(Duration::from_millis(1));
         }
-        sync.wait().unwrap();
+        sync.synced().unwrap();
     }
 }

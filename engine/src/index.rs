@@ -6,6 +6,7 @@
 //! byte. Only the pages being used are in memory, whatever the number of chunks.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -41,9 +42,13 @@ pub struct IndexError {
 }
 
 /// The destination's persistent map from chunk hash to a place that holds its bytes.
+///
+/// A clone is another handle on the same index: one thread can record chunks while another looks
+/// them up (a lookup sees what the last finished insert recorded; redb runs one write at a time).
+#[derive(Clone)]
 pub struct ChunkIndex {
-    db: Database,
-    path: String,
+    db: Arc<Database>,
+    path: Arc<str>,
 }
 
 impl std::fmt::Debug for ChunkIndex {
@@ -61,11 +66,11 @@ impl ChunkIndex {
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(CHUNKS).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
-        Ok(Self { db, path: shown })
+        Ok(Self { db: Arc::new(db), path: shown.into() })
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> IndexError {
-        IndexError { path: self.path.clone(), source: e.into() }
+        IndexError { path: self.path.to_string(), source: e.into() }
     }
 
     /// Where the bytes of `hash` may be found.

@@ -12,7 +12,7 @@ use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
     Applier, ApplyOptions, ApplyReport, ChunkBuf, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry,
     EntryKind, FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry,
-    RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step,
+    RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, lap,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -1044,7 +1044,11 @@ fn commit_round(
         report.duration.as_secs_f64(),
         report.sync_wait.as_secs_f64()
     );
-    tracing::debug!("{:.2} s waiting for the small files of a batch to be made", report.make_wait.as_secs_f64());
+    tracing::debug!(
+        "{:.2} s waiting for the small files of a batch to be made, {:.2} s for synced batches to be put into place",
+        report.make_wait.as_secs_f64(),
+        report.place_wait.as_secs_f64()
+    );
     let done = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
     state.set_holds(done)?;
     let _ = std::fs::remove_file(state.round_marker());
@@ -1398,12 +1402,6 @@ struct Spent {
     applying: Duration,
     flushing: Duration,
     waiting: Duration,
-}
-
-/// The time since `clock`, which moves to now.
-fn lap(clock: &mut Instant) -> Duration {
-    let now = Instant::now();
-    now.saturating_duration_since(std::mem::replace(clock, now))
 }
 
 /// Whether a round ended because this node refused it (its reason went to the source as `Refused`).

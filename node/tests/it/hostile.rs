@@ -163,7 +163,6 @@ fn a_hard_link_to_a_symlink_pointing_outside_is_refused() {
 /// The manifest entry as it is on the wire, with a path that is not checked.
 #[derive(Serialize)]
 enum RawKind {
-    #[allow(dead_code)]
     Dir,
     File,
 }
@@ -182,6 +181,60 @@ struct RawEntry {
     chunks: Vec<([u8; 32], u32)>,
     link_target: Option<Vec<u8>>,
     hard_link_to: Option<Vec<u8>>,
+}
+
+impl RawEntry {
+    fn file(path: &[u8], content: &[u8]) -> Self {
+        RawEntry {
+            path: path.to_vec(),
+            kind: RawKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 0,
+            size: content.len() as u64,
+            chunks: vec![(*ChunkHash::of(content).as_bytes(), content.len() as u32)],
+            link_target: None,
+            hard_link_to: None,
+        }
+    }
+}
+
+/// A manifest refused part-way (a hostile path after 500 good files) stops the apply while its first
+/// batch is being synced and put into place on another thread: the apply waits for that thread
+/// before it returns, so the batch is whole in place, its chunks are in the index, and nothing holds
+/// the index open any more (a new round can open it).
+#[test]
+fn a_manifest_refused_part_way_leaves_its_last_batch_whole() {
+    let pair = Pair::new();
+    let path = pair.state().join("refused-late");
+    let mut writer = RecordWriter::<RawEntry>::create(&path).unwrap();
+    writer.push(&RawEntry { kind: RawKind::Dir, size: 0, chunks: Vec::new(), ..RawEntry::file(b"", b"") }).unwrap();
+    let mut chunks = Chunks::default();
+    let content = |i: usize| format!("file {i} of the first batch").into_bytes();
+    for i in 0..500 {
+        let name = format!("f{i:04}");
+        chunks.file(&name, &content(i));
+        writer.push(&RawEntry::file(name.as_bytes(), &content(i))).unwrap();
+    }
+    writer.push(&RawEntry::file(b"z/../escape", b"pwned")).unwrap();
+    writer.finish().unwrap();
+    let index_path = pair.state().join("chunks.redb");
+    let mut index = ChunkIndex::open(&index_path).unwrap();
+    let mut committed = ManifestWriter::create(&pair.state().join("committed")).unwrap();
+    let steps = ferry_engine::steps(std::iter::empty(), ManifestReader::open(&path).unwrap().raw());
+    let options = ApplyOptions { batch_files: 500, ..ApplyOptions::default() };
+    let result = apply(&pair.target(), steps, &mut chunks, &mut index, &mut committed, &options);
+    assert!(matches!(result, Err(ApplyError::Manifest(RecordFileError::Corrupt { .. }))), "{result:?}");
+    drop(index);
+    let index = ChunkIndex::open(&index_path).expect("the index is still held open after the apply returned");
+    for i in 0..500 {
+        assert_eq!(std::fs::read(pair.target().join(format!("f{i:04}"))).unwrap(), content(i));
+        let location = index.get(&ChunkHash::of(&content(i))).unwrap().expect("a chunk of the batch is in the index");
+        assert_eq!(location.path.to_string(), format!("f{i:04}"));
+    }
 }
 
 #[test]
@@ -204,22 +257,7 @@ fn a_manifest_with_a_hostile_path_is_refused_whole() {
         let path = pair.state().join("hostile");
         let mut writer = RecordWriter::<RawEntry>::create(&path).unwrap();
         let content = b"pwned";
-        writer
-            .push(&RawEntry {
-                path: bad.to_vec(),
-                kind: RawKind::File,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                user: None,
-                group: None,
-                mtime_ns: 0,
-                size: content.len() as u64,
-                chunks: vec![(*ChunkHash::of(content).as_bytes(), content.len() as u32)],
-                link_target: None,
-                hard_link_to: None,
-            })
-            .unwrap();
+        writer.push(&RawEntry::file(bad, content)).unwrap();
         writer.finish().unwrap();
         let mut chunks = Chunks::default();
         chunks.file("unused", content);
