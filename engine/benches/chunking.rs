@@ -69,10 +69,10 @@ fn index(c: &mut Criterion) {
     let mut index = ChunkIndex::open(&dir.path().join("chunks.redb")).expect("a new index");
     let hash = |i: u64| ChunkHash::of(&i.to_le_bytes());
     let path = RelPath::new("opt/zimbra/backup/accounts/1234/blobs/5678.msg").expect("a valid path");
+    let location = ChunkLocation { path, offset: 0, len: 65536 };
     let hashes: Vec<ChunkHash> = (0..CHUNKS).map(hash).collect();
     for part in hashes.chunks(10_000) {
-        let items = part.iter().map(|h| (h, ChunkLocation { path: path.clone(), offset: 0, len: 65536 }));
-        index.insert(items, false).expect("insert");
+        index.insert(part.iter().map(|h| (h, &location)), false).expect("insert");
     }
     index.sync().expect("sync");
 
@@ -100,10 +100,7 @@ fn index(c: &mut Criterion) {
                 k += 1000;
                 (k..k + 1000).map(hash).collect::<Vec<_>>()
             },
-            |new| {
-                let items = new.iter().map(|h| (h, ChunkLocation { path: path.clone(), offset: 0, len: 65536 }));
-                index.insert(items, false).expect("insert")
-            },
+            |new| index.insert(new.iter().map(|h| (h, &location)), false).expect("insert"),
             BatchSize::SmallInput,
         )
     });

@@ -1482,7 +1482,7 @@ fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> {
         }
     }
     if !locations.is_empty() {
-        index.insert(locations.iter().map(|(h, l)| (h, l.clone())), false)?;
+        index.insert(locations.iter().map(|(h, l)| (h, l)), false)?;
     }
     let hashes = locations.into_iter().map(|(hash, _)| hash).collect();
     spent.index = lap();

@@ -88,7 +88,7 @@ impl ChunkIndex {
     /// durable with the next durable one (losing it in a crash only costs refetching).
     pub fn insert<'a>(
         &mut self,
-        items: impl IntoIterator<Item = (&'a ChunkHash, ChunkLocation)>,
+        items: impl IntoIterator<Item = (&'a ChunkHash, &'a ChunkLocation)>,
         durable: bool,
     ) -> Result<(), IndexError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -100,7 +100,7 @@ impl ChunkIndex {
             let mut buf = Vec::new();
             for (hash, location) in items {
                 buf.clear();
-                buf = postcard::to_extend(&location, buf).unwrap_or_default();
+                buf = postcard::to_extend(location, buf).unwrap_or_default();
                 table.insert(&hash.as_bytes()[..], &buf[..]).map_err(|e| self.err(e))?;
             }
         }
@@ -134,7 +134,7 @@ mod tests {
         {
             let mut index = ChunkIndex::open(&path).unwrap();
             assert_eq!(index.get(&hash).unwrap(), None);
-            index.insert([(&hash, location.clone())], false).unwrap();
+            index.insert([(&hash, &location)], false).unwrap();
             index.sync().unwrap();
         }
         let mut index = ChunkIndex::open(&path).unwrap();

@@ -1528,11 +1528,11 @@ fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex) -> anyhow
             offset += u64::from(chunk.len);
         }
         if batch.len() >= 50_000 {
-            index.insert(batch.iter().map(|(h, l)| (h, l.clone())), false)?;
+            index.insert(batch.iter().map(|(h, l)| (h, l)), false)?;
             batch.clear();
         }
     }
-    index.insert(batch.iter().map(|(h, l)| (h, l.clone())), true)?;
+    index.insert(batch.iter().map(|(h, l)| (h, l)), true)?;
     let _ = std::fs::remove_file(&manifest);
     let _ = std::fs::remove_file(&cache);
     if report.files > 0 {
