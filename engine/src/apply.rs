@@ -367,7 +367,7 @@ impl<'a> Applier<'a> {
             next_tmp: 0,
             buf: ChunkBuf::default(),
             local_file: None,
-            dir_cache: None,
+            dir_cache: ParentDir::default(),
             previous: None,
             root_mtime: None,
             deferred: SpillQueue::new(),
@@ -631,7 +631,7 @@ pub struct Applier<'a> {
     next_tmp: u64,
     buf: ChunkBuf,
     local_file: Option<(RelPath, File)>,
-    dir_cache: Option<(RelPath, Arc<OwnedFd>)>,
+    dir_cache: ParentDir,
     previous: Option<RelPath>,
     /// The mtime the target's top folder must end with.
     root_mtime: Option<i64>,
@@ -738,15 +738,7 @@ impl Applier<'_> {
 
     /// The folder that holds `path`, opened beneath the root (cached: sorted paths share parents).
     fn parent_dir(&mut self, path: &RelPath) -> io::Result<Arc<OwnedFd>> {
-        let parent = path.parent().unwrap_or_default();
-        if let Some((cached, fd)) = &self.dir_cache
-            && *cached == parent
-        {
-            return Ok(fd.clone());
-        }
-        let fd = Arc::new(self.root.open_dir(&parent)?);
-        self.dir_cache = Some((parent, fd.clone()));
-        Ok(fd)
+        self.dir_cache.of(&self.root, path)
     }
 
     /// Like `parent_dir`, for operations whose failure stops the round.
@@ -1342,7 +1334,7 @@ impl Applier<'_> {
 
     /// Removes an empty folder; `Ok(false)` when it still holds something.
     fn rmdir(&mut self, path: &RelPath) -> Result<bool, ApplyError> {
-        self.dir_cache = None;
+        self.dir_cache = ParentDir::default();
         let dir = match self.parent_dir(path) {
             Ok(dir) => dir,
             Err(_) => return Ok(false),
@@ -1410,6 +1402,25 @@ impl Applier<'_> {
     }
 }
 
+/// The folder that holds the last path asked about, kept open: sorted paths share parents.
+#[derive(Default)]
+struct ParentDir(Option<(RelPath, Arc<OwnedFd>)>);
+
+impl ParentDir {
+    /// The folder that holds `path`, opened beneath `root` unless it is the one kept.
+    fn of(&mut self, root: &RootDir, path: &RelPath) -> io::Result<Arc<OwnedFd>> {
+        let parent = path.parent().unwrap_or_default();
+        if let Some((cached, fd)) = &self.0
+            && *cached == parent
+        {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(root.open_dir(&parent)?);
+        self.0 = Some((parent, fd.clone()));
+        Ok(fd)
+    }
+}
+
 /// What [`place`] works on, shared with the applier.
 struct Target {
     root: Arc<RootDir>,
@@ -1432,18 +1443,13 @@ fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> {
     let mut spent = PlaceTimes::default();
     let mut clock = synced;
     let mut lap = || crate::lap(&mut clock);
-    let mut dir_cache: Option<(RelPath, OwnedFd)> = None;
+    let mut dir_cache = ParentDir::default();
     for staged in &batch.staged {
-        let parent = staged.path.parent().unwrap_or_default();
-        let dir = match dir_cache.take() {
-            Some((cached, fd)) if cached == parent => fd,
-            _ => root.open_dir(&parent).map_err(|e| ApplyError::Io {
-                op: "open folder of",
-                path: staged.path.to_string(),
-                source: e,
-            })?,
-        };
-        let dir = &dir_cache.insert((parent, dir)).1;
+        let dir = &*dir_cache.of(&root, &staged.path).map_err(|e| ApplyError::Io {
+            op: "open folder of",
+            path: staged.path.to_string(),
+            source: e,
+        })?;
         let name = name_of(&staged.path).os();
         if let Some(fd) = &staged.unnamed {
             // A new path takes the file's first name directly; an existing one is replaced by a
