@@ -13,7 +13,9 @@
 //! second, and prints a table with the ferry/rsync ratios. After the rounds it times the floor under
 //! any tool's such round on the same disk: a local copy of the tree with a `syncfs` (initial), listing
 //! every folder and `lstat`ing every entry (no change), and both with a copy of the changed files (one
-//! day); and it counts the day's fresh random bytes, which no tool can send in fewer.
+//! day); and it counts the day's fresh random bytes, which no tool can send in fewer. Under each of
+//! ferry's rounds it gives two bounds from its own figures: its CPU time over all cores, and its time
+//! after the scan.
 //!
 //! `--fill-memory DIR` first fills the free memory with the page cache of a file in DIR, kept until the
 //! end, so that the tools write into recycled memory (see `MemoryFiller`).
@@ -1363,5 +1365,79 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
             )),
         );
     }
+    let bounds: Vec<String> =
+        rows.iter().filter_map(|(round, f, _)| ferry_bound(round, f, threads, &of_rsync)).collect();
+    if !bounds.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nBounds under ferry's own rounds, from its figures above: its two processes' CPU time spread over \
+             all {threads} cores (its round cannot be shorter without using less CPU), and its round after the \
+             scan (what hiding the scan entirely, by streaming it into the transfer, would leave if the rest \
+             took as long). Neither is a measurement of a faster ferry:\n"
+        );
+        for bound in bounds {
+            let _ = writeln!(out, "{bound}");
+        }
+    }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The bounds under one of ferry's rounds (`None` for a round without a scan time): its CPU time on
+/// all `cores`, and its time after the scan. `of_rsync` gives the ratio to rsync's round, if it ran.
+fn ferry_bound(
+    round: &str,
+    ferry: &Measure,
+    cores: usize,
+    of_rsync: &dyn Fn(&str, Duration) -> String,
+) -> Option<String> {
+    let scan = ferry.scan?;
+    let cpu = ferry.cpu_send + ferry.cpu_recv;
+    let on_cores = Duration::from_secs_f64(cpu / cores.max(1) as f64);
+    let after_scan = ferry.wall.saturating_sub(scan);
+    Some(format!(
+        "- {}: {:.2} CPU-seconds, at least {:.2} s on {cores} cores{}; {:.2} s after its {:.2} s scan{}.",
+        capitalized(round),
+        cpu,
+        on_cores.as_secs_f64(),
+        of_rsync(round, on_cores),
+        after_scan.as_secs_f64(),
+        scan.as_secs_f64(),
+        of_rsync(round, after_scan),
+    ))
+}
+
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| first.to_uppercase().chain(chars).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measure(wall: f64, scan: Option<f64>, cpu_send: f64, cpu_recv: f64) -> Measure {
+        Measure {
+            wall: Duration::from_secs_f64(wall),
+            cpu_send,
+            cpu_recv,
+            scan: scan.map(Duration::from_secs_f64),
+            ..Measure::default()
+        }
+    }
+
+    #[test]
+    fn a_bound_spreads_both_processes_cpu_over_the_cores_and_takes_the_scan_off_the_wall_time() {
+        let rsync = |round: &str, took: Duration| format!(" [{round} {:.2}×]", took.as_secs_f64() / 4.0);
+        let bound = ferry_bound("one day of changes", &measure(2.0, Some(0.5), 1.5, 1.0), 2, &rsync).unwrap();
+        assert_eq!(
+            bound,
+            "- One day of changes: 2.50 CPU-seconds, at least 1.25 s on 2 cores [one day of changes 0.31×]; \
+             1.50 s after its 0.50 s scan [one day of changes 0.38×]."
+        );
+    }
+
+    #[test]
+    fn rsync_has_no_bound_of_ferrys() {
+        assert_eq!(ferry_bound("initial", &measure(20.0, None, 10.0, 9.0), 2, &|_, _| String::new()), None);
+    }
 }
