@@ -525,11 +525,38 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
         bytes as f64 / read.as_secs_f64() / 1e6,
         bytes as f64 / write.as_secs_f64() / 1e6
     ));
+    out.push('\n');
+    out.push_str(&single_file_bounds(&f, bytes, std::thread::available_parallelism().map_or(2, |n| n.get())));
     print!("{out}");
     if let Some(path) = &args.write {
         std::fs::write(path, out)?;
     }
     Ok(())
+}
+
+/// The bounds under ferry's round of one file of `bytes`, from its own figures, as rates: its two
+/// processes' CPU time spread over all `cores`, and its round after the scan.
+fn single_file_bounds(ferry: &Measure, bytes: u64, cores: usize) -> String {
+    let rate = |took: Duration| bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6;
+    let cpu = ferry.cpu_send + ferry.cpu_recv;
+    let on_cores = Duration::from_secs_f64(cpu / cores.max(1) as f64);
+    let mut text = format!(
+        "Bounds under ferry's round, from its figures: its two processes used {cpu:.2} CPU-seconds, at least \
+         {:.2} s on {cores} cores, so at most {:.0} MB/s without using less CPU",
+        on_cores.as_secs_f64(),
+        rate(on_cores),
+    );
+    if let Some(scan) = ferry.scan {
+        let after_scan = ferry.wall.saturating_sub(scan);
+        text.push_str(&format!(
+            "; after its {:.2} s scan the round took {:.2} s, {:.0} MB/s (what hiding the scan entirely would \
+             leave)",
+            scan.as_secs_f64(),
+            after_scan.as_secs_f64(),
+            rate(after_scan),
+        ));
+    }
+    text + ".\n"
 }
 
 /// How long reading `file` takes, and copying it to `copy` with an fsync of the copy.
@@ -1433,6 +1460,17 @@ mod tests {
             bound,
             "- One day of changes: 2.50 CPU-seconds, at least 1.25 s on 2 cores [one day of changes 0.31×]; \
              1.50 s after its 0.50 s scan [one day of changes 0.38×]."
+        );
+    }
+
+    #[test]
+    fn a_single_files_bounds_are_rates() {
+        let bounds = single_file_bounds(&measure(10.0, Some(2.0), 6.0, 4.0), 4_000_000_000, 2);
+        assert_eq!(
+            bounds,
+            "Bounds under ferry's round, from its figures: its two processes used 10.00 CPU-seconds, at least \
+             5.00 s on 2 cores, so at most 800 MB/s without using less CPU; after its 2.00 s scan the round \
+             took 8.00 s, 500 MB/s (what hiding the scan entirely would leave).\n"
         );
     }
 
