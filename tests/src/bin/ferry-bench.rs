@@ -534,20 +534,18 @@ fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> 
     Ok(())
 }
 
-/// The bounds under ferry's round of one file of `bytes`, from its own figures, as rates: its two
-/// processes' CPU time spread over all `cores`, and its round after the scan.
+/// The bounds under ferry's round of one file of `bytes`, from its own figures, as rates.
 fn single_file_bounds(ferry: &Measure, bytes: u64, cores: usize) -> String {
     let rate = |took: Duration| bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6;
-    let cpu = ferry.cpu_send + ferry.cpu_recv;
-    let on_cores = Duration::from_secs_f64(cpu / cores.max(1) as f64);
+    let bounds = Bounds::of(ferry, cores);
     let mut text = format!(
-        "Bounds under ferry's round, from its figures: its two processes used {cpu:.2} CPU-seconds, at least \
+        "Bounds under ferry's round, from its figures: its two processes used {:.2} CPU-seconds, at least \
          {:.2} s on {cores} cores, so at most {:.0} MB/s without using less CPU",
-        on_cores.as_secs_f64(),
-        rate(on_cores),
+        bounds.cpu,
+        bounds.on_cores.as_secs_f64(),
+        rate(bounds.on_cores),
     );
-    if let Some(scan) = ferry.scan {
-        let after_scan = ferry.wall.saturating_sub(scan);
+    if let Some((scan, after_scan)) = bounds.after_scan {
         text.push_str(&format!(
             "; after its {:.2} s scan the round took {:.2} s, {:.0} MB/s (what hiding the scan entirely would \
              leave)",
@@ -1409,24 +1407,44 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The bounds under one of ferry's rounds (`None` for a round without a scan time): its CPU time on
-/// all `cores`, and its time after the scan. `of_rsync` gives the ratio to rsync's round, if it ran.
+/// What ferry's own figures of a round bound it by.
+struct Bounds {
+    /// Both processes' CPU-seconds.
+    cpu: f64,
+    /// `cpu` spread over all the cores: the round cannot be shorter without using less CPU.
+    on_cores: Duration,
+    /// The scan, and the round after it (what hiding the scan entirely would leave); `None` without a
+    /// scan time.
+    after_scan: Option<(Duration, Duration)>,
+}
+
+impl Bounds {
+    fn of(ferry: &Measure, cores: usize) -> Self {
+        let cpu = ferry.cpu_send + ferry.cpu_recv;
+        Self {
+            cpu,
+            on_cores: Duration::from_secs_f64(cpu / cores.max(1) as f64),
+            after_scan: ferry.scan.map(|scan| (scan, ferry.wall.saturating_sub(scan))),
+        }
+    }
+}
+
+/// The line of one of ferry's rounds under "Bounds" (`None` for a round without a scan time).
+/// `of_rsync` gives the ratio to rsync's round, if it ran.
 fn ferry_bound(
     round: &str,
     ferry: &Measure,
     cores: usize,
     of_rsync: &dyn Fn(&str, Duration) -> String,
 ) -> Option<String> {
-    let scan = ferry.scan?;
-    let cpu = ferry.cpu_send + ferry.cpu_recv;
-    let on_cores = Duration::from_secs_f64(cpu / cores.max(1) as f64);
-    let after_scan = ferry.wall.saturating_sub(scan);
+    let bounds = Bounds::of(ferry, cores);
+    let (scan, after_scan) = bounds.after_scan?;
     Some(format!(
         "- {}: {:.2} CPU-seconds, at least {:.2} s on {cores} cores{}; {:.2} s after its {:.2} s scan{}.",
         capitalized(round),
-        cpu,
-        on_cores.as_secs_f64(),
-        of_rsync(round, on_cores),
+        bounds.cpu,
+        bounds.on_cores.as_secs_f64(),
+        of_rsync(round, bounds.on_cores),
         after_scan.as_secs_f64(),
         scan.as_secs_f64(),
         of_rsync(round, after_scan),
