@@ -35,7 +35,7 @@ use rustix::io::Errno;
 use serde::Serialize;
 
 use crate::hash::ChunkHash;
-use crate::index::{ChunkIndex, ChunkLocation, IndexError};
+use crate::index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, look_at};
 use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pair, RawEntry, RecordFileError};
 use crate::owner::OwnerMap;
 use crate::path::{RelPath, STAGING_DIR};
@@ -56,11 +56,38 @@ pub struct ApplyOptions {
     pub batch_files: usize,
     /// ...or this many staged bytes.
     pub batch_bytes: u64,
+    /// Which entries ferry did not put in place it may replace.
+    pub adopt: Adopt,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        Self { delete: false, numeric_ids: false, batch_files: 8000, batch_bytes: 256 << 20 }
+        Self { delete: false, numeric_ids: false, batch_files: 8000, batch_bytes: 256 << 20, adopt: Adopt::Nothing }
+    }
+}
+
+/// What the target holds at a path that ferry did not put there (or that changed since it did) is
+/// the administrator's: a round replaces it only when told to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Adopt {
+    /// Replace only what ferry put in place, unchanged since (what its records say of the disk).
+    #[default]
+    Nothing,
+    /// Replace whatever is at a path the source has: a target filled before ferry's first round
+    /// (an earlier rsync, a shipped disk), or `--adopt all`.
+    All,
+    /// Replace what is at these paths or beneath them, besides what ferry put in place.
+    Paths(Vec<RelPath>),
+}
+
+impl Adopt {
+    /// Does this cover `path`?
+    pub fn covers(&self, path: &RelPath) -> bool {
+        match self {
+            Adopt::Nothing => false,
+            Adopt::All => true,
+            Adopt::Paths(paths) => paths.iter().any(|p| p == path || p.is_ancestor_of(path)),
+        }
     }
 }
 
@@ -292,6 +319,11 @@ impl Step {
 #[derive(Debug, Default)]
 pub struct Planner {
     requested: std::collections::HashSet<ChunkHash>,
+    /// Paths whose chunks the index's hints must not be trusted for (the round's check found them
+    /// missing or changed): their chunks are asked for.
+    distrusted: std::collections::HashSet<RelPath>,
+    /// The index is not asked at all (most of the target is gone).
+    ignore_index: bool,
 }
 
 impl Planner {
@@ -311,7 +343,7 @@ impl Planner {
         let mut needed = Vec::new();
         let mut offset = 0u64;
         for chunk in &new.chunks {
-            if !self.requested.contains(&chunk.hash) && index.get(&chunk.hash)?.is_none() {
+            if !self.requested.contains(&chunk.hash) && !self.held(index, &chunk.hash)? {
                 if self.requested.len() < MAX_REQUESTED {
                     self.requested.insert(chunk.hash);
                 }
@@ -320,6 +352,23 @@ impl Planner {
             offset += u64::from(chunk.len);
         }
         Ok(needed)
+    }
+
+    /// Does the target seem to hold `hash`, where the check found nothing amiss?
+    fn held(&self, index: &ChunkIndex, hash: &ChunkHash) -> Result<bool, ApplyError> {
+        if self.ignore_index {
+            return Ok(false);
+        }
+        Ok(index.get(hash)?.is_some_and(|location| !self.distrusted.contains(&location.path)))
+    }
+
+    /// Trusts no hint of the index that points into `paths` (the check found them missing or changed),
+    /// or, with `None`, no hint at all: their chunks are asked for instead of waited for in vain.
+    pub fn distrust(&mut self, paths: Option<std::collections::HashSet<RelPath>>) {
+        match paths {
+            Some(paths) => self.distrusted = paths,
+            None => self.ignore_index = true,
+        }
     }
 
     /// True when applying `pair` writes a file's content (a new file, or one whose content changed).
@@ -401,6 +450,11 @@ impl<'a> Applier<'a> {
     /// yet this round. Called before [`Applier::step`] for the same pair, to ask the source ahead.
     pub fn plan(&mut self, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
         self.planner.plan(self.index, pair)
+    }
+
+    /// See [`Planner::distrust`].
+    pub fn distrust(&mut self, paths: Option<std::collections::HashSet<RelPath>>) {
+        self.planner.distrust(paths);
     }
 
     /// Makes everything staged so far durable and visible, and records its chunks in the index,
@@ -600,6 +654,8 @@ struct Batch {
     by_path: HashMap<RelPath, usize>,
     /// Folders whose metadata is set once the renames into them are done.
     dirs: Vec<DoneFolder>,
+    /// Files whose metadata was changed in place: their new ctime is recorded with the batch's.
+    touched: Vec<RelPath>,
     bytes: u64,
 }
 
@@ -748,15 +804,32 @@ impl Applier<'_> {
 
     /// What is at `path` in the target now (`None`: nothing).
     fn current_kind(&mut self, path: &RelPath) -> io::Result<Option<FileType>> {
+        Ok(self.current_stat(path)?.map(|stat| FileType::from_raw_mode(stat.st_mode)))
+    }
+
+    /// The `lstat` of what is at `path` in the target now (`None`: nothing).
+    fn current_stat(&mut self, path: &RelPath) -> io::Result<Option<rustix::fs::Stat>> {
         if path.is_root() {
-            return Ok(Some(FileType::Directory));
+            return Ok(Some(rustix::fs::fstat(self.root.fd())?));
         }
         let dir = self.parent_dir(path)?;
         match rustix::fs::statat(&*dir, name_of(path).os(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
+            Ok(stat) => Ok(Some(stat)),
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// May a round replace what is at `path`, which the old manifest does not list as ferry's? Yes
+    /// when the operator adopted it, or when ferry put it there itself (a round that stopped before
+    /// its commit) and nothing changed it since.
+    fn may_replace_unlisted(&mut self, path: &RelPath) -> Result<bool, ApplyError> {
+        if self.options.adopt.covers(path) {
+            return Ok(true);
+        }
+        let Some(recorded) = self.index.placed([path])?.pop().flatten() else { return Ok(false) };
+        let dir = self.parent_dir_or_fail(path)?;
+        Ok(look_at(&*dir, name_of(path).os()).is_ok_and(|stat| recorded.matches(&stat)))
     }
 
     /// The source no longer has `old`. Inside a folder being replaced or removed (`forced`) it goes now;
@@ -864,8 +937,8 @@ impl Applier<'_> {
 
     fn place(&mut self, old: Option<Entry>, new: Entry, committed: &mut ManifestWriter) -> Result<(), ApplyError> {
         let path = new.path.clone();
-        let current = match self.current_kind(&path) {
-            Ok(kind) => kind,
+        let current = match self.current_stat(&path) {
+            Ok(stat) => stat,
             Err(e) => {
                 self.fail(&path, format_args!("cannot reach its folder: {e}"));
                 if new.kind == EntryKind::Dir {
@@ -874,12 +947,39 @@ impl Applier<'_> {
                 return Ok(());
             }
         };
+        // Something ferry does not know as its own is in the way of a file or symlink: it stays, unless
+        // ferry put it there itself in a round that did not commit, or the operator adopted it.
+        let theirs = match &current {
+            Some(stat) if old.is_none() && FileType::from_raw_mode(stat.st_mode) != FileType::Directory => {
+                !self.may_replace_unlisted(&path)?
+            }
+            _ => false,
+        };
+        let current = current.map(|stat| FileType::from_raw_mode(stat.st_mode));
+        if theirs {
+            let what = match current {
+                Some(FileType::Symlink) => "a symlink",
+                _ => "a file",
+            };
+            self.fail(
+                &path,
+                format_args!(
+                    "holds {what} that ferry did not put there or that changed since it did; left as it is \
+                     (run with --adopt {path} to let ferry replace it)"
+                ),
+            );
+            if new.kind == EntryKind::Dir {
+                self.stack.push(Frame { path, leave: Leave::Failed, dirty: false });
+            }
+            return Ok(());
+        }
+        let adopted = old.is_none() && current.is_some();
         let old_kind = old.as_ref().map(|o| o.kind);
         if new.kind == EntryKind::Dir {
             match current {
                 Some(FileType::Directory) => {}
                 None => self.mkdir(&path)?,
-                Some(_) if old_kind.is_some_and(|k| k != EntryKind::Dir) => {
+                Some(_) if adopted || old_kind.is_some_and(|k| k != EntryKind::Dir) => {
                     self.unlink(&path)?;
                     self.mkdir(&path)?;
                 }
@@ -910,7 +1010,7 @@ impl Applier<'_> {
             return Ok(());
         }
         let current_kind = kind_of(current);
-        if current.is_some() && current_kind != Some(new.kind) && (old_kind.is_none() || old_kind != current_kind) {
+        if current.is_some() && current_kind != Some(new.kind) && !adopted && old_kind != current_kind {
             self.fail(
                 &path,
                 format_args!("holds a {current:?} that ferry did not write; not replaced by a {:?}", new.kind),
@@ -1101,6 +1201,7 @@ impl Applier<'_> {
         };
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &new.path))?;
         self.report.metadata_updated += 1;
+        self.batch.touched.push(new.path.clone());
         Ok(true)
     }
 
@@ -1366,7 +1467,7 @@ impl Applier<'_> {
         let mut batch = std::mem::take(&mut self.batch);
         let paths = std::mem::take(&mut batch.by_path);
         let target = Target { root: self.root.clone(), staging: self.staging.clone(), index: self.index.clone() };
-        if batch.staged.is_empty() {
+        if batch.staged.is_empty() && batch.touched.is_empty() {
             // Folders' metadata only: nothing to wait for.
             let placed = place(target, batch)?;
             self.place_spent.add(&placed.spent);
@@ -1439,6 +1540,19 @@ fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> {
     if !batch.staged.is_empty() {
         rustix::fs::syncfs(&*staging).map_err(io_err("sync", root.path().display()))?;
     }
+    // Which inode each entry is, durably, before any gets its name: whatever a crash leaves at a
+    // final path, ferry knows it as its own.
+    let mut placing = Vec::with_capacity(batch.staged.len());
+    for staged in &batch.staged {
+        let stat = match &staged.unnamed {
+            Some(fd) => look_at(fd, "".as_ref()),
+            None => look_at(&*staging, staged.tmp.os()),
+        };
+        placing.push((&staged.path, PlacedStat::placing(&stat.map_err(io_err("look at", &staged.path))?)));
+    }
+    if !placing.is_empty() {
+        index.record([], placing, true)?;
+    }
     let synced = Instant::now();
     let mut spent = PlaceTimes::default();
     let mut clock = synced;
@@ -1487,8 +1601,20 @@ fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> {
             offset += u64::from(chunk.len);
         }
     }
-    if !locations.is_empty() {
-        index.insert(locations.iter().map(|(h, l)| (h, l)), false)?;
+    // What the disk says of each entry now that it is in place (after every rename of the batch: a
+    // rename moves the ctime, of every name of a hard-linked file).
+    let mut placed = Vec::with_capacity(batch.staged.len() + batch.touched.len());
+    for path in batch.staged.iter().map(|s| &s.path).chain(&batch.touched) {
+        let dir = dir_cache.of(&root, path).map_err(|e| ApplyError::Io {
+            op: "open folder of",
+            path: path.to_string(),
+            source: e,
+        })?;
+        let stat = look_at(&*dir, name_of(path).os()).map_err(io_err("look at what was put in place at", path))?;
+        placed.push((path, PlacedStat::of(&stat)));
+    }
+    if !locations.is_empty() || !placed.is_empty() {
+        index.record(locations.iter().map(|(h, l)| (h, l)), placed, false)?;
     }
     let hashes = locations.into_iter().map(|(hash, _)| hash).collect();
     spent.index = lap();

@@ -4,17 +4,26 @@
 //! bytes when they were written: path, offset, length. It is a hint, never trusted: every chunk read
 //! from it is hashed again before use, so a file changed behind ferry's back costs a fetch, not a wrong
 //! byte. Only the pages being used are in memory, whatever the number of chunks.
+//!
+//! A second table holds what the disk said of each file and symlink ferry put in the target, right
+//! after it was put there ([`PlacedStat`]: inode and ctime). The kernel moves a ctime on every change and
+//! no user can set it back, so an entry whose inode and ctime still match was not touched since:
+//! that is how a round tells what ferry wrote from what someone else changed behind its back (see
+//! [`check_target`](crate::check_target)).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use rustix::fs::Statx;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::ChunkHash;
 use crate::path::RelPath;
 
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+/// Path bytes → [`PlacedStat`] (postcard).
+const PLACED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placed");
 
 /// redb's page cache. Pages beyond it are read again through the kernel's page cache: a lookup costs
 /// a few microseconds more, and the destination's memory stays within its budget with millions of
@@ -30,6 +39,59 @@ pub struct ChunkLocation {
     pub offset: u64,
     /// How many bytes.
     pub len: u32,
+}
+
+/// What the disk said of an entry right after ferry put it in place (or found it as recorded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedStat {
+    /// Its inode.
+    pub ino: u64,
+    /// When that inode was made (where the filesystem says): a freed inode number given to a new
+    /// file is another file.
+    pub btime_ns: Option<i64>,
+    /// Its ctime, in nanoseconds since the Unix epoch; `None` while it is being put in place (the
+    /// inode is recorded, durably, before the file gets its name, so that a crash right after the
+    /// rename cannot leave a file of ferry's that ferry does not know as its own).
+    pub ctime_ns: Option<i64>,
+}
+
+fn nanos(t: &rustix::fs::StatxTimestamp) -> i64 {
+    t.tv_sec * 1_000_000_000 + i64::from(t.tv_nsec)
+}
+
+impl PlacedStat {
+    /// The inode, birth time and ctime of `stat`.
+    pub fn of(stat: &Statx) -> Self {
+        let born = stat.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0;
+        Self {
+            ino: stat.stx_ino,
+            btime_ns: born.then(|| nanos(&stat.stx_btime)),
+            ctime_ns: Some(nanos(&stat.stx_ctime)),
+        }
+    }
+
+    /// The inode of `stat`, about to be put in place.
+    pub fn placing(stat: &Statx) -> Self {
+        Self { ctime_ns: None, ..Self::of(stat) }
+    }
+
+    /// Is `stat` the very inode ferry put there (not a new file given its number)?
+    pub fn same_inode(&self, stat: &Statx) -> bool {
+        let now = Self::of(stat);
+        self.ino == now.ino && (self.btime_ns.is_none() || now.btime_ns.is_none() || self.btime_ns == now.btime_ns)
+    }
+
+    /// Is `stat` the inode ferry put there, with its ctime unmoved when that was recorded?
+    pub fn matches(&self, stat: &Statx) -> bool {
+        self.same_inode(stat) && self.ctime_ns.is_none_or(|c| Some(c) == Self::of(stat).ctime_ns)
+    }
+}
+
+/// `lstat` of `name` in `dir` (`""` with `EMPTY_PATH`: `dir` itself), with the birth time.
+pub(crate) fn look_at(dir: impl std::os::fd::AsFd, name: &std::ffi::OsStr) -> rustix::io::Result<Statx> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let flags = if name.is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::SYMLINK_NOFOLLOW };
+    rustix::fs::statx(dir, name, flags, StatxFlags::BASIC_STATS | StatxFlags::BTIME)
 }
 
 /// The chunk index could not be opened, read or written.
@@ -65,6 +127,7 @@ impl ChunkIndex {
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| err(e.into()))?;
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(CHUNKS).map_err(|e| err(e.into()))?;
+        txn.open_table(PLACED).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { db: Arc::new(db), path: shown.into() })
     }
@@ -91,6 +154,17 @@ impl ChunkIndex {
         items: impl IntoIterator<Item = (&'a ChunkHash, &'a ChunkLocation)>,
         durable: bool,
     ) -> Result<(), IndexError> {
+        self.record(items, [], durable)
+    }
+
+    /// Records where chunks now are and what the disk said of the entries just put in place, in one
+    /// transaction (durability as for [`ChunkIndex::insert`]).
+    pub fn record<'a>(
+        &mut self,
+        chunks: impl IntoIterator<Item = (&'a ChunkHash, &'a ChunkLocation)>,
+        placed: impl IntoIterator<Item = (&'a RelPath, PlacedStat)>,
+        durable: bool,
+    ) -> Result<(), IndexError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         if !durable {
             txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
@@ -98,13 +172,35 @@ impl ChunkIndex {
         {
             let mut table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
             let mut buf = Vec::new();
-            for (hash, location) in items {
+            for (hash, location) in chunks {
                 buf.clear();
                 buf = postcard::to_extend(location, buf).unwrap_or_default();
                 table.insert(&hash.as_bytes()[..], &buf[..]).map_err(|e| self.err(e))?;
             }
+            let mut table = txn.open_table(PLACED).map_err(|e| self.err(e))?;
+            for (path, stat) in placed {
+                buf.clear();
+                buf = postcard::to_extend(&stat, buf).unwrap_or_default();
+                table.insert(path.as_bytes(), &buf[..]).map_err(|e| self.err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// What the disk said of each of `paths` when ferry last put it in place (`None`: no record).
+    pub fn placed<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a RelPath>,
+    ) -> Result<Vec<Option<PlacedStat>>, IndexError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(PLACED).map_err(|e| self.err(e))?;
+        let mut found = Vec::new();
+        for path in paths {
+            let value = table.get(path.as_bytes()).map_err(|e| self.err(e))?;
+            // An undecodable record is no record: the entry is checked as if ferry had never seen it.
+            found.push(value.and_then(|v| postcard::from_bytes(v.value()).ok()));
+        }
+        Ok(found)
     }
 
     /// Forgets a hint that turned out wrong.
@@ -141,5 +237,25 @@ mod tests {
         assert_eq!(index.get(&hash).unwrap(), Some(location));
         index.remove(&hash).unwrap();
         assert_eq!(index.get(&hash).unwrap(), None);
+    }
+
+    #[test]
+    fn placed_records_survive_reopen_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let (a, b) = (RelPath::new(&b"a"[..]).unwrap(), RelPath::new(&b"d/b"[..]).unwrap());
+        {
+            let mut index = ChunkIndex::open(&path).unwrap();
+            let first = PlacedStat { ino: 1, btime_ns: None, ctime_ns: Some(10) };
+            index.record([], [(&a, first), (&b, first)], false).unwrap();
+            index.record([], [(&a, PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None })], true).unwrap();
+        }
+        let first = PlacedStat { ino: 1, btime_ns: None, ctime_ns: Some(10) };
+        let index = ChunkIndex::open(&path).unwrap();
+        let unknown = RelPath::new(&b"c"[..]).unwrap();
+        assert_eq!(
+            index.placed([&a, &unknown, &b]).unwrap(),
+            vec![Some(PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None }), None, Some(first)]
+        );
     }
 }

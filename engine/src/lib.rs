@@ -25,6 +25,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod apply;
+mod check;
 mod chunker;
 mod hash;
 mod index;
@@ -38,12 +39,16 @@ mod scan;
 mod spill;
 
 pub use apply::{
-    Applier, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, LARGE_FILE, Needed,
-    Planner, Step, apply,
+    Adopt, Applier, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, LARGE_FILE,
+    Needed, Planner, Step, apply,
+};
+pub use check::{
+    CheckError, CheckOptions, CheckReport, Checked, Finding, Found, check_target, checked_steps, target_identity,
+    with_findings,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
-pub use index::{ChunkIndex, ChunkLocation, IndexError};
+pub use index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
     RawEntry, RecordFileError, RecordReader, RecordWriter, diff, same_records, steps, sync_record_file,
@@ -53,7 +58,8 @@ pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
 pub use rate::{Rate, RateError, SendTime, Timetable, TimetableError, TokenBucket};
 pub use rootdir::RootDir;
 pub use round::{
-    LocalChunkSource, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_round, lock_state,
+    LocalChunkSource, LocalPlan, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_plan, local_round,
+    lock_state,
 };
 pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, scan};
 

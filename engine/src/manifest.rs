@@ -593,6 +593,11 @@ impl RawEntry {
         self.kind
     }
 
+    /// Stored with the same bytes as `other` (the encoding is canonical: the same entry)?
+    pub(crate) fn same_bytes(&self, other: &RawEntry) -> bool {
+        self.bytes == other.bytes
+    }
+
     /// The whole entry.
     pub fn decode(&self) -> Result<Entry, RecordFileError> {
         postcard::from_bytes(&self.bytes).map_err(|e| RecordFileError::Corrupt {

@@ -7,9 +7,16 @@
 //! STATE/source/cache       the quick-check cache of the last scan
 //! STATE/source/manifest    the manifest of the last scan
 //! STATE/target/manifest    what ferry has written in the target (the last committed round)
-//! STATE/target/chunks.redb the chunk index of the target
+//! STATE/target/chunks.redb the chunk index of the target, with what the disk said of each entry
+//!                          ferry put there
+//! STATE/target/findings    what the round's check of the target found
+//! STATE/target/identity    the device and inode of the target folder ferry last filled
 //! STATE/lock               held while a round runs
 //! ```
+//!
+//! Each round first checks the target against the committed manifest ([`check_target`]): what is
+//! missing is made again, what someone else changed is left alone (unless adopted) and keeps the
+//! round from being in sync. A dry run ([`local_plan`]) writes nothing, not even in `STATE`.
 
 use std::fs::File;
 use std::io;
@@ -19,10 +26,17 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::apply::{ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, apply};
+use crate::apply::{
+    Adopt, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, Planner, Step, apply,
+};
+use crate::check::{
+    CheckError, CheckOptions, CheckReport, Checked, Finding, check_target, checked_steps, with_findings,
+};
 use crate::hash::RootHash;
 use crate::index::{ChunkIndex, IndexError};
-use crate::manifest::{ChunkRef, Entry, ManifestReader, ManifestWriter, RawEntry, RecordFileError, steps};
+use crate::manifest::{
+    ChunkRef, Entry, EntryKind, ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader,
+};
 use crate::path::RelPath;
 use crate::rootdir::RootDir;
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
@@ -79,6 +93,11 @@ pub struct LocalRoundOptions {
 pub struct LocalRoundReport {
     /// The scan of the source.
     pub scan: ScanReport,
+    /// The check of the target against what ferry had put there.
+    pub check: CheckReport,
+    /// The target was adopted whole: a first round, or a target folder that is not the one ferry
+    /// last filled.
+    pub adopted: bool,
     /// The apply to the target.
     pub apply: ApplyReport,
     /// The root hash of what the target now holds.
@@ -124,6 +143,17 @@ pub enum RoundError {
     /// The chunk index failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The check of the target failed.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// The target lies inside the source: each round would copy the last one's copy again.
+    #[error("the target {target} is inside the source {source_dir}: choose a target outside it")]
+    Nested {
+        /// The source folder.
+        source_dir: PathBuf,
+        /// The target folder.
+        target: PathBuf,
+    },
 }
 
 /// Holds the state folder's lock for as long as it lives.
@@ -142,6 +172,73 @@ pub fn lock_state(state: &Path) -> Result<StateLock, RoundError> {
     }
 }
 
+/// Refuses a target inside the source (or the same folder): the scan would read the target too.
+fn refuse_nested(source: &Path, target: &Path) -> Result<(), RoundError> {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    let (source_c, mut target_c) = (canonical(source), canonical(target));
+    if !target.exists() {
+        // Not made yet: its nearest folder that exists decides.
+        let mut missing = Vec::new();
+        let mut at = target.to_owned();
+        while !at.exists() {
+            match (at.file_name().map(|n| n.to_owned()), at.parent()) {
+                (Some(name), Some(parent)) => {
+                    missing.push(name);
+                    at = parent.to_owned();
+                }
+                _ => break,
+            }
+        }
+        target_c = canonical(&at);
+        target_c.extend(missing.iter().rev());
+    }
+    if target_c.starts_with(&source_c) {
+        return Err(RoundError::Nested { source_dir: source.to_owned(), target: target.to_owned() });
+    }
+    Ok(())
+}
+
+/// The state of the target side: the committed manifest, whether this round adopts the target
+/// whole, and the identity to record.
+struct TargetSide {
+    committed: PathBuf,
+    findings: PathBuf,
+    identity_file: PathBuf,
+    identity: Option<String>,
+    adopt_whole: bool,
+}
+
+impl TargetSide {
+    fn new(target_state: &Path, target: &Path) -> Self {
+        let committed = target_state.join("manifest");
+        let identity_file = target_state.join("identity");
+        let identity = crate::check::target_identity(target).ok();
+        let known = std::fs::read_to_string(&identity_file).ok();
+        // Adopted whole: the first round (a pre-filled target), or a target folder that is not the
+        // one ferry filled (state from before identities were kept has none: nothing to compare).
+        let adopt_whole =
+            !committed.exists() || known.is_some_and(|k| identity.as_deref().is_some_and(|i| i != k.trim()));
+        Self { committed, findings: target_state.join("findings"), identity_file, identity, adopt_whole }
+    }
+
+    fn old(&self) -> Result<impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<>, RecordFileError> {
+        let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if self.committed.exists() {
+            Box::new(ManifestReader::open(&self.committed)?.raw())
+        } else {
+            Box::new(std::iter::empty())
+        };
+        Ok(with_findings(old, RecordReader::<Finding>::open(&self.findings)?))
+    }
+
+    fn record_identity(&self) -> Result<(), RoundError> {
+        if let Some(identity) = &self.identity {
+            std::fs::write(&self.identity_file, identity)
+                .map_err(|e| RoundError::State { path: self.identity_file.clone(), source: e })?;
+        }
+        Ok(())
+    }
+}
+
 /// Brings `target` to the state of `source`, keeping state in `state`.
 pub fn local_round(
     source: &Path,
@@ -150,6 +247,7 @@ pub fn local_round(
     options: &LocalRoundOptions,
 ) -> Result<LocalRoundReport, RoundError> {
     let started = Instant::now();
+    refuse_nested(source, target)?;
     let _lock = lock_state(state)?;
     let (source_state, target_state) = (state.join("source"), state.join("target"));
     for dir in [&source_state, &target_state] {
@@ -161,26 +259,116 @@ pub fn local_round(
     let new_manifest = source_state.join("manifest");
     let scan_report = scan(source, Some(&cache), &new_manifest, &cache, &options.scan)?;
 
-    let committed_path = target_state.join("manifest");
-    let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>>> = if committed_path.exists() {
-        Box::new(ManifestReader::open(&committed_path)?.raw())
-    } else {
-        Box::new(std::iter::empty())
-    };
-    let new = ManifestReader::open(&new_manifest)?.raw();
+    let side = TargetSide::new(&target_state, target);
     let mut index = ChunkIndex::open(&target_state.join("chunks.redb"))?;
+    let check_options = CheckOptions { adopt: side.adopt_whole, read_only: false };
+    let check = check_target(target, &side.committed, &mut index, &side.findings, check_options)?;
+    let new = ManifestReader::open(&new_manifest)?.raw();
     let mut chunk_source =
         LocalChunkSource::new(source).map_err(|e| RoundError::Target { path: source.to_owned(), source: e })?;
-    let mut committed = ManifestWriter::create(&committed_path)?;
-    let apply_report = apply(target, steps(old, new), &mut chunk_source, &mut index, &mut committed, &options.apply)?;
+    let mut committed = ManifestWriter::create(&side.committed)?;
+    let apply_options = ApplyOptions {
+        adopt: if side.adopt_whole { Adopt::All } else { options.apply.adopt.clone() },
+        ..options.apply.clone()
+    };
+    let steps = checked_steps(side.old()?, new);
+    let apply_report = apply(target, steps, &mut chunk_source, &mut index, &mut committed, &apply_options)?;
     let target_root = committed.finish()?;
+    side.record_identity()?;
+    let _ = std::fs::remove_file(&side.findings);
     Ok(LocalRoundReport {
         in_sync: Some(target_root) == scan_report.root_hash,
         scan: scan_report,
+        check,
+        adopted: side.adopt_whole,
         apply: apply_report,
         target_root,
         duration: started.elapsed(),
     })
+}
+
+/// What a local round would do (`--dry-run`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LocalPlan {
+    /// Entries in the source.
+    pub entries: u64,
+    /// Files the round would write.
+    pub files: u64,
+    /// Their bytes (before deduplication).
+    pub changed_bytes: u64,
+    /// Bytes it would copy from the source (after deduplication against the target).
+    pub copy_bytes: u64,
+    /// Files whose metadata only would change.
+    pub metadata: u64,
+    /// Folders it would create.
+    pub folders: u64,
+    /// Symlinks and hard links it would make.
+    pub links: u64,
+    /// Paths the source no longer has that would be removed (`delete`) or kept.
+    pub gone: u64,
+    /// The check of the target.
+    pub check: CheckReport,
+    /// The target would be adopted whole.
+    pub adopted: bool,
+    /// Wall time.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub duration: Duration,
+}
+
+/// Plans a local round without writing anything: not in the target, not in `state` (its scan cache
+/// and chunk index are read; what the plan needs to write goes to a temporary folder).
+pub fn local_plan(
+    source: &Path,
+    target: &Path,
+    state: &Path,
+    options: &LocalRoundOptions,
+) -> Result<LocalPlan, RoundError> {
+    let started = Instant::now();
+    refuse_nested(source, target)?;
+    let scratch = tempfile::tempdir().map_err(|e| RoundError::State { path: std::env::temp_dir(), source: e })?;
+    let scratch_err = |e| RoundError::State { path: scratch.path().to_owned(), source: e };
+    let (source_state, target_state) = (state.join("source"), state.join("target"));
+    let new_manifest = scratch.path().join("manifest");
+    let cache = source_state.join("cache");
+    let cache = cache.exists().then_some(cache);
+    let scan_report = scan(source, cache.as_deref(), &new_manifest, &scratch.path().join("cache"), &options.scan)?;
+
+    // The index, copied: opening it writes.
+    let index_path = scratch.path().join("chunks.redb");
+    if target_state.join("chunks.redb").exists() {
+        std::fs::copy(target_state.join("chunks.redb"), &index_path).map_err(scratch_err)?;
+    }
+    let mut index = ChunkIndex::open(&index_path)?;
+    let mut side = TargetSide::new(&target_state, target);
+    side.findings = scratch.path().join("findings");
+    let check_options = CheckOptions { adopt: side.adopt_whole, read_only: true };
+    let check = check_target(target, &side.committed, &mut index, &side.findings, check_options)?;
+    let mut plan = LocalPlan { entries: scan_report.entries, adopted: side.adopt_whole, ..LocalPlan::default() };
+    let mut planner = Planner::default();
+    for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
+        let Step::Apply(pair) = step? else { continue };
+        let Some(new) = &pair.new else {
+            plan.gone += u64::from(pair.old.is_some());
+            continue;
+        };
+        if pair.old.as_ref() == Some(new) {
+            continue;
+        }
+        match new.kind {
+            EntryKind::Dir => plan.folders += u64::from(pair.old.is_none()),
+            EntryKind::Symlink => plan.links += 1,
+            EntryKind::File if new.hard_link_to.is_some() => plan.links += 1,
+            EntryKind::File if Planner::writes_content(&pair) => {
+                plan.files += 1;
+                plan.changed_bytes += new.size;
+                plan.copy_bytes += planner.plan(&index, &pair)?.iter().map(|n| u64::from(n.chunk.len)).sum::<u64>();
+            }
+            EntryKind::File => plan.metadata += 1,
+        }
+    }
+    plan.check = check;
+    plan.duration = started.elapsed();
+    Ok(plan)
 }
 
 #[cfg(test)]

@@ -1,0 +1,483 @@
+//! The destination's check of its target: what the disk holds, not what ferry remembers writing.
+//!
+//! A round's verdict ("matches", `in_sync`, exit 0) is the committed manifest's root hash compared
+//! with the source's. That manifest says what ferry wrote; the disk may since have lost it (a wiped
+//! target, a deleted file) or been changed by someone else (an edit, a `chmod`, a file replaced by a
+//! symlink). So before each round the destination `lstat`s every path of its committed manifest and
+//! compares it with what the disk said right after ferry put it there (the chunk index's
+//! [`PlacedStat`] records: inode and ctime, which the kernel moves on every change and nobody can set
+//! back). What [`check_target`] finds goes to a findings file, sorted as manifests are, and
+//! [`with_findings`] joins it to the committed manifest. The round then makes a missing entry again
+//! (from chunks elsewhere in the target, re-hashed, or from the source); writes again an entry of
+//! ferry's changed in place (same inode: an edit, a `chmod`), since its content and metadata are no
+//! longer known; puts right a folder whose mode or mtime moved; and leaves alone what someone else
+//! put at a path of ferry's (another inode: a file of the administrator's, a symlink), which is
+//! theirs unless the operator adopts it, and keeps the round from being in sync.
+//!
+//! Without a record (a target filled before records were kept, or an entry ferry adopted) an entry
+//! passes when its kind, size, mtime and mode are what ferry wrote, as rsync's quick check decides;
+//! the record is taken then. Owners are not compared (they depend on the round's owner mapping). A
+//! file with several hard links is compared by inode, size, mtime and mode when its ctime moved: the
+//! linking of another of its names moves it too.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use rustix::fs::{FileType, Statx};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::apply::Step;
+use crate::index::{ChunkIndex, IndexError, PlacedStat, look_at};
+use crate::manifest::{
+    Entry, EntryKind, Keyed, ManifestReader, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter,
+};
+use crate::path::RelPath;
+use crate::rootdir::{NameExt, RootDir};
+
+/// What the check found at a path of the committed manifest that is not as ferry left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Found {
+    /// Nothing is there (or what holds it is no longer a folder).
+    Missing,
+    /// Ferry's entry, changed in place since (an edit, a `chmod`): why, for people.
+    Changed(String),
+    /// Something ferry did not put there (another inode, another kind): why, for people.
+    Foreign(String),
+    /// The folder is there, with another mode or mtime.
+    Folder {
+        /// Its permission bits now.
+        mode: u32,
+        /// Its mtime now.
+        mtime_ns: i64,
+    },
+}
+
+/// One path the check found not as ferry left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// The path.
+    pub path: RelPath,
+    /// What is there.
+    pub found: Found,
+}
+
+impl Keyed for Finding {
+    fn key(&self) -> &RelPath {
+        &self.path
+    }
+}
+
+/// What a check of the target found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Paths of the committed manifest looked at.
+    pub entries: u64,
+    /// Of those, not there.
+    pub missing: u64,
+    /// Ferry's entries changed in place behind its back: written again.
+    pub changed: u64,
+    /// Paths of ferry's where something else is now: left alone unless adopted.
+    pub foreign: u64,
+    /// Folders whose mode or mtime moved (put right by the round).
+    pub folders: u64,
+    /// Entries without a record that passed the quick check, recorded now.
+    pub recorded: u64,
+    /// The first differences, for people.
+    pub differences: Vec<String>,
+    /// Wall time.
+    #[serde(serialize_with = "crate::serialize_millis")]
+    pub duration: Duration,
+}
+
+impl CheckReport {
+    /// Did the target hold every entry as ferry left it?
+    pub fn is_clean(&self) -> bool {
+        self.missing + self.changed + self.foreign + self.folders == 0
+    }
+
+    /// Did files, symlinks or folders go missing or change? (Folders whose mtime moved are ordinary:
+    /// the import writes its own files into them.)
+    pub fn entries_differ(&self) -> bool {
+        self.missing + self.changed + self.foreign > 0
+    }
+
+    /// One line for people: what differed.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} missing, {} changed in place, {} replaced by something ferry did not put there, {} folders \
+             with another mode or mtime",
+            self.missing, self.changed, self.foreign, self.folders
+        )
+    }
+}
+
+/// How to check.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// An entry whose record does not match passes when its quick check does, and is recorded again:
+    /// for a target ferry adopts whole (another disk mounted in its place, a restored copy).
+    pub adopt: bool,
+    /// Write nothing, not even records of entries that passed without one (a dry run).
+    pub read_only: bool,
+}
+
+/// A check that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The target folder could not be opened.
+    #[error("target folder {path}: {source}")]
+    Target {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Reading the committed manifest or writing the findings failed.
+    #[error(transparent)]
+    Manifest(#[from] RecordFileError),
+    /// The chunk index (its records of what was placed) failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// How many entries are looked at together (in parallel, with one read of the index's records).
+const BATCH: usize = 4096;
+/// How many differences a report names.
+const SAMPLE: usize = 20;
+
+/// Looks at every path of the committed manifest at `committed` (if there is one) in `target`, and
+/// writes what differs to `findings`, in manifest order.
+pub fn check_target(
+    target: &Path,
+    committed: &Path,
+    index: &mut ChunkIndex,
+    findings: &Path,
+    options: CheckOptions,
+) -> Result<CheckReport, CheckError> {
+    let started = Instant::now();
+    let mut report = CheckReport::default();
+    let mut out = RecordWriter::<Finding>::create(findings)?;
+    if !committed.exists() {
+        out.finish_unsynced()?;
+        return Ok(report);
+    }
+    // A target folder that is gone holds nothing: every entry is missing.
+    let root = match RootDir::open(target) {
+        Ok(root) => Some(root),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(CheckError::Target { path: target.to_owned(), source: e }),
+    };
+    let mut entries = ManifestReader::open(committed)?.raw();
+    // A folder that is not there as a folder: everything beneath it is missing too.
+    let mut broken: Option<RelPath> = None;
+    loop {
+        let batch = entries.by_ref().take(BATCH).collect::<Result<Vec<_>, _>>()?;
+        if batch.is_empty() {
+            break;
+        }
+        let looked = batch
+            .par_chunks(256)
+            .map(|part| {
+                let records = index.placed(part.iter().map(RawEntry::path))?;
+                Ok(part.iter().map(|entry| lstat(root.as_ref(), entry.path())).zip(records).collect::<Vec<_>>())
+            })
+            .collect::<Result<Vec<_>, IndexError>>()?;
+        let mut to_record = Vec::new();
+        for (entry, (stat, record)) in batch.iter().zip(looked.into_iter().flatten()) {
+            report.entries += 1;
+            let path = entry.path();
+            let verdict = if broken.as_ref().is_some_and(|b| b.is_ancestor_of(path)) {
+                Verdict::Found(Found::Missing)
+            } else {
+                judge(entry, stat, record, options)?
+            };
+            let found = match verdict {
+                Verdict::Same => continue,
+                Verdict::SameUnrecorded(stat) => {
+                    to_record.push((path.clone(), stat));
+                    continue;
+                }
+                Verdict::Found(found) => found,
+            };
+            if entry.kind() == EntryKind::Dir && matches!(found, Found::Missing | Found::Foreign(_)) {
+                broken = Some(path.clone());
+            }
+            let shown = match &found {
+                Found::Missing => {
+                    report.missing += 1;
+                    format!("{path}: missing")
+                }
+                Found::Changed(why) => {
+                    report.changed += 1;
+                    format!("{path}: {why}")
+                }
+                Found::Foreign(why) => {
+                    report.foreign += 1;
+                    format!("{path}: {why}")
+                }
+                Found::Folder { .. } => {
+                    report.folders += 1;
+                    format!("{path}: folder's mode or mtime changed")
+                }
+            };
+            if report.differences.len() < SAMPLE {
+                report.differences.push(shown);
+            }
+            out.push(&Finding { path: path.clone(), found })?;
+        }
+        report.recorded += to_record.len() as u64;
+        if !options.read_only && !to_record.is_empty() {
+            index.record([], to_record.iter().map(|(p, s)| (p, *s)), false)?;
+        }
+    }
+    out.finish_unsynced()?;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+enum Verdict {
+    /// As ferry left it.
+    Same,
+    /// As ferry wrote it by the quick check, with no record (or, adopting, another one): record this.
+    SameUnrecorded(PlacedStat),
+    Found(Found),
+}
+
+fn lstat(root: Option<&RootDir>, path: &RelPath) -> Result<Option<Statx>, Errno> {
+    let Some(root) = root else { return Ok(None) };
+    // The root is looked at through its descriptor (an empty name). For the others, every folder
+    // above was looked at first (manifest order) and a folder that is not one makes what is beneath
+    // it missing: no symlink on the way is trusted.
+    match look_at(root.fd(), path.as_bytes().os()) {
+        Ok(stat) => Ok(Some(stat)),
+        Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn judge(
+    entry: &RawEntry,
+    stat: Result<Option<Statx>, Errno>,
+    record: Option<PlacedStat>,
+    options: CheckOptions,
+) -> Result<Verdict, RecordFileError> {
+    let stat = match stat {
+        Ok(Some(stat)) => stat,
+        Ok(None) => return Ok(Verdict::Found(Found::Missing)),
+        Err(e) => return Ok(Verdict::Found(Found::Foreign(format!("cannot be looked at: {e}")))),
+    };
+    let kind = FileType::from_raw_mode(stat.stx_mode.into());
+    let expected = match entry.kind() {
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::File => FileType::RegularFile,
+        EntryKind::Symlink => FileType::Symlink,
+    };
+    if kind != expected {
+        return Ok(Verdict::Found(Found::Foreign(format!("is now {}", describe(kind)))));
+    }
+    let mode = u32::from(stat.stx_mode) & 0o7777;
+    let mtime_ns = stat.stx_mtime.tv_sec * 1_000_000_000 + i64::from(stat.stx_mtime.tv_nsec);
+    if entry.kind() == EntryKind::Dir {
+        let wrote = entry.decode()?;
+        return Ok(if wrote.mode == mode && wrote.mtime_ns == mtime_ns {
+            Verdict::Same
+        } else {
+            Verdict::Found(Found::Folder { mode, mtime_ns })
+        });
+    }
+    let now = PlacedStat::of(&stat);
+    // Only the inode was recorded when a round stopped right after putting the entry in place.
+    let ctime_known = record.is_some_and(|r| r.ctime_ns.is_some());
+    let as_written = || -> Result<bool, RecordFileError> {
+        let wrote = entry.decode()?;
+        Ok(wrote.mtime_ns == mtime_ns
+            && (wrote.kind == EntryKind::Symlink || (wrote.mode == mode && wrote.size == stat.stx_size)))
+    };
+    Ok(match record {
+        Some(record) if ctime_known && record.matches(&stat) => Verdict::Same,
+        Some(record) if record.same_inode(&stat) && !ctime_known && as_written()? => Verdict::SameUnrecorded(now),
+        Some(record) if record.same_inode(&stat) && stat.stx_nlink > 1 && as_written()? => Verdict::Same,
+        Some(_) if options.adopt && as_written()? => Verdict::SameUnrecorded(now),
+        Some(record) if !record.same_inode(&stat) => {
+            Verdict::Found(Found::Foreign("was replaced by a file ferry did not put there".to_owned()))
+        }
+        Some(_) => Verdict::Found(Found::Changed("was changed in place since ferry put it there".to_owned())),
+        None if as_written()? => Verdict::SameUnrecorded(now),
+        // No record to tell whose it is: ferry's, as it always took what it listed.
+        None => Verdict::Found(Found::Changed("differs from what ferry wrote there".to_owned())),
+    })
+}
+
+fn describe(kind: FileType) -> &'static str {
+    match kind {
+        FileType::RegularFile => "a file",
+        FileType::Directory => "a folder",
+        FileType::Symlink => "a symlink",
+        FileType::Fifo => "a fifo",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice | FileType::BlockDevice => "a device",
+        FileType::Unknown => "something of unknown kind",
+    }
+}
+
+/// An entry of the committed manifest with what the check found at its path.
+#[derive(Debug)]
+pub struct Checked {
+    /// The entry as ferry committed it.
+    pub raw: RawEntry,
+    /// What is there instead, when it is not as ferry left it.
+    pub found: Option<Found>,
+}
+
+impl Keyed for Checked {
+    fn key(&self) -> &RelPath {
+        self.raw.path()
+    }
+}
+
+impl Checked {
+    /// The entry as the target holds it, for the old side of a round's merge: `None` when nothing of
+    /// ferry's is there (missing, or someone else's now). An entry of ferry's changed in place comes
+    /// with no content and no metadata, so that whatever the round does with it writes it whole.
+    pub fn on_disk(&self) -> Result<Option<Entry>, RecordFileError> {
+        Ok(match &self.found {
+            None => Some(self.raw.decode()?),
+            Some(Found::Missing | Found::Foreign(_)) => None,
+            Some(Found::Changed(_)) => Some(Entry {
+                size: 0,
+                chunks: Vec::new(),
+                link_target: None,
+                hard_link_to: None,
+                mtime_ns: i64::MIN,
+                ..self.raw.decode()?
+            }),
+            Some(Found::Folder { mode, mtime_ns }) => {
+                Some(Entry { mode: *mode, mtime_ns: *mtime_ns, ..self.raw.decode()? })
+            }
+        })
+    }
+}
+
+/// The committed manifest joined with the check's findings (both sorted).
+pub fn with_findings(
+    committed: impl Iterator<Item = Result<RawEntry, RecordFileError>>,
+    findings: RecordReader<Finding>,
+) -> impl Iterator<Item = Result<Checked, RecordFileError>> {
+    MergeJoin::new(committed, findings).filter_map(|pair| match pair {
+        Ok(Pair { old: Some(raw), new: finding }) => Some(Ok(Checked { raw, found: finding.map(|f| f.found) })),
+        // A finding for a path the manifest does not list (a findings file of another round): nothing.
+        Ok(Pair { old: None, .. }) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
+
+/// The steps from the checked committed manifest to a new one (a local round's full manifest): an
+/// entry the check found as ferry left it and stored with the same bytes on both sides is kept
+/// undecoded; every other path is decoded, its old side as the disk holds it.
+pub fn checked_steps(
+    old: impl Iterator<Item = Result<Checked, RecordFileError>>,
+    new: impl Iterator<Item = Result<RawEntry, RecordFileError>>,
+) -> impl Iterator<Item = Result<Step, RecordFileError>> {
+    MergeJoin::new(old, new).filter_map(|pair| {
+        let step = match pair {
+            Ok(Pair { old: Some(old), new: Some(new) })
+                if old.found.is_none() && old.raw.same_bytes(&new) && new.kind() != EntryKind::Dir =>
+            {
+                Ok(Step::Keep(new))
+            }
+            Ok(Pair { old, new }) => (|| {
+                Ok(Pair {
+                    old: old.map(|o| o.on_disk()).transpose()?.flatten(),
+                    new: new.map(|n| n.decode()).transpose()?,
+                })
+            })()
+            .map(Step::from),
+            Err(e) => Err(e),
+        };
+        // Gone at the source and not ferry's here: nothing to do.
+        match step {
+            Ok(Step::Apply(pair)) if pair.old.is_none() && pair.new.is_none() => None,
+            step => Some(step),
+        }
+    })
+}
+
+/// Where the target is: its device and inode. A target folder that is not the one ferry last filled
+/// (removed and made again, another disk mounted there, a restored copy) is adopted whole.
+pub fn target_identity(target: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(target)?;
+    Ok(format!("{}:{}", meta.dev(), meta.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::ManifestWriter;
+
+    /// A committed manifest of one file `f` as written now in `target`, and the check's verdict on it
+    /// given `record`.
+    fn verdict_with(record: impl Fn(&Statx) -> Option<PlacedStat>, before_check: impl Fn(&Path)) -> CheckReport {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("f"), b"content").unwrap();
+        let dir_fd = std::fs::File::open(&target).unwrap();
+        let stat = look_at(&dir_fd, "f".as_ref()).unwrap();
+        let path = RelPath::new(&b"f"[..]).unwrap();
+        let entry = Entry {
+            mode: u32::from(stat.stx_mode) & 0o7777,
+            mtime_ns: stat.stx_mtime.tv_sec * 1_000_000_000 + i64::from(stat.stx_mtime.tv_nsec),
+            size: 7,
+            ..Entry::new(path.clone(), EntryKind::File)
+        };
+        let committed = dir.path().join("manifest");
+        let mut writer = ManifestWriter::create(&committed).unwrap();
+        writer.push(&entry).unwrap();
+        writer.finish().unwrap();
+        let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
+        if let Some(record) = record(&stat) {
+            index.record([], [(&path, record)], false).unwrap();
+        }
+        before_check(&target);
+        let findings = dir.path().join("findings");
+        check_target(&target, &committed, &mut index, &findings, CheckOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn an_inode_recorded_before_its_name_passes_on_the_quick_check_and_is_recorded() {
+        let report = verdict_with(|stat| Some(PlacedStat::placing(stat)), |_| {});
+        assert!(report.is_clean() && report.recorded == 1, "{report:?}");
+        // The same inode, edited behind the mtime: found changed, since only the quick check can tell.
+        let report = verdict_with(
+            |stat| Some(PlacedStat::placing(stat)),
+            |target| std::fs::write(target.join("f"), b"CONTENT+").unwrap(),
+        );
+        assert_eq!(report.changed, 1, "{report:?}");
+    }
+
+    #[test]
+    fn a_moved_ctime_is_a_change_unless_another_name_was_linked() {
+        let moved = |target: &Path| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::fs::set_permissions(target.join("f"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        };
+        let report = verdict_with(|stat| Some(PlacedStat::of(stat)), moved);
+        assert_eq!(report.changed, 1, "{report:?}");
+        let linked = |target: &Path| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::fs::hard_link(target.join("f"), target.join("g")).unwrap();
+        };
+        let report = verdict_with(|stat| Some(PlacedStat::of(stat)), linked);
+        assert!(report.is_clean(), "{report:?}");
+        // Another inode at the path: someone else's.
+        let replaced = |target: &Path| {
+            std::fs::remove_file(target.join("f")).unwrap();
+            std::fs::write(target.join("f"), b"content").unwrap();
+        };
+        let report = verdict_with(|stat| Some(PlacedStat::of(stat)), replaced);
+        assert_eq!(report.foreign, 1, "{report:?}");
+    }
+}
