@@ -157,14 +157,20 @@ pub struct SyncArgs {
     /// round; exits 6.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub max_duration: Option<std::time::Duration>,
-    /// Network rounds: scan and compare manifests only, then print what the round would send and when
-    /// it would be done under the bandwidth timetable. Nothing is written to the target.
-    #[arg(long)]
+    /// Scan and compare only, then print what the round would write (and, for a network round, send,
+    /// and when it would be done under the bandwidth timetable). Nothing is written to the target, and
+    /// a local round's state folder is left as it was.
+    #[arg(short = 'n', long)]
     pub dry_run: bool,
+    /// Let the round replace what is at PATH (relative to the target, or `all`) although ferry did
+    /// not put it there or it was replaced since: a round otherwise leaves such an entry alone and
+    /// says so (exit 3). Repeat for several paths. Local rounds.
+    #[arg(long, value_name = "PATH|all")]
+    pub adopt: Vec<String>,
     /// Network rounds: when the connection drops, keep trying to reconnect for this long (with
-    /// backoff) and go on where the round was.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10m")]
-    pub reconnect_grace: std::time::Duration,
+    /// backoff) and go on where the round was [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub reconnect_grace: Option<std::time::Duration>,
     /// Network rounds: try to yield to other traffic on the link (a delay-based congestion controller,
     /// after LEDBAT): the round slows down when the link's queue fills. On a shaped 20 Mbit/s link a
     /// TCP flow that starts during such a round keeps 19 Mbit/s of it (DESIGN.md, "Low priority").
@@ -174,13 +180,32 @@ pub struct SyncArgs {
     /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; for a
     /// link with random loss (radio, a bad line), lossy (cubic that ignores a loss while the link's
     /// queue is empty) keeps most of its rate, and bbr too, but bbr resends much more on links with
-    /// small buffers.
-    #[arg(long, value_enum, value_name = "CONTROLLER", default_value = "cubic")]
-    pub congestion: crate::net::Congestion,
+    /// small buffers [default: cubic].
+    #[arg(long, value_enum, value_name = "CONTROLLER")]
+    pub congestion: Option<crate::net::Congestion>,
     /// Network rounds: how often a run without a terminal (cron, systemd) logs its progress, with the
-    /// rate and an estimate of the time left. On a terminal, a live line shows it instead.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1m")]
-    pub progress_interval: std::time::Duration,
+    /// rate and an estimate of the time left. On a terminal, a live line shows it instead [default: 1m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub progress_interval: Option<std::time::Duration>,
+}
+
+impl SyncArgs {
+    /// The options given that only a network round has: a local round refuses them rather than
+    /// ignore them.
+    pub fn network_only(&self) -> Vec<&'static str> {
+        let given = [
+            ("--import", self.import.is_some()),
+            ("--no-wait", self.no_wait),
+            ("--wait", self.wait),
+            ("--bwlimit", self.bwlimit.is_some()),
+            ("--max-duration", self.max_duration.is_some()),
+            ("--reconnect-grace", self.reconnect_grace.is_some()),
+            ("--low-priority", self.low_priority),
+            ("--congestion", self.congestion.is_some()),
+            ("--progress-interval", self.progress_interval.is_some()),
+        ];
+        given.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
+    }
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

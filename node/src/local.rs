@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ferry_engine::{ApplyOptions, LocalRoundOptions, LocalRoundReport, ScanOptions, local_round};
+use ferry_engine::{
+    Adopt, ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, RelPath, ScanOptions, local_plan,
+    local_round,
+};
 
 use crate::{exit, human};
 
@@ -22,6 +25,41 @@ pub struct LocalSyncOptions {
     pub numeric_ids: bool,
     /// `--json`.
     pub json: bool,
+    /// `--dry-run`: plan only, write nothing.
+    pub dry_run: bool,
+    /// `--adopt`: paths (relative to the target) or `all`.
+    pub adopt: Vec<String>,
+}
+
+/// `--adopt` as the apply takes it.
+fn adopt_of(given: &[String]) -> anyhow::Result<Adopt> {
+    if given.is_empty() {
+        return Ok(Adopt::Nothing);
+    }
+    if given.iter().any(|p| p == "all") {
+        return Ok(Adopt::All);
+    }
+    let paths = given
+        .iter()
+        .map(|p| {
+            let trimmed = p.trim_start_matches("./").trim_end_matches('/');
+            RelPath::new(trimmed.as_bytes().to_vec())
+                .map_err(|e| anyhow::anyhow!("--adopt {p}: {e} (give a path relative to the target, or all)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Adopt::Paths(paths))
+}
+
+/// The local round's JSON documents carry the schema version every `--json` document carries.
+fn print_json<T: serde::Serialize>(report: &T) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Versioned<'a, T> {
+        schema: u32,
+        #[serde(flatten)]
+        report: &'a T,
+    }
+    println!("{}", serde_json::to_string_pretty(&Versioned { schema: crate::REPORT_SCHEMA, report })?);
+    Ok(())
 }
 
 /// Where a source/target pair keeps its state when not told: one folder per pair, named by a hash of
@@ -42,42 +80,99 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
     if !options.source.is_dir() {
         anyhow::bail!("source folder {} does not exist or is not a folder", options.source.display());
     }
-    std::fs::create_dir_all(&options.target)
-        .with_context(|| format!("cannot create target folder {}", options.target.display()))?;
     let state = match &options.state_dir {
         Some(dir) => dir.clone(),
-        None => default_state_dir(&options.source, &options.target)?,
+        None if options.dry_run && !options.target.exists() => {
+            // Nothing to find in a state folder of a target that does not exist yet.
+            std::env::temp_dir().join("ferry-dry-run-no-state")
+        }
+        None => {
+            std::fs::create_dir_all(&options.target)
+                .with_context(|| format!("cannot create target folder {}", options.target.display()))?;
+            default_state_dir(&options.source, &options.target)?
+        }
     };
     tracing::info!(source = %options.source.display(), target = %options.target.display(), state = %state.display(), "local round");
     let round_options = LocalRoundOptions {
         scan: ScanOptions::default(),
-        apply: ApplyOptions { delete: options.delete, numeric_ids: options.numeric_ids, ..ApplyOptions::default() },
+        apply: ApplyOptions {
+            delete: options.delete,
+            numeric_ids: options.numeric_ids,
+            adopt: adopt_of(&options.adopt)?,
+            ..ApplyOptions::default()
+        },
     };
-    let report = local_round(&options.source, &options.target, &state, &round_options)
-        .with_context(|| format!("round {} -> {} failed", options.source.display(), options.target.display()))?;
-    if options.json {
-        /// The local round's report with the schema version every `--json` document carries.
-        #[derive(serde::Serialize)]
-        struct Versioned<'a> {
-            schema: u32,
-            #[serde(flatten)]
-            report: &'a LocalRoundReport,
+    let failed = || format!("round {} -> {} failed", options.source.display(), options.target.display());
+    if options.dry_run {
+        let plan = local_plan(&options.source, &options.target, &state, &round_options).with_context(failed)?;
+        if options.json {
+            print_json(&plan)?;
+        } else {
+            print_plan(&options.source, &options.target, &plan, options.delete);
         }
-        let versioned = Versioned { schema: crate::REPORT_SCHEMA, report: &report };
-        println!("{}", serde_json::to_string_pretty(&versioned)?);
+        return Ok(exit::OK);
+    }
+    let report = local_round(&options.source, &options.target, &state, &round_options).with_context(failed)?;
+    if options.json {
+        print_json(&report)?;
     } else {
         print_summary(&options.source, &options.target, &report);
     }
     Ok(exit_code(&report))
 }
 
+/// 0 only when the target now holds the source's tree; 3 otherwise (entries that failed, or left
+/// alone because they are not ferry's).
 pub(crate) fn exit_code(report: &LocalRoundReport) -> i32 {
-    if report.apply.failure_count > 0 { exit::INCOMPLETE } else { exit::OK }
+    if report.apply.failure_count > 0 || !report.in_sync { exit::INCOMPLETE } else { exit::OK }
+}
+
+fn print_plan(source: &Path, target: &Path, plan: &LocalPlan, delete: bool) {
+    println!("dry run: {} -> {}", source.display(), target.display());
+    println!(
+        "  would write {} files ({}; {} to copy from the source after deduplication), {} metadata-only, \
+         {} folders, {} links",
+        human::count(plan.files),
+        human::bytes(plan.changed_bytes),
+        human::bytes(plan.copy_bytes),
+        human::count(plan.metadata),
+        human::count(plan.folders),
+        human::count(plan.links),
+    );
+    if plan.gone > 0 {
+        println!(
+            "  {} {} paths the source no longer has",
+            if delete { "would remove (those ferry wrote)" } else { "would keep" },
+            human::count(plan.gone)
+        );
+    }
+    if plan.adopted {
+        println!("  the target is new to ferry: what is already in it at the source's paths would be adopted");
+    }
+    print_check(&plan.check);
+    println!("  nothing was written");
+}
+
+fn print_check(check: &CheckReport) {
+    if !check.entries_differ() {
+        return;
+    }
+    eprintln!("warning: the target is not as ferry left it: {}", check.summary());
+    for difference in &check.differences {
+        eprintln!("  {difference}");
+    }
 }
 
 pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundReport) {
     let (scan, apply) = (&report.scan, &report.apply);
     println!("round done in {}: {} -> {}", human::duration(report.duration), source.display(), target.display());
+    println!(
+        "  checked  {} entries of the target in {}{}",
+        human::count(report.check.entries),
+        human::duration(report.check.duration),
+        if report.check.is_clean() { ", as ferry left them" } else { "" }
+    );
+    print_check(&report.check);
     println!(
         "  scanned  {} entries, {} files ({}); read {} files ({}), the others unchanged since the last scan",
         human::count(scan.entries),

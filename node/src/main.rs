@@ -66,7 +66,15 @@ fn main() {
         Command::Serve(args) => runtime().and_then(|rt| {
             rt.block_on(ferry::serve(config_dir, args.listen, args.stall_timeout, shutdown_signal())).map(|()| exit::OK)
         }),
-        Command::Sync(args) => match args.target {
+        Command::Sync(args) => match args.target.clone() {
+            Some(_) if !args.network_only().is_empty() => {
+                eprintln!(
+                    "ferry: error: only a network round (ferry sync --round JOB) takes {}; a local round \
+                     (SOURCE TARGET) would ignore it",
+                    args.network_only().join(", ")
+                );
+                std::process::exit(exit::USAGE);
+            }
             Some(target) => ferry::run_local_sync(&LocalSyncOptions {
                 source: args.job_or_source,
                 target,
@@ -74,7 +82,16 @@ fn main() {
                 delete: args.delete,
                 numeric_ids: args.numeric_ids,
                 json: args.json,
+                dry_run: args.dry_run,
+                adopt: args.adopt,
             }),
+            None if !args.adopt.is_empty() => {
+                eprintln!(
+                    "ferry: error: --adopt applies to local rounds only so far; on the destination, move the \
+                     entry aside or remove it, and the next round puts the source's in its place"
+                );
+                std::process::exit(exit::USAGE);
+            }
             None => {
                 let options = PushOptions {
                     job: args.job_or_source.to_string_lossy().into_owned(),
@@ -91,9 +108,13 @@ fn main() {
                     bwlimit: args.bwlimit,
                     max_duration: args.max_duration,
                     dry_run: args.dry_run,
-                    reconnect_grace: args.reconnect_grace,
-                    congestion: if args.low_priority { ferry::Congestion::LowPriority } else { args.congestion },
-                    progress_interval: args.progress_interval,
+                    reconnect_grace: args.reconnect_grace.unwrap_or(std::time::Duration::from_secs(600)),
+                    congestion: if args.low_priority {
+                        ferry::Congestion::LowPriority
+                    } else {
+                        args.congestion.unwrap_or(ferry::Congestion::Cubic)
+                    },
+                    progress_interval: args.progress_interval.unwrap_or(std::time::Duration::from_secs(60)),
                 };
                 if args.dry_run {
                     runtime().and_then(|rt| rt.block_on(ferry::dry_run(&config_dir, &options))).map(|report| {
@@ -103,7 +124,7 @@ fn main() {
                 } else {
                     runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
                         ferry::print_push_report(&report, args.json);
-                        if report.failure_count > 0 {
+                        if report.failure_count > 0 || !report.in_sync {
                             exit::INCOMPLETE
                         } else if report.import.as_ref().is_some_and(|i| !i.success) {
                             exit::IMPORT_FAILED

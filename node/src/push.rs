@@ -95,6 +95,9 @@ pub struct PushReport {
     pub failure_count: u64,
     /// How the destination's import of this round ended (when one ran and was waited for).
     pub import: Option<ferry_proto::ImportResult>,
+    /// What the destination said of the round besides: what its check of the target found, an import
+    /// skipped because nothing changed.
+    pub notices: Vec<String>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// Of which the scan of the source tree (stat every file, read and hash the changed ones).
@@ -246,6 +249,7 @@ async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyho
                     .context("sizing chunks panicked")??;
             }
             Some(Message::Planned(plan)) => break plan,
+            Some(Message::Notice { text }) => tracing::warn!("{}: {text}", prepared.peer.name),
             Some(Message::Refused { reason }) => return Err(Refused(reason).into()),
             Some(other) => bail!("unexpected {other:?} from {} during a dry run", prepared.peer.name),
             None => bail!("{} ended the dry run: {}", prepared.peer.name, why_closed(&session.connection).await),
@@ -746,6 +750,7 @@ struct Finished {
     changes: u64,
     changed_bytes: u64,
     import: Option<ferry_proto::ImportResult>,
+    notices: Vec<String>,
 }
 
 async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
@@ -856,6 +861,7 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         failures: committed.failures,
         failure_count: committed.failure_count,
         import: finished.import,
+        notices: finished.notices,
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
     };
@@ -1026,6 +1032,7 @@ async fn serve_round(
     // its stall timer would otherwise end the round two minutes into a timetable's pause.
     let mut pause_notice = tokio::time::interval(PAUSE_NOTICE);
     pause_notice.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut notices = Vec::new();
     let outcome: anyhow::Result<Committed> = loop {
         tokio::select! {
             _ = pause_notice.tick() => {
@@ -1040,6 +1047,10 @@ async fn serve_round(
                     }
                 }
                 Ok(Some(Message::Done)) => {}
+                Ok(Some(Message::Notice { text })) => {
+                    tracing::warn!("{}: {text}", peer.name);
+                    notices.push(text);
+                }
                 Ok(Some(Message::Committed(committed))) => break Ok(committed),
                 Ok(Some(Message::Failed { reason })) => break Err(anyhow!("{} failed the round: {reason}", peer.name)),
                 Ok(Some(Message::Refused { reason })) => break Err(Refused(format!("{} refused the round: {reason}", peer.name)).into()),
@@ -1104,7 +1115,10 @@ async fn serve_round(
                     import = Some(result);
                     break;
                 }
-                Ok(Some(Message::Notice { text })) => tracing::warn!("{}: {text}", peer.name),
+                Ok(Some(Message::Notice { text })) => {
+                    tracing::info!("{}: {text}", peer.name);
+                    notices.push(text);
+                }
                 Ok(Some(other)) => bail!("unexpected {other:?} from {} after the commit", peer.name),
                 Ok(None) => break,
                 // Committed is committed: no reconnection (it would start another round).
@@ -1119,7 +1133,7 @@ async fn serve_round(
             }
         }
     }
-    Ok(Finished { committed, changes, changed_bytes, import })
+    Ok(Finished { committed, changes, changed_bytes, import, notices })
 }
 
 fn explain_connect_error(
@@ -1494,6 +1508,9 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         for failure in &report.failures {
             eprintln!("  {failure}");
         }
+    }
+    for notice in &report.notices {
+        println!("  note: {notice}");
     }
     println!(
         "  destination {} (root {})",

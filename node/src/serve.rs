@@ -10,9 +10,10 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_engine::{
-    Applier, ApplyOptions, ApplyReport, ChunkBuf, ChunkHash, ChunkIndex, ChunkLocation, ChunkRef, ChunkSource, Entry,
-    EntryKind, FetchError, Fetched, LARGE_FILE, ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry,
-    RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, lap,
+    Adopt, Applier, ApplyOptions, ApplyReport, CheckOptions, Checked, ChunkBuf, ChunkHash, ChunkIndex, ChunkLocation,
+    ChunkRef, ChunkSource, Entry, EntryKind, FetchError, Fetched, Finding, LARGE_FILE, ManifestReader, ManifestWriter,
+    MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, check_target,
+    lap, with_findings,
 };
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
 use tokio::sync::mpsc;
@@ -470,6 +471,10 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     Ok(())
 }
 
+/// The most paths the check found gone or changed whose index hints a round avoids one by one; past
+/// it (a target mostly wiped), it trusts no hint.
+const DISTRUSTED_MAX: u64 = 100_000;
+
 /// How a destination round ended.
 enum RoundEnd {
     /// Committed as this round.
@@ -858,6 +863,14 @@ impl TargetState {
     pub(crate) fn round_marker(&self) -> PathBuf {
         self.dir.join("round.running")
     }
+    /// What the round's check of the target found.
+    fn findings(&self) -> PathBuf {
+        self.dir.join("findings")
+    }
+    /// The device and inode of the target folder ferry last filled.
+    fn identity(&self) -> PathBuf {
+        self.dir.join("identity")
+    }
     /// The last committed round.
     pub(crate) fn holds(&self) -> anyhow::Result<Option<RoundRef>> {
         match std::fs::read(self.round_file()) {
@@ -925,12 +938,36 @@ fn destination_round(
     let _round_marker = crate::history::MarkerGuard(state.round_marker());
     let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
     let indexed = state.dir.join("existing.indexed");
-    if holds.is_none() && !indexed.exists() {
-        // First round: what is already in the target (a shipped disk, an earlier rsync) is indexed,
-        // so that only what differs is asked for. Once: an interrupted first round keeps its index.
+    // A target folder that is not the one ferry filled (removed and made again, another disk mounted
+    // there, a restored copy) is adopted whole, as a first round adopts what it finds.
+    let identity = ferry_engine::target_identity(&job.path).ok();
+    let known = std::fs::read_to_string(state.identity()).ok();
+    let other_target = known.is_some_and(|k| identity.as_deref().is_some_and(|i| i != k.trim()));
+    if other_target {
+        tracing::warn!(
+            "{} is not the folder ferry filled in the last round: it is indexed and adopted",
+            job.path.display()
+        );
+        let _ = std::fs::remove_file(&indexed);
+    }
+    let adopt_whole = holds.is_none() || other_target;
+    if adopt_whole && !indexed.exists() {
+        // What is already in the target (a shipped disk, an earlier rsync) is indexed, so that only
+        // what differs is asked for. Once: an interrupted first round keeps its index.
         index_existing(&job.path, &state.dir, &mut index)?;
         std::fs::write(&indexed, b"")?;
     }
+    // The target is checked against what ferry put there while the source sends its changes.
+    let check = {
+        let (target, committed, findings) = (job.path.clone(), state.manifest(), state.findings());
+        let mut index = index.clone();
+        let options = CheckOptions { adopt: adopt_whole, read_only: false };
+        let span = tracing::Span::current();
+        std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
+            let _entered = span.enter();
+            check_target(&target, &committed, &mut index, &findings, options)
+        })?
+    };
     send(Message::Welcome { holds })?;
 
     // The changes, to disk (a full manifest can be large).
@@ -955,6 +992,18 @@ fn destination_round(
     };
     let change_count = changes.count();
     changes.finish()?;
+    let check = check.join().map_err(|_| anyhow!("the check of the target panicked"))??;
+    tracing::info!("checked {} entries of {} in {} ms", check.entries, job.path.display(), check.duration.as_millis());
+    if check.entries_differ() {
+        let text = format!(
+            "{} is not as ferry left it: {}; this round puts right what it can (e.g. {})",
+            job.path.display(),
+            check.summary(),
+            check.differences.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+        );
+        tracing::warn!("{text}");
+        send(Message::Notice { text })?;
+    }
     if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
             holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
@@ -965,6 +1014,7 @@ fn destination_round(
     // (most of a no-change round's time here). A staging folder left by a cut attempt takes the full
     // path, which empties it.
     let unchanged = change_count == 0
+        && check.is_clean()
         && end.base.is_some()
         && holds.is_some_and(|h| h.root == end.root)
         && state.manifest().exists()
@@ -976,6 +1026,7 @@ fn destination_round(
         } else {
             Box::new(std::iter::empty())
         };
+        let old = with_findings(old, RecordReader::<Finding>::open(&state.findings())?);
         Ok(patch(old, RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
     };
 
@@ -1006,8 +1057,30 @@ fn destination_round(
 
     let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
     let mut source = WindowSource { window: window.clone(), stall_timeout: round.stall_timeout };
-    let options = ApplyOptions { delete: hello.delete, numeric_ids: hello.numeric_ids, ..ApplyOptions::default() };
+    let options = ApplyOptions {
+        delete: hello.delete,
+        numeric_ids: hello.numeric_ids,
+        adopt: if adopt_whole { Adopt::All } else { Adopt::Nothing },
+        ..ApplyOptions::default()
+    };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
+    if !check.is_clean() {
+        // The index's hints into what the check found gone or changed are stale: those chunks are asked
+        // for. Past a bound on the memory that takes, no hint is trusted this round.
+        let stale = check.missing + check.changed + check.foreign;
+        if stale > DISTRUSTED_MAX {
+            applier.distrust(None);
+        } else if stale > 0 {
+            let mut paths = HashSet::new();
+            for finding in RecordReader::<Finding>::open(&state.findings())? {
+                let finding = finding?;
+                if !matches!(finding.found, ferry_engine::Found::Folder { .. }) {
+                    paths.insert(finding.path);
+                }
+            }
+            applier.distrust(Some(paths));
+        }
+    }
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
     let steps = read_ahead(open_steps()?)?;
@@ -1021,6 +1094,9 @@ fn destination_round(
     let root = committed.finish()?;
     std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
     let _ = std::fs::remove_file(&changes_path);
+    if let Some(identity) = &identity {
+        crate::write_durably(&state.identity(), identity.as_bytes())?;
+    }
     commit_round(round, &state, holds, (root, end.root), report, import_mode, &send)
 }
 
@@ -1065,8 +1141,18 @@ fn commit_round(
         failures: report.failures.clone(),
         failure_count: report.failure_count,
     }))?;
-    // The import runs once per committed round, here, whether or not the source still listens.
-    if let Some(argv) = import_command(job, import_mode, done.round)? {
+    // The import runs once per committed round that brought something new, here, whether or not the
+    // source still listens. A round that leaves the same tree as the one before (nothing changed, or
+    // only what was put right) has nothing new to import, unless the source asks for one explicitly.
+    let same_tree = holds.is_some_and(|h| h.root == root);
+    if same_tree && import_mode == ferry_proto::ImportMode::Default && job.import_cmd.is_some() {
+        let text = format!(
+            "import skipped: nothing changed since round {} (run the round with --import full to import anyway)",
+            done.round - 1
+        );
+        tracing::info!("{text}");
+        let _ = send(Message::Notice { text });
+    } else if let Some(argv) = import_command(job, import_mode, done.round)? {
         let running = RunningImport { round: done.round, since: std::time::SystemTime::now(), command: argv.clone() };
         round.imports.lock().map_err(|_| anyhow!("lock poisoned"))?.insert(job.name.clone(), running);
         let result = (|| {
@@ -1474,26 +1560,27 @@ fn read_ahead<T: Send + 'static>(
 /// the changes are against the old manifest (an unlisted path is unchanged: a file or symlink is kept
 /// as it is stored, undecoded); otherwise they are the whole new manifest.
 fn patch<'a>(
-    old: impl Iterator<Item = Result<RawEntry, RecordFileError>> + Send + 'a,
+    old: impl Iterator<Item = Result<Checked, RecordFileError>> + Send + 'a,
     changes: RecordReader<Change>,
     delta: bool,
 ) -> impl Iterator<Item = anyhow::Result<Step>> + Send + 'a {
-    MergeJoin::new(old, changes).map(move |pair| {
+    let steps = MergeJoin::new(old, changes).map(move |pair| {
         let pair = pair?;
         let pair = match (pair.old, pair.new) {
             // A folder is decoded here, off the applying thread: the applier needs it whole.
-            (Some(old), None) if delta && old.kind() != EntryKind::Dir => return Ok(Step::Keep(old)),
-            (Some(old), None) => {
-                let old = old.decode()?;
-                Pair { new: delta.then(|| old.clone()), old: Some(old) }
+            (Some(old), None) if delta && old.found.is_none() && old.raw.kind() != EntryKind::Dir => {
+                return Ok(Step::Keep(old.raw));
             }
+            // Unchanged at the source, not as ferry left it here: back to what the source has.
+            (Some(old), None) => Pair { new: if delta { Some(old.raw.decode()?) } else { None }, old: old.on_disk()? },
             (old, Some(change)) => {
-                let old = old.as_ref().map(RawEntry::decode).transpose()?;
+                let committed = old.as_ref().map(|o| o.raw.decode()).transpose()?;
+                let old = old.as_ref().map(Checked::on_disk).transpose()?.flatten();
                 let new = match change.entry {
                     Some(mut entry) => {
                         if change.chunks_as_before {
                             let Some(previous) =
-                                old.as_ref().filter(|o| o.kind == EntryKind::File && o.size == entry.size)
+                                committed.as_ref().filter(|o| o.kind == EntryKind::File && o.size == entry.size)
                             else {
                                 bail!("{}: sent as unchanged content, but this node has no such file", change.path);
                             };
@@ -1511,7 +1598,9 @@ fn patch<'a>(
             (None, None) => unreachable!("a merged pair has one side"),
         };
         Ok(Step::Apply(Box::new(pair)))
-    })
+    });
+    // Gone at the source and not ferry's here (missing, or someone else's): nothing to do.
+    steps.filter(|step| !matches!(step, Ok(Step::Apply(pair)) if pair.old.is_none() && pair.new.is_none()))
 }
 
 /// Records where the chunks of files already in `target` are, before a first round.
@@ -1560,6 +1649,58 @@ mod tests {
         }
     }
 
+    /// The committed manifest at `manifest`, with the check having found everything as ferry left it.
+    fn as_found(manifest: &Path) -> impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<> {
+        ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(|raw| Checked { raw, found: None }))
+    }
+
+    #[test]
+    fn an_entry_the_check_found_missing_or_changed_is_applied_again_though_the_source_did_not_change_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (manifest, changes) = (dir.path().join("manifest"), dir.path().join("changes"));
+        let mut old = ManifestWriter::create(&manifest).unwrap();
+        for entry in [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("d", 400, 4)] {
+            old.push(&entry).unwrap();
+        }
+        old.finish().unwrap();
+        RecordWriter::<Change>::create(&changes).unwrap().finish().unwrap();
+        let found = |path: &str| match path {
+            "a" => Some(ferry_engine::Found::Missing),
+            "b" => Some(ferry_engine::Found::Changed("edited".into())),
+            "c" => Some(ferry_engine::Found::Foreign("replaced".into())),
+            _ => None,
+        };
+        let checked = ManifestReader::open(&manifest)
+            .unwrap()
+            .raw()
+            .map(|raw| raw.map(|raw| Checked { found: found(&raw.path().to_string()), raw }));
+        let steps: Vec<Step> =
+            patch(checked, RecordReader::open(&changes).unwrap(), true).map(Result::unwrap).collect();
+        let described: Vec<String> = steps
+            .iter()
+            .map(|step| match step {
+                Step::Keep(raw) => format!("keep {}", raw.path()),
+                Step::Apply(pair) => format!(
+                    "{}: old {:?}, new size {:?}",
+                    pair.path(),
+                    pair.old.as_ref().map(|o| o.size),
+                    pair.new.as_ref().map(|n| n.size)
+                ),
+            })
+            .collect();
+        // a is made again, b written again whole (its old content unknown), c is the administrator's
+        // now (the apply leaves it alone), d stays.
+        assert_eq!(
+            described,
+            [
+                "a: old None, new size Some(100)",
+                "b: old Some(0), new size Some(200)",
+                "c: old None, new size Some(300)",
+                "keep d"
+            ]
+        );
+    }
+
     #[test]
     fn the_space_of_changes_is_the_space_of_the_merged_round() {
         let dir = tempfile::tempdir().unwrap();
@@ -1586,7 +1727,7 @@ mod tests {
         writer.finish().unwrap();
 
         // Only c, which no change lists, is kept as it is stored.
-        let merged = patch(ManifestReader::open(&manifest).unwrap().raw(), RecordReader::open(&changes).unwrap(), true);
+        let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
         let kept: Vec<String> = merged
             .map(Result::unwrap)
             .filter_map(|step| match step {
@@ -1595,7 +1736,7 @@ mod tests {
             })
             .collect();
         assert_eq!(kept, ["c"]);
-        let merged = patch(ManifestReader::open(&manifest).unwrap().raw(), RecordReader::open(&changes).unwrap(), true);
+        let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
         let by_pairs = Space::of_round(merged, dir.path()).unwrap();
         let by_changes = Space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
         assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));

@@ -13,4 +13,5 @@ mod properties;
 mod reuse;
 mod rounds;
 mod source_changes;
+mod truth;
 mod walkthrough;

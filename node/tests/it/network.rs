@@ -453,7 +453,9 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
     setup.source.ok(&["sync", "--round", "zimbra", "--import", "none"]);
     assert_eq!(calls_now().len(), 2);
 
-    // A failing import: the round is committed, sync exits 4 and shows the output's tail.
+    // A failing import: the round is committed, sync exits 4 and shows the output's tail. (Each of
+    // these rounds brings a day of changes: a round with nothing new runs no import.)
+    tree.next_day().unwrap();
     std::fs::write(setup.path("fail"), b"").unwrap();
     let out = setup.source.run(&["sync", "--round", "zimbra"]);
     assert_eq!(out.status.code(), Some(ferry::exit::IMPORT_FAILED));
@@ -464,6 +466,7 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
 
     // While an import runs, another round of the job is refused (and says why), or waits with --wait.
     std::fs::write(setup.path("slow"), b"").unwrap();
+    tree.next_day().unwrap();
     let mut slow = setup
         .source
         .ferry()

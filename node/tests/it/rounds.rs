@@ -301,6 +301,8 @@ fn the_export_hook_runs_before_the_scan_and_a_failing_one_stops_the_round() {
     if is_root() {
         setup.source.ok(&["job", "set", "zimbra", "--export-cmd", ""]);
         setup.dest.ok(&["job", "set", "zimbra", "--import-cmd", "id -un", "--import-user", "nobody"]);
+        // Something new, or there would be nothing to import.
+        std::fs::write(source.join("new-item"), b"new").unwrap();
         let report = setup.source.sync("zimbra");
         assert_eq!(report["import"]["tail"], serde_json::json!(["nobody"]), "{report}");
     } else {

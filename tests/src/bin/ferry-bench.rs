@@ -147,6 +147,9 @@ struct Measure {
     scan: Option<Duration>,
     /// ferry only: how long the destination waited for its disk's syncs (from its log).
     sync_wait: Option<Duration>,
+    /// ferry only: how long the destination's check of its target took (from its log; it runs
+    /// beside the exchange of changes).
+    check: Option<Duration>,
     /// Peak RSS in KiB of each side.
     rss_send: u64,
     rss_recv: u64,
@@ -930,6 +933,15 @@ impl FerryPair {
         Some(Duration::from_secs_f64(seconds))
     }
 
+    /// The destination's check of its target in the last round, from its log line "checked N entries
+    /// of PATH in M ms" (absent from builds before the check).
+    fn last_check(&self) -> Option<Duration> {
+        let log = std::fs::read_to_string(&self.daemon_log).ok()?;
+        let line = log.lines().rev().find(|l| l.contains(" checked ") && l.ends_with(" ms"))?;
+        let ms = line.rsplit(" in ").next()?.split_whitespace().next()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    }
+
     /// Where `ferry sync` writes its log: appended to `--logs DIR`/ferry-source.log, or nowhere.
     fn source_log(&self) -> Result<Stdio> {
         let Some(dir) = &self.logs else { return Ok(Stdio::null()) };
@@ -985,6 +997,7 @@ impl FerryPair {
             wall,
             scan,
             sync_wait: self.last_sync_wait(),
+            check: self.last_check(),
             cpu_send: children_cpu() - cpu_children,
             cpu_recv: process_cpu(daemon) - cpu_daemon,
             rss_send,
@@ -1195,6 +1208,7 @@ impl Rsync {
             wire: number("Total bytes sent:") + number("Total bytes received:"),
             scan: None,
             sync_wait: None,
+            check: None,
         })
     }
 }
@@ -1285,7 +1299,8 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
          Wire bytes: ferry counts its UDP payloads both ways (QUIC headers and acknowledgements included); \
          rsync counts its own protocol bytes both ways (ssh's encryption and TCP/IP headers not included), \
          which favours rsync. Dest. sync wait: of the round, how long ferry's destination waited for its disk's \
-         syncs (from its log). CPU: seconds of the sending side / the receiving side. RSS: peak MiB of the \
+         syncs (from its log). Dest. check: how long its check of the target took (from its log; it runs beside \
+         the exchange of changes). CPU: seconds of the sending side / the receiving side. RSS: peak MiB of the \
          sending side / the receiving side.\n",
         if args.rsync_first { "rsync" } else { "ferry" }
     );
@@ -1298,16 +1313,17 @@ fn render(args: &Args, files: u64, bytes: u64, rows: &[(String, Measure, Option<
     }
     let _ = writeln!(
         out,
-        "| round | tool | wall s | of which scan s | dest. sync wait s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
+        "| round | tool | wall s | of which scan s | dest. sync wait s | dest. check s | files/s | CPU send/recv s | RSS send/recv MiB | wire bytes | wall ratio | wire ratio |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let line = |out: &mut Vec<u8>, round: &str, tool: &str, m: &Measure, ratio: Option<(f64, f64)>| {
         let _ = writeln!(
             out,
-            "| {round} | {tool} | {:.2} | {} | {} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
+            "| {round} | {tool} | {:.2} | {} | {} | {} | {:.0} | {:.2} / {:.2} | {:.0} / {:.0} | {} | {} | {} |",
             m.wall.as_secs_f64(),
             m.scan.map_or(String::new(), |d| format!("{:.2}", d.as_secs_f64())),
             m.sync_wait.map_or(String::new(), |d| format!("{:.1}", d.as_secs_f64())),
+            m.check.map_or(String::new(), |d| format!("{:.2}", d.as_secs_f64())),
             files as f64 / m.wall.as_secs_f64().max(1e-9),
             m.cpu_send,
             m.cpu_recv,
