@@ -344,7 +344,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub listen: Option<String>,
     /// End a round whose source sends nothing for this long (while it should be sending changes or
-    /// chunks); what arrived is kept. The deadline is this node's: a stalled peer cannot hold a job.
+    /// chunks); the files that arrived whole are kept. The deadline is this node's: a stalled peer cannot hold a job.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2m")]
     pub stall_timeout: std::time::Duration,
 }

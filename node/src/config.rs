@@ -161,6 +161,11 @@ impl ConfigDir {
     pub fn save(&self, config: &Config) -> anyhow::Result<()> {
         let path = self.config_file();
         let text = toml::to_string_pretty(config).context("cannot serialise the config")?;
+        // What every later command would refuse to load is not written.
+        if let Err(problems) = crate::config_check::check(&text) {
+            let why: Vec<String> = problems.iter().map(|p| format!("\n  {}: {}", p.key, p.message)).collect();
+            bail!("{} was left as it was: the change would make it invalid:{}", path.display(), why.concat());
+        }
         crate::write_durably(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
     }
 

@@ -5,11 +5,11 @@
 //! [`Config`] without a line here fails the build's tests, and `CONFIG.md` is this table printed.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use toml::de::{DeTable, DeValue};
 
-use crate::config::{Config, check_job_name, import_argv};
+use crate::config::{Config, JobConfig, check_job_name, import_argv};
 
 /// Which table a key lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,6 +449,30 @@ fn semantic_problems(config: &Config) -> Vec<(Place, Severity, String)> {
                     format!("no user {user:?} on this machine: the {hook} cannot run here"),
                 ));
             }
+        }
+    }
+    // Two destinations' jobs in one folder, or one inside the other, overwrite each other's files and
+    // each then reports its own round as matching. (A source may send one folder in several jobs: a
+    // destination's jobs are those whose peer has no address, since it never connects out.)
+    let targets: Vec<(usize, &JobConfig, PathBuf)> = config
+        .jobs
+        .iter()
+        .enumerate()
+        .filter(|(_, job)| config.peer(&job.peer).is_some_and(|peer| peer.addr.is_none()))
+        .map(|(index, job)| (index, job, job.path.canonicalize().unwrap_or_else(|_| job.path.clone())))
+        .collect();
+    for (i, (index, job, path)) in targets.iter().enumerate() {
+        if let Some((_, other, _)) = targets[..i].iter().find(|(_, _, p)| p.starts_with(path) || path.starts_with(p)) {
+            problems.push((
+                Place { section: Section::Job, index: *index, name: job.name.clone(), key: "path" },
+                Severity::Error,
+                format!(
+                    "{} overlaps the folder of job {:?} ({}): two jobs would write the same files",
+                    job.path.display(),
+                    other.name,
+                    other.path.display()
+                ),
+            ));
         }
     }
     problems.extend(warnings);

@@ -49,7 +49,7 @@ pub mod exit {
     pub const IMPORT_FAILED: i32 = 4;
     /// `ferry verify` found differences between the target and its last committed round.
     pub const DIFFERENCES: i32 = 5;
-    /// `--max-duration` ran out: the round stopped cleanly; what arrived is kept, and the next round
+    /// `--max-duration` ran out: the round stopped cleanly; the files that arrived whole are kept, and the next round
     /// goes on from there.
     pub const DEADLINE: i32 = 6;
     /// The peer could not be reached (or was lost and did not come back within `--reconnect-grace`).

@@ -116,7 +116,7 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
     if options.json {
         print_json(&report)?;
     } else {
-        print_summary(&options.source, &options.target, &report);
+        print_summary(&options.source, &options.target, &report, options.delete);
     }
     Ok(exit_code(&report))
 }
@@ -163,7 +163,7 @@ fn print_check(check: &CheckReport) {
     }
 }
 
-pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundReport) {
+pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundReport, delete: bool) {
     let (scan, apply) = (&report.scan, &report.apply);
     println!("round done in {}: {} -> {}", human::duration(report.duration), source.display(), target.display());
     println!(
@@ -200,8 +200,13 @@ pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundRep
     );
     if apply.kept > 0 {
         println!(
-            "  kept     {} paths the source no longer has (run with --delete to remove them)",
-            human::count(apply.kept)
+            "  kept     {} paths the source no longer has ({})",
+            human::count(apply.kept),
+            if delete {
+                "folders that hold files ferry did not put there"
+            } else {
+                "run with --delete to remove those ferry put there"
+            }
         );
     }
     if scan.changed_while_read_count > 0 {

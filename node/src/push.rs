@@ -155,7 +155,7 @@ pub struct Unreachable(pub String);
 /// `--max-duration` ran out: the round stopped cleanly and the next one goes on from there.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks} chunks; what arrived is kept: run the round again to go on"
+    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks} chunks; the files that arrived whole are kept (a file still in progress is sent again whole): run the round again to go on"
 )]
 pub struct StoppedAtDeadline {
     limit: String,
@@ -809,7 +809,7 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
                 let since = *lost_since.get_or_insert_with(Instant::now);
                 if since.elapsed() + backoff > options.reconnect_grace {
                     break Err(Unreachable(format!(
-                        "lost {} and could not reconnect within {} (--reconnect-grace): {e:#}; what arrived is kept, run the round again",
+                        "lost {} and could not reconnect within {} (--reconnect-grace): {e:#}; the files that arrived whole are kept, run the round again",
                         prepared.peer.name,
                         humantime::format_duration(options.reconnect_grace)
                     ))

@@ -424,7 +424,9 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
                 return e;
             }
             let target = job.path.display();
-            e.context(format!("the round into {target} failed (what arrived is kept; run it again once this is fixed)"))
+            e.context(format!(
+                "the round into {target} failed (the files that arrived whole are kept; run it again once this is fixed)"
+            ))
         })
     })
     .await
@@ -462,8 +464,11 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
         }
         RoundEnd::Stopped(reason) => {
-            tracing::info!("round into {} stopped by the source ({reason}); what arrived is kept", target.display());
-            let text = format!("stopped: {reason}; what arrived is kept for the next round");
+            tracing::info!(
+                "round into {} stopped by the source ({reason}); the files that arrived whole are kept",
+                target.display()
+            );
+            let text = format!("stopped: {reason}; the files that arrived whole are kept for the next round");
             connection.close(close::DONE.into(), text.as_bytes());
         }
         RoundEnd::Planned => tracing::info!("dry run for {} planned", target.display()),

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Output;
 
-use crate::network::Setup;
+use crate::network::{Node, Setup};
 use crate::util::{assert_same_tree, sentinel, write};
 
 /// A local round through the binary: its exit code, its JSON report (when it printed one) and stderr.
@@ -283,4 +283,26 @@ fn a_round_that_brings_nothing_new_runs_no_import() {
     write(&source.join("accounts/a1/items/new"), b"new");
     setup.source.sync("zimbra");
     assert_eq!(imports(), 3);
+}
+
+#[test]
+fn overlapping_destination_jobs_and_a_config_no_command_could_load_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, dest) = (Node::init(dir.path(), "source"), Node::init(dir.path(), "dest"));
+    dest.ok(&["trust", &source.id, "--name", "source"]);
+    let target = dir.path().join("migration");
+    dest.ok(&["job", "add", "a", "--path", target.to_str().unwrap(), "--peer", "source"]);
+    for (name, path) in [("b", target.join("inner")), ("c", target.clone()), ("d", dir.path().to_owned())] {
+        let out = dest.run(&["job", "add", name, "--path", path.to_str().unwrap(), "--peer", "source"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{name}: {stderr}");
+        assert!(stderr.contains("overlaps the folder of job \"a\""), "{stderr}");
+    }
+    assert!(!dest.ok(&["job", "list"]).contains(" b"), "a refused job was saved");
+    // Beside it, not inside: fine.
+    dest.ok(&["job", "add", "e", "--path", dir.path().join("migration-2").to_str().unwrap(), "--peer", "source"]);
+    // A change every later command would refuse to load is not written.
+    let out = dest.run(&["trust", &source.id, "--name", "source", "--addr", "nonsense"]);
+    assert!(!out.status.success());
+    dest.ok(&["job", "list"]);
 }
