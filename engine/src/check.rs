@@ -20,11 +20,13 @@
 //! file with several hard links is compared by inode, size, mtime and mode when its ctime moved: the
 //! linking of another of its names moves it too.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use rustix::fs::{FileType, Statx};
+use rustix::fs::{FileType, Mode, OFlags, Statx};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -170,6 +172,7 @@ pub fn check_target(
         Err(e) => return Err(CheckError::Target { path: target.to_owned(), source: e }),
     };
     let mut entries = ManifestReader::open(committed)?.raw();
+    let mut folders = Folders { root, stack: Vec::new() };
     // A folder that is not there as a folder: everything beneath it is missing too.
     let mut broken: Option<RelPath> = None;
     loop {
@@ -177,11 +180,19 @@ pub fn check_target(
         if batch.is_empty() {
             break;
         }
+        // Each entry is looked at from its folder's descriptor: one name to resolve, not the whole path.
+        let places: Vec<_> = batch.iter().map(|entry| folders.place_of(entry)).collect();
+        // The records are read beside the stats, a part at a time, each part in one read of the index.
         let looked = batch
             .par_chunks(256)
-            .map(|part| {
-                let records = index.placed(part.iter().map(RawEntry::path))?;
-                Ok(part.iter().map(|entry| lstat(root.as_ref(), entry.path())).zip(records).collect::<Vec<_>>())
+            .zip(places.par_chunks(256))
+            .map(|(entries, places)| {
+                let records = index.placed(entries.iter().map(RawEntry::path))?;
+                let stats = places.iter().map(|(dir, name)| match dir {
+                    Some(dir) => lstat(dir, name),
+                    None => Ok(None),
+                });
+                Ok(stats.zip(records).collect::<Vec<_>>())
             })
             .collect::<Result<Vec<_>, IndexError>>()?;
         let mut to_record = Vec::new();
@@ -245,12 +256,48 @@ enum Verdict {
     Found(Found),
 }
 
-fn lstat(root: Option<&RootDir>, path: &RelPath) -> Result<Option<Statx>, Errno> {
-    let Some(root) = root else { return Ok(None) };
-    // The root is looked at through its descriptor (an empty name). For the others, every folder
-    // above was looked at first (manifest order) and a folder that is not one makes what is beneath
-    // it missing: no symlink on the way is trusted.
-    match look_at(root.fd(), path.as_bytes().os()) {
+/// The folders above the entries being looked at, each opened (`O_PATH`, no symlink followed) from
+/// the one above it: manifest order puts a folder before its contents.
+struct Folders {
+    /// The target (`None`: it is gone).
+    root: Option<RootDir>,
+    /// The folders open, each inside the one before (`None`: not a folder there).
+    stack: Vec<(RelPath, Option<Arc<OwnedFd>>)>,
+}
+
+impl Folders {
+    /// Where to look at `entry`: the folder that holds it (`None`: there is none, so the entry is
+    /// missing) and its name there (empty for the target itself). A folder entry is opened too, for
+    /// what comes inside it.
+    fn place_of(&mut self, entry: &RawEntry) -> (Option<Arc<OwnedFd>>, Vec<u8>) {
+        let path = entry.path();
+        let Some(root) = &self.root else { return (None, Vec::new()) };
+        if path.is_root() {
+            let fd = rustix::io::fcntl_dupfd_cloexec(root.fd(), 0).ok().map(Arc::new);
+            return (fd, Vec::new());
+        }
+        let parent = path.parent().unwrap_or_default();
+        while self.stack.last().is_some_and(|(top, _)| !top.is_ancestor_of(path)) {
+            self.stack.pop();
+        }
+        let dir = match self.stack.last() {
+            Some((top, fd)) if *top == parent => fd.clone(),
+            // The target itself, or a folder the manifest does not list (it lists every one).
+            _ => root.open_beneath(&parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).ok().map(Arc::new),
+        };
+        let name = path.file_name().unwrap_or_default().to_vec();
+        if entry.kind() == EntryKind::Dir {
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let opened = dir.as_ref().and_then(|d| rustix::fs::openat(&**d, name.os(), flags, Mode::empty()).ok());
+            self.stack.push((path.clone(), opened.map(Arc::new)));
+        }
+        (dir, name)
+    }
+}
+
+fn lstat(dir: &OwnedFd, name: &[u8]) -> Result<Option<Statx>, Errno> {
+    // An empty name is the folder itself.
+    match look_at(dir, name.os()) {
         Ok(stat) => Ok(Some(stat)),
         Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
         Err(e) => Err(e),
@@ -404,12 +451,34 @@ pub fn checked_steps(
     })
 }
 
-/// Where the target is: its device and inode. A target folder that is not the one ferry last filled
-/// (removed and made again, another disk mounted there, a restored copy) is adopted whole.
-pub fn target_identity(target: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(target)?;
-    Ok(format!("{}:{}", meta.dev(), meta.ino()))
+/// Which folder the target is: its device and inode, against those ferry recorded in the last round
+/// it committed. A target folder that is not the one ferry last filled (removed and made again,
+/// another disk mounted there, a restored copy) is adopted whole.
+#[derive(Debug)]
+pub struct TargetIdentity {
+    file: PathBuf,
+    now: Option<String>,
+    /// Another folder than the one recorded.
+    pub changed: bool,
+}
+
+impl TargetIdentity {
+    /// The target's identity now, against the one recorded in `file` (none recorded: unchanged).
+    pub fn read(file: &Path, target: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(target).ok().map(|meta| format!("{}:{}", meta.dev(), meta.ino()));
+        let known = std::fs::read_to_string(file).ok();
+        let changed = known.is_some_and(|known| now.as_deref().is_some_and(|now| now != known.trim()));
+        Self { file: file.to_owned(), now, changed }
+    }
+
+    /// Records the identity read, once a round is committed.
+    pub fn record(&self) -> std::io::Result<()> {
+        match &self.now {
+            Some(now) => std::fs::write(&self.file, now),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ pub use apply::{
     Needed, Planner, Step, apply,
 };
 pub use check::{
-    CheckError, CheckOptions, CheckReport, Checked, Finding, Found, check_target, checked_steps, target_identity,
+    CheckError, CheckOptions, CheckReport, Checked, Finding, Found, TargetIdentity, check_target, checked_steps,
     with_findings,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};

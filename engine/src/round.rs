@@ -30,7 +30,7 @@ use crate::apply::{
     Adopt, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, Planner, Step, apply,
 };
 use crate::check::{
-    CheckError, CheckOptions, CheckReport, Checked, Finding, check_target, checked_steps, with_findings,
+    CheckError, CheckOptions, CheckReport, Checked, Finding, TargetIdentity, check_target, checked_steps, with_findings,
 };
 use crate::hash::RootHash;
 use crate::index::{ChunkIndex, IndexError};
@@ -203,22 +203,18 @@ fn refuse_nested(source: &Path, target: &Path) -> Result<(), RoundError> {
 struct TargetSide {
     committed: PathBuf,
     findings: PathBuf,
-    identity_file: PathBuf,
-    identity: Option<String>,
+    identity: TargetIdentity,
     adopt_whole: bool,
 }
 
 impl TargetSide {
     fn new(target_state: &Path, target: &Path) -> Self {
         let committed = target_state.join("manifest");
-        let identity_file = target_state.join("identity");
-        let identity = crate::check::target_identity(target).ok();
-        let known = std::fs::read_to_string(&identity_file).ok();
+        let identity = TargetIdentity::read(&target_state.join("identity"), target);
         // Adopted whole: the first round (a pre-filled target), or a target folder that is not the
-        // one ferry filled (state from before identities were kept has none: nothing to compare).
-        let adopt_whole =
-            !committed.exists() || known.is_some_and(|k| identity.as_deref().is_some_and(|i| i != k.trim()));
-        Self { committed, findings: target_state.join("findings"), identity_file, identity, adopt_whole }
+        // one ferry filled.
+        let adopt_whole = !committed.exists() || identity.changed;
+        Self { committed, findings: target_state.join("findings"), identity, adopt_whole }
     }
 
     fn old(&self) -> Result<impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<>, RecordFileError> {
@@ -231,11 +227,7 @@ impl TargetSide {
     }
 
     fn record_identity(&self) -> Result<(), RoundError> {
-        if let Some(identity) = &self.identity {
-            std::fs::write(&self.identity_file, identity)
-                .map_err(|e| RoundError::State { path: self.identity_file.clone(), source: e })?;
-        }
-        Ok(())
+        self.identity.record().map_err(|e| RoundError::State { path: self.committed.clone(), source: e })
     }
 }
 

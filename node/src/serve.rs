@@ -945,9 +945,8 @@ fn destination_round(
     let indexed = state.dir.join("existing.indexed");
     // A target folder that is not the one ferry filled (removed and made again, another disk mounted
     // there, a restored copy) is adopted whole, as a first round adopts what it finds.
-    let identity = ferry_engine::target_identity(&job.path).ok();
-    let known = std::fs::read_to_string(state.identity()).ok();
-    let other_target = known.is_some_and(|k| identity.as_deref().is_some_and(|i| i != k.trim()));
+    let identity = ferry_engine::TargetIdentity::read(&state.identity(), &job.path);
+    let other_target = identity.changed;
     if other_target {
         tracing::warn!(
             "{} is not the folder ferry filled in the last round: it is indexed and adopted",
@@ -1099,9 +1098,7 @@ fn destination_round(
     let root = committed.finish()?;
     std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
     let _ = std::fs::remove_file(&changes_path);
-    if let Some(identity) = &identity {
-        crate::write_durably(&state.identity(), identity.as_bytes())?;
-    }
+    identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;
     commit_round(round, &state, holds, (root, end.root), report, import_mode, &send)
 }
 

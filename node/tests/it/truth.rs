@@ -306,3 +306,33 @@ fn overlapping_destination_jobs_and_a_config_no_command_could_load_are_refused()
     assert!(!out.status.success());
     dest.ok(&["job", "list"]);
 }
+
+#[test]
+fn a_target_restored_from_a_copy_is_adopted_whole_without_rewriting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    source_tree(dir.path());
+    assert_eq!(local(dir.path(), &[]).0, 0);
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    // The target folder restored from a copy: every inode is new, every byte and mtime as it was.
+    std::fs::rename(&dst, dir.path().join("dst.old")).unwrap();
+    assert!(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir.path().join("dst.old"))
+            .arg(&dst)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, report, err) = local(dir.path(), &[]);
+    assert_eq!(code, 0, "{report} {err}");
+    assert_eq!(report["adopted"], true);
+    assert_eq!(report["apply"]["files_written"], 0, "{report}");
+    assert_same_tree(&src, &dst, |_| false);
+    // From then on it is ferry's: a change of the administrator's is found again.
+    std::fs::remove_file(dst.join("backupstat")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", dst.join("backupstat")).unwrap();
+    let (code, report, _) = local(dir.path(), &[]);
+    assert!(matches!(code, ferry::exit::INCOMPLETE), "{report}");
+    assert_eq!(report["check"]["foreign"], 1, "{report}");
+}
