@@ -465,6 +465,9 @@ async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resul
                 result.tail.join("\n  | ")
             );
         }
+        // Asked again right before the scan: the destination checks its target while this node
+        // scans, and the export may have taken hours.
+        check_peer(&client, &job, &peer, &addr, &identity, options).await?;
     }
 
     tracing::info!("scanning {}", job.path.display());

@@ -73,6 +73,7 @@ impl Daemon {
             trusted,
             busy: Mutex::new(HashMap::new()),
             imports: Arc::new(Mutex::new(HashMap::new())),
+            early_checks: Arc::new(Mutex::new(HashMap::new())),
             stall_timeout,
         });
         Ok(Self { endpoint, context, node_id: identity.node_id() })
@@ -128,8 +129,81 @@ struct ServerContext {
     busy: Mutex<HashMap<String, (NodeId, quinn::Connection)>>,
     /// Jobs whose import is running: which round, since when.
     imports: Imports,
+    /// Checks of jobs' targets begun when their sources asked whether a round would be taken.
+    early_checks: EarlyChecks,
     /// See [`STALL_TIMEOUT`].
     stall_timeout: Duration,
+}
+
+/// A check of a job's target begun when its source asked whether it would take a round (before the
+/// source's export hook, and again right before its scan): it runs while the source scans, and the
+/// round that follows takes it instead of checking at its own start, if it began at most
+/// [`EARLY_CHECK_MAX_AGE`] before and against the round the destination still holds.
+struct EarlyCheck {
+    started: Instant,
+    holds: Option<RoundRef>,
+    adopt: bool,
+    thread: std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>,
+}
+
+type EarlyChecks = Arc<Mutex<HashMap<String, EarlyCheck>>>;
+
+/// How old a check begun before the round may be for the round to take it: what changes in the
+/// target between the check and the round is found by the next round's check.
+const EARLY_CHECK_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+
+impl ServerContext {
+    /// Begins checking `job`'s target on a thread of its own, unless a check of it runs already or
+    /// it has never had a round (nothing to check).
+    fn begin_early_check(&self, job: &JobConfig, state: &TargetState, holds: Option<RoundRef>) {
+        if holds.is_none() {
+            return;
+        }
+        let Ok(mut checks) = self.early_checks.lock() else { return };
+        if checks.get(&job.name).is_some_and(|c| !c.thread.is_finished()) {
+            return;
+        }
+        let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
+        let (target, committed, findings) = (job.path.clone(), state.manifest(), state.early_findings());
+        let index_path = state.dir.join("chunks.redb");
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new().name("ferry-early-check".into()).spawn(move || {
+            let _entered = span.enter();
+            // The round waits for this thread before it opens the index itself.
+            let mut index = ChunkIndex::open(&index_path).map_err(ferry_engine::CheckError::from)?;
+            let options = CheckOptions { adopt, read_only: false };
+            let report = check_target(&target, &committed, &mut index, &findings, options)?;
+            let ms = report.duration.as_millis();
+            tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
+            Ok(report)
+        });
+        match thread {
+            Ok(thread) => {
+                checks.insert(job.name.clone(), EarlyCheck { started: Instant::now(), holds, adopt, thread });
+            }
+            Err(e) => tracing::warn!("cannot begin checking {} early: {e}", job.path.display()),
+        }
+    }
+
+    /// The early check of `job`, finished, if the round can take it (see [`EarlyCheck`]).
+    fn take_early_check(
+        checks: &EarlyChecks,
+        job: &str,
+        holds: Option<RoundRef>,
+        adopt: bool,
+    ) -> Option<ferry_engine::CheckReport> {
+        let early = checks.lock().ok()?.remove(job)?;
+        let usable = early.holds == holds && early.adopt == adopt && early.started.elapsed() < EARLY_CHECK_MAX_AGE;
+        // Waited for in any case: it holds the job's index.
+        match early.thread.join() {
+            Ok(Ok(report)) if usable => Some(report),
+            Ok(Err(e)) => {
+                tracing::warn!("the check begun before the round failed ({e}); checking again");
+                None
+            }
+            _ => None,
+        }
+    }
 }
 
 impl ServerContext {
@@ -276,11 +350,14 @@ async fn answer_check(
     let answer = job_of_peer(config, job, peer).and_then(|job| {
         context.busy_for(&job.name, peer_id)?;
         let state = TargetState::new(&context.config_dir.data_dir(config), &job.name);
-        state.holds().map_err(|e| format!("cannot read the state of job {}: {e:#}", job.name))
+        let holds = state.holds().map_err(|e| format!("cannot read the state of job {}: {e:#}", job.name))?;
+        Ok((job, state, holds))
     });
     let message = match answer {
-        Ok(holds) => {
+        Ok((job_config, state, holds)) => {
             tracing::info!("{} checked job {job}: a round would be accepted", peer.name);
+            // The source exports and scans now: the target is checked meanwhile.
+            context.begin_early_check(&job_config, &state, holds);
             Message::Welcome { holds }
         }
         Err(reason) => {
@@ -405,6 +482,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
 
     let target = job.path.clone();
     let imports = context.imports.clone();
+    let early_checks = context.early_checks.clone();
     let peer_name = peer.name.clone();
     let span = tracing::Span::current();
     let failed_tx = to_net.clone();
@@ -416,6 +494,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             hello: &hello,
             peer: &peer_name,
             imports: &imports,
+            early_checks: &early_checks,
             stall_timeout: context.stall_timeout,
         };
         destination_round(&round, inbox, to_net, &window).map_err(|e| {
@@ -474,6 +553,12 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         RoundEnd::Planned => tracing::info!("dry run for {} planned", target.display()),
     }
     Ok(())
+}
+
+/// The round's check of its target: taken from the one begun while the source scanned, or running.
+enum Check {
+    Done(ferry_engine::CheckReport),
+    Running(std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>),
 }
 
 /// The most paths the check found gone or changed whose index hints a round avoids one by one; past
@@ -868,6 +953,10 @@ impl TargetState {
     pub(crate) fn round_marker(&self) -> PathBuf {
         self.dir.join("round.running")
     }
+    /// What a check begun before the round found.
+    fn early_findings(&self) -> PathBuf {
+        self.dir.join("findings.early")
+    }
     /// What the round's check of the target found.
     fn findings(&self) -> PathBuf {
         self.dir.join("findings")
@@ -907,6 +996,7 @@ struct Round<'a> {
     hello: &'a Hello,
     peer: &'a str,
     imports: &'a Imports,
+    early_checks: &'a EarlyChecks,
     stall_timeout: Duration,
 }
 
@@ -941,12 +1031,14 @@ fn destination_round(
         &crate::history::Marker::now(holds.map_or(1, |h| h.round + 1), vec![round.peer.to_owned()]),
     )?;
     let _round_marker = crate::history::MarkerGuard(state.round_marker());
-    let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
-    let indexed = state.dir.join("existing.indexed");
     // A target folder that is not the one ferry filled (removed and made again, another disk mounted
     // there, a restored copy) is adopted whole, as a first round adopts what it finds.
     let identity = ferry_engine::TargetIdentity::read(&state.identity(), &job.path);
     let other_target = identity.changed;
+    let adopt_whole = holds.is_none() || other_target;
+    let early = ServerContext::take_early_check(round.early_checks, &job.name, holds, adopt_whole);
+    let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
+    let indexed = state.dir.join("existing.indexed");
     if other_target {
         tracing::warn!(
             "{} is not the folder ferry filled in the last round: it is indexed and adopted",
@@ -954,23 +1046,30 @@ fn destination_round(
         );
         let _ = std::fs::remove_file(&indexed);
     }
-    let adopt_whole = holds.is_none() || other_target;
     if adopt_whole && !indexed.exists() {
         // What is already in the target (a shipped disk, an earlier rsync) is indexed, so that only
         // what differs is asked for. Once: an interrupted first round keeps its index.
         index_existing(&job.path, &state.dir, &mut index)?;
         std::fs::write(&indexed, b"")?;
     }
-    // The target is checked against what ferry put there while the source sends its changes.
-    let check = {
-        let (target, committed, findings) = (job.path.clone(), state.manifest(), state.findings());
-        let mut index = index.clone();
-        let options = CheckOptions { adopt: adopt_whole, read_only: false };
-        let span = tracing::Span::current();
-        std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
-            let _entered = span.enter();
-            check_target(&target, &committed, &mut index, &findings, options)
-        })?
+    // The target is checked against what ferry put there: while the source scanned (begun when it
+    // asked whether a round would be taken), or now, while it sends its changes.
+    let check = match early {
+        Some(report) => {
+            std::fs::rename(state.early_findings(), state.findings())?;
+            tracing::info!("the check of {} begun while the source scanned is this round's", job.path.display());
+            Check::Done(report)
+        }
+        None => {
+            let (target, committed, findings) = (job.path.clone(), state.manifest(), state.findings());
+            let mut index = index.clone();
+            let options = CheckOptions { adopt: adopt_whole, read_only: false };
+            let span = tracing::Span::current();
+            Check::Running(std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
+                let _entered = span.enter();
+                check_target(&target, &committed, &mut index, &findings, options)
+            })?)
+        }
     };
     send(Message::Welcome { holds })?;
 
@@ -996,8 +1095,15 @@ fn destination_round(
     };
     let change_count = changes.count();
     changes.finish()?;
-    let check = check.join().map_err(|_| anyhow!("the check of the target panicked"))??;
-    tracing::info!("checked {} entries of {} in {} ms", check.entries, job.path.display(), check.duration.as_millis());
+    let check = match check {
+        Check::Done(report) => report,
+        Check::Running(thread) => {
+            let report = thread.join().map_err(|_| anyhow!("the check of the target panicked"))??;
+            let ms = report.duration.as_millis();
+            tracing::info!("checked {} entries of {} in {ms} ms", report.entries, job.path.display());
+            report
+        }
+    };
     if check.entries_differ() {
         let text = format!(
             "{} is not as ferry left it: {}; this round puts right what it can (e.g. {})",
