@@ -35,7 +35,7 @@ use rustix::io::Errno;
 use serde::Serialize;
 
 use crate::hash::ChunkHash;
-use crate::index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, look_at};
+use crate::index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, Recorded, look_at};
 use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pair, RawEntry, RecordFileError};
 use crate::owner::OwnerMap;
 use crate::path::{RelPath, STAGING_DIR};
@@ -827,9 +827,13 @@ impl Applier<'_> {
         if self.options.adopt.covers(path) {
             return Ok(true);
         }
-        let Some(recorded) = self.index.placed([path])?.pop().flatten() else { return Ok(false) };
+        let recorded = self.index.placed([path])?.pop().unwrap_or_default();
+        if recorded == Recorded::default() {
+            return Ok(false);
+        }
         let dir = self.parent_dir_or_fail(path)?;
-        Ok(look_at(&*dir, name_of(path).os()).is_ok_and(|stat| recorded.matches(&stat)))
+        let Ok(stat) = look_at(&*dir, name_of(path).os()) else { return Ok(false) };
+        Ok(recorded.for_stat(&stat).is_some_and(|r| r.matches(&stat)))
     }
 
     /// The source no longer has `old`. Inside a folder being replaced or removed (`forced`) it goes now;
@@ -1551,7 +1555,7 @@ fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> {
         placing.push((&staged.path, PlacedStat::placing(&stat.map_err(io_err("look at", &staged.path))?)));
     }
     if !placing.is_empty() {
-        index.record([], placing, true)?;
+        index.record_placing(placing)?;
     }
     let synced = Instant::now();
     let mut spent = PlaceTimes::default();

@@ -31,7 +31,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::apply::Step;
-use crate::index::{ChunkIndex, IndexError, PlacedStat, look_at};
+use crate::index::{ChunkIndex, IndexError, PlacedStat, Recorded, look_at};
 use crate::manifest::{
     Entry, EntryKind, Keyed, ManifestReader, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter,
 };
@@ -307,7 +307,7 @@ fn lstat(dir: &OwnedFd, name: &[u8]) -> Result<Option<Statx>, Errno> {
 fn judge(
     entry: &RawEntry,
     stat: Result<Option<Statx>, Errno>,
-    record: Option<PlacedStat>,
+    recorded: Recorded,
     options: CheckOptions,
 ) -> Result<Verdict, RecordFileError> {
     let stat = match stat {
@@ -335,6 +335,7 @@ fn judge(
         });
     }
     let now = PlacedStat::of(&stat);
+    let record = recorded.for_stat(&stat);
     // Only the inode was recorded when a round stopped right after putting the entry in place.
     let ctime_known = record.is_some_and(|r| r.ctime_ns.is_some());
     let as_written = || -> Result<bool, RecordFileError> {
@@ -488,7 +489,7 @@ mod tests {
 
     /// A committed manifest of one file `f` as written now in `target`, and the check's verdict on it
     /// given `record`.
-    fn verdict_with(record: impl Fn(&Statx) -> Option<PlacedStat>, before_check: impl Fn(&Path)) -> CheckReport {
+    fn verdict_with(record: impl Fn(&Statx) -> Recorded, before_check: impl Fn(&Path)) -> CheckReport {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("target");
         std::fs::create_dir(&target).unwrap();
@@ -507,8 +508,12 @@ mod tests {
         writer.push(&entry).unwrap();
         writer.finish().unwrap();
         let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
-        if let Some(record) = record(&stat) {
-            index.record([], [(&path, record)], false).unwrap();
+        let recorded = record(&stat);
+        if let Some(placed) = recorded.placed {
+            index.record([], [(&path, placed)], false).unwrap();
+        }
+        for placing in recorded.placing {
+            index.record_placing([(&path, placing)]).unwrap();
         }
         before_check(&target);
         let findings = dir.path().join("findings");
@@ -517,14 +522,35 @@ mod tests {
 
     #[test]
     fn an_inode_recorded_before_its_name_passes_on_the_quick_check_and_is_recorded() {
-        let report = verdict_with(|stat| Some(PlacedStat::placing(stat)), |_| {});
+        let placing = |stat: &Statx| Recorded { placed: None, placing: vec![PlacedStat::placing(stat)] };
+        let report = verdict_with(placing, |_| {});
         assert!(report.is_clean() && report.recorded == 1, "{report:?}");
         // The same inode, edited behind the mtime: found changed, since only the quick check can tell.
-        let report = verdict_with(
-            |stat| Some(PlacedStat::placing(stat)),
-            |target| std::fs::write(target.join("f"), b"CONTENT+").unwrap(),
-        );
+        let report = verdict_with(placing, |target| std::fs::write(target.join("f"), b"CONTENT+").unwrap());
         assert_eq!(report.changed, 1, "{report:?}");
+    }
+
+    #[test]
+    fn a_round_stopped_before_its_rename_leaves_the_record_of_what_is_still_there() {
+        // What was put there earlier is there; the inode a stopped round was about to put there never
+        // got the name.
+        let stopped = |stat: &Statx| Recorded {
+            placed: Some(PlacedStat::of(stat)),
+            placing: vec![PlacedStat { ino: stat.stx_ino + 1, btime_ns: None, ctime_ns: None }],
+        };
+        let report = verdict_with(stopped, |_| {});
+        assert!(report.is_clean() && report.recorded == 0, "{report:?}");
+        // Two rounds stopped: the first after its rename, the second before. What the first put there
+        // is ferry's.
+        let stopped = |stat: &Statx| Recorded {
+            placed: None,
+            placing: vec![
+                PlacedStat::placing(stat),
+                PlacedStat { ino: stat.stx_ino + 1, btime_ns: None, ctime_ns: None },
+            ],
+        };
+        let report = verdict_with(stopped, |_| {});
+        assert!(report.is_clean() && report.recorded == 1, "{report:?}");
     }
 
     #[test]
@@ -533,20 +559,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             std::fs::set_permissions(target.join("f"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
         };
-        let report = verdict_with(|stat| Some(PlacedStat::of(stat)), moved);
+        let report = verdict_with(|stat| Recorded { placed: Some(PlacedStat::of(stat)), placing: vec![] }, moved);
         assert_eq!(report.changed, 1, "{report:?}");
         let linked = |target: &Path| {
             std::thread::sleep(Duration::from_millis(20));
             std::fs::hard_link(target.join("f"), target.join("g")).unwrap();
         };
-        let report = verdict_with(|stat| Some(PlacedStat::of(stat)), linked);
+        let report = verdict_with(|stat| Recorded { placed: Some(PlacedStat::of(stat)), placing: vec![] }, linked);
         assert!(report.is_clean(), "{report:?}");
         // Another inode at the path: someone else's.
         let replaced = |target: &Path| {
             std::fs::remove_file(target.join("f")).unwrap();
             std::fs::write(target.join("f"), b"content").unwrap();
         };
-        let report = verdict_with(|stat| Some(PlacedStat::of(stat)), replaced);
+        let report = verdict_with(|stat| Recorded { placed: Some(PlacedStat::of(stat)), placing: vec![] }, replaced);
         assert_eq!(report.foreign, 1, "{report:?}");
     }
 }

@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use rustix::fs::Statx;
 use serde::{Deserialize, Serialize};
 
@@ -22,8 +22,33 @@ use crate::hash::ChunkHash;
 use crate::path::RelPath;
 
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
-/// Path bytes → [`PlacedStat`] (postcard).
+/// Path bytes → [`PlacedStat`] (postcard): what ferry put there, once it was in place.
 const PLACED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placed");
+/// Path bytes → the [`PlacedStat`]s (without a ctime) of the inodes about to be put there, recorded
+/// durably before they get the name, and forgotten once [`PLACED`] has what is there. Apart from
+/// [`PLACED`], and the last [`PLACING_KEPT`] of them, so that rounds stopped before their rename
+/// leave the record of what is still there.
+const PLACING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placing");
+
+/// How many inodes about to be put at one path are remembered (one per round stopped in between).
+const PLACING_KEPT: usize = 4;
+
+/// What the index says of one path: what ferry put there, and what it was about to put there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Put in place, with its ctime then.
+    pub placed: Option<PlacedStat>,
+    /// About to be put in place by rounds that may have stopped before or after the rename.
+    pub placing: Vec<PlacedStat>,
+}
+
+impl Recorded {
+    /// The record that speaks for `stat`: an inode being put in place if that is what is there,
+    /// else what was put in place.
+    pub fn for_stat(&self, stat: &Statx) -> Option<PlacedStat> {
+        self.placing.iter().rev().find(|p| p.same_inode(stat)).copied().or(self.placed)
+    }
+}
 
 /// redb's page cache. Pages beyond it are read again through the kernel's page cache: a lookup costs
 /// a few microseconds more, and the destination's memory stays within its budget with millions of
@@ -128,6 +153,7 @@ impl ChunkIndex {
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(CHUNKS).map_err(|e| err(e.into()))?;
         txn.open_table(PLACED).map_err(|e| err(e.into()))?;
+        txn.open_table(PLACING).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { db: Arc::new(db), path: shown.into() })
     }
@@ -178,27 +204,57 @@ impl ChunkIndex {
                 table.insert(&hash.as_bytes()[..], &buf[..]).map_err(|e| self.err(e))?;
             }
             let mut table = txn.open_table(PLACED).map_err(|e| self.err(e))?;
+            let mut placing = txn.open_table(PLACING).map_err(|e| self.err(e))?;
             for (path, stat) in placed {
                 buf.clear();
                 buf = postcard::to_extend(&stat, buf).unwrap_or_default();
+                table.insert(path.as_bytes(), &buf[..]).map_err(|e| self.err(e))?;
+                placing.remove(path.as_bytes()).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Records, durably, the inodes about to be put in place at `paths` (see [`PLACING`]).
+    pub fn record_placing<'a>(
+        &mut self,
+        placing: impl IntoIterator<Item = (&'a RelPath, PlacedStat)>,
+    ) -> Result<(), IndexError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(PLACING).map_err(|e| self.err(e))?;
+            let mut buf = Vec::new();
+            for (path, stat) in placing {
+                let mut list: Vec<PlacedStat> = match table.get(path.as_bytes()).map_err(|e| self.err(e))? {
+                    Some(value) => postcard::from_bytes(value.value()).unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                list.retain(|p| *p != stat);
+                list.push(stat);
+                let excess = list.len().saturating_sub(PLACING_KEPT);
+                list.drain(..excess);
+                buf.clear();
+                buf = postcard::to_extend(&list, buf).unwrap_or_default();
                 table.insert(path.as_bytes(), &buf[..]).map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))
     }
 
-    /// What the disk said of each of `paths` when ferry last put it in place (`None`: no record).
-    pub fn placed<'a>(
-        &self,
-        paths: impl IntoIterator<Item = &'a RelPath>,
-    ) -> Result<Vec<Option<PlacedStat>>, IndexError> {
+    /// What the index says of each of `paths`.
+    pub fn placed<'a>(&self, paths: impl IntoIterator<Item = &'a RelPath>) -> Result<Vec<Recorded>, IndexError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(PLACED).map_err(|e| self.err(e))?;
+        let (placed, placing) =
+            (txn.open_table(PLACED).map_err(|e| self.err(e))?, txn.open_table(PLACING).map_err(|e| self.err(e))?);
+        // An undecodable record is no record: the entry is checked as if ferry had never seen it.
         let mut found = Vec::new();
         for path in paths {
-            let value = table.get(path.as_bytes()).map_err(|e| self.err(e))?;
-            // An undecodable record is no record: the entry is checked as if ferry had never seen it.
-            found.push(value.and_then(|v| postcard::from_bytes(v.value()).ok()));
+            let placed = placed.get(path.as_bytes()).map_err(|e| self.err(e))?;
+            let placing = placing.get(path.as_bytes()).map_err(|e| self.err(e))?;
+            found.push(Recorded {
+                placed: placed.and_then(|v| postcard::from_bytes(v.value()).ok()),
+                placing: placing.and_then(|v| postcard::from_bytes(v.value()).ok()).unwrap_or_default(),
+            });
         }
         Ok(found)
     }
@@ -248,14 +304,28 @@ mod tests {
             let mut index = ChunkIndex::open(&path).unwrap();
             let first = PlacedStat { ino: 1, btime_ns: None, ctime_ns: Some(10) };
             index.record([], [(&a, first), (&b, first)], false).unwrap();
-            index.record([], [(&a, PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None })], true).unwrap();
+            // Two rounds stopped before their rename of a.
+            index.record_placing([(&a, PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None })]).unwrap();
+            index.record_placing([(&a, PlacedStat { ino: 4, btime_ns: Some(6), ctime_ns: None })]).unwrap();
+            index.record_placing([(&b, PlacedStat { ino: 3, btime_ns: None, ctime_ns: None })]).unwrap();
+            // In place: b's record replaces what was being placed.
+            index.record([], [(&b, PlacedStat { ino: 3, btime_ns: None, ctime_ns: Some(30) })], true).unwrap();
         }
         let first = PlacedStat { ino: 1, btime_ns: None, ctime_ns: Some(10) };
         let index = ChunkIndex::open(&path).unwrap();
         let unknown = RelPath::new(&b"c"[..]).unwrap();
+        let placing_a = vec![
+            PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None },
+            PlacedStat { ino: 4, btime_ns: Some(6), ctime_ns: None },
+        ];
         assert_eq!(
             index.placed([&a, &unknown, &b]).unwrap(),
-            vec![Some(PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None }), None, Some(first)]
+            vec![
+                // The round stopped: what was there keeps its record beside what was being placed.
+                Recorded { placed: Some(first), placing: placing_a },
+                Recorded::default(),
+                Recorded { placed: Some(PlacedStat { ino: 3, btime_ns: None, ctime_ns: Some(30) }), placing: vec![] },
+            ]
         );
     }
 }

@@ -48,7 +48,7 @@ pub use check::{
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
-pub use index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat};
+pub use index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, Recorded};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
     RawEntry, RecordFileError, RecordReader, RecordWriter, diff, same_records, steps, sync_record_file,

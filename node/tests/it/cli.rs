@@ -74,7 +74,7 @@ fn a_round_killed_at_random_points_ends_identical_when_rerun() {
             tree.next_day().unwrap();
         }
         for _ in 0..4 {
-            let mut child = sync(&pair, &["--delete"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+            let mut child = sync(&pair, &["--delete"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
             // A day's round moves far less than the first one: it is over in a few hundred ms.
             let ms = if day == 0 { rng.random_range(20..900) } else { rng.random_range(5..300) };
             std::thread::sleep(Duration::from_millis(ms));
@@ -83,10 +83,16 @@ fn a_round_killed_at_random_points_ends_identical_when_rerun() {
                 child.kill().unwrap(); // SIGKILL
                 kills += 1;
             }
-            let status = child.wait().unwrap();
+            let out = child.wait_with_output().unwrap();
+            let status = out.status;
             runs.push(format!(
-                "day {day}, {ms} ms: {}",
-                if killed { "killed".to_string() } else { status.to_string() }
+                "day {day}, {ms} ms: {}{}",
+                if killed { "killed".to_string() } else { status.to_string() },
+                if killed || status.success() {
+                    String::new()
+                } else {
+                    format!(": {}", String::from_utf8_lossy(&out.stderr))
+                }
             ));
             // A round that ended by itself, after a killed one or not, succeeded.
             assert!(killed || status.success(), "{runs:#?}");
