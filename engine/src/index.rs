@@ -215,7 +215,8 @@ impl ChunkIndex {
         txn.commit().map_err(|e| self.err(e))
     }
 
-    /// Records, durably, the inodes about to be put in place at `paths` (see [`PLACING`]).
+    /// Records, durably, the inodes about to be put in place at `paths`, before they get those names
+    /// (see [`Recorded::placing`]).
     pub fn record_placing<'a>(
         &mut self,
         placing: impl IntoIterator<Item = (&'a RelPath, PlacedStat)>,
