@@ -219,6 +219,16 @@ fn a_local_round_refuses_what_it_cannot_honour() {
     assert!(!dir.path().join("src/copy").exists());
 }
 
+/// Two nodes on loopback with a job `zimbra` from a source tree to `migration`.
+fn network_job() -> (Setup, std::path::PathBuf, std::path::PathBuf) {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    source_tree(setup.dir.path());
+    std::fs::rename(setup.path("src"), &source).unwrap();
+    setup.job("zimbra", &source, &target);
+    (setup, source, target)
+}
+
 fn sync_json(setup: &Setup, job: &str) -> (Output, serde_json::Value) {
     let out = setup.source.run(&["sync", "--round", job, "--json"]);
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
@@ -227,11 +237,7 @@ fn sync_json(setup: &Setup, job: &str) -> (Output, serde_json::Value) {
 
 #[test]
 fn a_network_round_checks_the_target_and_puts_back_what_was_removed() {
-    let setup = Setup::new();
-    let (source, target) = (setup.path("export"), setup.path("migration"));
-    source_tree(setup.dir.path());
-    std::fs::rename(setup.path("src"), &source).unwrap();
-    setup.job("zimbra", &source, &target);
+    let (setup, source, target) = network_job();
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
 
     // Everything in the target goes, the source gains one file.
@@ -257,11 +263,7 @@ fn a_network_round_checks_the_target_and_puts_back_what_was_removed() {
 
 #[test]
 fn a_round_that_brings_nothing_new_runs_no_import() {
-    let setup = Setup::new();
-    let (source, target) = (setup.path("export"), setup.path("migration"));
-    source_tree(setup.dir.path());
-    std::fs::rename(setup.path("src"), &source).unwrap();
-    setup.job("zimbra", &source, &target);
+    let (setup, source, _) = network_job();
     let calls = setup.path("calls.log");
     let script = setup.path("import.sh");
     std::fs::write(&script, format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display())).unwrap();
