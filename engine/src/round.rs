@@ -86,6 +86,9 @@ pub struct LocalRoundOptions {
     pub scan: ScanOptions,
     /// How to apply to the target.
     pub apply: ApplyOptions,
+    /// Devices, FIFOs and sockets in the source are left behind on purpose: they do not keep the
+    /// target from matching.
+    pub skip_special: bool,
 }
 
 /// What a local round did.
@@ -102,7 +105,8 @@ pub struct LocalRoundReport {
     pub apply: ApplyReport,
     /// The root hash of what the target now holds.
     pub target_root: RootHash,
-    /// True when the target now holds exactly the source's manifest.
+    /// True when the target now holds exactly the source's manifest and the scan left nothing out
+    /// (see [`ScanReport::not_carried`]).
     pub in_sync: bool,
     /// Wall time.
     #[serde(serialize_with = "crate::serialize_millis")]
@@ -269,7 +273,7 @@ pub fn local_round(
     side.record_identity()?;
     let _ = std::fs::remove_file(&side.findings);
     Ok(LocalRoundReport {
-        in_sync: Some(target_root) == scan_report.root_hash,
+        in_sync: Some(target_root) == scan_report.root_hash && scan_report.not_carried(options.skip_special) == 0,
         scan: scan_report,
         check,
         adopted: side.adopt_whole,

@@ -99,6 +99,8 @@ pub struct ScanReport {
     pub skipped: Vec<String>,
     /// How many were skipped.
     pub skipped_count: u64,
+    /// Of those, devices, FIFOs and sockets (which an operator may choose to leave behind).
+    pub skipped_special: u64,
     /// Wall time.
     #[serde(serialize_with = "crate::serialize_millis")]
     pub duration: Duration,
@@ -136,9 +138,17 @@ impl ScanReport {
         }
     }
 
+    /// Entries of the tree the round does not carry: every one skipped, but for devices, FIFOs and
+    /// sockets when `skip_special` (the operator said to leave them behind). A target cannot match a
+    /// tree while this is not zero.
+    pub fn not_carried(&self, skip_special: bool) -> u64 {
+        self.skipped_count - if skip_special { self.skipped_special } else { 0 }
+    }
+
     /// Adds the paths `other` skipped to this report's.
     fn absorb_skips(&mut self, other: ScanReport) {
         self.skipped_count += other.skipped_count;
+        self.skipped_special += other.skipped_special;
         let room = 100usize.saturating_sub(self.skipped.len());
         self.skipped.extend(other.skipped.into_iter().take(room));
     }
@@ -322,6 +332,7 @@ fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -
         Outcome::Vanished => None,
         Outcome::Skipped(why) => {
             report.skip(&item.path, why);
+            report.skipped_special += 1;
             None
         }
         Outcome::Unreadable(why) => {
@@ -594,6 +605,10 @@ impl Walker {
                 continue;
             };
             if frame.path.is_root() && name == STAGING_DIR.as_bytes() {
+                report.skip(
+                    &RelPath::root(),
+                    format_args!("holds {STAGING_DIR}, a name ferry keeps for its own use; not copied"),
+                );
                 continue;
             }
             let parent = frame.fd.clone();

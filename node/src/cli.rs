@@ -127,6 +127,10 @@ pub struct SyncArgs {
     /// Keep owners' numbers as they are instead of mapping them by user and group name.
     #[arg(long)]
     pub numeric_ids: bool,
+    /// Leave devices, FIFOs and sockets of the source behind on purpose: without it, a round that
+    /// meets one does not call the target matching (exit 3).
+    #[arg(long)]
+    pub skip_special: bool,
     /// Local rounds: where this pair's state (scan cache, chunk index, last manifest) lives. Default: a
     /// folder per source/target pair under the data directory (/var/lib/ferry for root, else
     /// ~/.local/share/ferry).

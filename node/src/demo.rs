@@ -106,6 +106,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         job: "zimbra".into(),
         delete: false,
         numeric_ids: false,
+        skip_special: false,
         import: ferry_proto::ImportMode::Default,
         wait_for_import: true,
         wait_if_busy: false,

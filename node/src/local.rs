@@ -23,6 +23,8 @@ pub struct LocalSyncOptions {
     pub delete: bool,
     /// `--numeric-ids`.
     pub numeric_ids: bool,
+    /// `--skip-special`.
+    pub skip_special: bool,
     /// `--json`.
     pub json: bool,
     /// `--dry-run`: plan only, write nothing.
@@ -101,6 +103,7 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
             adopt: adopt_of(&options.adopt)?,
             ..ApplyOptions::default()
         },
+        skip_special: options.skip_special,
     };
     let failed = || format!("round {} -> {} failed", options.source.display(), options.target.display());
     if options.dry_run {
@@ -227,7 +230,14 @@ pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundRep
     }
     println!(
         "  target   {} (root {})",
-        if report.in_sync { "matches the source" } else { "does not match the source yet: run the round again" },
+        if report.in_sync {
+            "matches the source"
+        } else if Some(report.target_root) == report.scan.root_hash {
+            "does not match the source: entries of it are not carried (listed above; --skip-special leaves \
+             devices, FIFOs and sockets behind)"
+        } else {
+            "does not match the source yet: run the round again"
+        },
         report.target_root.short()
     );
 }

@@ -81,6 +81,7 @@ fn main() {
                 state_dir: args.state_dir,
                 delete: args.delete,
                 numeric_ids: args.numeric_ids,
+                skip_special: args.skip_special,
                 json: args.json,
                 dry_run: args.dry_run,
                 adopt: args.adopt,
@@ -97,6 +98,7 @@ fn main() {
                     job: args.job_or_source.to_string_lossy().into_owned(),
                     delete: args.delete,
                     numeric_ids: args.numeric_ids,
+                    skip_special: args.skip_special,
                     import: match args.import {
                         None => ferry_proto::ImportMode::Default,
                         Some(ImportChoice::Full) => ferry_proto::ImportMode::Full,

@@ -27,6 +27,8 @@ pub struct PushOptions {
     pub delete: bool,
     /// `--numeric-ids`.
     pub numeric_ids: bool,
+    /// `--skip-special`.
+    pub skip_special: bool,
     /// `--import`.
     pub import: ferry_proto::ImportMode,
     /// Wait for the import's result (not `--no-wait`).
@@ -98,6 +100,12 @@ pub struct PushReport {
     /// What the destination said of the round besides: what its check of the target found, an import
     /// skipped because nothing changed.
     pub notices: Vec<String>,
+    /// Entries of the tree the round did not carry (a sample, with why): special files, unreadable
+    /// files, paths too long. The round is not in sync while there are any (devices, FIFOs and sockets
+    /// aside with `--skip-special`).
+    pub skipped: Vec<String>,
+    /// How many.
+    pub skipped_count: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// Of which the scan of the source tree (stat every file, read and hash the changed ones).
@@ -838,8 +846,12 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
     let finished = result?;
     let Prepared { job, peer, state, scanned, new_root, .. } = prepared;
     let committed = finished.committed;
-    let in_sync = committed.round.root == new_root;
-    if in_sync {
+    // The destination holds the scanned tree: the base of the next round's changes. In sync only if the
+    // scan left nothing of the tree out.
+    let holds_tree = committed.round.root == new_root;
+    let not_carried = scanned.not_carried(options.skip_special);
+    let in_sync = holds_tree && not_carried == 0;
+    if holds_tree {
         state.promote(committed.round)?;
     } else {
         state.forget_base();
@@ -865,6 +877,8 @@ async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Res
         failure_count: committed.failure_count,
         import: finished.import,
         notices: finished.notices,
+        skipped: scanned.skipped.clone(),
+        skipped_count: not_carried,
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
     };
@@ -1515,9 +1529,21 @@ pub fn print_push_report(report: &PushReport, json: bool) {
     for notice in &report.notices {
         println!("  note: {notice}");
     }
+    if report.skipped_count > 0 {
+        eprintln!("error: {} entries of this tree were not carried (so it cannot match):", report.skipped_count);
+        for skipped in &report.skipped {
+            eprintln!("  {skipped}");
+        }
+    }
     println!(
         "  destination {} (root {})",
-        if report.in_sync { "matches this tree" } else { "does not match yet: run the round again" },
+        if report.in_sync {
+            "matches this tree"
+        } else if report.skipped_count > 0 && report.failure_count == 0 {
+            "does not match this tree: entries of it are not carried (listed above)"
+        } else {
+            "does not match yet: run the round again"
+        },
         &report.root_hash[..8.min(report.root_hash.len())]
     );
 }

@@ -338,3 +338,31 @@ fn a_target_restored_from_a_copy_is_adopted_whole_without_rewriting_it() {
     assert!(matches!(code, ferry::exit::INCOMPLETE), "{report}");
     assert_eq!(report["check"]["foreign"], 1, "{report}");
 }
+
+#[test]
+fn a_tree_with_entries_the_round_does_not_carry_never_matches_unless_told_to_leave_them() {
+    let dir = tempfile::tempdir().unwrap();
+    source_tree(dir.path());
+    let fifo = dir.path().join("src/accounts/a0/pipe");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (code, report, err) = local(dir.path(), &[]);
+    assert!(matches!(code, ferry::exit::INCOMPLETE), "{report} {err}");
+    assert_eq!(report["in_sync"], false);
+    assert_eq!(
+        (report["scan"]["skipped_count"].as_u64(), report["scan"]["skipped_special"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(err.contains("accounts/a0/pipe"), "{err}");
+    let (code, report, err) = local(dir.path(), &["--skip-special"]);
+    assert_eq!(code, 0, "{report} {err}");
+    assert_eq!(report["in_sync"], true);
+
+    // A network round says the same, and how many.
+    let (setup, source, _) = network_job();
+    assert!(std::process::Command::new("mkfifo").arg(source.join("pipe")).status().unwrap().success());
+    let (out, report) = sync_json(&setup, "zimbra");
+    assert!(matches!(out.status.code(), Some(ferry::exit::INCOMPLETE)), "{report}");
+    assert_eq!((report["in_sync"].as_bool(), report["skipped_count"].as_u64()), (Some(false), Some(1)), "{report}");
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--skip-special", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
