@@ -969,7 +969,7 @@ impl Applier<'_> {
                 &path,
                 format_args!(
                     "holds {what} that ferry did not put there or that changed since it did; left as it is \
-                     (run with --adopt {path} to let ferry replace it)"
+                     (move it aside, or let a local round replace it with --adopt {path})"
                 ),
             );
             if new.kind == EntryKind::Dir {
