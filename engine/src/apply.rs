@@ -30,12 +30,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx, Timespec, Timestamps, UTIME_OMIT};
 use rustix::io::Errno;
 use serde::Serialize;
 
 use crate::hash::ChunkHash;
-use crate::index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, Recorded, look_at};
+use crate::index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, look_at};
 use crate::manifest::{ChunkRef, Entry, EntryError, EntryKind, ManifestWriter, Pair, RawEntry, RecordFileError};
 use crate::owner::OwnerMap;
 use crate::path::{RelPath, STAGING_DIR};
@@ -804,16 +804,16 @@ impl Applier<'_> {
 
     /// What is at `path` in the target now (`None`: nothing).
     fn current_kind(&mut self, path: &RelPath) -> io::Result<Option<FileType>> {
-        Ok(self.current_stat(path)?.map(|stat| FileType::from_raw_mode(stat.st_mode)))
+        Ok(self.current_stat(path)?.map(|stat| FileType::from_raw_mode(stat.stx_mode.into())))
     }
 
     /// The `lstat` of what is at `path` in the target now (`None`: nothing).
-    fn current_stat(&mut self, path: &RelPath) -> io::Result<Option<rustix::fs::Stat>> {
+    fn current_stat(&mut self, path: &RelPath) -> io::Result<Option<Statx>> {
         if path.is_root() {
-            return Ok(Some(rustix::fs::fstat(self.root.fd())?));
+            return Ok(Some(look_at(self.root.fd(), "".as_ref())?));
         }
         let dir = self.parent_dir(path)?;
-        match rustix::fs::statat(&*dir, name_of(path).os(), AtFlags::SYMLINK_NOFOLLOW) {
+        match look_at(&*dir, name_of(path).os()) {
             Ok(stat) => Ok(Some(stat)),
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
@@ -823,17 +823,12 @@ impl Applier<'_> {
     /// May a round replace what is at `path`, which the old manifest does not list as ferry's? Yes
     /// when the operator adopted it, or when ferry put it there itself (a round that stopped before
     /// its commit) and nothing changed it since.
-    fn may_replace_unlisted(&mut self, path: &RelPath) -> Result<bool, ApplyError> {
+    fn may_replace_unlisted(&mut self, path: &RelPath, stat: &Statx) -> Result<bool, ApplyError> {
         if self.options.adopt.covers(path) {
             return Ok(true);
         }
         let recorded = self.index.placed([path])?.pop().unwrap_or_default();
-        if recorded == Recorded::default() {
-            return Ok(false);
-        }
-        let dir = self.parent_dir_or_fail(path)?;
-        let Ok(stat) = look_at(&*dir, name_of(path).os()) else { return Ok(false) };
-        Ok(recorded.for_stat(&stat).is_some_and(|r| r.matches(&stat)))
+        Ok(recorded.for_stat(stat).is_some_and(|r| r.matches(stat)))
     }
 
     /// The source no longer has `old`. Inside a folder being replaced or removed (`forced`) it goes now;
@@ -954,12 +949,12 @@ impl Applier<'_> {
         // Something ferry does not know as its own is in the way of a file or symlink: it stays, unless
         // ferry put it there itself in a round that did not commit, or the operator adopted it.
         let theirs = match &current {
-            Some(stat) if old.is_none() && FileType::from_raw_mode(stat.st_mode) != FileType::Directory => {
-                !self.may_replace_unlisted(&path)?
+            Some(stat) if old.is_none() && FileType::from_raw_mode(stat.stx_mode.into()) != FileType::Directory => {
+                !self.may_replace_unlisted(&path, stat)?
             }
             _ => false,
         };
-        let current = current.map(|stat| FileType::from_raw_mode(stat.st_mode));
+        let current = current.map(|stat| FileType::from_raw_mode(stat.stx_mode.into()));
         if theirs {
             let what = match current {
                 Some(FileType::Symlink) => "a symlink",

@@ -370,6 +370,32 @@ fn describe(kind: FileType) -> &'static str {
     }
 }
 
+/// The most paths found gone or changed whose index hints a round avoids one by one; past it (a
+/// target mostly wiped), it trusts no hint.
+const DISTRUSTED_MAX: u64 = 100_000;
+
+/// The paths whose index hints are stale after a check (`report`, with its findings at `findings`):
+/// what it found missing or changed. `None` when there are too many to hold: trust no hint. See
+/// [`Planner::distrust`](crate::Planner::distrust).
+pub fn stale_paths(
+    report: &CheckReport,
+    findings: &Path,
+) -> Result<Option<std::collections::HashSet<RelPath>>, RecordFileError> {
+    if report.missing + report.changed + report.foreign > DISTRUSTED_MAX {
+        return Ok(None);
+    }
+    let mut paths = std::collections::HashSet::new();
+    if report.entries_differ() {
+        for finding in RecordReader::<Finding>::open(findings)? {
+            let finding = finding?;
+            if !matches!(finding.found, Found::Folder { .. }) {
+                paths.insert(finding.path);
+            }
+        }
+    }
+    Ok(Some(paths))
+}
+
 /// An entry of the committed manifest with what the check found at its path.
 #[derive(Debug)]
 pub struct Checked {
@@ -382,6 +408,13 @@ pub struct Checked {
 impl Keyed for Checked {
     fn key(&self) -> &RelPath {
         self.raw.path()
+    }
+}
+
+impl From<RawEntry> for Checked {
+    /// An entry as ferry left it (nothing found at its path).
+    fn from(raw: RawEntry) -> Self {
+        Self { raw, found: None }
     }
 }
 

@@ -44,14 +44,14 @@ pub use apply::{
 };
 pub use check::{
     CheckError, CheckOptions, CheckReport, Checked, Finding, Found, TargetIdentity, check_target, checked_steps,
-    with_findings,
+    stale_paths, with_findings,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, Recorded};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
-    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, same_records, steps, sync_record_file,
+    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, same_records, sync_record_file,
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};

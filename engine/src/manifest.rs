@@ -13,7 +13,6 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::apply::Step;
 use crate::hash::{ChunkHash, RootHash};
 use crate::path::RelPath;
 
@@ -717,21 +716,6 @@ where
         // Equal entries are equal bytes (the encoding is canonical); compared decoded, in case one was not.
         Ok(pair) => decoded(pair).map(|p| (p.old != p.new).then_some(p)).transpose(),
         Err(e) => Some(Err(e)),
-    })
-}
-
-/// The steps from an old manifest to a new one, both read as stored (see [`RecordReader::raw`]): a
-/// file or symlink stored with the same bytes on both sides is kept without being decoded
-/// ([`Step::Keep`]); every other path is decoded on both sides (a folder here, off the applying
-/// thread: the applier needs it whole).
-pub fn steps<L, R>(old: L, new: R) -> impl Iterator<Item = Result<Step, RecordFileError>>
-where
-    L: Iterator<Item = Result<RawEntry, RecordFileError>>,
-    R: Iterator<Item = Result<RawEntry, RecordFileError>>,
-{
-    MergeJoin::new(old, new).map(|pair| match pair? {
-        Pair { old: Some(o), new: Some(n) } if o.bytes == n.bytes && n.kind != EntryKind::Dir => Ok(Step::Keep(n)),
-        pair => decoded(pair).map(Step::from),
     })
 }
 

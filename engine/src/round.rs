@@ -341,6 +341,7 @@ pub fn local_plan(
     let check = check_target(target, &side.committed, &mut index, &side.findings, check_options)?;
     let mut plan = LocalPlan { entries: scan_report.entries, adopted: side.adopt_whole, ..LocalPlan::default() };
     let mut planner = Planner::default();
+    planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
         let Step::Apply(pair) = step? else { continue };
         let Some(new) = &pair.new else {

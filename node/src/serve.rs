@@ -561,10 +561,6 @@ enum Check {
     Running(std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>),
 }
 
-/// The most paths the check found gone or changed whose index hints a round avoids one by one; past
-/// it (a target mostly wiped), it trusts no hint.
-const DISTRUSTED_MAX: u64 = 100_000;
-
 /// How a destination round ended.
 enum RoundEnd {
     /// Committed as this round.
@@ -1174,23 +1170,8 @@ fn destination_round(
         ..ApplyOptions::default()
     };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
-    if !check.is_clean() {
-        // The index's hints into what the check found gone or changed are stale: those chunks are asked
-        // for. Past a bound on the memory that takes, no hint is trusted this round.
-        let stale = check.missing + check.changed + check.foreign;
-        if stale > DISTRUSTED_MAX {
-            applier.distrust(None);
-        } else if stale > 0 {
-            let mut paths = HashSet::new();
-            for finding in RecordReader::<Finding>::open(&state.findings())? {
-                let finding = finding?;
-                if !matches!(finding.found, ferry_engine::Found::Folder { .. }) {
-                    paths.insert(finding.path);
-                }
-            }
-            applier.distrust(Some(paths));
-        }
-    }
+    // The index's hints into what the check found gone or changed are stale: those chunks are asked for.
+    applier.distrust(ferry_engine::stale_paths(&check, &state.findings())?);
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
     let steps = read_ahead(open_steps()?)?;
@@ -1759,7 +1740,7 @@ mod tests {
 
     /// The committed manifest at `manifest`, with the check having found everything as ferry left it.
     fn as_found(manifest: &Path) -> impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<> {
-        ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(|raw| Checked { raw, found: None }))
+        ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(Checked::from))
     }
 
     #[test]

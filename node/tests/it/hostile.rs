@@ -66,7 +66,8 @@ fn apply_entries(
         writer.finish().unwrap();
         ManifestReader::open(&path).unwrap().raw()
     };
-    let steps = ferry_engine::steps(stored("old", old), stored("new", new));
+    let old = stored("old", old).map(|raw| raw.map(ferry_engine::Checked::from));
+    let steps = ferry_engine::checked_steps(old, stored("new", new));
     let report = apply(&pair.target(), steps, chunks, &mut index, &mut committed, options)?;
     committed.finish().unwrap();
     Ok(report)
@@ -224,7 +225,7 @@ fn a_manifest_refused_part_way_leaves_its_last_batch_whole() {
     let index_path = pair.state().join("chunks.redb");
     let mut index = ChunkIndex::open(&index_path).unwrap();
     let mut committed = ManifestWriter::create(&pair.state().join("committed")).unwrap();
-    let steps = ferry_engine::steps(std::iter::empty(), ManifestReader::open(&path).unwrap().raw());
+    let steps = ferry_engine::checked_steps(std::iter::empty(), ManifestReader::open(&path).unwrap().raw());
     let options = ApplyOptions { batch_files: 500, ..ApplyOptions::default() };
     let result = apply(&pair.target(), steps, &mut chunks, &mut index, &mut committed, &options);
     assert!(matches!(result, Err(ApplyError::Manifest(RecordFileError::Corrupt { .. }))), "{result:?}");
@@ -263,7 +264,7 @@ fn a_manifest_with_a_hostile_path_is_refused_whole() {
         chunks.file("unused", content);
         let mut index = ChunkIndex::open(&pair.state().join("chunks.redb")).unwrap();
         let mut committed = ManifestWriter::create(&pair.state().join("committed")).unwrap();
-        let steps = ferry_engine::steps(std::iter::empty(), ManifestReader::open(&path).unwrap().raw());
+        let steps = ferry_engine::checked_steps(std::iter::empty(), ManifestReader::open(&path).unwrap().raw());
         let result = apply(&pair.target(), steps, &mut chunks, &mut index, &mut committed, &ApplyOptions::default());
         assert!(
             matches!(result, Err(ApplyError::Manifest(RecordFileError::Corrupt { .. }))),
