@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use ferry_certs::Identity;
-use ferry_testkit::{TreeGenerator, TreeSpec, compare_trees, snapshot};
+use ferry_treegen::{TreeGenerator, TreeSpec, compare_trees, snapshot};
 
 use crate::config::{Config, ConfigDir, JobConfig, PeerConfig};
 use crate::{Daemon, PushOptions, human, push};
@@ -101,7 +101,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
     );
     // The import never deletes, nor does ferry without --delete: paths the source had in an earlier
     // round may remain in the target.
-    let mut earlier = ferry_testkit::Snapshot::new();
+    let mut earlier = ferry_treegen::Snapshot::new();
     let push_options = PushOptions {
         job: "zimbra".into(),
         delete: false,
