@@ -177,7 +177,7 @@ pub struct SyncArgs {
     pub reconnect_grace: Option<std::time::Duration>,
     /// Network rounds: try to yield to other traffic on the link (a delay-based congestion controller,
     /// after LEDBAT): the round slows down when the link's queue fills. On a shaped 20 Mbit/s link a
-    /// TCP flow that starts during such a round keeps 19 Mbit/s of it (DESIGN.md, "Low priority").
+    /// TCP flow that starts during such a round keeps 19 Mbit/s of it (`tests/netns/low-priority.sh`).
     /// A round that starts while the link is already full cannot tell and takes its share.
     #[arg(long, conflicts_with = "congestion")]
     pub low_priority: bool,

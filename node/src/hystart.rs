@@ -4,8 +4,7 @@
 //!
 //! Why: each round is a new QUIC connection, and its slow start doubles the window every round trip
 //! until the bottleneck's queue overflows. On a 100 Mbit/s link with a 50 ms queue that is about 1 MB
-//! sent twice in every round: 5% of a day round's bytes at 20k files (BENCHMARKS.md, "Through a shaped
-//! link").
+//! sent twice in every round: 5% of a day round's bytes at 20k files (`ferry-bench --shaped 100`).
 //!
 //! How: the connection's time is cut into rounds of one round trip (a round ends when a packet sent
 //! after it began is acknowledged). In each round, the smallest round trip among at least 8

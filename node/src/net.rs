@@ -62,8 +62,7 @@ fn transport_config() -> quinn::TransportConfig {
     transport.mtu_discovery_config(Some(mtu));
     // The receiver acknowledges every 8th packet instead of every 2nd (QUIC's ACK frequency extension,
     // which quinn speaks on both ends), and at once when packets come out of order: half the traffic
-    // back to the sender on a WAN link, and a steadier rate through a lossy one (BENCHMARKS.md, "Fewer
-    // acknowledgements").
+    // back to the sender on a WAN link, and a steadier rate through a lossy one (`ferry-bench --wan`).
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_EVERY_PACKETS.into());
     transport.ack_frequency_config(Some(acks));
@@ -118,7 +117,7 @@ pub enum Congestion {
     #[default]
     Cubic,
     /// Model-based (quinn's experimental BBR): keeps most of a lossy link's rate, but overshoots shallow
-    /// buffers and sends much again (see BENCHMARKS.md).
+    /// buffers and sends much again (`ferry-bench --wan`: 2.5× the file data).
     Bbr,
     /// Cubic that takes a loss at an empty queue for noise: keeps a lossy link's rate without BBR's
     /// overshoot, but is less fair to other flows behind a router that drops early (see `lossy.rs`).
@@ -143,7 +142,7 @@ pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 /// quinn gives an endpoint a receive buffer for its largest batch of datagrams (32 batches of 64 GRO
 /// segments of [`MAX_UDP_PAYLOAD`] bytes: 13.3 MB) and zeroes it when the endpoint is made. With an
 /// endpoint per connection the source made and touched two of them a round, more memory than the
-/// scan of 200,000 files needs (BENCHMARKS.md, "One endpoint for a round's connections"). An endpoint
+/// scan of 200,000 files needs (`ferry-bench --memory`). An endpoint
 /// quinn has stopped (its socket failed) is replaced by the next connection.
 #[derive(Default)]
 pub(crate) struct Client {

@@ -10,7 +10,7 @@
 # every 3 ms (a round with no change lasts half a second), which costs the rounds before it a few
 # percent of the CPU; during the round it looks every 100 ms.
 #
-# Examples (BENCHMARKS.md, "Unchanged entries kept as stored bytes"):
+# Examples:
 #   tests/profile/during-round.sh 3 perf record -F 1999 --call-graph dwarf,16384 -p {serve} -o /tmp/dest.data &
 #   tests/profile/during-round.sh 3 perf record -e sched:sched_switch -e sched:sched_wakeup \
 #       -e sched:sched_waking -e sched:sched_wakeup_new --call-graph dwarf,8192 -a -o /tmp/sched.data &

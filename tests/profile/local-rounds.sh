@@ -4,13 +4,13 @@
 #
 # usage: tests/profile/local-rounds.sh WORK ROUNDS FERRY...
 #
-# WORK is a scratch folder on the filesystem to measure (BENCHMARKS.md uses /mnt/bench, a journaled
+# WORK is a scratch folder on the filesystem to measure (the benchmarks use /mnt/bench, a journaled
 # ext4); the tree (200,000 files, seed 1, as `ferry-bench --files 200000` makes) is written to
 # WORK/src once, if missing, with `cargo run --release -p ferry-testkit --example generate_tree`.
 # Before each round WORK/dst and WORK/state are removed and the disk synced. Prints for each round
 # the wall time and, from the round's `--json` report, the apply's duration and its waits (seconds).
 #
-# Example (BENCHMARKS.md, "Synced batches put into place on a thread of their own"):
+# Example:
 #   tests/profile/local-rounds.sh /mnt/bench 4 /tmp/ferry-before target/release/ferry
 set -eu
 work=$1

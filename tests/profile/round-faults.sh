@@ -9,7 +9,7 @@
 # sync's until it exits (its last reading is at most 50 ms before the end), reads the daemon's again
 # and prints both. Start it just before ferry-bench, in the background.
 #
-# Example (BENCHMARKS.md, "Buffers reused once let go (tried, not kept)"):
+# Example:
 #   tests/profile/round-faults.sh 1 > /tmp/faults.txt &
 #   target/release/ferry-bench --files 200000 --work /mnt/bench --no-rsync --fill-memory /var/tmp
 set -eu

@@ -3,8 +3,7 @@
 #
 # usage: tests/profile/rss.sh PID > rss.log
 #
-# With during-round.sh, for the source of a ferry-bench run's no-change round (BENCHMARKS.md, "An
-# unchanged file's cache record copied as stored"):
+# With during-round.sh, for the source of a ferry-bench run's no-change round:
 #   tests/profile/during-round.sh 2 tests/profile/rss.sh {sync} > /tmp/rss.log &
 # The scan's threads end when the thread count drops; what follows is the round's connection.
 set -eu

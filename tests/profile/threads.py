@@ -6,7 +6,6 @@ seconds after it started, or 5 s after the last ferry process ended.
 
 usage: tests/profile/threads.py [LIMIT] > threads.log
 
-BENCHMARKS.md ("Applying on while a batch syncs", "One large file") reads its output.
 """
 import collections
 import os

@@ -122,7 +122,7 @@ fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
 /// The most bytes one `writev` of [`write_pieces`] carries (16 average chunks). With the memory
 /// full of page cache, as on a server that has been up a while, groups of 1 MiB took a third less
 /// kernel time than a `write` per chunk, groups of 256 KiB a tenth less, and one `writev` for a whole
-/// 8 MB file about as much as 1 MiB groups (BENCHMARKS.md, "Chunks written together"). The bound keeps
+/// 8 MB file about as much as 1 MiB groups (`tests/profile/write-pieces.py`). The bound keeps
 /// the list of slices short and the page-cache folios ext4 sizes to each write moderate.
 pub(super) const WRITE_GROUP: usize = 1 << 20;
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p ferry -p ferry-testkit
-//! target/release/ferry-bench --files 20000 [--write BENCHMARKS.md]
+//! target/release/ferry-bench --files 20000 [--write bench/runs/DATE-HOST-COMMIT/rounds.md]
 //! ```
 //!
 //! It generates a Backup-NG-like tree, then for each round (initial, no change, one day of changes, a
@@ -70,7 +70,7 @@ struct Args {
     /// run).
     logs: Option<PathBuf>,
     /// `--rsync-first`: in each round, rsync's before ferry's (the first tool after the generator can
-    /// pay for the machine's memory; see BENCHMARKS.md).
+    /// pay for the machine's memory; see `--fill-memory`).
     rsync_first: bool,
     /// `--fill-memory DIR`: fill the page cache with a file in DIR before the run (see [`MemoryFiller`]).
     fill_memory: Option<PathBuf>,
@@ -738,7 +738,7 @@ fn wan(args: &Args, ferry: &FerryPair, files: u64, bytes: u64) -> Result<()> {
 /// On a virtual machine whose balloon reports free pages to its host (`virtio_balloon` with
 /// `page_reporting`, as here), a free page, once reported, costs a fault on the host the next time it
 /// is written: writing 4 GiB into the page cache took 8 s of system time then, against 1.2 s
-/// when the same memory had just been used (BENCHMARKS.md, "The machine's memory"). Whichever tool
+/// when the same memory had just been used. Whichever tool
 /// wrote first after the generator paid for it. A server that has been up for a while has its memory
 /// full of cache; this is that state.
 struct MemoryFiller {
