@@ -14,7 +14,7 @@
 //! use ferry_certs::{Identity, client_config};
 //! let (me, _created) = Identity::load_or_create("/etc/ferry".as_ref())?;
 //! let dest: ferry_certs::NodeId = "abcd...".parse()?;
-//! let tls = client_config(&me, dest, b"ferry/1")?;
+//! let tls = client_config(&me, dest, b"ferry/2")?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -21,6 +21,7 @@ mod local;
 mod lossy;
 mod net;
 mod push;
+mod refused;
 mod serve;
 pub mod status;
 pub mod verify;
@@ -29,9 +30,10 @@ pub use demo::{DemoOptions, run_demo};
 pub use local::{LocalSyncOptions, run_local_sync};
 pub use net::Congestion;
 pub use push::{
-    DryRunReport, PushOptions, PushReport, REPORT_SCHEMA, Refused, StoppedAtDeadline, Unreachable, dry_run,
-    print_dry_run, print_push_report, push,
+    DryRunReport, PushOptions, PushReport, REPORT_SCHEMA, StoppedAtDeadline, Unreachable, dry_run, print_dry_run,
+    print_push_report, push,
 };
+pub use refused::Refused;
 pub use serve::{Daemon, serve};
 
 /// Exit codes, stable and documented in README.md.

@@ -10,13 +10,16 @@ use ferry_certs::Identity;
 use ferry_engine::{
     ChunkHash, EntryKind, ManifestReader, RawEntry, RecordFileError, RootDir, ScanOptions, SettledBefore, diff, scan,
 };
-use ferry_proto::{Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, RoundOptions, RoundRef};
+use ferry_proto::{
+    Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, Refusal, RoundOptions, RoundRef,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::config::ConfigDir;
 use crate::net::{self, FrameReader};
+use crate::refused::Refused;
 
 /// What `sync --round JOB` was asked to do.
 #[derive(Debug, Clone)]
@@ -150,11 +153,6 @@ impl SourceState {
     }
 }
 
-/// The destination refused the round (busy, unknown job, no space, not trusted).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
-
 /// The peer could not be reached, or was lost and did not come back in time.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -258,7 +256,7 @@ async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyho
             }
             Some(Message::Planned(plan)) => break plan,
             Some(Message::Notice { text }) => tracing::warn!("{}: {text}", prepared.peer.name),
-            Some(Message::Refused { reason }) => return Err(Refused(reason).into()),
+            Some(Message::Refused { refusal, reason }) => return Err(Refused::new(refusal, reason).into()),
             Some(other) => bail!("unexpected {other:?} from {} during a dry run", prepared.peer.name),
             None => bail!("{} ended the dry run: {}", prepared.peer.name, why_closed(&session.connection).await),
         }
@@ -532,26 +530,38 @@ async fn connect(
         Err(e) => {
             let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
             let text = format!("{e:#}");
-            Err(if text.contains("trust") { Refused(text).into() } else { Unreachable(text).into() })
+            // The TLS handshake's refusal is rustls's, before any of ferry's codes can be sent.
+            Err(if text.contains("trust") {
+                Refused::new(Refusal::Untrusted, text).into()
+            } else {
+                Unreachable(text).into()
+            })
         }
     }
 }
 
-/// What the peer's closing of a connection means for the round, from its reason.
-fn closed_error(why: String, peer: &crate::config::PeerConfig, addr: &str, identity: &Identity) -> anyhow::Error {
-    if why.contains("not trusted") {
-        Refused(format!("{:#}", explain_connect_error(anyhow!(why), &peer.name, peer.id, addr, identity.node_id())))
-            .into()
-    } else if let Some(reason) = why.strip_prefix("refused: ") {
-        Refused(format!("{} refused the round: {reason}", peer.name)).into()
-    } else {
-        anyhow!("{} ended the round: {why}", peer.name)
+/// What the peer's closing of a connection means for the round, from its close code.
+fn closed_error(why: Closed, peer: &crate::config::PeerConfig, addr: &str, identity: &Identity) -> anyhow::Error {
+    match why.refusal {
+        Some(Refusal::Untrusted) => Refused::new(
+            Refusal::Untrusted,
+            format!("{:#}", explain_connect_error(anyhow!(why.text), &peer.name, peer.id, addr, identity.node_id())),
+        )
+        .into(),
+        Some(refusal) => Refused::new(refusal, format!("{} refused the round: {}", peer.name, why.text)).into(),
+        // The TLS handshake's refusal (rustls's alert, with its text), before any of ferry's codes.
+        None if why.text.contains("not trusted") => Refused::new(
+            Refusal::Untrusted,
+            format!("{:#}", explain_connect_error(anyhow!(why.text), &peer.name, peer.id, addr, identity.node_id())),
+        )
+        .into(),
+        None => anyhow!("{} ended the round: {}", peer.name, why.text),
     }
 }
 
 /// Whether the destination refused because the job is busy there (a round or an import).
 fn is_busy(error: &anyhow::Error) -> bool {
-    error.downcast_ref::<Refused>().is_some_and(|r| r.0.contains("running"))
+    error.downcast_ref::<Refused>().is_some_and(|r| r.refusal.is_busy())
 }
 
 /// `--wait`: how long to wait before asking a destination busy with the job again.
@@ -592,8 +602,8 @@ async fn check_peer(
             tracing::info!("{} would take a round of job {} now", peer.name, job.name);
             Ok(())
         }
-        Ok(Ok(Some(Message::Refused { reason }))) => {
-            Err(Refused(format!("{} refused the round: {reason}", peer.name)).into())
+        Ok(Ok(Some(Message::Refused { refusal, reason }))) => {
+            Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into())
         }
         Ok(Ok(Some(other))) => {
             tracing::warn!("{} answered the check with {other:?}; going on with the round", peer.name);
@@ -615,7 +625,7 @@ async fn check_peer(
 async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Result<Session> {
     let Prepared { client, peer, addr, identity, state, job, .. } = prepared;
     let connection = connect(client, peer, addr, identity, options).await?;
-    let refused = |why: String| closed_error(why, peer, addr, identity);
+    let refused = |why: Closed| closed_error(why, peer, addr, identity);
     // With TLS 1.3 the server checks this node's certificate after the client considers the handshake
     // done: a refusal shows up on the first stream operations.
     let (mut send, recv) = match connection.open_bi().await {
@@ -644,8 +654,8 @@ async fn open_session(prepared: &Prepared, options: &PushOptions) -> anyhow::Res
         match reader.next().await {
             Ok(Some(Message::Welcome { holds })) => break holds,
             Ok(Some(Message::Notice { text })) => tracing::warn!("{}: {text}", peer.name),
-            Ok(Some(Message::Refused { reason })) => {
-                return Err(Refused(format!("{} refused the round: {reason}", peer.name)).into());
+            Ok(Some(Message::Refused { refusal, reason })) => {
+                return Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into());
             }
             Ok(Some(Message::Failed { reason })) => bail!("{} failed the round: {reason}", peer.name),
             Ok(Some(other)) => bail!("{} answered {other:?} instead of Welcome", peer.name),
@@ -947,8 +957,7 @@ fn is_lost(connection: &quinn::Connection) -> bool {
         // "Replaced": a connection of a killed earlier run whose Hello arrived late took the job over;
         // reconnecting takes it back (two live runs of one node cannot happen: the state lock).
         Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-            let reason = String::from_utf8_lossy(&close.reason);
-            reason.contains("shutting down") || reason.contains("replaced by a new connection")
+            Refusal::from_code(close.error_code.into_inner()).is_some_and(Refusal::may_reconnect)
         }
         Some(quinn::ConnectionError::ConnectionClosed(_)) => true,
         _ => false,
@@ -1070,7 +1079,9 @@ async fn serve_round(
                 }
                 Ok(Some(Message::Committed(committed))) => break Ok(committed),
                 Ok(Some(Message::Failed { reason })) => break Err(anyhow!("{} failed the round: {reason}", peer.name)),
-                Ok(Some(Message::Refused { reason })) => break Err(Refused(format!("{} refused the round: {reason}", peer.name)).into()),
+                Ok(Some(Message::Refused { refusal, reason })) => {
+                    break Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into());
+                }
                 Ok(Some(other)) => break Err(anyhow!("unexpected {other:?} from {}", peer.name)),
                 Ok(None) | Err(_) => {
                     break Err(anyhow!("{} ended the round before committing it: {}", peer.name, why_closed(&connection).await));
@@ -1178,14 +1189,29 @@ fn explain_connect_error(
 }
 
 /// Why the peer closed the connection: its own words when it gave them.
-async fn why_closed(connection: &quinn::Connection) -> String {
+async fn why_closed(connection: &quinn::Connection) -> Closed {
     let error = match tokio::time::timeout(Duration::from_secs(5), connection.closed()).await {
         Ok(error) => error,
-        Err(_) => return "it stopped answering".to_owned(),
+        Err(_) => return Closed { refusal: None, text: "it stopped answering".to_owned() },
     };
     match error {
-        quinn::ConnectionError::ApplicationClosed(close) => String::from_utf8_lossy(&close.reason).into_owned(),
-        other => other.to_string(),
+        quinn::ConnectionError::ApplicationClosed(close) => Closed {
+            refusal: Refusal::from_code(close.error_code.into_inner()),
+            text: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        other => Closed { refusal: None, text: other.to_string() },
+    }
+}
+
+/// Why the peer closed a connection: its refusal, when its close code is one, and its words.
+struct Closed {
+    refusal: Option<Refusal>,
+    text: String,
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
     }
 }
 

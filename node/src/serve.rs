@@ -15,13 +15,13 @@ use ferry_engine::{
     MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, check_target,
     lap, with_findings,
 };
-use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, RoundRef};
+use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, ProtocolError, Refusal, RoundRef};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::config::{Config, ConfigDir, DEFAULT_PORT, JobConfig, PeerConfig};
 use crate::net::{self, FrameReader, close};
-use crate::push::Refused;
+use crate::refused::Refused;
 
 /// How many chunk bytes a round holds in memory at most: asked for and not yet applied, or applied and
 /// not yet flushed (48 MiB is about a bandwidth-delay product of 1 Gbit/s at 400 ms).
@@ -116,7 +116,7 @@ impl Daemon {
             }
         }
         tracing::info!("shutting down");
-        endpoint.close(close::DONE.into(), b"the destination is shutting down");
+        endpoint.close(Refusal::ShuttingDown.code().into(), b"the destination is shutting down");
         endpoint.wait_idle().await;
         Ok(())
     }
@@ -234,13 +234,16 @@ impl Drop for BusyGuard {
 
 impl ServerContext {
     /// Refuses a round of `job` while its import runs, saying which and since when.
-    fn no_import(&self, job: &str) -> Result<(), String> {
+    fn no_import(&self, job: &str) -> Result<(), Refused> {
         match self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
-            Some(import) => Err(format!(
-                "the import of round {} of job {job} has been running since {} ({})",
-                import.round,
-                humantime::format_rfc3339_seconds(import.since),
-                import.command.join(" ")
+            Some(import) => Err(Refused::new(
+                Refusal::ImportRunning,
+                format!(
+                    "the import of round {} of job {job} has been running since {} ({})",
+                    import.round,
+                    humantime::format_rfc3339_seconds(import.since),
+                    import.command.join(" ")
+                ),
             )),
             None => Ok(()),
         }
@@ -248,11 +251,11 @@ impl ServerContext {
 
     /// Why a round of `job` from `peer` would be refused now, without claiming it: an import runs, or
     /// another peer's round. A round of the same peer would replace its own (see [`Self::claim`]).
-    fn busy_for(&self, job: &str, peer: NodeId) -> Result<(), String> {
+    fn busy_for(&self, job: &str, peer: NodeId) -> Result<(), Refused> {
         self.no_import(job)?;
-        let busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
+        let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match busy.get(job) {
-            Some((holder, _)) if *holder != peer => Err(format!("a round of job {job} is already running here")),
+            Some((holder, _)) if *holder != peer => Err(already_running(job)),
             _ => Ok(()),
         }
     }
@@ -265,12 +268,12 @@ impl ServerContext {
         job: &str,
         peer: NodeId,
         connection: &quinn::Connection,
-    ) -> Result<BusyGuard, String> {
+    ) -> Result<BusyGuard, Refused> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             self.no_import(job)?;
             {
-                let mut busy = self.busy.lock().map_err(|_| "lock poisoned".to_owned())?;
+                let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 match busy.get(job) {
                     None => {
                         busy.insert(job.to_owned(), (peer, connection.clone()));
@@ -278,17 +281,25 @@ impl ServerContext {
                     }
                     Some((holder, old)) if *holder == peer => {
                         tracing::info!("job {job}: a new connection from the same peer replaces the round still open");
-                        old.close(close::ERROR.into(), b"replaced by a new connection from the same peer");
+                        old.close(Refusal::Replaced.code().into(), b"replaced by a new connection from the same peer");
                     }
-                    Some(_) => return Err(format!("a round of job {job} is already running here")),
+                    Some(_) => return Err(already_running(job)),
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("the previous round of job {job} did not stop in time"));
+                return Err(Refused::new(
+                    Refusal::Busy,
+                    format!("the previous round of job {job} did not stop in time"),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Another peer's round holds `job`.
+fn already_running(job: &str) -> Refused {
+    Refused::new(Refusal::Busy, format!("a round of job {job} is already running here"))
 }
 
 async fn handle_connection(connection: quinn::Connection, context: Arc<ServerContext>) {
@@ -319,19 +330,33 @@ async fn finish_round(connection: &quinn::Connection, result: anyhow::Result<()>
         Err(e) => {
             let reason = crate::describe(&e);
             tracing::warn!("round from {remote} (node {peer_id}) failed: {reason}");
-            connection.close(close::ERROR.into(), &reason.as_bytes()[..reason.len().min(1000)]);
+            // A refusal's code says why without words; its text is the details alone.
+            let (code, text) = match e.downcast_ref::<Refused>() {
+                Some(refused) => (refused.refusal.code(), refused.text.as_str()),
+                None if e.downcast_ref::<ProtocolError>().is_some() => {
+                    (Refusal::ProtocolViolation.code(), reason.as_str())
+                }
+                None => (close::ERROR, reason.as_str()),
+            };
+            connection.close(code.into(), &text.as_bytes()[..text.len().min(1000)]);
         }
     }
 }
 
 /// The job named `name`, when it is `peer`'s; else why not, in the words the source prints.
-fn job_of_peer(config: &Config, name: &str, peer: &PeerConfig) -> Result<JobConfig, String> {
+fn job_of_peer(config: &Config, name: &str, peer: &PeerConfig) -> Result<JobConfig, Refused> {
     match config.job(name) {
         Some(job) if job.peer == peer.name => Ok(job.clone()),
-        Some(job) => Err(format!("job {:?} belongs to peer {} here, not to {}", job.name, job.peer, peer.name)),
-        None => Err(format!(
-            "there is no job {name:?} here (on the destination: ferry job add {name} --path TARGET --peer {})",
-            peer.name
+        Some(job) => Err(Refused::new(
+            Refusal::NotYourJob,
+            format!("job {:?} belongs to peer {} here, not to {}", job.name, job.peer, peer.name),
+        )),
+        None => Err(Refused::new(
+            Refusal::NotYourJob,
+            format!(
+                "there is no job {name:?} here (on the destination: ferry job add {name} --path TARGET --peer {})",
+                peer.name
+            ),
         )),
     }
 }
@@ -347,22 +372,24 @@ async fn answer_check(
     mut send: quinn::SendStream,
 ) -> anyhow::Result<()> {
     tracing::Span::current().record("job", job);
-    let answer = job_of_peer(config, job, peer).and_then(|job| {
-        context.busy_for(&job.name, peer_id)?;
-        let state = TargetState::new(&context.config_dir.data_dir(config), &job.name);
-        let holds = state.holds().map_err(|e| format!("cannot read the state of job {}: {e:#}", job.name))?;
-        Ok((job, state, holds))
-    });
+    let answer = job_of_peer(config, job, peer).and_then(|job| context.busy_for(&job.name, peer_id).map(|()| job));
     let message = match answer {
-        Ok((job_config, state, holds)) => {
-            tracing::info!("{} checked job {job}: a round would be accepted", peer.name);
-            // The source exports and scans now: the target is checked meanwhile.
-            context.begin_early_check(&job_config, &state, holds);
-            Message::Welcome { holds }
+        Ok(job_config) => {
+            let state = TargetState::new(&context.config_dir.data_dir(config), &job_config.name);
+            match state.holds() {
+                Ok(holds) => {
+                    tracing::info!("{} checked job {job}: a round would be accepted", peer.name);
+                    // The source exports and scans now: the target is checked meanwhile.
+                    context.begin_early_check(&job_config, &state, holds);
+                    Message::Welcome { holds }
+                }
+                // Not a refusal: the round itself will meet it and say so.
+                Err(e) => Message::Failed { reason: format!("cannot read the state of job {job}: {e:#}") },
+            }
         }
-        Err(reason) => {
-            tracing::info!("{} checked job {job}: a round would be refused: {reason}", peer.name);
-            Message::Refused { reason }
+        Err(refused) => {
+            tracing::info!("{} checked job {job}: a round would be refused: {refused}", peer.name);
+            Message::Refused { refusal: refused.refusal, reason: refused.text }
         }
     };
     net::send(&mut send, &message).await?;
@@ -372,7 +399,10 @@ async fn answer_check(
 
 async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<ServerContext>) -> anyhow::Result<()> {
     let config = context.config_dir.load()?;
-    let peer = config.peer_by_id(peer_id).ok_or_else(|| anyhow!("node {peer_id} is no longer trusted"))?.clone();
+    let peer = config
+        .peer_by_id(peer_id)
+        .ok_or_else(|| Refused::new(Refusal::Untrusted, format!("node {peer_id} is no longer trusted")))?
+        .clone();
     tracing::Span::current().record("peer", peer.name.as_str());
     tracing::info!("connection from {} ({peer_id}) at {}", peer.name, connection.remote_address());
     let (mut send, recv) = connection.accept_bi().await.context("the peer opened no stream")?;
@@ -387,19 +417,20 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         Some(Message::Check { job }) => return answer_check(&context, &config, &peer, peer_id, &job, send).await,
         other => bail!("expected Hello, got {other:?}"),
     };
-    let refuse = |mut send: quinn::SendStream, reason: String| async move {
-        net::send(&mut send, &Message::Refused { reason: reason.clone() }).await?;
+    let refuse = |mut send: quinn::SendStream, refused: Refused| async move {
+        let message = Message::Refused { refusal: refused.refusal, reason: refused.text.clone() };
+        net::send(&mut send, &message).await?;
         let _ = send.finish();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        Err(Refused(format!("refused: {reason}")).into())
+        Err(refused.into())
     };
     let job = match job_of_peer(&config, &hello.job, &peer) {
         Ok(job) => job,
-        Err(reason) => return refuse(send, reason).await,
+        Err(refused) => return refuse(send, refused).await,
     };
     let _guard = match context.claim(&job.name, peer_id, connection).await {
         Ok(guard) => guard,
-        Err(reason) => return refuse(send, reason).await,
+        Err(refused) => return refuse(send, refused).await,
     };
     tracing::Span::current().record("job", job.name.as_str());
     tracing::info!("round from {} into {}", peer.name, job.path.display());
@@ -498,7 +529,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             stall_timeout: context.stall_timeout,
         };
         destination_round(&round, inbox, to_net, &window).map_err(|e| {
-            // A refusal keeps its words ("refused: ..."): the source tells it from a failure by them.
+            // A refusal stays one: its code goes to the source as it is.
             if is_refusal(&e) {
                 return e;
             }
@@ -1157,8 +1188,8 @@ fn destination_round(
     }
     if let Some(reason) = space.refusal(&job.path) {
         tracing::warn!("{reason}");
-        send(Message::Refused { reason: reason.clone() })?;
-        return Err(Refused(format!("refused: {reason}")).into());
+        send(Message::Refused { refusal: Refusal::NoSpace, reason: reason.clone() })?;
+        return Err(Refused::new(Refusal::NoSpace, reason).into());
     }
 
     let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;

@@ -117,6 +117,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Refusal;
     use crate::message::*;
     use ferry_engine::{ChunkHash, RelPath, RootHash};
     use proptest::prelude::*;
@@ -143,7 +144,7 @@ mod tests {
                 "0000002d0001067a696d627261010307070707070707070707070707070707070707070707070707070707070707070001",
             ),
             (Message::Welcome { holds: None }, "000000020100"),
-            (Message::Refused { reason: "no".into() }, "0000000402026e6f"),
+            (Message::Refused { refusal: Refusal::Busy, reason: "no".into() }, "000000050202026e6f"),
             (
                 Message::Changes(vec![Change {
                     path: RelPath::new(&b"a/b"[..]).unwrap(),
@@ -190,7 +191,7 @@ mod tests {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0][..]);
         assert!(matches!(decode(&mut buf), Err(DecodeError::TooLong(_))));
         assert!(buf.capacity() < 1024);
-        let huge = Message::Refused { reason: "x".repeat(MAX_FRAME_LEN + 1) };
+        let huge = Message::Refused { refusal: Refusal::NoSpace, reason: "x".repeat(MAX_FRAME_LEN + 1) };
         assert!(matches!(encode(&huge, &mut BytesMut::new()), Err(EncodeError::TooLong(_))));
     }
 

@@ -14,7 +14,7 @@
 //! source                                   destination
 //! Hello{job, base}              ──────▶
 //! RoundOptions{import}          ──────▶
-//!                               ◀──────    Notice* Welcome{holds} | Refused{reason}
+//!                               ◀──────    Notice* Welcome{holds} | Refused{refusal, reason}
 //! Changes{..}* ChangesEnd{root} ──────▶    (changes since `holds`, or everything)
 //!                               ◀──────    Need{chunks}*           (a window of missing chunks)
 //! ChunkBatch* (data streams)    ──────▶    Missing{..} on control for what cannot be read
@@ -27,6 +27,7 @@
 
 mod frame;
 mod message;
+mod refusal;
 mod round;
 
 pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, bytes_missing, decode, encode, encode_chunk_batch};
@@ -34,4 +35,5 @@ pub use message::{
     ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk,
     PROTOCOL_VERSION, Plan, RoundOptions, RoundRef,
 };
+pub use refusal::Refusal;
 pub use round::{DestinationRound, Phase, ProtocolError};

@@ -4,10 +4,12 @@ use bytes::Bytes;
 use ferry_engine::{ChunkHash, Entry, RelPath, RootHash};
 use serde::{Deserialize, Serialize};
 
+use crate::Refusal;
+
 /// The protocol name and version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"ferry/1";
+pub const ALPN: &[u8] = b"ferry/2";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A committed round: its number and the root hash of its manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,7 +123,9 @@ pub enum Message {
     },
     /// The destination refuses (unknown job, not this peer's job, busy, no room).
     Refused {
-        /// Why, for the operator.
+        /// Why, as a code both sides know.
+        refusal: Refusal,
+        /// The details, for the operator.
         reason: String,
     },
     /// A batch of changes, sorted.

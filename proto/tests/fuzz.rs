@@ -100,7 +100,7 @@ fn corpus() -> Vec<Vec<u8>> {
             failure_count: 1,
         }),
         Message::Failed { reason: "no space".into() },
-        Message::Refused { reason: "busy".into() },
+        Message::Refused { refusal: ferry_proto::Refusal::Busy, reason: "busy".into() },
         Message::Notice { text: "import running".into() },
         Message::ImportStarted { round: 4, command: vec!["zxsuite".into(), "backup".into()] },
         Message::ImportDone(ImportResult {
