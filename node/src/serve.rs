@@ -1,6 +1,6 @@
 //! `ferry serve`: the destination daemon, and the destination's side of a round.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -15,6 +15,7 @@ use ferry_engine::{
     MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, check_target,
     lap, with_findings,
 };
+use ferry_proto::window::{Arrival, Ledger, StallTimer, WindowEnd};
 use ferry_proto::{Change, Committed, DestinationRound, Hello, Message, NeedChunk, ProtocolError, Refusal, RoundRef};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -665,25 +666,14 @@ impl Spill {
 
 #[derive(Default)]
 struct WindowState {
-    /// Chunks asked for and not arrived yet: only those are kept when they come.
-    wanted: HashSet<ChunkHash>,
-    /// Bytes of chunks that came without being asked for (dropped; a source that sends too many is
-    /// cut off: it could otherwise fill this node's memory).
-    unwanted_bytes: u64,
+    /// What was asked for, what will not come, what came unasked, whether the source stopped.
+    ledger: Ledger,
     chunks: HashMap<ChunkHash, Stored>,
     /// Bytes of `chunks` in memory.
     memory: u64,
     spill: Spill,
-    /// Chunks the source said it cannot send, or that arrived damaged.
-    missing: HashSet<ChunkHash>,
-    /// Set when the data streams fail.
+    /// Set when the data streams fail, or the source floods the window.
     error: Option<String>,
-    /// Chunk batches received in the round.
-    batches: u64,
-    /// The source stopped after sending this many batches: what has not come by then will not.
-    stopped_after: Option<u64>,
-    /// `Paused` notices: the source's bandwidth limit holds its chunks for now.
-    pause_notices: u64,
 }
 
 async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limiter: Option<crate::limit::Limiter>) {
@@ -726,10 +716,6 @@ async fn receive_chunks(connection: quinn::Connection, window: Arc<Window>, limi
     }
 }
 
-/// How many bytes of chunks it did not ask for a destination drops before it ends the round: a few
-/// late duplicates are normal, a stream of them is not.
-const UNWANTED_MAX: u64 = 64 << 20;
-
 impl Window {
     fn spilling_into(dir: PathBuf) -> Self {
         let window = Self::default();
@@ -742,21 +728,21 @@ impl Window {
     /// Records that `hashes` were asked for.
     fn want(&self, hashes: impl IntoIterator<Item = ChunkHash>) {
         if let Ok(mut state) = self.state.lock() {
-            state.wanted.extend(hashes);
+            state.ledger.want(hashes);
         }
     }
 
     fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
         if let Ok(mut state) = self.state.lock() {
-            let bad: Vec<ChunkHash> = bad.into_iter().filter(|h| state.wanted.remove(h)).collect();
-            if !bad.is_empty() {
+            let damaged = bad.iter().filter(|h| state.ledger.damaged(h)).count();
+            if damaged > 0 {
                 tracing::warn!(
-                    "{} chunks arrived damaged (hash mismatch); their files are left for the next round",
-                    bad.len()
+                    "{damaged} chunks arrived damaged (hash mismatch); their files are left for the next round"
                 );
             }
             for (hash, data) in good {
-                if state.wanted.remove(&hash) {
+                let held = state.chunks.contains_key(&hash);
+                if state.ledger.arrive(&hash, data.len() as u64, held) == Arrival::Keep {
                     let stored = if state.memory + data.len() as u64 <= WINDOW_MAX {
                         state.memory += data.len() as u64;
                         Stored::Memory(data)
@@ -770,18 +756,16 @@ impl Window {
                         }
                     };
                     state.chunks.insert(hash, stored);
-                } else if !state.chunks.contains_key(&hash) {
-                    state.unwanted_bytes += data.len() as u64;
                 }
             }
-            if state.unwanted_bytes > UNWANTED_MAX && state.error.is_none() {
-                state.error = Some(format!(
-                    "the source sent {} of chunks this node did not ask for",
-                    crate::human::bytes(state.unwanted_bytes)
-                ));
+            if let Some(WindowEnd::Flooded(bytes)) = state.ledger.end()
+                && state.error.is_none()
+            {
+                let text =
+                    format!("the source sent {} of chunks this node did not ask for", crate::human::bytes(bytes));
+                state.error = Some(text);
             }
-            state.missing.extend(bad);
-            state.batches += 1;
+            state.ledger.batch_received();
             self.changed.notify_all();
         }
     }
@@ -795,7 +779,7 @@ impl Window {
                     Some(Stored::Spilled { .. }) => state.spill.release(),
                     Some(Stored::Written { .. }) | None => {}
                 }
-                state.missing.remove(hash);
+                state.ledger.forget(hash);
             }
         }
     }
@@ -811,7 +795,7 @@ impl Window {
     fn holds_all(&self, waiting: &mut Waiting) -> bool {
         let Ok(state) = self.state.lock() else { return false };
         while let Some(hash) = waiting.hashes.get(waiting.ready) {
-            if !(state.chunks.contains_key(hash) || state.missing.contains(hash)) {
+            if !(state.chunks.contains_key(hash) || state.ledger.is_missing(hash)) {
                 return false;
             }
             waiting.ready += 1;
@@ -834,9 +818,7 @@ impl Window {
     /// The source said it cannot send these chunks.
     fn missing(&self, hashes: Vec<ChunkHash>) {
         if let Ok(mut state) = self.state.lock() {
-            // Only chunks asked for: a list of others would only grow this set.
-            let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| state.wanted.remove(h)).collect();
-            state.missing.extend(hashes);
+            state.ledger.source_missing(hashes);
             self.changed.notify_all();
         }
     }
@@ -844,13 +826,13 @@ impl Window {
     /// What changes while the source is alive: bytes on the data streams, chunks it cannot send,
     /// notices that it is paused. The stall timers watch this.
     fn progress(&self, state: &WindowState) -> u64 {
-        self.bytes_arrived.load(Ordering::Relaxed) + state.missing.len() as u64 + state.pause_notices
+        self.bytes_arrived.load(Ordering::Relaxed) + state.ledger.events()
     }
 
     /// The source says its bandwidth limit pauses it: not stalled.
     fn paused(&self) {
         if let Ok(mut state) = self.state.lock() {
-            state.pause_notices += 1;
+            state.ledger.paused();
             self.changed.notify_all();
         }
     }
@@ -858,7 +840,7 @@ impl Window {
     /// The source stopped after sending `batches` batches.
     fn stopped(&self, batches: u64) {
         if let Ok(mut state) = self.state.lock() {
-            state.stopped_after = Some(batches);
+            state.ledger.stopped(batches);
             self.changed.notify_all();
         }
     }
@@ -872,14 +854,13 @@ impl Window {
         stall_timeout: Duration,
     ) -> Result<std::sync::MutexGuard<'a, WindowState>, FetchError> {
         let poisoned = || FetchError("window lock poisoned".into());
-        let mut progress = (Instant::now(), self.progress(&state));
-        while state.wanted.contains(hash) && state.error.is_none() {
-            if state.stopped_after.is_some_and(|after| state.batches >= after) {
-                return Err(FetchError("the source stopped before sending this chunk".into()));
+        let mut stall = StallTimer::new(stall_timeout);
+        stall.observe(self.progress(&state), Instant::now());
+        while state.ledger.is_wanted(hash) && state.error.is_none() {
+            if let Some(end @ WindowEnd::Stopped) = state.ledger.end() {
+                return Err(FetchError(end.to_string()));
             }
-            if self.progress(&state) != progress.1 {
-                progress = (Instant::now(), self.progress(&state));
-            } else if progress.0.elapsed() > stall_timeout {
+            if stall.observe(self.progress(&state), Instant::now()) {
                 let error = stalled(stall_timeout);
                 state.error = Some(error.clone());
                 self.changed.notify_all();
@@ -1479,7 +1460,8 @@ fn transfer(
     // Applied before the last flush began, durable once the next one begins.
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
-    let mut last_progress = (Instant::now(), 0u64);
+    let mut stall = StallTimer::new(stall_timeout);
+    stall.restart(0, Instant::now());
     let mut spent = Spent::default();
     let end = loop {
         // Plan ahead and ask.
@@ -1571,9 +1553,9 @@ fn transfer(
             break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
         }
         let seen = window.progress(&state);
-        if seen != last_progress.1 || progressed {
-            last_progress = (Instant::now(), seen);
-        } else if last_progress.0.elapsed() > stall_timeout {
+        if progressed {
+            stall.restart(seen, Instant::now());
+        } else if stall.observe(seen, Instant::now()) {
             break TransferEnd::Cut(stalled(stall_timeout));
         }
         let _ = window
@@ -1635,7 +1617,7 @@ fn source_messages(inbox: &mut mpsc::Receiver<Message>, window: &Window) -> anyh
             // The batches the source sent before stopping are on their way on other streams.
             let deadline = Instant::now() + Duration::from_secs(30);
             let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-            while state.batches < batches && state.error.is_none() && Instant::now() < deadline {
+            while state.ledger.batches() < batches && state.error.is_none() && Instant::now() < deadline {
                 state = window
                     .changed
                     .wait_timeout(state, Duration::from_millis(200))

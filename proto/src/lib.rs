@@ -3,7 +3,9 @@
 //! Goals: a round's messages, encoded with postcard in length-prefixed frames whose length is checked
 //! against [`MAX_FRAME_LEN`] before anything is allocated; a decoder that never panics on any input
 //! (a property test feeds it garbage); the order of messages on the control stream checked by
-//! [`DestinationRound`]; a wire format frozen by golden tests. Non-goals: sockets, timers, files.
+//! [`DestinationRound`]; refusals as codes ([`Refusal`]); the destination window's bookkeeping
+//! ([`window`], time passed in); a wire format frozen by golden tests. Non-goals: sockets, clocks,
+//! files.
 //!
 //! The version is in the ALPN string ([`ALPN`]): peers that do not speak the same version never get
 //! past the handshake. Postcard encodes enum variants by index: variants are only ever appended.
@@ -29,6 +31,7 @@ mod frame;
 mod message;
 mod refusal;
 mod round;
+pub mod window;
 
 pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, bytes_missing, decode, encode, encode_chunk_batch};
 pub use message::{
