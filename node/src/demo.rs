@@ -71,8 +71,9 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         ..Config::default()
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let daemon = runtime
-        .block_on(async { Daemon::bind(dest_node.clone(), Some("127.0.0.1:0".into()), crate::serve::STALL_TIMEOUT) })?;
+    let daemon = runtime.block_on(async {
+        Daemon::bind(dest_node.clone(), Some("127.0.0.1:0".into()), crate::destination::STALL_TIMEOUT)
+    })?;
     let addr = daemon.local_addr()?;
     source_node.save(&Config {
         peers: vec![PeerConfig::new("dest", dest_id.node_id(), Some(addr.to_string()))],

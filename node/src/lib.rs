@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod config_check;
 mod demo;
+mod destination;
 pub mod history;
 mod human;
 mod hystart;
@@ -22,11 +23,11 @@ mod lossy;
 mod net;
 mod push;
 mod refused;
-mod serve;
 pub mod status;
 pub mod verify;
 
 pub use demo::{DemoOptions, run_demo};
+pub use destination::{Daemon, serve};
 pub use local::{LocalSyncOptions, run_local_sync};
 pub use net::Congestion;
 pub use push::{
@@ -34,7 +35,6 @@ pub use push::{
     print_push_report, push,
 };
 pub use refused::Refused;
-pub use serve::{Daemon, serve};
 
 /// Exit codes, stable and documented in README.md.
 pub mod exit {

@@ -5,7 +5,7 @@ use ferry_engine::{Entry, ManifestReader, MergeJoin, Pair, ScanOptions, scan};
 use serde::Serialize;
 
 use crate::config::ConfigDir;
-use crate::serve::TargetState;
+use crate::destination::TargetState;
 
 /// What `verify` found.
 #[derive(Debug, Serialize)]

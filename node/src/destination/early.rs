@@ -1,0 +1,80 @@
+//! The target check begun when the source asks whether a round would be taken, for the round to take.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_engine::{CheckOptions, ChunkIndex, check_target};
+use ferry_proto::RoundRef;
+
+use super::state::TargetState;
+use crate::config::JobConfig;
+
+/// A check of a job's target begun when its source asked whether it would take a round (before the
+/// source's export hook, and again right before its scan): it runs while the source scans, and the
+/// round that follows takes it instead of checking at its own start, if it began at most
+/// [`EARLY_CHECK_MAX_AGE`] before and against the round the destination still holds.
+pub(super) struct EarlyCheck {
+    pub(super) started: Instant,
+    pub(super) holds: Option<RoundRef>,
+    pub(super) adopt: bool,
+    pub(super) thread: std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>,
+}
+
+pub(super) type EarlyChecks = Arc<Mutex<HashMap<String, EarlyCheck>>>;
+
+/// How old a check begun before the round may be for the round to take it: what changes in the
+/// target between the check and the round is found by the next round's check.
+pub(super) const EARLY_CHECK_MAX_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// Begins checking `job`'s target on a thread of its own, unless a check of it runs already or it
+/// has never had a round (nothing to check).
+pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, holds: Option<RoundRef>) {
+    if holds.is_none() {
+        return;
+    }
+    let Ok(mut checks) = checks.lock() else { return };
+    if checks.get(&job.name).is_some_and(|c| !c.thread.is_finished()) {
+        return;
+    }
+    let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
+    let (target, committed, findings) = (job.path.clone(), state.manifest(), state.early_findings());
+    let index_path = state.dir.join("chunks.redb");
+    let span = tracing::Span::current();
+    let thread = std::thread::Builder::new().name("ferry-early-check".into()).spawn(move || {
+        let _entered = span.enter();
+        // The round waits for this thread before it opens the index itself.
+        let mut index = ChunkIndex::open(&index_path).map_err(ferry_engine::CheckError::from)?;
+        let options = CheckOptions { adopt, read_only: false };
+        let report = check_target(&target, &committed, &mut index, &findings, options)?;
+        let ms = report.duration.as_millis();
+        tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
+        Ok(report)
+    });
+    match thread {
+        Ok(thread) => {
+            checks.insert(job.name.clone(), EarlyCheck { started: Instant::now(), holds, adopt, thread });
+        }
+        Err(e) => tracing::warn!("cannot begin checking {} early: {e}", job.path.display()),
+    }
+}
+
+/// The early check of `job`, finished, if the round can take it (see [`EarlyCheck`]).
+pub(super) fn take(
+    checks: &EarlyChecks,
+    job: &str,
+    holds: Option<RoundRef>,
+    adopt: bool,
+) -> Option<ferry_engine::CheckReport> {
+    let early = checks.lock().ok()?.remove(job)?;
+    let usable = early.holds == holds && early.adopt == adopt && early.started.elapsed() < EARLY_CHECK_MAX_AGE;
+    // Waited for in any case: it holds the job's index.
+    match early.thread.join() {
+        Ok(Ok(report)) if usable => Some(report),
+        Ok(Err(e)) => {
+            tracing::warn!("the check begun before the round failed ({e}); checking again");
+            None
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,507 @@
+//! `ferry serve`: the destination daemon, and the destination's side of a round.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_certs::{Identity, NodeId, TrustedPeers};
+use ferry_proto::{DestinationRound, Message, ProtocolError, Refusal};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::config::{Config, ConfigDir, DEFAULT_PORT, JobConfig, PeerConfig};
+use crate::net::{self, FrameReader, close};
+use crate::refused::Refused;
+
+mod early;
+mod round;
+mod state;
+mod transfer;
+mod window;
+
+use early::EarlyChecks;
+use round::{Imports, Round, RoundEnd, destination_round, is_refusal};
+pub(crate) use state::TargetState;
+use window::{Window, receive_chunks};
+
+/// A source that sends nothing for this long loses its round (`serve --stall-timeout`): a stalled
+/// or hostile peer must not hold a job, and the deadline is this node's, not the peer's.
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn serve(
+    config_dir: ConfigDir,
+    listen: Option<String>,
+    stall_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let daemon = Daemon::bind(config_dir, listen, stall_timeout)?;
+    println!("listening on {} as node {}", daemon.local_addr()?, daemon.node_id);
+    daemon.run(shutdown).await
+}
+
+/// The destination daemon, bound to its address.
+pub struct Daemon {
+    endpoint: quinn::Endpoint,
+    context: Arc<ServerContext>,
+    node_id: NodeId,
+}
+
+impl Daemon {
+    /// Binds the daemon's endpoint (`listen`, else the config's, else `[::]:7373`); a source that sends
+    /// nothing for `stall_timeout` loses its round (`serve --stall-timeout`, 2 minutes by default).
+    pub fn bind(config_dir: ConfigDir, listen: Option<String>, stall_timeout: Duration) -> anyhow::Result<Self> {
+        let config = config_dir.load()?;
+        let identity =
+            Identity::load(config_dir.path()).context("cannot load this node's identity (run `ferry init`)")?;
+        let listen = listen.or(config.listen.clone()).unwrap_or_else(|| format!("[::]:{DEFAULT_PORT}"));
+        let addr = net::resolve(&listen)?;
+        let trusted: TrustedPeers = Arc::new(RwLock::new(config.peers.iter().map(|p| p.id).collect()));
+        let endpoint = net::server_endpoint(&identity, trusted.clone(), addr)?;
+        let context = Arc::new(ServerContext {
+            config_dir,
+            trusted,
+            busy: Mutex::new(HashMap::new()),
+            imports: Arc::new(Mutex::new(HashMap::new())),
+            early_checks: Arc::new(Mutex::new(HashMap::new())),
+            stall_timeout,
+        });
+        Ok(Self { endpoint, context, node_id: identity.node_id() })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Serves rounds until `shutdown` completes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let Self { endpoint, context, node_id } = self;
+        tracing::info!("node {node_id} listening on {}", endpoint.local_addr()?);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    // Peers trusted since the daemon started are let in without a restart.
+                    context.refresh_trusted();
+                    let context = context.clone();
+                    tokio::spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(connection) => handle_connection(connection, context).await,
+                            Err(e) => {
+                                let text = e.to_string();
+                                match text.split("node ").nth(1).and_then(|r| r.split_whitespace().next()) {
+                                    Some(id) if text.contains("not trusted") => tracing::warn!(
+                                        "refused node {id} from {remote}: it is not trusted here (to allow it: ferry trust {id} --name NAME)"
+                                    ),
+                                    _ => tracing::warn!("connection attempt from {remote} failed: {text}"),
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        endpoint.close(Refusal::ShuttingDown.code().into(), b"the destination is shutting down");
+        endpoint.wait_idle().await;
+        Ok(())
+    }
+}
+
+struct ServerContext {
+    config_dir: ConfigDir,
+    trusted: TrustedPeers,
+    /// Jobs with a round running: who runs it, on which connection.
+    busy: Mutex<HashMap<String, (NodeId, quinn::Connection)>>,
+    /// Jobs whose import is running: which round, since when.
+    imports: Imports,
+    /// Checks of jobs' targets begun when their sources asked whether a round would be taken.
+    early_checks: EarlyChecks,
+    /// See [`STALL_TIMEOUT`].
+    stall_timeout: Duration,
+}
+
+impl ServerContext {
+    fn refresh_trusted(&self) {
+        match self.config_dir.load() {
+            Ok(config) => {
+                if let Ok(mut trusted) = self.trusted.write() {
+                    *trusted = config.peers.iter().map(|p| p.id).collect();
+                }
+            }
+            Err(e) => tracing::warn!("cannot re-read the config, keeping the peers trusted so far: {e:#}"),
+        }
+    }
+}
+
+/// Releases a job's busy mark when the round ends, however it ends.
+struct BusyGuard(Arc<ServerContext>, String, usize);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.0.busy.lock()
+            && busy.get(&self.1).is_some_and(|(_, c)| c.stable_id() == self.2)
+        {
+            busy.remove(&self.1);
+        }
+    }
+}
+
+impl ServerContext {
+    /// Refuses a round of `job` while its import runs, saying which and since when.
+    fn no_import(&self, job: &str) -> Result<(), Refused> {
+        match self.imports.lock().ok().and_then(|i| i.get(job).cloned()) {
+            Some(import) => Err(Refused::new(
+                Refusal::ImportRunning,
+                format!(
+                    "the import of round {} of job {job} has been running since {} ({})",
+                    import.round,
+                    humantime::format_rfc3339_seconds(import.since),
+                    import.command.join(" ")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Why a round of `job` from `peer` would be refused now, without claiming it: an import runs, or
+    /// another peer's round. A round of the same peer would replace its own (see [`Self::claim`]).
+    fn busy_for(&self, job: &str, peer: NodeId) -> Result<(), Refused> {
+        self.no_import(job)?;
+        let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match busy.get(job) {
+            Some((holder, _)) if *holder != peer => Err(already_running(job)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks `job` busy for this connection. When the same peer is still running it on another
+    /// connection, that one is presumed dead (a killed or cut-off source whose connection has not timed
+    /// out yet): it is closed, and this round waits for it to let go.
+    async fn claim(
+        self: &Arc<Self>,
+        job: &str,
+        peer: NodeId,
+        connection: &quinn::Connection,
+    ) -> Result<BusyGuard, Refused> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.no_import(job)?;
+            {
+                let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match busy.get(job) {
+                    None => {
+                        busy.insert(job.to_owned(), (peer, connection.clone()));
+                        return Ok(BusyGuard(self.clone(), job.to_owned(), connection.stable_id()));
+                    }
+                    Some((holder, old)) if *holder == peer => {
+                        tracing::info!("job {job}: a new connection from the same peer replaces the round still open");
+                        old.close(Refusal::Replaced.code().into(), b"replaced by a new connection from the same peer");
+                    }
+                    Some(_) => return Err(already_running(job)),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Refused::new(
+                    Refusal::Busy,
+                    format!("the previous round of job {job} did not stop in time"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Another peer's round holds `job`.
+fn already_running(job: &str) -> Refused {
+    Refused::new(Refusal::Busy, format!("a round of job {job} is already running here"))
+}
+
+async fn handle_connection(connection: quinn::Connection, context: Arc<ServerContext>) {
+    let Some(peer_id) = net::peer_id(&connection) else {
+        connection.close(close::ERROR.into(), b"no peer identity");
+        return;
+    };
+    let span = tracing::info_span!(
+        "round",
+        peer = tracing::field::Empty,
+        job = tracing::field::Empty,
+        round = tracing::field::Empty
+    );
+    async move { finish_round(&connection, round(&connection, peer_id, context).await, peer_id).await }
+        .instrument(span)
+        .await;
+}
+
+/// Closes a round's connection: after the source has read the last messages, or at once with the error.
+async fn finish_round(connection: &quinn::Connection, result: anyhow::Result<()>, peer_id: NodeId) {
+    let remote = connection.remote_address();
+    match result {
+        Ok(()) => {
+            // Let the source read the last messages and close first.
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            connection.close(close::DONE.into(), b"round over");
+        }
+        Err(e) => {
+            let reason = crate::describe(&e);
+            tracing::warn!("round from {remote} (node {peer_id}) failed: {reason}");
+            // A refusal's code says why without words; its text is the details alone.
+            let (code, text) = match e.downcast_ref::<Refused>() {
+                Some(refused) => (refused.refusal.code(), refused.text.as_str()),
+                None if e.downcast_ref::<ProtocolError>().is_some() => {
+                    (Refusal::ProtocolViolation.code(), reason.as_str())
+                }
+                None => (close::ERROR, reason.as_str()),
+            };
+            connection.close(code.into(), &text.as_bytes()[..text.len().min(1000)]);
+        }
+    }
+}
+
+/// The job named `name`, when it is `peer`'s; else why not, in the words the source prints.
+fn job_of_peer(config: &Config, name: &str, peer: &PeerConfig) -> Result<JobConfig, Refused> {
+    match config.job(name) {
+        Some(job) if job.peer == peer.name => Ok(job.clone()),
+        Some(job) => Err(Refused::new(
+            Refusal::NotYourJob,
+            format!("job {:?} belongs to peer {} here, not to {}", job.name, job.peer, peer.name),
+        )),
+        None => Err(Refused::new(
+            Refusal::NotYourJob,
+            format!(
+                "there is no job {name:?} here (on the destination: ferry job add {name} --path TARGET --peer {})",
+                peer.name
+            ),
+        )),
+    }
+}
+
+/// Answers a source's `Check`: whether a round of `job` from it would be accepted now (the job is this
+/// peer's, and neither an import nor another peer's round holds it), without opening one.
+async fn answer_check(
+    context: &Arc<ServerContext>,
+    config: &Config,
+    peer: &PeerConfig,
+    peer_id: NodeId,
+    job: &str,
+    mut send: quinn::SendStream,
+) -> anyhow::Result<()> {
+    tracing::Span::current().record("job", job);
+    let answer = job_of_peer(config, job, peer).and_then(|job| context.busy_for(&job.name, peer_id).map(|()| job));
+    let message = match answer {
+        Ok(job_config) => {
+            let state = TargetState::new(&context.config_dir.data_dir(config), &job_config.name);
+            match state.holds() {
+                Ok(holds) => {
+                    tracing::info!("{} checked job {job}: a round would be accepted", peer.name);
+                    // The source exports and scans now: the target is checked meanwhile.
+                    early::begin(&context.early_checks, &job_config, &state, holds);
+                    Message::Welcome { holds }
+                }
+                // Not a refusal: the round itself will meet it and say so.
+                Err(e) => Message::Failed { reason: format!("cannot read the state of job {job}: {e:#}") },
+            }
+        }
+        Err(refused) => {
+            tracing::info!("{} checked job {job}: a round would be refused: {refused}", peer.name);
+            Message::Refused { refusal: refused.refusal, reason: refused.text }
+        }
+    };
+    net::send(&mut send, &message).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<ServerContext>) -> anyhow::Result<()> {
+    let config = context.config_dir.load()?;
+    let peer = config
+        .peer_by_id(peer_id)
+        .ok_or_else(|| Refused::new(Refusal::Untrusted, format!("node {peer_id} is no longer trusted")))?
+        .clone();
+    tracing::Span::current().record("peer", peer.name.as_str());
+    tracing::info!("connection from {} ({peer_id}) at {}", peer.name, connection.remote_address());
+    let (mut send, recv) = connection.accept_bi().await.context("the peer opened no stream")?;
+    let mut reader = FrameReader::new(recv);
+    let mut order = DestinationRound::default();
+    let hello = match reader.next().await? {
+        Some(message @ Message::Hello(_)) => {
+            order.handle(&message)?;
+            let Message::Hello(hello) = message else { unreachable!("matched above") };
+            hello
+        }
+        Some(Message::Check { job }) => return answer_check(&context, &config, &peer, peer_id, &job, send).await,
+        other => bail!("expected Hello, got {other:?}"),
+    };
+    let refuse = |mut send: quinn::SendStream, refused: Refused| async move {
+        let message = Message::Refused { refusal: refused.refusal, reason: refused.text.clone() };
+        net::send(&mut send, &message).await?;
+        let _ = send.finish();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(refused.into())
+    };
+    let job = match job_of_peer(&config, &hello.job, &peer) {
+        Ok(job) => job,
+        Err(refused) => return refuse(send, refused).await,
+    };
+    let _guard = match context.claim(&job.name, peer_id, connection).await {
+        Ok(guard) => guard,
+        Err(refused) => return refuse(send, refused).await,
+    };
+    tracing::Span::current().record("job", job.name.as_str());
+    tracing::info!("round from {} into {}", peer.name, job.path.display());
+
+    let data_dir = context.config_dir.data_dir(&config);
+    let (to_net, mut outbox) = mpsc::channel::<Message>(64);
+    let (inbox_tx, inbox) = mpsc::channel::<Message>(64);
+    // Chunks beyond the memory budget (one file larger than the window) wait in a file in this job's
+    // state folder, on the destination's disk.
+    let window = Arc::new(Window::spilling_into(TargetState::new(&data_dir, &job.name).dir));
+
+    // Control stream: the round thread's messages out, the source's messages in (order checked).
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            net::send(&mut send, &message).await?;
+        }
+        let _ = send.finish();
+        anyhow::Ok(())
+    });
+    let stall_timeout = context.stall_timeout;
+    let control_window = window.clone();
+    let control = tokio::spawn(async move {
+        loop {
+            // Until all changes are in, the source has no reason to be silent: a stalled peer must not
+            // hold the job. Bytes count, not whole messages: under a slow limit one message of the list
+            // takes minutes. A paused source says so every second. (During the transfer, silence on
+            // this stream is normal.)
+            let next = if order.phase() == ferry_proto::Phase::Changes {
+                match reader.next_within(stall_timeout).await {
+                    Err(e) if e.is::<net::Silent>() => {
+                        bail!("the source sent nothing for {} s", stall_timeout.as_secs())
+                    }
+                    next => next?,
+                }
+            } else {
+                reader.next().await?
+            };
+            let Some(message) = next else { break };
+            order.handle(&message)?;
+            // The window learns at once what will not come: a large file being built waits in it.
+            // `Missing` is only the window's business; the round thread also ends on a stop or a failure.
+            let message = match message {
+                Message::Missing(hashes) => {
+                    control_window.missing(hashes);
+                    continue;
+                }
+                Message::Paused => {
+                    control_window.paused();
+                    continue;
+                }
+                message => message,
+            };
+            match &message {
+                Message::Stop { batches, .. } => control_window.stopped(*batches),
+                Message::Failed { reason } => control_window.fail(format!("the source gave up: {reason}")),
+                _ => {}
+            }
+            if inbox_tx.send(message).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    });
+    // Data streams: chunk batches, checked and decoded as they arrive, at most as fast as this peer's
+    // `receive_bwlimit` allows (reading slower makes QUIC's flow control slow the sender down).
+    let receive_limit = match &peer.receive_bwlimit {
+        Some(text) => Some(
+            ferry_engine::Timetable::parse(text)
+                .with_context(|| format!("the receive_bwlimit of peer {} in ferry.toml", peer.name))?,
+        ),
+        None => None,
+    };
+    let limiter = receive_limit.map(crate::limit::Limiter::new);
+    let follow = limiter.as_ref().map(|l| l.follow("receive limit"));
+    if let Some(bps) = limiter.as_ref().and_then(|l| l.rate().bytes_per_second()) {
+        connection.set_receive_window((2 * bps).clamp(2 << 20, 64 << 20).try_into().unwrap_or(quinn::VarInt::MAX));
+        tracing::info!("receiving at most {}/s from {}", crate::human::bytes(bps), peer.name);
+    }
+    let data = tokio::spawn(receive_chunks(connection.clone(), window.clone(), limiter).in_current_span());
+
+    let target = job.path.clone();
+    let imports = context.imports.clone();
+    let early_checks = context.early_checks.clone();
+    let peer_name = peer.name.clone();
+    let span = tracing::Span::current();
+    let failed_tx = to_net.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let round = Round {
+            job: &job,
+            data_dir: &data_dir,
+            hello: &hello,
+            peer: &peer_name,
+            imports: &imports,
+            early_checks: &early_checks,
+            stall_timeout: context.stall_timeout,
+        };
+        destination_round(&round, inbox, to_net, &window).map_err(|e| {
+            // A refusal stays one: its code goes to the source as it is.
+            if is_refusal(&e) {
+                return e;
+            }
+            let target = job.path.display();
+            e.context(format!(
+                "the round into {target} failed (the files that arrived whole are kept; run it again once this is fixed)"
+            ))
+        })
+    })
+    .await
+    .context("the round thread panicked")?;
+    // Why the round failed goes to the source on the control stream, which delivers it: the close of
+    // the connection is sent once, and a source that misses it sees a reset and no reason. The source
+    // closes once it has read it.
+    let failed = result.as_ref().err().filter(|e| !is_refusal(e));
+    if let Some(e) = failed {
+        let _ = failed_tx.send(Message::Failed { reason: crate::describe(e) }).await;
+    }
+    drop(failed_tx);
+    let _ = writer.await;
+    if failed.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+    }
+    // A malformed or out-of-order message ends the control stream first: its error says why the
+    // round ended, not the round thread's "the connection closed".
+    let control_error = if control.is_finished() {
+        control.await.ok().and_then(Result::err)
+    } else {
+        control.abort();
+        None
+    };
+    data.abort();
+    if let Some(follow) = follow {
+        follow.abort();
+    }
+    let result = match (result, control_error) {
+        (Err(_), Some(e)) => Err(e),
+        (result, _) => result,
+    };
+    match result? {
+        RoundEnd::Committed(done) => {
+            tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
+        }
+        RoundEnd::Stopped(reason) => {
+            tracing::info!(
+                "round into {} stopped by the source ({reason}); the files that arrived whole are kept",
+                target.display()
+            );
+            let text = format!("stopped: {reason}; the files that arrived whole are kept for the next round");
+            connection.close(close::DONE.into(), text.as_bytes());
+        }
+        RoundEnd::Planned => tracing::info!("dry run for {} planned", target.display()),
+    }
+    Ok(())
+}

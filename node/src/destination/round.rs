@@ -1,0 +1,711 @@
+//! A destination round, from its list of changes to its commit and import.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use ferry_engine::{
+    Adopt, Applier, ApplyOptions, ApplyReport, CheckOptions, Checked, ChunkIndex, ChunkLocation, EntryKind, Finding,
+    ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash,
+    ScanOptions, Step, check_target, with_findings,
+};
+use ferry_proto::{Change, Committed, Hello, Message, NeedChunk, Refusal, RoundRef};
+use tokio::sync::mpsc;
+
+use super::early::{self, EarlyChecks};
+use super::state::TargetState;
+use super::transfer::{TransferEnd, transfer};
+use super::window::{Window, WindowSource};
+use crate::config::JobConfig;
+use crate::refused::Refused;
+
+/// The round's check of its target: taken from the one begun while the source scanned, or running.
+pub(super) enum Check {
+    Done(ferry_engine::CheckReport),
+    Running(std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>),
+}
+
+/// How a destination round ended.
+pub(super) enum RoundEnd {
+    /// Committed as this round.
+    Committed(RoundRef),
+    /// The source stopped it (its deadline): what arrived was applied, nothing committed.
+    Stopped(String),
+    /// A dry run: planned, nothing written.
+    Planned,
+}
+
+/// An import in progress.
+#[derive(Debug, Clone)]
+pub(super) struct RunningImport {
+    pub(super) round: u64,
+    pub(super) since: std::time::SystemTime,
+    pub(super) command: Vec<String>,
+}
+
+pub(super) type Imports = Arc<Mutex<HashMap<String, RunningImport>>>;
+
+/// What a destination round works with.
+pub(super) struct Round<'a> {
+    pub(super) job: &'a JobConfig,
+    pub(super) data_dir: &'a Path,
+    pub(super) hello: &'a Hello,
+    pub(super) peer: &'a str,
+    pub(super) imports: &'a Imports,
+    pub(super) early_checks: &'a EarlyChecks,
+    pub(super) stall_timeout: Duration,
+}
+
+pub(super) fn destination_round(
+    round: &Round<'_>,
+    mut inbox: mpsc::Receiver<Message>,
+    to_net: mpsc::Sender<Message>,
+    window: &Arc<Window>,
+) -> anyhow::Result<RoundEnd> {
+    let (job, hello) = (round.job, round.hello);
+    let send = |message: Message| to_net.blocking_send(message).map_err(|_| anyhow!("the connection closed"));
+    let state = TargetState::new(round.data_dir, &job.name);
+    std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
+    std::fs::create_dir_all(&job.path)
+        .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
+    let _lock = ferry_engine::lock_state(&state.dir)?;
+    let holds = state.holds()?;
+    tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
+    // An import marker left behind means the daemon stopped during an import: say so, do not rerun it.
+    if let Some(stale) = crate::history::read_marker(&state.import_marker()) {
+        let text = format!(
+            "the import of round {} of job {} started at {} was interrupted (the daemon stopped); it was not run again: check it, and run it by hand if needed",
+            stale.round, job.name, stale.since
+        );
+        tracing::warn!("{text}");
+        crate::history::append(&state.history(), &crate::history::Record::import_interrupted(stale.round))?;
+        let _ = std::fs::remove_file(state.import_marker());
+        send(Message::Notice { text })?;
+    }
+    crate::history::write_marker(
+        &state.round_marker(),
+        &crate::history::Marker::now(holds.map_or(1, |h| h.round + 1), vec![round.peer.to_owned()]),
+    )?;
+    let _round_marker = crate::history::MarkerGuard(state.round_marker());
+    // A target folder that is not the one ferry filled (removed and made again, another disk mounted
+    // there, a restored copy) is adopted whole, as a first round adopts what it finds.
+    let identity = ferry_engine::TargetIdentity::read(&state.identity(), &job.path);
+    let other_target = identity.changed;
+    let adopt_whole = holds.is_none() || other_target;
+    let early = early::take(round.early_checks, &job.name, holds, adopt_whole);
+    let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
+    let indexed = state.dir.join("existing.indexed");
+    if other_target {
+        tracing::warn!(
+            "{} is not the folder ferry filled in the last round: it is indexed and adopted",
+            job.path.display()
+        );
+        let _ = std::fs::remove_file(&indexed);
+    }
+    if adopt_whole && !indexed.exists() {
+        // What is already in the target (a shipped disk, an earlier rsync) is indexed, so that only
+        // what differs is asked for. Once: an interrupted first round keeps its index.
+        index_existing(&job.path, &state.dir, &mut index)?;
+        std::fs::write(&indexed, b"")?;
+    }
+    // The target is checked against what ferry put there: while the source scanned (begun when it
+    // asked whether a round would be taken), or now, while it sends its changes.
+    let check = match early {
+        Some(report) => {
+            std::fs::rename(state.early_findings(), state.findings())?;
+            tracing::info!("the check of {} begun while the source scanned is this round's", job.path.display());
+            Check::Done(report)
+        }
+        None => {
+            let (target, committed, findings) = (job.path.clone(), state.manifest(), state.findings());
+            let mut index = index.clone();
+            let options = CheckOptions { adopt: adopt_whole, read_only: false };
+            let span = tracing::Span::current();
+            Check::Running(std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
+                let _entered = span.enter();
+                check_target(&target, &committed, &mut index, &findings, options)
+            })?)
+        }
+    };
+    send(Message::Welcome { holds })?;
+
+    // The changes, to disk (a full manifest can be large).
+    let changes_path = state.dir.join("incoming-changes");
+    let mut changes = RecordWriter::<Change>::create(&changes_path)?;
+    let mut import_mode = ferry_proto::ImportMode::Default;
+    let mut dry_run = false;
+    let end = loop {
+        match inbox.blocking_recv() {
+            Some(Message::RoundOptions(options)) => import_mode = options.import,
+            Some(Message::DryRun) => dry_run = true,
+            Some(Message::Changes(batch)) => {
+                for change in &batch {
+                    changes.push(change)?;
+                }
+            }
+            Some(Message::ChangesEnd(end)) => break end,
+            Some(Message::Failed { reason }) => bail!("the source gave up: {reason}"),
+            Some(other) => bail!("unexpected {other:?} while receiving changes"),
+            None => bail!("the connection closed while receiving changes"),
+        }
+    };
+    let change_count = changes.count();
+    changes.finish()?;
+    let check = match check {
+        Check::Done(report) => report,
+        Check::Running(thread) => {
+            let report = thread.join().map_err(|_| anyhow!("the check of the target panicked"))??;
+            let ms = report.duration.as_millis();
+            tracing::info!("checked {} entries of {} in {ms} ms", report.entries, job.path.display());
+            report
+        }
+    };
+    if check.entries_differ() {
+        let text = format!(
+            "{} is not as ferry left it: {}; this round puts right what it can (e.g. {})",
+            job.path.display(),
+            check.summary(),
+            check.differences.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+        );
+        tracing::warn!("{text}");
+        send(Message::Notice { text })?;
+    }
+    if let Some(base) = end.base.filter(|_| end.base != holds) {
+        let held =
+            holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
+        bail!("the source sent changes against round {}, but this node holds {held}", base.round);
+    }
+    // Nothing changed since the round this node holds, and it holds that round whole: its committed
+    // manifest is the source's tree already. Applying would only read, hash and rewrite every entry
+    // (most of a no-change round's time here). A staging folder left by a cut attempt takes the full
+    // path, which empties it.
+    let unchanged = change_count == 0
+        && check.is_clean()
+        && end.base.is_some()
+        && holds.is_some_and(|h| h.root == end.root)
+        && state.manifest().exists()
+        && !job.path.join(ferry_engine::STAGING_DIR).exists();
+
+    let open_steps = || -> anyhow::Result<_> {
+        let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.manifest().exists() {
+            Box::new(ManifestReader::open(&state.manifest())?.raw())
+        } else {
+            Box::new(std::iter::empty())
+        };
+        let old = with_findings(old, RecordReader::<Finding>::open(&state.findings())?);
+        Ok(patch(old, RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
+    };
+
+    if unchanged && !dry_run {
+        let _ = std::fs::remove_file(&changes_path);
+        tracing::info!("nothing changed since round {}: its manifest stands", holds.map_or(0, |h| h.round));
+        send(Message::Done)?;
+        return commit_round(round, &state, holds, (end.root, end.root), ApplyReport::default(), import_mode, &send);
+    }
+
+    // Before any data moves: does the round fit? Changes against the committed manifest say it alone,
+    // without another pass over that manifest (the transfer's merge checks them against it).
+    let space = if end.base.is_some() {
+        Space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
+    } else {
+        Space::of_round(open_steps()?, &job.path)?
+    };
+    if dry_run {
+        plan_only(open_steps()?, &index, &space, &send)?;
+        let _ = std::fs::remove_file(&changes_path);
+        return Ok(RoundEnd::Planned);
+    }
+    if let Some(reason) = space.refusal(&job.path) {
+        tracing::warn!("{reason}");
+        send(Message::Refused { refusal: Refusal::NoSpace, reason: reason.clone() })?;
+        return Err(Refused::new(Refusal::NoSpace, reason).into());
+    }
+
+    let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
+    let mut source = WindowSource { window: window.clone(), stall_timeout: round.stall_timeout };
+    let options = ApplyOptions {
+        delete: hello.delete,
+        numeric_ids: hello.numeric_ids,
+        adopt: if adopt_whole { Adopt::All } else { Adopt::Nothing },
+        ..ApplyOptions::default()
+    };
+    let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
+    // The index's hints into what the check found gone or changed are stale: those chunks are asked for.
+    applier.distrust(ferry_engine::stale_paths(&check, &state.findings())?);
+
+    // The manifests are read and merged on a thread of their own: applying is this one's work.
+    let steps = read_ahead(open_steps()?)?;
+    match transfer(&mut applier, steps, &send, &mut inbox, window, round.stall_timeout)? {
+        TransferEnd::Complete => {}
+        TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
+        TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
+    }
+    send(Message::Done)?;
+    let report = applier.finish()?;
+    let root = committed.finish()?;
+    std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
+    let _ = std::fs::remove_file(&changes_path);
+    identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;
+    commit_round(round, &state, holds, (root, end.root), report, import_mode, &send)
+}
+
+/// Ends a round whose files are all in place and durable, and whose manifest is committed: records
+/// it, tells the source, and runs the import. `(root, expected)`: the committed manifest's root hash
+/// and the source's (they differ when entries failed).
+pub(super) fn commit_round(
+    round: &Round<'_>,
+    state: &TargetState,
+    holds: Option<RoundRef>,
+    (root, expected): (RootHash, RootHash),
+    report: ApplyReport,
+    import_mode: ferry_proto::ImportMode,
+    send: &impl Fn(Message) -> anyhow::Result<()>,
+) -> anyhow::Result<RoundEnd> {
+    let job = round.job;
+    tracing::info!(
+        "applied {} files ({}) in {:.1} s, {:.1} s of it waiting for the disk's syncs",
+        report.files_written,
+        crate::human::bytes(report.bytes_written),
+        report.duration.as_secs_f64(),
+        report.sync_wait.as_secs_f64()
+    );
+    tracing::debug!(
+        "{:.2} s waiting for the small files of a batch to be made, {:.2} s for synced batches to be put into place",
+        report.make_wait.as_secs_f64(),
+        report.place_wait.as_secs_f64()
+    );
+    let done = RoundRef { round: holds.map_or(1, |h| h.round + 1), root };
+    state.set_holds(done)?;
+    let _ = std::fs::remove_file(state.round_marker());
+    if root != expected {
+        tracing::warn!("round {} is incomplete: {} entries failed", done.round, report.failure_count);
+    }
+    crate::history::append(
+        &state.history(),
+        &crate::history::Record::committed(done, round.peer, &report, root == expected),
+    )?;
+    send(Message::Committed(Committed {
+        round: done,
+        files_written: report.files_written,
+        failures: report.failures.clone(),
+        failure_count: report.failure_count,
+    }))?;
+    // The import runs once per committed round that brought something new, here, whether or not the
+    // source still listens. A round that leaves the same tree as the one before (nothing changed, or
+    // only what was put right) has nothing new to import, unless the source asks for one explicitly.
+    let same_tree = holds.is_some_and(|h| h.root == root);
+    if same_tree && import_mode == ferry_proto::ImportMode::Default && job.import_cmd.is_some() {
+        let text = format!(
+            "import skipped: nothing changed since round {} (run the round with --import full to import anyway)",
+            done.round - 1
+        );
+        tracing::info!("{text}");
+        let _ = send(Message::Notice { text });
+    } else if let Some(argv) = import_command(job, import_mode, done.round)? {
+        let running = RunningImport { round: done.round, since: std::time::SystemTime::now(), command: argv.clone() };
+        round.imports.lock().map_err(|_| anyhow!("lock poisoned"))?.insert(job.name.clone(), running);
+        let result = (|| {
+            crate::history::write_marker(
+                &state.import_marker(),
+                &crate::history::Marker::now(done.round, argv.clone()),
+            )?;
+            let _ = send(Message::ImportStarted { round: done.round, command: argv.clone() });
+            let timeout = match &job.import_timeout {
+                Some(t) => humantime::parse_duration(t).with_context(|| format!("import_timeout {t:?}"))?,
+                None => Duration::from_secs(24 * 3600),
+            };
+            let log = state.dir.join("import.log");
+            let result = crate::import::run(&argv, job.import_user.as_deref(), done.round, timeout, &log);
+            crate::history::append(&state.history(), &crate::history::Record::imported(&result))?;
+            let _ = std::fs::remove_file(state.import_marker());
+            anyhow::Ok(result)
+        })();
+        if let Ok(mut imports) = round.imports.lock() {
+            imports.remove(&job.name);
+        }
+        let result = result?;
+        if result.success {
+            tracing::info!("import of round {} succeeded in {} ms", done.round, result.duration_ms);
+        } else {
+            tracing::warn!(
+                "import of round {} failed (exit code {}): {}",
+                done.round,
+                crate::import::exit_code_text(result.exit_code),
+                result.tail.join(" / ")
+            );
+        }
+        let _ = send(Message::ImportDone(result));
+    }
+    Ok(RoundEnd::Committed(done))
+}
+
+/// The disk space a round needs on the destination, and what there is.
+pub(super) struct Space {
+    /// Files the round writes.
+    pub(super) files: u64,
+    /// Their bytes: each is built beside the old version before it replaces it.
+    pub(super) needed: u64,
+    /// Free bytes for the target (for an unprivileged user).
+    pub(super) available: u64,
+    /// The filesystem's size.
+    pub(super) total: u64,
+}
+
+impl Space {
+    pub(super) fn of_round(steps: impl Iterator<Item = anyhow::Result<Step>>, target: &Path) -> anyhow::Result<Self> {
+        let (mut files, mut needed) = (0u64, 0u64);
+        for step in steps {
+            let step = step?;
+            if let Some(pair) = step.pair()
+                && ferry_engine::Planner::writes_content(pair)
+                && let Some(new) = &pair.new
+            {
+                files += 1;
+                needed = needed.saturating_add(new.size);
+            }
+        }
+        Self::with(files, needed, target)
+    }
+
+    /// Like [`Space::of_round`], for changes against the committed manifest: a file whose content
+    /// changed is one the round writes. (The one case this misses, a hard link whose content did not
+    /// change becoming a file of its own, is rare and small beside the margin.)
+    pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow::Result<Self> {
+        let (mut files, mut needed) = (0u64, 0u64);
+        for change in changes {
+            let change = change?;
+            if let Some(entry) = &change.entry
+                && entry.kind == EntryKind::File
+                && entry.hard_link_to.is_none()
+                && !change.chunks_as_before
+            {
+                files += 1;
+                needed = needed.saturating_add(entry.size);
+            }
+        }
+        Self::with(files, needed, target)
+    }
+
+    /// A round that writes `files` files of `needed` bytes into `target`'s filesystem.
+    pub(super) fn with(files: u64, needed: u64, target: &Path) -> anyhow::Result<Self> {
+        let stat = rustix::fs::statvfs(target)
+            .with_context(|| format!("cannot read the free space of {}", target.display()))?;
+        Ok(Self {
+            files,
+            needed,
+            available: stat.f_bavail.saturating_mul(stat.f_frsize),
+            total: stat.f_blocks.saturating_mul(stat.f_frsize),
+        })
+    }
+
+    /// Room kept free beyond the round's own bytes: 2% of the filesystem (at most 1 GiB), plus 1 MiB
+    /// for folders and ferry's state.
+    pub(super) fn margin(&self) -> u64 {
+        (self.total / 50).min(1 << 30) + (1 << 20)
+    }
+
+    /// Why the round cannot start, if it cannot.
+    pub(super) fn refusal(&self, target: &Path) -> Option<String> {
+        let wanted = self.needed.saturating_add(self.margin());
+        (wanted > self.available).then(|| {
+            format!(
+                "not enough space in {}: the round writes {} files ({}), which needs {} with the margin, and {} is free; free some space or grow the filesystem, then run the round again",
+                target.display(),
+                crate::human::count(self.files),
+                crate::human::bytes(self.needed),
+                crate::human::bytes(wanted),
+                crate::human::bytes(self.available)
+            )
+        })
+    }
+}
+
+/// A dry run: asks for the chunks the round would need (the source sizes them instead of sending
+/// them), then says what the round would write.
+pub(super) fn plan_only(
+    steps: impl Iterator<Item = anyhow::Result<Step>>,
+    index: &ChunkIndex,
+    space: &Space,
+    send: &impl Fn(Message) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut planner = ferry_engine::Planner::default();
+    let mut needed = Vec::new();
+    let mut need_bytes = 0u64;
+    for step in steps {
+        let step = step?;
+        let Some(pair) = step.pair() else { continue };
+        for need in planner.plan(index, pair)? {
+            need_bytes += u64::from(need.chunk.len);
+            needed.push(NeedChunk { path: need.path, offset: need.offset, len: need.chunk.len, hash: need.chunk.hash });
+            if needed.len() == 4096 {
+                send(Message::Need(std::mem::take(&mut needed)))?;
+            }
+        }
+    }
+    if !needed.is_empty() {
+        send(Message::Need(needed))?;
+    }
+    send(Message::Planned(ferry_proto::Plan {
+        files: space.files,
+        need_bytes,
+        space_needed: space.needed.saturating_add(space.margin()),
+        space_available: space.available,
+    }))
+}
+
+/// The import command to run for this round, if any.
+pub(super) fn import_command(
+    job: &JobConfig,
+    mode: ferry_proto::ImportMode,
+    round: u64,
+) -> anyhow::Result<Option<Vec<String>>> {
+    use ferry_proto::ImportMode;
+    let command = match mode {
+        ImportMode::None => return Ok(None),
+        ImportMode::Default => job.import_cmd.as_ref(),
+        ImportMode::Full => {
+            Some(job.import_cmd.as_ref().ok_or_else(|| anyhow!("job {} has no import command on this node (ferry job set {} --import-cmd CMD)", job.name, job.name))?)
+        }
+        ImportMode::ProvisioningOnly => Some(job.import_provisioning_cmd.as_ref().ok_or_else(|| {
+            anyhow!("job {} has no provisioning-only import command on this node (ferry job set {} --import-provisioning-cmd CMD)", job.name, job.name)
+        })?),
+    };
+    command.map(|c| crate::config::import_argv(c, &job.path, &job.name, round)).transpose()
+}
+
+/// Whether a round ended because this node refused it (its reason went to the source as `Refused`).
+pub(super) fn is_refusal(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Refused>().is_some()
+}
+
+/// Runs `items` on a thread of its own, up to a few thousand items ahead of the caller. The thread
+/// stops when `items` ends or the returned iterator is dropped; if it fails, the last item says so
+/// (the items must never just stop short: a round would commit a manifest without the rest).
+pub(super) fn read_ahead<T: Send + 'static>(
+    items: impl Iterator<Item = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<impl Iterator<Item = anyhow::Result<T>>> {
+    const BATCH: usize = 1024;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<anyhow::Result<T>>>(4);
+    let reader = std::thread::Builder::new()
+        .name("ferry-manifests".into())
+        .spawn(move || {
+            let mut items = items.fuse();
+            loop {
+                let batch: Vec<_> = items.by_ref().take(BATCH).collect();
+                if batch.is_empty() || tx.send(batch).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("cannot start the thread that reads the manifests")?;
+    let mut reader = Some(reader);
+    Ok(rx.into_iter().flatten().chain(std::iter::from_fn(move || {
+        let failed = reader.take()?.join().is_err();
+        failed.then(|| Err(anyhow!("the thread reading the manifests failed")))
+    })))
+}
+
+/// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
+/// the changes are against the old manifest (an unlisted path is unchanged: a file or symlink is kept
+/// as it is stored, undecoded); otherwise they are the whole new manifest.
+pub(super) fn patch<'a>(
+    old: impl Iterator<Item = Result<Checked, RecordFileError>> + Send + 'a,
+    changes: RecordReader<Change>,
+    delta: bool,
+) -> impl Iterator<Item = anyhow::Result<Step>> + Send + 'a {
+    let steps = MergeJoin::new(old, changes).map(move |pair| {
+        let pair = pair?;
+        let pair = match (pair.old, pair.new) {
+            // A folder is decoded here, off the applying thread: the applier needs it whole.
+            (Some(old), None) if delta && old.found.is_none() && old.raw.kind() != EntryKind::Dir => {
+                return Ok(Step::Keep(old.raw));
+            }
+            // Unchanged at the source, not as ferry left it here: back to what the source has.
+            (Some(old), None) => Pair { new: if delta { Some(old.raw.decode()?) } else { None }, old: old.on_disk()? },
+            (old, Some(change)) => {
+                let committed = old.as_ref().map(|o| o.raw.decode()).transpose()?;
+                let old = old.as_ref().map(Checked::on_disk).transpose()?.flatten();
+                let new = match change.entry {
+                    Some(mut entry) => {
+                        if change.chunks_as_before {
+                            let Some(previous) =
+                                committed.as_ref().filter(|o| o.kind == EntryKind::File && o.size == entry.size)
+                            else {
+                                bail!("{}: sent as unchanged content, but this node has no such file", change.path);
+                            };
+                            entry.chunks.clone_from(&previous.chunks);
+                        }
+                        if entry.path != change.path {
+                            bail!("{}: change and entry disagree on the path", change.path);
+                        }
+                        Some(entry)
+                    }
+                    None => None,
+                };
+                Pair { old, new }
+            }
+            (None, None) => unreachable!("a merged pair has one side"),
+        };
+        Ok(Step::Apply(Box::new(pair)))
+    });
+    // Gone at the source and not ferry's here (missing, or someone else's): nothing to do.
+    steps.filter(|step| !matches!(step, Ok(Step::Apply(pair)) if pair.old.is_none() && pair.new.is_none()))
+}
+
+/// Records where the chunks of files already in `target` are, before a first round.
+pub(super) fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex) -> anyhow::Result<()> {
+    let (manifest, cache) = (state.join("existing.manifest"), state.join("existing.cache"));
+    let started = Instant::now();
+    let report = ferry_engine::scan(target, None, &manifest, &cache, &ScanOptions::default())?;
+    let mut batch = Vec::new();
+    for entry in ManifestReader::open(&manifest)? {
+        let entry = entry?;
+        let mut offset = 0u64;
+        for chunk in &entry.chunks {
+            batch.push((chunk.hash, ChunkLocation { path: entry.path.clone(), offset, len: chunk.len }));
+            offset += u64::from(chunk.len);
+        }
+        if batch.len() >= 50_000 {
+            index.insert(batch.iter().map(|(h, l)| (h, l)), false)?;
+            batch.clear();
+        }
+    }
+    index.insert(batch.iter().map(|(h, l)| (h, l)), true)?;
+    let _ = std::fs::remove_file(&manifest);
+    let _ = std::fs::remove_file(&cache);
+    if report.files > 0 {
+        tracing::info!(
+            "indexed {} files ({} bytes) already in {} in {:.1} s",
+            report.files,
+            report.file_bytes,
+            target.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_engine::{ChunkHash, ChunkRef, Entry};
+
+    fn file(path: &str, size: u64, seed: u8) -> Entry {
+        Entry {
+            mtime_ns: 1,
+            size,
+            chunks: vec![ChunkRef { hash: ChunkHash::of(&[seed]), len: size as u32 }],
+            ..Entry::new(ferry_engine::RelPath::new(path.as_bytes().to_vec()).unwrap(), EntryKind::File)
+        }
+    }
+
+    /// The committed manifest at `manifest`, with the check having found everything as ferry left it.
+    fn as_found(manifest: &Path) -> impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<> {
+        ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(Checked::from))
+    }
+
+    #[test]
+    fn an_entry_the_check_found_missing_or_changed_is_applied_again_though_the_source_did_not_change_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (manifest, changes) = (dir.path().join("manifest"), dir.path().join("changes"));
+        let mut old = ManifestWriter::create(&manifest).unwrap();
+        for entry in [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("d", 400, 4)] {
+            old.push(&entry).unwrap();
+        }
+        old.finish().unwrap();
+        RecordWriter::<Change>::create(&changes).unwrap().finish().unwrap();
+        let found = |path: &str| match path {
+            "a" => Some(ferry_engine::Found::Missing),
+            "b" => Some(ferry_engine::Found::Changed("edited".into())),
+            "c" => Some(ferry_engine::Found::Foreign("replaced".into())),
+            _ => None,
+        };
+        let checked = ManifestReader::open(&manifest)
+            .unwrap()
+            .raw()
+            .map(|raw| raw.map(|raw| Checked { found: found(&raw.path().to_string()), raw }));
+        let steps: Vec<Step> =
+            patch(checked, RecordReader::open(&changes).unwrap(), true).map(Result::unwrap).collect();
+        let described: Vec<String> = steps
+            .iter()
+            .map(|step| match step {
+                Step::Keep(raw) => format!("keep {}", raw.path()),
+                Step::Apply(pair) => format!(
+                    "{}: old {:?}, new size {:?}",
+                    pair.path(),
+                    pair.old.as_ref().map(|o| o.size),
+                    pair.new.as_ref().map(|n| n.size)
+                ),
+            })
+            .collect();
+        // a is made again, b written again whole (its old content unknown), c is the administrator's
+        // now (the apply leaves it alone), d stays.
+        assert_eq!(
+            described,
+            [
+                "a: old None, new size Some(100)",
+                "b: old Some(0), new size Some(200)",
+                "c: old None, new size Some(300)",
+                "keep d"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_space_of_changes_is_the_space_of_the_merged_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let (manifest, changes) = (dir.path().join("manifest"), dir.path().join("changes"));
+        let mut old = ManifestWriter::create(&manifest).unwrap();
+        for entry in [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("e", 500, 5)] {
+            old.push(&entry).unwrap();
+        }
+        old.finish().unwrap();
+        // a: new content; b: only its mtime (chunks as before); c: unchanged; d: new; e: removed.
+        let mut b = file("b", 200, 2);
+        b.mtime_ns = 2;
+        b.chunks.clear();
+        let listed = [
+            Change { path: file("a", 0, 0).path, entry: Some(file("a", 150, 9)), chunks_as_before: false },
+            Change { path: b.path.clone(), entry: Some(b), chunks_as_before: true },
+            Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), chunks_as_before: false },
+            Change { path: file("e", 0, 0).path, entry: None, chunks_as_before: false },
+        ];
+        let mut writer = RecordWriter::<Change>::create(&changes).unwrap();
+        for change in &listed {
+            writer.push(change).unwrap();
+        }
+        writer.finish().unwrap();
+
+        // Only c, which no change lists, is kept as it is stored.
+        let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
+        let kept: Vec<String> = merged
+            .map(Result::unwrap)
+            .filter_map(|step| match step {
+                Step::Keep(raw) => Some(raw.path().to_string()),
+                Step::Apply(_) => None,
+            })
+            .collect();
+        assert_eq!(kept, ["c"]);
+        let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
+        let by_pairs = Space::of_round(merged, dir.path()).unwrap();
+        let by_changes = Space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
+        assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));
+        assert_eq!((by_changes.files, by_changes.needed), (by_pairs.files, by_pairs.needed));
+    }
+
+    #[test]
+    fn read_ahead_yields_every_item_in_order() {
+        let got: Vec<u32> = read_ahead((0..5000u32).map(Ok)).unwrap().collect::<anyhow::Result<_>>().unwrap();
+        assert_eq!(got, (0..5000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn read_ahead_ends_with_an_error_when_its_thread_fails() {
+        let items = (0..3000u32).map(|i| if i == 2500 { panic!("a reader bug") } else { Ok(i) });
+        let got: Vec<anyhow::Result<u32>> = read_ahead(items).unwrap().collect();
+        assert!(got.len() <= 2501, "{} items", got.len());
+        assert!(got.last().is_some_and(|last| last.is_err()), "the items stopped short without an error");
+    }
+}

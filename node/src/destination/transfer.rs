@@ -1,0 +1,217 @@
+//! The transfer: planning entries, asking for their chunks, applying them as they come, flushing.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use ferry_engine::{Applier, ChunkHash, Step, lap};
+use ferry_proto::window::StallTimer;
+use ferry_proto::{Message, NeedChunk};
+use tokio::sync::mpsc;
+
+use super::window::{WINDOW_MAX, Waiting, Window, stalled};
+
+/// Applied chunk bytes that make a flush due before its time (so that a fast transfer does not wait
+/// for the clock to free memory).
+pub(super) const FLUSH_BYTES: u64 = 16 << 20;
+
+/// How often a flush begins. What was applied is durable by the next one, so a crash of this node
+/// costs at most about twice this of the transfer.
+pub(super) const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// How many entries wait for their chunks at most.
+pub(super) const WINDOW_ENTRIES: usize = 20_000;
+
+/// How the transfer ended.
+pub(super) enum TransferEnd {
+    /// Every entry was applied.
+    Complete,
+    /// The source stopped the round (its deadline) after sending what it had started.
+    Stopped(String),
+    /// The connection or the source failed; what arrived was applied.
+    Cut(String),
+}
+
+/// The transfer, streamed: entries are planned ahead and their chunks asked for while at most
+/// `WINDOW_MAX` bytes (and `WINDOW_ENTRIES` entries) are in memory, asked for and not yet flushed; each entry is
+/// applied, in order, as soon as its chunks are in; every `FLUSH_EVERY` what was applied begins its way
+/// to the disk (`begin_flush`), and its chunks leave memory once it is durable, at the next flush. A stop or a
+/// cut keeps everything applied so far.
+pub(super) fn transfer(
+    applier: &mut Applier<'_>,
+    mut steps: impl Iterator<Item = anyhow::Result<Step>>,
+    send: &impl Fn(Message) -> anyhow::Result<()>,
+    inbox: &mut mpsc::Receiver<Message>,
+    window: &Window,
+    stall_timeout: Duration,
+) -> anyhow::Result<TransferEnd> {
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut outstanding = 0u64;
+    let mut planned_all = false;
+    let (mut applied, mut applied_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
+    // Applied before the last flush began, durable once the next one begins.
+    let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
+    let mut last_flush = Instant::now();
+    let mut stall = StallTimer::new(stall_timeout);
+    stall.restart(0, Instant::now());
+    let mut spent = Spent::default();
+    let end = loop {
+        // Plan ahead and ask.
+        let mut needs = Vec::new();
+        let mut clock = Instant::now();
+        while !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
+            let Some(step) = steps.next() else {
+                planned_all = true;
+                break;
+            };
+            let step = step?;
+            let (mut hashes, mut bytes) = (Vec::new(), 0u64);
+            let planned = match step.pair() {
+                Some(pair) => applier.plan(pair)?,
+                None => Vec::new(),
+            };
+            for need in planned {
+                bytes += u64::from(need.chunk.len);
+                hashes.push(need.chunk.hash);
+                needs.push(NeedChunk {
+                    path: need.path,
+                    offset: need.offset,
+                    len: need.chunk.len,
+                    hash: need.chunk.hash,
+                });
+            }
+            outstanding += bytes;
+            waiting.push_back(Waiting { step, hashes, ready: 0, bytes });
+        }
+        window.want(needs.iter().map(|n| n.hash));
+        for part in needs.chunks(4096) {
+            send(Message::Need(part.to_vec()))?;
+        }
+        spent.planning += lap(&mut clock);
+        if let Some(end) = source_messages(inbox, window)? {
+            break end;
+        }
+        // Apply what is ready, in order. A large file is applied as its chunks arrive: the applier
+        // writes each one as soon as it is in (and waits for the next), so that the file is written
+        // and synced while the rest of it is on the way, and its chunks do not pile up here.
+        // The loop yields when a flush is due: while chunks come as fast as they are applied, what was
+        // applied must still become durable and leave the window, and more be asked for, or the
+        // window runs dry and the link idles (for seconds, on the WAN bench).
+        // A due flush waits for the batch before it to be durable; while that one is still syncing,
+        // the loop applies on instead of waiting (the window still bounds what is applied).
+        let mut progressed = false;
+        let flush_due = |last_flush: Instant, applied_bytes: u64| {
+            last_flush.elapsed() > FLUSH_EVERY || applied_bytes >= FLUSH_BYTES
+        };
+        while (!flush_due(last_flush, applied_bytes) || applier.is_syncing())
+            && waiting.front_mut().is_some_and(|w| window.can_apply(w))
+        {
+            let Some(entry) = waiting.pop_front() else { break };
+            applied_bytes += entry.bytes;
+            applied.extend(entry.hashes);
+            applier.step(entry.step)?;
+            progressed = true;
+        }
+        spent.applying += lap(&mut clock);
+        // A large file's wait ends early when the data streams fail or nothing comes for the stall
+        // deadline: the round is cut there, not counted complete without that file.
+        if let Some(error) = window.error() {
+            // A `Failed` from the source also fails the window: its own words end the round.
+            break source_messages(inbox, window)?
+                .unwrap_or_else(|| TransferEnd::Cut(format!("receiving chunks failed: {error}")));
+        }
+        // Applied chunks stay in memory (and count) until they are durable in the target: the flush
+        // begun here makes what the previous one began durable, while the disk syncs this one.
+        let idle = !waiting.front_mut().is_some_and(|w| window.can_apply(w));
+        if flush_due(last_flush, applied_bytes) && (idle || !applier.is_syncing()) {
+            applier.begin_flush()?;
+            window.forget(&syncing);
+            outstanding -= syncing_bytes;
+            syncing = std::mem::take(&mut applied);
+            syncing_bytes = std::mem::take(&mut applied_bytes);
+            last_flush = Instant::now();
+            spent.flushing += lap(&mut clock);
+        }
+        if planned_all && waiting.is_empty() {
+            break TransferEnd::Complete;
+        }
+        // Wait for chunks, unless some are ready (the loop above yielded) or there is room to plan more.
+        let ready = waiting.front_mut().is_some_and(|w| window.can_apply(w));
+        if ready || (progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES) {
+            continue;
+        }
+        let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+        if let Some(error) = &state.error {
+            break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
+        }
+        let seen = window.progress(&state);
+        if progressed {
+            stall.restart(seen, Instant::now());
+        } else if stall.observe(seen, Instant::now()) {
+            break TransferEnd::Cut(stalled(stall_timeout));
+        }
+        let _ = window
+            .changed
+            .wait_timeout(state, Duration::from_millis(200))
+            .map_err(|_| anyhow!("window lock poisoned"))?;
+        spent.waiting += lap(&mut clock);
+    };
+    // What arrived before a stop or a cut: the entries whose chunks are all in, then durable.
+    while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
+        let Some(entry) = waiting.pop_front() else { break };
+        applier.step(entry.step)?;
+    }
+    let mut clock = Instant::now();
+    applier.flush_batch()?;
+    spent.flushing += lap(&mut clock);
+    tracing::debug!(
+        "transfer: {:.2} s planning (reading the manifests, looking chunks up), {:.2} s applying, {:.2} s flushing \
+         (waiting for a batch's files to be made and synced, naming them into place), {:.2} s waiting for chunks",
+        spent.planning.as_secs_f64(),
+        spent.applying.as_secs_f64(),
+        spent.flushing.as_secs_f64(),
+        spent.waiting.as_secs_f64()
+    );
+    Ok(end)
+}
+
+/// Where the transfer's thread spent its time, for the debug log: in which part of its loop.
+#[derive(Default)]
+pub(super) struct Spent {
+    pub(super) planning: Duration,
+    pub(super) applying: Duration,
+    pub(super) flushing: Duration,
+    pub(super) waiting: Duration,
+}
+
+/// Handles what the source sent on the control stream during the transfer: a stop, a failure. (Chunks
+/// it cannot read go straight to the window, see `round`.)
+pub(super) fn source_messages(
+    inbox: &mut mpsc::Receiver<Message>,
+    window: &Window,
+) -> anyhow::Result<Option<TransferEnd>> {
+    let message = match inbox.try_recv() {
+        Ok(message) => message,
+        Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+        Err(mpsc::error::TryRecvError::Disconnected) => {
+            return Ok(Some(TransferEnd::Cut("the connection closed during the transfer".into())));
+        }
+    };
+    match message {
+        Message::Stop { reason, batches } => {
+            // The batches the source sent before stopping are on their way on other streams.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+            while state.ledger.batches() < batches && state.error.is_none() && Instant::now() < deadline {
+                state = window
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(200))
+                    .map_err(|_| anyhow!("window lock poisoned"))?
+                    .0;
+            }
+            Ok(Some(TransferEnd::Stopped(reason)))
+        }
+        Message::Failed { reason } => Ok(Some(TransferEnd::Cut(format!("the source gave up: {reason}")))),
+        other => bail!("unexpected {other:?} during the transfer"),
+    }
+}

@@ -1,0 +1,371 @@
+//! The destination's window: the chunks asked for and in flight, where their bytes wait (memory, the
+//! spill file, the file being built), and the data streams that fill it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_engine::{ChunkBuf, ChunkHash, ChunkRef, ChunkSource, Entry, FetchError, Fetched, LARGE_FILE, Step};
+use ferry_proto::Message;
+use ferry_proto::window::{Arrival, Ledger, StallTimer, WindowEnd};
+
+use crate::net::FrameReader;
+
+/// How many chunk bytes a round holds in memory at most: asked for and not yet applied, or applied and
+/// not yet flushed (48 MiB is about a bandwidth-delay product of 1 Gbit/s at 400 ms).
+pub(super) const WINDOW_MAX: u64 = 48 << 20;
+
+/// The chunks of the window in flight, shared between the network tasks and the round thread.
+#[derive(Default)]
+pub(super) struct Window {
+    pub(super) state: Mutex<WindowState>,
+    pub(super) changed: Condvar,
+    /// Bytes read from the data streams, whole batches or not: under a slow limit one batch takes
+    /// longer than the stall timeout, and its bytes show that the source is alive.
+    pub(super) bytes_arrived: Arc<AtomicU64>,
+}
+
+/// Where an arrived chunk waits: in memory, or (past [`WINDOW_MAX`] in memory, which only a file
+/// larger than the window reaches) in the spill file.
+pub(super) enum Stored {
+    Memory(Bytes),
+    Spilled {
+        offset: u64,
+        len: u32,
+    },
+    /// Written into a large file being built (see `ChunkSource::written`).
+    Written {
+        file: Arc<std::fs::File>,
+        offset: u64,
+        len: u32,
+    },
+}
+
+/// The spill file: created on first use, emptied when nothing in it is waiting any more.
+#[derive(Default)]
+pub(super) struct Spill {
+    pub(super) dir: PathBuf,
+    pub(super) file: Option<std::fs::File>,
+    pub(super) end: u64,
+    pub(super) waiting: usize,
+}
+
+impl Spill {
+    pub(super) fn put(&mut self, data: &[u8]) -> std::io::Result<Stored> {
+        use std::os::unix::fs::FileExt;
+        if self.file.is_none() {
+            std::fs::create_dir_all(&self.dir)?;
+            self.file = Some(tempfile::tempfile_in(&self.dir)?);
+        }
+        let Some(file) = &self.file else { unreachable!("created above") };
+        file.write_all_at(data, self.end)?;
+        let stored = Stored::Spilled { offset: self.end, len: data.len() as u32 };
+        self.end += data.len() as u64;
+        self.waiting += 1;
+        Ok(stored)
+    }
+
+    pub(super) fn release(&mut self) {
+        self.waiting = self.waiting.saturating_sub(1);
+        if self.waiting == 0 && self.end > 0 {
+            if let Some(file) = &self.file {
+                let _ = file.set_len(0);
+            }
+            self.end = 0;
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct WindowState {
+    /// What was asked for, what will not come, what came unasked, whether the source stopped.
+    pub(super) ledger: Ledger,
+    pub(super) chunks: HashMap<ChunkHash, Stored>,
+    /// Bytes of `chunks` in memory.
+    pub(super) memory: u64,
+    pub(super) spill: Spill,
+    /// Set when the data streams fail, or the source floods the window.
+    pub(super) error: Option<String>,
+}
+
+pub(super) async fn receive_chunks(
+    connection: quinn::Connection,
+    window: Arc<Window>,
+    limiter: Option<crate::limit::Limiter>,
+) {
+    loop {
+        let stream = match connection.accept_uni().await {
+            Ok(stream) => stream,
+            Err(e) => return window.fail(format!("the connection ended: {e}")),
+        };
+        let window = window.clone();
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::counting(stream, window.bytes_arrived.clone());
+            let mut decompressor = match zstd::bulk::Decompressor::new() {
+                Ok(d) => d,
+                Err(e) => {
+                    window.fail(format!("zstd: {e}"));
+                    return;
+                }
+            };
+            loop {
+                match reader.next().await {
+                    Ok(Some(Message::ChunkBatch(batch))) => {
+                        if let Some(limiter) = &limiter {
+                            let cost = batch.payload.len() as u64 + 40 * batch.chunks.len() as u64;
+                            if let Err(e) = limiter.acquire(cost).await {
+                                return window.fail(format!("{e:#}"));
+                            }
+                        }
+                        match crate::chunks::decode_batch(batch, &mut decompressor) {
+                            Ok((good, bad)) => window.arrive(good, bad),
+                            Err(e) => return window.fail(e.to_string()),
+                        }
+                    }
+                    Ok(None) => return,
+                    Ok(Some(other)) => return window.fail(format!("unexpected message on a data stream: {other:?}")),
+                    Err(e) => return window.fail(format!("{e:#}")),
+                }
+            }
+        });
+    }
+}
+
+impl Window {
+    pub(super) fn spilling_into(dir: PathBuf) -> Self {
+        let window = Self::default();
+        if let Ok(mut state) = window.state.lock() {
+            state.spill.dir = dir;
+        }
+        window
+    }
+
+    /// Records that `hashes` were asked for.
+    pub(super) fn want(&self, hashes: impl IntoIterator<Item = ChunkHash>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.ledger.want(hashes);
+        }
+    }
+
+    pub(super) fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
+        if let Ok(mut state) = self.state.lock() {
+            let damaged = bad.iter().filter(|h| state.ledger.damaged(h)).count();
+            if damaged > 0 {
+                tracing::warn!(
+                    "{damaged} chunks arrived damaged (hash mismatch); their files are left for the next round"
+                );
+            }
+            for (hash, data) in good {
+                let held = state.chunks.contains_key(&hash);
+                if state.ledger.arrive(&hash, data.len() as u64, held) == Arrival::Keep {
+                    let stored = if state.memory + data.len() as u64 <= WINDOW_MAX {
+                        state.memory += data.len() as u64;
+                        Stored::Memory(data)
+                    } else {
+                        match state.spill.put(&data) {
+                            Ok(stored) => stored,
+                            Err(e) => {
+                                state.error = Some(format!("cannot keep a chunk in the spill file: {e}"));
+                                break;
+                            }
+                        }
+                    };
+                    state.chunks.insert(hash, stored);
+                }
+            }
+            if let Some(WindowEnd::Flooded(bytes)) = state.ledger.end()
+                && state.error.is_none()
+            {
+                let text =
+                    format!("the source sent {} of chunks this node did not ask for", crate::human::bytes(bytes));
+                state.error = Some(text);
+            }
+            state.ledger.batch_received();
+            self.changed.notify_all();
+        }
+    }
+
+    /// Drops chunks that are now in the target and its index.
+    pub(super) fn forget(&self, hashes: &[ChunkHash]) {
+        if let Ok(mut state) = self.state.lock() {
+            for hash in hashes {
+                match state.chunks.remove(hash) {
+                    Some(Stored::Memory(data)) => state.memory -= data.len() as u64,
+                    Some(Stored::Spilled { .. }) => state.spill.release(),
+                    Some(Stored::Written { .. }) | None => {}
+                }
+                state.ledger.forget(hash);
+            }
+        }
+    }
+
+    /// Whether `waiting` can be applied now: once its chunks are in, or, a large file, as they arrive.
+    pub(super) fn can_apply(&self, waiting: &mut Waiting) -> bool {
+        waiting.bytes >= LARGE_FILE || self.holds_all(waiting)
+    }
+
+    /// True when every one of `waiting`'s chunks has arrived or is known missing. Resumes where the
+    /// last call stopped (a chunk that arrived stays until its entry is applied), so that a file of
+    /// many chunks costs one look per chunk, not one per arrival.
+    pub(super) fn holds_all(&self, waiting: &mut Waiting) -> bool {
+        let Ok(state) = self.state.lock() else { return false };
+        while let Some(hash) = waiting.hashes.get(waiting.ready) {
+            if !(state.chunks.contains_key(hash) || state.ledger.is_missing(hash)) {
+                return false;
+            }
+            waiting.ready += 1;
+        }
+        true
+    }
+
+    pub(super) fn fail(&self, error: String) {
+        if let Ok(mut state) = self.state.lock() {
+            state.error = Some(error);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Why the data streams failed, if they did.
+    pub(super) fn error(&self) -> Option<String> {
+        self.state.lock().map_or_else(|_| Some("window lock poisoned".into()), |state| state.error.clone())
+    }
+
+    /// The source said it cannot send these chunks.
+    pub(super) fn missing(&self, hashes: Vec<ChunkHash>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.ledger.source_missing(hashes);
+            self.changed.notify_all();
+        }
+    }
+
+    /// What changes while the source is alive: bytes on the data streams, chunks it cannot send,
+    /// notices that it is paused. The stall timers watch this.
+    pub(super) fn progress(&self, state: &WindowState) -> u64 {
+        self.bytes_arrived.load(Ordering::Relaxed) + state.ledger.events()
+    }
+
+    /// The source says its bandwidth limit pauses it: not stalled.
+    pub(super) fn paused(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.ledger.paused();
+            self.changed.notify_all();
+        }
+    }
+
+    /// The source stopped after sending `batches` batches.
+    pub(super) fn stopped(&self, batches: u64) {
+        if let Ok(mut state) = self.state.lock() {
+            state.ledger.stopped(batches);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until `hash`, if it was asked for and has not come yet, arrives or cannot come any more
+    /// (missing, the data streams failed, the source stopped, or nothing came for `stall_timeout`).
+    pub(super) fn wait_for<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, WindowState>,
+        hash: &ChunkHash,
+        stall_timeout: Duration,
+    ) -> Result<std::sync::MutexGuard<'a, WindowState>, FetchError> {
+        let poisoned = || FetchError("window lock poisoned".into());
+        let mut stall = StallTimer::new(stall_timeout);
+        stall.observe(self.progress(&state), Instant::now());
+        while state.ledger.is_wanted(hash) && state.error.is_none() {
+            if let Some(end @ WindowEnd::Stopped) = state.ledger.end() {
+                return Err(FetchError(end.to_string()));
+            }
+            if stall.observe(self.progress(&state), Instant::now()) {
+                let error = stalled(stall_timeout);
+                state.error = Some(error.clone());
+                self.changed.notify_all();
+                return Err(FetchError(error));
+            }
+            state = self.changed.wait_timeout(state, Duration::from_millis(200)).map_err(|_| poisoned())?.0;
+        }
+        Ok(state)
+    }
+}
+
+/// Serves `Applier` the window's chunks. A large file is applied as its chunks arrive: a chunk asked
+/// for and not yet arrived is waited for.
+pub(super) struct WindowSource {
+    pub(super) window: Arc<Window>,
+    pub(super) stall_timeout: Duration,
+}
+
+impl ChunkSource for WindowSource {
+    fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut ChunkBuf) -> Result<Fetched, FetchError> {
+        let state = self.window.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
+        let state = self.window.wait_for(state, &chunk.hash, self.stall_timeout)?;
+        if let Some(error) = &state.error {
+            return Err(FetchError(format!("receiving chunks failed: {error}")));
+        }
+        let stored = state.chunks.get(&chunk.hash).ok_or_else(|| {
+            FetchError("the source could not send this chunk (the file changed since its scan)".into())
+        })?;
+        match stored {
+            // Hashed by `decode_batch` as it arrived, and held in memory since: shared, not copied.
+            Stored::Memory(data) => {
+                out.share(data.clone());
+                Ok(Fetched::Verified)
+            }
+            Stored::Spilled { offset, len } => {
+                let file = state.spill.file.as_ref().ok_or_else(|| FetchError("the spill file is gone".into()))?;
+                read_back(file, *offset, *len, out.owned())
+                    .map_err(|e| FetchError(format!("reading the spill file: {e}")))
+            }
+            Stored::Written { file, offset, len } => read_back(file, *offset, *len, out.owned())
+                .map_err(|e| FetchError(format!("reading back a chunk of a file being built: {e}"))),
+        }
+    }
+
+    fn written(&mut self, hash: &ChunkHash, file: &Arc<std::fs::File>, offset: u64) {
+        let Ok(mut state) = self.window.state.lock() else { return };
+        let state = &mut *state;
+        let Some(stored) = state.chunks.get_mut(hash) else { return };
+        let len = match stored {
+            Stored::Memory(data) => {
+                state.memory -= data.len() as u64;
+                data.len() as u32
+            }
+            Stored::Spilled { len, .. } => {
+                let len = *len;
+                state.spill.release();
+                len
+            }
+            Stored::Written { .. } => return,
+        };
+        *stored = Stored::Written { file: file.clone(), offset, len };
+    }
+
+    fn holds(&mut self, hash: &ChunkHash) -> bool {
+        self.window.state.lock().is_ok_and(|state| state.chunks.contains_key(hash))
+    }
+}
+
+/// Reads a chunk back from a file it was written to: the applier checks it again.
+pub(super) fn read_back(file: &std::fs::File, offset: u64, len: u32, out: &mut Vec<u8>) -> std::io::Result<Fetched> {
+    use std::os::unix::fs::FileExt;
+    out.resize(len as usize, 0);
+    file.read_exact_at(out, offset)?;
+    Ok(Fetched::Unchecked)
+}
+
+/// An entry waiting for the chunks it asked for.
+pub(super) struct Waiting {
+    pub(super) step: Step,
+    pub(super) hashes: Vec<ChunkHash>,
+    /// How many of `hashes`, from the start, are known to be in (see [`Window::holds_all`]).
+    pub(super) ready: usize,
+    pub(super) bytes: u64,
+}
+
+/// Why a transfer ended when nothing came for `stall_timeout`.
+pub(super) fn stalled(stall_timeout: Duration) -> String {
+    format!("no chunk arrived for {} s", stall_timeout.as_secs())
+}
