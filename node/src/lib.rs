@@ -21,8 +21,8 @@ mod limit;
 mod local;
 mod lossy;
 mod net;
-mod push;
 mod refused;
+mod source;
 pub mod status;
 pub mod verify;
 
@@ -30,11 +30,11 @@ pub use demo::{DemoOptions, run_demo};
 pub use destination::{Daemon, serve};
 pub use local::{LocalSyncOptions, run_local_sync};
 pub use net::Congestion;
-pub use push::{
+pub use refused::Refused;
+pub use source::{
     DryRunReport, PushOptions, PushReport, REPORT_SCHEMA, StoppedAtDeadline, Unreachable, dry_run, print_dry_run,
     print_push_report, push,
 };
-pub use refused::Refused;
 
 /// Exit codes, stable and documented in README.md.
 pub mod exit {

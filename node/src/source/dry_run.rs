@@ -1,0 +1,159 @@
+//! `sync --dry-run`: what a round would send, and how long that would take.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_proto::Message;
+use serde::Serialize;
+use tracing::Instrument;
+
+use super::changes::{ListPause, send_all_changes};
+use super::chunk_reader::estimate_chunks;
+use super::options::PushOptions;
+use super::prepare::{prepare, timetable};
+use super::report::{REPORT_SCHEMA, print_json};
+use super::round::open_session;
+use super::session::why_closed;
+use crate::config::ConfigDir;
+use crate::net::{self};
+use crate::refused::Refused;
+
+/// What `sync --round JOB --dry-run` found (`--json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    /// [`REPORT_SCHEMA`].
+    pub schema: u32,
+    /// The job.
+    pub job: String,
+    /// Entries in the tree.
+    pub entries: u64,
+    /// Changes the round would send.
+    pub changes: u64,
+    /// Files the destination would write.
+    pub files: u64,
+    /// Bytes of the files whose content changed (before deduplication).
+    pub changed_bytes: u64,
+    /// Chunk bytes the destination lacks (after deduplication).
+    pub need_bytes: u64,
+    /// The estimate of everything the round would put on the network, both directions.
+    pub bytes_on_wire: u64,
+    /// Seconds the transfer would take under the bandwidth timetable, when the limits decide it.
+    pub seconds: Option<u64>,
+    /// When it would be done (local time, RFC 3339), when the limits decide it.
+    pub done_at: Option<String>,
+    /// The schedule in words ("done Thu 04:10 at the current schedule", "paused for good", ...).
+    pub schedule: String,
+    /// Disk space the round needs on the destination (with the margin) and what is free there.
+    pub space_needed: u64,
+    /// Free space on the destination.
+    pub space_available: u64,
+    /// Wall time of the dry run, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// `sync --round JOB --dry-run`: scans, exchanges manifests, lets the destination plan, and sizes what
+/// it asks for (read and compressed here, not sent). Nothing is written on the destination.
+pub async fn dry_run(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<DryRunReport> {
+    let span = tracing::info_span!("dry-run", job = %options.job, round = tracing::field::Empty);
+    dry_run_in_span(config_dir, options).instrument(span).await
+}
+
+pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<DryRunReport> {
+    let started = Instant::now();
+    let options = PushOptions { dry_run: true, ..options.clone() };
+    let prepared = prepare(config_dir, &options).await?;
+    let timetable = timetable(config_dir, &options, &prepared.job.name)?;
+    let mut session = open_session(&prepared, &options).await?;
+    // A dry run moves no chunks; its list of changes is what it puts on the network.
+    // A pause does not hold it: the operator asked for the plan now, and the list is all it sends.
+    let limiter = crate::limit::Limiter::new(timetable.clone());
+    let (changes, positions) = send_all_changes(&prepared, &mut session, &limiter, ListPause::LetsThrough).await?;
+    let changed_bytes = positions.total;
+    let mut payload = 0u64;
+    let plan = loop {
+        match session.reader.next().await? {
+            Some(Message::Need(chunks)) => {
+                let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
+                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled, &chunks))
+                    .await
+                    .context("sizing chunks panicked")??;
+            }
+            Some(Message::Planned(plan)) => break plan,
+            Some(Message::Notice { text }) => tracing::warn!("{}: {text}", prepared.peer.name),
+            Some(Message::Refused { refusal, reason }) => return Err(Refused::new(refusal, reason).into()),
+            Some(other) => bail!("unexpected {other:?} from {} during a dry run", prepared.peer.name),
+            None => bail!("{} ended the dry run: {}", prepared.peer.name, why_closed(&session.connection).await),
+        }
+    };
+    let stats = session.connection.stats();
+    session.connection.close(net::close::DONE.into(), b"dry run over");
+    // What this connection carried (the manifest exchange and the requests, which the real round
+    // repeats) plus the chunk payload with QUIC's framing and acknowledgements (about 3%, measured).
+    let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes + payload + payload * 3 / 100;
+    let chunk_wire = payload + payload * 3 / 100;
+    let (seconds, done_at, schedule) = finish_time(&timetable, chunk_wire);
+    Ok(DryRunReport {
+        schema: REPORT_SCHEMA,
+        job: prepared.job.name.clone(),
+        entries: prepared.scanned.entries,
+        changes,
+        files: plan.files,
+        changed_bytes,
+        need_bytes: plan.need_bytes,
+        bytes_on_wire,
+        seconds,
+        done_at,
+        schedule,
+        space_needed: plan.space_needed,
+        space_available: plan.space_available,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// When sending `bytes` from now would be done under `timetable`.
+pub(super) fn finish_time(timetable: &ferry_engine::Timetable, bytes: u64) -> (Option<u64>, Option<String>, String) {
+    let now = jiff::ZonedDateTime::now();
+    let at = |seconds: u64| now.checked_add(jiff::SignedDuration::from_secs(seconds as i64)).ok();
+    match timetable.time_to_send(bytes, crate::limit::second_of_week_now()) {
+        ferry_engine::SendTime::Limited { seconds } => {
+            let done = at(seconds);
+            let when = done.as_ref().map(|d| d.strftime("%a %H:%M").to_string()).unwrap_or_default();
+            let schedule = format!(
+                "done {when} at the current schedule ({})",
+                crate::human::duration(Duration::from_secs(seconds))
+            );
+            (Some(seconds), done.map(|d| d.to_string()), schedule)
+        }
+        ferry_engine::SendTime::AtLinkSpeed { after: 0 } => {
+            (None, None, "no bandwidth limit now: as fast as the link allows".to_owned())
+        }
+        ferry_engine::SendTime::AtLinkSpeed { after } => {
+            let when = at(after).map(|d| d.strftime("%a %H:%M").to_string()).unwrap_or_default();
+            (None, None, format!("not done before {when}; from then on there is no limit and the link decides"))
+        }
+        ferry_engine::SendTime::Never => (None, None, "never: the timetable pauses the transfer for good".to_owned()),
+    }
+}
+
+/// Prints a dry run's report: one JSON object, or a summary for people.
+pub fn print_dry_run(report: &DryRunReport, json: bool) {
+    if json {
+        return print_json(report);
+    }
+    println!(
+        "dry run of {}: {} changes, {} files to write ({} of changed files, {} after deduplication)",
+        report.job,
+        crate::human::count(report.changes),
+        crate::human::count(report.files),
+        crate::human::bytes(report.changed_bytes),
+        crate::human::bytes(report.need_bytes)
+    );
+    println!("  needs {} on the wire, {}", crate::human::bytes(report.bytes_on_wire), report.schedule);
+    println!(
+        "  destination space: needs {}, {} free{}",
+        crate::human::bytes(report.space_needed),
+        crate::human::bytes(report.space_available),
+        if report.space_needed > report.space_available { ": THE ROUND WOULD BE REFUSED" } else { "" }
+    );
+    println!("  nothing was written");
+}

@@ -1,0 +1,91 @@
+//! Progress lines while a round runs without a terminal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Progress while chunks flow: a live line on a terminal, a log line every `interval` otherwise (cron,
+/// systemd), with the rate and an estimate of the time left.
+pub(super) fn spawn_progress(
+    counters: Arc<Counters>,
+    connection: quinn::Connection,
+    limiter: crate::limit::Limiter,
+    interval: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    use std::io::IsTerminal;
+    crate::spawn_in_span(async move {
+        let started = Instant::now();
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar
+        });
+        let period = if bar.is_some() { Duration::from_millis(250) } else { interval };
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = &mut stop => break,
+            }
+            let stats = connection.stats();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            // A rate and a time left would be the pause's average, not what comes when it ends.
+            let line = if limiter.is_paused() {
+                format!(
+                    "paused by the bandwidth limit: sent {} of chunks, {} on the wire so far",
+                    crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
+                    crate::human::bytes(stats.udp_tx.bytes),
+                )
+            } else {
+                format!(
+                    "sent {} of chunks, {} on the wire, {}/s{}",
+                    crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
+                    crate::human::bytes(stats.udp_tx.bytes),
+                    crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64),
+                    eta(
+                        counters.covered.load(Ordering::Relaxed),
+                        counters.changed.load(Ordering::Relaxed),
+                        started.elapsed()
+                    )
+                )
+            };
+            match &bar {
+                Some(bar) => bar.set_message(line),
+                None => tracing::info!("{line}"),
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+    })
+}
+
+/// "; 40% of the changed data, about 1h 20m left": how far the chunks read are into the changed files,
+/// and that pace kept up. Empty until there is something to go by.
+pub(super) fn eta(covered: u64, changed: u64, elapsed: Duration) -> String {
+    if covered == 0 || changed == 0 || elapsed < Duration::from_secs(3) {
+        return String::new();
+    }
+    let done = (covered as f64 / changed as f64).min(1.0);
+    let left = elapsed.as_secs_f64() * (1.0 - done) / done;
+    format!(
+        "; {:.0}% of the changed data, about {} left",
+        done * 100.0,
+        crate::human::duration(Duration::from_secs(left.round() as u64))
+    )
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) chunks: AtomicU64,
+    pub(super) bytes: AtomicU64,
+    /// Chunk bytes handed to the data streams (the two above count what was read).
+    pub(super) sent_bytes: AtomicU64,
+    /// How far into the changed bytes the chunks sent have gone (see [`Positions`]).
+    pub(super) covered: AtomicU64,
+    /// The changed bytes of the round.
+    pub(super) changed: AtomicU64,
+}

@@ -1,0 +1,143 @@
+//! The source's report of a round, for people and as JSON.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The version of the `--json` reports' layout: it changes only when a field changes meaning or goes
+/// away (new fields may appear without it).
+pub const REPORT_SCHEMA: u32 = 1;
+
+/// The report of a network round (`--json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    /// [`REPORT_SCHEMA`].
+    pub schema: u32,
+    /// The job.
+    pub job: String,
+    /// The round now committed on the destination.
+    pub round: u64,
+    /// Its manifest's root hash.
+    pub root_hash: String,
+    /// True when the destination now holds exactly this tree.
+    pub in_sync: bool,
+    /// Entries in the tree.
+    pub entries: u64,
+    /// Changes sent (new, changed or removed paths).
+    pub changes: u64,
+    /// Files the destination wrote.
+    pub files_changed: u64,
+    /// Bytes in the files whose content changed (what a file-level copy would send).
+    pub changed_bytes: u64,
+    /// Bytes read from files by the scan.
+    pub bytes_read: u64,
+    /// Chunks the destination asked for.
+    pub chunks_sent: u64,
+    /// Bytes of those chunks before compression.
+    pub chunk_bytes: u64,
+    /// All bytes this round put on the network, both directions (UDP payloads, as QUIC counts them).
+    pub bytes_on_wire: u64,
+    /// Bytes QUIC had to send again because packets were lost.
+    pub bytes_lost: u64,
+    /// The largest UDP payload the last connection's path MTU discovery found: 1452 on an Ethernet
+    /// path, more on loopback or jumbo frames.
+    pub path_mtu: u16,
+    /// Connections the round took (more than one after a reconnection).
+    pub connections: u64,
+    /// Entries the destination could not apply.
+    pub failures: Vec<String>,
+    /// How many.
+    pub failure_count: u64,
+    /// How the destination's import of this round ended (when one ran and was waited for).
+    pub import: Option<ferry_proto::ImportResult>,
+    /// What the destination said of the round besides: what its check of the target found, an import
+    /// skipped because nothing changed.
+    pub notices: Vec<String>,
+    /// Entries of the tree the round did not carry (a sample, with why): special files, unreadable
+    /// files, paths too long. The round is not in sync while there are any (devices, FIFOs and sockets
+    /// aside with `--skip-special`).
+    pub skipped: Vec<String>,
+    /// How many.
+    pub skipped_count: u64,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+    /// Of which the scan of the source tree (stat every file, read and hash the changed ones).
+    pub scan_ms: u64,
+}
+
+/// Prints one JSON document on stdout.
+pub(super) fn print_json(report: &impl Serialize) {
+    match serde_json::to_string_pretty(report) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("ferry: cannot print the report: {e}"),
+    }
+}
+
+/// Prints a round's report: one JSON object, or a summary for people.
+pub fn print_push_report(report: &PushReport, json: bool) {
+    if json {
+        return print_json(report);
+    }
+    println!(
+        "round {} of {} committed in {}: {} changes, {} files written on the destination",
+        report.round,
+        report.job,
+        crate::human::duration(Duration::from_millis(report.duration_ms)),
+        crate::human::count(report.changes),
+        crate::human::count(report.files_changed)
+    );
+    println!(
+        "  sent {} chunks ({}), {} on the wire; read {} here, scanned in {}",
+        crate::human::count(report.chunks_sent),
+        crate::human::bytes(report.chunk_bytes),
+        crate::human::bytes(report.bytes_on_wire),
+        crate::human::bytes(report.bytes_read),
+        crate::human::duration(Duration::from_millis(report.scan_ms))
+    );
+    match &report.import {
+        Some(import) if import.success => {
+            println!(
+                "  import of round {} succeeded in {}",
+                import.round,
+                crate::human::duration(Duration::from_millis(import.duration_ms))
+            );
+        }
+        Some(import) => {
+            eprintln!(
+                "error: the import of round {} failed (exit code {}); the last lines of its output:",
+                import.round,
+                crate::import::exit_code_text(import.exit_code)
+            );
+            for line in &import.tail {
+                eprintln!("  | {line}");
+            }
+        }
+        None => {}
+    }
+    if report.failure_count > 0 {
+        eprintln!("error: {} entries could not be applied on the destination:", report.failure_count);
+        for failure in &report.failures {
+            eprintln!("  {failure}");
+        }
+    }
+    for notice in &report.notices {
+        println!("  note: {notice}");
+    }
+    if report.skipped_count > 0 {
+        eprintln!("error: {} entries of this tree were not carried (so it cannot match):", report.skipped_count);
+        for skipped in &report.skipped {
+            eprintln!("  {skipped}");
+        }
+    }
+    println!(
+        "  destination {} (root {})",
+        if report.in_sync {
+            "matches this tree"
+        } else if report.skipped_count > 0 && report.failure_count == 0 {
+            "does not match this tree: entries of it are not carried (listed above)"
+        } else {
+            "does not match yet: run the round again"
+        },
+        &report.root_hash[..8.min(report.root_hash.len())]
+    );
+}
