@@ -4,7 +4,8 @@ use anyhow::{Context, bail};
 use ferry_certs::{Identity, NodeId};
 
 use crate::cli::{ImportArgs, TrustArgs};
-use crate::config::{Config, ConfigDir, JobConfig, PeerConfig, check_job_name};
+use crate::config::{Config, JobConfig, PeerConfig, check_job_name};
+use crate::config_dir::ConfigDir;
 
 /// `ferry init`: prints the node ID alone on the first line.
 pub fn init(config_dir: &ConfigDir) -> anyhow::Result<()> {
@@ -202,7 +203,7 @@ pub fn config_check(config_dir: &ConfigDir, file: Option<&std::path::Path>) -> a
             );
             Ok(())
         }
-        Err(problems) => Err(crate::config::invalid(&path, &problems)),
+        Err(problems) => Err(crate::config_dir::invalid(&path, &problems)),
     }
 }
 

@@ -11,7 +11,8 @@ use anyhow::{Context, bail};
 use ferry_certs::Identity;
 use ferry_treegen::{TreeGenerator, TreeSpec, compare_trees, snapshot};
 
-use crate::config::{Config, ConfigDir, JobConfig, PeerConfig};
+use crate::config::{Config, JobConfig, PeerConfig};
+use crate::config_dir::ConfigDir;
 use crate::{Daemon, PushOptions, human, push};
 
 /// What `ferry demo` runs.

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod config_check;
+pub mod config_dir;
 mod demo;
 mod destination;
 pub mod history;

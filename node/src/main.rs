@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use ferry::cli::{Cli, Command, ConfigCommand, ImportChoice, JobCommand};
-use ferry::config::ConfigDir;
+use ferry::config_dir::ConfigDir;
 use ferry::{DemoOptions, LocalSyncOptions, PushOptions, exit};
 
 // A round allocates and frees a few small objects per file and per chunk (paths, entries, chunk

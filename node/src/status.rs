@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::config::ConfigDir;
+use crate::config_dir::ConfigDir;
 use crate::history::{self, Marker, Record};
 
 /// One job's state on this node.

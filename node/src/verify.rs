@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use ferry_engine::{Entry, ManifestReader, MergeJoin, Pair, ScanOptions, scan};
 use serde::Serialize;
 
-use crate::config::ConfigDir;
+use crate::config_dir::ConfigDir;
 use crate::destination::TargetState;
 
 /// What `verify` found.

@@ -10,7 +10,8 @@ use ferry_proto::{DestinationRound, Message, ProtocolError, Refusal};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::config::{Config, ConfigDir, DEFAULT_PORT, JobConfig, PeerConfig};
+use crate::config::{Config, DEFAULT_PORT, JobConfig, PeerConfig};
+use crate::config_dir::ConfigDir;
 use crate::net::{self, FrameReader, close};
 use crate::refused::Refused;
 

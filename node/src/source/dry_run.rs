@@ -14,7 +14,7 @@ use super::prepare::{prepare, timetable};
 use super::report::{REPORT_SCHEMA, print_json};
 use super::round::open_session;
 use super::session::why_closed;
-use crate::config::ConfigDir;
+use crate::config_dir::ConfigDir;
 use crate::net::{self};
 use crate::refused::Refused;
 

@@ -2,7 +2,7 @@
 
 use tracing::Instrument;
 
-use crate::config::ConfigDir;
+use crate::config_dir::ConfigDir;
 
 mod changes;
 mod chunk_reader;

@@ -9,7 +9,7 @@ use ferry_engine::{ScanOptions, scan};
 use super::options::PushOptions;
 use super::session::{BUSY_RETRY, check_peer, is_busy};
 use super::state::SourceState;
-use crate::config::ConfigDir;
+use crate::config_dir::ConfigDir;
 use crate::net::{self};
 
 /// A round's source side, ready to connect: the job, its peer and the new scan.

@@ -17,7 +17,7 @@ use super::prepare::{Prepared, prepare, timetable};
 use super::progress::{Counters, spawn_progress};
 use super::report::{PushReport, REPORT_SCHEMA};
 use super::session::{Closed, Session, closed_error, connect, is_lost, why_closed};
-use crate::config::ConfigDir;
+use crate::config_dir::ConfigDir;
 use crate::net::{self, FrameReader};
 use crate::refused::Refused;
 
