@@ -18,7 +18,7 @@ pub struct Config {
     /// Where `ferry serve` listens (default `[::]:7373`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// Where round state lives (default: see [`ConfigDir::data_dir`]).
+    /// Where round state lives (default: see [`ConfigDir::data_dir`](crate::config_dir::ConfigDir::data_dir)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Trusted peers.

@@ -63,7 +63,8 @@ impl ConfigDir {
             let why: Vec<String> = problems.iter().map(|p| format!("\n  {}: {}", p.key, p.message)).collect();
             bail!("{} was left as it was: the change would make it invalid:{}", path.display(), why.concat());
         }
-        crate::write_durably(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+        crate::helpers::write_durably(&path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Where state lives: `--data-dir`, else the config's `data_dir`, else `/var/lib/ferry` beside `/etc/ferry`, else

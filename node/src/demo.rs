@@ -13,7 +13,9 @@ use ferry_treegen::{TreeGenerator, TreeSpec, compare_trees, snapshot};
 
 use crate::config::{Config, JobConfig, PeerConfig};
 use crate::config_dir::ConfigDir;
-use crate::{Daemon, PushOptions, human, push};
+use crate::destination::Daemon;
+use crate::human;
+use crate::source::{PushOptions, push};
 
 /// What `ferry demo` runs.
 #[derive(Debug, Clone)]

@@ -48,7 +48,7 @@ fn now() -> String {
 }
 
 impl Record {
-    fn new(event: &str, round: u64) -> Self {
+    pub(crate) fn new(event: &str, round: u64) -> Self {
         Self {
             event: event.to_owned(),
             round,
@@ -75,21 +75,6 @@ impl Record {
             in_sync: Some(in_sync),
             duration_ms: Some(report.duration.as_millis() as u64),
             ..Self::new("committed", round.round)
-        }
-    }
-
-    /// The source pushed a round.
-    pub fn pushed(report: &crate::PushReport, peer: &str) -> Self {
-        Self {
-            root_hash: Some(report.root_hash.clone()),
-            peer: Some(peer.to_owned()),
-            files_written: Some(report.files_changed),
-            bytes: Some(report.bytes_on_wire),
-            failures: Some(report.failure_count),
-            in_sync: Some(report.in_sync),
-            import: report.import.clone(),
-            duration_ms: Some(report.duration_ms),
-            ..Self::new("pushed", report.round)
         }
     }
 
@@ -149,7 +134,8 @@ impl Marker {
 
 /// Writes a marker durably.
 pub fn write_marker(path: &Path, marker: &Marker) -> anyhow::Result<()> {
-    crate::write_durably(path, &serde_json::to_vec(marker)?).with_context(|| format!("cannot write {}", path.display()))
+    crate::helpers::write_durably(path, &serde_json::to_vec(marker)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The marker at `path`, if any.

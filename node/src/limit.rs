@@ -113,7 +113,7 @@ impl Limiter {
     /// returned task runs. `what` names the limit in the log.
     pub(crate) fn follow(&self, what: &'static str) -> tokio::task::JoinHandle<()> {
         let limiter = self.clone();
-        crate::spawn_in_span(async move {
+        crate::helpers::spawn_in_span(async move {
             loop {
                 tokio::time::sleep(until_next_minute() + Duration::from_millis(100)).await;
                 if let Some(rate) = limiter.refresh() {

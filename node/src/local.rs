@@ -60,7 +60,7 @@ fn print_json<T: serde::Serialize>(report: &T) -> anyhow::Result<()> {
         #[serde(flatten)]
         report: &'a T,
     }
-    println!("{}", serde_json::to_string_pretty(&Versioned { schema: crate::REPORT_SCHEMA, report })?);
+    println!("{}", serde_json::to_string_pretty(&Versioned { schema: crate::helpers::REPORT_SCHEMA, report })?);
     Ok(())
 }
 
@@ -74,7 +74,7 @@ pub(crate) fn default_state_dir(source: &Path, target: &Path) -> anyhow::Result<
     hasher.update(b"\0");
     hasher.update(target.as_os_str().as_encoded_bytes());
     let id = &hasher.finalize().to_hex()[..16];
-    Ok(crate::default_data_dir().join("local").join(id))
+    Ok(crate::helpers::default_data_dir().join("local").join(id))
 }
 
 /// Runs the round and prints its report; returns the exit code.

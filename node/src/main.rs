@@ -157,15 +157,7 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            let code = if e.downcast_ref::<ferry::StoppedAtDeadline>().is_some() {
-                exit::DEADLINE
-            } else if e.downcast_ref::<ferry::Unreachable>().is_some() {
-                exit::UNREACHABLE
-            } else if e.downcast_ref::<ferry::Refused>().is_some() {
-                exit::REFUSED
-            } else {
-                exit::ERROR
-            };
+            let code = exit::of_error(&e);
             if code == exit::DEADLINE {
                 eprintln!("ferry: {}", ferry::describe(&e));
             } else {

@@ -60,7 +60,7 @@ pub fn status(config_dir: &ConfigDir, job: Option<&str>) -> anyhow::Result<Statu
             }
         })
         .collect();
-    Ok(Status { schema: crate::REPORT_SCHEMA, jobs })
+    Ok(Status { schema: crate::helpers::REPORT_SCHEMA, jobs })
 }
 
 /// Prints the status for people.

@@ -36,7 +36,7 @@ pub fn verify(config_dir: &ConfigDir, job: &str) -> anyhow::Result<VerifyReport>
     scan(&job_config.path, None, &manifest, &cache, &ScanOptions::default())
         .with_context(|| format!("cannot read {}", job_config.path.display()))?;
     let mut report = VerifyReport {
-        schema: crate::REPORT_SCHEMA,
+        schema: crate::helpers::REPORT_SCHEMA,
         job: job.to_owned(),
         round: holds.round,
         checked: 0,

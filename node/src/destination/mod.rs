@@ -249,7 +249,7 @@ async fn finish_round(connection: &quinn::Connection, result: anyhow::Result<()>
             connection.close(close::DONE.into(), b"round over");
         }
         Err(e) => {
-            let reason = crate::describe(&e);
+            let reason = crate::helpers::describe(&e);
             tracing::warn!("round from {remote} (node {peer_id}) failed: {reason}");
             // A refusal's code says why without words; its text is the details alone.
             let (code, text) = match e.downcast_ref::<Refused>() {
@@ -467,7 +467,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     // closes once it has read it.
     let failed = result.as_ref().err().filter(|e| !is_refusal(e));
     if let Some(e) = failed {
-        let _ = failed_tx.send(Message::Failed { reason: crate::describe(e) }).await;
+        let _ = failed_tx.send(Message::Failed { reason: crate::helpers::describe(e) }).await;
     }
     drop(failed_tx);
     let _ = writer.await;

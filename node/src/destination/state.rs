@@ -50,7 +50,7 @@ impl TargetState {
         }
     }
     pub(super) fn set_holds(&self, round: RoundRef) -> anyhow::Result<()> {
-        crate::write_durably(&self.round_file(), &serde_json::to_vec(&round)?)
+        crate::helpers::write_durably(&self.round_file(), &serde_json::to_vec(&round)?)
             .with_context(|| format!("cannot record the round in {}", self.round_file().display()))
     }
 }

@@ -108,5 +108,5 @@ pub(super) fn timetable(
     }
     let config = config_dir.load()?;
     let job = config.job(job).ok_or_else(|| anyhow!("job {job} is no longer in ferry.toml"))?;
-    Ok(crate::config::job_bwlimit(&config, job)?.unwrap_or_else(crate::unlimited))
+    Ok(crate::config::job_bwlimit(&config, job)?.unwrap_or_else(crate::helpers::unlimited))
 }

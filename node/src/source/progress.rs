@@ -14,7 +14,7 @@ pub(super) fn spawn_progress(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     use std::io::IsTerminal;
-    crate::spawn_in_span(async move {
+    crate::helpers::spawn_in_span(async move {
         let started = Instant::now();
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new_spinner();

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// The version of the `--json` reports' layout: it changes only when a field changes meaning or goes
-/// away (new fields may appear without it).
-pub const REPORT_SCHEMA: u32 = 1;
+pub use crate::helpers::REPORT_SCHEMA;
 
 /// The report of a network round (`--json` prints it).
 #[derive(Debug, Clone, Serialize)]
@@ -140,4 +138,21 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         },
         &report.root_hash[..8.min(report.root_hash.len())]
     );
+}
+
+impl PushReport {
+    /// The line this round adds to the job's history.
+    pub(super) fn history_record(&self, peer: &str) -> crate::history::Record {
+        crate::history::Record {
+            root_hash: Some(self.root_hash.clone()),
+            peer: Some(peer.to_owned()),
+            files_written: Some(self.files_changed),
+            bytes: Some(self.bytes_on_wire),
+            failures: Some(self.failure_count),
+            in_sync: Some(self.in_sync),
+            import: self.import.clone(),
+            duration_ms: Some(self.duration_ms),
+            ..crate::history::Record::new("pushed", self.round)
+        }
+    }
 }

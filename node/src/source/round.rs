@@ -107,7 +107,7 @@ pub(super) async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> 
     let reload = {
         let (limiter, config_dir, options, job) =
             (limiter.clone(), config_dir.clone(), options.clone(), prepared.job.name.clone());
-        crate::spawn_in_span(async move {
+        crate::helpers::spawn_in_span(async move {
             let Some(hangup) = hangup.as_mut() else { return };
             while hangup.recv().await.is_some() {
                 if options.bwlimit.is_some() {
@@ -211,7 +211,7 @@ pub(super) async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> 
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
     };
-    crate::history::append(&state.dir.join("history.jsonl"), &crate::history::Record::pushed(&report, &peer.name))?;
+    crate::history::append(&state.dir.join("history.jsonl"), &report.history_record(&peer.name))?;
     Ok(report)
 }
 
@@ -316,7 +316,7 @@ pub(super) async fn serve_round(
                 batches_sent.clone(),
                 sent.clone(),
             );
-            crate::spawn_in_span(async move {
+            crate::helpers::spawn_in_span(async move {
                 let mut stream = connection.open_uni().await?;
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(Outgoing { batch, covered }) = rx.recv().await else { break };

@@ -34,7 +34,7 @@ impl SourceState {
             ferry_engine::sync_record_file(&self.scanned())?;
             std::fs::rename(self.scanned(), self.base())?;
         }
-        crate::write_durably(&self.dir.join("base.json"), &serde_json::to_vec(&round)?)?;
+        crate::helpers::write_durably(&self.dir.join("base.json"), &serde_json::to_vec(&round)?)?;
         Ok(())
     }
     pub(super) fn forget_base(&self) {

@@ -1,0 +1,52 @@
+//! Exit codes, stable and documented in README.md, and the one place an error becomes one.
+
+use crate::refused::Refused;
+use crate::source::{StoppedAtDeadline, Unreachable};
+
+/// The round completed and the target matches the source.
+pub const OK: i32 = 0;
+/// An error stopped the command (message on stderr).
+pub const ERROR: i32 = 1;
+/// The command line was wrong.
+pub const USAGE: i32 = 2;
+/// The round ran to its end, but some entries could not be applied (listed on stderr); rerun after
+/// fixing what the messages say.
+pub const INCOMPLETE: i32 = 3;
+/// The round was committed, but the destination's import failed (its output's tail is printed).
+pub const IMPORT_FAILED: i32 = 4;
+/// `ferry verify` found differences between the target and its last committed round.
+pub const DIFFERENCES: i32 = 5;
+/// `--max-duration` ran out: the round stopped cleanly; the files that arrived whole are kept, and the next round
+/// goes on from there.
+pub const DEADLINE: i32 = 6;
+/// The peer could not be reached (or was lost and did not come back within `--reconnect-grace`).
+pub const UNREACHABLE: i32 = 7;
+/// The peer refused the round: it does not trust this node, the job is not this node's, it is busy
+/// with the job, or the target lacks space.
+pub const REFUSED: i32 = 8;
+
+/// Every code, by name, in order (README.md's table is checked against it).
+pub const ALL: [(&str, i32); 9] = [
+    ("OK", OK),
+    ("ERROR", ERROR),
+    ("USAGE", USAGE),
+    ("INCOMPLETE", INCOMPLETE),
+    ("IMPORT_FAILED", IMPORT_FAILED),
+    ("DIFFERENCES", DIFFERENCES),
+    ("DEADLINE", DEADLINE),
+    ("UNREACHABLE", UNREACHABLE),
+    ("REFUSED", REFUSED),
+];
+
+/// The exit code of a command that ended with `error`.
+pub fn of_error(error: &anyhow::Error) -> i32 {
+    if error.downcast_ref::<StoppedAtDeadline>().is_some() {
+        DEADLINE
+    } else if error.downcast_ref::<Unreachable>().is_some() {
+        UNREACHABLE
+    } else if error.downcast_ref::<Refused>().is_some() {
+        REFUSED
+    } else {
+        ERROR
+    }
+}
