@@ -15,7 +15,8 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use bytes::Bytes;
 use rustix::io::Errno;
 
-use super::{ApplyError, create_staged, no_tmpfile, open_unnamed, set_metadata};
+use super::options::ApplyError;
+use super::sys::{create_staged, no_tmpfile, open_unnamed, set_metadata};
 
 /// What a small file is made of, decided by the applier.
 pub(super) struct Job {
@@ -174,7 +175,7 @@ mod tests {
     use rustix::fs::{Mode, OFlags};
 
     use super::*;
-    use crate::apply::link_unnamed;
+    use crate::apply::sys::link_unnamed;
 
     fn open_dir(path: &std::path::Path) -> OwnedFd {
         rustix::fs::open(path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).unwrap()

@@ -1,0 +1,117 @@
+//! Planning: the steps of a merge, and which chunks an entry needs from the source.
+
+use super::options::ApplyError;
+use crate::hash::ChunkHash;
+use crate::index::ChunkIndex;
+use crate::manifest::{ChunkRef, Entry, EntryKind, Pair, RawEntry};
+use crate::path::RelPath;
+
+/// One chunk the target lacks, found by [`Applier::plan`](crate::Applier::plan).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    /// The file, in the new manifest.
+    pub path: RelPath,
+    /// Where in it.
+    pub offset: u64,
+    /// The chunk.
+    pub chunk: ChunkRef,
+}
+
+/// How many chunk hashes a round remembers having asked for and not yet seen flushed into the index,
+/// so that a chunk several new files share is asked for once (past this, duplicates may be asked for
+/// again: correct, only slower). A transfer holds far fewer in flight; a dry run, which flushes
+/// nothing, can reach it.
+pub(super) const MAX_REQUESTED: usize = 1 << 18;
+
+/// One path of a round, as [`Applier::step`](crate::Applier::step) takes it.
+#[derive(Debug)]
+pub enum Step {
+    /// A path whose entry appears, changes, goes or stays (both sides decoded).
+    Apply(Box<Pair<Entry, Entry>>),
+    /// A file or symlink that stays as it was: its stored entry goes to the new manifest as it is,
+    /// without being decoded (most of a day's round over a large tree).
+    Keep(RawEntry),
+}
+
+impl From<Pair<Entry, Entry>> for Step {
+    fn from(pair: Pair<Entry, Entry>) -> Self {
+        Step::Apply(Box::new(pair))
+    }
+}
+
+impl Step {
+    /// The pair, unless the entry is kept as it is.
+    pub fn pair(&self) -> Option<&Pair<Entry, Entry>> {
+        match self {
+            Step::Apply(pair) => Some(pair),
+            Step::Keep(_) => None,
+        }
+    }
+}
+
+/// Decides which chunks a round must ask the source for: those of new or changed files that the
+/// chunk index does not know and that were not asked for already this round. Writes nothing, so a dry
+/// run uses it alone.
+#[derive(Debug, Default)]
+pub struct Planner {
+    pub(super) requested: std::collections::HashSet<ChunkHash>,
+    /// Paths whose chunks the index's hints must not be trusted for (the round's check found them
+    /// missing or changed): their chunks are asked for.
+    pub(super) distrusted: std::collections::HashSet<RelPath>,
+    /// The index is not asked at all (most of the target is gone).
+    pub(super) ignore_index: bool,
+}
+
+impl Planner {
+    /// Forgets having asked for `hashes` (they are in the index now).
+    pub(super) fn forget<'a>(&mut self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
+        for hash in hashes {
+            self.requested.remove(hash);
+        }
+    }
+
+    /// The chunks `pair` needs from the source.
+    pub fn plan(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
+        let Some(new) = &pair.new else { return Ok(Vec::new()) };
+        if !Self::writes_content(pair) {
+            return Ok(Vec::new());
+        }
+        let mut needed = Vec::new();
+        let mut offset = 0u64;
+        for chunk in &new.chunks {
+            if !self.requested.contains(&chunk.hash) && !self.held(index, &chunk.hash)? {
+                if self.requested.len() < MAX_REQUESTED {
+                    self.requested.insert(chunk.hash);
+                }
+                needed.push(Needed { path: new.path.clone(), offset, chunk: *chunk });
+            }
+            offset += u64::from(chunk.len);
+        }
+        Ok(needed)
+    }
+
+    /// Does the target seem to hold `hash`, where the check found nothing amiss?
+    pub(super) fn held(&self, index: &ChunkIndex, hash: &ChunkHash) -> Result<bool, ApplyError> {
+        if self.ignore_index {
+            return Ok(false);
+        }
+        Ok(index.get(hash)?.is_some_and(|location| !self.distrusted.contains(&location.path)))
+    }
+
+    /// Trusts no hint of the index that points into `paths` (the check found them missing or changed),
+    /// or, with `None`, no hint at all: their chunks are asked for instead of waited for in vain.
+    pub fn distrust(&mut self, paths: Option<std::collections::HashSet<RelPath>>) {
+        match paths {
+            Some(paths) => self.distrusted = paths,
+            None => self.ignore_index = true,
+        }
+    }
+
+    /// True when applying `pair` writes a file's content (a new file, or one whose content changed).
+    pub fn writes_content(pair: &Pair<Entry, Entry>) -> bool {
+        let Some(new) = &pair.new else { return false };
+        new.kind == EntryKind::File
+            && new.hard_link_to.is_none()
+            && !pair.old.as_ref().is_some_and(|old| old.same_content(new) && old.hard_link_to.is_none())
+    }
+}
