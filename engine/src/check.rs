@@ -89,7 +89,7 @@ pub struct CheckReport {
     /// The first differences, for people.
     pub differences: Vec<String>,
     /// Wall time.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub duration: Duration,
 }
 

@@ -37,6 +37,7 @@ mod rootdir;
 mod round;
 mod scan;
 mod spill;
+mod timing;
 
 pub use apply::{
     Adopt, Applier, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, LARGE_FILE,
@@ -62,14 +63,4 @@ pub use round::{
     lock_state,
 };
 pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, scan};
-
-/// The time since `clock`, which moves to now: splits a loop's time by part, one reading per part.
-pub fn lap(clock: &mut std::time::Instant) -> std::time::Duration {
-    let now = std::time::Instant::now();
-    now.saturating_duration_since(std::mem::replace(clock, now))
-}
-
-/// Durations go to JSON as whole milliseconds.
-fn serialize_millis<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
+pub use timing::lap;

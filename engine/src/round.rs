@@ -109,7 +109,7 @@ pub struct LocalRoundReport {
     /// (see [`ScanReport::not_carried`]).
     pub in_sync: bool,
     /// Wall time.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub duration: Duration,
 }
 
@@ -307,7 +307,7 @@ pub struct LocalPlan {
     /// The target would be adopted whole.
     pub adopted: bool,
     /// Wall time.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub duration: Duration,
 }
 

@@ -102,7 +102,7 @@ pub struct ScanReport {
     /// Of those, devices, FIFOs and sockets (which an operator may choose to leave behind).
     pub skipped_special: u64,
     /// Wall time.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub duration: Duration,
     /// What the scan's trust in unchanged files rests on.
     #[serde(skip)]

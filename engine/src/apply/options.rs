@@ -88,19 +88,19 @@ pub struct ApplyReport {
     /// How many entries failed.
     pub failure_count: u64,
     /// Wall time.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub duration: Duration,
     /// Of `duration`, the time spent waiting for the disk: the syncs of the target's filesystem,
     /// of large files and of the chunk index.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub sync_wait: Duration,
     /// Of `duration`, the time spent waiting for the thread that makes small files to finish a
     /// batch's, before the batch syncs.
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub make_wait: Duration,
     /// Of `duration`, the time spent waiting for a synced batch to be named into place, its folders'
     /// metadata set and its chunks recorded in the index (on another thread, after its sync).
-    #[serde(serialize_with = "crate::serialize_millis")]
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub place_wait: Duration,
 }
 

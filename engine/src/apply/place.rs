@@ -38,7 +38,7 @@ pub(super) fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> 
     let synced = Instant::now();
     let mut spent = PlaceTimes::default();
     let mut clock = synced;
-    let mut lap = || crate::lap(&mut clock);
+    let mut lap = || crate::timing::lap(&mut clock);
     let mut dir_cache = ParentDir::default();
     for staged in &batch.staged {
         let dir = &*dir_cache.of(&root, &staged.path).map_err(|e| ApplyError::Io {
