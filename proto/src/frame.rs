@@ -117,8 +117,8 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Refusal;
     use crate::message::*;
+    use crate::refusal::Refusal;
     use ferry_engine::{ChunkHash, RelPath, RootHash};
     use proptest::prelude::*;
 

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use ferry_engine::{ChunkHash, Entry, RelPath, RootHash};
 use serde::{Deserialize, Serialize};
 
-use crate::Refusal;
+use crate::refusal::Refusal;
 
 /// The protocol name and version, negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"ferry/2";

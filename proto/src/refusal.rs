@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Why a round is refused or its connection closed.
 ///
-/// Sent in [`Message::Refused`](crate::Message::Refused) (postcard encodes the variant by index, so
+/// Sent in `Message::Refused` (postcard encodes the variant by index, so
 /// variants are only ever appended) and as the error code of a connection's close ([`Refusal::code`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Refusal {
