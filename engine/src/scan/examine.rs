@@ -1,0 +1,152 @@
+//! Examining one path: the quick check, or reading, cutting and hashing the file.
+
+use std::os::fd::AsFd;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+
+use super::options::ScanOptions;
+use super::stored::StoredRecord;
+use super::times::{stat_ctime_ns, stat_mtime_ns};
+use super::walk::WalkItem;
+use crate::chunker::{ReadBuffers, hash_reader};
+use crate::manifest::{Entry, EntryKind};
+use crate::rootdir::NameExt;
+
+#[allow(clippy::large_enum_variant)] // one per entry of a batch, moved once
+pub(super) enum Outcome {
+    /// A regular file as the last scan recorded it: its stored record stands.
+    Kept {
+        stat: Stat,
+    },
+    Found {
+        entry: Entry,
+        stat: Stat,
+        was_read: bool,
+        bytes_read: u64,
+    },
+    /// Changed while being read, or swapped between the walk and the read.
+    Changed,
+    /// Gone before it could be looked at.
+    Vanished,
+    /// A kind ferry does not copy (device, FIFO, socket).
+    Skipped(String),
+    /// Could not be read (permissions, I/O error).
+    Unreadable(String),
+}
+
+pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
+    let stat = if item.name.is_empty() {
+        rustix::fs::fstat(&*item.parent)
+    } else {
+        rustix::fs::statat(&*item.parent, item.name.os(), AtFlags::SYMLINK_NOFOLLOW)
+    };
+    let stat = match stat {
+        Ok(stat) => stat,
+        Err(rustix::io::Errno::NOENT) => return Outcome::Vanished,
+        Err(e) => return Outcome::Unreadable(format!("cannot stat: {e}")),
+    };
+    let kind = match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Directory => EntryKind::Dir,
+        FileType::RegularFile => EntryKind::File,
+        FileType::Symlink => EntryKind::Symlink,
+        other => return Outcome::Skipped(format!("{other:?} is not copied")),
+    };
+    let mut entry = Entry {
+        path: item.path.clone(),
+        kind,
+        mode: stat.st_mode & 0o7777,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        user: None,
+        group: None,
+        mtime_ns: stat_mtime_ns(&stat),
+        size: 0,
+        chunks: Vec::new(),
+        link_target: None,
+        hard_link_to: None,
+    };
+    match kind {
+        EntryKind::Dir => Outcome::Found { entry, stat, was_read: false, bytes_read: 0 },
+        EntryKind::Symlink => match rustix::fs::readlinkat(&*item.parent, item.name.os(), Vec::new()) {
+            Ok(target) => {
+                entry.link_target = Some(target.into_bytes());
+                Outcome::Found { entry, stat, was_read: false, bytes_read: 0 }
+            }
+            Err(rustix::io::Errno::NOENT) => Outcome::Vanished,
+            Err(e) => Outcome::Unreadable(format!("cannot read link: {e}")),
+        },
+        EntryKind::File => {
+            let Some(stored) = item.cached.as_deref().and_then(StoredRecord::decode) else {
+                return read_file(item, entry, &stat, options);
+            };
+            if stored.describes(&stat) {
+                return Outcome::Kept { stat };
+            }
+            // A hard link's record names its group's first path, which may have moved; decoded whole.
+            if stored.unchanged(&stat)
+                && let Some(cached) = item.cached_record()
+            {
+                entry.size = cached.entry.size;
+                entry.chunks = cached.entry.chunks;
+                return Outcome::Found { entry, stat, was_read: false, bytes_read: 0 };
+            }
+            read_file(item, entry, &stat, options)
+        }
+    }
+}
+
+pub(super) fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, options: &ScanOptions) -> Outcome {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(&*item.parent, item.name.os(), flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Outcome::Vanished,
+        // ELOOP: it became a symlink since the walk; never followed.
+        Err(rustix::io::Errno::LOOP) => return Outcome::Changed,
+        Err(e) => return Outcome::Unreadable(format!("cannot open: {e}")),
+    };
+    let before = match rustix::fs::fstat(&fd) {
+        Ok(stat) => stat,
+        Err(e) => return Outcome::Unreadable(format!("cannot stat: {e}")),
+    };
+    if before.st_ino != walked.st_ino
+        || before.st_dev != walked.st_dev
+        || FileType::from_raw_mode(before.st_mode) != FileType::RegularFile
+    {
+        return Outcome::Changed;
+    }
+    let file = std::fs::File::from(fd);
+    // Taken out, not borrowed: while `hash_reader` waits for its other half, rayon may run another
+    // file's read on this thread.
+    let mut bufs = READ_BUFFERS.take();
+    let read = hash_reader(options.chunker, &file, &mut bufs);
+    READ_BUFFERS.set(bufs);
+    let (chunks, bytes_read) = match read {
+        Ok(read) => read,
+        Err(e) => return Outcome::Unreadable(format!("read error: {e}")),
+    };
+    if let Some(hook) = &options.after_read {
+        hook(&item.path);
+    }
+    let after = match rustix::fs::fstat(file.as_fd()) {
+        Ok(stat) => stat,
+        Err(e) => return Outcome::Unreadable(format!("cannot stat: {e}")),
+    };
+    let unchanged = after.st_size == before.st_size
+        && stat_mtime_ns(&after) == stat_mtime_ns(&before)
+        && stat_ctime_ns(&after) == stat_ctime_ns(&before)
+        && bytes_read == before.st_size as u64;
+    if !unchanged {
+        return Outcome::Changed;
+    }
+    entry.mode = before.st_mode & 0o7777;
+    entry.uid = before.st_uid;
+    entry.gid = before.st_gid;
+    entry.mtime_ns = stat_mtime_ns(&before);
+    entry.size = bytes_read;
+    entry.chunks = chunks;
+    Outcome::Found { entry, stat: before, was_read: true, bytes_read }
+}
+
+thread_local! {
+    static READ_BUFFERS: std::cell::RefCell<ReadBuffers> = std::cell::RefCell::new(ReadBuffers::default());
+}

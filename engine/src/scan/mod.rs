@@ -1,0 +1,228 @@
+//! The source side: walk a tree in sorted order, reuse what the last scan knew, read and chunk the rest.
+//!
+//! The walk is depth-first with each folder's children sorted by name, which is manifest order, so the
+//! new manifest is written as it goes and last scan's cache is merged in one pass: memory depends on
+//! the depth and width of folders and on the batch size, not on the number of files. Batches of entries
+//! are stat'ed, read and hashed in parallel (rayon) and written out in order.
+//!
+//! A file whose size, mtime, ctime and inode match the last scan's record is not read: its chunk list is
+//! reused, and when the record describes the file exactly, the record's stored bytes are copied to the
+//! new cache and manifest without being decoded. A file that changes while it is read (its `fstat`
+//! before and after differ) or that is swapped for something else between the walk and the read is
+//! never recorded torn: its previous version (if any) stays in the manifest, and it is reported so that
+//! the next round picks it up.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use rayon::prelude::*;
+use rustix::fs::{Mode, OFlags};
+
+use crate::manifest::{ChunkRef, ManifestWriter, RecordWriter};
+use crate::owner::OwnerNames;
+use crate::path::RelPath;
+use examine::{Outcome, examine};
+use walk::{WalkItem, Walker, walk_in_batches};
+use write::{WriteState, write_outcome};
+
+mod examine;
+mod options;
+mod stored;
+mod times;
+mod walk;
+mod write;
+
+pub use options::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore};
+
+/// Scans `root`, writing its manifest to `manifest_out` and the quick-check cache for next time to
+/// `cache_out`. `cache_in` is the last scan's cache, if any (a damaged one is ignored with a warning).
+///
+/// The manifest is whole at `manifest_out` but not fsynced: it is a working file until the caller
+/// keeps it ([`crate::sync_record_file`]). The cache is durable; when it holds the same records as the
+/// one already at `cache_out` (nothing changed), that one is kept and nothing is written.
+pub fn scan(
+    root: &Path,
+    cache_in: Option<&Path>,
+    manifest_out: &Path,
+    cache_out: &Path,
+    options: &ScanOptions,
+) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let settled_before = SettledBefore::scan_at(SystemTime::now());
+    // Anything modified after that may change again without its timestamps moving: such records are
+    // not trusted next time.
+    let racy_after_ns = settled_before.0;
+    let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| ScanError::OpenRoot { path: root.display().to_string(), source: e.into() })?;
+    let walker = Walker::new(Arc::new(root_fd), cache_in);
+    let mut manifest = ManifestWriter::create(manifest_out)?;
+    let mut cache = RecordWriter::<CacheRecord>::create(cache_out)?;
+    let mut report = ScanReport { settled_before, ..ScanReport::default() };
+    let mut names = OwnerNames::default();
+    let mut hard_links: HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)> = HashMap::new();
+
+    // Three stages, each on its own thread, so that they overlap: the walk (listing folders, reading
+    // the last scan's cache), the examination of each entry (stat, and reading what changed; in
+    // parallel), and here the writing of the new manifest and cache. Batches keep manifest order.
+    // When a stage stops (an error here), the channel it held closes and the stages before it stop.
+    let (walked_tx, walked_rx) = std::sync::mpsc::sync_channel::<Vec<WalkItem>>(2);
+    let (examined_tx, examined_rx) = std::sync::mpsc::sync_channel::<Vec<(WalkItem, Outcome)>>(2);
+    let written = std::thread::scope(|scope| {
+        let thread = |name: &str| std::thread::Builder::new().name(name.into());
+        let walk = thread("ferry-walk")
+            .spawn_scoped(scope, move || walk_in_batches(walker, options.batch, &walked_tx))
+            .map_err(ScanError::Threads)?;
+        thread("ferry-examine")
+            .spawn_scoped(scope, move || {
+                for batch in walked_rx {
+                    let outcomes: Vec<(WalkItem, Outcome)> = batch
+                        .into_par_iter()
+                        .map(|mut item| {
+                            let outcome = examine(&mut item, options);
+                            (item, outcome)
+                        })
+                        .collect();
+                    if examined_tx.send(outcomes).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(ScanError::Threads)?;
+        let mut state = WriteState {
+            report: &mut report,
+            names: &mut names,
+            hard_links: &mut hard_links,
+            manifest: &mut manifest,
+            cache: &mut cache,
+            cache_in: cache_in.unwrap_or(Path::new("")),
+            racy_after_ns,
+        };
+        let written =
+            examined_rx.into_iter().flatten().try_for_each(|(item, outcome)| write_outcome(item, outcome, &mut state));
+        // The walk's own findings (folders it could not list) join the report.
+        let walked = walk.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        report.absorb_skips(walked);
+        written
+    });
+    written?;
+    report.root_hash = Some(manifest.finish_unsynced()?);
+    cache.finish_or_keep()?;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use super::stored::StoredRecord;
+    use crate::hash::ChunkHash;
+    use crate::hash::RootHash;
+    use crate::manifest::{Entry, EntryKind, RecordReader};
+
+    fn record(user: Option<&str>, chunks: usize, links: bool) -> CacheRecord {
+        let entry = Entry {
+            path: RelPath::new(&b"accounts/0001/meta.json"[..]).unwrap(),
+            kind: EntryKind::File,
+            mode: 0o4751,
+            uid: 1001,
+            gid: 70_000,
+            user: user.map(str::to_owned),
+            group: Some("zimbra".into()),
+            mtime_ns: -1_234_567_890_123,
+            size: 300_000 * chunks as u64,
+            chunks: (0..chunks)
+                .map(|i| ChunkRef { hash: ChunkHash::of(&i.to_le_bytes()), len: 300_000 + i as u32 })
+                .collect(),
+            link_target: links.then(|| b"../elsewhere".to_vec()),
+            hard_link_to: links.then(|| RelPath::new(&b"accounts/0000/meta.json"[..]).unwrap()),
+        };
+        CacheRecord { entry, ino: u64::MAX - 3, ctime_ns: 1_700_000_000_123_456_789, trusted: true }
+    }
+
+    #[test]
+    fn a_stored_record_reads_as_the_record_it_stores() {
+        for (user, chunks, links) in [(Some("zimbra"), 3, true), (None, 0, false), (Some(""), 1, false)] {
+            let original = record(user, chunks, links);
+            let bytes = postcard::to_allocvec(&original).unwrap();
+            let stored = StoredRecord::decode(&bytes).unwrap();
+            let entry = &original.entry;
+            assert_eq!(&bytes[..stored.entry_len], &postcard::to_allocvec(entry).unwrap()[..]);
+            assert_eq!(stored.entry.kind, entry.kind);
+            assert_eq!((stored.entry.mode, stored.entry.uid, stored.entry.gid), (entry.mode, entry.uid, entry.gid));
+            assert_eq!(stored.entry.user, entry.user.as_deref());
+            assert_eq!(stored.entry.group, entry.group.as_deref());
+            assert_eq!((stored.entry.mtime_ns, stored.entry.size), (entry.mtime_ns, entry.size));
+            assert_eq!(stored.entry.link_target, entry.link_target.as_deref());
+            assert_eq!(stored.entry.hard_link_to, entry.hard_link_to.as_ref().map(RelPath::as_bytes));
+            assert_eq!((stored.ino, stored.ctime_ns, stored.trusted), (original.ino, original.ctime_ns, true));
+            // Cut short or followed by more, it is not a record.
+            assert!(StoredRecord::decode(&bytes[..bytes.len() - 1]).is_none());
+            assert!(StoredRecord::decode(&[&bytes[..], &[0]].concat()).is_none());
+        }
+    }
+
+    /// Scans `root` against the cache at `cache_in`, into `out`: the new manifest's root hash and the
+    /// report.
+    fn scan_into(root: &Path, cache_in: &Path, out: &Path) -> (RootHash, ScanReport) {
+        std::fs::create_dir_all(out).unwrap();
+        let report =
+            scan(root, Some(cache_in), &out.join("manifest"), &out.join("cache"), &ScanOptions::default()).unwrap();
+        (report.root_hash.unwrap(), report)
+    }
+
+    #[test]
+    fn an_unchanged_file_keeps_its_records_and_its_owners_name_is_looked_up_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        for i in 0..50 {
+            std::fs::write(root.join(format!("a/f{i}")), vec![i as u8; 1000 + i]).unwrap();
+        }
+        // Records of files changed within the last second are not trusted; let the tree age.
+        std::thread::sleep(Duration::from_millis(1100));
+        let first = dir.path().join("first");
+        let (first_root, report) = scan_into(&root, &dir.path().join("none"), &first);
+        assert_eq!(report.files_read, 50);
+
+        // Kept as stored: the same manifest and the same cache, byte for byte, nothing read.
+        let second = dir.path().join("second");
+        let (second_root, report) = scan_into(&root, &first.join("cache"), &second);
+        assert_eq!((second_root, report.files_read, report.files), (first_root, 0, 50));
+        assert_eq!(std::fs::read(second.join("cache")).unwrap(), std::fs::read(first.join("cache")).unwrap());
+        assert_eq!(std::fs::read(second.join("manifest")).unwrap(), std::fs::read(first.join("manifest")).unwrap());
+
+        // A cache whose records name another owner (a user renamed since): the files are not read
+        // again, but their entries carry the name the system gives now.
+        let renamed = dir.path().join("renamed-cache");
+        let mut writer = RecordWriter::<CacheRecord>::create(&renamed).unwrap();
+        for record in RecordReader::<CacheRecord>::open(&first.join("cache")).unwrap() {
+            let mut record = record.unwrap();
+            if record.entry.kind == EntryKind::File {
+                record.entry.user = Some("someone-renamed".into());
+            }
+            writer.push(&record).unwrap();
+        }
+        writer.finish().unwrap();
+        let third = dir.path().join("third");
+        let (third_root, report) = scan_into(&root, &renamed, &third);
+        assert_eq!((third_root, report.files_read), (first_root, 0));
+        assert_eq!(std::fs::read(third.join("cache")).unwrap(), std::fs::read(first.join("cache")).unwrap());
+        for entry in RecordReader::<Entry>::open(&third.join("manifest")).unwrap() {
+            assert_ne!(entry.unwrap().user.as_deref(), Some("someone-renamed"));
+        }
+
+        // A file changed in place with its size and mtime restored: its ctime moved, so it is read.
+        let path = root.join("a/f7");
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, vec![0xee; 1007]).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+        let fourth = dir.path().join("fourth");
+        let (fourth_root, report) = scan_into(&root, &first.join("cache"), &fourth);
+        assert_eq!(report.files_read, 1);
+        assert_ne!(fourth_root, first_root);
+    }
+}

@@ -1,0 +1,165 @@
+//! What a scan is asked to do, what it reports, how it fails, and the cache records it keeps.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::times::{stat_ctime_ns, to_ns};
+use crate::chunker::ChunkerConfig;
+use crate::hash::RootHash;
+use crate::manifest::{Entry, Keyed, RecordFileError};
+use crate::path::RelPath;
+
+/// What the last scan knew about a path: its entry, plus what tells whether the file changed since.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// The entry as it went into the manifest.
+    pub entry: Entry,
+    /// Inode number.
+    pub ino: u64,
+    /// Status-change time in nanoseconds.
+    pub ctime_ns: i64,
+    /// False when the record must not be trusted (changed too close to the scan to be sure).
+    pub trusted: bool,
+}
+
+impl Keyed for CacheRecord {
+    fn key(&self) -> &RelPath {
+        &self.entry.path
+    }
+}
+
+/// Called after a file's bytes were read and before it is checked for changes. Tests use it to change a
+/// file at exactly that moment.
+pub type AfterReadHook = Arc<dyn Fn(&RelPath) + Send + Sync>;
+
+/// How to scan.
+#[derive(Clone)]
+pub struct ScanOptions {
+    /// Chunk sizes.
+    pub chunker: ChunkerConfig,
+    /// How many entries are stat'ed and hashed in parallel at a time.
+    pub batch: usize,
+    /// See [`AfterReadHook`].
+    pub after_read: Option<AfterReadHook>,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self { chunker: ChunkerConfig::DEFAULT, batch: 512, after_read: None }
+    }
+}
+
+impl std::fmt::Debug for ScanOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScanOptions").field("chunker", &self.chunker).field("batch", &self.batch).finish()
+    }
+}
+
+/// What a scan found and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanReport {
+    /// The new manifest's root hash.
+    pub root_hash: Option<RootHash>,
+    /// Entries in the manifest.
+    pub entries: u64,
+    /// Regular files among them.
+    pub files: u64,
+    /// Bytes in those files.
+    pub file_bytes: u64,
+    /// Files whose content was read (the others were unchanged since the last scan).
+    pub files_read: u64,
+    /// Bytes read from file contents.
+    pub bytes_read: u64,
+    /// Paths that changed while being read, left for the next round (the first 100).
+    pub changed_while_read: Vec<String>,
+    /// How many changed while being read.
+    pub changed_while_read_count: u64,
+    /// Paths that could not be read or are of a kind ferry does not copy, with why (the first 100).
+    pub skipped: Vec<String>,
+    /// How many were skipped.
+    pub skipped_count: u64,
+    /// Of those, devices, FIFOs and sockets (which an operator may choose to leave behind).
+    pub skipped_special: u64,
+    /// Wall time.
+    #[serde(serialize_with = "crate::timing::serialize_millis")]
+    pub duration: Duration,
+    /// What the scan's trust in unchanged files rests on.
+    #[serde(skip)]
+    pub settled_before: SettledBefore,
+}
+
+/// A second before a scan began. A file whose inode last changed (its ctime) before then was settled
+/// when the scan read it: a record of it is trusted next time, and while its ctime stays before
+/// then it holds what the scan read (any write, truncation, rename or link moves the ctime to the
+/// present). The second is the filesystem's timestamp granularity: a file changed in the same tick
+/// as the scan began could change again without its timestamps moving (git's "racy" problem). The
+/// default is the epoch: nothing is settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettledBefore(pub(super) i64);
+
+impl SettledBefore {
+    /// For a scan beginning at `start`.
+    pub fn scan_at(start: SystemTime) -> Self {
+        Self(to_ns(start) - 1_000_000_000)
+    }
+
+    /// True when `file`'s inode shows no change since: it holds what the scan read.
+    pub fn holds(self, file: impl AsFd) -> bool {
+        rustix::fs::fstat(file).is_ok_and(|stat| stat_ctime_ns(&stat) < self.0)
+    }
+}
+
+impl ScanReport {
+    pub(super) fn changed(&mut self, path: &RelPath) {
+        self.changed_while_read_count += 1;
+        if self.changed_while_read.len() < 100 {
+            self.changed_while_read.push(path.to_string());
+        }
+    }
+
+    /// Entries of the tree the round does not carry: every one skipped, but for devices, FIFOs and
+    /// sockets when `skip_special` (the operator said to leave them behind). A target cannot match a
+    /// tree while this is not zero.
+    pub fn not_carried(&self, skip_special: bool) -> u64 {
+        self.skipped_count - if skip_special { self.skipped_special } else { 0 }
+    }
+
+    /// Adds the paths `other` skipped to this report's.
+    pub(super) fn absorb_skips(&mut self, other: ScanReport) {
+        self.skipped_count += other.skipped_count;
+        self.skipped_special += other.skipped_special;
+        let room = 100usize.saturating_sub(self.skipped.len());
+        self.skipped.extend(other.skipped.into_iter().take(room));
+    }
+
+    pub(super) fn skip(&mut self, path: &RelPath, why: impl std::fmt::Display) {
+        tracing::warn!("skipped {path}: {why}");
+        self.skipped_count += 1;
+        if self.skipped.len() < 100 {
+            self.skipped.push(format!("{path}: {why}"));
+        }
+    }
+}
+
+/// A scan that could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The tree's top folder could not be opened.
+    #[error("cannot open source folder {path}: {source}")]
+    OpenRoot {
+        /// The folder.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Writing the new manifest or cache failed.
+    #[error(transparent)]
+    Output(#[from] RecordFileError),
+    /// The scan's threads could not be started.
+    #[error("cannot start the scan's threads: {0}")]
+    Threads(io::Error),
+}
