@@ -5,7 +5,6 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod chunks;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -26,6 +25,7 @@ mod lossy;
 mod net;
 mod refused;
 mod source;
+mod state;
 pub mod status;
 pub mod verify;
 

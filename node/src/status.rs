@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::config_dir::ConfigDir;
 use crate::history::{self, Marker, Record};
+use crate::state::{SourceState, TargetState};
 
 /// One job's state on this node.
 #[derive(Debug, Serialize)]
@@ -47,16 +48,15 @@ pub fn status(config_dir: &ConfigDir, job: Option<&str>) -> anyhow::Result<Statu
         .iter()
         .filter(|j| job.is_none_or(|name| name == j.name))
         .map(|j| {
-            let base = data.join("jobs").join(&j.name);
-            let target = base.join("target");
+            let (source, target) = (SourceState::new(&data, &j.name), TargetState::new(&data, &j.name));
             JobStatus {
                 job: j.name.clone(),
                 path: j.path.display().to_string(),
                 peer: j.peer.clone(),
-                received: history::read(&target.join("history.jsonl")),
-                pushed: history::read(&base.join("source").join("history.jsonl")),
-                round_running: history::read_marker(&target.join("round.running")),
-                import_running: history::read_marker(&target.join("import.running")),
+                received: history::read(&target.history()),
+                pushed: history::read(&source.history()),
+                round_running: history::read_marker(&target.round_marker()),
+                import_running: history::read_marker(&target.import_marker()),
             }
         })
         .collect();

@@ -5,7 +5,7 @@ use ferry_engine::{Entry, ManifestReader, MergeJoin, Pair, ScanOptions, scan};
 use serde::Serialize;
 
 use crate::config_dir::ConfigDir;
-use crate::destination::TargetState;
+use crate::state::TargetState;
 
 /// What `verify` found.
 #[derive(Debug, Serialize)]

@@ -27,6 +27,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod batch;
 mod frame;
 mod message;
 mod refusal;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use ferry_engine::{CheckOptions, ChunkIndex, check_target};
 use ferry_proto::RoundRef;
 
-use super::state::TargetState;
 use crate::config::JobConfig;
+use crate::state::TargetState;
 
 /// A check of a job's target begun when its source asked whether it would take a round (before the
 /// source's export hook, and again right before its scan): it runs while the source scans, and the
@@ -39,7 +39,7 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
     }
     let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
     let (target, committed, findings) = (job.path.clone(), state.manifest(), state.early_findings());
-    let index_path = state.dir.join("chunks.redb");
+    let index_path = state.chunk_index();
     let span = tracing::Span::current();
     let thread = std::thread::Builder::new().name("ferry-early-check".into()).spawn(move || {
         let _entered = span.enter();

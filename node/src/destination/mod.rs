@@ -17,13 +17,12 @@ use crate::refused::Refused;
 
 mod early;
 mod round;
-mod state;
 mod transfer;
 mod window;
 
+use crate::state::TargetState;
 use early::EarlyChecks;
 use round::{Imports, Round, RoundEnd, destination_round, is_refusal};
-pub(crate) use state::TargetState;
 use window::{Window, receive_chunks};
 
 /// A source that sends nothing for this long loses its round (`serve --stall-timeout`): a stalled

@@ -15,11 +15,11 @@ use ferry_proto::{Change, Committed, Hello, Message, NeedChunk, Refusal, RoundRe
 use tokio::sync::mpsc;
 
 use super::early::{self, EarlyChecks};
-use super::state::TargetState;
 use super::transfer::{TransferEnd, transfer};
 use super::window::{Window, WindowSource};
 use crate::config::JobConfig;
 use crate::refused::Refused;
+use crate::state::TargetState;
 
 /// The round's check of its target: taken from the one begun while the source scanned, or running.
 pub(super) enum Check {
@@ -95,8 +95,8 @@ pub(super) fn destination_round(
     let other_target = identity.changed;
     let adopt_whole = holds.is_none() || other_target;
     let early = early::take(round.early_checks, &job.name, holds, adopt_whole);
-    let mut index = ChunkIndex::open(&state.dir.join("chunks.redb"))?;
-    let indexed = state.dir.join("existing.indexed");
+    let mut index = ChunkIndex::open(&state.chunk_index())?;
+    let indexed = state.existing_indexed();
     if other_target {
         tracing::warn!(
             "{} is not the folder ferry filled in the last round: it is indexed and adopted",
@@ -132,7 +132,7 @@ pub(super) fn destination_round(
     send(Message::Welcome { holds })?;
 
     // The changes, to disk (a full manifest can be large).
-    let changes_path = state.dir.join("incoming-changes");
+    let changes_path = state.incoming_changes();
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
     let mut import_mode = ferry_proto::ImportMode::Default;
     let mut dry_run = false;
@@ -223,7 +223,7 @@ pub(super) fn destination_round(
         return Err(Refused::new(Refusal::NoSpace, reason).into());
     }
 
-    let mut committed = ManifestWriter::create(&state.dir.join("manifest.next"))?;
+    let mut committed = ManifestWriter::create(&state.next_manifest())?;
     let mut source = WindowSource { window: window.clone(), stall_timeout: round.stall_timeout };
     let options = ApplyOptions {
         delete: hello.delete,
@@ -245,7 +245,7 @@ pub(super) fn destination_round(
     send(Message::Done)?;
     let report = applier.finish()?;
     let root = committed.finish()?;
-    std::fs::rename(state.dir.join("manifest.next"), state.manifest())?;
+    std::fs::rename(state.next_manifest(), state.manifest())?;
     let _ = std::fs::remove_file(&changes_path);
     identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;
     commit_round(round, &state, holds, (root, end.root), report, import_mode, &send)
@@ -316,7 +316,7 @@ pub(super) fn commit_round(
                 Some(t) => humantime::parse_duration(t).with_context(|| format!("import_timeout {t:?}"))?,
                 None => Duration::from_secs(24 * 3600),
             };
-            let log = state.dir.join("import.log");
+            let log = state.import_log();
             let result = crate::import::run(&argv, job.import_user.as_deref(), done.round, timeout, &log);
             crate::history::append(&state.history(), &crate::history::Record::imported(&result))?;
             let _ = std::fs::remove_file(state.import_marker());

@@ -121,7 +121,7 @@ pub(super) async fn receive_chunks(
                                 return window.fail(format!("{e:#}"));
                             }
                         }
-                        match crate::chunks::decode_batch(batch, &mut decompressor) {
+                        match ferry_proto::batch::decode_batch(batch, &mut decompressor) {
                             Ok((good, bad)) => window.arrive(good, bad),
                             Err(e) => return window.fail(e.to_string()),
                         }

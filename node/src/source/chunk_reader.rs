@@ -20,7 +20,7 @@ pub(super) fn estimate_chunks(root: &Path, settled: SettledBefore, chunks: &[Nee
     let mut total = 0u64;
     for need in chunks {
         let Some(chunk) = reader.read(need) else { continue };
-        total += if crate::chunks::compressible(chunk, &mut compressor) {
+        total += if ferry_proto::batch::compressible(chunk, &mut compressor) {
             compressor.compress(chunk).map_or(chunk.len(), |c| c.len().min(chunk.len())) as u64
         } else {
             chunk.len() as u64
@@ -144,7 +144,7 @@ impl PendingBatch {
         }
         let list = std::mem::take(&mut self.list);
         let data = std::mem::replace(&mut self.data, Vec::with_capacity(self.capacity));
-        let batch = crate::chunks::encode_batch(list, data, compress, compressor);
+        let batch = ferry_proto::batch::encode_batch(list, data, compress, compressor);
         tx.0.blocking_send(Outgoing { batch, covered: self.covered }).map_err(|_| anyhow!("connection closed"))
     }
 }
@@ -184,7 +184,7 @@ pub(super) fn read_chunks(
         counters.chunks.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(u64::from(need.len), Ordering::Relaxed);
         read += u64::from(need.len);
-        let compress = crate::chunks::compressible(&raw.data[start..], &mut compressor);
+        let compress = ferry_proto::batch::compressible(&raw.data[start..], &mut compressor);
         if compress {
             text.data.extend_from_slice(&raw.data[start..]);
             raw.data.truncate(start);

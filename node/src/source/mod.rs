@@ -14,7 +14,6 @@ mod progress;
 mod report;
 mod round;
 mod session;
-mod state;
 
 pub use dry_run::{DryRunReport, dry_run, print_dry_run};
 pub use options::PushOptions;

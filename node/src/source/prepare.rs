@@ -8,9 +8,9 @@ use ferry_engine::{ScanOptions, scan};
 
 use super::options::PushOptions;
 use super::session::{BUSY_RETRY, check_peer, is_busy};
-use super::state::SourceState;
 use crate::config_dir::ConfigDir;
 use crate::net::{self};
+use crate::state::SourceState;
 
 /// A round's source side, ready to connect: the job, its peer and the new scan.
 pub(super) struct Prepared {
@@ -43,7 +43,7 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
     let addr = peer.addr.clone().ok_or_else(|| {
         anyhow!("peer {} has no address: ferry trust {} --name {} --addr HOST:PORT", peer.name, peer.id, peer.name)
     })?;
-    let state = SourceState { dir: config_dir.data_dir(&config).join("jobs").join(&job.name).join("source") };
+    let state = SourceState::new(&config_dir.data_dir(&config), &job.name);
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
     let lock = ferry_engine::lock_state(&state.dir)?;
     let client = net::Client::default();
@@ -60,7 +60,7 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
 
     if let Some(command) = &job.export_cmd {
         let argv = crate::config::export_argv(command, &job.path, &job.name)?;
-        let log = state.dir.join("export.log");
+        let log = state.export_log();
         let user = job.export_user.clone();
         let run = tokio::task::spawn_blocking(move || {
             crate::import::run(&argv, user.as_deref(), 0, Duration::from_secs(24 * 3600), &log)

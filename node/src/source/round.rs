@@ -211,7 +211,7 @@ pub(super) async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> 
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
     };
-    crate::history::append(&state.dir.join("history.jsonl"), &report.history_record(&peer.name))?;
+    crate::history::append(&state.history(), &report.history_record(&peer.name))?;
     Ok(report)
 }
 
@@ -286,8 +286,8 @@ pub(super) async fn serve_round(
             while let Some(chunks) = needs_rx.blocking_recv() {
                 // Under a limit, smaller batches: an interruption loses at most the batches on the
                 // wire, and each should take a fraction of a second.
-                let batch_bytes = limiter.rate().bytes_per_second().map_or(crate::chunks::BATCH_BYTES, |bps| {
-                    (bps as usize / 16).clamp(64 << 10, crate::chunks::BATCH_BYTES)
+                let batch_bytes = limiter.rate().bytes_per_second().map_or(ferry_proto::batch::BATCH_BYTES, |bps| {
+                    (bps as usize / 16).clamp(64 << 10, ferry_proto::batch::BATCH_BYTES)
                 });
                 let read = SourceChunks::open(&root, settled).and_then(|mut reader| {
                     read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)

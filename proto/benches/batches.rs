@@ -3,12 +3,12 @@
 //! with every chunk's hash checked. Two kinds of data: mail text (compresses) and random bytes (what a
 //! gzip BLOB looks like to zstd).
 //!
-//! `cargo bench -p ferry --bench batches`; `cargo test --benches` runs each once, as a check.
+//! `cargo bench -p ferry-proto --bench batches`; `cargo test --benches` runs each once, as a check.
 #![allow(missing_docs)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry::chunks::{compressible, decode_batch, encode_batch};
 use ferry_engine::ChunkHash;
+use ferry_proto::batch::{compressible, decode_batch, encode_batch};
 use rand::{RngExt, SeedableRng};
 use std::hint::black_box;
 

@@ -1,9 +1,9 @@
 //! Chunk batches on the wire: several chunks concatenated, zstd-compressed when that pays, and checked
 //! on arrival (bounded decompression, every hash verified).
 
+use crate::message::{ChunkBatch, Codec};
 use bytes::Bytes;
 use ferry_engine::ChunkHash;
-use ferry_proto::{ChunkBatch, Codec};
 
 /// A batch is sent once it holds this many bytes of chunk data (one maximum chunk is 256 KiB).
 pub const BATCH_BYTES: usize = 1 << 20;
@@ -17,7 +17,7 @@ pub const MAX_BATCH_BYTES: u64 = 4 << 20;
 /// bits a byte) compress; a full sample near 8 bits a byte is compressed or encrypted data. Between the
 /// two, and for samples too short to tell, the sample is compressed to find out. zstd's probe cost
 /// 4.3 µs a chunk on mail text and 2.2 µs on random bytes, the entropy 0.86 µs, and most chunks are
-/// one or the other (`cargo bench -p ferry --bench batches`).
+/// one or the other (`cargo bench -p ferry-proto --bench batches`).
 pub fn compressible(chunk: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
     let sample = &chunk[..chunk.len().min(PROBE_BYTES)];
     if sample.len() >= 256 {

@@ -1,0 +1,139 @@
+//! Where a job's state lives on disk, on either side: every path of it is named here and nowhere else.
+//!
+//! `DATA/jobs/JOB/source/` holds what the source keeps between rounds (its scan cache, the manifest of
+//! the last round the destination committed, its history); `DATA/jobs/JOB/target/` what the
+//! destination keeps (the committed manifest and round, the chunk index with ferry's records of what
+//! it placed, the check's findings, markers of a round or an import in progress, its history).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ferry_proto::RoundRef;
+
+fn job_dir(data_dir: &Path, job: &str) -> PathBuf {
+    data_dir.join("jobs").join(job)
+}
+
+/// The source's state for a job.
+pub(crate) struct SourceState {
+    pub(crate) dir: PathBuf,
+}
+
+impl SourceState {
+    pub(crate) fn new(data_dir: &Path, job: &str) -> Self {
+        Self { dir: job_dir(data_dir, job).join("source") }
+    }
+    /// The quick check's cache of the last scan.
+    pub(crate) fn cache(&self) -> PathBuf {
+        self.dir.join("cache")
+    }
+    /// This round's scan.
+    pub(crate) fn scanned(&self) -> PathBuf {
+        self.dir.join("manifest.scan")
+    }
+    /// The manifest of the last round the destination committed: what changes are counted against.
+    pub(crate) fn base(&self) -> PathBuf {
+        self.dir.join("manifest.base")
+    }
+    fn base_file(&self) -> PathBuf {
+        self.dir.join("base.json")
+    }
+    pub(crate) fn history(&self) -> PathBuf {
+        self.dir.join("history.jsonl")
+    }
+    pub(crate) fn export_log(&self) -> PathBuf {
+        self.dir.join("export.log")
+    }
+    /// Which round [`Self::base`] is.
+    pub(crate) fn base_round(&self) -> Option<RoundRef> {
+        let bytes = std::fs::read(self.base_file()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+    /// The scanned manifest becomes the base of the next round's changes. When the base already holds
+    /// the same records (nothing changed), the base stays and the scan's copy goes: nothing to sync.
+    /// Else the scan's manifest (not fsynced by the scan) is made durable first, then named the base,
+    /// then `base.json` says which round it is.
+    pub(crate) fn promote(&self, round: RoundRef) -> anyhow::Result<()> {
+        if ferry_engine::same_records(&self.scanned(), &self.base()) {
+            let _ = std::fs::remove_file(self.scanned());
+        } else {
+            ferry_engine::sync_record_file(&self.scanned())?;
+            std::fs::rename(self.scanned(), self.base())?;
+        }
+        crate::helpers::write_durably(&self.base_file(), &serde_json::to_vec(&round)?)?;
+        Ok(())
+    }
+    pub(crate) fn forget_base(&self) {
+        let _ = std::fs::remove_file(self.base_file());
+    }
+}
+
+/// The destination's state for a job.
+pub(crate) struct TargetState {
+    pub(crate) dir: PathBuf,
+}
+
+impl TargetState {
+    pub(crate) fn new(data_dir: &Path, job: &str) -> Self {
+        Self { dir: job_dir(data_dir, job).join("target") }
+    }
+    /// The committed manifest: what ferry put in the target, as its last round left it.
+    pub(crate) fn manifest(&self) -> PathBuf {
+        self.dir.join("manifest")
+    }
+    /// The manifest being written by a round, renamed over [`Self::manifest`] at the commit.
+    pub(crate) fn next_manifest(&self) -> PathBuf {
+        self.dir.join("manifest.next")
+    }
+    /// The list of changes as it arrives from the source.
+    pub(crate) fn incoming_changes(&self) -> PathBuf {
+        self.dir.join("incoming-changes")
+    }
+    fn round_file(&self) -> PathBuf {
+        self.dir.join("round.json")
+    }
+    /// The chunk index, with ferry's records of what it placed.
+    pub(crate) fn chunk_index(&self) -> PathBuf {
+        self.dir.join("chunks.redb")
+    }
+    /// Says that the files in the target before the first round were indexed.
+    pub(crate) fn existing_indexed(&self) -> PathBuf {
+        self.dir.join("existing.indexed")
+    }
+    pub(crate) fn history(&self) -> PathBuf {
+        self.dir.join("history.jsonl")
+    }
+    pub(crate) fn import_log(&self) -> PathBuf {
+        self.dir.join("import.log")
+    }
+    pub(crate) fn import_marker(&self) -> PathBuf {
+        self.dir.join("import.running")
+    }
+    pub(crate) fn round_marker(&self) -> PathBuf {
+        self.dir.join("round.running")
+    }
+    /// What a check begun before the round found.
+    pub(crate) fn early_findings(&self) -> PathBuf {
+        self.dir.join("findings.early")
+    }
+    /// What the round's check of the target found.
+    pub(crate) fn findings(&self) -> PathBuf {
+        self.dir.join("findings")
+    }
+    /// The device and inode of the target folder ferry last filled.
+    pub(crate) fn identity(&self) -> PathBuf {
+        self.dir.join("identity")
+    }
+    /// The last committed round.
+    pub(crate) fn holds(&self) -> anyhow::Result<Option<RoundRef>> {
+        match std::fs::read(self.round_file()) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("round.json is damaged")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+    pub(crate) fn set_holds(&self, round: RoundRef) -> anyhow::Result<()> {
+        crate::helpers::write_durably(&self.round_file(), &serde_json::to_vec(&round)?)
+            .with_context(|| format!("cannot record the round in {}", self.round_file().display()))
+    }
+}
