@@ -183,8 +183,8 @@ pub struct SyncArgs {
     pub low_priority: bool,
     /// Network rounds: the congestion controller. cubic (the default) is fair and wastes nothing; for a
     /// link with random loss (radio, a bad line), lossy (cubic that ignores a loss while the link's
-    /// queue is empty) keeps most of its rate, and bbr too, but bbr resends much more on links with
-    /// small buffers [default: cubic].
+    /// queue is empty) keeps most of its rate, and bbr too (quinn's experimental BBR), but bbr resends
+    /// much more on links with small buffers [default: cubic].
     #[arg(long, value_enum, value_name = "CONTROLLER")]
     pub congestion: Option<crate::net::Congestion>,
     /// Network rounds: how often a run without a terminal (cron, systemd) logs its progress, with the

@@ -83,7 +83,13 @@ pub fn job_add(
 ) -> anyhow::Result<()> {
     check_job_name(name)?;
     let mut config = config_dir.load()?;
-    config.jobs.retain(|j| j.name != name);
+    if let Some(job) = config.job(name) {
+        bail!(
+            "there is a job {name:?} already (folder {}, peer {}): change it with `ferry job set {name} ...`",
+            job.path.display(),
+            job.peer
+        );
+    }
     config.jobs.push(JobConfig {
         name: name.to_owned(),
         path: path.to_owned(),

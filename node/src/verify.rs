@@ -63,7 +63,7 @@ pub fn verify(config_dir: &ConfigDir, job: &str) -> anyhow::Result<VerifyReport>
 
 fn difference(want: &Entry, got: &Entry, owners: bool) -> Option<String> {
     if want.kind != got.kind {
-        return Some(format!("is a {:?}, should be a {:?}", got.kind, want.kind));
+        return Some(format!("is a {}, should be a {}", got.kind, want.kind));
     }
     if want.size != got.size || want.chunks != got.chunks {
         return Some(format!("content differs ({} bytes, should be {})", got.size, want.size));

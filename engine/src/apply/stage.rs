@@ -14,8 +14,8 @@ use super::make::{Job, WRITE_GROUP, write_pieces};
 use super::options::{ApplyError, io_err};
 use super::source::{Fetched, LARGE_FILE, LARGE_FILE_SYNC};
 use super::sys::{
-    BackgroundSync, create_staged, kind_of, link_unnamed, name_of, no_tmpfile, open_unnamed, set_metadata, times,
-    waiting,
+    BackgroundSync, create_staged, file_type_words, kind_of, link_unnamed, name_of, no_tmpfile, open_unnamed,
+    set_metadata, times, waiting,
 };
 use crate::hash::ChunkHash;
 use crate::index::ChunkLocation;
@@ -80,7 +80,10 @@ impl Applier<'_> {
                 Some(other) => {
                     self.fail(
                         &path,
-                        format_args!("holds a {other:?} that ferry did not write; not replaced by a folder"),
+                        format_args!(
+                            "holds a {} that ferry did not write; not replaced by a folder",
+                            file_type_words(other)
+                        ),
                     );
                     self.stack.push(Frame { path, leave: Leave::Failed, dirty: false });
                     return Ok(());
@@ -104,11 +107,13 @@ impl Applier<'_> {
             return Ok(());
         }
         let current_kind = kind_of(current);
-        if current.is_some() && current_kind != Some(new.kind) && !adopted && old_kind != current_kind {
-            self.fail(
-                &path,
-                format_args!("holds a {current:?} that ferry did not write; not replaced by a {:?}", new.kind),
-            );
+        if let Some(found) = current
+            && current_kind != Some(new.kind)
+            && !adopted
+            && old_kind != current_kind
+        {
+            let found = file_type_words(found);
+            self.fail(&path, format_args!("holds a {found} that ferry did not write; not replaced by a {}", new.kind));
             return Ok(());
         }
         match self.place_non_dir(old.as_ref(), &new, current)? {

@@ -143,6 +143,20 @@ pub(super) fn kind_of(file_type: Option<FileType>) -> Option<EntryKind> {
     }
 }
 
+/// What is at a path, in words, for messages.
+pub(super) fn file_type_words(file_type: FileType) -> &'static str {
+    match file_type {
+        FileType::RegularFile => "file",
+        FileType::Directory => "folder",
+        FileType::Symlink => "symlink",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        FileType::Unknown => "entry of an unknown kind",
+    }
+}
+
 pub(super) fn times(mtime_ns: i64) -> Timestamps {
     Timestamps {
         last_access: Timespec { tv_sec: 0, tv_nsec: UTIME_OMIT },

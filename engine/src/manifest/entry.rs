@@ -16,6 +16,17 @@ pub enum EntryKind {
     Symlink,
 }
 
+impl std::fmt::Display for EntryKind {
+    /// The kind in words, for messages: "folder", "file", "symlink".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EntryKind::Dir => "folder",
+            EntryKind::File => "file",
+            EntryKind::Symlink => "symlink",
+        })
+    }
+}
+
 /// One chunk of a file: its name and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef {

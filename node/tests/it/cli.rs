@@ -179,6 +179,27 @@ fn config_check_names_the_line_and_the_key() {
 }
 
 #[test]
+fn commands_check_their_input_where_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let ferry =
+        |args: &[&str]| Command::new(ferry_bin()).env("FERRY_CONFIG_DIR", dir.path()).args(args).output().unwrap();
+    assert!(ferry(&["init"]).status.success());
+    let id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    // An address that does not parse is refused at `trust`, and the file stays loadable.
+    let out = ferry(&["trust", id, "--name", "dest", "--addr", "nonsense"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ferry(&["trust", id, "--name", "dest", "--addr", "127.0.0.1:7373"]).status.success());
+    assert!(ferry(&["job", "add", "zimbra", "--path", "/srv/a", "--peer", "dest"]).status.success());
+    // `job add` of a name that exists is refused (that is `job set`), and the job keeps its folder.
+    let out = ferry(&["job", "add", "zimbra", "--path", "/srv/b", "--peer", "dest"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    assert!(stderr.contains("ferry job set zimbra"), "{stderr}");
+    let config = std::fs::read_to_string(dir.path().join("ferry.toml")).unwrap();
+    assert!(config.contains("/srv/a") && !config.contains("/srv/b"), "{config}");
+}
+
+#[test]
 fn completions_and_man_pages_come_from_the_command_line() {
     let out = Command::new(ferry_bin()).args(["completions", "bash"]).output().unwrap();
     let script = String::from_utf8_lossy(&out.stdout);

@@ -294,6 +294,12 @@ fn symlinks_planted_in_the_target_are_not_followed() {
     assert!(first.apply.failure_count >= 1, "{:?}", first.apply.failures);
     assert!(first.apply.failures.iter().any(|f| f.starts_with("accounts")), "{:?}", first.apply.failures);
     assert!(!first.in_sync);
+    // Said in words, not in Rust's debug forms (`Some(Symlink)`).
+    assert!(
+        first.apply.failures.iter().all(|f| f.contains("holds a symlink") && !f.contains("Some(")),
+        "{:?}",
+        first.apply.failures
+    );
     assert_eq!(std::fs::read(pair.target().join("items/ab/blob1")).unwrap(), b"blob1");
 
     // Planted deeper, in a folder that an earlier round created.
