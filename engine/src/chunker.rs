@@ -49,7 +49,7 @@ impl ChunkerConfig {
         let in_range = (MINIMUM_MIN..=MINIMUM_MAX).contains(&mn)
             && (AVERAGE_MIN..=AVERAGE_MAX).contains(&av)
             && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&mx);
-        let even = min % 2 == 0 && avg % 2 == 0 && max % 2 == 0;
+        let even = min.is_multiple_of(2) && avg.is_multiple_of(2) && max.is_multiple_of(2);
         if !in_range || !even || min > avg || avg > max {
             return Err(err);
         }
