@@ -80,9 +80,26 @@ impl Daemon {
         let Self { endpoint, context, node_id } = self;
         tracing::info!("node {node_id} listening on {}", endpoint.local_addr()?);
         tokio::pin!(shutdown);
+        // SIGHUP, which would end the process by default, re-reads the configuration instead (as
+        // `sync` does for its limit): the trusted peers now, each job's settings as its round starts.
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!("cannot handle SIGHUP ({e}); it will end the daemon"))
+            .ok();
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::info!(
+                        "SIGHUP: re-read {}; job settings are read as each round starts",
+                        context.config_dir.config_file().display()
+                    );
+                    context.refresh_trusted();
+                }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     // Peers trusted since the daemon started are let in without a restart.

@@ -306,6 +306,22 @@ fn strangers_are_refused_with_a_message_that_says_what_to_do() {
 /// The check before the export hook and the round go out from one UDP socket (one quinn endpoint):
 /// quinn gives each endpoint a 13 MB receive buffer and zeroes it when it is made.
 #[test]
+fn sighup_makes_the_daemon_reread_its_config_not_end() {
+    let mut setup = Setup::new();
+    let (source, target) = (setup.path("src"), setup.path("dst"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("a"), b"before the signal").unwrap();
+    setup.job("zimbra", &source, &target);
+    let pid = rustix::process::Pid::from_raw(setup.daemon.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(setup.daemon.child.try_wait().unwrap().is_none(), "SIGHUP ended the daemon");
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_eq!(std::fs::read(target.join("a")).unwrap(), b"before the signal");
+}
+
+#[test]
 fn the_check_and_the_round_go_out_from_one_socket() {
     let Some(strace) = strace("cannot count the source's sockets") else { return };
     let setup = Setup::new();
