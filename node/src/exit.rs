@@ -50,3 +50,31 @@ pub fn of_error(error: &anyhow::Error) -> i32 {
         ERROR
     }
 }
+
+/// What `--json` prints when a round ends without its own report (exit 1, 6, 7 or 8): how it ended,
+/// its exit code and the error, so that a monitor reading stdout always finds a document.
+#[derive(Debug, serde::Serialize)]
+pub struct ErrorReport {
+    /// [`crate::REPORT_SCHEMA`].
+    pub schema: u32,
+    /// `deadline`, `unreachable`, `refused` or `error`.
+    pub outcome: &'static str,
+    /// The process's exit code.
+    pub exit_code: i32,
+    /// The error, on one line.
+    pub error: String,
+}
+
+impl ErrorReport {
+    /// The report of `error`.
+    pub fn of(error: &anyhow::Error) -> Self {
+        let exit_code = of_error(error);
+        let outcome = match exit_code {
+            DEADLINE => "deadline",
+            UNREACHABLE => "unreachable",
+            REFUSED => "refused",
+            _ => "error",
+        };
+        Self { schema: crate::helpers::REPORT_SCHEMA, outcome, exit_code, error: crate::helpers::describe(error) }
+    }
+}

@@ -25,6 +25,8 @@ fn main() {
         || matches!(&cli.command, Command::Sync(args) if args.target.is_none());
     init_logging(cli.verbose, cli.quiet, chatty);
     let config_dir = ConfigDir::new(cli.config_dir).with_data_dir(cli.data_dir);
+    // A round asked for JSON prints a document however it ends.
+    let json_errors = matches!(&cli.command, Command::Sync(args) if args.json);
     let result = match cli.command {
         Command::Init => ferry::commands::init(&config_dir).map(|()| exit::OK),
         Command::Trust(args) => ferry::commands::trust(&config_dir, &args).map(|()| exit::OK),
@@ -158,6 +160,9 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             let code = exit::of_error(&e);
+            if json_errors && let Ok(text) = serde_json::to_string_pretty(&exit::ErrorReport::of(&e)) {
+                println!("{text}");
+            }
             if code == exit::DEADLINE {
                 eprintln!("ferry: {}", ferry::describe(&e));
             } else {
