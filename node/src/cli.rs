@@ -132,8 +132,8 @@ pub struct SyncArgs {
     #[arg(long)]
     pub skip_special: bool,
     /// Local rounds: where this pair's state (scan cache, chunk index, last manifest) lives. Default: a
-    /// folder per source/target pair under the data directory (/var/lib/ferry for root, else
-    /// ~/.local/share/ferry).
+    /// folder per source/target pair in `local/` under the data directory (`--data-dir`, else
+    /// /var/lib/ferry for root, else ~/.local/share/ferry).
     #[arg(long, env = "FERRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Print one JSON report on stdout instead of the summary.

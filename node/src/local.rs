@@ -19,6 +19,8 @@ pub struct LocalSyncOptions {
     pub target: PathBuf,
     /// Explicit state folder, or `None` for the default under the data directory.
     pub state_dir: Option<PathBuf>,
+    /// `--data-dir`: the data directory the default state folder goes under (else the default one).
+    pub data_dir: Option<PathBuf>,
     /// `--delete`.
     pub delete: bool,
     /// `--numeric-ids`.
@@ -66,7 +68,7 @@ fn print_json<T: serde::Serialize>(report: &T) -> anyhow::Result<()> {
 
 /// Where a source/target pair keeps its state when not told: one folder per pair, named by a hash of
 /// both canonical paths, so that two pairs never share a scan cache or chunk index.
-pub(crate) fn default_state_dir(source: &Path, target: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn default_state_dir(source: &Path, target: &Path, data_dir: Option<&Path>) -> anyhow::Result<PathBuf> {
     let source = source.canonicalize().with_context(|| format!("source folder {}", source.display()))?;
     let target = target.canonicalize().with_context(|| format!("target folder {}", target.display()))?;
     let mut hasher = blake3::Hasher::new();
@@ -74,7 +76,8 @@ pub(crate) fn default_state_dir(source: &Path, target: &Path) -> anyhow::Result<
     hasher.update(b"\0");
     hasher.update(target.as_os_str().as_encoded_bytes());
     let id = &hasher.finalize().to_hex()[..16];
-    Ok(crate::helpers::default_data_dir().join("local").join(id))
+    let data_dir = data_dir.map_or_else(crate::helpers::default_data_dir, Path::to_path_buf);
+    Ok(data_dir.join("local").join(id))
 }
 
 /// Runs the round and prints its report; returns the exit code.
@@ -91,7 +94,7 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
         None => {
             std::fs::create_dir_all(&options.target)
                 .with_context(|| format!("cannot create target folder {}", options.target.display()))?;
-            default_state_dir(&options.source, &options.target)?
+            default_state_dir(&options.source, &options.target, options.data_dir.as_deref())?
         }
     };
     tracing::info!(source = %options.source.display(), target = %options.target.display(), state = %state.display(), "local round");

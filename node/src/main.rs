@@ -24,6 +24,7 @@ fn main() {
     let chatty = matches!(&cli.command, Command::Serve(_))
         || matches!(&cli.command, Command::Sync(args) if args.target.is_none());
     init_logging(cli.verbose, cli.quiet, chatty);
+    let data_dir = cli.data_dir.clone();
     let config_dir = ConfigDir::new(cli.config_dir).with_data_dir(cli.data_dir);
     // A round asked for JSON prints a document however it ends.
     let json_errors = matches!(&cli.command, Command::Sync(args) if args.json);
@@ -81,6 +82,7 @@ fn main() {
                 source: args.job_or_source,
                 target,
                 state_dir: args.state_dir,
+                data_dir,
                 delete: args.delete,
                 numeric_ids: args.numeric_ids,
                 skip_special: args.skip_special,

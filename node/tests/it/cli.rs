@@ -200,6 +200,23 @@ fn commands_check_their_input_where_it_is_given() {
 }
 
 #[test]
+fn a_local_round_keeps_its_state_under_the_data_dir_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, target, data) = (dir.path().join("src"), dir.path().join("dst"), dir.path().join("data"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("a"), b"a").unwrap();
+    let out = Command::new(ferry_bin())
+        .env_remove("FERRY_STATE_DIR")
+        .args(["--data-dir", data.to_str().unwrap(), "sync", "--round"])
+        .args([&source, &target])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pairs: Vec<_> = std::fs::read_dir(data.join("local")).unwrap().collect();
+    assert_eq!(pairs.len(), 1, "one state folder for the pair under the data dir");
+}
+
+#[test]
 fn completions_and_man_pages_come_from_the_command_line() {
     let out = Command::new(ferry_bin()).args(["completions", "bash"]).output().unwrap();
     let script = String::from_utf8_lossy(&out.stdout);
