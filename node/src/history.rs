@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// One line of `history.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
-    /// What happened: `committed`, `pushed`, `imported`, `import-interrupted`.
+    /// What happened: `committed`, `pushed`, `imported`, `import-interrupted`; on the source also
+    /// `failed` and `stopped` (its deadline) for a round that ended without a commit.
     pub event: String,
     /// The round.
     pub round: u64,
@@ -41,6 +42,9 @@ pub struct Record {
     /// How long it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// Why a round did not end with a commit (`failed`, `stopped`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn now() -> String {
@@ -61,6 +65,7 @@ impl Record {
             in_sync: None,
             import: None,
             duration_ms: None,
+            error: None,
         }
     }
 

@@ -92,6 +92,9 @@ pub fn print(status: &Status) {
                 record.in_sync.map(|s| if s { "in sync" } else { "INCOMPLETE" }).unwrap_or_default(),
                 import
             );
+            if let Some(error) = &record.error {
+                println!("    {error}");
+            }
         }
         if let Some(marker) = &job.round_running {
             println!("  round {} in progress since {} (from {})", marker.round, marker.since, marker.what.join(" "));

@@ -22,6 +22,8 @@ pub use report::{PushReport, REPORT_SCHEMA, print_push_report};
 use round::push_once;
 use session::{BUSY_RETRY, is_busy};
 
+use crate::state::SourceState;
+
 /// Runs one round of `options.job`; with `wait_if_busy`, waits while the destination is busy with it.
 pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
     let span = tracing::info_span!("sync", job = %options.job, round = tracing::field::Empty);
@@ -34,10 +36,37 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
                     tracing::info!("{e}; trying again in {} s (--wait)", BUSY_RETRY.as_secs());
                     tokio::time::sleep(BUSY_RETRY).await;
                 }
+                Err(e) => {
+                    record_unfinished(config_dir, options, &e);
+                    return Err(e);
+                }
                 other => return other,
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Adds a round that ended without a commit to the job's history, so that `ferry status` does not
+/// show the last night that went well as the latest. Its round is the one after the last this node
+/// pushed. Best effort: a job that cannot be read (no config, no such job) has no history to add to.
+fn record_unfinished(config_dir: &ConfigDir, options: &PushOptions, error: &anyhow::Error) {
+    let Ok(config) = config_dir.load() else { return };
+    if config.job(&options.job).is_none() {
+        return;
+    }
+    let state = SourceState::new(&config_dir.data_dir(&config), &options.job);
+    let event = if error.downcast_ref::<StoppedAtDeadline>().is_some() { "stopped" } else { "failed" };
+    let round = state.base_round().map_or(1, |base| base.round + 1);
+    let record = crate::history::Record {
+        error: Some(crate::helpers::describe(error)),
+        ..crate::history::Record::new(event, round)
+    };
+    let appended = std::fs::create_dir_all(&state.dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| crate::history::append(&state.history(), &record));
+    if let Err(e) = appended {
+        tracing::warn!("cannot add the round to {}: {e:#}", state.history().display());
+    }
 }

@@ -322,6 +322,28 @@ fn sighup_makes_the_daemon_reread_its_config_not_end() {
 }
 
 #[test]
+fn a_round_that_fails_is_in_the_history_status_shows() {
+    let mut setup = Setup::new();
+    let (source, target) = (setup.path("src"), setup.path("dst"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("a"), b"a").unwrap();
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    // The destination goes away: the next night's round cannot reach it.
+    setup.daemon.child.kill().unwrap();
+    setup.daemon.child.wait().unwrap();
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::UNREACHABLE), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
+    let pushed = status["jobs"][0]["pushed"].as_array().unwrap();
+    let last = pushed.last().unwrap();
+    assert_eq!((last["event"].as_str(), last["round"].as_u64()), (Some("failed"), Some(2)), "{status}");
+    assert!(!last["error"].as_str().unwrap_or_default().is_empty(), "{status}");
+    let text = String::from_utf8_lossy(&setup.source.run(&["status"]).stdout).into_owned();
+    assert!(text.contains("failed"), "{text}");
+}
+
+#[test]
 fn the_check_and_the_round_go_out_from_one_socket() {
     let Some(strace) = strace("cannot count the source's sockets") else { return };
     let setup = Setup::new();
