@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// What happened: `committed`, `pushed`, `imported`, `import-interrupted`; on the source also
-    /// `failed` and `stopped` (its deadline) for a round that ended without a commit.
+    /// `failed`, `refused` and `stopped` (its deadline) for a round that ended without a commit.
     pub event: String,
     /// The round.
     pub round: u64,
@@ -42,7 +42,7 @@ pub struct Record {
     /// How long it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
-    /// Why a round did not end with a commit (`failed`, `stopped`).
+    /// Why a round did not end with a commit (`failed`, `refused`, `stopped`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

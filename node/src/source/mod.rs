@@ -57,7 +57,13 @@ fn record_unfinished(config_dir: &ConfigDir, options: &PushOptions, error: &anyh
         return;
     }
     let state = SourceState::new(&config_dir.data_dir(&config), &options.job);
-    let event = if error.downcast_ref::<StoppedAtDeadline>().is_some() { "stopped" } else { "failed" };
+    let event = if error.downcast_ref::<StoppedAtDeadline>().is_some() {
+        "stopped"
+    } else if error.downcast_ref::<crate::refused::Refused>().is_some() {
+        "refused"
+    } else {
+        "failed"
+    };
     let round = state.base_round().map_or(1, |base| base.round + 1);
     let record = crate::history::Record {
         error: Some(crate::helpers::describe(error)),

@@ -537,7 +537,11 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
     let imported = received.iter().filter(|r| r["event"] == "imported").count();
     assert_eq!((committed, imported), (6, 4), "{status}");
     let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
-    assert_eq!(status["jobs"][0]["pushed"].as_array().unwrap().len(), 6, "{status}");
+    let pushed = status["jobs"][0]["pushed"].as_array().unwrap();
+    let events: Vec<&str> = pushed.iter().filter_map(|r| r["event"].as_str()).collect();
+    assert_eq!(events.iter().filter(|e| **e == "pushed").count(), 6, "{status}");
+    // The round refused while the import ran is there too, with why.
+    assert_eq!(events.iter().filter(|e| **e == "refused").count(), 1, "{status}");
     let text = setup.dest.ok(&["status", "zimbra"]);
     assert!(text.contains("import FAILED (exit code 7)") && text.contains("round    6"), "{text}");
 }
