@@ -66,13 +66,14 @@ impl Ledger {
         self.missing.contains(hash)
     }
 
-    /// A chunk of `len` bytes arrived whole and checked; `held` says whether the driver already holds
-    /// it (a duplicate of one kept earlier, which costs nothing against the budget).
-    pub fn arrive(&mut self, hash: &ChunkHash, len: u64, held: bool) -> Arrival {
+    /// A chunk of `len` bytes arrived whole and checked; `held` says, when asked (only for a chunk not
+    /// wanted), whether the driver already holds it (a duplicate of one kept earlier, which costs
+    /// nothing against the budget).
+    pub fn arrive(&mut self, hash: &ChunkHash, len: u64, held: impl FnOnce() -> bool) -> Arrival {
         if self.wanted.remove(hash) {
             Arrival::Keep
         } else {
-            if !held {
+            if !held() {
                 self.unwanted_bytes += len;
             }
             Arrival::Drop
@@ -178,11 +179,6 @@ impl StallTimer {
     pub fn deadline(&self) -> Option<Instant> {
         self.last.map(|(since, _)| since + self.timeout)
     }
-
-    /// The timeout, for messages.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
 }
 
 #[cfg(test)]
@@ -197,9 +193,9 @@ mod tests {
     fn only_chunks_asked_for_are_kept_and_each_once() {
         let mut ledger = Ledger::default();
         ledger.want([hash(1), hash(2)]);
-        assert_eq!(ledger.arrive(&hash(1), 100, false), Arrival::Keep);
-        assert_eq!(ledger.arrive(&hash(1), 100, true), Arrival::Drop, "a duplicate of a kept chunk");
-        assert_eq!(ledger.arrive(&hash(3), 100, false), Arrival::Drop, "never asked for");
+        assert_eq!(ledger.arrive(&hash(1), 100, || false), Arrival::Keep);
+        assert_eq!(ledger.arrive(&hash(1), 100, || true), Arrival::Drop, "a duplicate of a kept chunk");
+        assert_eq!(ledger.arrive(&hash(3), 100, || false), Arrival::Drop, "never asked for");
         assert!(ledger.is_wanted(&hash(2)));
         assert!(!ledger.is_wanted(&hash(1)));
         assert_eq!(ledger.end(), None);
@@ -209,16 +205,16 @@ mod tests {
     fn a_flood_of_chunks_not_asked_for_ends_the_window_but_duplicates_of_kept_ones_do_not() {
         let mut ledger = Ledger::default();
         ledger.want([hash(1)]);
-        ledger.arrive(&hash(1), 1 << 20, false);
+        ledger.arrive(&hash(1), 1 << 20, || false);
         for _ in 0..100 {
-            ledger.arrive(&hash(1), 1 << 20, true);
+            ledger.arrive(&hash(1), 1 << 20, || true);
         }
         assert_eq!(ledger.end(), None, "late duplicates of what was kept cost nothing");
         for _ in 0..64 {
-            ledger.arrive(&hash(9), 1 << 20, false);
+            ledger.arrive(&hash(9), 1 << 20, || false);
         }
         assert_eq!(ledger.end(), None, "exactly the budget is allowed");
-        ledger.arrive(&hash(9), 1, false);
+        ledger.arrive(&hash(9), 1, || false);
         assert_eq!(ledger.end(), Some(WindowEnd::Flooded(UNWANTED_MAX + 1)));
     }
 

@@ -152,7 +152,9 @@ impl Window {
     }
 
     pub(super) fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
-        if let Ok(mut state) = self.state.lock() {
+        if let Ok(mut guard) = self.state.lock() {
+            // Its fields apart: the ledger asks about `chunks` only for a chunk it did not want.
+            let state = &mut *guard;
             let damaged = bad.iter().filter(|h| state.ledger.damaged(h)).count();
             if damaged > 0 {
                 tracing::warn!(
@@ -160,8 +162,8 @@ impl Window {
                 );
             }
             for (hash, data) in good {
-                let held = state.chunks.contains_key(&hash);
-                if state.ledger.arrive(&hash, data.len() as u64, held) == Arrival::Keep {
+                let chunks = &state.chunks;
+                if state.ledger.arrive(&hash, data.len() as u64, || chunks.contains_key(&hash)) == Arrival::Keep {
                     let stored = if state.memory + data.len() as u64 <= WINDOW_MAX {
                         state.memory += data.len() as u64;
                         Stored::Memory(data)

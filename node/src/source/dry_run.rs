@@ -11,10 +11,11 @@ use super::changes::{ListPause, send_all_changes};
 use super::chunk_reader::estimate_chunks;
 use super::options::PushOptions;
 use super::prepare::{prepare, timetable};
-use super::report::{REPORT_SCHEMA, print_json};
+use super::report::print_json;
 use super::round::open_session;
 use super::session::why_closed;
 use crate::config_dir::ConfigDir;
+use crate::helpers::REPORT_SCHEMA;
 use crate::net::{self};
 use crate::refused::Refused;
 

@@ -18,7 +18,7 @@ mod session;
 pub use dry_run::{DryRunReport, dry_run, print_dry_run};
 pub use options::PushOptions;
 pub use outcome::{StoppedAtDeadline, Unreachable};
-pub use report::{PushReport, REPORT_SCHEMA, print_push_report};
+pub use report::{PushReport, print_push_report};
 use round::push_once;
 use session::{BUSY_RETRY, is_busy};
 

@@ -4,12 +4,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use crate::helpers::REPORT_SCHEMA;
-
 /// The report of a network round (`--json` prints it).
 #[derive(Debug, Clone, Serialize)]
 pub struct PushReport {
-    /// [`REPORT_SCHEMA`].
+    /// [`REPORT_SCHEMA`](crate::REPORT_SCHEMA).
     pub schema: u32,
     /// The job.
     pub job: String,

@@ -15,9 +15,10 @@ use super::options::PushOptions;
 use super::outcome::{Lost, StoppedAtDeadline, Unreachable, deadline_error, max_duration_text};
 use super::prepare::{Prepared, prepare, timetable};
 use super::progress::{Counters, spawn_progress};
-use super::report::{PushReport, REPORT_SCHEMA};
+use super::report::PushReport;
 use super::session::{Closed, Session, closed_error, connect, is_lost, why_closed};
 use crate::config_dir::ConfigDir;
+use crate::helpers::REPORT_SCHEMA;
 use crate::net::{self, FrameReader};
 use crate::refused::Refused;
 
