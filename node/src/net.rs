@@ -305,11 +305,6 @@ fn piece_len(rate: ferry_engine::Rate) -> usize {
     rate.bytes_per_second().map_or(LARGEST, |bps| bps.clamp(SMALLEST, LARGEST)) as usize
 }
 
-/// No byte came on a stream for this long (see [`FrameReader::next_within`]).
-#[derive(Debug, thiserror::Error)]
-#[error("nothing came for {} s", .0.as_secs())]
-pub(crate) struct Silent(pub(crate) Duration);
-
 /// Reads framed messages from a stream.
 pub(crate) struct FrameReader {
     stream: quinn::RecvStream,
@@ -332,16 +327,6 @@ impl FrameReader {
 
     /// The next message, or `None` at the end of the stream.
     pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Message>> {
-        self.read(None).await
-    }
-
-    /// Like [`FrameReader::next`], but fails with [`Silent`] when no byte at all comes for `idle`: a
-    /// message that a bandwidth limit spreads over minutes is slow, not stalled; silence is.
-    pub(crate) async fn next_within(&mut self, idle: Duration) -> anyhow::Result<Option<Message>> {
-        self.read(Some(idle)).await
-    }
-
-    async fn read(&mut self, idle: Option<Duration>) -> anyhow::Result<Option<Message>> {
         loop {
             if let Some(message) = decode(&mut self.buf)? {
                 return Ok(Some(message));
@@ -349,12 +334,8 @@ impl FrameReader {
             // Reads stop at the frame's end, so that its buffer (which `decode` sized to it) holds that
             // frame alone: a chunk batch's payload stays in it until applied, and must not keep the
             // start of the next frame, or twice its size, alive with it.
-            let read = self.stream.read_chunk(bytes_missing(&self.buf).max(1), true);
-            let chunk = match idle {
-                Some(idle) => tokio::time::timeout(idle, read).await.map_err(|_| Silent(idle))?,
-                None => read.await,
-            }
-            .context("the connection dropped while receiving")?;
+            let chunk = (self.stream.read_chunk(bytes_missing(&self.buf).max(1), true).await)
+                .context("the connection dropped while receiving")?;
             match chunk {
                 Some(chunk) => {
                     if let Some(counter) = &self.counter {

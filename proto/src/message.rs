@@ -91,6 +91,15 @@ pub struct ChunkBatch {
     pub payload: Bytes,
 }
 
+/// An item for a control stream, as a round machine yields it.
+#[derive(Debug, PartialEq)]
+pub enum Transmit {
+    /// Send this message.
+    Message(Message),
+    /// Nothing more will be sent: finish the stream.
+    Finish,
+}
+
 impl ChunkBatch {
     /// The decoded size the chunk list declares (saturating: a hostile list cannot overflow it).
     pub fn declared_len(&self) -> u64 {
@@ -239,5 +248,33 @@ pub struct ImportResult {
 impl ferry_engine::Keyed for Change {
     fn key(&self) -> &RelPath {
         &self.path
+    }
+}
+
+impl Message {
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Refused { .. } => "Refused",
+            Message::Changes(_) => "Changes",
+            Message::ChangesEnd(_) => "ChangesEnd",
+            Message::Need(_) => "Need",
+            Message::ChunkBatch(_) => "ChunkBatch",
+            Message::Missing(_) => "Missing",
+            Message::Done => "Done",
+            Message::Committed(_) => "Committed",
+            Message::Failed { .. } => "Failed",
+            Message::RoundOptions(_) => "RoundOptions",
+            Message::Notice { .. } => "Notice",
+            Message::ImportStarted { .. } => "ImportStarted",
+            Message::ImportDone(_) => "ImportDone",
+            Message::Stop { .. } => "Stop",
+            Message::DryRun => "DryRun",
+            Message::Planned(_) => "Planned",
+            Message::Check { .. } => "Check",
+            Message::Paused => "Paused",
+        }
     }
 }

@@ -61,6 +61,11 @@ impl Ledger {
         self.wanted.contains(hash)
     }
 
+    /// Whether chunks asked for are still to come.
+    pub fn waiting(&self) -> bool {
+        !self.wanted.is_empty()
+    }
+
     /// Whether `hash` will not come: the source cannot send it, or it arrived damaged.
     pub fn is_missing(&self, hash: &ChunkHash) -> bool {
         self.missing.contains(hash)
@@ -158,11 +163,11 @@ impl StallTimer {
         Self { timeout, last: None }
     }
 
-    /// Takes the progress count seen at `now`; returns true when it has not moved for longer than the
-    /// timeout. The first observation starts the clock.
+    /// Takes the progress count seen at `now`; returns true when it has not moved for the timeout
+    /// ([`Self::deadline`] has come). The first observation starts the clock.
     pub fn observe(&mut self, progress: u64, now: Instant) -> bool {
         match self.last {
-            Some((since, seen)) if seen == progress => now.saturating_duration_since(since) > self.timeout,
+            Some((since, seen)) if seen == progress => now.saturating_duration_since(since) >= self.timeout,
             _ => {
                 self.last = Some((now, progress));
                 false
@@ -251,14 +256,14 @@ mod tests {
         assert_eq!(timer.deadline(), None);
         assert!(!timer.observe(0, start));
         assert_eq!(timer.deadline(), Some(start + Duration::from_secs(120)));
-        assert!(!timer.observe(0, start + Duration::from_secs(120)), "at the deadline, not past it");
-        assert!(timer.observe(0, start + Duration::from_secs(121)));
+        assert!(!timer.observe(0, start + Duration::from_secs(119)), "before the deadline");
+        assert!(timer.observe(0, start + Duration::from_secs(120)), "at the deadline");
         // Progress moves the deadline.
         let mut timer = StallTimer::new(Duration::from_secs(120));
         timer.observe(0, start);
         assert!(!timer.observe(5, start + Duration::from_secs(100)));
         assert!(!timer.observe(5, start + Duration::from_secs(200)));
-        assert!(timer.observe(5, start + Duration::from_secs(221)));
+        assert!(timer.observe(5, start + Duration::from_secs(220)));
     }
 
     #[test]
@@ -273,7 +278,7 @@ mod tests {
             assert!(!timer.observe(ledger.events(), start + Duration::from_secs(second)));
         }
         // The notices stop: stalled three seconds later.
-        assert!(!timer.observe(ledger.events(), start + Duration::from_secs(13)));
-        assert!(timer.observe(ledger.events(), start + Duration::from_secs(14)));
+        assert!(!timer.observe(ledger.events(), start + Duration::from_millis(12_999)));
+        assert!(timer.observe(ledger.events(), start + Duration::from_secs(13)));
     }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
 use ferry_proto::{
-    Change, ChangesEnd, ChunkBatch, Codec, Committed, DestinationRound, Hello, ImportMode, ImportResult, Message,
-    NeedChunk, Plan, RoundOptions, RoundRef, decode, encode,
+    Change, ChangesEnd, ChunkBatch, Codec, Committed, DestinationInput, DestinationRound, Hello, ImportMode,
+    ImportResult, Message, NeedChunk, Plan, RoundOptions, RoundRef, decode, encode,
 };
 use rand::{Rng, RngExt, SeedableRng};
 
@@ -189,14 +189,17 @@ fn mutate(input: &mut Vec<u8>, corpus: &[Vec<u8>], rng: &mut impl Rng) {
 /// Decodes `input` frame by frame; returns how many messages decoded.
 fn exercise(input: &[u8]) -> usize {
     let mut buf = BytesMut::from(input);
-    let mut round = DestinationRound::default();
+    let mut round = DestinationRound::new(Duration::from_secs(120));
+    let now = Instant::now();
     let mut decoded = 0;
     while let Ok(Some(message)) = decode(&mut buf) {
         decoded += 1;
         let mut again = BytesMut::new();
         encode(&message, &mut again).expect("a decoded message encodes again");
         assert_eq!(decode(&mut again).unwrap(), Some(message.clone()), "re-encoding changed a message");
-        let _ = round.handle(&message);
+        round.handle(DestinationInput::Message(message), now);
+        while round.poll().is_some() {}
+        while round.poll_transmit().is_some() {}
     }
     decoded
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferry_certs::{Identity, NodeId, TrustedPeers};
-use ferry_proto::{DestinationRound, Message, ProtocolError, Refusal};
+use ferry_proto::{
+    DestinationEnd, DestinationEvent, DestinationInput, DestinationRound, Message, ProtocolError, Refusal, Transmit,
+};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -343,93 +345,92 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     tracing::Span::current().record("peer", peer.name.as_str());
     tracing::info!("connection from {} ({peer_id}) at {}", peer.name, connection.remote_address());
     let (mut send, recv) = connection.accept_bi().await.context("the peer opened no stream")?;
-    let mut reader = FrameReader::new(recv);
-    let mut order = DestinationRound::default();
-    let hello = match reader.next().await? {
-        Some(message @ Message::Hello(_)) => {
-            order.handle(&message)?;
-            let Message::Hello(hello) = message else { unreachable!("matched above") };
-            hello
-        }
-        Some(Message::Check { job }) => return answer_check(&context, &config, &peer, peer_id, &job, send).await,
+    let bytes_arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut reader = FrameReader::counting(recv, bytes_arrived.clone());
+    let mut machine = DestinationRound::new(context.stall_timeout);
+    let first = reader.next().await?.ok_or_else(|| anyhow::anyhow!("the source closed without a word"))?;
+    machine.handle(DestinationInput::Message(first), Instant::now());
+    let hello = match machine.poll() {
+        Some(DestinationEvent::Opened(hello)) => hello,
+        Some(DestinationEvent::Check(job)) => return answer_check(&context, &config, &peer, peer_id, &job, send).await,
+        Some(DestinationEvent::Ended(DestinationEnd::Violation(error))) => return Err(error.into()),
         other => bail!("expected Hello, got {other:?}"),
     };
-    let refuse = |mut send: quinn::SendStream, refused: Refused| async move {
-        let message = Message::Refused { refusal: refused.refusal, reason: refused.text.clone() };
-        net::send(&mut send, &message).await?;
-        let _ = send.finish();
+    let refuse = |mut send: quinn::SendStream, mut machine: DestinationRound, refused: Refused| async move {
+        machine.handle(
+            DestinationInput::Refuse { refusal: refused.refusal, reason: refused.text.clone() },
+            Instant::now(),
+        );
+        while let Some(transmit) = machine.poll_transmit() {
+            match transmit {
+                Transmit::Message(message) => net::send(&mut send, &message).await?,
+                Transmit::Finish => {
+                    let _ = send.finish();
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
         Err(refused.into())
     };
     let job = match job_of_peer(&config, &hello.job, &peer) {
         Ok(job) => job,
-        Err(refused) => return refuse(send, refused).await,
+        Err(refused) => return refuse(send, machine, refused).await,
     };
     let _guard = match context.claim(&job.name, peer_id, connection).await {
         Ok(guard) => guard,
-        Err(refused) => return refuse(send, refused).await,
+        Err(refused) => return refuse(send, machine, refused).await,
     };
     tracing::Span::current().record("job", job.name.as_str());
     tracing::info!("round from {} into {}", peer.name, job.path.display());
 
     let data_dir = context.config_dir.data_dir(&config);
-    let (to_net, mut outbox) = mpsc::channel::<Message>(64);
-    let (inbox_tx, inbox) = mpsc::channel::<Message>(64);
+    let (outbox_tx, mut outbox) = mpsc::unbounded_channel::<Transmit>();
+    let (inbox_tx, inbox) = mpsc::channel::<DestinationEvent>(64);
     // Chunks beyond the memory budget (one file larger than the window) wait in a file in this job's
     // state folder, on the destination's disk.
-    let window = Arc::new(Window::spilling_into(TargetState::new(&data_dir, &job.name).dir));
+    let window = Arc::new(Window::new(machine, TargetState::new(&data_dir, &job.name).dir, outbox_tx, bytes_arrived));
 
-    // Control stream: the round thread's messages out, the source's messages in (order checked).
+    // Control stream: what the machine says goes out; what the source says goes to the machine, and
+    // its changes on to the round thread. The machine's timers (the stall timeout, the wait for a
+    // stopped source's last batches) are kept here.
     let writer = tokio::spawn(async move {
-        while let Some(message) = outbox.recv().await {
-            net::send(&mut send, &message).await?;
+        while let Some(transmit) = outbox.recv().await {
+            match transmit {
+                Transmit::Message(message) => net::send(&mut send, &message).await?,
+                Transmit::Finish => break,
+            }
         }
         let _ = send.finish();
         anyhow::Ok(())
     });
-    let stall_timeout = context.stall_timeout;
     let control_window = window.clone();
     let control = tokio::spawn(async move {
         loop {
-            // Until all changes are in, the source has no reason to be silent: a stalled peer must not
-            // hold the job. Bytes count, not whole messages: under a slow limit one message of the list
-            // takes minutes. A paused source says so every second. (During the transfer, silence on
-            // this stream is normal.)
-            let next = if order.phase() == ferry_proto::Phase::Changes {
-                match reader.next_within(stall_timeout).await {
-                    Err(e) if e.is::<net::Silent>() => {
-                        bail!("the source sent nothing for {} s", stall_timeout.as_secs())
+            let timeout = control_window.poll_timeout();
+            let (events, open) = tokio::select! {
+                next = reader.next() => match next {
+                    Ok(Some(message)) => (control_window.input(DestinationInput::Message(message))?, true),
+                    Ok(None) => {
+                        let why = "the source closed the control stream".to_owned();
+                        (control_window.input(DestinationInput::Closed(why))?, false)
                     }
-                    next => next?,
-                }
-            } else {
-                reader.next().await?
+                    Err(e) => (control_window.input(DestinationInput::Closed(format!("{e:#}")))?, false),
+                },
+                () = sleep_until(timeout) => (control_window.timeout()?, true),
+                () = control_window.timer_moved.notified() => (Vec::new(), true),
             };
-            let Some(message) = next else { break };
-            order.handle(&message)?;
-            // The window learns at once what will not come: a large file being built waits in it.
-            // `Missing` is only the window's business; the round thread also ends on a stop or a failure.
-            let message = match message {
-                Message::Missing(hashes) => {
-                    control_window.missing(hashes);
-                    continue;
+            for event in events {
+                if inbox_tx.send(event).await.is_err() {
+                    return Ok(());
                 }
-                Message::Paused => {
-                    control_window.paused();
-                    continue;
-                }
-                message => message,
-            };
-            match &message {
-                Message::Stop { batches, .. } => control_window.stopped(*batches),
-                Message::Failed { reason } => control_window.fail(format!("the source gave up: {reason}")),
-                _ => {}
             }
-            if inbox_tx.send(message).await.is_err() {
-                break;
+            match control_window.end() {
+                Some(DestinationEnd::Violation(error)) => return Err(anyhow::Error::from(error)),
+                Some(_) => return Ok(()),
+                None if !open => return Ok(()),
+                None => {}
             }
         }
-        anyhow::Ok(())
     });
     // Data streams: chunk batches, checked and decoded as they arrive, at most as fast as this peer's
     // `receive_bwlimit` allows (reading slower makes QUIC's flow control slow the sender down).
@@ -453,7 +454,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let early_checks = context.early_checks.clone();
     let peer_name = peer.name.clone();
     let span = tracing::Span::current();
-    let failed_tx = to_net.clone();
+    let round_window = window.clone();
     let result = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
         let round = Round {
@@ -463,9 +464,8 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
             peer: &peer_name,
             imports: &imports,
             early_checks: &early_checks,
-            stall_timeout: context.stall_timeout,
         };
-        destination_round(&round, inbox, to_net, &window).map_err(|e| {
+        destination_round(&round, inbox, &round_window).map_err(|e| {
             // A refusal stays one: its code goes to the source as it is.
             if is_refusal(&e) {
                 return e;
@@ -482,11 +482,11 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     // the connection is sent once, and a source that misses it sees a reset and no reason. The source
     // closes once it has read it.
     let failed = result.as_ref().err().filter(|e| !is_refusal(e));
-    if let Some(e) = failed {
-        let _ = failed_tx.send(Message::Failed { reason: crate::helpers::describe(e) }).await;
+    match failed {
+        Some(e) => drop(window.input(DestinationInput::Failed(crate::helpers::describe(e)))),
+        None => drop(window.input(DestinationInput::Finish)),
     }
-    drop(failed_tx);
-    let _ = writer.await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     if failed.is_some() {
         let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
     }
@@ -521,4 +521,11 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         RoundEnd::Planned => tracing::info!("dry run for {} planned", target.display()),
     }
     Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }

@@ -11,7 +11,9 @@ use ferry_engine::{
     ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash,
     ScanOptions, Step, check_target, with_findings,
 };
-use ferry_proto::{Change, Committed, Hello, Message, NeedChunk, Refusal, RoundRef};
+use ferry_proto::{
+    Change, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk, Refusal, RoundRef,
+};
 use tokio::sync::mpsc;
 
 use super::early::{self, EarlyChecks};
@@ -55,17 +57,15 @@ pub(super) struct Round<'a> {
     pub(super) peer: &'a str,
     pub(super) imports: &'a Imports,
     pub(super) early_checks: &'a EarlyChecks,
-    pub(super) stall_timeout: Duration,
 }
 
 pub(super) fn destination_round(
     round: &Round<'_>,
-    mut inbox: mpsc::Receiver<Message>,
-    to_net: mpsc::Sender<Message>,
+    mut inbox: mpsc::Receiver<DestinationEvent>,
     window: &Arc<Window>,
 ) -> anyhow::Result<RoundEnd> {
     let (job, hello) = (round.job, round.hello);
-    let send = |message: Message| to_net.blocking_send(message).map_err(|_| anyhow!("the connection closed"));
+    let send = |input: DestinationInput| window.input(input).map(drop);
     let state = TargetState::new(round.data_dir, &job.name);
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
     std::fs::create_dir_all(&job.path)
@@ -82,7 +82,7 @@ pub(super) fn destination_round(
         tracing::warn!("{text}");
         crate::history::append(&state.history(), &crate::history::Record::import_interrupted(stale.round))?;
         let _ = std::fs::remove_file(state.import_marker());
-        send(Message::Notice { text })?;
+        send(DestinationInput::Notice(text))?;
     }
     crate::history::write_marker(
         &state.round_marker(),
@@ -129,28 +129,28 @@ pub(super) fn destination_round(
             })?)
         }
     };
-    send(Message::Welcome { holds })?;
+    send(DestinationInput::Welcome { holds })?;
 
     // The changes, to disk (a full manifest can be large).
     let changes_path = state.incoming_changes();
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
-    let mut import_mode = ferry_proto::ImportMode::Default;
-    let mut dry_run = false;
     let end = loop {
         match inbox.blocking_recv() {
-            Some(Message::RoundOptions(options)) => import_mode = options.import,
-            Some(Message::DryRun) => dry_run = true,
-            Some(Message::Changes(batch)) => {
+            Some(DestinationEvent::Changes(batch)) => {
                 for change in &batch {
                     changes.push(change)?;
                 }
             }
-            Some(Message::ChangesEnd(end)) => break end,
-            Some(Message::Failed { reason }) => bail!("the source gave up: {reason}"),
+            Some(DestinationEvent::ChangesEnd(end)) => break end,
             Some(other) => bail!("unexpected {other:?} while receiving changes"),
-            None => bail!("the connection closed while receiving changes"),
+            None => match window.end() {
+                Some(DestinationEnd::Cut(why)) => bail!("{why}"),
+                Some(end) => bail!("{end:?} while receiving changes"),
+                None => bail!("the connection closed while receiving changes"),
+            },
         }
     };
+    let (import_mode, dry_run) = window.round(|round| (round.import(), round.dry_run()))?;
     let change_count = changes.count();
     changes.finish()?;
     let check = match check {
@@ -170,7 +170,7 @@ pub(super) fn destination_round(
             check.differences.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
         );
         tracing::warn!("{text}");
-        send(Message::Notice { text })?;
+        send(DestinationInput::Notice(text))?;
     }
     if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
@@ -201,7 +201,6 @@ pub(super) fn destination_round(
     if unchanged && !dry_run {
         let _ = std::fs::remove_file(&changes_path);
         tracing::info!("nothing changed since round {}: its manifest stands", holds.map_or(0, |h| h.round));
-        send(Message::Done)?;
         return commit_round(round, &state, holds, (end.root, end.root), ApplyReport::default(), import_mode, &send);
     }
 
@@ -219,12 +218,12 @@ pub(super) fn destination_round(
     }
     if let Some(reason) = space.refusal(&job.path) {
         tracing::warn!("{reason}");
-        send(Message::Refused { refusal: Refusal::NoSpace, reason: reason.clone() })?;
+        send(DestinationInput::Refuse { refusal: Refusal::NoSpace, reason: reason.clone() })?;
         return Err(Refused::new(Refusal::NoSpace, reason).into());
     }
 
     let mut committed = ManifestWriter::create(&state.next_manifest())?;
-    let mut source = WindowSource { window: window.clone(), stall_timeout: round.stall_timeout };
+    let mut source = WindowSource { window: window.clone() };
     let options = ApplyOptions {
         delete: hello.delete,
         numeric_ids: hello.numeric_ids,
@@ -237,12 +236,11 @@ pub(super) fn destination_round(
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
     let steps = read_ahead(open_steps()?)?;
-    match transfer(&mut applier, steps, &send, &mut inbox, window, round.stall_timeout)? {
+    match transfer(&mut applier, steps, window)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
         TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
     }
-    send(Message::Done)?;
     let report = applier.finish()?;
     let root = committed.finish()?;
     std::fs::rename(state.next_manifest(), state.manifest())?;
@@ -261,7 +259,7 @@ pub(super) fn commit_round(
     (root, expected): (RootHash, RootHash),
     report: ApplyReport,
     import_mode: ferry_proto::ImportMode,
-    send: &impl Fn(Message) -> anyhow::Result<()>,
+    send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
 ) -> anyhow::Result<RoundEnd> {
     let job = round.job;
     tracing::info!(
@@ -286,7 +284,7 @@ pub(super) fn commit_round(
         &state.history(),
         &crate::history::Record::committed(done, round.peer, &report, root == expected),
     )?;
-    send(Message::Committed(Committed {
+    send(DestinationInput::Committed(Committed {
         round: done,
         files_written: report.files_written,
         failures: report.failures.clone(),
@@ -302,7 +300,7 @@ pub(super) fn commit_round(
             done.round - 1
         );
         tracing::info!("{text}");
-        let _ = send(Message::Notice { text });
+        let _ = send(DestinationInput::Notice(text));
     } else if let Some(argv) = import_command(job, import_mode, done.round)? {
         let running = RunningImport { round: done.round, since: std::time::SystemTime::now(), command: argv.clone() };
         round.imports.lock().map_err(|_| anyhow!("lock poisoned"))?.insert(job.name.clone(), running);
@@ -311,7 +309,7 @@ pub(super) fn commit_round(
                 &state.import_marker(),
                 &crate::history::Marker::now(done.round, argv.clone()),
             )?;
-            let _ = send(Message::ImportStarted { round: done.round, command: argv.clone() });
+            let _ = send(DestinationInput::ImportStarted { round: done.round, command: argv.clone() });
             let timeout = match &job.import_timeout {
                 Some(t) => humantime::parse_duration(t).with_context(|| format!("import_timeout {t:?}"))?,
                 None => Duration::from_secs(24 * 3600),
@@ -336,7 +334,7 @@ pub(super) fn commit_round(
                 result.tail.join(" / ")
             );
         }
-        let _ = send(Message::ImportDone(result));
+        let _ = send(DestinationInput::ImportDone(result));
     }
     Ok(RoundEnd::Committed(done))
 }
@@ -428,7 +426,7 @@ pub(super) fn plan_only(
     steps: impl Iterator<Item = anyhow::Result<Step>>,
     index: &ChunkIndex,
     space: &Space,
-    send: &impl Fn(Message) -> anyhow::Result<()>,
+    send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut planner = ferry_engine::Planner::default();
     let mut needed = Vec::new();
@@ -440,14 +438,14 @@ pub(super) fn plan_only(
             need_bytes += u64::from(need.chunk.len);
             needed.push(NeedChunk { path: need.path, offset: need.offset, len: need.chunk.len, hash: need.chunk.hash });
             if needed.len() == 4096 {
-                send(Message::Need(std::mem::take(&mut needed)))?;
+                send(DestinationInput::Need(std::mem::take(&mut needed)))?;
             }
         }
     }
     if !needed.is_empty() {
-        send(Message::Need(needed))?;
+        send(DestinationInput::Need(needed))?;
     }
-    send(Message::Planned(ferry_proto::Plan {
+    send(DestinationInput::Planned(ferry_proto::Plan {
         files: space.files,
         need_bytes,
         space_needed: space.needed.saturating_add(space.margin()),

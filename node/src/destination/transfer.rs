@@ -3,13 +3,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use ferry_engine::{Applier, ChunkHash, Step, lap};
-use ferry_proto::window::StallTimer;
-use ferry_proto::{Message, NeedChunk};
-use tokio::sync::mpsc;
+use ferry_proto::{DestinationEnd, DestinationInput, NeedChunk};
 
-use super::window::{WINDOW_MAX, Waiting, Window, stalled};
+use super::window::{WINDOW_MAX, Waiting, Window};
 
 /// Applied chunk bytes that make a flush due before its time (so that a fast transfer does not wait
 /// for the clock to free memory).
@@ -40,10 +38,7 @@ pub(super) enum TransferEnd {
 pub(super) fn transfer(
     applier: &mut Applier<'_>,
     mut steps: impl Iterator<Item = anyhow::Result<Step>>,
-    send: &impl Fn(Message) -> anyhow::Result<()>,
-    inbox: &mut mpsc::Receiver<Message>,
     window: &Window,
-    stall_timeout: Duration,
 ) -> anyhow::Result<TransferEnd> {
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut outstanding = 0u64;
@@ -52,8 +47,6 @@ pub(super) fn transfer(
     // Applied before the last flush began, durable once the next one begins.
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
-    let mut stall = StallTimer::new(stall_timeout);
-    stall.restart(0, Instant::now());
     let mut spent = Spent::default();
     let end = loop {
         // Plan ahead and ask.
@@ -83,12 +76,11 @@ pub(super) fn transfer(
             outstanding += bytes;
             waiting.push_back(Waiting { step, hashes, ready: 0, bytes });
         }
-        window.want(needs.iter().map(|n| n.hash));
         for part in needs.chunks(4096) {
-            send(Message::Need(part.to_vec()))?;
+            window.input(DestinationInput::Need(part.to_vec()))?;
         }
         spent.planning += lap(&mut clock);
-        if let Some(end) = source_messages(inbox, window)? {
+        if let Some(end) = ended(window) {
             break end;
         }
         // Apply what is ready, in order. A large file is applied as its chunks arrive: the applier
@@ -116,9 +108,8 @@ pub(super) fn transfer(
         // A large file's wait ends early when the data streams fail or nothing comes for the stall
         // deadline: the round is cut there, not counted complete without that file.
         if let Some(error) = window.error() {
-            // A `Failed` from the source also fails the window: its own words end the round.
-            break source_messages(inbox, window)?
-                .unwrap_or_else(|| TransferEnd::Cut(format!("receiving chunks failed: {error}")));
+            // The machine's end (a stop, the source's failure, a stall) says it in its own words.
+            break ended(window).unwrap_or_else(|| TransferEnd::Cut(format!("receiving chunks failed: {error}")));
         }
         // Applied chunks stay in memory (and count) until they are durable in the target: the flush
         // begun here makes what the previous one began durable, while the disk syncs this one.
@@ -140,15 +131,14 @@ pub(super) fn transfer(
         if ready || (progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES) {
             continue;
         }
-        let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-        if let Some(error) = &state.error {
-            break TransferEnd::Cut(format!("receiving chunks failed: {error}"));
-        }
-        let seen = window.progress(&state);
         if progressed {
-            stall.restart(seen, Instant::now());
-        } else if stall.observe(seen, Instant::now()) {
-            break TransferEnd::Cut(stalled(stall_timeout));
+            // Applying is the round moving: the machine's stall timer starts again.
+            window.input(DestinationInput::Applied)?;
+        }
+        let state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
+        if state.error.is_some() {
+            drop(state);
+            continue;
         }
         let _ = window
             .changed
@@ -184,34 +174,12 @@ pub(super) struct Spent {
     pub(super) waiting: Duration,
 }
 
-/// Handles what the source sent on the control stream during the transfer: a stop, a failure. (Chunks
-/// it cannot read go straight to the window, see `round`.)
-pub(super) fn source_messages(
-    inbox: &mut mpsc::Receiver<Message>,
-    window: &Window,
-) -> anyhow::Result<Option<TransferEnd>> {
-    let message = match inbox.try_recv() {
-        Ok(message) => message,
-        Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
-        Err(mpsc::error::TryRecvError::Disconnected) => {
-            return Ok(Some(TransferEnd::Cut("the connection closed during the transfer".into())));
-        }
-    };
-    match message {
-        Message::Stop { reason, batches } => {
-            // The batches the source sent before stopping are on their way on other streams.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut state = window.state.lock().map_err(|_| anyhow!("window lock poisoned"))?;
-            while state.ledger.batches() < batches && state.error.is_none() && Instant::now() < deadline {
-                state = window
-                    .changed
-                    .wait_timeout(state, Duration::from_millis(200))
-                    .map_err(|_| anyhow!("window lock poisoned"))?
-                    .0;
-            }
-            Ok(Some(TransferEnd::Stopped(reason)))
-        }
-        Message::Failed { reason } => Ok(Some(TransferEnd::Cut(format!("the source gave up: {reason}")))),
-        other => bail!("unexpected {other:?} during the transfer"),
-    }
+/// How the machine says the transfer ended, if it did: the source stopped, failed, stalled, broke
+/// the protocol or lost the connection.
+pub(super) fn ended(window: &Window) -> Option<TransferEnd> {
+    Some(match window.end()? {
+        DestinationEnd::Stopped(reason) => TransferEnd::Stopped(reason),
+        DestinationEnd::Cut(why) => TransferEnd::Cut(why),
+        DestinationEnd::Violation(error) => TransferEnd::Cut(error.to_string()),
+    })
 }

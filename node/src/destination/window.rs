@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_engine::{ChunkBuf, ChunkHash, ChunkRef, ChunkSource, Entry, FetchError, Fetched, LARGE_FILE, Step};
-use ferry_proto::Message;
-use ferry_proto::window::{Arrival, Ledger, StallTimer, WindowEnd};
+use ferry_proto::window::{Arrival, WindowEnd};
+use ferry_proto::{DestinationEnd, DestinationEvent, DestinationInput, DestinationRound, Message, Transmit};
+use tokio::sync::mpsc;
 
 use crate::net::FrameReader;
 
@@ -18,13 +19,16 @@ use crate::net::FrameReader;
 /// not yet flushed (48 MiB is about a bandwidth-delay product of 1 Gbit/s at 400 ms).
 pub(super) const WINDOW_MAX: u64 = 48 << 20;
 
-/// The chunks of the window in flight, shared between the network tasks and the round thread.
-#[derive(Default)]
+/// The round's machine and the chunks of the window in flight, shared between the network tasks and
+/// the round thread. What the machine says for the control stream goes to `outbox`.
 pub(super) struct Window {
+    pub(super) outbox: mpsc::UnboundedSender<Transmit>,
+    /// Told when the machine's next timeout moved, so that the task keeping its timers looks again.
+    pub(super) timer_moved: tokio::sync::Notify,
     pub(super) state: Mutex<WindowState>,
     pub(super) changed: Condvar,
-    /// Bytes read from the data streams, whole batches or not: under a slow limit one batch takes
-    /// longer than the stall timeout, and its bytes show that the source is alive.
+    /// Bytes read from the control and data streams, whole messages or not: under a slow limit one
+    /// message takes longer than the stall timeout, and its bytes show that the source is alive.
     pub(super) bytes_arrived: Arc<AtomicU64>,
 }
 
@@ -79,10 +83,12 @@ impl Spill {
     }
 }
 
-#[derive(Default)]
 pub(super) struct WindowState {
-    /// What was asked for, what will not come, what came unasked, whether the source stopped.
-    pub(super) ledger: Ledger,
+    /// The round: the order of messages, what was asked for, what will not come, what came unasked,
+    /// whether the source stopped or stalled.
+    pub(super) round: DestinationRound,
+    /// Why no more chunks will come, once the machine says so.
+    pub(super) end: Option<DestinationEnd>,
     pub(super) chunks: HashMap<ChunkHash, Stored>,
     /// Bytes of `chunks` in memory.
     pub(super) memory: u64,
@@ -136,34 +142,108 @@ pub(super) async fn receive_chunks(
 }
 
 impl Window {
-    pub(super) fn spilling_into(dir: PathBuf) -> Self {
-        let window = Self::default();
-        if let Ok(mut state) = window.state.lock() {
-            state.spill.dir = dir;
+    /// The window of `round`, whose chunks beyond the memory budget wait in a file in `dir`.
+    /// `bytes_arrived` counts what the control stream brought (the data streams add theirs).
+    pub(super) fn new(
+        round: DestinationRound,
+        dir: PathBuf,
+        outbox: mpsc::UnboundedSender<Transmit>,
+        bytes_arrived: Arc<AtomicU64>,
+    ) -> Self {
+        let state = WindowState {
+            round,
+            end: None,
+            chunks: HashMap::new(),
+            memory: 0,
+            spill: Spill { dir, ..Spill::default() },
+            error: None,
+        };
+        Self {
+            outbox,
+            timer_moved: tokio::sync::Notify::new(),
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            bytes_arrived,
         }
-        window
     }
 
-    /// Records that `hashes` were asked for.
-    pub(super) fn want(&self, hashes: impl IntoIterator<Item = ChunkHash>) {
-        if let Ok(mut state) = self.state.lock() {
-            state.ledger.want(hashes);
+    /// Feeds the machine; returns what the round thread must hear (changes, their end).
+    pub(super) fn input(&self, input: DestinationInput) -> anyhow::Result<Vec<DestinationEvent>> {
+        let mut state = self.state.lock().map_err(|_| anyhow::anyhow!("window lock poisoned"))?;
+        let timeout = state.round.poll_timeout();
+        state.round.handle(input, Instant::now());
+        if state.round.poll_timeout() != timeout {
+            self.timer_moved.notify_one();
         }
+        self.drain(&mut state)
+    }
+
+    /// Time passed: the machine looks at its timers, with the bytes that arrived since.
+    pub(super) fn timeout(&self) -> anyhow::Result<Vec<DestinationEvent>> {
+        let mut state = self.state.lock().map_err(|_| anyhow::anyhow!("window lock poisoned"))?;
+        let now = Instant::now();
+        state.round.handle(DestinationInput::BytesArrived(self.bytes_arrived.load(Ordering::Relaxed)), now);
+        state.round.handle_timeout(now);
+        self.drain(&mut state)
+    }
+
+    /// When the machine wants [`Self::timeout`] next.
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        self.state.lock().ok()?.round.poll_timeout()
+    }
+
+    /// Reads the machine.
+    pub(super) fn round<T>(&self, read: impl FnOnce(&DestinationRound) -> T) -> anyhow::Result<T> {
+        let state = self.state.lock().map_err(|_| anyhow::anyhow!("window lock poisoned"))?;
+        Ok(read(&state.round))
+    }
+
+    /// Why no more chunks will come, once the machine says so.
+    pub(super) fn end(&self) -> Option<DestinationEnd> {
+        self.state.lock().ok()?.end.clone()
+    }
+
+    /// Sends what the machine has for the control stream, records its end, and returns the rest.
+    fn drain(&self, state: &mut WindowState) -> anyhow::Result<Vec<DestinationEvent>> {
+        let mut sent = Ok(());
+        while let Some(transmit) = state.round.poll_transmit() {
+            if self.outbox.send(transmit).is_err() {
+                sent = Err(anyhow::anyhow!("the connection closed"));
+            }
+        }
+        let mut events = Vec::new();
+        while let Some(event) = state.round.poll() {
+            match event {
+                DestinationEvent::Ended(end) => {
+                    let why = match &end {
+                        DestinationEnd::Stopped(_) => WindowEnd::Stopped.to_string(),
+                        DestinationEnd::Cut(why) => why.clone(),
+                        DestinationEnd::Violation(error) => error.to_string(),
+                    };
+                    state.error.get_or_insert(why);
+                    state.end = Some(end);
+                    self.changed.notify_all();
+                }
+                other => events.push(other),
+            }
+        }
+        sent.map(|()| events)
     }
 
     pub(super) fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
         if let Ok(mut guard) = self.state.lock() {
             // Its fields apart: the ledger asks about `chunks` only for a chunk it did not want.
             let state = &mut *guard;
-            let damaged = bad.iter().filter(|h| state.ledger.damaged(h)).count();
+            let damaged = bad.iter().filter(|h| state.round.damaged(h)).count();
             if damaged > 0 {
                 tracing::warn!(
                     "{damaged} chunks arrived damaged (hash mismatch); their files are left for the next round"
                 );
             }
+            let now = Instant::now();
             for (hash, data) in good {
                 let chunks = &state.chunks;
-                if state.ledger.arrive(&hash, data.len() as u64, || chunks.contains_key(&hash)) == Arrival::Keep {
+                if state.round.arrive(&hash, data.len() as u64, || chunks.contains_key(&hash), now) == Arrival::Keep {
                     let stored = if state.memory + data.len() as u64 <= WINDOW_MAX {
                         state.memory += data.len() as u64;
                         Stored::Memory(data)
@@ -179,14 +259,9 @@ impl Window {
                     state.chunks.insert(hash, stored);
                 }
             }
-            if let Some(WindowEnd::Flooded(bytes)) = state.ledger.end()
-                && state.error.is_none()
-            {
-                let text =
-                    format!("the source sent {} of chunks this node did not ask for", crate::human::bytes(bytes));
-                state.error = Some(text);
-            }
-            state.ledger.batch_received();
+            state.round.handle(DestinationInput::BatchReceived, now);
+            // A flood ends the round in the machine; the source hears it on the control stream.
+            let _ = self.drain(state);
             self.changed.notify_all();
         }
     }
@@ -200,7 +275,7 @@ impl Window {
                     Some(Stored::Spilled { .. }) => state.spill.release(),
                     Some(Stored::Written { .. }) | None => {}
                 }
-                state.ledger.forget(hash);
+                state.round.forget(hash);
             }
         }
     }
@@ -216,7 +291,7 @@ impl Window {
     pub(super) fn holds_all(&self, waiting: &mut Waiting) -> bool {
         let Ok(state) = self.state.lock() else { return false };
         while let Some(hash) = waiting.hashes.get(waiting.ready) {
-            if !(state.chunks.contains_key(hash) || state.ledger.is_missing(hash)) {
+            if !(state.chunks.contains_key(hash) || state.round.ledger().is_missing(hash)) {
                 return false;
             }
             waiting.ready += 1;
@@ -236,56 +311,18 @@ impl Window {
         self.state.lock().map_or_else(|_| Some("window lock poisoned".into()), |state| state.error.clone())
     }
 
-    /// The source said it cannot send these chunks.
-    pub(super) fn missing(&self, hashes: Vec<ChunkHash>) {
-        if let Ok(mut state) = self.state.lock() {
-            state.ledger.source_missing(hashes);
-            self.changed.notify_all();
-        }
-    }
-
-    /// What changes while the source is alive: bytes on the data streams, chunks it cannot send,
-    /// notices that it is paused. The stall timers watch this.
-    pub(super) fn progress(&self, state: &WindowState) -> u64 {
-        self.bytes_arrived.load(Ordering::Relaxed) + state.ledger.events()
-    }
-
-    /// The source says its bandwidth limit pauses it: not stalled.
-    pub(super) fn paused(&self) {
-        if let Ok(mut state) = self.state.lock() {
-            state.ledger.paused();
-            self.changed.notify_all();
-        }
-    }
-
-    /// The source stopped after sending `batches` batches.
-    pub(super) fn stopped(&self, batches: u64) {
-        if let Ok(mut state) = self.state.lock() {
-            state.ledger.stopped(batches);
-            self.changed.notify_all();
-        }
-    }
-
     /// Waits until `hash`, if it was asked for and has not come yet, arrives or cannot come any more
-    /// (missing, the data streams failed, the source stopped, or nothing came for `stall_timeout`).
+    /// (missing, the data streams failed, the source stopped; the machine calls a silent source
+    /// stalled).
     pub(super) fn wait_for<'a>(
         &'a self,
         mut state: std::sync::MutexGuard<'a, WindowState>,
         hash: &ChunkHash,
-        stall_timeout: Duration,
     ) -> Result<std::sync::MutexGuard<'a, WindowState>, FetchError> {
         let poisoned = || FetchError("window lock poisoned".into());
-        let mut stall = StallTimer::new(stall_timeout);
-        stall.observe(self.progress(&state), Instant::now());
-        while state.ledger.is_wanted(hash) && state.error.is_none() {
-            if let Some(end @ WindowEnd::Stopped) = state.ledger.end() {
+        while state.round.ledger().is_wanted(hash) && state.error.is_none() {
+            if let Some(end @ WindowEnd::Stopped) = state.round.ledger().end() {
                 return Err(FetchError(end.to_string()));
-            }
-            if stall.observe(self.progress(&state), Instant::now()) {
-                let error = stalled(stall_timeout);
-                state.error = Some(error.clone());
-                self.changed.notify_all();
-                return Err(FetchError(error));
             }
             state = self.changed.wait_timeout(state, Duration::from_millis(200)).map_err(|_| poisoned())?.0;
         }
@@ -297,13 +334,12 @@ impl Window {
 /// for and not yet arrived is waited for.
 pub(super) struct WindowSource {
     pub(super) window: Arc<Window>,
-    pub(super) stall_timeout: Duration,
 }
 
 impl ChunkSource for WindowSource {
     fn fetch(&mut self, _: &Entry, _: u64, chunk: &ChunkRef, out: &mut ChunkBuf) -> Result<Fetched, FetchError> {
         let state = self.window.state.lock().map_err(|_| FetchError("window lock poisoned".into()))?;
-        let state = self.window.wait_for(state, &chunk.hash, self.stall_timeout)?;
+        let state = self.window.wait_for(state, &chunk.hash)?;
         if let Some(error) = &state.error {
             return Err(FetchError(format!("receiving chunks failed: {error}")));
         }
@@ -365,9 +401,4 @@ pub(super) struct Waiting {
     /// How many of `hashes`, from the start, are known to be in (see [`Window::holds_all`]).
     pub(super) ready: usize,
     pub(super) bytes: u64,
-}
-
-/// Why a transfer ended when nothing came for `stall_timeout`.
-pub(super) fn stalled(stall_timeout: Duration) -> String {
-    format!("no chunk arrived for {} s", stall_timeout.as_secs())
 }

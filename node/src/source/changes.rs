@@ -1,101 +1,12 @@
-//! The list of changes: sent under the bandwidth limit, and where each changed byte falls in it.
+//! The list of changes: the diff of two manifests in batches, and where each changed byte falls in it.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use ferry_engine::{EntryKind, ManifestReader, RawEntry, RecordFileError, diff};
-use ferry_proto::{Change, ChangesEnd, Message, NeedChunk};
+use ferry_proto::{Change, NeedChunk};
 use tokio::sync::mpsc;
-
-use super::options::PushOptions;
-use super::outcome::deadline_error;
-use super::prepare::Prepared;
-use super::progress::Counters;
-use super::session::Session;
-use crate::net::{self};
-
-/// What a bandwidth pause (rate 0) does to the list of changes.
-pub(super) enum ListPause<'a> {
-    /// The list waits between its messages, telling the destination every second, until the pause
-    /// ends or `deadline` (`--max-duration`) passes.
-    Holds { deadline: Option<Instant>, options: &'a PushOptions, sent: &'a Counters },
-    /// The list goes on (a dry run: the operator asked for its plan now).
-    LetsThrough,
-}
-
-impl ListPause<'_> {
-    /// Waits while `limiter` pauses the round, sending `Paused` every second, and saying so in the log
-    /// every `--progress-interval` (a log without it would look hung for the hours of a pause).
-    pub(super) async fn wait(&self, session: &mut Session, limiter: &crate::limit::Limiter) -> anyhow::Result<()> {
-        let ListPause::Holds { deadline, options, sent } = self else { return Ok(()) };
-        let mut told: Option<Instant> = None;
-        while limiter.is_paused() {
-            match told {
-                None => {
-                    tracing::info!("the bandwidth limit pauses the round: the list of changes waits for it to open");
-                    told = Some(Instant::now());
-                }
-                Some(at) if at.elapsed() >= options.progress_interval => {
-                    tracing::info!("paused by the bandwidth limit: the list of changes still waits");
-                    told = Some(Instant::now());
-                }
-                Some(_) => {}
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                let error = deadline_error(options, sent);
-                let reason = format!("{error}, paused by the bandwidth limit");
-                let _ = net::send(&mut session.send, &Message::Failed { reason }).await;
-                return Err(error.into());
-            }
-            net::send(&mut session.send, &Message::Paused).await?;
-            tokio::time::sleep(PAUSE_NOTICE).await;
-        }
-        if told.is_some() {
-            tracing::info!("the bandwidth limit opened: the list of changes goes on");
-        }
-        Ok(())
-    }
-}
-
-/// Sends the changes since what the destination holds (all of them when this node no longer has
-/// that manifest). Returns how many, and where each file whose content changed starts in those bytes.
-pub(super) async fn send_all_changes(
-    prepared: &Prepared,
-    session: &mut Session,
-    limiter: &crate::limit::Limiter,
-    pause: ListPause<'_>,
-) -> anyhow::Result<(u64, Positions)> {
-    let state = &prepared.state;
-    let delta_base = session.base.filter(|b| Some(*b) == session.holds);
-    if let Some(base) = delta_base.filter(|b| b.root == prepared.new_root) {
-        // The tree is what the destination holds: no changes, and no need to read both manifests
-        // through to find none.
-        let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
-        net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
-        tracing::info!("0 changes sent (the tree is as in round {})", base.round);
-        return Ok((0, Positions::default()));
-    }
-    let (changes_tx, mut changes_rx) = mpsc::channel::<Vec<Change>>(4);
-    let base_path = delta_base.map(|_| state.base());
-    let scanned_path = state.scanned();
-    let differ = tokio::task::spawn_blocking(move || send_changes(base_path.as_deref(), &scanned_path, &changes_tx));
-    let mut change_count = 0u64;
-    while let Some(batch) = changes_rx.recv().await {
-        change_count += batch.len() as u64;
-        pause.wait(session, limiter).await?;
-        net::send_limited(&mut session.send, &Message::Changes(batch), limiter).await?;
-    }
-    let positions = differ.await.context("the diff panicked")??;
-    let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
-    net::send(&mut session.send, &Message::ChangesEnd(end)).await?;
-    match delta_base {
-        Some(base) => tracing::info!("{change_count} changes sent (against round {})", base.round),
-        None => tracing::info!("{change_count} changes sent (the whole manifest: no round held in common)"),
-    }
-    Ok((change_count, positions))
-}
 
 /// Diffs the base (or nothing) against the new manifest and hands out changes in batches.
 /// Returns the bytes of the files whose content changed.
@@ -179,6 +90,3 @@ impl PositionCursor {
         Some(self.positions.files[self.at].1 + need.offset + u64::from(need.len))
     }
 }
-
-/// How often a paused round tells the destination that it is paused (see `Message::Paused`).
-pub(super) const PAUSE_NOTICE: Duration = Duration::from_secs(1);

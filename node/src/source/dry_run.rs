@@ -2,22 +2,20 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use ferry_proto::Message;
+use anyhow::bail;
 use serde::Serialize;
 use tracing::Instrument;
 
-use super::changes::{ListPause, send_all_changes};
-use super::chunk_reader::estimate_chunks;
+use super::connection::{Driven, drive};
 use super::options::PushOptions;
+use super::prepare::Prepared;
 use super::prepare::{prepare, timetable};
+use super::progress::Counters;
 use super::report::print_json;
-use super::round::open_session;
-use super::session::why_closed;
+use super::session::connect;
 use crate::config_dir::ConfigDir;
 use crate::helpers::REPORT_SCHEMA;
 use crate::net::{self};
-use crate::refused::Refused;
 
 /// What `sync --round JOB --dry-run` found (`--json` prints it).
 #[derive(Debug, Clone, Serialize)]
@@ -64,30 +62,23 @@ pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOption
     let options = PushOptions { dry_run: true, ..options.clone() };
     let prepared = prepare(config_dir, &options).await?;
     let timetable = timetable(config_dir, &options, &prepared.job.name)?;
-    let mut session = open_session(&prepared, &options).await?;
-    // A dry run moves no chunks; its list of changes is what it puts on the network.
-    // A pause does not hold it: the operator asked for the plan now, and the list is all it sends.
+    let Prepared { client, peer, addr, identity, .. } = &prepared;
+    let connection = connect(client, peer, addr, identity, &options).await?;
+    // A dry run moves no chunks; its list of changes is what it puts on the network. A pause does not
+    // hold it: the operator asked for the plan now, and the list is all it sends.
     let limiter = crate::limit::Limiter::new(timetable.clone());
-    let (changes, positions) = send_all_changes(&prepared, &mut session, &limiter, ListPause::LetsThrough).await?;
-    let changed_bytes = positions.total;
-    let mut payload = 0u64;
-    let plan = loop {
-        match session.reader.next().await? {
-            Some(Message::Need(chunks)) => {
-                let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
-                payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled, &chunks))
-                    .await
-                    .context("sizing chunks panicked")??;
-            }
-            Some(Message::Planned(plan)) => break plan,
-            Some(Message::Notice { text }) => tracing::warn!("{}: {text}", prepared.peer.name),
-            Some(Message::Refused { refusal, reason }) => return Err(Refused::new(refusal, reason).into()),
-            Some(other) => bail!("unexpected {other:?} from {} during a dry run", prepared.peer.name),
-            None => bail!("{} ended the dry run: {}", prepared.peer.name, why_closed(&session.connection).await),
+    let sent = std::sync::Arc::new(Counters::default());
+    let driven = drive(&prepared, &options, &limiter, &sent, &connection, None).await;
+    let stats = connection.stats();
+    let (plan, changes, changed_bytes, payload) = match driven {
+        Ok(Driven::Planned { plan, changes, changed_bytes, payload }) => (plan, changes, changed_bytes, payload),
+        Ok(Driven::Committed(_)) => bail!("{} committed a dry run", prepared.peer.name),
+        Err(e) => {
+            connection.close(net::close::ERROR.into(), b"the dry run failed");
+            return Err(e);
         }
     };
-    let stats = session.connection.stats();
-    session.connection.close(net::close::DONE.into(), b"dry run over");
+    connection.close(net::close::DONE.into(), b"dry run over");
     // What this connection carried (the manifest exchange and the requests, which the real round
     // repeats) plus the chunk payload with QUIC's framing and acknowledgements (about 3%, measured).
     let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes + payload + payload * 3 / 100;

@@ -6,6 +6,7 @@ use crate::config_dir::ConfigDir;
 
 mod changes;
 mod chunk_reader;
+mod connection;
 mod dry_run;
 mod options;
 mod outcome;

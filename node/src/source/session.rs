@@ -4,22 +4,12 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use ferry_certs::Identity;
-use ferry_proto::{Message, Refusal, RoundRef};
+use ferry_proto::{Message, Refusal};
 
 use super::options::PushOptions;
 use super::outcome::Unreachable;
 use crate::net::{self, FrameReader};
 use crate::refused::Refused;
-
-/// An open round: the connection and its control stream, after `Welcome`.
-pub(super) struct Session {
-    pub(super) connection: quinn::Connection,
-    pub(super) send: quinn::SendStream,
-    pub(super) reader: FrameReader,
-    /// The round whose manifest this node kept, as sent in `Hello`.
-    pub(super) base: Option<RoundRef>,
-    pub(super) holds: Option<RoundRef>,
-}
 
 /// Opens a connection to the job's peer; failures are [`Unreachable`] or, when trust is what failed,
 /// [`Refused`].

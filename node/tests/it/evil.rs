@@ -95,7 +95,11 @@ async fn a_hostile_source_is_cut_off_with_a_reason_and_the_daemon_serves_on() {
     let mut control = evil.open().await.unwrap();
     let batch = ChunkBatch { codec: Codec::Raw, chunks: vec![], payload: Bytes::new() };
     control.send(&Message::ChunkBatch(batch)).await.unwrap();
-    reasons.push(("a batch before Hello", evil.closed(LIMIT).await.unwrap(), "expected Hello"));
+    reasons.push((
+        "a batch before Hello",
+        evil.closed(LIMIT).await.unwrap(),
+        "ChunkBatch is not allowed while Greeting",
+    ));
 
     // 2. Bytes that are not a frame, and a frame that claims 4 GiB.
     let evil = scene.connect().await;

@@ -1,0 +1,418 @@
+//! One connection of a round, driven: [`SourceRound`] decides what is said and when; this loop reads
+//! the control stream, the list of changes, the chunk reader and the clock, feeds them to it, and does
+//! what it asks (send, read chunks, stop the senders).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use ferry_engine::ChunkHash;
+use ferry_proto::{
+    Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions,
+    SourceConfig, SourceEnd, SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::changes::{PositionCursor, Positions, send_changes};
+use super::chunk_reader::{Outgoing, SourceChunks, async_channel, estimate_chunks, read_chunks};
+use super::options::PushOptions;
+use super::outcome::{deadline_error, max_duration_text};
+use super::prepare::Prepared;
+use super::progress::{Counters, spawn_progress};
+use super::session::{Closed, closed_error, why_closed};
+use crate::limit::Limiter;
+use crate::net::{self, FrameReader};
+use crate::refused::Refused;
+
+/// What a connection came to, when the round ended well on it.
+pub(super) enum Driven {
+    /// Committed.
+    Committed(Finished),
+    /// A dry run's plan, with the bytes the chunks asked for would weigh.
+    Planned { plan: Plan, changes: u64, changed_bytes: u64, payload: u64 },
+}
+
+/// A committed round, as one attempt saw it end.
+pub(super) struct Finished {
+    pub(super) committed: Committed,
+    pub(super) changes: u64,
+    pub(super) changed_bytes: u64,
+    pub(super) import: Option<ferry_proto::ImportResult>,
+    pub(super) notices: Vec<String>,
+}
+
+/// Runs a round on `connection` until it ends. `sent` counts the chunks over all of a round's
+/// connections; `deadline` is the round's (`--max-duration`).
+pub(super) async fn drive(
+    prepared: &Prepared,
+    options: &PushOptions,
+    limiter: &Limiter,
+    sent: &Arc<Counters>,
+    connection: &quinn::Connection,
+    deadline: Option<Instant>,
+) -> anyhow::Result<Driven> {
+    let Prepared { peer, addr, identity, state, job, .. } = prepared;
+    let closed = |why: Closed| closed_error(why, peer, addr, identity);
+    // With TLS 1.3 the server checks this node's certificate after the client considers the handshake
+    // done: a refusal shows up on the first stream operations.
+    let (mut send, recv) = match connection.open_bi().await {
+        Ok(streams) => streams,
+        Err(_) => return Err(closed(why_closed(connection).await)),
+    };
+    let mut reader = FrameReader::new(recv);
+    let base = state.base_round().filter(|_| state.base().exists());
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        job: job.name.clone(),
+        base,
+        delete: options.delete,
+        numeric_ids: options.numeric_ids,
+    };
+    let words = format!("the source's deadline (--max-duration {})", max_duration_text(options));
+    let mut machine = SourceRound::new(SourceConfig {
+        hello,
+        options: RoundOptions { import: options.import },
+        dry_run: options.dry_run,
+        wait_for_import: options.wait_for_import,
+        deadline: deadline.map(|at| (at, words)),
+    });
+    let mut list: Option<List> = None;
+    let mut transfer: Option<Transfer> = None;
+    let (mut changes, mut changed_bytes, mut payload) = (0u64, 0u64, 0u64);
+    let mut notices = Vec::new();
+    let mut reading = true;
+    let mut pause_tick = tokio::time::interval(PAUSE_NOTICE);
+    pause_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut list_paused_since: Option<Instant> = None;
+    let end = 'round: loop {
+        let mut busy = false;
+        while let Some(transmit) = machine.poll_transmit() {
+            busy = true;
+            let written = match transmit {
+                Transmit::Message(message @ Message::Changes(_)) => {
+                    net::send_limited(&mut send, &message, limiter).await
+                }
+                Transmit::Message(message) => net::send(&mut send, &message).await,
+                Transmit::Finish => {
+                    let _ = send.finish();
+                    Ok(())
+                }
+            };
+            if written.is_err() {
+                let why = why_closed(connection).await;
+                machine.handle(SourceInput::Closed { refusal: why.refusal, reason: why.text }, Instant::now());
+                break;
+            }
+        }
+        while let Some(event) = machine.poll() {
+            busy = true;
+            match event {
+                SourceEvent::Welcomed { holds } => {
+                    tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
+                    list = Some(List::start(prepared, base, holds));
+                }
+                SourceEvent::Read(chunks) if options.dry_run => {
+                    // A dry run sizes what it would send (read and compressed here, not sent).
+                    let (root, settled) = (job.path.clone(), prepared.scanned.settled_before);
+                    payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled, &chunks))
+                        .await
+                        .context("sizing chunks panicked")??;
+                }
+                SourceEvent::Read(chunks) => {
+                    let Some(transfer) = &transfer else { unreachable!("chunks are asked for after the list") };
+                    if transfer.needs.send(chunks).await.is_err() {
+                        machine.handle(SourceInput::ReadFailed("the chunk reader stopped".into()), Instant::now());
+                    }
+                }
+                SourceEvent::Notice(text) => {
+                    tracing::warn!("{}: {text}", peer.name);
+                    notices.push(text);
+                }
+                SourceEvent::ImportStarted { round, command } => {
+                    tracing::info!("{} imports round {round}: {}", peer.name, command.join(" "));
+                }
+                SourceEvent::StopSending => {
+                    // Finish the batches on the wire, then tell the destination how many there were.
+                    let batches = match transfer.take() {
+                        Some(transfer) => transfer.stop().await,
+                        None => 0,
+                    };
+                    tracing::info!("deadline reached: stopping after {batches} chunk batches");
+                    machine.handle(SourceInput::SendingStopped { batches }, Instant::now());
+                }
+                SourceEvent::Ended(end) => break 'round end,
+            }
+        }
+        if busy {
+            continue;
+        }
+        let paused = limiter.is_paused() && !options.dry_run;
+        let listing = list.as_ref().is_some_and(|l| l.batches.is_some()) && machine.phase() == SourcePhase::Listing;
+        if listing {
+            log_list_pause(paused, &mut list_paused_since, options.progress_interval);
+        }
+        let timeout = machine.poll_timeout();
+        tokio::select! {
+            message = reader.next(), if reading => match message {
+                Ok(Some(message)) => machine.handle(SourceInput::Message(message), Instant::now()),
+                end => {
+                    reading = false;
+                    let why = match machine.phase() {
+                        // Committed is committed: the import's news end with the stream.
+                        SourcePhase::Importing => {
+                            if let Err(e) = &end {
+                                tracing::warn!("lost {} while waiting for the import: {e:#}; see `ferry status` on it", peer.name);
+                            }
+                            Closed { refusal: None, text: "the destination finished".into() }
+                        }
+                        // After `Stop` the destination applies what arrived, then closes the connection.
+                        SourcePhase::Stopping => {
+                            let until = machine.poll_timeout().unwrap_or_else(Instant::now);
+                            let _ = tokio::time::timeout_at(until.into(), connection.closed()).await;
+                            Closed { refusal: None, text: "the destination closed".into() }
+                        }
+                        _ => why_closed(connection).await,
+                    };
+                    machine.handle(SourceInput::Closed { refusal: why.refusal, reason: why.text }, Instant::now());
+                }
+            },
+            batch = next_batch(&mut list), if listing && !paused => match batch {
+                Some(batch) => {
+                    changes += batch.len() as u64;
+                    machine.handle(SourceInput::Changes(batch), Instant::now());
+                }
+                None => {
+                    let Some(List { end, differ, .. }) = list.take() else { unreachable!("listing") };
+                    let positions = match differ {
+                        Some(differ) => differ.await.context("the diff panicked")??,
+                        None => Positions::default(),
+                    };
+                    match end.base {
+                        Some(base) if changes == 0 => tracing::info!("0 changes sent (the tree is as in round {})", base.round),
+                        Some(base) => tracing::info!("{changes} changes sent (against round {})", base.round),
+                        None => tracing::info!("{changes} changes sent (the whole manifest: no round held in common)"),
+                    }
+                    changed_bytes = positions.total;
+                    sent.changed.store(changed_bytes, Ordering::Relaxed);
+                    if !options.dry_run {
+                        transfer = Some(Transfer::start(prepared, options, limiter, sent, connection, positions));
+                    }
+                    machine.handle(SourceInput::ChangesEnd(end), Instant::now());
+                }
+            },
+            report = next_report(&mut transfer) => match report {
+                FromReader::Missing(missing) => {
+                    tracing::warn!("{} chunks could not be read (files changed since the scan)", missing.len());
+                    machine.handle(SourceInput::Unreadable(missing), Instant::now());
+                }
+                FromReader::Failed(why) => machine.handle(SourceInput::ReadFailed(why), Instant::now()),
+            },
+            _ = pause_tick.tick() => machine.handle(SourceInput::Paused(paused), Instant::now()),
+            () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
+        }
+    };
+    if let Some(transfer) = transfer {
+        transfer.stop().await;
+    }
+    match end {
+        SourceEnd::Committed { committed, import } => {
+            Ok(Driven::Committed(Finished { committed, changes, changed_bytes, import, notices }))
+        }
+        SourceEnd::Planned(plan) => Ok(Driven::Planned { plan, changes, changed_bytes, payload }),
+        SourceEnd::Deadline { .. } => Err(deadline_error(options, sent).into()),
+        SourceEnd::Refused { refusal, reason } => {
+            Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into())
+        }
+        SourceEnd::PeerFailed(reason) => Err(anyhow!("{} failed the round: {reason}", peer.name)),
+        SourceEnd::Failed(why) => Err(anyhow!("reading the source failed: {why}")),
+        SourceEnd::Violation(what) => {
+            connection.close(ferry_proto::Refusal::ProtocolViolation.code().into(), what.as_bytes());
+            Err(anyhow!("{} broke the protocol: {what}", peer.name))
+        }
+        SourceEnd::Closed { refusal, reason } => Err(closed(Closed { refusal, text: reason })),
+    }
+}
+
+/// Says in the log when the bandwidth limit holds the list of changes, again every `interval` (a
+/// log without it would look hung for the hours of a pause), and when it lets the list go on.
+fn log_list_pause(paused: bool, since: &mut Option<Instant>, interval: std::time::Duration) {
+    match (paused, *since) {
+        (true, None) => {
+            tracing::info!("the bandwidth limit pauses the round: the list of changes waits for it to open");
+            *since = Some(Instant::now());
+        }
+        (true, Some(told)) if told.elapsed() >= interval => {
+            tracing::info!("paused by the bandwidth limit: the list of changes still waits");
+            *since = Some(Instant::now());
+        }
+        (false, Some(_)) => {
+            tracing::info!("the bandwidth limit opened: the list of changes goes on");
+            *since = None;
+        }
+        _ => {}
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The list of changes on its way: read from the manifests on a thread of its own.
+struct List {
+    /// Batches of changes, until the list is complete (`None` once it is).
+    batches: Option<mpsc::Receiver<Vec<Change>>>,
+    differ: Option<JoinHandle<anyhow::Result<Positions>>>,
+    end: ChangesEnd,
+}
+
+impl List {
+    /// The changes since what the destination holds (all of them when this node no longer has that
+    /// manifest), or none when the tree is what it holds.
+    fn start(prepared: &Prepared, base: Option<ferry_proto::RoundRef>, holds: Option<ferry_proto::RoundRef>) -> Self {
+        let delta_base = base.filter(|b| Some(*b) == holds);
+        let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
+        if delta_base.is_some_and(|b| b.root == prepared.new_root) {
+            // No need to read both manifests through to find no change.
+            let (_, empty) = mpsc::channel(1);
+            return Self { batches: Some(empty), differ: None, end };
+        }
+        let (changes_tx, changes_rx) = mpsc::channel::<Vec<Change>>(4);
+        let base_path = delta_base.map(|_| prepared.state.base());
+        let scanned_path = prepared.state.scanned();
+        let differ =
+            tokio::task::spawn_blocking(move || send_changes(base_path.as_deref(), &scanned_path, &changes_tx));
+        Self { batches: Some(changes_rx), differ: Some(differ), end }
+    }
+}
+
+async fn next_batch(list: &mut Option<List>) -> Option<Vec<Change>> {
+    match list.as_mut().and_then(|l| l.batches.as_mut()) {
+        Some(batches) => batches.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_report(transfer: &mut Option<Transfer>) -> FromReader {
+    match transfer.as_mut() {
+        Some(transfer) => match transfer.from_reader.recv().await {
+            Some(report) => report,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// What the chunk reader tells the control loop.
+pub(super) enum FromReader {
+    /// Chunks that could not be read as the scan saw them.
+    Missing(Vec<ChunkHash>),
+    /// Reading failed for good.
+    Failed(String),
+}
+
+/// The chunk reader (a blocking task reading what the destination asks for, in order), four senders
+/// on data streams, and the progress line.
+struct Transfer {
+    needs: mpsc::Sender<Vec<NeedChunk>>,
+    from_reader: mpsc::UnboundedReceiver<FromReader>,
+    stop: Arc<AtomicBool>,
+    senders: Vec<JoinHandle<anyhow::Result<()>>>,
+    reader: JoinHandle<()>,
+    batches_sent: Arc<AtomicU64>,
+    progress: (tokio::sync::oneshot::Sender<()>, JoinHandle<()>),
+}
+
+impl Transfer {
+    fn start(
+        prepared: &Prepared,
+        options: &PushOptions,
+        limiter: &Limiter,
+        sent: &Arc<Counters>,
+        connection: &quinn::Connection,
+        positions: Positions,
+    ) -> Self {
+        // Bounded: a destination that asks faster than this node reads waits (QUIC's flow control then
+        // slows it down) instead of queueing without end here.
+        let (needs, mut needs_rx) = mpsc::channel::<Vec<NeedChunk>>(16);
+        let (reader_tx, from_reader) = mpsc::unbounded_channel::<FromReader>();
+        let (batches_tx, batches_rx) = async_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
+            let (counters, stop, limiter) = (sent.clone(), stop.clone(), limiter.clone());
+            let mut cursor = PositionCursor { positions: Arc::new(positions), at: 0 };
+            tokio::task::spawn_blocking(move || {
+                while let Some(chunks) = needs_rx.blocking_recv() {
+                    // Under a limit, smaller batches: an interruption loses at most the batches on the
+                    // wire, and each should take a fraction of a second.
+                    let batch_bytes =
+                        limiter.rate().bytes_per_second().map_or(ferry_proto::batch::BATCH_BYTES, |bps| {
+                            (bps as usize / 16).clamp(64 << 10, ferry_proto::batch::BATCH_BYTES)
+                        });
+                    let read = SourceChunks::open(&root, settled).and_then(|mut reader| {
+                        read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)
+                    });
+                    match read {
+                        Ok(missing) if missing.is_empty() => {}
+                        Ok(missing) => {
+                            let _ = reader_tx.send(FromReader::Missing(missing));
+                        }
+                        Err(e) => {
+                            let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let batches_sent = Arc::new(AtomicU64::new(0));
+        let senders = (0..4)
+            .map(|_| {
+                let (connection, rx, limiter, stop, count, counters) = (
+                    connection.clone(),
+                    batches_rx.clone(),
+                    limiter.clone(),
+                    stop.clone(),
+                    batches_sent.clone(),
+                    sent.clone(),
+                );
+                crate::helpers::spawn_in_span(async move {
+                    let mut stream = connection.open_uni().await?;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(Outgoing { batch, covered }) = rx.recv().await else { break };
+                        let bytes = batch.declared_len();
+                        net::send_batch_limited(&mut stream, &batch, &limiter).await?;
+                        count.fetch_add(1, Ordering::Relaxed);
+                        counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        counters.covered.fetch_max(covered, Ordering::Relaxed);
+                    }
+                    let _ = stream.finish();
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
+        let progress =
+            spawn_progress(sent.clone(), connection.clone(), limiter.clone(), options.progress_interval, stop_rx);
+        Self { needs, from_reader, stop, senders, reader, batches_sent, progress: (stop_progress, progress) }
+    }
+
+    /// Stops reading and sending once the batches being sent are out; returns how many went out.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.needs);
+        for sender in self.senders {
+            let _ = sender.await;
+        }
+        let (stop_progress, progress) = self.progress;
+        let _ = stop_progress.send(());
+        let _ = progress.await;
+        let _ = self.reader.await;
+        self.batches_sent.load(Ordering::Relaxed)
+    }
+}
