@@ -27,7 +27,7 @@ pub enum Arrival {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowEnd {
     /// The source sent more than [`UNWANTED_MAX`] of chunks this node did not ask for.
-    #[error("the source sent {0} bytes of chunks this node did not ask for")]
+    #[error("the source sent {:.1} MiB of chunks this node did not ask for", *.0 as f64 / f64::from(1 << 20))]
     Flooded(u64),
     /// The source stopped (its deadline) after its last batch had come.
     #[error("the source stopped before sending this chunk")]

@@ -175,6 +175,8 @@ impl Window {
         if state.round.poll_timeout() != timeout {
             self.timer_moved.notify_one();
         }
+        // What the source said may end a wait for a chunk (it is missing, the round is over).
+        self.changed.notify_all();
         self.drain(&mut state)
     }
 
