@@ -1,7 +1,7 @@
 //! Exit codes, stable and documented in README.md, and the one place an error becomes one.
 
 use crate::refused::Refused;
-use crate::source::{StoppedAtDeadline, Unreachable};
+use crate::source::{StoppedAtDeadline, StoppedBySignal, Unreachable};
 
 /// The round completed and the target matches the source.
 pub const OK: i32 = 0;
@@ -25,8 +25,12 @@ pub const UNREACHABLE: i32 = 7;
 /// with the job, or the target lacks space.
 pub const REFUSED: i32 = 8;
 
+/// SIGTERM or SIGINT stopped the round cleanly, as a deadline would: the files that arrived whole are
+/// kept, and the next round goes on from there.
+pub const STOPPED: i32 = 9;
+
 /// Every code, by name, in order (README.md's table is checked against it).
-pub const ALL: [(&str, i32); 9] = [
+pub const ALL: [(&str, i32); 10] = [
     ("OK", OK),
     ("ERROR", ERROR),
     ("USAGE", USAGE),
@@ -36,12 +40,15 @@ pub const ALL: [(&str, i32); 9] = [
     ("DEADLINE", DEADLINE),
     ("UNREACHABLE", UNREACHABLE),
     ("REFUSED", REFUSED),
+    ("STOPPED", STOPPED),
 ];
 
 /// The exit code of a command that ended with `error`.
 pub fn of_error(error: &anyhow::Error) -> i32 {
     if error.downcast_ref::<StoppedAtDeadline>().is_some() {
         DEADLINE
+    } else if error.downcast_ref::<StoppedBySignal>().is_some() {
+        STOPPED
     } else if error.downcast_ref::<Unreachable>().is_some() {
         UNREACHABLE
     } else if error.downcast_ref::<Refused>().is_some() {
@@ -51,13 +58,13 @@ pub fn of_error(error: &anyhow::Error) -> i32 {
     }
 }
 
-/// What `--json` prints when a round ends without its own report (exit 1, 6, 7 or 8): how it ended,
+/// What `--json` prints when a round ends without its own report (exit 1, 6, 7, 8 or 9): how it ended,
 /// its exit code and the error, so that a monitor reading stdout always finds a document.
 #[derive(Debug, serde::Serialize)]
 pub struct ErrorReport {
     /// [`crate::REPORT_SCHEMA`].
     pub schema: u32,
-    /// `deadline`, `unreachable`, `refused` or `error`.
+    /// `deadline`, `stopped`, `unreachable`, `refused` or `error`.
     pub outcome: &'static str,
     /// The process's exit code.
     pub exit_code: i32,
@@ -71,6 +78,7 @@ impl ErrorReport {
         let exit_code = of_error(error);
         let outcome = match exit_code {
             DEADLINE => "deadline",
+            STOPPED => "stopped",
             UNREACHABLE => "unreachable",
             REFUSED => "refused",
             _ => "error",

@@ -35,8 +35,8 @@ pub use local::{LocalSyncOptions, run_local_sync};
 pub use net::Congestion;
 pub use refused::Refused;
 pub use source::{
-    DryRunReport, PushOptions, PushReport, StoppedAtDeadline, Unreachable, dry_run, print_dry_run, print_push_report,
-    push,
+    DryRunReport, PushOptions, PushReport, StoppedAtDeadline, StoppedBySignal, Unreachable, dry_run, print_dry_run,
+    print_push_report, push,
 };
 
 pub use helpers::{REPORT_SCHEMA, default_data_dir, describe, unlimited};

@@ -128,7 +128,7 @@ fn main() {
                         exit::OK
                     })
                 } else {
-                    runtime().and_then(|rt| rt.block_on(ferry::push(&config_dir, &options))).map(|report| {
+                    block_on(ferry::push(&config_dir, &options)).map(|report| {
                         ferry::print_push_report(&report, args.json);
                         if report.failure_count > 0 || !report.in_sync {
                             exit::INCOMPLETE
@@ -165,7 +165,7 @@ fn main() {
             if json_errors && let Ok(text) = serde_json::to_string_pretty(&exit::ErrorReport::of(&e)) {
                 println!("{text}");
             }
-            if code == exit::DEADLINE {
+            if code == exit::DEADLINE || code == exit::STOPPED {
                 eprintln!("ferry: {}", ferry::describe(&e));
             } else {
                 eprintln!("ferry: error: {}", ferry::describe(&e));
@@ -173,6 +173,15 @@ fn main() {
             std::process::exit(code);
         }
     }
+}
+
+/// Runs a round to its end on a runtime of its own, which does not wait for a blocking task left
+/// behind: a round stopped by a signal during its scan exits without waiting for the scan.
+fn block_on<T>(round: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let runtime = runtime()?;
+    let result = runtime.block_on(round);
+    runtime.shutdown_background();
+    result
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -267,6 +267,14 @@ impl SourceRound {
         }
     }
 
+    /// Stops the round now, as its deadline would (the operator's signal); `words` say why.
+    pub fn stop(&mut self, words: String, now: Instant) {
+        if matches!(self.phase, SourcePhase::Opening | SourcePhase::Listing | SourcePhase::Serving) {
+            self.config.deadline = Some((now, words));
+            self.handle_timeout(now);
+        }
+    }
+
     /// Time passed: the deadline, or the end of the wait after `Stop`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.poll_timeout().is_none_or(|at| now < at) {

@@ -541,6 +541,23 @@ fn a_deadline_stops_the_round_and_the_destination_keeps_every_batch_sent() {
 }
 
 #[test]
+fn a_stop_asked_for_during_the_transfer_ends_it_as_a_deadline_would() {
+    let changes = tree(40, 4);
+    let mut pair = Pair::new(changes, Behaviour::default(), HashSet::new());
+    pair.bandwidth = 1 << 20;
+    pair.run(Duration::from_secs(2));
+    assert_eq!(pair.source.phase(), SourcePhase::Serving);
+    pair.source.stop("SIGTERM (the operator stopped the round)".into(), pair.now);
+    pair.run(Duration::from_secs(300));
+    let Some(SourceEnd::Deadline { batches }) = pair.source_end else { panic!("{:?}", pair.source_end) };
+    assert!(batches > 0 && batches == pair.batches_sent, "{batches} of {}", pair.batches_sent);
+    let Some(DestinationEnd::Stopped(reason)) = &pair.destination_end else { panic!("{:?}", pair.destination_end) };
+    assert!(reason.contains("SIGTERM"), "{reason}");
+    assert_eq!(pair.held.len() as u64, batches * 16, "every batch sent was kept");
+    assert!(!pair.committed);
+}
+
+#[test]
 fn a_deadline_before_the_transfer_fails_the_round_with_words() {
     let behaviour = Behaviour { deadline: Some(Duration::from_millis(20)), silent_list: true, ..Behaviour::default() };
     let mut pair = Pair::new(tree(2, 1), behaviour, HashSet::new());

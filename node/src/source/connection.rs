@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 use super::changes::{PositionCursor, Positions, send_changes};
 use super::chunk_reader::{Outgoing, SourceChunks, async_channel, estimate_chunks, read_chunks};
 use super::options::PushOptions;
-use super::outcome::{deadline_error, max_duration_text};
+use super::outcome::{deadline_error, max_duration_text, stopped_error};
 use super::prepare::Prepared;
 use super::progress::{Counters, spawn_progress};
 use super::session::{Closed, closed_error, why_closed};
+use super::stop::StopRequest;
 use crate::limit::Limiter;
 use crate::net::{self, FrameReader};
 use crate::refused::Refused;
@@ -52,6 +53,7 @@ pub(super) async fn drive(
     sent: &Arc<Counters>,
     connection: &quinn::Connection,
     deadline: Option<Instant>,
+    mut stop: Option<&mut StopRequest>,
 ) -> anyhow::Result<Driven> {
     let Prepared { peer, addr, identity, state, job, .. } = prepared;
     let closed = |why: Closed| closed_error(why, peer, addr, identity);
@@ -86,6 +88,7 @@ pub(super) async fn drive(
     let mut pause_tick = tokio::time::interval(PAUSE_NOTICE);
     pause_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut list_paused_since: Option<Instant> = None;
+    let mut stopped_by: Option<&'static str> = None;
     let end = 'round: loop {
         let mut busy = false;
         while let Some(transmit) = machine.poll_transmit() {
@@ -210,6 +213,10 @@ pub(super) async fn drive(
                 FromReader::Failed(why) => machine.handle(SourceInput::ReadFailed(why), Instant::now()),
             },
             _ = pause_tick.tick() => machine.handle(SourceInput::Paused(paused), Instant::now()),
+            signal = stop_requested(&mut stop), if stopped_by.is_none() => {
+                stopped_by = Some(signal);
+                machine.stop(format!("{signal} (the operator stopped the round)"), Instant::now());
+            }
             () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
         }
     };
@@ -221,7 +228,10 @@ pub(super) async fn drive(
             Ok(Driven::Committed(Finished { committed, changes, changed_bytes, import, notices }))
         }
         SourceEnd::Planned(plan) => Ok(Driven::Planned { plan, changes, changed_bytes, payload }),
-        SourceEnd::Deadline { .. } => Err(deadline_error(options, sent).into()),
+        SourceEnd::Deadline { .. } => match stopped_by {
+            Some(signal) => Err(stopped_error(signal, sent).into()),
+            None => Err(deadline_error(options, sent).into()),
+        },
         SourceEnd::Refused { refusal, reason } => {
             Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into())
         }
@@ -252,6 +262,13 @@ fn log_list_pause(paused: bool, since: &mut Option<Instant>, interval: std::time
             *since = None;
         }
         _ => {}
+    }
+}
+
+async fn stop_requested(stop: &mut Option<&mut StopRequest>) -> &'static str {
+    match stop {
+        Some(stop) => stop.requested().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -68,7 +68,7 @@ pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOption
     // hold it: the operator asked for the plan now, and the list is all it sends.
     let limiter = crate::limit::Limiter::new(timetable.clone());
     let sent = std::sync::Arc::new(Counters::default());
-    let driven = drive(&prepared, &options, &limiter, &sent, &connection, None).await;
+    let driven = drive(&prepared, &options, &limiter, &sent, &connection, None, None).await;
     let stats = connection.stats();
     let (plan, changes, changed_bytes, payload) = match driven {
         Ok(Driven::Planned { plan, changes, changed_bytes, payload }) => (plan, changes, changed_bytes, payload),

@@ -15,10 +15,11 @@ mod progress;
 mod report;
 mod round;
 mod session;
+mod stop;
 
 pub use dry_run::{DryRunReport, dry_run, print_dry_run};
 pub use options::PushOptions;
-pub use outcome::{StoppedAtDeadline, Unreachable};
+pub use outcome::{StoppedAtDeadline, StoppedBySignal, Unreachable};
 pub use report::{PushReport, print_push_report};
 use round::push_once;
 use session::{BUSY_RETRY, is_busy};
@@ -29,13 +30,21 @@ use crate::state::SourceState;
 pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
     let span = tracing::info_span!("sync", job = %options.job, round = tracing::field::Empty);
     async {
+        let mut stop = stop::StopRequest::listen();
         loop {
-            match push_once(config_dir, options).await {
+            match push_once(config_dir, options, &mut stop).await {
                 // The check before the export hook waits while the job is busy; this is for a round that
                 // became busy after it.
                 Err(e) if options.wait_if_busy && is_busy(&e) => {
                     tracing::info!("{e}; trying again in {} s (--wait)", BUSY_RETRY.as_secs());
-                    tokio::time::sleep(BUSY_RETRY).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(BUSY_RETRY) => {}
+                        signal = stop.requested() => {
+                            let error = outcome::stopped_error(signal, &progress::Counters::default()).into();
+                            record_unfinished(config_dir, options, &error);
+                            return Err(error);
+                        }
+                    }
                 }
                 Err(e) => {
                     record_unfinished(config_dir, options, &e);
@@ -58,7 +67,9 @@ fn record_unfinished(config_dir: &ConfigDir, options: &PushOptions, error: &anyh
         return;
     }
     let state = SourceState::new(&config_dir.data_dir(&config), &options.job);
-    let event = if error.downcast_ref::<StoppedAtDeadline>().is_some() {
+    let stopped =
+        error.downcast_ref::<StoppedAtDeadline>().is_some() || error.downcast_ref::<StoppedBySignal>().is_some();
+    let event = if stopped {
         "stopped"
     } else if error.downcast_ref::<crate::refused::Refused>().is_some() {
         "refused"

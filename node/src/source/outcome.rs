@@ -22,6 +22,17 @@ pub struct StoppedAtDeadline {
 }
 
 /// The connection was lost in the middle of the round: worth reconnecting.
+/// A signal (SIGTERM, SIGINT) stopped the round cleanly: what arrived is kept.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped by {signal} after sending {sent} in {chunks} chunks; the files that arrived whole are kept (a file still in progress is sent again whole): run the round again to go on"
+)]
+pub struct StoppedBySignal {
+    pub(super) signal: &'static str,
+    pub(super) sent: String,
+    pub(super) chunks: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(super) struct Lost(pub(super) String);
@@ -34,6 +45,14 @@ pub(super) fn max_duration_text(options: &PushOptions) -> String {
 pub(super) fn deadline_error(options: &PushOptions, sent: &Counters) -> StoppedAtDeadline {
     StoppedAtDeadline {
         limit: max_duration_text(options),
+        sent: crate::human::bytes(sent.bytes.load(Ordering::Relaxed)),
+        chunks: sent.chunks.load(Ordering::Relaxed),
+    }
+}
+
+pub(super) fn stopped_error(signal: &'static str, sent: &Counters) -> StoppedBySignal {
+    StoppedBySignal {
+        signal,
         sent: crate::human::bytes(sent.bytes.load(Ordering::Relaxed)),
         chunks: sent.chunks.load(Ordering::Relaxed),
     }

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use super::connection::{Driven, Finished, drive};
 use super::options::PushOptions;
-use super::outcome::{Lost, StoppedAtDeadline, Unreachable, deadline_error};
+use super::outcome::{Lost, StoppedAtDeadline, StoppedBySignal, Unreachable, deadline_error, stopped_error};
 use super::prepare::{Prepared, prepare, timetable};
 use super::progress::Counters;
 use super::report::PushReport;
 use super::session::{connect, is_lost};
+use super::stop::StopRequest;
 use crate::config_dir::ConfigDir;
 use crate::helpers::REPORT_SCHEMA;
 use crate::net::{self};
@@ -33,12 +34,20 @@ impl Totals {
     }
 }
 
-pub(super) async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
+pub(super) async fn push_once(
+    config_dir: &ConfigDir,
+    options: &PushOptions,
+    stop: &mut StopRequest,
+) -> anyhow::Result<PushReport> {
     let started = Instant::now();
     let deadline = options.max_duration.map(|d| started + d);
     // SIGHUP re-reads the job's and the peer's limits (from now on, not only during the transfer).
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let prepared = prepare(config_dir, options).await?;
+    // A stop during the export hook or the scan ends the round there: nothing was sent.
+    let prepared = tokio::select! {
+        prepared = prepare(config_dir, options) => prepared?,
+        signal = stop.requested() => return Err(stopped_error(signal, &Counters::default()).into()),
+    };
     let limiter = crate::limit::Limiter::new(timetable(config_dir, options, &prepared.job.name)?);
     if limiter.rate() != ferry_engine::Rate::UNLIMITED {
         tracing::info!("bandwidth limit {}", crate::limit::describe_rate(limiter.rate()));
@@ -74,7 +83,7 @@ pub(super) async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> 
     let mut backoff = first_backoff;
     let result = loop {
         totals.attempts += 1;
-        let attempt = attempt(&prepared, options, &limiter, &sent, &mut totals, deadline).await;
+        let attempt = attempt(&prepared, options, &limiter, &sent, &mut totals, deadline, stop).await;
         match attempt {
             Ok(finished) => break Ok(finished),
             Err(e)
@@ -104,7 +113,10 @@ pub(super) async fn push_once(config_dir: &ConfigDir, options: &PushOptions) -> 
                     backoff.as_secs_f64(),
                     options.reconnect_grace.as_secs()
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    signal = stop.requested() => break Err(stopped_error(signal, &sent).into()),
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => break Err(e),
@@ -163,13 +175,17 @@ pub(super) async fn attempt(
     sent: &Arc<Counters>,
     totals: &mut Totals,
     deadline: Option<Instant>,
+    stop: &mut StopRequest,
 ) -> anyhow::Result<Finished> {
     if deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(deadline_error(options, sent).into());
     }
+    if let Some(signal) = stop.signal() {
+        return Err(stopped_error(signal, sent).into());
+    }
     let Prepared { client, peer, addr, identity, .. } = prepared;
     let connection = connect(client, peer, addr, identity, options).await?;
-    let result = drive(prepared, options, limiter, sent, &connection, deadline).await;
+    let result = drive(prepared, options, limiter, sent, &connection, deadline, Some(stop)).await;
     totals.add(&connection);
     match result {
         Ok(Driven::Committed(finished)) => {
@@ -178,7 +194,9 @@ pub(super) async fn attempt(
         }
         Ok(Driven::Planned { .. }) => unreachable!("a round that is not a dry run plans nothing"),
         Err(e) => {
-            if e.downcast_ref::<StoppedAtDeadline>().is_none() && is_lost(&connection) {
+            let stopped =
+                e.downcast_ref::<StoppedAtDeadline>().is_some() || e.downcast_ref::<StoppedBySignal>().is_some();
+            if !stopped && is_lost(&connection) {
                 return Err(Lost(format!("lost {} in the middle of the round: {e:#}", prepared.peer.name)).into());
             }
             connection.close(net::close::ERROR.into(), b"the source gave up");

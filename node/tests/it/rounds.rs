@@ -136,6 +136,73 @@ fn a_deadline_stops_cleanly_and_the_next_round_resumes_without_resending() {
     assert!(resent <= tree_bytes - kept_bytes + (2 << 20), "{resent} sent again, {kept_bytes} were kept");
 }
 
+/// SIGTERM stops a round as its deadline would: the batches on the wire finish, what arrived whole is
+/// kept at its final path, the round ends with its own exit code and is recorded as stopped, and the
+/// next round sends only the rest.
+#[test]
+fn a_signal_stops_the_round_cleanly_and_the_next_round_goes_on() {
+    use std::io::BufRead;
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let tree_bytes = random_tree(&source, 64, 256 << 10, 4);
+    setup.job("zimbra", &source, &target);
+
+    let mut child = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--bwlimit", "4M", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the list is sent and chunks flow, a second in: SIGTERM.
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let started = Instant::now();
+    while !log.contains("changes sent") {
+        let line = lines_rx.recv_timeout(Duration::from_secs(30)).expect("the round did not start sending");
+        log.push_str(&line);
+        log.push('\n');
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    log.extend(lines_rx.try_iter().map(|line| line + "\n"));
+    assert_eq!(out.status.code(), Some(ferry::exit::STOPPED), "{log}");
+    assert!(log.contains("SIGTERM: stopping the round cleanly") && log.contains("stopped by SIGTERM"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["outcome"].as_str(), report["exit_code"].as_i64()), (Some("stopped"), Some(9)), "{report}");
+
+    // What is at a final path is whole, and some of it arrived.
+    let mut kept = 0;
+    for entry in walk(&target) {
+        let relative = entry.strip_prefix(&target).unwrap();
+        assert_eq!(std::fs::read(&entry).unwrap(), std::fs::read(source.join(relative)).unwrap(), "{entry:?}");
+        kept += 1;
+    }
+    assert!(kept > 0 && kept < 64, "{kept} files kept");
+    assert!(crate::util::no_staging_leftovers(&target));
+    let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
+    let pushed = status["jobs"][0]["pushed"].as_array().unwrap();
+    assert_eq!(pushed.last().unwrap()["event"], "stopped", "{status}");
+
+    let second = setup.source.sync("zimbra");
+    assert_eq!(second["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+    let resent = second["chunk_bytes"].as_u64().unwrap();
+    let kept_bytes = kept as u64 * (256 << 10);
+    assert!(resent <= tree_bytes - kept_bytes + (2 << 20), "{resent} sent again, {kept_bytes} were kept");
+}
+
 /// A round with no change writes none of the source's state files again: its base manifest and its
 /// scan cache stay the same files (nothing to write or fsync), and the next change still goes.
 #[test]
