@@ -636,7 +636,10 @@ fn json_reports_are_versioned_and_documented() {
     let out = setup.source.run(&["sync", "--round", "no-such-job", "--json"]);
     assert_eq!(out.status.code(), Some(ferry::exit::ERROR));
     let failed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(keys(&failed), documented("`ferry sync ... --json` that ends without its report (exit 1, 6, 7 or 8)"));
+    assert_eq!(
+        keys(&failed),
+        documented("`ferry sync ... --json` that ends without its report (exit 1, 6, 7, 8 or 9)")
+    );
     assert_eq!((failed["outcome"].as_str(), failed["exit_code"].as_i64()), (Some("error"), Some(1)), "{failed}");
     assert!(failed["error"].as_str().unwrap().contains("no-such-job"), "{failed}");
     for report in [&dry, &round, &status, &verify, &local, &failed] {
