@@ -37,6 +37,12 @@ pub enum Command {
     /// Pin a peer: only pinned nodes get past the TLS handshake.
     #[command(after_help = "Example:\n  ferry trust 5xq3...k2a --name dest --addr dest.example.com:7373")]
     Trust(TrustArgs),
+    /// Unpin a peer: its next connection is refused. Refused while jobs name it.
+    #[command(after_help = "Example:\n  ferry untrust old-mail     # or its node ID")]
+    Untrust {
+        /// The peer's name or node ID.
+        peer: String,
+    },
     /// Configure jobs.
     #[command(subcommand)]
     Job(JobCommand),
@@ -299,6 +305,18 @@ pub enum JobCommand {
     /// List the jobs.
     #[command(after_help = "Example:\n  ferry job list        # name, peer and folder of each job, tab-separated")]
     List,
+    /// Remove a job from ferry.toml (refused while a round of it, or its import, runs here). Its state
+    /// (manifests, chunk index, history) stays, so that a job added again under the name goes on from
+    /// it, unless --purge.
+    #[command(after_help = "Example:\n  ferry job remove zimbra            # the state stays\n  \
+                            ferry job remove zimbra --purge    # the state goes too (the target's files stay)")]
+    Remove {
+        /// The job's name.
+        name: String,
+        /// Remove the job's state too (never the files of its folder).
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 /// A job's hooks and limits.

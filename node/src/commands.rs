@@ -1,11 +1,12 @@
-//! `ferry init`, `ferry trust`, `ferry job`: the setup commands.
+//! `ferry init`, `ferry trust`, `ferry untrust`, `ferry job`: the setup commands.
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use ferry_certs::{Identity, NodeId};
 
 use crate::cli::{ImportArgs, TrustArgs};
 use crate::config::{Config, JobConfig, PeerConfig, check_job_name};
 use crate::config_dir::ConfigDir;
+use crate::state::{SourceState, TargetState};
 
 /// `ferry init`: prints the node ID alone on the first line.
 pub fn init(config_dir: &ConfigDir) -> anyhow::Result<()> {
@@ -174,6 +175,67 @@ fn update_job(
     );
     config_dir.save(&config)?;
     println!("{shown}");
+    Ok(())
+}
+
+/// `ferry job remove NAME [--purge]`: takes the job out of `ferry.toml`, refused while a round of it
+/// (or its import) runs on this node. Its state stays unless `purge`.
+pub fn job_remove(config_dir: &ConfigDir, name: &str, purge: bool) -> anyhow::Result<()> {
+    let mut config = config_dir.load()?;
+    let Some(index) = config.jobs.iter().position(|job| job.name == name) else {
+        bail!("there is no job {name:?} here (ferry job list shows the jobs)");
+    };
+    let data_dir = config_dir.data_dir(&config);
+    let job_dir = crate::state::job_dir(&data_dir, name);
+    // A round holds its side's state lock from its start to the end of its import.
+    let sides = [SourceState::new(&data_dir, name).dir, TargetState::new(&data_dir, name).dir];
+    let _locks = sides
+        .iter()
+        .filter(|dir| dir.exists())
+        .map(|dir| {
+            ferry_engine::lock_state(dir).map_err(|e| match e {
+                ferry_engine::RoundError::Busy(_) => anyhow!(
+                    "a round of job {name} is running on this node (or its import): the job stays; remove it once the round is over (ferry status shows it)"
+                ),
+                other => anyhow::Error::from(other),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    config.jobs.remove(index);
+    config_dir.save(&config)?;
+    if purge && job_dir.exists() {
+        std::fs::remove_dir_all(&job_dir).with_context(|| format!("cannot remove {}", job_dir.display()))?;
+        println!("removed job {name} and its state ({})", job_dir.display());
+    } else if job_dir.exists() {
+        println!(
+            "removed job {name}; its state stays in {} (a job added again under this name goes on from it; `ferry job remove {name} --purge` would have removed it)",
+            job_dir.display()
+        );
+    } else {
+        println!("removed job {name}");
+    }
+    Ok(())
+}
+
+/// `ferry untrust NAME|ID`: unpins a peer. Refused while jobs name it (they go first, with their
+/// rounds). A running daemon refuses the peer from its next connection on.
+pub fn untrust(config_dir: &ConfigDir, who: &str) -> anyhow::Result<()> {
+    let mut config = config_dir.load()?;
+    let Some(index) = config.peers.iter().position(|peer| peer.name == who || peer.id.to_string() == who) else {
+        bail!("no peer named or with the ID {who:?} is trusted here (ferry status lists the peers)");
+    };
+    let peer = config.peers[index].clone();
+    let jobs: Vec<&str> = config.jobs.iter().filter(|job| job.peer == peer.name).map(|job| job.name.as_str()).collect();
+    if !jobs.is_empty() {
+        bail!(
+            "peer {} is still the peer of job {}: remove that first (ferry job remove NAME), then untrust it",
+            peer.name,
+            jobs.join(", job ")
+        );
+    }
+    config.peers.remove(index);
+    config_dir.save(&config)?;
+    println!("no longer trusting {} ({}): its next connection is refused", peer.name, peer.id);
     Ok(())
 }
 

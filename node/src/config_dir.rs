@@ -54,10 +54,15 @@ impl ConfigDir {
         }
     }
 
-    /// Writes `ferry.toml` atomically and durably.
+    /// Writes `ferry.toml` atomically and durably, keeping what a person wrote in it (comments, order,
+    /// layout) around what changed.
     pub fn save(&self, config: &Config) -> anyhow::Result<()> {
         let path = self.config_file();
         let text = toml::to_string_pretty(config).context("cannot serialise the config")?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(old) => crate::toml_keep::keep_layout(&old, &text).context("cannot lay the change over the file")?,
+            Err(_) => text,
+        };
         // What every later command would refuse to load is not written.
         if let Err(problems) = check(&text) {
             let why: Vec<String> = problems.iter().map(|p| format!("\n  {}: {}", p.key, p.message)).collect();

@@ -27,6 +27,7 @@ mod refused;
 mod source;
 mod state;
 pub mod status;
+mod toml_keep;
 pub mod verify;
 
 pub use demo::{DemoOptions, run_demo};

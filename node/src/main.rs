@@ -38,6 +38,10 @@ fn main() {
             ferry::commands::job_set(&config_dir, &name, path.as_deref(), peer.as_deref(), &import).map(|()| exit::OK)
         }
         Command::Job(JobCommand::List) => ferry::commands::job_list(&config_dir).map(|()| exit::OK),
+        Command::Job(JobCommand::Remove { name, purge }) => {
+            ferry::commands::job_remove(&config_dir, &name, purge).map(|()| exit::OK)
+        }
+        Command::Untrust { peer } => ferry::commands::untrust(&config_dir, &peer).map(|()| exit::OK),
         Command::Status { job, json } => ferry::status::status(&config_dir, job.as_deref()).and_then(|status| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);

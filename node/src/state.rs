@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use ferry_proto::RoundRef;
 
-fn job_dir(data_dir: &Path, job: &str) -> PathBuf {
+/// Where a job's state lives: its source side and its target side.
+pub(crate) fn job_dir(data_dir: &Path, job: &str) -> PathBuf {
     data_dir.join("jobs").join(job)
 }
 

@@ -647,3 +647,84 @@ fn json_reports_are_versioned_and_documented() {
     }
     assert_eq!(ferry::REPORT_SCHEMA, 1, "README says the schema is 1");
 }
+
+/// What a person wrote in `ferry.toml` survives the CLI's changes to it: comments, blank lines, the
+/// order of tables, each kept line byte for byte; the change adds only its own lines.
+#[test]
+fn a_cli_change_keeps_every_comment_of_ferry_toml() {
+    let setup = Setup::new();
+    setup.job("zimbra", &setup.path("export"), &setup.path("migration"));
+    let file = setup.source.config.join("ferry.toml");
+    let written = std::fs::read_to_string(&file).unwrap();
+    let by_hand = format!("# OPS-1234: the new mail server, until the cut-over\n\n{written}")
+        .replace("\n[[job]]", "\n# the nightly Backup NG export\n[[job]]")
+        .replacen("addr = ", "addr =   ", 1)
+        .replace("\"\n\n# the nightly", "\" # via the VPN\n\n# the nightly");
+    assert!(by_hand.contains("# via the VPN") && by_hand.contains("addr =   "), "{by_hand}");
+    std::fs::write(&file, &by_hand).unwrap();
+
+    setup.source.ok(&["job", "set", "zimbra", "--bwlimit", "10M"]);
+    let spare = Node::init(&setup.path("spare"), "spare");
+    setup.source.ok(&["trust", &spare.id, "--name", "spare", "--addr", "127.0.0.1:9"]);
+    let after = std::fs::read_to_string(&file).unwrap();
+    // Every line written by hand is there, in its order; what is new is the change's alone.
+    let mut added = Vec::new();
+    let mut kept = by_hand.lines().peekable();
+    for line in after.lines() {
+        if kept.peek() == Some(&line) {
+            kept.next();
+        } else if !line.is_empty() {
+            added.push(line);
+        }
+    }
+    assert_eq!(kept.next(), None, "a line written by hand is gone or changed:\n{after}");
+    let spare_id = format!("id = \"{}\"", spare.id);
+    // The new peer goes after the other peers, the job's new key at the end of its table.
+    let expected = ["[[peer]]", "name = \"spare\"", &spare_id, "addr = \"127.0.0.1:9\"", "bwlimit = \"10M\""];
+    assert_eq!(added, expected, "{after}");
+    setup.source.ok(&["config", "check"]);
+}
+
+/// `job remove` and `untrust` wait for what uses them: a job while a round of it runs (on either
+/// node), a peer while jobs name it; the job's state stays unless `--purge`.
+#[test]
+fn a_job_is_removed_only_when_no_round_of_it_runs_and_a_peer_only_without_jobs() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    crate::rounds::random_tree(&source, 16, 256 << 10, 9);
+    setup.job("zimbra", &source, &target);
+    let mut round = setup
+        .source
+        .ferry()
+        .args(["sync", "--round", "zimbra", "--bwlimit", "1M"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(round.stderr.take().unwrap()).lines();
+    while !stderr.next().unwrap().unwrap().contains("changes sent") {}
+    for node in [&setup.source, &setup.dest] {
+        let refused = node.run(&["job", "remove", "zimbra"]);
+        let text = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(ferry::exit::ERROR), "{text}");
+        assert!(text.contains("a round of job zimbra is running on this node"), "{text}");
+        assert!(node.ok(&["job", "list"]).contains("zimbra"));
+    }
+    let refused = setup.source.run(&["untrust", "dest"]);
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && text.contains("still the peer of job zimbra"), "{text}");
+    std::thread::spawn(move || stderr.for_each(drop));
+    assert!(round.wait().unwrap().success());
+
+    let state = setup.source.config.join("data/jobs/zimbra");
+    assert!(setup.source.ok(&["job", "remove", "zimbra"]).contains("its state stays"));
+    assert!(state.exists() && !setup.source.ok(&["job", "list"]).contains("zimbra"));
+    setup.source.ok(&["untrust", "dest"]);
+    assert!(!std::fs::read_to_string(setup.source.config.join("ferry.toml")).unwrap().contains("[[peer]]"));
+    let dest_state = setup.dest.config.join("data/jobs/zimbra");
+    assert!(dest_state.exists());
+    setup.dest.ok(&["job", "remove", "zimbra", "--purge"]);
+    assert!(!dest_state.exists(), "--purge leaves the state");
+    assert_same_tree(&source, &target, |_| false);
+    let gone = setup.dest.run(&["job", "remove", "zimbra"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("there is no job \"zimbra\" here"));
+}

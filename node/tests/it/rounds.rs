@@ -12,7 +12,7 @@ use crate::network::{Daemon, Setup};
 use crate::util::{assert_same_tree, is_root, random_bytes};
 
 /// `files` files of `size` random (incompressible) bytes each.
-fn random_tree(dir: &Path, files: usize, size: usize, seed: u64) -> u64 {
+pub(crate) fn random_tree(dir: &Path, files: usize, size: usize, seed: u64) -> u64 {
     for i in 0..files {
         crate::util::write(&dir.join(format!("d{}/blob-{i:03}", i % 4)), &random_bytes(size, seed + i as u64));
     }
