@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 /// One line of `history.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
-    /// What happened: `committed`, `pushed`, `imported`, `import-interrupted`; on the source also
-    /// `failed`, `refused` and `stopped` (its deadline) for a round that ended without a commit.
+    /// What happened: `committed`, `pushed`, `imported`, `import-interrupted`; on both nodes also
+    /// `failed`, `refused` and `stopped` (a deadline or a signal) for a round that ended without a
+    /// commit.
     pub event: String,
     /// The round.
     pub round: u64,

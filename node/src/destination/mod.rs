@@ -450,6 +450,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     let data = tokio::spawn(receive_chunks(connection.clone(), window.clone(), limiter).in_current_span());
 
     let target = job.path.clone();
+    let target_state = TargetState::new(&data_dir, &job.name);
     let imports = context.imports.clone();
     let early_checks = context.early_checks.clone();
     let peer_name = peer.name.clone();
@@ -506,6 +507,16 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         (Err(_), Some(e)) => Err(e),
         (result, _) => result,
     };
+    // A round that ends without a commit is in the job's history too, with why (`ferry status`).
+    let unfinished = match &result {
+        Err(e) if is_refusal(e) => Some(("refused", crate::helpers::describe(e))),
+        Err(e) => Some(("failed", crate::helpers::describe(e))),
+        Ok(RoundEnd::Stopped(reason)) => Some(("stopped", reason.clone())),
+        Ok(_) => None,
+    };
+    if let Some((event, why)) = unfinished {
+        record_unfinished(&target_state, event, why, &peer.name);
+    }
     match result? {
         RoundEnd::Committed(done) => {
             tracing::info!("round {} into {} done, root {}", done.round, target.display(), done.root.short());
@@ -521,6 +532,19 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         RoundEnd::Planned => tracing::info!("dry run for {} planned", target.display()),
     }
     Ok(())
+}
+
+/// Adds a round that ended without a commit to the job's history (what it would have been numbered).
+fn record_unfinished(state: &TargetState, event: &str, why: String, peer: &str) {
+    let round = state.holds().ok().flatten().map_or(1, |holds| holds.round + 1);
+    let record = crate::history::Record {
+        error: Some(why),
+        peer: Some(peer.to_owned()),
+        ..crate::history::Record::new(event, round)
+    };
+    if let Err(e) = crate::history::append(&state.history(), &record) {
+        tracing::warn!("cannot add the round to {}: {e:#}", state.history().display());
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -194,6 +194,10 @@ fn a_signal_stops_the_round_cleanly_and_the_next_round_goes_on() {
     let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
     let pushed = status["jobs"][0]["pushed"].as_array().unwrap();
     assert_eq!(pushed.last().unwrap()["event"], "stopped", "{status}");
+    let status: serde_json::Value = serde_json::from_slice(&setup.dest.run(&["status", "--json"]).stdout).unwrap();
+    let received = status["jobs"][0]["received"].as_array().unwrap();
+    assert_eq!(received.last().unwrap()["event"], "stopped", "{status}");
+    assert!(received.last().unwrap()["error"].as_str().unwrap().contains("SIGTERM"), "{status}");
 
     let second = setup.source.sync("zimbra");
     assert_eq!(second["in_sync"], true);
@@ -340,6 +344,11 @@ fn the_space_preflight_refuses_a_round_that_does_not_fit_and_loses_nothing() {
     assert!(stderr.contains("not enough space") && stderr.contains("free"), "{stderr}");
     let after = ferry_testkit::snapshot(&target, &[]).unwrap();
     assert!(ferry_testkit::compare_trees(&before, &after, |_| false).is_ok(), "the refused round changed the target");
+    // The destination's history says so, with why.
+    let status: serde_json::Value = serde_json::from_slice(&setup.dest.run(&["status", "--json"]).stdout).unwrap();
+    let last = status["jobs"][0]["received"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["event"], "refused", "{status}");
+    assert!(last["error"].as_str().unwrap().contains("not enough space"), "{status}");
     // Room made: the round goes through.
     std::fs::remove_file(source.join("big/blob")).unwrap();
     crate::util::write(&source.join("big/blob"), &random_bytes(2 << 20, 4));
