@@ -281,8 +281,62 @@ pub fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let command = crate::cli::Cli::command();
     clap_mangen::generate_to(command, dir).with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+    // The sections clap does not make, on the pages of the command and of `sync`.
+    for page in ["ferry.1", "ferry-sync.1"] {
+        let path = dir.join(page);
+        let mut text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        text.push_str(&man_sections());
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     println!("man pages written to {}", dir.display());
     Ok(())
+}
+
+/// EXIT STATUS (from the table README's exit codes and their test share), FILES and ENVIRONMENT, in
+/// roff.
+fn man_sections() -> String {
+    let item = |tag: &str, text: &str| format!(".TP\n\\fB{}\\fR\n{}\n", roff(tag), roff(&text.replace('`', "")));
+    let mut page = String::from(".SH \"EXIT STATUS\"\n");
+    for (_, code) in crate::exit::ALL {
+        page.push_str(&item(&code.to_string(), crate::exit::meaning(code)));
+    }
+    page.push_str(".SH FILES\n");
+    for (path, what) in [
+        (
+            "/etc/ferry/ferry.toml",
+            "peers and jobs (as root; else ~/.config/ferry/ferry.toml): see ferry config reference",
+        ),
+        (
+            "/etc/ferry/identity.key, identity.crt",
+            "this node's key pair, made by ferry init (the node ID is a hash of its public key)",
+        ),
+        (
+            "/var/lib/ferry/jobs/JOB/source, target",
+            "each job's state on either side: manifests, chunk index, history.jsonl, import.log",
+        ),
+    ] {
+        page.push_str(&item(path, what));
+    }
+    page.push_str(".SH ENVIRONMENT\n");
+    for (name, what) in [
+        ("FERRY_CONFIG_DIR", "the config folder, as --config-dir"),
+        ("FERRY_DATA_DIR", "where state lives, as --data-dir"),
+        ("FERRY_STATE_DIR", "a local round's state folder, as sync --state-dir"),
+        ("RUST_LOG", "the log filter (e.g. ferry=debug), over -v"),
+        (
+            "FERRY_NO_TMPFILE",
+            "when set, files are built under a name in .ferry-staging instead of O_TMPFILE (for filesystems without it)",
+        ),
+    ] {
+        page.push_str(&item(name, what));
+    }
+    page
+}
+
+/// Text made safe for roff: backslashes and hyphens escaped, no line starting with a control character.
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') { format!("\\&{escaped}") } else { escaped }
 }
 
 /// `ferry completions SHELL`.

@@ -43,6 +43,40 @@ pub const ALL: [(&str, i32); 10] = [
     ("STOPPED", STOPPED),
 ];
 
+/// What each code means, in README's words (a test holds the two to the same text); the man pages'
+/// EXIT STATUS is made from it.
+pub fn meaning(code: i32) -> &'static str {
+    match code {
+        OK => {
+            "the command did what it was asked; for a round: it completed, the target (as its check found it and the round left it) matches the source, the import (if any) succeeded"
+        }
+        ERROR => {
+            "a local error stopped the command (the message says what and where: a full disk, a failed export hook, a bad `ferry.toml` line, ...)"
+        }
+        USAGE => "the command line is wrong",
+        INCOMPLETE => {
+            "the round ran to its end, but the target does not match the source: some entries could not be applied (listed on stderr; e.g. a path where the target holds something ferry did not put there, left alone unless adopted), or the source holds entries ferry does not carry (a FIFO: `--skip-special`); rerun once fixed"
+        }
+        IMPORT_FAILED => {
+            "the round was committed, but the destination's import failed (the tail of its output is printed)"
+        }
+        DIFFERENCES => "`ferry verify` found differences between the target and its last committed round (listed)",
+        DEADLINE => {
+            "`--max-duration` ran out: the round stopped cleanly, the files that arrived whole are kept (a file in progress is sent again whole); run it again to go on"
+        }
+        UNREACHABLE => {
+            "the peer could not be reached (no answer within 10 s), or was lost and did not come back within `--reconnect-grace`"
+        }
+        REFUSED => {
+            "the peer refused the round: it does not trust this node (or is not the pinned node), the job is not this node's, the job is busy (a round or an import), or the target lacks space"
+        }
+        STOPPED => {
+            "SIGTERM or SIGINT (Ctrl-C, `systemctl stop`) stopped the round cleanly, as a deadline would: the batches on the wire finish, the files that arrived whole are kept, the round is recorded as stopped; run it again to go on (a second signal stops at once)"
+        }
+        _ => "",
+    }
+}
+
 /// The exit code of a command that ended with `error`.
 pub fn of_error(error: &anyhow::Error) -> i32 {
     if error.downcast_ref::<StoppedAtDeadline>().is_some() {

@@ -118,6 +118,12 @@ fn the_exit_code_table_is_true() {
         .filter_map(|line| {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
             let code = cells.get(1)?.parse().ok()?;
+            // The man pages' EXIT STATUS says the same words.
+            assert_eq!(
+                cells.get(2).copied(),
+                Some(ferry::exit::meaning(code)),
+                "exit code {code}: README and exit::meaning differ"
+            );
             let tests = cells.get(3)?.split(',').map(|t| t.trim().trim_matches('`').to_owned()).collect();
             Some((code, tests))
         })
@@ -228,4 +234,12 @@ fn completions_and_man_pages_come_from_the_command_line() {
     assert!(sync.starts_with(".ie") || sync.contains(".TH"), "{sync}");
     assert!(sync.contains("max\\-duration") && sync.contains("Examples"), "{}", &sync[..sync.len().min(2000)]);
     assert!(dir.path().join("ferry.1").exists() && dir.path().join("ferry-config-check.1").exists());
+    // The sections clap does not make: every exit code with its meaning, the files, the environment.
+    for (_, code) in ferry::exit::ALL {
+        assert!(sync.contains(&format!(".TP\n\\fB{code}\\fR\n")), "exit code {code} missing");
+    }
+    assert!(sync.contains("stopped the round cleanly") && sync.contains("\\-\\-max\\-duration ran out"), "{sync}");
+    for section in [".SH \"EXIT STATUS\"", ".SH FILES", "/etc/ferry/ferry.toml", ".SH ENVIRONMENT", "FERRY_DATA_DIR"] {
+        assert!(sync.contains(section), "{section} missing");
+    }
 }
