@@ -73,6 +73,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A job's rounds on this node, sent and received, one line each (how each ended, files, bytes,
+    /// duration, import), oldest first.
+    #[command(
+        after_help = "Examples:\n  ferry log zimbra\n  ferry log zimbra --last 5 --json   # {\"schema\": 1, \"job\": ..., \"rounds\": [...]}"
+    )]
+    Log {
+        /// The job.
+        job: String,
+        /// Only the newest N.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        last: usize,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one incremental round.
     ///
     /// `ferry sync --round JOB` pushes the job's folder to its peer. `ferry sync --round SRC_DIR DEST_DIR`

@@ -21,6 +21,7 @@ mod import;
 mod ledbat;
 mod limit;
 mod local;
+pub mod log;
 mod lossy;
 mod net;
 mod refused;

@@ -50,6 +50,14 @@ fn main() {
             }
             Ok(exit::OK)
         }),
+        Command::Log { job, last, json } => ferry::log::log(&config_dir, &job, last).and_then(|log| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+            } else {
+                ferry::log::print(&log);
+            }
+            Ok(exit::OK)
+        }),
         Command::Verify { job, json } => ferry::verify::verify(&config_dir, &job).and_then(|report| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

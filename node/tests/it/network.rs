@@ -728,3 +728,56 @@ fn a_job_is_removed_only_when_no_round_of_it_runs_and_a_peer_only_without_jobs()
     let gone = setup.dest.run(&["job", "remove", "zimbra"]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("there is no job \"zimbra\" here"));
 }
+
+/// `ferry log JOB` lists the job's rounds on this node, oldest first, those that did not commit with
+/// why; `--last N` keeps the newest N; `--json` has the fields README's table lists.
+#[test]
+fn the_log_lists_each_round_with_how_it_ended() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    crate::rounds::random_tree(&source, 4, 64 << 10, 5);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    crate::rounds::random_tree(&source.join("more"), 32, 256 << 10, 6);
+    let stopped = setup.source.run(&["sync", "--round", "zimbra", "--bwlimit", "1M", "--max-duration", "2s"]);
+    assert_eq!(stopped.status.code(), Some(ferry::exit::DEADLINE), "{}", String::from_utf8_lossy(&stopped.stderr));
+
+    let log = |node: &Node, extra: &[&str]| -> serde_json::Value {
+        let out = node.run(&[&["log", "zimbra", "--json"], extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let events = |log: &serde_json::Value| -> Vec<(String, String, u64)> {
+        log["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (r["side"].as_str().unwrap().into(), r["event"].as_str().unwrap().into(), r["round"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let sent = log(&setup.source, &[]);
+    assert_eq!(events(&sent), [("sent".into(), "pushed".into(), 1), ("sent".into(), "stopped".into(), 2)], "{sent}");
+    let received = log(&setup.dest, &[]);
+    assert_eq!(
+        events(&received),
+        [("received".into(), "committed".into(), 1), ("received".into(), "stopped".into(), 2)],
+        "{received}"
+    );
+    assert!(received["rounds"][1]["error"].as_str().unwrap().contains("--max-duration"), "{received}");
+    assert_eq!(events(&log(&setup.source, &["--last", "1"])), [("sent".into(), "stopped".into(), 2)]);
+
+    let keys: Vec<&str> = sent.as_object().unwrap().keys().map(String::as_str).collect();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `ferry log JOB --json` |"))
+        .expect("README's JSON table has no row for ferry log");
+    for key in &keys {
+        assert!(row.contains(&format!("`{key}`")), "README's row lacks {key}: {row}");
+    }
+    let text = setup.source.ok(&["log", "zimbra"]);
+    assert!(text.contains("round    1  pushed") && text.contains("round    2  stopped"), "{text}");
+    assert!(text.contains("in sync") && text.contains("stopped at the deadline"), "{text}");
+}
