@@ -38,7 +38,7 @@ pub struct ChunkerConfigError {
 }
 
 impl ChunkerConfig {
-    /// 16 KiB / 64 KiB / 256 KiB: see DESIGN.md ("Chunk sizes") for the measurement behind it.
+    /// 16 KiB / 64 KiB / 256 KiB: `cargo run --release -p ferry-testkit --example chunk_sizes` measures the choice.
     pub const DEFAULT: ChunkerConfig = ChunkerConfig { min: 16 << 10, avg: 64 << 10, max: 256 << 10 };
 
     /// Checks sizes against what FastCDC supports.

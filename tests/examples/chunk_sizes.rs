@@ -1,4 +1,4 @@
-//! Measures chunk-size choices on a generated Backup-NG-like tree, for DESIGN.md ("Chunk sizes").
+//! Measures chunk-size choices on a generated Backup-NG-like tree: the table of sizes in DESIGN.md comes from it.
 //!
 //! `cargo run --release -p ferry-testkit --example chunk_sizes -- [FILES]`
 //!
