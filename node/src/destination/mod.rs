@@ -9,6 +9,7 @@ use ferry_certs::{Identity, NodeId, TrustedPeers};
 use ferry_proto::{
     DestinationEnd, DestinationEvent, DestinationInput, DestinationRound, Message, ProtocolError, Refusal, Transmit,
 };
+use sd_notify::NotifyState;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -80,7 +81,10 @@ impl Daemon {
     /// Serves rounds until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let Self { endpoint, context, node_id } = self;
-        tracing::info!("node {node_id} listening on {}", endpoint.local_addr()?);
+        let listening = format!("listening on {} as node {node_id}", endpoint.local_addr()?);
+        tracing::info!("{listening}");
+        // Under systemd (`Type=notify`): ready once the port is bound, not when the process starts.
+        tell_systemd(&[NotifyState::Ready, NotifyState::Status(&listening)]);
         tokio::pin!(shutdown);
         // SIGHUP, which would end the process by default, re-reads the configuration instead (as
         // `sync` does for its limit): the trusted peers now, each job's settings as its round starts.
@@ -101,6 +105,7 @@ impl Daemon {
                         context.config_dir.config_file().display()
                     );
                     context.refresh_trusted();
+                    tell_systemd(&[NotifyState::Status(&format!("{listening}; re-read ferry.toml (SIGHUP)"))]);
                 }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
@@ -126,6 +131,7 @@ impl Daemon {
             }
         }
         tracing::info!("shutting down");
+        tell_systemd(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
         endpoint.close(Refusal::ShuttingDown.code().into(), b"the destination is shutting down");
         endpoint.wait_idle().await;
         Ok(())
@@ -544,6 +550,13 @@ fn record_unfinished(state: &TargetState, event: &str, why: String, peer: &str) 
     };
     if let Err(e) = crate::history::append(&state.history(), &record) {
         tracing::warn!("cannot add the round to {}: {e:#}", state.history().display());
+    }
+}
+
+/// Tells systemd how the daemon is (nothing when it was not started by systemd with `NOTIFY_SOCKET`).
+fn tell_systemd(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot tell systemd how the daemon is ({e}); with Type=notify it waits for READY");
     }
 }
 

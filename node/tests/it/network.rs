@@ -781,3 +781,41 @@ fn the_log_lists_each_round_with_how_it_ended() {
     assert!(text.contains("round    1  pushed") && text.contains("round    2  stopped"), "{text}");
     assert!(text.contains("in sync") && text.contains("stopped at the deadline"), "{text}");
 }
+
+/// Under systemd (`Type=notify`), `serve` says READY=1 only once its port is bound, with a STATUS line
+/// naming it, and STOPPING=1 when it shuts down.
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_once_its_port_is_bound() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::init(dir.path(), "dest");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut daemon = node
+        .ferry()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("no READY from the daemon");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    let port: u16 = ready
+        .split("listening on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {ready}"));
+    // Bound by the time it says so: the port is taken.
+    let taken = std::net::UdpSocket::bind(("127.0.0.1", port));
+    assert!(taken.is_err(), "port {port} was free after READY=1");
+    let killed = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let n = socket.recv(&mut buf).expect("no STOPPING from the daemon");
+    assert!(String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "STOPPING=1"));
+    assert!(daemon.wait().unwrap().success());
+}
