@@ -223,6 +223,19 @@ fn init_logging(verbose: u8, quiet: bool, chatty: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Into the journal (systemd says so in JOURNAL_STREAM, naming stderr): no timestamp of ours (the
+    // journal keeps its own) and each line's priority as a `<N>` prefix, which journald reads.
+    if stderr_is_the_journal() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(false)
+            .without_time()
+            .event_format(JournalPriority(tracing_subscriber::fmt::format().with_target(false).without_time()))
+            .init();
+        return;
+    }
     // Colours only on a terminal: cron mails and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -231,4 +244,39 @@ fn init_logging(verbose: u8, quiet: bool, chatty: bool) {
         .with_target(false)
         .with_ansi(ansi)
         .init();
+}
+
+/// Whether stderr is the stream systemd connected to the journal: `JOURNAL_STREAM` names its device
+/// and inode (a stderr redirected elsewhere by the service keeps its own format).
+fn stderr_is_the_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else { return false };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else { return false };
+    dev == stat.st_dev.to_string() && ino == stat.st_ino.to_string()
+}
+
+/// Puts each line's syslog priority before it (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug).
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        context: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(context, writer, event)
+    }
 }

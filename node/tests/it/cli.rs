@@ -243,3 +243,39 @@ fn completions_and_man_pages_come_from_the_command_line() {
         assert!(sync.contains(section), "{section} missing");
     }
 }
+
+/// Under systemd, with stderr connected to the journal (JOURNAL_STREAM names its device and inode), log
+/// lines carry their priority as `<N>` and no timestamp of their own (the journal keeps one); anywhere
+/// else they keep theirs.
+#[test]
+fn logs_into_the_journal_carry_priorities_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    let pair = Pair::new();
+    write(&pair.source().join("a"), b"hello");
+    let log = pair.state().with_extension("log");
+    let run = |journal: bool| -> String {
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let mut cmd = sync(&pair, &["-v"]);
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        } else {
+            cmd.env("JOURNAL_STREAM", "1:2");
+        }
+        let out = cmd.stdout(Stdio::null()).stderr(file).status().unwrap();
+        assert!(out.success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let journal = run(true);
+    let lines: Vec<&str> = journal.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert!(!lines.is_empty(), "nothing logged");
+    for line in &lines {
+        let (priority, rest) = line.strip_prefix('<').and_then(|l| l.split_once('>')).unwrap_or(("", line));
+        assert!(["3", "4", "6", "7"].contains(&priority), "no priority: {line}");
+        assert!(!rest.trim_start().starts_with(|c: char| c.is_ascii_digit()), "a timestamp of its own: {line}");
+    }
+    assert!(lines.iter().any(|l| l.starts_with("<6>")), "{journal}");
+    let elsewhere = run(false);
+    assert!(elsewhere.lines().any(|l| l.starts_with("20")), "{elsewhere}");
+    assert!(!elsewhere.contains("<6>"), "{elsewhere}");
+}
