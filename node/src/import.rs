@@ -11,6 +11,15 @@ use ferry_proto::ImportResult;
 /// How many lines of output go back to the source.
 const TAIL_LINES: usize = 20;
 
+/// How an import ended, in the words `status` and `log` print.
+pub(crate) fn result_words(result: &ferry_proto::ImportResult) -> String {
+    if result.success {
+        "import ok".to_owned()
+    } else {
+        format!("import FAILED (exit code {})", exit_code_text(result.exit_code))
+    }
+}
+
 /// An import's or export's exit code as the operator reads it; there is none when the command could
 /// not start, was killed by a signal, or ran past its timeout (its output's last lines say which).
 pub(crate) fn exit_code_text(code: Option<i32>) -> String {

@@ -68,14 +68,7 @@ pub fn print(log: &Log) {
             None => {}
         }
         if let Some(import) = &record.import {
-            if import.success {
-                line.push_str("  import ok");
-            } else {
-                line.push_str(&format!(
-                    "  import FAILED (exit code {})",
-                    crate::import::exit_code_text(import.exit_code)
-                ));
-            }
+            line.push_str(&format!("  {}", crate::import::result_words(import)));
         }
         println!("{}", line.trim_end());
         if let Some(error) = &record.error {

@@ -71,17 +71,8 @@ pub fn print(status: &Status) {
     for job in &status.jobs {
         println!("job {} ({}, peer {})", job.job, job.path, job.peer);
         for record in job.received.iter().chain(&job.pushed) {
-            let import = record
-                .import
-                .as_ref()
-                .map(|i| {
-                    if i.success {
-                        " import ok".to_owned()
-                    } else {
-                        format!(" import FAILED (exit code {})", crate::import::exit_code_text(i.exit_code))
-                    }
-                })
-                .unwrap_or_default();
+            let import =
+                record.import.as_ref().map(|i| format!(" {}", crate::import::result_words(i))).unwrap_or_default();
             println!(
                 "  {}  {:<18} round {:>4}  {}{}{}{}",
                 record.time,

@@ -171,12 +171,15 @@ impl Window {
     pub(super) fn input(&self, input: DestinationInput) -> anyhow::Result<Vec<DestinationEvent>> {
         let mut state = self.state.lock().map_err(|_| anyhow::anyhow!("window lock poisoned"))?;
         let timeout = state.round.poll_timeout();
+        // What the source said may end a wait for a chunk (it is missing, the round is over).
+        let from_source = matches!(input, DestinationInput::Message(_));
         state.round.handle(input, Instant::now());
         if state.round.poll_timeout() != timeout {
             self.timer_moved.notify_one();
         }
-        // What the source said may end a wait for a chunk (it is missing, the round is over).
-        self.changed.notify_all();
+        if from_source {
+            self.changed.notify_all();
+        }
         self.drain(&mut state)
     }
 

@@ -142,7 +142,8 @@ pub(super) async fn drive(
                         Some(transfer) => transfer.stop().await,
                         None => 0,
                     };
-                    tracing::info!("deadline reached: stopping after {batches} chunk batches");
+                    let cause = stopped_by.unwrap_or("deadline reached");
+                    tracing::info!("{cause}: stopping after {batches} chunk batches");
                     machine.handle(SourceInput::SendingStopped { batches }, Instant::now());
                 }
                 SourceEvent::Ended(end) => break 'round end,
@@ -152,7 +153,7 @@ pub(super) async fn drive(
             continue;
         }
         let paused = limiter.is_paused() && !options.dry_run;
-        let listing = list.as_ref().is_some_and(|l| l.batches.is_some()) && machine.phase() == SourcePhase::Listing;
+        let listing = list.is_some() && machine.phase() == SourcePhase::Listing;
         if listing {
             log_list_pause(paused, &mut list_paused_since, options.progress_interval);
         }
@@ -281,8 +282,8 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The list of changes on its way: read from the manifests on a thread of its own.
 struct List {
-    /// Batches of changes, until the list is complete (`None` once it is).
-    batches: Option<mpsc::Receiver<Vec<Change>>>,
+    /// Batches of changes, until the list is complete.
+    batches: mpsc::Receiver<Vec<Change>>,
     differ: Option<JoinHandle<anyhow::Result<Positions>>>,
     end: ChangesEnd,
 }
@@ -296,20 +297,20 @@ impl List {
         if delta_base.is_some_and(|b| b.root == prepared.new_root) {
             // No need to read both manifests through to find no change.
             let (_, empty) = mpsc::channel(1);
-            return Self { batches: Some(empty), differ: None, end };
+            return Self { batches: empty, differ: None, end };
         }
         let (changes_tx, changes_rx) = mpsc::channel::<Vec<Change>>(4);
         let base_path = delta_base.map(|_| prepared.state.base());
         let scanned_path = prepared.state.scanned();
         let differ =
             tokio::task::spawn_blocking(move || send_changes(base_path.as_deref(), &scanned_path, &changes_tx));
-        Self { batches: Some(changes_rx), differ: Some(differ), end }
+        Self { batches: changes_rx, differ: Some(differ), end }
     }
 }
 
 async fn next_batch(list: &mut Option<List>) -> Option<Vec<Change>> {
-    match list.as_mut().and_then(|l| l.batches.as_mut()) {
-        Some(batches) => batches.recv().await,
+    match list.as_mut() {
+        Some(list) => list.batches.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -19,6 +19,16 @@ pub(crate) fn random_tree(dir: &Path, files: usize, size: usize, seed: u64) -> u
     (files * size) as u64
 }
 
+/// How many files are in `target`, each asserted to be its file in `source` whole.
+fn kept_whole(source: &Path, target: &Path) -> usize {
+    let files = walk(target);
+    for entry in &files {
+        let relative = entry.strip_prefix(target).unwrap();
+        assert_eq!(std::fs::read(entry).unwrap(), std::fs::read(source.join(relative)).unwrap(), "{entry:?}");
+    }
+    files.len()
+}
+
 fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -119,12 +129,7 @@ fn a_deadline_stops_cleanly_and_the_next_round_resumes_without_resending() {
     assert!(stderr.contains("stopped at the deadline") && stderr.contains("run the round again"), "{stderr}");
     assert!(took < Duration::from_secs(20), "{took:?}");
     // What is at a final path is whole: every file there is the source's file.
-    let mut kept = 0;
-    for entry in walk(&target) {
-        let relative = entry.strip_prefix(&target).unwrap();
-        assert_eq!(std::fs::read(&entry).unwrap(), std::fs::read(source.join(relative)).unwrap(), "{entry:?}");
-        kept += 1;
-    }
+    let kept = kept_whole(&source, &target);
     assert!(kept > 0, "nothing was kept");
     assert!(crate::util::no_staging_leftovers(&target));
 
@@ -183,12 +188,7 @@ fn a_signal_stops_the_round_cleanly_and_the_next_round_goes_on() {
     assert_eq!((report["outcome"].as_str(), report["exit_code"].as_i64()), (Some("stopped"), Some(9)), "{report}");
 
     // What is at a final path is whole, and some of it arrived.
-    let mut kept = 0;
-    for entry in walk(&target) {
-        let relative = entry.strip_prefix(&target).unwrap();
-        assert_eq!(std::fs::read(&entry).unwrap(), std::fs::read(source.join(relative)).unwrap(), "{entry:?}");
-        kept += 1;
-    }
+    let kept = kept_whole(&source, &target);
     assert!(kept > 0 && kept < 64, "{kept} files kept");
     assert!(crate::util::no_staging_leftovers(&target));
     let status: serde_json::Value = serde_json::from_slice(&setup.source.run(&["status", "--json"]).stdout).unwrap();
