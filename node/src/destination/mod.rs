@@ -513,9 +513,10 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         (Err(_), Some(e)) => Err(e),
         (result, _) => result,
     };
-    // A round that ends without a commit is in the job's history too, with why (`ferry status`).
+    // A round that ends without a commit is in the job's history too, with why (`ferry status`); a
+    // refusal was put there before the source heard of it.
     let unfinished = match &result {
-        Err(e) if is_refusal(e) => Some(("refused", crate::helpers::describe(e))),
+        Err(e) if is_refusal(e) => None,
         Err(e) => Some(("failed", crate::helpers::describe(e))),
         Ok(RoundEnd::Stopped(reason)) => Some(("stopped", reason.clone())),
         Ok(_) => None,
@@ -541,7 +542,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
 }
 
 /// Adds a round that ended without a commit to the job's history (what it would have been numbered).
-fn record_unfinished(state: &TargetState, event: &str, why: String, peer: &str) {
+pub(super) fn record_unfinished(state: &TargetState, event: &str, why: String, peer: &str) {
     let round = state.holds().ok().flatten().map_or(1, |holds| holds.round + 1);
     let record = crate::history::Record {
         error: Some(why),

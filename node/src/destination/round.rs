@@ -218,6 +218,8 @@ pub(super) fn destination_round(
     }
     if let Some(reason) = space.refusal(&job.path) {
         tracing::warn!("{reason}");
+        // In the history before the source hears of it: `ferry status` right after says why.
+        super::record_unfinished(&state, "refused", reason.clone(), round.peer);
         send(DestinationInput::Refuse { refusal: Refusal::NoSpace, reason: reason.clone() })?;
         return Err(Refused::new(Refusal::NoSpace, reason).into());
     }
