@@ -10,6 +10,10 @@
 //! no user can set it back, so an entry whose inode and ctime still match was not touched since:
 //! that is how a round tells what ferry wrote from what someone else changed behind its back (see
 //! [`check_target`](crate::check_target)).
+//!
+//! A third holds the chunks of large files that were being built when a round ended early: they lie
+//! in the staging folder (`.ferry-staging/partial-…`) until a later round finishes the file or
+//! commits without it (see `apply::partial`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +33,9 @@ const PLACED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placed");
 /// [`PLACED`], and the last [`PLACING_KEPT`] of them, so that rounds stopped before their rename
 /// leave the record of what is still there.
 const PLACING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placing");
+
+/// Chunk hash → [`PartialChunk`] (postcard): where in a partial file of the staging folder it lies.
+const PARTIAL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partial");
 
 /// How many inodes about to be put at one path are remembered (one per round stopped in between).
 const PLACING_KEPT: usize = 4;
@@ -64,6 +71,15 @@ pub struct ChunkLocation {
     pub offset: u64,
     /// How many bytes.
     pub len: u32,
+}
+
+/// Where a chunk lies in a partial file of the staging folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PartialChunk {
+    /// The partial file's name in the staging folder (one component).
+    name: Vec<u8>,
+    offset: u64,
+    len: u32,
 }
 
 /// What the disk said of an entry right after ferry put it in place (or found it as recorded).
@@ -154,6 +170,7 @@ impl ChunkIndex {
         txn.open_table(CHUNKS).map_err(|e| err(e.into()))?;
         txn.open_table(PLACED).map_err(|e| err(e.into()))?;
         txn.open_table(PLACING).map_err(|e| err(e.into()))?;
+        txn.open_table(PARTIAL).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { db: Arc::new(db), path: shown.into() })
     }
@@ -162,15 +179,53 @@ impl ChunkIndex {
         IndexError { path: self.path.to_string(), source: e.into() }
     }
 
-    /// Where the bytes of `hash` may be found.
+    /// Where the bytes of `hash` may be found: in the target, else in a partial file.
     pub fn get(&self, hash: &ChunkHash) -> Result<Option<ChunkLocation>, IndexError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
-        let Some(value) = table.get(&hash.as_bytes()[..]).map_err(|e| self.err(e))? else {
-            return Ok(None);
-        };
         // An undecodable value is a stale hint, not an error: the chunk will be fetched.
-        Ok(postcard::from_bytes(value.value()).ok())
+        if let Some(value) = table.get(&hash.as_bytes()[..]).map_err(|e| self.err(e))?
+            && let Ok(location) = postcard::from_bytes(value.value())
+        {
+            return Ok(Some(location));
+        }
+        let table = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+        let value = table.get(&hash.as_bytes()[..]).map_err(|e| self.err(e))?;
+        Ok(value.and_then(|value| partial_location(value.value())))
+    }
+
+    /// Records chunks written and synced to the partial file `name` of the staging folder:
+    /// `(hash, offset, len)`. `durable`: fsync before returning (else with the next durable write).
+    pub fn record_partial(
+        &mut self,
+        name: &[u8],
+        chunks: impl IntoIterator<Item = (ChunkHash, u64, u32)>,
+        durable: bool,
+    ) -> Result<(), IndexError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
+        }
+        {
+            let mut table = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+            let mut buf = Vec::new();
+            for (hash, offset, len) in chunks {
+                buf.clear();
+                let partial = PartialChunk { name: name.to_vec(), offset, len };
+                buf = postcard::to_extend(&partial, buf).unwrap_or_default();
+                table.insert(&hash.as_bytes()[..], &buf[..]).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Forgets every chunk of every partial file (their files are being removed).
+    pub fn forget_partials(&mut self) -> Result<(), IndexError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
+        txn.delete_table(PARTIAL).map_err(|e| self.err(e))?;
+        txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Records where chunks now are. `durable`: fsync before returning; otherwise the batch becomes
@@ -260,11 +315,24 @@ impl ChunkIndex {
         Ok(found)
     }
 
-    /// Forgets a hint that turned out wrong.
-    pub fn remove(&mut self, hash: &ChunkHash) -> Result<(), IndexError> {
+    /// Forgets a hint that turned out wrong: `location`, where [`ChunkIndex::get`] said `hash` was.
+    /// A hint recorded since (the chunk's file was just named into place) stays.
+    pub fn remove(&mut self, hash: &ChunkHash, location: &ChunkLocation) -> Result<(), IndexError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
-        txn.open_table(CHUNKS).map_err(|e| self.err(e))?.remove(&hash.as_bytes()[..]).map_err(|e| self.err(e))?;
+        let key = &hash.as_bytes()[..];
+        let decoders: [(_, Decode); 2] =
+            [(CHUNKS, |value| postcard::from_bytes(value).ok()), (PARTIAL, partial_location)];
+        for (table, decode) in decoders {
+            let mut table = txn.open_table(table).map_err(|e| self.err(e))?;
+            let stale = match table.get(key).map_err(|e| self.err(e))? {
+                Some(value) => decode(value.value()).is_none_or(|found| found == *location),
+                None => false,
+            };
+            if stale {
+                table.remove(key).map_err(|e| self.err(e))?;
+            }
+        }
         txn.commit().map_err(|e| self.err(e))
     }
 
@@ -272,6 +340,15 @@ impl ChunkIndex {
     pub fn sync(&mut self) -> Result<(), IndexError> {
         self.insert(std::iter::empty(), true)
     }
+}
+
+/// Reads a value of one of the chunk tables as a location (`None`: a stale hint).
+type Decode = fn(&[u8]) -> Option<ChunkLocation>;
+
+/// A value of the partial table as a location (`None`: undecodable, a stale hint).
+fn partial_location(value: &[u8]) -> Option<ChunkLocation> {
+    let partial = postcard::from_bytes::<PartialChunk>(value).ok()?;
+    Some(ChunkLocation { path: RelPath::staged(&partial.name)?, offset: partial.offset, len: partial.len })
 }
 
 #[cfg(test)]
@@ -291,9 +368,41 @@ mod tests {
             index.sync().unwrap();
         }
         let mut index = ChunkIndex::open(&path).unwrap();
-        assert_eq!(index.get(&hash).unwrap(), Some(location));
-        index.remove(&hash).unwrap();
+        assert_eq!(index.get(&hash).unwrap(), Some(location.clone()));
+        let elsewhere = ChunkLocation { offset: 8, ..location.clone() };
+        index.remove(&hash, &elsewhere).unwrap();
+        assert_eq!(index.get(&hash).unwrap(), Some(location.clone()), "a hint recorded since stays");
+        index.remove(&hash, &location).unwrap();
         assert_eq!(index.get(&hash).unwrap(), None);
+    }
+
+    #[test]
+    fn chunks_of_partial_files_are_found_in_the_staging_folder_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
+        {
+            let mut index = ChunkIndex::open(&path).unwrap();
+            index.record_partial(b"partial-1", [(a, 0, 1), (b, 1, 1)], true).unwrap();
+            // A name that is not one plain component is no hint.
+            index.record_partial(b"../x", [(ChunkHash::of(b"c"), 0, 1)], true).unwrap();
+        }
+        let mut index = ChunkIndex::open(&path).unwrap();
+        let staged = RelPath::staged(b"partial-1").unwrap();
+        assert_eq!(staged.as_bytes(), b".ferry-staging/partial-1");
+        assert_eq!(index.get(&b).unwrap(), Some(ChunkLocation { path: staged, offset: 1, len: 1 }));
+        assert_eq!(index.get(&ChunkHash::of(b"c")).unwrap(), None);
+        // The target's copy of a chunk comes first.
+        let placed = ChunkLocation { path: RelPath::new(&b"f"[..]).unwrap(), offset: 9, len: 1 };
+        index.insert([(&a, &placed)], false).unwrap();
+        assert_eq!(index.get(&a).unwrap(), Some(placed.clone()));
+        index.remove(&a, &placed).unwrap();
+        let partial = ChunkLocation { path: RelPath::staged(b"partial-1").unwrap(), offset: 0, len: 1 };
+        assert_eq!(index.get(&a).unwrap(), Some(partial.clone()), "then the partial file's copy");
+        index.remove(&a, &partial).unwrap();
+        assert_eq!(index.get(&a).unwrap(), None);
+        index.forget_partials().unwrap();
+        assert_eq!(index.get(&b).unwrap(), None);
     }
 
     #[test]

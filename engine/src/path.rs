@@ -65,6 +65,13 @@ impl RelPath {
         Ok(Self(bytes))
     }
 
+    /// The file `name` in the target's staging folder, where only ferry reads and writes: a path no
+    /// manifest may hold, made only inside the engine. `None` unless `name` is one plain component.
+    pub(crate) fn staged(name: &[u8]) -> Option<Self> {
+        let plain = Self::root().join(name).ok().filter(|path| path.components().count() == 1)?;
+        Some(Self([STAGING_DIR.as_bytes(), b"/", plain.as_bytes()].concat()))
+    }
+
     /// Is this the root of the tree?
     pub fn is_root(&self) -> bool {
         self.0.is_empty()

@@ -438,4 +438,82 @@ mod tests {
         assert_eq!(held.chunks_fetched, from_target.chunks_local, "{held:?}");
         assert_eq!(held.chunks_local, 0, "{held:?}");
     }
+
+    /// A source that hands in `left` chunks and then fails, as a connection that was cut.
+    struct Cut {
+        inner: LocalChunkSource,
+        left: usize,
+    }
+
+    impl ChunkSource for Cut {
+        fn fetch(
+            &mut self,
+            entry: &Entry,
+            offset: u64,
+            chunk: &ChunkRef,
+            out: &mut ChunkBuf,
+        ) -> Result<Fetched, FetchError> {
+            self.left = self.left.checked_sub(1).ok_or_else(|| FetchError("the connection was cut".into()))?;
+            self.inner.fetch(entry, offset, chunk, out)
+        }
+    }
+
+    #[test]
+    fn a_large_file_cut_off_is_resumed_from_what_arrived_and_its_partial_file_removed_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target, state) = (dir.path().join("source"), dir.path().join("target"), dir.path().join("state"));
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let mut bytes = vec![0u8; 24 << 20];
+        blake3::Hasher::new().update(b"big").finalize_xof().fill(&mut bytes);
+        std::fs::write(source.join("big"), &bytes).unwrap();
+        let manifest = state.join("manifest");
+        scan(&source, None, &manifest, &state.join("cache"), &ScanOptions::default()).unwrap();
+        let entry = RelPath::new(&b"big"[..]).unwrap();
+        let found = ManifestReader::open(&manifest).unwrap().map(Result::unwrap).find(|e| e.path == entry);
+        let chunks = found.unwrap().chunks;
+        assert!(chunks.len() > 8, "{} chunks", chunks.len());
+        let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
+        let steps = || {
+            let empty = std::iter::empty::<Result<Entry, RecordFileError>>();
+            MergeJoin::new(empty, ManifestReader::open(&manifest).unwrap()).map(|p| p.map(Step::from))
+        };
+
+        // The first attempt gets half the chunks, then the source is gone: no commit, no finish.
+        let half = chunks.len() / 2;
+        let mut cut = Cut { inner: LocalChunkSource::new(&source).unwrap(), left: half };
+        let mut committed = ManifestWriter::create(&state.join("manifest.1")).unwrap();
+        {
+            let mut applier =
+                crate::apply::Applier::new(&target, &mut cut, &mut index, &mut committed, &ApplyOptions::default())
+                    .unwrap();
+            for step in steps() {
+                applier.step(step.unwrap()).unwrap();
+            }
+        }
+        assert!(!target.join("big").exists(), "nothing at the final path");
+        let arrived: u64 = chunks[..half].iter().map(|c| u64::from(c.len)).sum();
+        // What arrived is durable, and the index knows where.
+        for chunk in &chunks[..half] {
+            let location = index.get(&chunk.hash).unwrap().expect("every chunk that arrived is in the index");
+            assert!(location.path.as_bytes().starts_with(b".ferry-staging/partial-"), "{location:?}");
+        }
+        assert_eq!(index.get(&chunks[half].hash).unwrap(), None);
+
+        // The next attempt asks the source only for the rest.
+        let step =
+            steps().map(Result::unwrap).find(|s| s.pair().is_some_and(|p| p.new.as_ref().unwrap().path == entry));
+        let planned = Planner::default().plan(&index, step.unwrap().pair().unwrap());
+        let asked: u64 = planned.unwrap().iter().map(|n| u64::from(n.chunk.len)).sum();
+        assert_eq!(asked, bytes.len() as u64 - arrived);
+        let mut local = LocalChunkSource::new(&source).unwrap();
+        let mut committed = ManifestWriter::create(&state.join("manifest.2")).unwrap();
+        let report = apply(&target, steps(), &mut local, &mut index, &mut committed, &ApplyOptions::default()).unwrap();
+        assert_eq!((report.bytes_local, report.bytes_fetched), (arrived, bytes.len() as u64 - arrived), "{report:?}");
+        assert_eq!(std::fs::read(target.join("big")).unwrap(), bytes);
+        assert!(!target.join(crate::STAGING_DIR).exists(), "the partial file is gone with the staging folder");
+        let location = index.get(&chunks[0].hash).unwrap().unwrap();
+        assert_eq!(location.path.as_bytes(), b"big", "the index points at the file in place");
+    }
 }

@@ -25,7 +25,8 @@ use crate::rootdir::{NameExt, RootDir};
 use crate::spill::SpillQueue;
 
 impl<'a> Applier<'a> {
-    /// Starts applying to `target`: takes the staging folder (emptying what a crashed run left).
+    /// Starts applying to `target`: takes the staging folder (emptying what a crashed run left, but
+    /// partial files).
     pub fn new(
         target: &Path,
         source: &'a mut dyn ChunkSource,
@@ -136,6 +137,7 @@ impl<'a> Applier<'a> {
         }
         self.flush()?;
         self.delete_deferred()?;
+        self.remove_partials()?;
         let shown = self.root.path().display().to_string();
         waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(self.root.fd())).map_err(io_err("sync", &shown))?;
         waiting(&mut self.report.sync_wait, || self.index.sync())?;
@@ -168,7 +170,8 @@ impl Drop for Applier<'_> {
     }
 }
 
-/// Creates `.ferry-staging` at the top of the target (emptying what a crashed run left in it).
+/// Creates `.ferry-staging` at the top of the target (emptying what a crashed run left in it, but
+/// the partial files of large files, which the round may resume).
 pub(super) fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
     let shown = root.path().join(STAGING_DIR).display().to_string();
     match rustix::fs::mkdirat(root.fd(), STAGING_DIR, Mode::from_raw_mode(0o700)) {
@@ -187,7 +190,7 @@ pub(super) fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
     while let Some(entry) = dir.read() {
         let entry = entry.map_err(io_err("list", &shown))?;
         let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
+        if name != b"." && name != b".." && !super::partial::is_partial(name) {
             leftovers.push(name.to_vec());
         }
     }

@@ -29,6 +29,7 @@ mod applier;
 mod batch;
 mod make;
 mod options;
+mod partial;
 mod place;
 mod plan;
 mod source;

@@ -12,10 +12,10 @@ use super::applier::Applier;
 use super::batch::{Frame, Leave, Staged, Unwritten};
 use super::make::{Job, WRITE_GROUP, write_pieces};
 use super::options::{ApplyError, io_err};
-use super::source::{Fetched, LARGE_FILE, LARGE_FILE_SYNC};
+use super::source::{Fetched, LARGE_FILE};
 use super::sys::{
-    BackgroundSync, create_staged, file_type_words, kind_of, link_unnamed, name_of, no_tmpfile, open_unnamed,
-    set_metadata, times, waiting,
+    create_staged, file_type_words, kind_of, link_unnamed, name_of, no_tmpfile, open_unnamed, set_metadata, times,
+    waiting,
 };
 use crate::hash::ChunkHash;
 use crate::index::ChunkLocation;
@@ -310,9 +310,12 @@ impl Applier<'_> {
     }
 
     pub(super) fn stage_file(&mut self, new: &Entry, replaces: bool) -> Result<bool, ApplyError> {
+        if new.size >= LARGE_FILE {
+            return self.stage_large_file(new, replaces);
+        }
         let tmp = self.tmp_name();
         let shown = format!("{} (staged for {})", tmp.escape_ascii(), new.path);
-        if new.size < LARGE_FILE && self.maker.is_some() {
+        if self.maker.is_some() {
             return self.give_file(new, tmp, shown, replaces);
         }
         let (fd, unnamed) = match self.create_unnamed(&new.path) {
@@ -323,24 +326,13 @@ impl Applier<'_> {
             }
         };
         let file = File::from(fd);
-        // A large file's descriptor, shared with the chunk source (see `ChunkSource::written`).
-        let shared = if new.size >= LARGE_FILE {
-            let dup = file.try_clone();
-            Some(Arc::new(dup.map_err(|e| ApplyError::Io { op: "duplicate", path: shown.clone(), source: e })?))
-        } else {
-            None
-        };
-        let (mut offset, mut synced) = (0u64, 0u64);
-        let mut syncing: Option<BackgroundSync> = None;
+        let mut offset = 0u64;
         let mut unwritten = Unwritten::default();
         for chunk in &new.chunks {
             let fetched = match self.get_chunk(new, offset, chunk) {
                 Ok(fetched) => fetched,
                 Err(why) => {
                     drop(file);
-                    if let Some(sync) = syncing.take() {
-                        let _ = sync.synced();
-                    }
                     if !unnamed {
                         let _ = rustix::fs::unlinkat(&self.staging, tmp.os(), AtFlags::empty());
                     }
@@ -350,23 +342,11 @@ impl Applier<'_> {
             };
             unwritten.push(self.buf.take(), chunk.hash, offset, fetched);
             offset += u64::from(chunk.len);
-            let sync_due = shared.is_some() && offset - synced >= LARGE_FILE_SYNC;
-            if unwritten.len >= WRITE_GROUP as u64 || sync_due {
-                self.write_unwritten(&mut unwritten, &file, shared.as_ref(), &shown)?;
-            }
-            if let Some(shared) = shared.as_ref().filter(|_| sync_due) {
-                // One sync at a time: the one of the piece before this one must be done.
-                if let Some(sync) = syncing.take() {
-                    waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &shown))?;
-                }
-                syncing = Some(BackgroundSync::sync(shared.clone(), |fd| rustix::fs::fdatasync(fd)));
-                synced = offset;
+            if unwritten.len >= WRITE_GROUP as u64 {
+                self.write_unwritten(&mut unwritten, &file, None, &shown)?;
             }
         }
-        self.write_unwritten(&mut unwritten, &file, shared.as_ref(), &shown)?;
-        if let Some(sync) = syncing.take() {
-            waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &shown))?;
-        }
+        self.write_unwritten(&mut unwritten, &file, None, &shown)?;
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
         self.report.files_written += 1;
         self.report.bytes_written += new.size;
@@ -470,18 +450,22 @@ impl Applier<'_> {
     pub(super) fn get_chunk(&mut self, entry: &Entry, offset: u64, chunk: &ChunkRef) -> Result<bool, String> {
         // What was asked for and arrived needs no index lookup: in a first round that is every chunk,
         // and the lookup was an eighth of the applying thread's time.
-        let local = if self.source.holds(&chunk.hash) {
-            None
-        } else {
-            self.index.get(&chunk.hash).map_err(|e| e.to_string())?
-        };
-        if let Some(location) = local {
-            if self.read_local(&location, &chunk.hash) {
-                self.report.chunks_local += 1;
-                self.report.bytes_local += u64::from(chunk.len);
-                return Ok(false);
+        if !self.source.holds(&chunk.hash) {
+            // A wrong hint is forgotten and the index asked once more: the chunk's file may have just
+            // been named into place from the staging folder, where the hint was.
+            let mut tried = None;
+            while let Some(location) = self.index.get(&chunk.hash).map_err(|e| e.to_string())? {
+                if tried.as_ref() == Some(&location) {
+                    break;
+                }
+                if self.read_local(&location, &chunk.hash) {
+                    self.report.chunks_local += 1;
+                    self.report.bytes_local += u64::from(chunk.len);
+                    return Ok(false);
+                }
+                let _ = self.index.remove(&chunk.hash, &location);
+                tried = Some(location);
             }
-            let _ = self.index.remove(&chunk.hash);
         }
         let fetched = self.source.fetch(entry, offset, chunk, &mut self.buf).map_err(|e| e.to_string())?;
         if self.buf.len() != chunk.len as usize
