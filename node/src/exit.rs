@@ -62,7 +62,7 @@ pub fn meaning(code: i32) -> &'static str {
         }
         DIFFERENCES => "`ferry verify` found differences between the target and its last committed round (listed)",
         DEADLINE => {
-            "`--max-duration` ran out: the round stopped cleanly, the files that arrived whole are kept (a file in progress is sent again whole); run it again to go on"
+            "`--max-duration` ran out: the round stopped cleanly, what arrived is kept (whole files in place, the arrived part of a file of 8 MiB or more in progress); run it again to go on"
         }
         UNREACHABLE => {
             "the peer could not be reached (no answer within 10 s), or was lost and did not come back within `--reconnect-grace`"

@@ -13,7 +13,7 @@ pub struct Unreachable(pub String);
 /// `--max-duration` ran out: the round stopped cleanly and the next one goes on from there.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks} chunks; the files that arrived whole are kept (a file still in progress is sent again whole): run the round again to go on"
+    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks} chunks; what arrived is kept (the files that arrived whole in place, the arrived part of a file of 8 MiB or more still in progress for the next round): run the round again to go on"
 )]
 pub struct StoppedAtDeadline {
     pub(super) limit: String,
@@ -25,7 +25,7 @@ pub struct StoppedAtDeadline {
 /// A signal (SIGTERM, SIGINT) stopped the round cleanly: what arrived is kept.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stopped by {signal} after sending {sent} in {chunks} chunks; the files that arrived whole are kept (a file still in progress is sent again whole): run the round again to go on"
+    "stopped by {signal} after sending {sent} in {chunks} chunks; what arrived is kept (the files that arrived whole in place, the arrived part of a file of 8 MiB or more still in progress for the next round): run the round again to go on"
 )]
 pub struct StoppedBySignal {
     pub(super) signal: &'static str,

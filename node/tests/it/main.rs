@@ -10,6 +10,7 @@ mod hostile;
 mod netns;
 mod network;
 mod properties;
+mod resume;
 mod reuse;
 mod rounds;
 mod source_changes;
