@@ -79,7 +79,8 @@ fn main() {
             Ok(if report.differences.is_empty() { exit::OK } else { exit::DIFFERENCES })
         }),
         Command::Serve(args) => runtime().and_then(|rt| {
-            rt.block_on(ferry::serve(config_dir, args.listen, args.stall_timeout, shutdown_signal())).map(|()| exit::OK)
+            rt.block_on(async { ferry::serve(config_dir, args.listen, args.stall_timeout, shutdown_signal()).await })
+                .map(|()| exit::OK)
         }),
         Command::Sync(args) => match args.target.clone() {
             Some(_) if !args.network_only().is_empty() => {
@@ -200,15 +201,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT. The handlers are installed when this is called, not when it is first awaited:
+/// systemd may stop the daemon right after it said it was ready, before its loop polls this.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let (term, int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+    async move {
+        let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+            match signal {
+                Some(mut signal) => drop(signal.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wait(term) => {}
+            () = wait(int) => {}
+        }
     }
 }
 

@@ -83,14 +83,15 @@ impl Daemon {
         let Self { endpoint, context, node_id } = self;
         let listening = format!("listening on {} as node {node_id}", endpoint.local_addr()?);
         tracing::info!("{listening}");
-        // Under systemd (`Type=notify`): ready once the port is bound, not when the process starts.
-        tell_systemd(&[NotifyState::Ready, NotifyState::Status(&listening)]);
         tokio::pin!(shutdown);
         // SIGHUP, which would end the process by default, re-reads the configuration instead (as
         // `sync` does for its limit): the trusted peers now, each job's settings as its round starts.
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .inspect_err(|e| tracing::warn!("cannot handle SIGHUP ({e}); it will end the daemon"))
             .ok();
+        // Under systemd (`Type=notify`): ready once the port is bound and the signals are handled,
+        // not when the process starts.
+        tell_systemd(&[NotifyState::Ready, NotifyState::Status(&listening)]);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -252,6 +253,10 @@ async fn handle_connection(connection: quinn::Connection, context: Arc<ServerCon
         connection.close(close::ERROR.into(), b"no peer identity");
         return;
     };
+    if let Some(theirs) = net::older_version(&connection) {
+        refuse_older(&connection, peer_id, &theirs).await;
+        return;
+    }
     let span = tracing::info_span!(
         "round",
         peer = tracing::field::Empty,
@@ -261,6 +266,23 @@ async fn handle_connection(connection: quinn::Connection, context: Arc<ServerCon
     async move { finish_round(&connection, round(&connection, peer_id, context).await, peer_id).await }
         .instrument(span)
         .await;
+}
+
+/// Answers a peer that speaks an older protocol, in words it can read: its first message is encoded
+/// as it is here, and so is `Refused`.
+async fn refuse_older(connection: &quinn::Connection, peer_id: NodeId, theirs: &str) {
+    let text = net::version_words(&format!("node {peer_id}"), theirs);
+    tracing::warn!("refused a connection from {}: {text}", connection.remote_address());
+    let answer = async {
+        let (mut send, _recv) = connection.accept_bi().await?;
+        let words = text.replace("this node", "the destination");
+        net::send(&mut send, &Message::Refused { refusal: Refusal::ProtocolViolation, reason: words }).await?;
+        let _ = send.finish();
+        anyhow::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+    connection.close(Refusal::ProtocolViolation.code().into(), text.as_bytes());
 }
 
 /// Closes a round's connection: after the source has read the last messages, or at once with the error.
