@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use bytes::{Bytes, BytesMut};
 use ferry_certs::{Identity, NodeId, TrustedPeers};
-use ferry_proto::{ALPN, ChunkBatch, Message, bytes_missing, decode, encode, encode_chunk_batch};
+use ferry_proto::{ALPN, ChunkBatch, Message, OLDER_ALPNS, Refusal, bytes_missing, decode, encode, encode_chunk_batch};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+use crate::refused::Refused;
 
 /// UDP socket buffers: the kernel default (about 208 KB) drops packets even on loopback.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -89,7 +91,8 @@ pub(crate) fn server_endpoint(
     trusted: TrustedPeers,
     listen: SocketAddr,
 ) -> anyhow::Result<quinn::Endpoint> {
-    let tls = ferry_certs::server_config(identity, trusted, ALPN).context("cannot build the TLS server config")?;
+    let mut tls = ferry_certs::server_config(identity, trusted, ALPN).context("cannot build the TLS server config")?;
+    tls.alpn_protocols.extend(OLDER_ALPNS.iter().map(|alpn| alpn.to_vec()));
     let quic = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport());
@@ -160,7 +163,8 @@ impl Client {
         addr: SocketAddr,
         congestion: Congestion,
     ) -> Result<quinn::Connection, anyhow::Error> {
-        let tls = ferry_certs::client_config(identity, peer, ALPN).context("cannot build the TLS client config")?;
+        let mut tls = ferry_certs::client_config(identity, peer, ALPN).context("cannot build the TLS client config")?;
+        tls.alpn_protocols.extend(OLDER_ALPNS.iter().map(|alpn| alpn.to_vec()));
         let quic = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("TLS config unusable for QUIC: {e}"))?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = transport_config();
@@ -191,7 +195,17 @@ impl Client {
             connecting => connecting?,
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(connection) => Ok(connection?),
+            Ok(connection) => {
+                let connection = connection?;
+                match older_version(&connection) {
+                    None => Ok(connection),
+                    Some(theirs) => {
+                        let text = version_words("the peer", &theirs);
+                        connection.close(Refusal::ProtocolViolation.code().into(), text.as_bytes());
+                        Err(Refused::new(Refusal::ProtocolViolation, text).into())
+                    }
+                }
+            }
             Err(_) => Err(anyhow!(
                 "no answer within {} s: is `ferry serve` running there, and is UDP to that port open?",
                 CONNECT_TIMEOUT.as_secs()
@@ -230,6 +244,22 @@ impl Client {
 }
 
 /// The node ID the peer of an established connection proved.
+/// The older protocol a connection's handshake settled on, if not this node's own ([`ALPN`]).
+pub(crate) fn older_version(connection: &quinn::Connection) -> Option<String> {
+    let data = connection.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
+    let protocol = data.protocol.filter(|p| p != ALPN)?;
+    Some(String::from_utf8_lossy(&protocol).into_owned())
+}
+
+/// What to tell an operator when `who` speaks the protocol `theirs`.
+pub(crate) fn version_words(who: &str, theirs: &str) -> String {
+    let ours = String::from_utf8_lossy(ALPN);
+    format!(
+        "{who} speaks {theirs} and this node {ours}: the two ferry versions cannot work together; install the \
+         same version on both nodes (ferry --version)"
+    )
+}
+
 pub(crate) fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
     let identity = connection.peer_identity()?;
     let certs = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;

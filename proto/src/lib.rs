@@ -32,6 +32,7 @@ pub mod batch;
 mod destination;
 mod frame;
 mod message;
+pub mod packed;
 mod refusal;
 mod source;
 pub mod window;
@@ -42,7 +43,7 @@ pub use destination::{
 pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, bytes_missing, decode, encode, encode_chunk_batch};
 pub use message::{
     ALPN, Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk,
-    PROTOCOL_VERSION, Plan, RoundOptions, RoundRef, Transmit,
+    OLDER_ALPNS, PROTOCOL_VERSION, Plan, RoundOptions, RoundRef, Transmit,
 };
 pub use refusal::Refusal;
 pub use source::{

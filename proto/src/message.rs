@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::refusal::Refusal;
 
 /// The protocol name and version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"ferry/2";
+pub const ALPN: &[u8] = b"ferry/3";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Earlier versions, offered in the handshake only to refuse a peer that speaks one of them with words
+/// that name both versions (its `Check`, `Hello` and `Refused` are encoded as they are here).
+pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/2"];
 
 /// A committed round: its number and the root hash of its manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,11 +43,12 @@ pub struct Hello {
 pub struct Change {
     /// The path.
     pub path: RelPath,
-    /// The new entry. When `chunks_as_before`, its chunk list is empty and the destination keeps the
-    /// one it has (a file whose content did not change costs no chunk list on the wire).
+    /// The new entry. When `content_as_before`, its size is 0 and its chunk list empty, and the
+    /// destination keeps the ones it has (a file whose content did not change costs neither on the
+    /// wire).
     pub entry: Option<Entry>,
     /// See `entry`.
-    pub chunks_as_before: bool,
+    pub content_as_before: bool,
 }
 
 /// source → destination: all changes are sent.

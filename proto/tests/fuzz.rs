@@ -59,19 +59,19 @@ fn corpus() -> Vec<Vec<u8>> {
             Change {
                 path: RelPath::new("accounts").unwrap(),
                 entry: Some(entry("accounts", EntryKind::Dir)),
-                chunks_as_before: false,
+                content_as_before: false,
             },
             Change {
                 path: RelPath::new("accounts/a/items/1").unwrap(),
                 entry: Some(entry("accounts/a/items/1", EntryKind::File)),
-                chunks_as_before: false,
+                content_as_before: false,
             },
             Change {
                 path: RelPath::new("accounts/a/link").unwrap(),
                 entry: Some(entry("accounts/a/link", EntryKind::Symlink)),
-                chunks_as_before: false,
+                content_as_before: false,
             },
-            Change { path: RelPath::new("gone").unwrap(), entry: None, chunks_as_before: false },
+            Change { path: RelPath::new("gone").unwrap(), entry: None, content_as_before: false },
         ]),
         Message::ChangesEnd(ChangesEnd { base: None, root, entries: 4 }),
         Message::Need(vec![NeedChunk {

@@ -72,7 +72,17 @@ pub struct EvilSource {
 impl EvilSource {
     /// Connects to the daemon `server` at `addr` as `identity`.
     pub async fn connect(identity: &Identity, server: NodeId, addr: SocketAddr) -> anyhow::Result<Self> {
-        let tls = ferry_certs::client_config(identity, server, ALPN)?;
+        Self::connect_speaking(identity, server, addr, ALPN).await
+    }
+
+    /// Connects speaking the protocol `alpn` (an older ferry's, say).
+    pub async fn connect_speaking(
+        identity: &Identity,
+        server: NodeId,
+        addr: SocketAddr,
+        alpn: &[u8],
+    ) -> anyhow::Result<Self> {
+        let tls = ferry_certs::client_config(identity, server, alpn)?;
         let client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
         let mut endpoint = endpoint("127.0.0.1:0".parse()?, None)?;
         endpoint.set_default_client_config(client);
@@ -113,8 +123,13 @@ pub struct EvilDestination {
 impl EvilDestination {
     /// Listens on loopback as `identity`, trusting `source`.
     pub fn listen(identity: &Identity, source: NodeId) -> anyhow::Result<Self> {
+        Self::listen_speaking(identity, source, ALPN)
+    }
+
+    /// Listens speaking only the protocol `alpn` (an older ferry's, say).
+    pub fn listen_speaking(identity: &Identity, source: NodeId, alpn: &[u8]) -> anyhow::Result<Self> {
         let trusted = Arc::new(RwLock::new(std::collections::HashSet::from([source])));
-        let tls = ferry_certs::server_config(identity, trusted, ALPN)?;
+        let tls = ferry_certs::server_config(identity, trusted, alpn)?;
         let server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
         Ok(Self { endpoint: endpoint("127.0.0.1:0".parse()?, Some(server))? })
     }

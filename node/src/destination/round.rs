@@ -379,7 +379,7 @@ impl Space {
             if let Some(entry) = &change.entry
                 && entry.kind == EntryKind::File
                 && entry.hard_link_to.is_none()
-                && !change.chunks_as_before
+                && !change.content_as_before
             {
                 files += 1;
                 needed = needed.saturating_add(entry.size);
@@ -529,12 +529,11 @@ pub(super) fn patch<'a>(
                 let old = old.as_ref().map(Checked::on_disk).transpose()?.flatten();
                 let new = match change.entry {
                     Some(mut entry) => {
-                        if change.chunks_as_before {
-                            let Some(previous) =
-                                committed.as_ref().filter(|o| o.kind == EntryKind::File && o.size == entry.size)
-                            else {
+                        if change.content_as_before {
+                            let Some(previous) = committed.as_ref().filter(|o| o.kind == EntryKind::File) else {
                                 bail!("{}: sent as unchanged content, but this node has no such file", change.path);
                             };
+                            entry.size = previous.size;
                             entry.chunks.clone_from(&previous.chunks);
                         }
                         if entry.path != change.path {
@@ -667,10 +666,10 @@ mod tests {
         b.mtime_ns = 2;
         b.chunks.clear();
         let listed = [
-            Change { path: file("a", 0, 0).path, entry: Some(file("a", 150, 9)), chunks_as_before: false },
-            Change { path: b.path.clone(), entry: Some(b), chunks_as_before: true },
-            Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), chunks_as_before: false },
-            Change { path: file("e", 0, 0).path, entry: None, chunks_as_before: false },
+            Change { path: file("a", 0, 0).path, entry: Some(file("a", 150, 9)), content_as_before: false },
+            Change { path: b.path.clone(), entry: Some(b), content_as_before: true },
+            Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), content_as_before: false },
+            Change { path: file("e", 0, 0).path, entry: None, content_as_before: false },
         ];
         let mut writer = RecordWriter::<Change>::create(&changes).unwrap();
         for change in &listed {

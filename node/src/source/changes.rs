@@ -27,14 +27,14 @@ pub(super) fn send_changes(
         let path = pair.path().clone();
         let change = match (pair.old, pair.new) {
             (Some(old), Some(mut new)) if new.kind == EntryKind::File && old.same_content(&new) => {
-                new.chunks.clear();
-                Change { path, entry: Some(new), chunks_as_before: true }
+                (new.size, new.chunks) = (0, Vec::new());
+                Change { path, entry: Some(new), content_as_before: true }
             }
             (_, new) => {
                 if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
                     positions.push(&path, entry.size);
                 }
-                Change { path, entry: new, chunks_as_before: false }
+                Change { path, entry: new, content_as_before: false }
             }
         };
         batch.push(change);

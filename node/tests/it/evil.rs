@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_certs::{Identity, NodeId};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
-use ferry_proto::{Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION};
+use ferry_proto::{
+    Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, Refusal,
+};
 use ferry_testkit::evil::{EvilDestination, EvilSource, EvilStream};
 
 use crate::network::{Node, Setup};
@@ -30,7 +32,7 @@ fn file(path: &str, data: &[u8]) -> Entry {
 }
 
 fn change(entry: Entry) -> Change {
-    Change { path: entry.path.clone(), entry: Some(entry), chunks_as_before: false }
+    Change { path: entry.path.clone(), entry: Some(entry), content_as_before: false }
 }
 
 /// Hello, one change, the end of the changes; returns the control stream once `Welcome` came.
@@ -397,4 +399,39 @@ async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
     let report = scene.setup.source.sync("zimbra");
     assert_eq!(report["in_sync"], true, "{report}");
     assert_same_tree(&source, &target, |_| false);
+}
+
+/// A node of the previous protocol version, either side: refused at once, in words that name both
+/// versions, never a round of messages it would misread.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_of_an_older_version_is_refused_with_both_versions_named() {
+    let scene = Scene::new("3s");
+    let addr = scene.setup.daemon.addr.parse().unwrap();
+    let old = EvilSource::connect_speaking(&scene.identity, scene.daemon_id, addr, b"ferry/2").await.unwrap();
+    let mut control = old.open().await.unwrap();
+    control.send(&Message::Check { job: "zimbra".into() }).await.unwrap();
+    match control.next(LIMIT).await.unwrap() {
+        Some(Message::Refused { refusal: Refusal::ProtocolViolation, reason }) => {
+            assert!(reason.contains("ferry/2") && reason.contains("ferry/3"), "{reason}");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+
+    // A source of this version before a destination of the older one.
+    let dir = tempfile::tempdir().unwrap();
+    let source_node = Node::init(dir.path(), "source-node");
+    let old_identity = Identity::generate().unwrap();
+    let old = EvilDestination::listen_speaking(&old_identity, source_node.id.parse().unwrap(), b"ferry/2").unwrap();
+    let addr = old.addr().unwrap().to_string();
+    source_node.ok(&["trust", &old_identity.node_id().to_string(), "--name", "old", "--addr", &addr]);
+    std::fs::create_dir_all(dir.path().join("export")).unwrap();
+    source_node.ok(&["job", "add", "zimbra", "--path", dir.path().join("export").to_str().unwrap(), "--peer", "old"]);
+    let accepting = tokio::spawn(async move {
+        let _ = old.accept(LIMIT).await;
+    });
+    let out = tokio::task::spawn_blocking(move || source_node.run(&["sync", "--round", "zimbra"])).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+    assert!(stderr.contains("speaks ferry/2 and this node ferry/3"), "{stderr}");
+    accepting.abort();
 }
