@@ -52,7 +52,7 @@ pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, Recorded};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
-    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, same_records, sync_record_file,
+    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_numbered, same_records, sync_record_file,
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};

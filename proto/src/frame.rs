@@ -175,10 +175,11 @@ mod tests {
                     path: RelPath::new(&b"a/b"[..]).unwrap(),
                     entry: None,
                     content_as_before: false,
+                    base: None,
                 }]),
                 // The tag, the packed batch's length, then a zstd frame (whose bytes may differ with
                 // another zstd: this one is checked by decoding it).
-                "00000012 03 10 28b52ffd2007390000010003612f6200",
+                "00000013 03 11 28b52ffd200841000001000003612f6200",
             ),
             (
                 Message::Missing(vec![ChunkHash::from_bytes([1; 32])]),
@@ -239,8 +240,9 @@ mod tests {
 
     #[test]
     fn hostile_paths_do_not_decode() {
-        // A Changes message whose one change has the path "../x" (no shared bytes, the rest, no entry).
-        let packed = zstd::bulk::compress(&[1, 0, 4, b'.', b'.', b'/', b'x', 0], 1).unwrap();
+        // A Changes message whose one change has the path "../x" (said as a path: no shared bytes, the
+        // rest; no entry).
+        let packed = zstd::bulk::compress(&[1, 0, 0, 4, b'.', b'.', b'/', b'x', 0], 1).unwrap();
         let mut body = vec![3u8, packed.len() as u8];
         body.extend_from_slice(&packed);
         let mut buf = BytesMut::new();

@@ -49,6 +49,11 @@ pub struct Change {
     pub entry: Option<Entry>,
     /// See `entry`.
     pub content_as_before: bool,
+    /// Where the path is in the manifest of the round the list is a delta against
+    /// ([`ChangesEnd::base`], which the destination holds): then the path travels as that place and
+    /// the destination reads it from its own copy of that manifest. A change unpacked with a place has
+    /// the root as its path (and its entry's) until the destination puts the path there.
+    pub base: Option<u64>,
 }
 
 /// source → destination: all changes are sent.

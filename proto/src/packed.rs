@@ -49,12 +49,19 @@ pub enum UnpackError {
 /// One change as packed.
 #[derive(Serialize, Deserialize)]
 struct Packed {
-    /// How many bytes of the previous change's path begin this one's.
-    shared: u32,
-    /// The rest of the path.
-    rest: Vec<u8>,
+    at: At,
     /// `None`: the path is gone at the source.
     body: Option<Body>,
+}
+
+/// Which path a change is about.
+#[derive(Serialize, Deserialize)]
+enum At {
+    /// A path: how many bytes of the previous path said this way begin this one's, and the rest.
+    Path { shared: u32, rest: Vec<u8> },
+    /// An entry of the base round's manifest ([`Change::base`]): how many entries after the previous
+    /// one said this way (the first: its place).
+    Base { skip: u64 },
 }
 
 /// An entry, said against the previous entry of the batch (`None` fields: the same as its).
@@ -104,10 +111,23 @@ impl Default for Previous {
 /// Packs a batch of changes: the bytes [`unpack_changes`] turns back into the same changes.
 pub fn pack_changes(changes: &[Change]) -> Result<Vec<u8>, postcard::Error> {
     let mut previous = Previous::default();
+    let mut next_base = 0u64;
     let mut packed = Vec::with_capacity(changes.len());
     for change in changes {
-        let path = change.path.as_bytes();
-        let shared = shared_len(path, &previous.path);
+        let at = match change.base {
+            Some(place) => {
+                let skip = place.wrapping_sub(next_base);
+                next_base = place.wrapping_add(1);
+                At::Base { skip }
+            }
+            None => {
+                let path = change.path.as_bytes();
+                let shared = shared_len(path, &previous.path);
+                let at = At::Path { shared: shared as u32, rest: path[shared..].to_vec() };
+                previous.path = path.to_vec();
+                at
+            }
+        };
         let body = change.entry.as_ref().map(|entry| {
             let owner = Owner { uid: entry.uid, gid: entry.gid, user: entry.user.clone(), group: entry.group.clone() };
             let body = Body {
@@ -124,8 +144,7 @@ pub fn pack_changes(changes: &[Change]) -> Result<Vec<u8>, postcard::Error> {
                 (entry.kind, entry.mode, owner, entry.mtime_ns);
             body
         });
-        packed.push(Packed { shared: shared as u32, rest: path[shared..].to_vec(), body });
-        previous.path = path.to_vec();
+        packed.push(Packed { at, body });
     }
     compress(&packed)
 }
@@ -135,9 +154,21 @@ pub fn unpack_changes(bytes: &[u8]) -> Result<Vec<Change>, UnpackError> {
     let raw = inflate(bytes)?;
     let packed: Vec<Packed> = postcard::from_bytes(&raw)?;
     let mut previous = Previous::default();
+    let mut next_base = 0u64;
     let mut changes = Vec::with_capacity(packed.len());
-    for Packed { shared, rest, body } in packed {
-        let path = unshare(&previous.path, shared, &rest)?;
+    for Packed { at, body } in packed {
+        let (path, base) = match at {
+            At::Path { shared, rest } => {
+                let path = unshare(&previous.path, shared, &rest)?;
+                previous.path = path.as_bytes().to_vec();
+                (path, None)
+            }
+            At::Base { skip } => {
+                let place = next_base.checked_add(skip).ok_or_else(|| UnpackError::Bad("a place past 2^64".into()))?;
+                next_base = place.saturating_add(1);
+                (RelPath::root(), Some(place))
+            }
+        };
         let content_as_before = body.as_ref().is_some_and(|b| b.content.is_none());
         let entry = match body {
             Some(body) => {
@@ -165,8 +196,7 @@ pub fn unpack_changes(bytes: &[u8]) -> Result<Vec<Change>, UnpackError> {
             }
             None => None,
         };
-        previous.path = path.as_bytes().to_vec();
-        changes.push(Change { path, entry, content_as_before });
+        changes.push(Change { path, entry, content_as_before, base });
     }
     Ok(changes)
 }
@@ -290,24 +320,45 @@ mod tests {
                 );
                 e.mtime_ns = 1_765_000_000_123_456_789 + i as i64 * 1_234_567;
                 e.size = 0;
-                Change { path: e.path.clone(), entry: Some(e), content_as_before: true }
+                Change { path: e.path.clone(), entry: Some(e), content_as_before: true, base: None }
             })
             .collect();
         let packed = pack_changes(&changes).unwrap();
         assert_eq!(unpack_changes(&packed).unwrap(), changes);
         let per_change = packed.len() as f64 / changes.len() as f64;
         assert!(per_change < 8.0, "{per_change:.1} bytes per change");
+
+        // The same changes said by their places in the base round's manifest (a few folders between).
+        let placed: Vec<Change> =
+            changes.iter().enumerate().map(|(i, c)| Change { base: Some((i + i / 40) as u64), ..c.clone() }).collect();
+        let packed = pack_changes(&placed).unwrap();
+        let unpacked = unpack_changes(&packed).unwrap();
+        assert_eq!(unpacked, placed.iter().map(unplaced).collect::<Vec<_>>());
+        let per_change = packed.len() as f64 / changes.len() as f64;
+        assert!(per_change < 5.0, "{per_change:.1} bytes per change");
+    }
+
+    /// A change as it is unpacked when it travels by its place: the root for its path.
+    fn unplaced(change: &Change) -> Change {
+        let mut change = change.clone();
+        if change.base.is_some() {
+            change.path = RelPath::root();
+            if let Some(entry) = &mut change.entry {
+                entry.path = RelPath::root();
+            }
+        }
+        change
     }
 
     #[test]
     fn a_path_that_shares_more_than_there_was_is_refused() {
-        let packed = vec![Packed { shared: 3, rest: b"x".to_vec(), body: None }];
+        let packed = vec![Packed { at: At::Path { shared: 3, rest: b"x".to_vec() }, body: None }];
         let bytes = zstd::bulk::compress(&postcard::to_allocvec(&packed).unwrap(), 1).unwrap();
         assert!(matches!(unpack_changes(&bytes), Err(UnpackError::Bad(_))));
         // A path made invalid by its parts (`..`) is refused as a path.
         let packed = vec![
-            Packed { shared: 0, rest: b"a".to_vec(), body: None },
-            Packed { shared: 0, rest: b"../b".to_vec(), body: None },
+            Packed { at: At::Path { shared: 0, rest: b"a".to_vec() }, body: None },
+            Packed { at: At::Path { shared: 0, rest: b"../b".to_vec() }, body: None },
         ];
         let bytes = zstd::bulk::compress(&postcard::to_allocvec(&packed).unwrap(), 1).unwrap();
         assert!(matches!(unpack_changes(&bytes), Err(UnpackError::Bad(_))));
@@ -355,13 +406,19 @@ mod tests {
         #[test]
         fn packing_gives_back_the_same_changes(
             items in proptest::collection::vec(
-                ("[a-c]{1,3}(/[a-c]{1,3}){0,3}", kinds(), any::<i64>(), 0usize..4, any::<u32>(), any::<bool>(), any::<bool>()),
+                ("[a-c]{1,3}(/[a-c]{1,3}){0,3}", kinds(), any::<i64>(), 0usize..4, any::<u32>(), any::<bool>(), any::<bool>(), proptest::option::of(0u64..5)),
                 0..40,
             )
         ) {
+            let mut place = 0u64;
             let changes: Vec<Change> = items
                 .into_iter()
-                .map(|(path, kind, mtime, chunks, mode, removed, as_before)| {
+                .map(|(path, kind, mtime, chunks, mode, removed, as_before, skip)| {
+                    let base = skip.map(|skip| {
+                        place += skip;
+                        place += 1;
+                        place - 1
+                    });
                     let mut e = entry(&path, kind, mtime, chunks);
                     e.mode = mode & 0o7777;
                     if mode % 3 == 0 {
@@ -371,10 +428,11 @@ mod tests {
                     if as_before {
                         (e.size, e.chunks) = (0, Vec::new());
                     }
-                    Change { path: e.path.clone(), entry: (!removed).then_some(e), content_as_before: as_before }
+                    Change { path: e.path.clone(), entry: (!removed).then_some(e), content_as_before: as_before, base }
                 })
                 .collect();
-            prop_assert_eq!(unpack_changes(&pack_changes(&changes).unwrap()).unwrap(), changes);
+            let expected: Vec<Change> = changes.iter().map(unplaced).collect();
+            prop_assert_eq!(unpack_changes(&pack_changes(&changes).unwrap()).unwrap(), expected);
         }
 
         #[test]

@@ -60,18 +60,21 @@ fn corpus() -> Vec<Vec<u8>> {
                 path: RelPath::new("accounts").unwrap(),
                 entry: Some(entry("accounts", EntryKind::Dir)),
                 content_as_before: false,
+                base: None,
             },
             Change {
                 path: RelPath::new("accounts/a/items/1").unwrap(),
                 entry: Some(entry("accounts/a/items/1", EntryKind::File)),
                 content_as_before: false,
+                base: None,
             },
             Change {
                 path: RelPath::new("accounts/a/link").unwrap(),
                 entry: Some(entry("accounts/a/link", EntryKind::Symlink)),
                 content_as_before: false,
+                base: None,
             },
-            Change { path: RelPath::new("gone").unwrap(), entry: None, content_as_before: false },
+            Change { path: RelPath::new("gone").unwrap(), entry: None, content_as_before: false, base: None },
         ]),
         Message::ChangesEnd(ChangesEnd { base: None, root, entries: 4 }),
         Message::Need(vec![NeedChunk {

@@ -60,7 +60,7 @@ fn tree(files: u32, chunks: u32) -> Vec<Change> {
                 chunks,
                 ..Entry::new(path.clone(), EntryKind::File)
             };
-            Change { path, entry: Some(entry), content_as_before: false }
+            Change { path, entry: Some(entry), content_as_before: false, base: None }
         })
         .collect()
 }

@@ -78,12 +78,41 @@ where
     L: Iterator<Item = Result<RawEntry, RecordFileError>>,
     R: Iterator<Item = Result<RawEntry, RecordFileError>>,
 {
+    diff_numbered(old, new).map(|item| item.map(|(_, pair)| pair))
+}
+
+/// Like [`diff`], with the place of each pair's old entry in `old` (counted from 0), when it has one.
+pub fn diff_numbered<L, R>(
+    old: L,
+    new: R,
+) -> impl Iterator<Item = Result<(Option<u64>, Pair<Entry, Entry>), RecordFileError>>
+where
+    L: Iterator<Item = Result<RawEntry, RecordFileError>>,
+    R: Iterator<Item = Result<RawEntry, RecordFileError>>,
+{
+    let old = old.enumerate().map(|(i, raw)| raw.map(|raw| Numbered { position: i as u64, raw }));
     MergeJoin::new(old, new).filter_map(|pair| match pair {
-        Ok(Pair { old: Some(o), new: Some(n) }) if o.bytes == n.bytes => None,
+        Ok(Pair { old: Some(o), new: Some(n) }) if o.raw.bytes == n.bytes => None,
         // Equal entries are equal bytes (the encoding is canonical); compared decoded, in case one was not.
-        Ok(pair) => decoded(pair).map(|p| (p.old != p.new).then_some(p)).transpose(),
+        Ok(Pair { old, new }) => {
+            let position = old.as_ref().map(|o| o.position);
+            let pair = decoded(Pair { old: old.map(|o| o.raw), new });
+            pair.map(|p| (p.old != p.new).then_some((position, p))).transpose()
+        }
         Err(e) => Some(Err(e)),
     })
+}
+
+/// A stored entry and its place in its manifest.
+struct Numbered {
+    position: u64,
+    raw: RawEntry,
+}
+
+impl Keyed for Numbered {
+    fn key(&self) -> &RelPath {
+        self.raw.key()
+    }
 }
 
 /// Both sides of `pair`, decoded.

@@ -11,7 +11,7 @@ mod record;
 
 pub(crate) use entry::check_order;
 pub use entry::{ChunkRef, Entry, EntryError, EntryKind, Keyed};
-pub use merge::{MergeJoin, Pair, diff};
+pub use merge::{MergeJoin, Pair, diff, diff_numbered};
 pub use record::{
     MAX_RECORD_LEN, ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter,
     same_records, sync_record_file,
@@ -172,6 +172,11 @@ mod tests {
         let paths: Vec<String> = changes.iter().map(|p| p.path().to_string()).collect();
         assert_eq!(paths, ["b", "c"]);
         assert!(changes[0].new.is_none() && changes[1].old.is_none());
+        // The old side's place in its manifest: "b" is its third entry; "c" has no old side.
+        let numbered =
+            diff_numbered(ManifestReader::open(&old).unwrap().raw(), ManifestReader::open(&new).unwrap().raw());
+        let positions: Vec<Option<u64>> = numbered.map(|r| r.unwrap().0).collect();
+        assert_eq!(positions, [Some(2), None]);
     }
 
     #[test]

@@ -134,11 +134,22 @@ pub(super) fn destination_round(
     // The changes, to disk (a full manifest can be large).
     let changes_path = state.incoming_changes();
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
+    let mut base_paths = None;
     let end = loop {
         match inbox.blocking_recv() {
             Some(DestinationEvent::Changes(batch)) => {
-                for change in &batch {
-                    changes.push(change)?;
+                for mut change in batch {
+                    if let Some(place) = change.base.take() {
+                        let paths = match &mut base_paths {
+                            Some(paths) => paths,
+                            None => base_paths.insert(BasePaths::open(&state, hello.base, holds)?),
+                        };
+                        change.path = paths.path_at(place)?;
+                        if let Some(entry) = &mut change.entry {
+                            entry.path.clone_from(&change.path);
+                        }
+                    }
+                    changes.push(&change)?;
                 }
             }
             Some(DestinationEvent::ChangesEnd(end)) => break end,
@@ -507,6 +518,42 @@ pub(super) fn read_ahead<T: Send + 'static>(
     })))
 }
 
+/// The paths of the committed manifest by their places in it, for changes that name a path by its
+/// place in the source's base round: that round is the one this node holds, so its manifest is the
+/// same list. Read forward only, once.
+struct BasePaths {
+    entries: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>>>,
+    /// The place of the next entry `entries` gives.
+    next: u64,
+}
+
+impl BasePaths {
+    fn open(state: &TargetState, base: Option<RoundRef>, holds: Option<RoundRef>) -> anyhow::Result<Self> {
+        if base.is_none() || base != holds {
+            bail!(
+                "the source named a path by its place in round {base:?}, but this node holds {holds:?}: a protocol \
+                 violation"
+            );
+        }
+        Ok(Self { entries: Box::new(ManifestReader::open(&state.manifest())?.raw()), next: 0 })
+    }
+
+    fn path_at(&mut self, place: u64) -> anyhow::Result<ferry_engine::RelPath> {
+        if place < self.next {
+            bail!("the source named place {place} after place {}: changes must come in order", self.next - 1);
+        }
+        loop {
+            let Some(entry) = self.entries.next().transpose()? else {
+                bail!("the source named place {place}, past the end of the manifest of the round held here");
+            };
+            self.next += 1;
+            if self.next > place {
+                return Ok(entry.path().clone());
+            }
+        }
+    }
+}
+
 /// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
 /// the changes are against the old manifest (an unlisted path is unchanged: a file or symlink is kept
 /// as it is stored, undecoded); otherwise they are the whole new manifest.
@@ -666,10 +713,10 @@ mod tests {
         b.mtime_ns = 2;
         b.chunks.clear();
         let listed = [
-            Change { path: file("a", 0, 0).path, entry: Some(file("a", 150, 9)), content_as_before: false },
-            Change { path: b.path.clone(), entry: Some(b), content_as_before: true },
-            Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), content_as_before: false },
-            Change { path: file("e", 0, 0).path, entry: None, content_as_before: false },
+            Change { path: file("a", 0, 0).path, entry: Some(file("a", 150, 9)), content_as_before: false, base: None },
+            Change { path: b.path.clone(), entry: Some(b), content_as_before: true, base: None },
+            Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), content_as_before: false, base: None },
+            Change { path: file("e", 0, 0).path, entry: None, content_as_before: false, base: None },
         ];
         let mut writer = RecordWriter::<Change>::create(&changes).unwrap();
         for change in &listed {
@@ -706,5 +753,30 @@ mod tests {
         let got: Vec<anyhow::Result<u32>> = read_ahead(items).unwrap().collect();
         assert!(got.len() <= 2501, "{} items", got.len());
         assert!(got.last().is_some_and(|last| last.is_err()), "the items stopped short without an error");
+    }
+
+    #[test]
+    fn a_place_in_the_base_round_is_read_from_the_manifest_held_and_only_from_that_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = TargetState::new(dir.path(), "zimbra");
+        std::fs::create_dir_all(&state.dir).unwrap();
+        let mut old = ManifestWriter::create(&state.manifest()).unwrap();
+        for entry in [file("a", 1, 1), file("b", 1, 2), file("c", 1, 3), file("d", 1, 4)] {
+            old.push(&entry).unwrap();
+        }
+        let root = old.finish().unwrap();
+        let held = Some(RoundRef { round: 3, root });
+        let mut paths = BasePaths::open(&state, held, held).unwrap();
+        assert_eq!(paths.path_at(1).unwrap().to_string(), "b");
+        assert_eq!(paths.path_at(3).unwrap().to_string(), "d");
+        // Backwards, or past the end: the source broke the protocol.
+        assert!(paths.path_at(2).is_err());
+        let mut paths = BasePaths::open(&state, held, held).unwrap();
+        assert!(paths.path_at(4).is_err());
+        // A place in a round this node does not hold (another root, or none) is refused.
+        let other = Some(RoundRef { round: 3, root: ferry_engine::RootHash::from_bytes([9; 32]) });
+        assert!(BasePaths::open(&state, other, held).is_err());
+        assert!(BasePaths::open(&state, None, held).is_err());
+        assert!(BasePaths::open(&state, held, None).is_err());
     }
 }

@@ -4,12 +4,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::anyhow;
-use ferry_engine::{EntryKind, ManifestReader, RawEntry, RecordFileError, diff};
+use ferry_engine::{EntryKind, ManifestReader, RawEntry, RecordFileError, diff_numbered};
 use ferry_proto::{Change, NeedChunk};
 use tokio::sync::mpsc;
 
-/// Diffs the base (or nothing) against the new manifest and hands out changes in batches.
-/// Returns the bytes of the files whose content changed.
+/// Diffs the base (or nothing) against the new manifest and hands out changes in batches. A path
+/// the base has goes by its place there (the destination holds the same manifest). Returns where
+/// each changed byte falls.
 pub(super) fn send_changes(
     base: Option<&Path>,
     new: &Path,
@@ -22,19 +23,19 @@ pub(super) fn send_changes(
         None => Box::new(std::iter::empty()),
     };
     let mut batch = Vec::with_capacity(1024);
-    for pair in diff(old, ManifestReader::open(new)?.raw()) {
-        let pair = pair?;
+    for item in diff_numbered(old, ManifestReader::open(new)?.raw()) {
+        let (base, pair) = item?;
         let path = pair.path().clone();
         let change = match (pair.old, pair.new) {
             (Some(old), Some(mut new)) if new.kind == EntryKind::File && old.same_content(&new) => {
                 (new.size, new.chunks) = (0, Vec::new());
-                Change { path, entry: Some(new), content_as_before: true }
+                Change { path, entry: Some(new), content_as_before: true, base }
             }
             (_, new) => {
                 if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
                     positions.push(&path, entry.size);
                 }
-                Change { path, entry: new, content_as_before: false }
+                Change { path, entry: new, content_as_before: false, base }
             }
         };
         batch.push(change);

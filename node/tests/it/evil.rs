@@ -32,7 +32,7 @@ fn file(path: &str, data: &[u8]) -> Entry {
 }
 
 fn change(entry: Entry) -> Change {
-    Change { path: entry.path.clone(), entry: Some(entry), content_as_before: false }
+    Change { path: entry.path.clone(), entry: Some(entry), content_as_before: false, base: None }
 }
 
 /// Hello, one change, the end of the changes; returns the control stream once `Welcome` came.

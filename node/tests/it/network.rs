@@ -153,6 +153,33 @@ impl Setup {
     }
 }
 
+/// A fresh export (`doExport` into a new folder: the same bytes, every mtime new) costs a few bytes
+/// per file on the wire: each change is its place in the round both nodes hold and its new mtime,
+/// compressed with its neighbours. Counted against a round with no change on the same tree (the two
+/// connections' handshakes and QUIC's probes are in both).
+#[test]
+fn a_fresh_export_costs_a_few_bytes_per_file_on_the_wire() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(6000, 37)).unwrap();
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let unchanged = setup.source.sync("zimbra");
+    assert_eq!(unchanged["changes"], 0, "{unchanged}");
+    let fresh = tree.fresh_export().unwrap();
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+    let changes = report["changes"].as_u64().unwrap();
+    assert!(changes >= fresh.files_rewritten, "{changes} changes for {} files", fresh.files_rewritten);
+    let list = report["bytes_on_wire"].as_u64().unwrap().saturating_sub(unchanged["bytes_on_wire"].as_u64().unwrap());
+    let per_change = list as f64 / changes as f64;
+    eprintln!(
+        "fresh export: {list} bytes more than a round with no change, for {changes} changes: {per_change:.1} each"
+    );
+    assert!(per_change <= 12.0, "{per_change:.1} bytes per changed entry ({list} for {changes})");
+}
+
 #[test]
 fn three_rounds_send_little_more_than_what_is_new() {
     let setup = Setup::new();
