@@ -283,10 +283,11 @@ pub(crate) async fn send_limited(
     stream: &mut quinn::SendStream,
     message: &Message,
     limiter: &crate::limit::Limiter,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let mut buf = BytesMut::new();
     encode(message, &mut buf)?;
-    write_limited(stream, buf.freeze(), limiter, false).await
+    let len = buf.len();
+    write_limited(stream, buf.freeze(), limiter, false).await.map(|()| len)
 }
 
 /// Writes one chunk batch, each piece only when `limiter` allows it (see [`write_limited`]). The payload
@@ -341,12 +342,14 @@ pub(crate) struct FrameReader {
     buf: BytesMut,
     /// Where the bytes read are counted, if anywhere.
     counter: Option<Arc<AtomicU64>>,
+    /// The size of the last frame [`FrameReader::next`] gave.
+    last_len: usize,
 }
 
 impl FrameReader {
     /// Reads from `stream`.
     pub(crate) fn new(stream: quinn::RecvStream) -> Self {
-        Self { stream, buf: BytesMut::with_capacity(64 << 10), counter: None }
+        Self { stream, buf: BytesMut::with_capacity(64 << 10), counter: None, last_len: 0 }
     }
 
     /// Reads from `stream`, adding the bytes read to `counter` as they come (a message under a slow
@@ -355,10 +358,17 @@ impl FrameReader {
         Self { counter: Some(counter), ..Self::new(stream) }
     }
 
+    /// How many bytes the last message [`FrameReader::next`] gave took on the stream.
+    pub(crate) fn last_len(&self) -> usize {
+        self.last_len
+    }
+
     /// The next message, or `None` at the end of the stream.
     pub(crate) async fn next(&mut self) -> anyhow::Result<Option<Message>> {
         loop {
+            let before = self.buf.len();
             if let Some(message) = decode(&mut self.buf)? {
+                self.last_len = before - self.buf.len();
                 return Ok(Some(message));
             }
             // Reads stop at the frame's end, so that its buffer (which `decode` sized to it) holds that

@@ -95,7 +95,9 @@ pub(super) async fn drive(
             busy = true;
             let written = match transmit {
                 Transmit::Message(message @ Message::Changes(_)) => {
-                    net::send_limited(&mut send, &message, limiter).await
+                    net::send_limited(&mut send, &message, limiter).await.map(|bytes| {
+                        sent.list_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    })
                 }
                 Transmit::Message(message) => net::send(&mut send, &message).await,
                 Transmit::Finish => {
@@ -160,7 +162,12 @@ pub(super) async fn drive(
         let timeout = machine.poll_timeout();
         tokio::select! {
             message = reader.next(), if reading => match message {
-                Ok(Some(message)) => machine.handle(SourceInput::Message(message), Instant::now()),
+                Ok(Some(message)) => {
+                    if matches!(message, Message::Need(_)) {
+                        sent.need_bytes.fetch_add(reader.last_len() as u64, Ordering::Relaxed);
+                    }
+                    machine.handle(SourceInput::Message(message), Instant::now())
+                }
                 end => {
                     reading = false;
                     let why = match machine.phase() {
@@ -407,6 +414,8 @@ impl Transfer {
                         net::send_batch_limited(&mut stream, &batch, &limiter).await?;
                         count.fetch_add(1, Ordering::Relaxed);
                         counters.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        counters.payload_bytes.fetch_add(batch.payload.len() as u64, Ordering::Relaxed);
+                        let _ = counters.first_batch.set(Instant::now());
                         counters.covered.fetch_max(covered, Ordering::Relaxed);
                     }
                     let _ = stream.finish();

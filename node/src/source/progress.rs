@@ -88,4 +88,11 @@ pub(super) struct Counters {
     pub(super) covered: AtomicU64,
     /// The changed bytes of the round.
     pub(super) changed: AtomicU64,
+    /// Chunk data as it went on the data streams (compressed where it paid).
+    pub(super) payload_bytes: AtomicU64,
+    /// The frames of the list of changes sent, and of the destination's requests for chunks received.
+    pub(super) list_bytes: AtomicU64,
+    pub(super) need_bytes: AtomicU64,
+    /// When the first chunk batch went to QUIC.
+    pub(super) first_batch: std::sync::OnceLock<std::time::Instant>,
 }

@@ -31,6 +31,12 @@ pub struct PushReport {
     pub chunks_sent: u64,
     /// Bytes of those chunks before compression.
     pub chunk_bytes: u64,
+    /// Bytes of chunk data as sent (compressed where it paid).
+    pub payload_bytes: u64,
+    /// Bytes of the list of changes sent (its frames).
+    pub list_bytes: u64,
+    /// Bytes of the destination's requests for chunks (its `Need` frames).
+    pub need_bytes: u64,
     /// All bytes this round put on the network, both directions (UDP payloads, as QUIC counts them).
     pub bytes_on_wire: u64,
     /// Bytes QUIC had to send again because packets were lost.
@@ -59,6 +65,8 @@ pub struct PushReport {
     pub duration_ms: u64,
     /// Of which the scan of the source tree (stat every file, read and hash the changed ones).
     pub scan_ms: u64,
+    /// From the start to the first chunk data handed to QUIC (`None`: no chunk was sent).
+    pub first_byte_ms: Option<u64>,
 }
 
 /// Prints one JSON document on stdout.

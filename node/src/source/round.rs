@@ -150,6 +150,9 @@ pub(super) async fn push_once(
         bytes_read: scanned.bytes_read,
         chunks_sent: sent.chunks.load(Ordering::Relaxed),
         chunk_bytes: sent.bytes.load(Ordering::Relaxed),
+        payload_bytes: sent.payload_bytes.load(Ordering::Relaxed),
+        list_bytes: sent.list_bytes.load(Ordering::Relaxed),
+        need_bytes: sent.need_bytes.load(Ordering::Relaxed),
         bytes_on_wire: totals.bytes_on_wire,
         bytes_lost: totals.bytes_lost,
         path_mtu: totals.path_mtu,
@@ -162,6 +165,7 @@ pub(super) async fn push_once(
         skipped_count: not_carried,
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
+        first_byte_ms: sent.first_batch.get().map(|at| at.duration_since(started).as_millis() as u64),
     };
     crate::history::append(&state.history(), &report.history_record(&peer.name))?;
     Ok(report)

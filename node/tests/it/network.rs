@@ -178,6 +178,10 @@ fn a_fresh_export_costs_a_few_bytes_per_file_on_the_wire() {
         "fresh export: {list} bytes more than a round with no change, for {changes} changes: {per_change:.1} each"
     );
     assert!(per_change <= 12.0, "{per_change:.1} bytes per changed entry ({list} for {changes})");
+    // The report says where the bytes went: the list, and no request for a chunk.
+    let (listed, needs) = (report["list_bytes"].as_u64().unwrap(), report["need_bytes"].as_u64().unwrap());
+    assert!(listed > 0 && listed <= list, "{listed} bytes of list in {list}: {report}");
+    assert_eq!((needs, report["first_byte_ms"].clone()), (0, serde_json::Value::Null), "{report}");
 }
 
 #[test]
@@ -198,6 +202,13 @@ fn three_rounds_send_little_more_than_what_is_new() {
     // beside this one, the socket buffers overflow) are QUIC's business, not a chunk sent twice.
     let sent_once = first["bytes_on_wire"].as_u64().unwrap().saturating_sub(first["bytes_lost"].as_u64().unwrap());
     assert!(sent_once < tree_bytes + tree_bytes / 10, "{sent_once} bytes sent for {tree_bytes}: {first}");
+    // Where the bytes went: chunk data (the metadata compressed), the list, the requests; the rest is
+    // QUIC's own. The first chunk left after the scan and the list, within the round.
+    let kind = |name: &str| first[name].as_u64().unwrap();
+    assert!(kind("payload_bytes") < tree_bytes && kind("payload_bytes") > tree_bytes / 2, "{first}");
+    assert!(kind("list_bytes") > 0 && kind("need_bytes") > 0, "{first}");
+    assert!(kind("payload_bytes") + kind("list_bytes") + kind("need_bytes") < kind("bytes_on_wire"), "{first}");
+    assert!(kind("first_byte_ms") >= kind("scan_ms") && kind("first_byte_ms") <= kind("duration_ms"), "{first}");
 
     let mut kept = ferry_testkit::snapshot(&source, &[]).unwrap();
     for round in 2..=3 {

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::args::Result;
-use crate::measure::{Measure, children_cpu, peak_rss, process_cpu, wait_sampling};
+use crate::measure::{Measure, WireKinds, children_cpu, peak_rss, process_cpu, wait_sampling};
 use crate::rsync::Net;
 
 /// Two ferry nodes: a daemon and the source's config.
@@ -140,6 +140,12 @@ impl FerryPair {
         }
         let wire = report["bytes_on_wire"].as_u64().ok_or("no bytes_on_wire in ferry's report")?;
         let scan = report["scan_ms"].as_u64().map(Duration::from_millis);
+        let kinds =
+            match (report["list_bytes"].as_u64(), report["need_bytes"].as_u64(), report["payload_bytes"].as_u64()) {
+                (Some(changes), Some(needs), Some(chunks)) => Some(WireKinds { changes, needs, chunks }),
+                // A build from before the report said so (`--ferry PATH`).
+                _ => None,
+            };
         Ok(Measure {
             wall,
             scan,
@@ -150,6 +156,7 @@ impl FerryPair {
             rss_send,
             rss_recv: peak_rss(daemon),
             wire,
+            kinds,
         })
     }
 }

@@ -28,6 +28,18 @@ pub(crate) struct Measure {
     /// Bytes on the wire: ferry's UDP payloads both ways; rsync's own count of bytes both ways (ssh's
     /// encryption and TCP/IP headers not included, which favours rsync).
     pub(crate) wire: u64,
+    /// ferry only: of `wire`, what each part of the round took (from its report).
+    pub(crate) kinds: Option<WireKinds>,
+}
+
+/// ferry's wire bytes by what they carried: its report's `list_bytes`, `need_bytes` and
+/// `payload_bytes` (frames, before QUIC), the rest being QUIC's own bytes and the round's other
+/// messages.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WireKinds {
+    pub(crate) changes: u64,
+    pub(crate) needs: u64,
+    pub(crate) chunks: u64,
 }
 
 pub(crate) fn tempfile_in(dir: &Path) -> Result<tempfile::TempDir> {

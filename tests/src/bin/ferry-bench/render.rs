@@ -101,6 +101,26 @@ pub(crate) fn render(
         }
     }
     let _ = writeln!(out, "\nRatios are ferry / rsync (below 1: ferry is faster or sends less).");
+    if rows.iter().any(|(_, f, _)| f.kinds.is_some()) {
+        let _ = writeln!(
+            out,
+            "\nferry's wire bytes by what they carried (the rest: QUIC's own bytes and the other messages):\n"
+        );
+        for (round, f, _) in rows {
+            if let Some(k) = f.kinds {
+                let rest = f.wire.saturating_sub(k.changes + k.needs + k.chunks);
+                let _ = writeln!(
+                    out,
+                    "- {}: changes {}, needs {}, chunk data {}, the rest {}.",
+                    capitalized(round),
+                    k.changes,
+                    k.needs,
+                    k.chunks,
+                    rest
+                );
+            }
+        }
+    }
     let fresh = rows.iter().find(|(r, _, _)| r == "fresh export").map(|(_, f, _)| f.wire as f64 / bytes as f64);
     if let Some(fresh) = fresh {
         let _ = writeln!(out, "Fresh export: ferry put {:.2}% of the tree's bytes on the wire.", fresh * 100.0);

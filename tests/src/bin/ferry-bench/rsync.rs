@@ -196,6 +196,7 @@ impl Rsync {
             scan: None,
             sync_wait: None,
             check: None,
+            kinds: None,
         })
     }
 }
