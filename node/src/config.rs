@@ -21,6 +21,9 @@ pub struct Config {
     /// Where round state lives (default: see [`ConfigDir::data_dir`](crate::config_dir::ConfigDir::data_dir)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// A node_exporter textfile to rewrite after every round (each job's last round, both sides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_file: Option<PathBuf>,
     /// Trusted peers.
     #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
@@ -179,6 +182,7 @@ mod tests {
         let config = Config {
             listen: Some("[::]:7373".into()),
             data_dir: None,
+            metrics_file: Some("/var/lib/node_exporter/textfile/ferry.prom".into()),
             peers: vec![PeerConfig {
                 name: "dest".into(),
                 id,

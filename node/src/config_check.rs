@@ -78,6 +78,17 @@ pub const KEYS: &[Key] = &[
         set_by: "",
     },
     Key {
+        section: Section::Top,
+        name: "metrics_file",
+        default: "none",
+        node: "both",
+        meaning: "A file of Prometheus text that the node rewrites (atomically) after every round: each job's \
+                  last round on each side, whether it went through and left the trees identical, its bytes, \
+                  duration and import (for node_exporter's textfile collector; an example alert is below). An \
+                  absolute path in an existing folder.",
+        set_by: "",
+    },
+    Key {
         section: Section::Peer,
         name: "name",
         default: "required",
@@ -248,6 +259,32 @@ pub fn reference() -> String {
             ));
         }
     }
+    out.push_str(
+        "\n## Monitoring with `metrics_file`\n\n\
+         Each job's last round on each side (`side=\"sent\"` on the source, `\"received\"` on the destination) \
+         as gauges: `ferry_round_last` (its number), `ferry_round_last_timestamp_seconds`, \
+         `ferry_round_last_success` (1: committed; 0: failed, refused or stopped), `ferry_round_last_in_sync`, \
+         `ferry_round_last_bytes` and `ferry_round_last_duration_seconds` (of the last committed round), \
+         `ferry_round_last_in_sync_timestamp_seconds`, and on the destination `ferry_import_last_success` and \
+         `ferry_import_last_timestamp_seconds`. With node_exporter's textfile collector \
+         (`--collector.textfile.directory=/var/lib/node_exporter/textfile`, `metrics_file = \
+         \"/var/lib/node_exporter/textfile/ferry.prom\"`), an alert for a migration whose nightly round \
+         has not left the trees identical for a day and a half:\n\n\
+         ```yaml\n\
+         groups:\n\
+         - name: ferry\n\
+         \x20 rules:\n\
+         \x20 - alert: FerryRoundsNotInSync\n\
+         \x20   expr: time() - ferry_round_last_in_sync_timestamp_seconds{side=\"sent\"} > 36 * 3600\n\
+         \x20   labels: {severity: page}\n\
+         \x20   annotations:\n\
+         \x20     summary: 'ferry job {{ $labels.job }}: no round in sync for 36 h (ferry status, ferry log)'\n\
+         \x20 - alert: FerryImportFailed\n\
+         \x20   expr: ferry_import_last_success == 0\n\
+         \x20   annotations:\n\
+         \x20     summary: 'ferry job {{ $labels.job }}: the last import failed (ferry status on the destination)'\n\
+         ```\n",
+    );
     out
 }
 
@@ -373,6 +410,13 @@ fn semantic_problems(config: &Config) -> Vec<(Place, Severity, String)> {
         && !dir.is_absolute()
     {
         error(Place::top("data_dir"), format!("{} is not an absolute path", dir.display()));
+    }
+    if let Some(file) = &config.metrics_file {
+        if !file.is_absolute() {
+            error(Place::top("metrics_file"), format!("{} is not an absolute path", file.display()));
+        } else if file.parent().is_some_and(|dir| !dir.is_dir()) {
+            error(Place::top("metrics_file"), format!("the folder of {} does not exist", file.display()));
+        }
     }
     let mut names = std::collections::HashSet::new();
     let mut ids = std::collections::HashSet::new();
@@ -583,6 +627,18 @@ mod tests {
                 (14, "job \"../x\" import_timeout"),
             ]
         );
+    }
+
+    #[test]
+    fn a_metrics_file_must_be_absolute_and_in_a_folder_that_exists() {
+        for (value, words) in [("ferry.prom", "not an absolute path"), ("/no/such/folder/ferry.prom", "does not exist")]
+        {
+            let problems = check(&config(&format!("metrics_file = \"{value}\"\n"))).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].key == "metrics_file" && problems[0].message.contains(words), "{problems:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check(&config(&format!("metrics_file = \"{}/ferry.prom\"\n", dir.path().display()))).is_ok());
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod limit;
 mod local;
 pub mod log;
 mod lossy;
+mod metrics;
 mod net;
 mod refused;
 mod source;

@@ -263,9 +263,12 @@ async fn handle_connection(connection: quinn::Connection, context: Arc<ServerCon
         job = tracing::field::Empty,
         round = tracing::field::Empty
     );
+    let config_dir = context.config_dir.clone();
     async move { finish_round(&connection, round(&connection, peer_id, context).await, peer_id).await }
         .instrument(span)
         .await;
+    // The round, and the import it ran, are in the history: the metrics say so.
+    let _ = tokio::task::spawn_blocking(move || crate::metrics::refresh(&config_dir)).await;
 }
 
 /// Answers a peer that speaks an older protocol, in words it can read: its first message is encoded

@@ -29,7 +29,7 @@ use crate::state::SourceState;
 /// Runs one round of `options.job`; with `wait_if_busy`, waits while the destination is busy with it.
 pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<PushReport> {
     let span = tracing::info_span!("sync", job = %options.job, round = tracing::field::Empty);
-    async {
+    let result = async {
         let mut stop = stop::StopRequest::listen();
         loop {
             match push_once(config_dir, options, &mut stop).await {
@@ -55,7 +55,9 @@ pub async fn push(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Resu
         }
     }
     .instrument(span)
-    .await
+    .await;
+    crate::metrics::refresh(config_dir);
+    result
 }
 
 /// Adds a round that ended without a commit to the job's history, so that `ferry status` does not

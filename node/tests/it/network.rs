@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use ferry_testkit::{TreeGenerator, TreeSpec};
 
@@ -151,6 +152,74 @@ impl Setup {
         self.dest.ok(&["job", "add", name, "--path", target.to_str().unwrap(), "--peer", "source"]);
         self.source.ok(&["job", "add", name, "--path", source.to_str().unwrap(), "--peer", "dest"]);
     }
+}
+
+/// With `metrics_file` set, both nodes rewrite a node_exporter textfile after every round: valid
+/// Prometheus text, each job's last round on each side, a failed night shown as one, and the time of
+/// the last round in sync left where it was.
+#[test]
+fn both_nodes_keep_a_metrics_file_that_says_how_the_last_round_ended() {
+    let mut setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    crate::util::write(&source.join("a"), b"a");
+    setup.job("zimbra", &source, &target);
+    let metrics = |node: &Node| node.config.join("ferry.prom");
+    for node in [&setup.source, &setup.dest] {
+        let toml = node.config.join("ferry.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        let line = format!("metrics_file = \"{}\"\n", metrics(node).display());
+        std::fs::write(&toml, line + &text).unwrap();
+    }
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    // Samples by name and labels, every line checked against the text format.
+    let read = |path: &Path| -> std::collections::HashMap<String, f64> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut samples = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(comment) = line.strip_prefix("# ") {
+                assert!(comment.starts_with("HELP ferry_") || comment.starts_with("TYPE ferry_"), "{line}");
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+            let (name, labels) = series.split_once('{').unwrap_or_else(|| panic!("no labels: {line}"));
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_') && labels.ends_with('}'), "{line}");
+            samples.insert(series.to_owned(), value.parse::<f64>().unwrap_or_else(|_| panic!("{line}")));
+        }
+        samples
+    };
+    let sent = |name: &str| format!("{name}{{job=\"zimbra\",side=\"sent\"}}");
+    let source_metrics = read(&metrics(&setup.source));
+    assert_eq!(source_metrics.get(&sent("ferry_round_last")), Some(&1.0), "{source_metrics:?}");
+    assert_eq!(source_metrics.get(&sent("ferry_round_last_success")), Some(&1.0));
+    assert_eq!(source_metrics.get(&sent("ferry_round_last_in_sync")), Some(&1.0));
+    let in_sync_at = source_metrics[&sent("ferry_round_last_in_sync_timestamp_seconds")];
+    assert!(in_sync_at > 1.7e9, "{in_sync_at}");
+    // The destination writes its own once its side of the round has ended.
+    let received = "ferry_round_last_success{job=\"zimbra\",side=\"received\"}";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while read(&metrics(&setup.dest)).get(received) != Some(&1.0) {
+        assert!(Instant::now() < deadline, "{:?}", read(&metrics(&setup.dest)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A night the destination is down: the source's metrics say the round failed.
+    setup.daemon.child.kill().unwrap();
+    setup.daemon.child.wait().unwrap();
+    crate::util::write(&source.join("b"), b"b");
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::UNREACHABLE));
+    let source_metrics = read(&metrics(&setup.source));
+    assert_eq!(source_metrics.get(&sent("ferry_round_last")), Some(&2.0), "{source_metrics:?}");
+    assert_eq!(source_metrics.get(&sent("ferry_round_last_success")), Some(&0.0));
+    assert_eq!(source_metrics.get(&sent("ferry_round_last_in_sync")), Some(&0.0));
+    assert_eq!(source_metrics.get(&sent("ferry_round_last_in_sync_timestamp_seconds")), Some(&in_sync_at));
+    assert!(
+        !std::fs::read_dir(&setup.source.config).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp"))
+    );
 }
 
 /// A fresh export (`doExport` into a new folder: the same bytes, every mtime new) costs a few bytes
