@@ -1,7 +1,4 @@
-//! Exit codes, stable and documented in README.md, and the one place an error becomes one.
-
-use crate::refused::Refused;
-use crate::source::{StoppedAtDeadline, StoppedBySignal, Unreachable};
+//! Exit codes, stable and documented in README.md (an error becomes one in [`crate::outcome`]).
 
 /// The round completed and the target matches the source.
 pub const OK: i32 = 0;
@@ -74,49 +71,5 @@ pub fn meaning(code: i32) -> &'static str {
             "SIGTERM or SIGINT (Ctrl-C, `systemctl stop`) stopped the round cleanly, as a deadline would: the batches on the wire finish, the files that arrived whole are kept, the round is recorded as stopped; run it again to go on (a second signal stops at once)"
         }
         _ => "",
-    }
-}
-
-/// The exit code of a command that ended with `error`.
-pub fn of_error(error: &anyhow::Error) -> i32 {
-    if error.downcast_ref::<StoppedAtDeadline>().is_some() {
-        DEADLINE
-    } else if error.downcast_ref::<StoppedBySignal>().is_some() {
-        STOPPED
-    } else if error.downcast_ref::<Unreachable>().is_some() {
-        UNREACHABLE
-    } else if error.downcast_ref::<Refused>().is_some() {
-        REFUSED
-    } else {
-        ERROR
-    }
-}
-
-/// What `--json` prints when a round ends without its own report (exit 1, 6, 7, 8 or 9): how it ended,
-/// its exit code and the error, so that a monitor reading stdout always finds a document.
-#[derive(Debug, serde::Serialize)]
-pub struct ErrorReport {
-    /// [`crate::REPORT_SCHEMA`].
-    pub schema: u32,
-    /// `deadline`, `stopped`, `unreachable`, `refused` or `error`.
-    pub outcome: &'static str,
-    /// The process's exit code.
-    pub exit_code: i32,
-    /// The error, on one line.
-    pub error: String,
-}
-
-impl ErrorReport {
-    /// The report of `error`.
-    pub fn of(error: &anyhow::Error) -> Self {
-        let exit_code = of_error(error);
-        let outcome = match exit_code {
-            DEADLINE => "deadline",
-            STOPPED => "stopped",
-            UNREACHABLE => "unreachable",
-            REFUSED => "refused",
-            _ => "error",
-        };
-        Self { schema: crate::helpers::REPORT_SCHEMA, outcome, exit_code, error: crate::helpers::describe(error) }
     }
 }

@@ -25,6 +25,7 @@ pub mod log;
 mod lossy;
 mod metrics;
 mod net;
+pub mod outcome;
 mod refused;
 mod source;
 mod state;

@@ -174,8 +174,8 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            let code = exit::of_error(&e);
-            if json_errors && let Ok(text) = serde_json::to_string_pretty(&exit::ErrorReport::of(&e)) {
+            let code = ferry::outcome::of_error(&e);
+            if json_errors && let Ok(text) = serde_json::to_string_pretty(&ferry::outcome::ErrorReport::of(&e)) {
                 println!("{text}");
             }
             if code == exit::DEADLINE || code == exit::STOPPED {

@@ -190,7 +190,7 @@ pub(super) fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
     while let Some(entry) = dir.read() {
         let entry = entry.map_err(io_err("list", &shown))?;
         let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." && !super::partial::is_partial(name) {
+        if name != b"." && name != b".." && !super::sys::is_partial(name) {
             leftovers.push(name.to_vec());
         }
     }

@@ -27,30 +27,15 @@ use super::batch::Unwritten;
 use super::make::WRITE_GROUP;
 use super::options::{ApplyError, io_err};
 use super::source::LARGE_FILE_SYNC;
-use super::sys::{BackgroundSync, waiting};
+use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
 use crate::hash::ChunkHash;
 use crate::manifest::Entry;
-use crate::path::RelPath;
 use crate::rootdir::NameExt;
 
 /// The longest time between two syncs of a large file being built, and the shortest between two
 /// durable records of its chunks in the index: an interruption on a slow link loses little of it, and
 /// a fast one does not wait for the index's fsync every [`LARGE_FILE_SYNC`].
 pub(super) const RECORD_EVERY: Duration = Duration::from_millis(500);
-
-/// What a name in the staging folder starts with when it is a partial file.
-const PREFIX: &[u8] = b"partial-";
-
-/// The name of the partial file for `path` in the staging folder.
-pub(super) fn partial_name(path: &RelPath) -> Vec<u8> {
-    let hash = blake3::hash(path.as_bytes());
-    [PREFIX, hash.to_hex()[..32].as_bytes()].concat()
-}
-
-/// Whether a name in the staging folder is a partial file's (kept when a round starts).
-pub(super) fn is_partial(name: &[u8]) -> bool {
-    name.starts_with(PREFIX)
-}
 
 /// Opens the partial file `name` in the staging folder, creating it if needed. One found there is
 /// only reused if it is what ferry would have left: a regular file of this user's with no other name
@@ -251,6 +236,7 @@ impl Applier<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::path::RelPath;
 
     #[test]
     fn a_partial_name_is_one_plain_component_kept_apart_from_other_staged_names() {

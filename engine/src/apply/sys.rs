@@ -130,6 +130,20 @@ pub(super) fn link_unnamed(fd: &OwnedFd, dir: impl std::os::fd::AsFd, name: &[u8
     }
 }
 
+/// What a name in the staging folder starts with when it is a partial file (see `partial`).
+const PARTIAL_PREFIX: &[u8] = b"partial-";
+
+/// The name of the partial file for `path` in the staging folder.
+pub(super) fn partial_name(path: &RelPath) -> Vec<u8> {
+    let hash = blake3::hash(path.as_bytes());
+    [PARTIAL_PREFIX, hash.to_hex()[..32].as_bytes()].concat()
+}
+
+/// Whether a name in the staging folder is a partial file's (kept when a round starts).
+pub(super) fn is_partial(name: &[u8]) -> bool {
+    name.starts_with(PARTIAL_PREFIX)
+}
+
 pub(super) fn name_of(path: &RelPath) -> &[u8] {
     path.file_name().unwrap_or(b".")
 }
