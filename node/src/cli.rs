@@ -62,7 +62,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Rounds on this node (sent and received), imports, and what is in progress.
+    /// Each job's last round on this node (sent and received), its last import, and what is in progress
+    /// (`--json`: the whole history; `ferry log JOB`: every round, one line each).
     #[command(
         after_help = "Examples:\n  ferry status\n  ferry status zimbra --json   # {\"schema\": 1, \"jobs\": [...]}"
     )]

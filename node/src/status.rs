@@ -63,29 +63,25 @@ pub fn status(config_dir: &ConfigDir, job: Option<&str>) -> anyhow::Result<Statu
     Ok(Status { schema: crate::helpers::REPORT_SCHEMA, jobs })
 }
 
-/// Prints the status for people.
+/// Prints the status for people: each job's last round on each side, its last import and what runs
+/// now (`ferry log JOB` has every round).
 pub fn print(status: &Status) {
     if status.jobs.is_empty() {
         println!("no jobs (ferry job add NAME --path DIR --peer PEER)");
     }
     for job in &status.jobs {
         println!("job {} ({}, peer {})", job.job, job.path, job.peer);
-        for record in job.received.iter().chain(&job.pushed) {
-            let import =
-                record.import.as_ref().map(|i| format!(" {}", crate::import::result_words(i))).unwrap_or_default();
-            println!(
-                "  {}  {:<18} round {:>4}  {}{}{}{}",
-                record.time,
-                record.event,
-                record.round,
-                record.root_hash.as_deref().map(|h| format!("root {} ", &h[..8.min(h.len())])).unwrap_or_default(),
-                record.files_written.map(|f| format!("{f} files ")).unwrap_or_default(),
-                record.in_sync.map(|s| if s { "in sync" } else { "INCOMPLETE" }).unwrap_or_default(),
-                import
-            );
-            if let Some(error) = &record.error {
-                println!("    {error}");
-            }
+        let is_import = |r: &&Record| matches!(r.event.as_str(), "imported" | "import-interrupted");
+        let last_round = |records: &[Record]| records.iter().rev().find(|r| !is_import(r)).cloned();
+        let last_import = job.received.iter().rev().find(is_import).cloned();
+        let shown: Vec<Record> =
+            [last_round(&job.received), last_import, last_round(&job.pushed)].into_iter().flatten().collect();
+        for record in &shown {
+            print_record(record);
+        }
+        let earlier = job.received.len() + job.pushed.len() - shown.len();
+        if earlier > 0 {
+            println!("  ({earlier} earlier records: ferry log {})", job.job);
         }
         if let Some(marker) = &job.round_running {
             println!("  round {} in progress since {} (from {})", marker.round, marker.since, marker.what.join(" "));
@@ -96,5 +92,23 @@ pub fn print(status: &Status) {
         if job.received.is_empty() && job.pushed.is_empty() {
             println!("  no rounds yet");
         }
+    }
+}
+
+/// One record on one line (and its error on the next).
+fn print_record(record: &Record) {
+    let import = record.import.as_ref().map(|i| format!(" {}", crate::import::result_words(i))).unwrap_or_default();
+    println!(
+        "  {}  {:<18} round {:>4}  {}{}{}{}",
+        record.time,
+        record.event,
+        record.round,
+        record.root_hash.as_deref().map(|h| format!("root {} ", &h[..8.min(h.len())])).unwrap_or_default(),
+        record.files_written.map(|f| format!("{f} files ")).unwrap_or_default(),
+        record.in_sync.map(|s| if s { "in sync" } else { "INCOMPLETE" }).unwrap_or_default(),
+        import
+    );
+    if let Some(error) = &record.error {
+        println!("    {error}");
     }
 }

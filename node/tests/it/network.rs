@@ -649,7 +649,11 @@ fn the_import_runs_once_per_committed_round_and_reports_back() {
     assert_eq!(events.iter().filter(|e| **e == "pushed").count(), 6, "{status}");
     // The round refused while the import ran is there too, with why.
     assert_eq!(events.iter().filter(|e| **e == "refused").count(), 1, "{status}");
+    // `status` shows the last round and the last import; `log` every one, the failed import too.
     let text = setup.dest.ok(&["status", "zimbra"]);
+    assert!(text.contains("committed          round    6") && text.contains("ferry log zimbra"), "{text}");
+    assert!(!text.contains("round    1"), "{text}");
+    let text = setup.dest.ok(&["log", "zimbra"]);
     assert!(text.contains("import FAILED (exit code 7)") && text.contains("round    6"), "{text}");
 }
 
