@@ -14,6 +14,10 @@ pub struct Cli {
     /// Only errors and the final summary.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// How log lines look on stderr: text for people, or one JSON object a line for log shippers
+    /// (its time, level, message, fields and spans).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FERRY_LOG_FORMAT")]
+    pub log_format: LogFormat,
     /// The config folder (identity, ferry.toml). Default: /etc/ferry for root, else ~/.config/ferry.
     #[arg(long, global = true, env = "FERRY_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
@@ -24,6 +28,15 @@ pub struct Cli {
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines look (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Plain lines (coloured on a terminal; with journald priorities in the journal).
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 /// What to do.

@@ -323,9 +323,10 @@ fn man_sections() -> String {
         ("FERRY_DATA_DIR", "where state lives, as --data-dir"),
         ("FERRY_STATE_DIR", "a local round's state folder, as sync --state-dir"),
         ("RUST_LOG", "the log filter (e.g. ferry=debug), over -v"),
+        ("FERRY_LOG_FORMAT", "text or json, as --log-format"),
         (
             "FERRY_NO_TMPFILE",
-            "when set, files are built under a name in .ferry-staging instead of O_TMPFILE (for filesystems without it)",
+            "when set, files under 8 MiB are built under a name in .ferry-staging instead of O_TMPFILE (for filesystems without it)",
         ),
     ] {
         page.push_str(&item(name, what));

@@ -23,7 +23,7 @@ fn main() {
     // step); local commands only warn.
     let chatty = matches!(&cli.command, Command::Serve(_))
         || matches!(&cli.command, Command::Sync(args) if args.target.is_none());
-    init_logging(cli.verbose, cli.quiet, chatty);
+    init_logging(cli.verbose, cli.quiet, chatty, cli.log_format);
     let data_dir = cli.data_dir.clone();
     let config_dir = ConfigDir::new(cli.config_dir).with_data_dir(cli.data_dir);
     // A round asked for JSON prints a document however it ends.
@@ -220,7 +220,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool, chatty: bool) {
+fn init_logging(verbose: u8, quiet: bool, chatty: bool, format: ferry::cli::LogFormat) {
     let default = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) if chatty => "info",
@@ -231,6 +231,18 @@ fn init_logging(verbose: u8, quiet: bool, chatty: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // For log shippers: one JSON object a line, with the spans that name the job and the round.
+    if format == ferry::cli::LogFormat::Json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init();
+        return;
+    }
     // Into the journal (systemd says so in JOURNAL_STREAM, naming stderr): no timestamp of ours (the
     // journal keeps its own) and each line's priority as a `<N>` prefix, which journald reads.
     if stderr_is_the_journal() {

@@ -279,3 +279,30 @@ fn logs_into_the_journal_carry_priorities_and_no_timestamp() {
     assert!(elsewhere.lines().any(|l| l.starts_with("20")), "{elsewhere}");
     assert!(!elsewhere.contains("<6>"), "{elsewhere}");
 }
+
+/// `--log-format json` (or `FERRY_LOG_FORMAT=json`): every log line on stderr is one JSON object with
+/// its time, level and message, for a log shipper; the report on stdout is unchanged.
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let pair = Pair::new();
+    write(&pair.source().join("a"), b"hello");
+    let out = sync(&pair, &["-v", "--log-format", "json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "nothing logged");
+    for line in &lines {
+        assert!(line["timestamp"].is_string() && line["level"].is_string(), "{line}");
+        assert!(line["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(lines.iter().any(|l| l["level"] == "INFO"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("matches"), "the summary is as before");
+    // The environment says the same.
+    let out = sync(&pair, &["-v"]).env("FERRY_LOG_FORMAT", "json").output().unwrap();
+    let first = String::from_utf8_lossy(&out.stderr).lines().next().map(str::to_owned).unwrap_or_default();
+    assert!(serde_json::from_str::<serde_json::Value>(&first).is_ok(), "{first}");
+}
