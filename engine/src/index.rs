@@ -179,19 +179,28 @@ impl ChunkIndex {
         IndexError { path: self.path.to_string(), source: e.into() }
     }
 
+    /// A write transaction; `durable`: its commit fsyncs (else it becomes durable with the next one
+    /// that does; losing it in a crash only costs refetching).
+    fn write(&self, durable: bool) -> Result<redb::WriteTransaction, IndexError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
+        }
+        Ok(txn)
+    }
+
     /// Where the bytes of `hash` may be found: in the target, else in a partial file.
     pub fn get(&self, hash: &ChunkHash) -> Result<Option<ChunkLocation>, IndexError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
-        // An undecodable value is a stale hint, not an error: the chunk will be fetched.
-        if let Some(value) = table.get(&hash.as_bytes()[..]).map_err(|e| self.err(e))?
-            && let Ok(location) = postcard::from_bytes(value.value())
-        {
-            return Ok(Some(location));
+        for (table, decode) in CHUNK_TABLES {
+            let table = txn.open_table(table).map_err(|e| self.err(e))?;
+            // An undecodable value is a stale hint, not an error: the chunk will be fetched.
+            let value = table.get(&hash.as_bytes()[..]).map_err(|e| self.err(e))?;
+            if let Some(location) = value.and_then(|value| decode(value.value())) {
+                return Ok(Some(location));
+            }
         }
-        let table = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
-        let value = table.get(&hash.as_bytes()[..]).map_err(|e| self.err(e))?;
-        Ok(value.and_then(|value| partial_location(value.value())))
+        Ok(None)
     }
 
     /// Records chunks written and synced to the partial file `name` of the staging folder:
@@ -202,10 +211,7 @@ impl ChunkIndex {
         chunks: impl IntoIterator<Item = (ChunkHash, u64, u32)>,
         durable: bool,
     ) -> Result<(), IndexError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        if !durable {
-            txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
-        }
+        let txn = self.write(durable)?;
         {
             let mut table = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
             let mut buf = Vec::new();
@@ -221,8 +227,7 @@ impl ChunkIndex {
 
     /// Forgets every chunk of every partial file (their files are being removed).
     pub fn forget_partials(&mut self) -> Result<(), IndexError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
+        let txn = self.write(false)?;
         txn.delete_table(PARTIAL).map_err(|e| self.err(e))?;
         txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
@@ -246,10 +251,7 @@ impl ChunkIndex {
         placed: impl IntoIterator<Item = (&'a RelPath, PlacedStat)>,
         durable: bool,
     ) -> Result<(), IndexError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        if !durable {
-            txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
-        }
+        let txn = self.write(durable)?;
         {
             let mut table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
             let mut buf = Vec::new();
@@ -276,7 +278,7 @@ impl ChunkIndex {
         &mut self,
         placing: impl IntoIterator<Item = (&'a RelPath, PlacedStat)>,
     ) -> Result<(), IndexError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self.write(true)?;
         {
             let mut table = txn.open_table(PLACING).map_err(|e| self.err(e))?;
             let mut buf = Vec::new();
@@ -318,12 +320,9 @@ impl ChunkIndex {
     /// Forgets a hint that turned out wrong: `location`, where [`ChunkIndex::get`] said `hash` was.
     /// A hint recorded since (the chunk's file was just named into place) stays.
     pub fn remove(&mut self, hash: &ChunkHash, location: &ChunkLocation) -> Result<(), IndexError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(Durability::None).map_err(|e| self.err(redb::Error::from(e)))?;
+        let txn = self.write(false)?;
         let key = &hash.as_bytes()[..];
-        let decoders: [(_, Decode); 2] =
-            [(CHUNKS, |value| postcard::from_bytes(value).ok()), (PARTIAL, partial_location)];
-        for (table, decode) in decoders {
+        for (table, decode) in CHUNK_TABLES {
             let mut table = txn.open_table(table).map_err(|e| self.err(e))?;
             let stale = match table.get(key).map_err(|e| self.err(e))? {
                 Some(value) => decode(value.value()).is_none_or(|found| found == *location),
@@ -344,6 +343,13 @@ impl ChunkIndex {
 
 /// Reads a value of one of the chunk tables as a location (`None`: a stale hint).
 type Decode = fn(&[u8]) -> Option<ChunkLocation>;
+
+/// A table keyed by chunk hash.
+type ChunkTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+/// The tables that say where a chunk is, in the order they are asked, each with how its values read.
+const CHUNK_TABLES: [(ChunkTable, Decode); 2] =
+    [(CHUNKS, |value| postcard::from_bytes(value).ok()), (PARTIAL, partial_location)];
 
 /// A value of the partial table as a location (`None`: undecodable, a stale hint).
 fn partial_location(value: &[u8]) -> Option<ChunkLocation> {

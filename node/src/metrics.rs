@@ -32,95 +32,64 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One gauge: its help, and its samples as (labels, value).
-struct Gauge {
-    name: &'static str,
-    help: &'static str,
-    samples: Vec<(String, f64)>,
-}
+/// Every gauge, with its help, in the order the file lists them.
+const GAUGES: &[(&str, &str)] = &[
+    ("ferry_round_last", "The number of the job's last round on this side."),
+    ("ferry_round_last_timestamp_seconds", "When the job's last round on this side ended."),
+    (
+        "ferry_round_last_success",
+        "1 when the job's last round was committed, 0 when it failed, was refused or stopped.",
+    ),
+    ("ferry_round_last_in_sync", "1 when the job's last round left the destination holding exactly the source's tree."),
+    ("ferry_round_last_bytes", "Bytes the job's last committed round put on the wire (sent) or wrote (received)."),
+    ("ferry_round_last_duration_seconds", "How long the job's last committed round took."),
+    ("ferry_round_last_in_sync_timestamp_seconds", "When the job's last round that left both trees identical ended."),
+    ("ferry_import_last_success", "1 when the job's last import succeeded (destination)."),
+    ("ferry_import_last_timestamp_seconds", "When the job's last import ended (destination)."),
+];
 
 /// The Prometheus text of `status`.
 pub(crate) fn render(status: &Status) -> String {
-    let mut gauges = [
-        Gauge {
-            name: "ferry_round_last",
-            help: "The number of the job's last round on this side.",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_round_last_timestamp_seconds",
-            help: "When the job's last round on this side ended.",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_round_last_success",
-            help: "1 when the job's last round was committed, 0 when it failed, was refused or stopped.",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_round_last_in_sync",
-            help: "1 when the job's last round left the destination holding exactly the source's tree.",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_round_last_bytes",
-            help: "Bytes the job's last committed round put on the wire (sent) or wrote (received).",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_round_last_duration_seconds",
-            help: "How long the job's last committed round took.",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_round_last_in_sync_timestamp_seconds",
-            help: "When the job's last round that left both trees identical ended.",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_import_last_success",
-            help: "1 when the job's last import succeeded (destination).",
-            samples: Vec::new(),
-        },
-        Gauge {
-            name: "ferry_import_last_timestamp_seconds",
-            help: "When the job's last import ended (destination).",
-            samples: Vec::new(),
-        },
-    ];
+    // (gauge, labels, value)
+    let mut samples: Vec<(&str, String, f64)> = Vec::new();
     for job in &status.jobs {
         for (side, records) in [("sent", &job.pushed), ("received", &job.received)] {
             let labels = format!("job=\"{}\",side=\"{side}\"", escape(&job.job));
             let rounds: Vec<&Record> = records.iter().filter(|r| is_round(r)).collect();
             let Some(last) = rounds.last() else { continue };
             let success = matches!(last.event.as_str(), "committed" | "pushed");
-            let mut push = |gauge: usize, value: f64| gauges[gauge].samples.push((labels.clone(), value));
-            push(0, last.round as f64);
-            push(1, seconds(&last.time));
-            push(2, f64::from(u8::from(success)));
-            push(3, f64::from(u8::from(success && last.in_sync == Some(true))));
+            let mut push = |gauge: &'static str, value: f64| samples.push((gauge, labels.clone(), value));
+            push("ferry_round_last", last.round as f64);
+            push("ferry_round_last_timestamp_seconds", seconds(&last.time));
+            push("ferry_round_last_success", f64::from(u8::from(success)));
+            push("ferry_round_last_in_sync", f64::from(u8::from(success && last.in_sync == Some(true))));
             if let Some(done) = rounds.iter().rev().find(|r| matches!(r.event.as_str(), "committed" | "pushed")) {
-                push(4, done.bytes.unwrap_or(0) as f64);
-                push(5, done.duration_ms.unwrap_or(0) as f64 / 1000.0);
+                push("ferry_round_last_bytes", done.bytes.unwrap_or(0) as f64);
+                push("ferry_round_last_duration_seconds", done.duration_ms.unwrap_or(0) as f64 / 1000.0);
             }
             if let Some(in_sync) = rounds.iter().rev().find(|r| r.in_sync == Some(true)) {
-                push(6, seconds(&in_sync.time));
+                push("ferry_round_last_in_sync_timestamp_seconds", seconds(&in_sync.time));
             }
             if side == "received"
-                && let Some(import) = records.iter().rev().find_map(|r| r.import.as_ref().map(|i| (r, i)))
+                && let Some((record, import)) = records.iter().rev().find_map(|r| r.import.as_ref().map(|i| (r, i)))
             {
-                push(7, f64::from(u8::from(import.1.success)));
-                push(8, seconds(&import.0.time));
+                push("ferry_import_last_success", f64::from(u8::from(import.success)));
+                push("ferry_import_last_timestamp_seconds", seconds(&record.time));
             }
         }
     }
     let mut out = String::new();
-    for gauge in gauges.iter().filter(|g| !g.samples.is_empty()) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} gauge", gauge.name, gauge.help, gauge.name);
-        for (labels, value) in &gauge.samples {
-            let _ = writeln!(out, "{}{{{labels}}} {value}", gauge.name);
+    for (name, help) in GAUGES {
+        let mut of_gauge = samples.iter().filter(|(gauge, _, _)| gauge == name).peekable();
+        if of_gauge.peek().is_none() {
+            continue;
+        }
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (_, labels, value) in of_gauge {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
     }
+    debug_assert!(samples.iter().all(|(gauge, _, _)| GAUGES.iter().any(|(name, _)| name == gauge)));
     out
 }
 

@@ -8,7 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::message::{ChunkBatch, Codec, Message};
-use crate::packed::{self, UnpackError};
+use crate::packed::{self, PackError, UnpackError};
 use ferry_engine::ChunkHash;
 
 /// The first byte of a [`Message::ChunkBatch`]'s body: postcard's index of that variant (frozen, like
@@ -49,6 +49,9 @@ pub enum EncodeError {
     /// Serialisation failed.
     #[error("cannot encode: {0}")]
     Postcard(#[from] postcard::Error),
+    /// A list of changes or needs could not be packed.
+    #[error(transparent)]
+    Pack(#[from] PackError),
 }
 
 /// Appends one frame to `out`.

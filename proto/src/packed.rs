@@ -28,6 +28,17 @@ pub const MAX_UNPACKED: usize = 32 << 20;
 /// little against the work of listing it.
 const LEVEL: i32 = 3;
 
+/// A list that could not be packed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// Serialisation failed.
+    #[error("cannot encode: {0}")]
+    Postcard(#[from] postcard::Error),
+    /// zstd could not compress it (it fails only without memory).
+    #[error("cannot compress: {0}")]
+    Compress(std::io::Error),
+}
+
 /// A batch that is not a valid packed list of changes.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -109,7 +120,7 @@ impl Default for Previous {
 }
 
 /// Packs a batch of changes: the bytes [`unpack_changes`] turns back into the same changes.
-pub fn pack_changes(changes: &[Change]) -> Result<Vec<u8>, postcard::Error> {
+pub fn pack_changes(changes: &[Change]) -> Result<Vec<u8>, PackError> {
     let mut previous = Previous::default();
     let mut next_base = 0u64;
     let mut packed = Vec::with_capacity(changes.len());
@@ -214,7 +225,7 @@ struct PackedNeed {
 }
 
 /// Packs a list of needs: the bytes [`unpack_needs`] turns back into the same list.
-pub fn pack_needs(needs: &[NeedChunk]) -> Result<Vec<u8>, postcard::Error> {
+pub fn pack_needs(needs: &[NeedChunk]) -> Result<Vec<u8>, PackError> {
     let (mut path, mut end): (&[u8], u64) = (&[], 0);
     let mut packed = Vec::with_capacity(needs.len());
     for need in needs {
@@ -265,10 +276,9 @@ fn unshare(previous: &[u8], shared: u32, rest: &[u8]) -> Result<RelPath, UnpackE
 }
 
 /// A list as postcard writes it, then one zstd frame.
-fn compress(list: &impl Serialize) -> Result<Vec<u8>, postcard::Error> {
+fn compress(list: &impl Serialize) -> Result<Vec<u8>, PackError> {
     let raw = postcard::to_allocvec(list)?;
-    // Compressing bytes in memory fails only without memory.
-    Ok(zstd::bulk::compress(&raw, LEVEL).unwrap_or_default())
+    zstd::bulk::compress(&raw, LEVEL).map_err(PackError::Compress)
 }
 
 /// One zstd frame inflated, at most [`MAX_UNPACKED`] bytes of it.

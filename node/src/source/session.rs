@@ -25,10 +25,11 @@ pub(super) async fn connect(
     match client.connect(identity, peer.id, remote, options.congestion).await {
         Ok(connection) => Ok(connection),
         Err(e) => {
-            let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
-            if e.downcast_ref::<Refused>().is_some() {
-                return Err(e);
+            // Refused once connected (the peer speaks another protocol version): it says so itself.
+            if let Some(refused) = e.downcast_ref::<Refused>() {
+                return Err(Refused::new(refused.refusal, format!("{} at {addr}: {}", peer.name, refused.text)).into());
             }
+            let e = explain_connect_error(e, &peer.name, peer.id, addr, identity.node_id());
             let text = format!("{e:#}");
             // The TLS handshake's refusal is rustls's, before any of ferry's codes can be sent.
             Err(if text.contains("trust") {
@@ -148,10 +149,6 @@ pub(super) fn explain_connect_error(
     addr: &str,
     me: ferry_certs::NodeId,
 ) -> anyhow::Error {
-    // A refusal made here (the peer speaks another protocol version) says so itself, with its code.
-    if let Some(refused) = error.downcast_ref::<Refused>() {
-        return Refused::new(refused.refusal, format!("{name} at {addr}: {}", refused.text)).into();
-    }
     let text = format!("{error:#}");
     if text.contains("aborted by peer") && text.contains("not trusted") {
         return anyhow!(

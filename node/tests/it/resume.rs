@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::UdpProxy;
 
 use crate::network::{Daemon, Setup};
-use crate::util::{no_staging_leftovers, random_bytes};
+use crate::util::{no_staging_leftovers, random_bytes, wait_within};
 
 /// The file: 64 MiB of random bytes, sent at 8 MiB/s (8 s for a round that runs through).
 const SIZE: u64 = 64 << 20;
@@ -84,18 +84,6 @@ fn partial_bytes(target: &Path) -> u64 {
         .sum()
 }
 
-fn wait(mut child: Child, within: Duration) -> std::process::Output {
-    let deadline = Instant::now() + within;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the round did not end within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().unwrap()
-}
-
 #[test]
 fn a_large_file_survives_a_kill_of_the_destination() {
     let mut scene = Scene::new(71);
@@ -106,7 +94,7 @@ fn a_large_file_survives_a_kill_of_the_destination() {
     // The restarted daemon's reset tells the source, which reconnects by itself.
     scene.setup.daemon = Daemon::start(&scene.setup.dest);
     scene.proxy.set_upstream(scene.setup.daemon.addr.parse().unwrap());
-    let out = wait(sync, Duration::from_secs(90));
+    let out = wait_within(sync, Duration::from_secs(90));
     assert!(out.status.success(), "the round did not end well after the destination's restart");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["connections"].as_u64().unwrap() >= 2, "{report}");
@@ -127,7 +115,7 @@ fn a_large_file_survives_a_kill_of_the_source() {
 #[test]
 fn a_large_file_survives_a_deadline() {
     let scene = Scene::new(73);
-    let out = wait(scene.start_sync(&["--max-duration", "4s"]), Duration::from_secs(60));
+    let out = wait_within(scene.start_sync(&["--max-duration", "4s"]), Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(ferry::exit::DEADLINE));
     let kept = partial_bytes(&scene.target);
     assert!(kept >= 16 << 20, "only {kept} bytes kept at the deadline");
@@ -141,7 +129,7 @@ fn a_large_file_survives_a_connection_lost_beyond_the_grace() {
     scene.wait_for_partial(INTERRUPTED_AT);
     // Nothing passes any more: both sides give the connection up at QUIC's idle timeout.
     scene.proxy.blackout(true);
-    let out = wait(sync, Duration::from_secs(90));
+    let out = wait_within(sync, Duration::from_secs(90));
     assert!(!out.status.success(), "the round cannot end well without its connection");
     scene.proxy.blackout(false);
     scene.finish("a lost connection");

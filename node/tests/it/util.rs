@@ -96,18 +96,23 @@ pub(crate) fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Waits at most `limit` for a `sync --round --json` started in the background (killing it after
 /// that), checks that it succeeded, and returns its report.
-pub(crate) fn finish_round(mut child: std::process::Child, limit: Duration) -> serde_json::Value {
+pub(crate) fn finish_round(child: std::process::Child, limit: Duration) -> serde_json::Value {
+    let out = wait_within(child, limit);
+    assert!(out.status.success(), "sync failed with {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits at most `limit` for a round started in the background (killing it after that), however it ends.
+pub(crate) fn wait_within(mut child: std::process::Child, limit: Duration) -> std::process::Output {
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("the round did not finish within {limit:?}");
+            panic!("the round did not end within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "sync failed with {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    child.wait_with_output().unwrap()
 }
 
 pub(crate) fn is_root() -> bool {
