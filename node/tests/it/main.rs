@@ -9,6 +9,7 @@ mod faults;
 mod hostile;
 mod netns;
 mod network;
+mod operator;
 mod properties;
 mod resume;
 mod reuse;
