@@ -32,6 +32,7 @@ mod index;
 mod manifest;
 mod owner;
 mod path;
+mod progress;
 mod rate;
 mod rootdir;
 mod round;
@@ -56,6 +57,7 @@ pub use manifest::{
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
+pub use progress::Progress;
 pub use rate::{Rate, RateError, SendTime, Timetable, TimetableError, TokenBucket};
 pub use rootdir::RootDir;
 pub use round::{

@@ -222,8 +222,9 @@ pub struct SyncArgs {
     /// much more on links with small buffers [default: cubic].
     #[arg(long, value_enum, value_name = "CONTROLLER")]
     pub congestion: Option<crate::net::Congestion>,
-    /// Network rounds: how often a run without a terminal (cron, systemd) logs its progress, with the
-    /// rate and an estimate of the time left. On a terminal, a live line shows it instead [default: 1m].
+    /// How often a run without a terminal (cron, systemd) logs its progress, with the rate and (network
+    /// rounds) an estimate of the time left. On a terminal, a live bar shows it instead; -q hides both
+    /// [default: 1m].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub progress_interval: Option<std::time::Duration>,
 }
@@ -241,7 +242,6 @@ impl SyncArgs {
             ("--reconnect-grace", self.reconnect_grace.is_some()),
             ("--low-priority", self.low_priority),
             ("--congestion", self.congestion.is_some()),
-            ("--progress-interval", self.progress_interval.is_some()),
         ];
         given.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
     }

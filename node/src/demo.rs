@@ -120,6 +120,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<()> {
         reconnect_grace: std::time::Duration::from_secs(60),
         congestion: crate::net::Congestion::Cubic,
         progress_interval: std::time::Duration::from_secs(60),
+        progress: crate::meter::Show::choose(false, std::time::Duration::from_secs(60)),
     };
     for round in 1..=options.rounds {
         if round > 1 {

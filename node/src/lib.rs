@@ -23,6 +23,7 @@ mod limit;
 mod local;
 pub mod log;
 mod lossy;
+pub mod meter;
 mod metrics;
 mod net;
 pub mod outcome;

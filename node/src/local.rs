@@ -1,14 +1,16 @@
 //! `ferry sync --round SRC DEST`: a local round.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use ferry_engine::{
-    Adopt, ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, RelPath, ScanOptions, local_plan,
-    local_round,
+    Adopt, ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, Progress, RelPath, ScanOptions,
+    local_plan, local_round,
 };
 
-use crate::{exit, human};
+use crate::{exit, human, meter};
 
 /// A local round, as the command line asked for it.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct LocalSyncOptions {
     pub dry_run: bool,
     /// `--adopt`: paths (relative to the target) or `all`.
     pub adopt: Vec<String>,
+    /// How progress is shown while the round runs.
+    pub progress: crate::meter::Show,
 }
 
 /// `--adopt` as the apply takes it.
@@ -98,19 +102,37 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
         }
     };
     tracing::info!(source = %options.source.display(), target = %options.target.display(), state = %state.display(), "local round");
+    let (scanned, applied) = (Arc::new(Progress::default()), Arc::new(Progress::default()));
     let round_options = LocalRoundOptions {
-        scan: ScanOptions::default(),
+        scan: ScanOptions { progress: Some(scanned.clone()), ..ScanOptions::default() },
         apply: ApplyOptions {
             delete: options.delete,
             numeric_ids: options.numeric_ids,
             adopt: adopt_of(&options.adopt)?,
+            progress: Some(applied.clone()),
             ..ApplyOptions::default()
         },
         skip_special: options.skip_special,
     };
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (show, done) = (options.progress, done.clone());
+        std::thread::spawn(move || {
+            meter::watch(show, &done, || {
+                if applied.entries() == 0 {
+                    meter::scan_line(&scanned)
+                } else {
+                    apply_line(&applied, scanned.entries())
+                }
+            });
+        })
+    };
+    let watching = StopWatching(done, Some(watcher));
     let failed = || format!("round {} -> {} failed", options.source.display(), options.target.display());
     if options.dry_run {
-        let plan = local_plan(&options.source, &options.target, &state, &round_options).with_context(failed)?;
+        let plan = local_plan(&options.source, &options.target, &state, &round_options);
+        drop(watching);
+        let plan = plan.with_context(failed)?;
         if options.json {
             print_json(&plan)?;
         } else {
@@ -118,13 +140,39 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
         }
         return Ok(exit::OK);
     }
-    let report = local_round(&options.source, &options.target, &state, &round_options).with_context(failed)?;
+    let report = local_round(&options.source, &options.target, &state, &round_options);
+    drop(watching);
+    let report = report.with_context(failed)?;
     if options.json {
         print_json(&report)?;
     } else {
         print_summary(&options.source, &options.target, &report, options.delete);
     }
     Ok(exit_code(&report))
+}
+
+/// "applying: 4,512 of 20,000 entries, 1.2 GiB written (150.0 MiB/s)". The steps of the merge
+/// also count paths removed, so they may pass the scan's entries.
+fn apply_line(applied: &Progress, entries: u64) -> String {
+    format!(
+        "applying: {} of {} entries, {} written ({})",
+        human::count(applied.entries().min(entries)),
+        human::count(entries),
+        human::bytes(applied.bytes()),
+        meter::rate(applied)
+    )
+}
+
+/// Ends the progress line when the round ends, however it ends (before the summary is printed).
+struct StopWatching(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for StopWatching {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.1.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// 0 only when the target now holds the source's tree; 3 otherwise (entries that failed, or left

@@ -25,6 +25,7 @@ fn main() {
         || matches!(&cli.command, Command::Sync(args) if args.target.is_none());
     init_logging(cli.verbose, cli.quiet, chatty, cli.log_format);
     let data_dir = cli.data_dir.clone();
+    let quiet = cli.quiet;
     let config_dir = ConfigDir::new(cli.config_dir).with_data_dir(cli.data_dir);
     // A round asked for JSON prints a document however it ends.
     let json_errors = matches!(&cli.command, Command::Sync(args) if args.json);
@@ -82,78 +83,83 @@ fn main() {
             rt.block_on(async { ferry::serve(config_dir, args.listen, args.stall_timeout, shutdown_signal()).await })
                 .map(|()| exit::OK)
         }),
-        Command::Sync(args) => match args.target.clone() {
-            Some(_) if !args.network_only().is_empty() => {
-                eprintln!(
-                    "ferry: error: only a network round (ferry sync --round JOB) takes {}; a local round \
+        Command::Sync(args) => {
+            let progress_interval = args.progress_interval.unwrap_or(std::time::Duration::from_secs(60));
+            match args.target.clone() {
+                Some(_) if !args.network_only().is_empty() => {
+                    eprintln!(
+                        "ferry: error: only a network round (ferry sync --round JOB) takes {}; a local round \
                      (SOURCE TARGET) would ignore it",
-                    args.network_only().join(", ")
-                );
-                std::process::exit(exit::USAGE);
-            }
-            Some(target) => ferry::run_local_sync(&LocalSyncOptions {
-                source: args.job_or_source,
-                target,
-                state_dir: args.state_dir,
-                data_dir,
-                delete: args.delete,
-                numeric_ids: args.numeric_ids,
-                skip_special: args.skip_special,
-                json: args.json,
-                dry_run: args.dry_run,
-                adopt: args.adopt,
-            }),
-            None if !args.adopt.is_empty() => {
-                eprintln!(
-                    "ferry: error: --adopt applies to local rounds only so far; on the destination, move the \
-                     entry aside or remove it, and the next round puts the source's in its place"
-                );
-                std::process::exit(exit::USAGE);
-            }
-            None => {
-                let options = PushOptions {
-                    job: args.job_or_source.to_string_lossy().into_owned(),
+                        args.network_only().join(", ")
+                    );
+                    std::process::exit(exit::USAGE);
+                }
+                Some(target) => ferry::run_local_sync(&LocalSyncOptions {
+                    source: args.job_or_source,
+                    target,
+                    state_dir: args.state_dir,
+                    data_dir,
                     delete: args.delete,
                     numeric_ids: args.numeric_ids,
                     skip_special: args.skip_special,
-                    import: match args.import {
-                        None => ferry_proto::ImportMode::Default,
-                        Some(ImportChoice::Full) => ferry_proto::ImportMode::Full,
-                        Some(ImportChoice::ProvisioningOnly) => ferry_proto::ImportMode::ProvisioningOnly,
-                        Some(ImportChoice::None) => ferry_proto::ImportMode::None,
-                    },
-                    wait_for_import: !args.no_wait,
-                    wait_if_busy: args.wait,
-                    bwlimit: args.bwlimit,
-                    max_duration: args.max_duration,
+                    json: args.json,
                     dry_run: args.dry_run,
-                    reconnect_grace: args.reconnect_grace.unwrap_or(std::time::Duration::from_secs(600)),
-                    congestion: if args.low_priority {
-                        ferry::Congestion::LowPriority
-                    } else {
-                        args.congestion.unwrap_or(ferry::Congestion::Cubic)
-                    },
-                    progress_interval: args.progress_interval.unwrap_or(std::time::Duration::from_secs(60)),
-                };
-                if args.dry_run {
-                    runtime().and_then(|rt| rt.block_on(ferry::dry_run(&config_dir, &options))).map(|report| {
-                        ferry::print_dry_run(&report, args.json);
-                        exit::OK
-                    })
-                } else {
-                    block_on(ferry::push(&config_dir, &options)).map(|report| {
-                        ferry::print_push_report(&report, args.json);
-                        if report.failure_count > 0 || !report.in_sync {
-                            exit::INCOMPLETE
-                        } else if report.import.as_ref().is_some_and(|i| !i.success) {
-                            exit::IMPORT_FAILED
+                    adopt: args.adopt,
+                    progress: ferry::meter::Show::choose(quiet, progress_interval),
+                }),
+                None if !args.adopt.is_empty() => {
+                    eprintln!(
+                        "ferry: error: --adopt applies to local rounds only so far; on the destination, move the \
+                     entry aside or remove it, and the next round puts the source's in its place"
+                    );
+                    std::process::exit(exit::USAGE);
+                }
+                None => {
+                    let options = PushOptions {
+                        job: args.job_or_source.to_string_lossy().into_owned(),
+                        delete: args.delete,
+                        numeric_ids: args.numeric_ids,
+                        skip_special: args.skip_special,
+                        import: match args.import {
+                            None => ferry_proto::ImportMode::Default,
+                            Some(ImportChoice::Full) => ferry_proto::ImportMode::Full,
+                            Some(ImportChoice::ProvisioningOnly) => ferry_proto::ImportMode::ProvisioningOnly,
+                            Some(ImportChoice::None) => ferry_proto::ImportMode::None,
+                        },
+                        wait_for_import: !args.no_wait,
+                        wait_if_busy: args.wait,
+                        bwlimit: args.bwlimit,
+                        max_duration: args.max_duration,
+                        dry_run: args.dry_run,
+                        reconnect_grace: args.reconnect_grace.unwrap_or(std::time::Duration::from_secs(600)),
+                        congestion: if args.low_priority {
+                            ferry::Congestion::LowPriority
                         } else {
+                            args.congestion.unwrap_or(ferry::Congestion::Cubic)
+                        },
+                        progress_interval,
+                        progress: ferry::meter::Show::choose(quiet, progress_interval),
+                    };
+                    if args.dry_run {
+                        runtime().and_then(|rt| rt.block_on(ferry::dry_run(&config_dir, &options))).map(|report| {
+                            ferry::print_dry_run(&report, args.json);
                             exit::OK
-                        }
-                    })
+                        })
+                    } else {
+                        block_on(ferry::push(&config_dir, &options)).map(|report| {
+                            ferry::print_push_report(&report, args.json);
+                            if report.failure_count > 0 || !report.in_sync {
+                                exit::INCOMPLETE
+                            } else if report.import.as_ref().is_some_and(|i| !i.success) {
+                                exit::IMPORT_FAILED
+                            } else {
+                                exit::OK
+                            }
+                        })
+                    }
                 }
             }
-        },
+        }
         Command::Config(ConfigCommand::Check { file }) => {
             ferry::commands::config_check(&config_dir, file.as_deref()).map(|()| exit::OK)
         }
@@ -224,7 +230,8 @@ fn init_logging(verbose: u8, quiet: bool, chatty: bool, format: ferry::cli::LogF
     let default = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) if chatty => "info",
-        (false, 0) => "warn",
+        // Local commands warn, and a local round's progress lines still show.
+        (false, 0) => "warn,ferry::meter=info",
         (false, 1) => "info",
         (false, 2) => "debug",
         _ => "trace",

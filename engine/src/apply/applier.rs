@@ -69,6 +69,7 @@ impl<'a> Applier<'a> {
             planner: Planner::default(),
             maker,
             place_spent: PlaceTimes::default(),
+            steps: 0,
         })
     }
 
@@ -88,6 +89,10 @@ impl<'a> Applier<'a> {
             Step::Keep(kept) => self.keep_with(kept, committed),
         };
         self.committed = Some(committed);
+        self.steps += 1;
+        if let Some(progress) = &self.options.progress {
+            progress.set(self.steps, self.report.bytes_written);
+        }
         result
     }
 
@@ -234,6 +239,8 @@ pub struct Applier<'a> {
     pub(super) maker: Option<Maker>,
     /// How long putting the batches into place took, by part.
     pub(super) place_spent: PlaceTimes,
+    /// Entries stepped through so far (what [`ApplyOptions::progress`] shows).
+    pub(super) steps: u64,
 }
 
 impl Applier<'_> {

@@ -1,6 +1,7 @@
 //! How to apply, what a round of it did, and how it fails.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::io::Errno;
@@ -9,6 +10,7 @@ use serde::Serialize;
 use crate::index::IndexError;
 use crate::manifest::{EntryError, RecordFileError};
 use crate::path::RelPath;
+use crate::progress::Progress;
 
 /// How to apply.
 #[derive(Debug, Clone)]
@@ -23,11 +25,20 @@ pub struct ApplyOptions {
     pub batch_bytes: u64,
     /// Which entries ferry did not put in place it may replace.
     pub adopt: Adopt,
+    /// Where the apply says how far it is: entries applied, bytes of files written.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        Self { delete: false, numeric_ids: false, batch_files: 8000, batch_bytes: 256 << 20, adopt: Adopt::Nothing }
+        Self {
+            delete: false,
+            numeric_ids: false,
+            batch_files: 8000,
+            batch_bytes: 256 << 20,
+            adopt: Adopt::Nothing,
+            progress: None,
+        }
     }
 }
 

@@ -99,8 +99,14 @@ pub fn scan(
             cache_in: cache_in.unwrap_or(Path::new("")),
             racy_after_ns,
         };
-        let written =
-            examined_rx.into_iter().flatten().try_for_each(|(item, outcome)| write_outcome(item, outcome, &mut state));
+        // Each batch written says how far the scan is, for whoever watches.
+        let written = examined_rx.into_iter().try_for_each(|batch| -> Result<(), ScanError> {
+            batch.into_iter().try_for_each(|(item, outcome)| write_outcome(item, outcome, &mut state))?;
+            if let Some(progress) = &options.progress {
+                progress.set(state.report.entries, state.report.bytes_read);
+            }
+            Ok(())
+        });
         // The walk's own findings (folders it could not list) join the report.
         let walked = walk.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         report.absorb_skips(walked);

@@ -12,6 +12,7 @@ use crate::chunker::ChunkerConfig;
 use crate::hash::RootHash;
 use crate::manifest::{Entry, Keyed, RecordFileError};
 use crate::path::RelPath;
+use crate::progress::Progress;
 
 /// What the last scan knew about a path: its entry, plus what tells whether the file changed since.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,11 +46,13 @@ pub struct ScanOptions {
     pub batch: usize,
     /// See [`AfterReadHook`].
     pub after_read: Option<AfterReadHook>,
+    /// Where the scan says how far it is: entries scanned, bytes read.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for ScanOptions {
     fn default() -> Self {
-        Self { chunker: ChunkerConfig::DEFAULT, batch: 512, after_read: None }
+        Self { chunker: ChunkerConfig::DEFAULT, batch: 512, after_read: None, progress: None }
     }
 }
 

@@ -19,12 +19,14 @@ use crate::net::{self, FrameReader, close};
 use crate::refused::Refused;
 
 mod early;
+mod notify;
 mod round;
 mod transfer;
 mod window;
 
 use crate::state::TargetState;
 use early::EarlyChecks;
+use notify::{Importing, Running, STATUS_EVERY, StatusLine, tell_systemd};
 use round::{Imports, Round, RoundEnd, destination_round, is_refusal};
 use window::{Window, receive_chunks};
 
@@ -92,9 +94,17 @@ impl Daemon {
         // Under systemd (`Type=notify`): ready once the port is bound and the signals are handled,
         // not when the process starts.
         tell_systemd(&[NotifyState::Ready, NotifyState::Status(&listening)]);
+        let mut status = StatusLine::new(listening.clone());
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = status_tick.tick() => {
+                    let (rounds, imports) = context.running();
+                    if let Some(line) = status.update(&rounds, &imports, Instant::now()) {
+                        tell_systemd(&[NotifyState::Status(&line)]);
+                    }
+                }
                 Some(()) = async {
                     match hangup.as_mut() {
                         Some(signal) => signal.recv().await,
@@ -153,6 +163,35 @@ struct ServerContext {
 }
 
 impl ServerContext {
+    /// The rounds and imports running now, for the status line.
+    fn running(&self) -> (Vec<Running>, Vec<Importing>) {
+        let mut rounds: Vec<Running> = self
+            .busy
+            .lock()
+            .map(|busy| {
+                busy.iter()
+                    .map(|(job, (_, connection))| Running {
+                        job: job.clone(),
+                        received: connection.stats().udp_rx.bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        rounds.sort_by(|a, b| a.job.cmp(&b.job));
+        let mut imports: Vec<Importing> = self
+            .imports
+            .lock()
+            .map(|imports| {
+                imports
+                    .iter()
+                    .map(|(job, import)| Importing { job: job.clone(), round: import.round, since: import.since })
+                    .collect()
+            })
+            .unwrap_or_default();
+        imports.sort_by(|a, b| a.job.cmp(&b.job));
+        (rounds, imports)
+    }
+
     fn refresh_trusted(&self) {
         match self.config_dir.load() {
             Ok(config) => {
@@ -576,13 +615,6 @@ pub(super) fn record_unfinished(state: &TargetState, event: &str, why: String, p
     };
     if let Err(e) = crate::history::append(&state.history(), &record) {
         tracing::warn!("cannot add the round to {}: {e:#}", state.history().display());
-    }
-}
-
-/// Tells systemd how the daemon is (nothing when it was not started by systemd with `NOTIFY_SOCKET`).
-fn tell_systemd(state: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!("cannot tell systemd how the daemon is ({e}); with Type=notify it waits for READY");
     }
 }
 

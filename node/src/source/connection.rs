@@ -424,8 +424,7 @@ impl Transfer {
             })
             .collect();
         let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
-        let progress =
-            spawn_progress(sent.clone(), connection.clone(), limiter.clone(), options.progress_interval, stop_rx);
+        let progress = spawn_progress(sent.clone(), connection.clone(), limiter.clone(), options.progress, stop_rx);
         Self { needs, from_reader, stop, senders, reader, batches_sent, progress: (stop_progress, progress) }
     }
 

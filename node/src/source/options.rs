@@ -33,4 +33,6 @@ pub struct PushOptions {
     pub congestion: crate::net::Congestion,
     /// `--progress-interval`: how often a run without a terminal (cron, systemd) logs its progress.
     pub progress_interval: Duration,
+    /// How progress is shown: a bar, log lines every `progress_interval`, or nothing (`-q`).
+    pub progress: crate::meter::Show,
 }

@@ -1,14 +1,17 @@
 //! Before the round: the readiness check, the export hook and the scan.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
-use ferry_engine::{ScanOptions, scan};
+use ferry_engine::{Progress, ScanOptions, scan};
 
 use super::options::PushOptions;
 use super::session::{BUSY_RETRY, check_peer, is_busy};
 use crate::config_dir::ConfigDir;
+use crate::meter;
 use crate::net::{self};
 use crate::state::SourceState;
 
@@ -82,9 +85,23 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
     tracing::info!("scanning {}", job.path.display());
     let scanned = {
         let (path, cache, out) = (job.path.clone(), state.cache(), state.scanned());
-        tokio::task::spawn_blocking(move || scan(&path, Some(&cache), &out, &cache, &ScanOptions::default()))
-            .await
-            .context("the scan panicked")??
+        let (progress, show) = (Arc::new(Progress::default()), options.progress);
+        let scan_options = ScanOptions { progress: Some(progress.clone()), ..ScanOptions::default() };
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let done = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let _entered = span.enter();
+                    meter::watch(show, &done, || meter::scan_line(&progress));
+                });
+                let scanned = scan(&path, Some(&cache), &out, &cache, &scan_options);
+                done.store(true, Ordering::Relaxed);
+                scanned
+            })
+        })
+        .await
+        .context("the scan panicked")??
     };
     if scanned.changed_while_read_count > 0 {
         tracing::warn!(

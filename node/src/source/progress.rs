@@ -1,65 +1,59 @@
-//! Progress lines while a round runs without a terminal.
+//! What a network round shows of its progress while it scans and while chunks flow.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Progress while chunks flow: a live line on a terminal, a log line every `interval` otherwise (cron,
-/// systemd), with the rate and an estimate of the time left.
+use crate::meter::{Meter, Show};
+
+/// Progress while chunks flow: a bar on a terminal, a log line every interval otherwise (cron,
+/// systemd), with the rate and an estimate of the time left; nothing with `-q`.
 pub(super) fn spawn_progress(
     counters: Arc<Counters>,
     connection: quinn::Connection,
     limiter: crate::limit::Limiter,
-    interval: Duration,
+    show: Show,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
-    use std::io::IsTerminal;
     crate::helpers::spawn_in_span(async move {
         let started = Instant::now();
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            bar
-        });
-        let period = if bar.is_some() { Duration::from_millis(250) } else { interval };
+        let mut meter = Meter::new(show);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(show.period()) => {}
                 _ = &mut stop => break,
+            }
+            if show == Show::Off {
+                continue;
             }
             let stats = connection.stats();
             let secs = started.elapsed().as_secs_f64().max(0.001);
+            let (sent, covered, changed) = (
+                counters.sent_bytes.load(Ordering::Relaxed),
+                counters.covered.load(Ordering::Relaxed),
+                counters.changed.load(Ordering::Relaxed),
+            );
             // A rate and a time left would be the pause's average, not what comes when it ends.
             let line = if limiter.is_paused() {
                 format!(
                     "paused by the bandwidth limit: sent {} of chunks, {} on the wire so far",
-                    crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
+                    crate::human::bytes(sent),
                     crate::human::bytes(stats.udp_tx.bytes),
                 )
+            } else if show == Show::Bar {
+                format!("{} on the wire", crate::human::bytes(stats.udp_tx.bytes))
             } else {
                 format!(
                     "sent {} of chunks, {} on the wire, {}/s{}",
-                    crate::human::bytes(counters.sent_bytes.load(Ordering::Relaxed)),
+                    crate::human::bytes(sent),
                     crate::human::bytes(stats.udp_tx.bytes),
                     crate::human::bytes((stats.udp_tx.bytes as f64 / secs) as u64),
-                    eta(
-                        counters.covered.load(Ordering::Relaxed),
-                        counters.changed.load(Ordering::Relaxed),
-                        started.elapsed()
-                    )
+                    eta(covered, changed, started.elapsed())
                 )
             };
-            match &bar {
-                Some(bar) => bar.set_message(line),
-                None => tracing::info!("{line}"),
-            }
+            meter.toward(covered, changed, line);
         }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+        meter.finish();
     })
 }
 

@@ -306,3 +306,52 @@ fn json_logs_are_one_object_a_line() {
     let first = String::from_utf8_lossy(&out.stderr).lines().next().map(str::to_owned).unwrap_or_default();
     assert!(serde_json::from_str::<serde_json::Value>(&first).is_ok(), "{first}");
 }
+
+/// A local round shows its progress: log lines every `--progress-interval` without a terminal, a live
+/// bar on one (a pseudo-terminal from `script`), and nothing with `-q`. The summary follows either way.
+#[test]
+fn a_local_round_shows_progress_unless_quiet() {
+    let pair = Pair::new();
+    for i in 0..4 {
+        write(&pair.source().join(format!("blobs/{i}")), &random_bytes(16 << 20, i));
+    }
+    let lines = |extra: &[&str]| {
+        let out = sync(&pair, extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::remove_dir_all(pair.target()).unwrap();
+        std::fs::remove_dir_all(pair.state()).unwrap();
+        std::fs::create_dir(pair.target()).unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let logged = lines(&["--progress-interval", "20ms"]);
+    let progress: Vec<&str> = logged.lines().filter(|l| l.contains("scanning: ") || l.contains("applying: ")).collect();
+    assert!(!progress.is_empty(), "no progress line:\n{logged}");
+    assert!(progress.iter().all(|l| l.contains(" entries, ") && l.ends_with("/s)")), "{logged}");
+    assert!(!logged.contains('\u{1b}'), "a live line in a log:\n{logged}");
+    let quiet = lines(&["--progress-interval", "20ms", "-q"]);
+    assert!(!quiet.contains("scanning: ") && !quiet.contains("applying: "), "-q showed progress:\n{quiet}");
+
+    // On a terminal: a bar that redraws itself, cleared before the summary; -q: none.
+    let on_terminal = |quiet: bool| {
+        let command = format!(
+            "{} {} sync --round {} {} --state-dir {}",
+            ferry_bin().display(),
+            if quiet { "-q" } else { "" },
+            pair.source().display(),
+            pair.target().display(),
+            pair.state().display()
+        );
+        let out = Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        std::fs::remove_dir_all(pair.target()).unwrap();
+        std::fs::remove_dir_all(pair.state()).unwrap();
+        std::fs::create_dir(pair.target()).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = on_terminal(false);
+    assert!(shown.contains("\u{1b}[2K") && shown.contains("scanning: "), "no live bar:\n{shown:?}");
+    assert!(shown.contains("matches the source"), "{shown}");
+    let quiet = on_terminal(true);
+    assert!(!quiet.contains("\u{1b}[2K") && !quiet.contains("scanning: "), "-q drew a bar:\n{quiet:?}");
+    assert!(quiet.contains("matches the source"), "{quiet}");
+}

@@ -353,7 +353,50 @@ fn the_daemon_tells_systemd_it_is_ready_once_its_port_is_bound() {
     assert!(taken.is_err(), "port {port} was free after READY=1");
     let killed = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
     assert!(killed.success());
-    let n = socket.recv(&mut buf).expect("no STOPPING from the daemon");
-    assert!(String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "STOPPING=1"));
+    // Status lines may come first (the daemon says it is idle).
+    loop {
+        let n = socket.recv(&mut buf).expect("no STOPPING from the daemon");
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if message.lines().any(|l| l == "STOPPING=1") {
+            break;
+        }
+        assert!(message.starts_with("STATUS="), "{message}");
+    }
     assert!(daemon.wait().unwrap().success());
+}
+
+/// While a round runs, the daemon's status line (what `systemctl status ferry` shows) says which job's
+/// round it is, how much it has received and at what rate; once it ends, that it is idle.
+#[test]
+fn the_daemons_status_line_shows_the_running_round() {
+    use std::os::unix::net::UnixDatagram;
+    let mut setup = Setup::new();
+    let socket_path = setup.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    setup.restart_daemon(&["env", &format!("NOTIFY_SOCKET={}", socket_path.display())], &[]);
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    for i in 0..4 {
+        crate::util::write(&source.join(format!("blobs/{i}")), &crate::util::random_bytes(2 << 20, i));
+    }
+    setup.job("zimbra", &source, &target);
+    let round = setup.source.ferry().args(["sync", "--round", "zimbra", "--bwlimit", "2M"]).output().unwrap();
+    assert!(round.status.success(), "{}", String::from_utf8_lossy(&round.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut statuses = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let n = socket.recv(&mut buf).expect("the daemon went silent");
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        statuses.extend(message.lines().filter_map(|l| l.strip_prefix("STATUS=")).map(str::to_owned));
+        if statuses.iter().any(|s| s.contains("round of zimbra:"))
+            && statuses.last().is_some_and(|s| s.starts_with("idle"))
+        {
+            break;
+        }
+    }
+    let during: Vec<&String> = statuses.iter().filter(|s| s.starts_with("round of zimbra: ")).collect();
+    assert!(!during.is_empty(), "no status line during the round: {statuses:#?}");
+    assert!(during.iter().any(|s| s.contains(" received, ") && s.contains("/s; listening on")), "{statuses:#?}");
+    assert!(statuses.last().is_some_and(|s| s.starts_with("idle, listening on")), "{statuses:#?}");
 }
