@@ -355,3 +355,57 @@ fn a_local_round_shows_progress_unless_quiet() {
     assert!(!quiet.contains("\u{1b}[2K") && !quiet.contains("scanning: "), "-q drew a bar:\n{quiet:?}");
     assert!(quiet.contains("matches the source"), "{quiet}");
 }
+
+/// The Debian package (dist/deb/build, cargo-deb) carries every file its asset list in node/Cargo.toml
+/// names: the man pages and completions the binary writes, the units with the packaged binary's path,
+/// and the docs. Checked without cargo-deb: the same script that prepares the package's files runs here
+/// with the test's binary.
+#[test]
+fn the_debian_package_carries_every_file_it_names() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(root.join("node/Cargo.toml")).unwrap()).unwrap();
+    let assets = manifest["package"]["metadata"]["deb"]["assets"].as_array().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("deb-assets");
+    let out = Command::new(root.join("dist/deb/assets")).arg(ferry_bin()).arg(&generated).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut targets = Vec::new();
+    for asset in assets {
+        let [source, target, mode] = &asset.as_array().unwrap()[..] else { panic!("{asset}") };
+        let (source, target) = (source.as_str().unwrap(), target.as_str().unwrap());
+        targets.push(target.to_owned());
+        assert!(["644", "755"].contains(&mode.as_str().unwrap()), "{asset}");
+        let path = match source.strip_prefix("target/release/deb-assets/") {
+            Some(rest) => generated.join(rest),
+            None if source == "target/release/ferry" => continue,
+            None => root.join("node").join(source),
+        };
+        match path.to_str().unwrap().strip_suffix("*.1") {
+            Some(folder) => {
+                let pages: Vec<String> = std::fs::read_dir(folder)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .filter(|name| name.ends_with(".1"))
+                    .collect();
+                for page in ["ferry.1", "ferry-sync.1", "ferry-serve.1", "ferry-log.1", "ferry-verify.1"] {
+                    assert!(pages.iter().any(|p| p == page), "no {page} among {pages:?}");
+                }
+            }
+            None => assert!(path.is_file(), "the package names {source}, which is not made"),
+        }
+    }
+    // Every unit the repository ships is packaged, and points at the packaged binary.
+    for unit in std::fs::read_dir(root.join("dist/systemd")).unwrap() {
+        let name = unit.unwrap().file_name().into_string().unwrap();
+        let packaged = std::fs::read_to_string(generated.join("systemd").join(&name)).unwrap();
+        assert!(assets.iter().any(|a| a[0].as_str().unwrap().ends_with(&format!("/{name}"))), "{name} not packaged");
+        assert!(!packaged.contains("/usr/local/bin"), "{name}");
+        if name.ends_with(".service") {
+            assert!(packaged.contains("ExecStart=/usr/bin/ferry "), "{name}");
+        }
+    }
+    for place in ["usr/bin/", "lib/systemd/system/", "usr/share/man/man1/", "usr/share/bash-completion/completions/"] {
+        assert!(targets.iter().any(|t| t == place), "nothing goes to {place}");
+    }
+}
