@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use ferry_engine::{
@@ -114,20 +113,9 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
         },
         skip_special: options.skip_special,
     };
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (show, done) = (options.progress, done.clone());
-        std::thread::spawn(move || {
-            meter::watch(show, &done, || {
-                if applied.entries() == 0 {
-                    meter::scan_line(&scanned)
-                } else {
-                    apply_line(&applied, scanned.entries())
-                }
-            });
-        })
-    };
-    let watching = StopWatching(done, Some(watcher));
+    let watching = meter::Watch::start(options.progress, move || {
+        if applied.entries() == 0 { meter::scan_line(&scanned) } else { apply_line(&applied, scanned.entries()) }
+    });
     let failed = || format!("round {} -> {} failed", options.source.display(), options.target.display());
     if options.dry_run {
         let plan = local_plan(&options.source, &options.target, &state, &round_options);
@@ -161,18 +149,6 @@ fn apply_line(applied: &Progress, entries: u64) -> String {
         human::bytes(applied.bytes()),
         meter::rate(applied)
     )
-}
-
-/// Ends the progress line when the round ends, however it ends (before the summary is printed).
-struct StopWatching(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
-
-impl Drop for StopWatching {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.1.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// 0 only when the target now holds the source's tree; 3 otherwise (entries that failed, or left

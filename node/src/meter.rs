@@ -2,7 +2,7 @@
 //! otherwise (cron, systemd's journal), nothing with `-q`.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// How progress is shown.
@@ -128,15 +128,48 @@ impl Meter {
     }
 }
 
-/// Shows what `line` says as a step whose end is not known, every period, until `done`.
-pub fn watch(show: Show, done: &AtomicBool, mut line: impl FnMut() -> String) {
-    let mut meter = Meter::new(show);
-    // On a terminal the line shows at once; a log line waits for its interval.
-    while show != Show::Off && !done.load(Ordering::Relaxed) {
-        meter.count(line());
-        std::thread::sleep(show.period());
+/// Shows what `line` says, as a step whose end is not known, on a thread of its own (in the span it
+/// was started in) until dropped; dropping it clears the line at once.
+pub struct Watch {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Starts showing `line` every [`Show::period`].
+    pub fn start(show: Show, mut line: impl FnMut() -> String + Send + 'static) -> Self {
+        if show == Show::Off {
+            return Self { stop: None, thread: None };
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new()
+            .name("ferry-progress".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                let mut meter = Meter::new(show);
+                // On a terminal the line shows at once; a log line waits for its interval.
+                loop {
+                    meter.count(line());
+                    match stopped.recv_timeout(show.period()) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => break,
+                    }
+                }
+                meter.finish();
+            })
+            .ok();
+        Self { stop: Some(stop), thread }
     }
-    meter.finish();
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// "scanning: 120,345 entries, 2.3 GiB read (180.0 MiB/s)".
@@ -171,5 +204,20 @@ mod tests {
         meter.toward(1, 2, "half".into());
         assert!(meter.next_line > first, "no line once the interval was up");
         assert!(meter.bar.is_none());
+    }
+
+    #[test]
+    fn a_watch_ends_as_soon_as_it_is_dropped_not_at_its_next_look() {
+        let looks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = looks.clone();
+        let watch = Watch::start(Show::Lines(Duration::from_secs(60)), move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            String::new()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let dropped = Instant::now();
+        drop(watch);
+        assert!(dropped.elapsed() < Duration::from_millis(500), "the watch held its owner {:?}", dropped.elapsed());
+        assert_eq!(looks.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

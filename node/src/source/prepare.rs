@@ -1,7 +1,6 @@
 //! Before the round: the readiness check, the export hook and the scan.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -87,21 +86,11 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
         let (path, cache, out) = (job.path.clone(), state.cache(), state.scanned());
         let (progress, show) = (Arc::new(Progress::default()), options.progress);
         let scan_options = ScanOptions { progress: Some(progress.clone()), ..ScanOptions::default() };
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let done = AtomicBool::new(false);
-            std::thread::scope(|scope| {
-                scope.spawn(|| {
-                    let _entered = span.enter();
-                    meter::watch(show, &done, || meter::scan_line(&progress));
-                });
-                let scanned = scan(&path, Some(&cache), &out, &cache, &scan_options);
-                done.store(true, Ordering::Relaxed);
-                scanned
-            })
-        })
-        .await
-        .context("the scan panicked")??
+        // Started here, in the round's span; dropped (the line cleared) when the scan ends.
+        let _watching = meter::Watch::start(show, move || meter::scan_line(&progress));
+        tokio::task::spawn_blocking(move || scan(&path, Some(&cache), &out, &cache, &scan_options))
+            .await
+            .context("the scan panicked")??
     };
     if scanned.changed_while_read_count > 0 {
         tracing::warn!(
