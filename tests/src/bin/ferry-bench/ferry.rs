@@ -157,6 +157,7 @@ impl FerryPair {
             rss_recv: peak_rss(daemon),
             wire,
             kinds,
+            wire_ssh: None,
         })
     }
 }

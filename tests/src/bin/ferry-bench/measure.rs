@@ -30,6 +30,10 @@ pub(crate) struct Measure {
     pub(crate) wire: u64,
     /// ferry only: of `wire`, what each part of the round took (from its report).
     pub(crate) kinds: Option<WireKinds>,
+    /// rsync only: the bytes of ssh's encrypted stream both ways, as ssh counts them (`Transferred:`,
+    /// logged at `LogLevel=VERBOSE`): the TCP payload, the layer at which ferry's UDP payloads are
+    /// counted.
+    pub(crate) wire_ssh: Option<u64>,
 }
 
 /// ferry's wire bytes by what they carried: its report's `list_bytes`, `need_bytes` and
@@ -91,14 +95,17 @@ pub(crate) fn peak_rss(pid: u32) -> u64 {
 pub(crate) fn wait_sampling(mut child: Child) -> Result<(std::process::Output, u64)> {
     let pid = child.id();
     let mut peak = 0;
-    let stdout = child.stdout.take();
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        if let Some(mut stdout) = stdout {
-            let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
-        }
-        out
-    });
+    let read = |stream: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut stream) = stream {
+                let _ = stream.read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let reader = read(child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
+    let error_reader = read(child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
     loop {
         peak = peak.max(peak_rss(pid)).max(descendants(pid).into_iter().map(peak_rss).max().unwrap_or(0));
         if child.try_wait()?.is_some() {
@@ -108,7 +115,8 @@ pub(crate) fn wait_sampling(mut child: Child) -> Result<(std::process::Output, u
     }
     let status = child.wait()?;
     let stdout = reader.join().map_err(|_| "reader panicked")?;
-    Ok((std::process::Output { status, stdout, stderr: Vec::new() }, peak))
+    let stderr = error_reader.join().map_err(|_| "reader panicked")?;
+    Ok((std::process::Output { status, stdout, stderr }, peak))
 }
 
 pub(crate) fn descendants(pid: u32) -> Vec<u32> {

@@ -101,6 +101,21 @@ pub(crate) fn render(
         }
     }
     let _ = writeln!(out, "\nRatios are ferry / rsync (below 1: ferry is faster or sends less).");
+    let through_ssh: Vec<String> = rows
+        .iter()
+        .filter_map(|(round, f, r)| {
+            let ssh = r.as_ref()?.wire_ssh?;
+            Some(format!("{round} {ssh} bytes (ferry / ssh {:.3})", f.wire as f64 / (ssh as f64).max(1.0)))
+        })
+        .collect();
+    if !through_ssh.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nrsync's bytes as ssh carried them (encrypted and framed, both ways, ssh's own count: the TCP \
+             payload, the layer at which ferry's UDP payloads are counted): {}.",
+            through_ssh.join("; ")
+        );
+    }
     if rows.iter().any(|(_, f, _)| f.kinds.is_some()) {
         let _ = writeln!(
             out,
@@ -284,6 +299,15 @@ mod tests {
             scan: scan.map(Duration::from_secs_f64),
             ..Measure::default()
         }
+    }
+
+    #[test]
+    fn ssh_says_the_bytes_its_stream_carried_as_it_ends() {
+        let log = "Authenticated to 127.0.0.1 ([127.0.0.1]:2222) using \"publickey\".\n\
+                   Transferred: sent 1234567, received 8910 bytes, in 2.5 seconds\n\
+                   Bytes per second: sent 493826.8, received 3564.0\n";
+        assert_eq!(crate::rsync::ssh_transferred(log), Some(1234567 + 8910));
+        assert_eq!(crate::rsync::ssh_transferred("no such line"), None);
     }
 
     #[test]

@@ -132,7 +132,9 @@ impl Rsync {
         Err("sshd did not answer within 30 s".into())
     }
 
-    pub(crate) fn ssh_args(&self) -> Vec<String> {
+    /// ssh's options; `log_level` `ERROR` keeps it quiet, `VERBOSE` makes it say, as it ends, how many
+    /// bytes its encrypted stream carried (ssh takes an option's first value: one level only).
+    pub(crate) fn ssh_args(&self, log_level: &str) -> Vec<String> {
         vec![
             "-p".into(),
             self.port.to_string(),
@@ -145,13 +147,13 @@ impl Rsync {
             "-o".into(),
             "BatchMode=yes".into(),
             "-o".into(),
-            "LogLevel=ERROR".into(),
+            format!("LogLevel={log_level}"),
         ]
     }
 
     pub(crate) fn ssh_command(&self) -> Command {
         let mut command = self.net.source_command("ssh");
-        command.args(self.ssh_args()).arg(format!("{}@{}", user(), self.net.dest_host));
+        command.args(self.ssh_args("ERROR")).arg(format!("{}@{}", user(), self.net.dest_host));
         command
     }
 
@@ -162,13 +164,13 @@ impl Rsync {
         let child = self
             .net
             .source_command("rsync")
-            .args(["-aH", "--stats", "-e", &format!("ssh {}", self.ssh_args().join(" "))])
+            .args(["-aH", "--stats", "-e", &format!("ssh {}", self.ssh_args("VERBOSE").join(" "))])
             .args(self.bwlimit.iter().map(|rate| format!("--bwlimit={rate}")))
             .arg(format!("--rsync-path=python3 {} rsync", self.wrapper.display()))
             .arg(format!("{}/", source.display()))
             .arg(format!("{}@{}:{}/", user(), self.net.dest_host, self.target.display()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()?;
         let (out, rss_send) = wait_sampling(child)?;
         let wall = started.elapsed();
@@ -193,12 +195,22 @@ impl Rsync {
             rss_send,
             rss_recv: usage.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             wire: number("Total bytes sent:") + number("Total bytes received:"),
+            wire_ssh: ssh_transferred(&String::from_utf8_lossy(&out.stderr)),
             scan: None,
             sync_wait: None,
             check: None,
             kinds: None,
         })
     }
+}
+
+/// "Transferred: sent 3912, received 3632 bytes, in 0.1 seconds" (ssh at LogLevel=VERBOSE, as it
+/// ends): both counts added.
+pub(crate) fn ssh_transferred(log: &str) -> Option<u64> {
+    let line = log.lines().find_map(|l| l.split("Transferred: sent ").nth(1))?;
+    let (sent, rest) = line.split_once(", received ")?;
+    let received = rest.split_whitespace().next()?;
+    Some(sent.trim().parse::<u64>().ok()? + received.parse::<u64>().ok()?)
 }
 
 impl Drop for Rsync {
