@@ -6,7 +6,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 
 use super::options::ScanOptions;
 use super::stored::StoredRecord;
-use super::times::{stat_ctime_ns, stat_mtime_ns};
+use super::times::{exact_mtime_ns, stat_ctime_ns, stat_mtime_ns};
 use super::walk::WalkItem;
 use crate::chunker::{ReadBuffers, hash_reader};
 use crate::manifest::{Entry, EntryKind};
@@ -30,7 +30,7 @@ pub(super) enum Outcome {
     Vanished,
     /// A kind ferry does not copy (device, FIFO, socket).
     Skipped(String),
-    /// Could not be read (permissions, I/O error).
+    /// Could not be read (permissions, I/O error), or not carried as it is (a time out of range).
     Unreadable(String),
 }
 
@@ -51,6 +51,14 @@ pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
         FileType::Symlink => EntryKind::Symlink,
         other => return Outcome::Skipped(format!("{other:?} is not copied")),
     };
+    // A manifest keeps nanoseconds in 64 bits: 1677 to 2262. Another time would come out clamped, and
+    // the round would call a different tree the same.
+    let Some(mtime_ns) = exact_mtime_ns(&stat) else {
+        return Outcome::Unreadable(format!(
+            "its mtime ({} s from 1970) is outside the years 1677 to 2262 that ferry carries",
+            stat.st_mtime
+        ));
+    };
     let mut entry = Entry {
         path: item.path.clone(),
         kind,
@@ -59,7 +67,7 @@ pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
         gid: stat.st_gid,
         user: None,
         group: None,
-        mtime_ns: stat_mtime_ns(&stat),
+        mtime_ns,
         size: 0,
         chunks: Vec::new(),
         link_target: None,
@@ -141,7 +149,9 @@ pub(super) fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, option
     entry.mode = before.st_mode & 0o7777;
     entry.uid = before.st_uid;
     entry.gid = before.st_gid;
-    entry.mtime_ns = stat_mtime_ns(&before);
+    // Moved since the walk looked (the stat compared above): a time out of range is not carried either.
+    let Some(mtime_ns) = exact_mtime_ns(&before) else { return Outcome::Changed };
+    entry.mtime_ns = mtime_ns;
     entry.size = bytes_read;
     entry.chunks = chunks;
     Outcome::Found { entry, stat: before, was_read: true, bytes_read }

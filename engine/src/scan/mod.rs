@@ -181,6 +181,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_whose_mtime_a_manifest_cannot_hold_is_not_carried_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("ok"), b"ok").unwrap();
+        let far = root.join("far");
+        std::fs::write(&far, b"from the year 2300").unwrap();
+        // 2300-01-01, past 2262's i64 nanoseconds; ext4 (with 256-byte inodes) and tmpfs keep it.
+        let year_2300 = std::time::UNIX_EPOCH + Duration::from_secs(10_413_792_000);
+        std::fs::File::options().write(true).open(&far).unwrap().set_modified(year_2300).unwrap();
+        assert_eq!(std::fs::metadata(&far).unwrap().modified().unwrap(), year_2300, "this filesystem clamps");
+        let (_, report) = scan_into(&root, &dir.path().join("none"), &dir.path().join("out"));
+        assert_eq!(report.files, 1, "{report:?}");
+        assert_eq!(report.skipped_count, 1, "{report:?}");
+        assert!(report.skipped[0].contains("far") && report.skipped[0].contains("1677 to 2262"), "{report:?}");
+        assert_eq!(report.not_carried(true), 1, "not carried, whatever --skip-special says");
+    }
+
+    #[test]
     fn an_unchanged_file_keeps_its_records_and_its_owners_name_is_looked_up_again() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("tree");

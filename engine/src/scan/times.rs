@@ -20,6 +20,11 @@ pub(crate) fn stat_mtime_ns(stat: &Stat) -> i64 {
     stat.st_mtime.saturating_mul(1_000_000_000).saturating_add(stat.st_mtime_nsec as i64)
 }
 
+/// The mtime in nanoseconds, if 64 bits hold it (1677 to 2262).
+pub(super) fn exact_mtime_ns(stat: &Stat) -> Option<i64> {
+    stat.st_mtime.checked_mul(1_000_000_000)?.checked_add(stat.st_mtime_nsec as i64)
+}
+
 pub(super) fn stat_ctime_ns(stat: &Stat) -> i64 {
     stat.st_ctime.saturating_mul(1_000_000_000).saturating_add(stat.st_ctime_nsec as i64)
 }
