@@ -66,6 +66,13 @@ fn main() {
                 for difference in &report.differences {
                     println!("{difference}");
                 }
+                if !report.folder_mtimes_moved.is_empty() {
+                    println!(
+                        "{} folders hold files only the target has (the import's), which moved their mtimes: {}",
+                        report.folder_mtimes_moved.len(),
+                        report.folder_mtimes_moved.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
                 println!(
                     "{} entries of round {} checked: {}",
                     report.checked,
