@@ -153,7 +153,7 @@ const SAMPLE: usize = 20;
 /// writes what differs to `findings`, in manifest order.
 pub fn check_target(
     target: &Path,
-    committed: &Path,
+    (committed, kept): (&Path, &Path),
     index: &mut ChunkIndex,
     findings: &Path,
     options: CheckOptions,
@@ -161,7 +161,7 @@ pub fn check_target(
     let started = Instant::now();
     let mut report = CheckReport::default();
     let mut out = RecordWriter::<Finding>::create(findings)?;
-    if !committed.exists() {
+    if !committed.exists() && !kept.exists() {
         out.finish_unsynced()?;
         return Ok(report);
     }
@@ -171,7 +171,7 @@ pub fn check_target(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(CheckError::Target { path: target.to_owned(), source: e }),
     };
-    let mut entries = ManifestReader::open(committed)?.raw();
+    let mut entries = held_entries(committed, kept)?;
     let mut folders = Folders { root, stack: Vec::new() };
     // A folder that is not there as a folder: everything beneath it is missing too.
     let mut broken: Option<RelPath> = None;
@@ -441,6 +441,22 @@ impl Checked {
     }
 }
 
+/// What ferry holds in the target, in manifest order: the committed manifest, and what the source
+/// removed and the target keeps (a record file of the same form, written by the apply when it is not
+/// to delete: [`crate::ApplyOptions::kept`]). Either file may be absent. The check looks at both, and
+/// a round with `delete` removes what is kept, if it is still as ferry left it.
+pub fn held_entries(
+    committed: &Path,
+    kept: &Path,
+) -> Result<Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send>, RecordFileError> {
+    let open = |path: &Path| -> Result<Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send>, _> {
+        Ok(if path.exists() { Box::new(ManifestReader::open(path)?.raw()) } else { Box::new(std::iter::empty()) })
+    };
+    let (committed, kept) = (open(committed)?, open(kept)?);
+    // A path in both (kept, then the source had it again) is the committed one.
+    Ok(Box::new(MergeJoin::new(committed, kept).filter_map(|pair| pair.map(|p| p.old.or(p.new)).transpose())))
+}
+
 /// The committed manifest joined with the check's findings (both sorted).
 pub fn with_findings(
     committed: impl Iterator<Item = Result<RawEntry, RecordFileError>>,
@@ -550,7 +566,14 @@ mod tests {
         }
         before_check(&target);
         let findings = dir.path().join("findings");
-        check_target(&target, &committed, &mut index, &findings, CheckOptions::default()).unwrap()
+        check_target(
+            &target,
+            (&committed, &committed.with_extension("kept")),
+            &mut index,
+            &findings,
+            CheckOptions::default(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub use apply::{
 };
 pub use check::{
     CheckError, CheckOptions, CheckReport, Checked, Finding, Found, TargetIdentity, check_target, checked_steps,
-    stale_paths, with_findings,
+    held_entries, stale_paths, with_findings,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};

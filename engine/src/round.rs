@@ -30,13 +30,12 @@ use crate::apply::{
     Adopt, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, Planner, Step, apply,
 };
 use crate::check::{
-    CheckError, CheckOptions, CheckReport, Checked, Finding, TargetIdentity, check_target, checked_steps, with_findings,
+    CheckError, CheckOptions, CheckReport, Checked, Finding, TargetIdentity, check_target, checked_steps, held_entries,
+    with_findings,
 };
 use crate::hash::RootHash;
 use crate::index::{ChunkIndex, IndexError};
-use crate::manifest::{
-    ChunkRef, Entry, EntryKind, ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader,
-};
+use crate::manifest::{ChunkRef, Entry, EntryKind, ManifestReader, ManifestWriter, RecordFileError, RecordReader};
 use crate::path::RelPath;
 use crate::rootdir::RootDir;
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
@@ -206,6 +205,8 @@ fn refuse_nested(source: &Path, target: &Path) -> Result<(), RoundError> {
 /// whole, and the identity to record.
 struct TargetSide {
     committed: PathBuf,
+    /// What the source removed and the target keeps (see [`crate::held_entries`]).
+    kept: PathBuf,
     findings: PathBuf,
     identity: TargetIdentity,
     adopt_whole: bool,
@@ -218,16 +219,19 @@ impl TargetSide {
         // Adopted whole: the first round (a pre-filled target), or a target folder that is not the
         // one ferry filled.
         let adopt_whole = !committed.exists() || identity.changed;
-        Self { committed, findings: target_state.join("findings"), identity, adopt_whole }
+        Self {
+            committed,
+            kept: target_state.join("kept"),
+            findings: target_state.join("findings"),
+            identity,
+            adopt_whole,
+        }
     }
 
     fn old(&self) -> Result<impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<>, RecordFileError> {
-        let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if self.committed.exists() {
-            Box::new(ManifestReader::open(&self.committed)?.raw())
-        } else {
-            Box::new(std::iter::empty())
-        };
-        Ok(with_findings(old, RecordReader::<Finding>::open(&self.findings)?))
+        // What the target keeps is on the old side too: gone from the source, it is kept again or,
+        // with `delete`, removed.
+        Ok(with_findings(held_entries(&self.committed, &self.kept)?, RecordReader::<Finding>::open(&self.findings)?))
     }
 
     fn record_identity(&self) -> Result<(), RoundError> {
@@ -258,13 +262,14 @@ pub fn local_round(
     let side = TargetSide::new(&target_state, target);
     let mut index = ChunkIndex::open(&target_state.join("chunks.redb"))?;
     let check_options = CheckOptions { adopt: side.adopt_whole, read_only: false };
-    let check = check_target(target, &side.committed, &mut index, &side.findings, check_options)?;
+    let check = check_target(target, (&side.committed, &side.kept), &mut index, &side.findings, check_options)?;
     let new = ManifestReader::open(&new_manifest)?.raw();
     let mut chunk_source =
         LocalChunkSource::new(source).map_err(|e| RoundError::Target { path: source.to_owned(), source: e })?;
     let mut committed = ManifestWriter::create(&side.committed)?;
     let apply_options = ApplyOptions {
         adopt: if side.adopt_whole { Adopt::All } else { options.apply.adopt.clone() },
+        kept: Some(side.kept.clone()),
         ..options.apply.clone()
     };
     let steps = checked_steps(side.old()?, new);
@@ -338,7 +343,7 @@ pub fn local_plan(
     let mut side = TargetSide::new(&target_state, target);
     side.findings = scratch.path().join("findings");
     let check_options = CheckOptions { adopt: side.adopt_whole, read_only: true };
-    let check = check_target(target, &side.committed, &mut index, &side.findings, check_options)?;
+    let check = check_target(target, (&side.committed, &side.kept), &mut index, &side.findings, check_options)?;
     let mut plan = LocalPlan { entries: scan_report.entries, adopted: side.adopt_whole, ..LocalPlan::default() };
     let mut planner = Planner::default();
     planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
@@ -456,6 +461,44 @@ mod tests {
             self.left = self.left.checked_sub(1).ok_or_else(|| FetchError("the connection was cut".into()))?;
             self.inner.fetch(entry, offset, chunk, out)
         }
+    }
+
+    /// What the source removed is kept without `delete`, and stays ferry's: a later round with
+    /// `delete` removes it, however many rounds kept it; what someone put in its place meanwhile stays.
+    #[test]
+    fn what_rounds_kept_a_later_round_with_delete_removes_unless_it_was_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target, state) = (dir.path().join("source"), dir.path().join("target"), dir.path().join("state"));
+        std::fs::create_dir_all(source.join("old/deep")).unwrap();
+        for name in ["a", "b", "old/deep/c", "theirs"] {
+            std::fs::write(source.join(name), name.as_bytes()).unwrap();
+        }
+        let round = |delete: bool| {
+            let options = LocalRoundOptions {
+                apply: ApplyOptions { delete, ..ApplyOptions::default() },
+                ..LocalRoundOptions::default()
+            };
+            local_round(&source, &target, &state, &options).unwrap()
+        };
+        assert!(round(false).in_sync);
+        for name in ["a", "theirs"] {
+            std::fs::remove_file(source.join(name)).unwrap();
+        }
+        std::fs::remove_dir_all(source.join("old")).unwrap();
+        let kept = round(false);
+        assert!(kept.in_sync && kept.apply.kept == 5, "{:?}", kept.apply);
+        // Another round without delete keeps them again; meanwhile the administrator puts a file of
+        // their own where ferry's was.
+        assert_eq!(round(false).apply.kept, 5);
+        std::fs::remove_file(target.join("theirs")).unwrap();
+        std::fs::write(target.join("theirs"), b"the administrator's").unwrap();
+        let deleted = round(true);
+        assert!(!target.join("a").exists() && !target.join("old").exists(), "{:?}", deleted.apply);
+        assert_eq!(std::fs::read(target.join("theirs")).unwrap(), b"the administrator's");
+        assert_eq!(deleted.apply.deleted, 4, "{:?}", deleted.apply);
+        assert!(target.join("b").exists());
+        // Nothing is kept any more: the next round with delete has nothing to remove.
+        assert_eq!(round(true).apply.deleted, 0);
     }
 
     #[test]

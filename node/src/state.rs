@@ -82,6 +82,11 @@ impl TargetState {
     pub(crate) fn manifest(&self) -> PathBuf {
         self.dir.join("manifest")
     }
+    /// What the source removed and the target keeps (not deleted), still ferry's (see
+    /// `ferry_engine::held_entries`); rewritten by each round that applies.
+    pub(crate) fn kept(&self) -> PathBuf {
+        self.dir.join("kept")
+    }
     /// The manifest being written by a round, renamed over [`Self::manifest`] at the commit.
     pub(crate) fn next_manifest(&self) -> PathBuf {
         self.dir.join("manifest.next")

@@ -45,6 +45,7 @@ impl<'a> Applier<'a> {
         // open at once (one syncing, one staging).
         let options =
             ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 4).max(1), ..options.clone() };
+        let kept = options.kept.as_deref().map(ManifestWriter::create).transpose()?;
         Ok(Applier {
             root: Arc::new(root),
             staging: Arc::new(staging),
@@ -70,6 +71,7 @@ impl<'a> Applier<'a> {
             maker,
             place_spent: PlaceTimes::default(),
             steps: 0,
+            kept,
         })
     }
 
@@ -146,6 +148,9 @@ impl<'a> Applier<'a> {
         let shown = self.root.path().display().to_string();
         waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(self.root.fd())).map_err(io_err("sync", &shown))?;
         waiting(&mut self.report.sync_wait, || self.index.sync())?;
+        if let Some(kept) = self.kept.take() {
+            kept.finish()?;
+        }
         let _ = rustix::fs::unlinkat(self.root.fd(), STAGING_DIR, AtFlags::REMOVEDIR);
         // Creating and removing the staging folder moved the target's own mtime: put it back.
         if let Some(mtime_ns) = self.root_mtime {
@@ -241,6 +246,8 @@ pub struct Applier<'a> {
     pub(super) place_spent: PlaceTimes,
     /// Entries stepped through so far (what [`ApplyOptions::progress`] shows).
     pub(super) steps: u64,
+    /// What the source removed and the target keeps (see [`ApplyOptions::kept`]).
+    pub(super) kept: Option<ManifestWriter>,
 }
 
 impl Applier<'_> {
@@ -387,6 +394,10 @@ impl Applier<'_> {
         }
         if !self.options.delete {
             self.report.kept += 1;
+            // Still ferry's: a later round with `delete` removes it.
+            if let Some(kept) = &mut self.kept {
+                kept.push(&old)?;
+            }
             return Ok(());
         }
         let parent_mtime_ns = match self.stack.last() {

@@ -1,6 +1,7 @@
 //! How to apply, what a round of it did, and how it fails.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub struct ApplyOptions {
     pub adopt: Adopt,
     /// Where the apply says how far it is: entries applied, bytes of files written.
     pub progress: Option<Arc<Progress>>,
+    /// Where to list what the source removed and the target keeps (without `delete`), so that a later
+    /// round with `delete` still knows them as ferry's (see [`crate::held_entries`]).
+    pub kept: Option<PathBuf>,
 }
 
 impl Default for ApplyOptions {
@@ -38,6 +42,7 @@ impl Default for ApplyOptions {
             batch_bytes: 256 << 20,
             adopt: Adopt::Nothing,
             progress: None,
+            kept: None,
         }
     }
 }

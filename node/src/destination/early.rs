@@ -38,7 +38,8 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
         return;
     }
     let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
-    let (target, committed, findings) = (job.path.clone(), state.manifest(), state.early_findings());
+    let (target, committed, kept, findings) =
+        (job.path.clone(), state.manifest(), state.kept(), state.early_findings());
     let index_path = state.chunk_index();
     let span = tracing::Span::current();
     let thread = std::thread::Builder::new().name("ferry-early-check".into()).spawn(move || {
@@ -46,7 +47,7 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
         // The round waits for this thread before it opens the index itself.
         let mut index = ChunkIndex::open(&index_path).map_err(ferry_engine::CheckError::from)?;
         let options = CheckOptions { adopt, read_only: false };
-        let report = check_target(&target, &committed, &mut index, &findings, options)?;
+        let report = check_target(&target, (&committed, &kept), &mut index, &findings, options)?;
         let ms = report.duration.as_millis();
         tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
         Ok(report)

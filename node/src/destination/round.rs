@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use ferry_engine::{
     Adopt, Applier, ApplyOptions, ApplyReport, CheckOptions, Checked, ChunkIndex, ChunkLocation, EntryKind, Finding,
-    ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash,
-    ScanOptions, Step, check_target, with_findings,
+    Keyed, ManifestReader, ManifestWriter, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter,
+    RootHash, ScanOptions, Step, check_target, with_findings,
 };
 use ferry_proto::{
     Change, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk, Refusal, RoundRef,
@@ -119,13 +119,14 @@ pub(super) fn destination_round(
             Check::Done(report)
         }
         None => {
-            let (target, committed, findings) = (job.path.clone(), state.manifest(), state.findings());
+            let (target, committed, kept, findings) =
+                (job.path.clone(), state.manifest(), state.kept(), state.findings());
             let mut index = index.clone();
             let options = CheckOptions { adopt: adopt_whole, read_only: false };
             let span = tracing::Span::current();
             Check::Running(std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
                 let _entered = span.enter();
-                check_target(&target, &committed, &mut index, &findings, options)
+                check_target(&target, (&committed, &kept), &mut index, &findings, options)
             })?)
         }
     };
@@ -206,7 +207,13 @@ pub(super) fn destination_round(
             Box::new(std::iter::empty())
         };
         let old = with_findings(old, RecordReader::<Finding>::open(&state.findings())?);
-        Ok(patch(old, RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
+        let kept: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.kept().exists() {
+            Box::new(ManifestReader::open(&state.kept())?.raw())
+        } else {
+            Box::new(std::iter::empty())
+        };
+        let kept = with_findings(kept, RecordReader::<Finding>::open(&state.findings())?);
+        Ok(patch(held(old, kept), RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
     };
 
     if unchanged && !dry_run {
@@ -241,6 +248,7 @@ pub(super) fn destination_round(
         delete: hello.delete,
         numeric_ids: hello.numeric_ids,
         adopt: if adopt_whole { Adopt::All } else { Adopt::Nothing },
+        kept: Some(state.kept()),
         ..ApplyOptions::default()
     };
     let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
@@ -554,24 +562,67 @@ impl BasePaths {
     }
 }
 
+/// An entry ferry holds in the target, as the check found it: listed by the committed manifest (the
+/// source's base), or kept after the source removed it (which no change list mentions).
+pub(super) enum Held {
+    Committed(Checked),
+    Kept(Checked),
+}
+
+impl Held {
+    fn checked(&self) -> &Checked {
+        match self {
+            Self::Committed(checked) | Self::Kept(checked) => checked,
+        }
+    }
+}
+
+impl Keyed for Held {
+    fn key(&self) -> &ferry_engine::RelPath {
+        self.checked().key()
+    }
+}
+
+/// The committed manifest and what the target keeps, in one order (a path in both is the committed
+/// one).
+pub(super) fn held<'a>(
+    committed: impl Iterator<Item = Result<Checked, RecordFileError>> + Send + 'a,
+    kept: impl Iterator<Item = Result<Checked, RecordFileError>> + Send + 'a,
+) -> impl Iterator<Item = Result<Held, RecordFileError>> + Send + 'a {
+    MergeJoin::new(committed, kept).filter_map(|pair| {
+        pair.map(|pair| match (pair.old, pair.new) {
+            (Some(committed), _) => Some(Held::Committed(committed)),
+            (None, kept) => kept.map(Held::Kept),
+        })
+        .transpose()
+    })
+}
+
 /// The old manifest merged with the changes: every path once, with its old and new entry. `delta`:
-/// the changes are against the old manifest (an unlisted path is unchanged: a file or symlink is kept
-/// as it is stored, undecoded); otherwise they are the whole new manifest.
+/// the changes are against the committed manifest (an unlisted path is unchanged: a file or symlink
+/// is kept as it is stored, undecoded); otherwise they are the whole new manifest. A kept entry that
+/// no change names is not the source's: it is kept again, or removed under `delete`.
 pub(super) fn patch<'a>(
-    old: impl Iterator<Item = Result<Checked, RecordFileError>> + Send + 'a,
+    old: impl Iterator<Item = Result<Held, RecordFileError>> + Send + 'a,
     changes: RecordReader<Change>,
     delta: bool,
 ) -> impl Iterator<Item = anyhow::Result<Step>> + Send + 'a {
     let steps = MergeJoin::new(old, changes).map(move |pair| {
         let pair = pair?;
         let pair = match (pair.old, pair.new) {
+            (Some(Held::Kept(kept)), None) => Pair { old: kept.on_disk()?, new: None },
             // A folder is decoded here, off the applying thread: the applier needs it whole.
-            (Some(old), None) if delta && old.found.is_none() && old.raw.kind() != EntryKind::Dir => {
+            (Some(Held::Committed(old)), None) if delta && old.found.is_none() && old.raw.kind() != EntryKind::Dir => {
                 return Ok(Step::Keep(old.raw));
             }
             // Unchanged at the source, not as ferry left it here: back to what the source has.
-            (Some(old), None) => Pair { new: if delta { Some(old.raw.decode()?) } else { None }, old: old.on_disk()? },
+            (Some(Held::Committed(old)), None) => {
+                Pair { new: if delta { Some(old.raw.decode()?) } else { None }, old: old.on_disk()? }
+            }
             (old, Some(change)) => {
+                let old = old.map(|held| match held {
+                    Held::Committed(checked) | Held::Kept(checked) => checked,
+                });
                 let committed = old.as_ref().map(|o| o.raw.decode()).transpose()?;
                 let old = old.as_ref().map(Checked::on_disk).transpose()?.flatten();
                 let new = match change.entry {
@@ -648,8 +699,8 @@ mod tests {
     }
 
     /// The committed manifest at `manifest`, with the check having found everything as ferry left it.
-    fn as_found(manifest: &Path) -> impl Iterator<Item = Result<Checked, RecordFileError>> + Send + use<> {
-        ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(Checked::from))
+    fn as_found(manifest: &Path) -> impl Iterator<Item = Result<Held, RecordFileError>> + Send + use<> {
+        ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(|raw| Held::Committed(Checked::from(raw))))
     }
 
     #[test]
@@ -671,7 +722,7 @@ mod tests {
         let checked = ManifestReader::open(&manifest)
             .unwrap()
             .raw()
-            .map(|raw| raw.map(|raw| Checked { found: found(&raw.path().to_string()), raw }));
+            .map(|raw| raw.map(|raw| Held::Committed(Checked { found: found(&raw.path().to_string()), raw })));
         let steps: Vec<Step> =
             patch(checked, RecordReader::open(&changes).unwrap(), true).map(Result::unwrap).collect();
         let described: Vec<String> = steps

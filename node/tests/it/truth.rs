@@ -261,6 +261,28 @@ fn a_network_round_checks_the_target_and_puts_back_what_was_removed() {
     assert!(report["failures"].to_string().contains("backupstat"), "{report}");
 }
 
+/// Rounds without `--delete` keep what the source removed; the destination remembers it as its own,
+/// so that the first round with `--delete`, nights later, removes it (and no more than it).
+#[test]
+fn what_nights_without_delete_kept_a_round_with_delete_removes() {
+    let (setup, source, target) = network_job();
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    std::fs::remove_file(source.join("accounts/a0/items/0")).unwrap();
+    std::fs::remove_dir_all(source.join("accounts/a1")).unwrap();
+    write(&source.join("accounts/a0/items/new"), b"a new item");
+    for _ in 0..2 {
+        let report = setup.source.sync("zimbra");
+        assert_eq!(report["in_sync"], true, "{report}");
+        assert!(target.join("accounts/a0/items/0").exists() && target.join("accounts/a1/items/1").exists());
+    }
+    std::fs::write(target.join("map_zimbra"), b"the import's own file").unwrap();
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--delete", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!target.join("accounts/a0/items/0").exists() && !target.join("accounts/a1").exists());
+    assert_eq!(std::fs::read(target.join("map_zimbra")).unwrap(), b"the import's own file");
+    assert_same_tree(&source, &target, |p| p == b"map_zimbra");
+}
+
 #[test]
 fn a_round_that_brings_nothing_new_runs_no_import() {
     let (setup, source, _) = network_job();
