@@ -19,6 +19,7 @@ use crate::net::{self, FrameReader, close};
 use crate::refused::Refused;
 
 mod early;
+mod merge;
 mod notify;
 mod round;
 mod transfer;
