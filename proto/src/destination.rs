@@ -251,7 +251,7 @@ impl DestinationRound {
                     if !self.dry_run {
                         self.ledger.want(chunks.iter().map(|c| c.hash));
                     }
-                    self.send(Message::Need(chunks));
+                    self.send(Message::Need(chunks.iter().map(NeedChunk::at).collect()));
                 }
             }
             DestinationInput::Notice(text) => self.send(Message::Notice { text }),

@@ -185,6 +185,11 @@ mod tests {
                 "00000013 03 11 28b52ffd200841000001000003612f6200",
             ),
             (
+                Message::Need(vec![ChunkAt { path: RelPath::new(&b"a/b"[..]).unwrap(), offset: 65536, len: 15 }]),
+                // The tag, the packed list's length, then a zstd frame (checked by decoding it).
+                "00000015 05 13 28b52ffd200a510000010003612f628080040f",
+            ),
+            (
                 Message::Missing(vec![ChunkHash::from_bytes([1; 32])]),
                 "0000002207010101010101010101010101010101010101010101010101010101010101010101",
             ),
@@ -205,7 +210,7 @@ mod tests {
         let mut checked = 0;
         for (message, golden) in cases {
             let golden = golden.replace(' ', "");
-            let compressed = matches!(message, Message::Changes(_));
+            let compressed = matches!(message, Message::Changes(_) | Message::Need(_));
             if !compressed && hex::encode(frame(&message)) != golden {
                 eprintln!("GOLDEN {} {message:?}", hex::encode(frame(&message)));
                 continue;
@@ -215,7 +220,7 @@ mod tests {
             assert!(buf.is_empty());
             checked += 1;
         }
-        assert_eq!(checked, 11, "wire format changed");
+        assert_eq!(checked, 12, "wire format changed");
     }
 
     #[test]

@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::refusal::Refusal;
 
 /// The protocol name and version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"ferry/3";
+pub const ALPN: &[u8] = b"ferry/4";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Earlier versions, offered in the handshake only to refuse a peer that speaks one of them with words
 /// that name both versions (its `Check`, `Hello` and `Refused` are encoded as they are here).
-pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/2"];
+pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/3", b"ferry/2"];
 
 /// A committed round: its number and the root hash of its manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +78,26 @@ pub struct NeedChunk {
     pub len: u32,
     /// What it must hash to.
     pub hash: ChunkHash,
+}
+
+impl NeedChunk {
+    /// The need as it travels: the source has the hash in its manifest.
+    pub fn at(&self) -> ChunkAt {
+        ChunkAt { path: self.path.clone(), offset: self.offset, len: self.len }
+    }
+}
+
+/// A chunk of the round's new manifest, by where it is: a file and the chunk that starts at `offset`
+/// in it, `len` bytes long. What [`Message::Need`] names: the source reads the chunk's hash from its
+/// manifest, so a need does not carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkAt {
+    /// The file in the new manifest.
+    pub path: RelPath,
+    /// Where its chunk starts in it.
+    pub offset: u64,
+    /// How long the chunk is.
+    pub len: u32,
 }
 
 /// How a chunk batch's payload is encoded.
@@ -151,7 +171,7 @@ pub enum Message {
     /// The last batch of changes was sent.
     ChangesEnd(ChangesEnd),
     /// Chunks to send now.
-    Need(Vec<NeedChunk>),
+    Need(Vec<ChunkAt>),
     /// Chunk data.
     ChunkBatch(ChunkBatch),
     /// Chunks the source could not read (changed since the scan).

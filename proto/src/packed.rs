@@ -1,4 +1,4 @@
-//! The two long lists of a round as they travel: a batch of [`Change`]s and a [`NeedChunk`] list,
+//! The two long lists of a round as they travel: a batch of [`Change`]s and a list of needs ([`ChunkAt`]),
 //! each item said against the one before it, the whole batch one zstd frame.
 //!
 //! A round's list of changes is most of what a round sends besides chunks: in a fresh export (the same
@@ -10,15 +10,15 @@
 //! fields). Decoding checks every path and bounds what it inflates.
 //!
 //! A need names a chunk by its file's path (said the same way), its offset (as the distance from where
-//! the previous need of that file ended: 0 for the next chunk), its length and its hash, which the
-//! source checks what it reads against.
+//! the previous need of that file ended: 0 for the next chunk) and its length: a few bytes, which zstd
+//! shrinks further. Not its hash: the source has it in its manifest, beside the same path and offset.
 
 use std::io::Read;
 
-use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath};
+use ferry_engine::{ChunkRef, Entry, EntryKind, RelPath};
 use serde::{Deserialize, Serialize};
 
-use crate::message::{Change, NeedChunk};
+use crate::message::{Change, ChunkAt};
 
 /// The most a batch may inflate to: four times the largest frame, far over what a sender's batch of
 /// 1024 changes makes.
@@ -221,11 +221,10 @@ struct PackedNeed {
     /// chunk), or the offset itself for the first need of a file.
     offset_delta: u64,
     len: u32,
-    hash: ChunkHash,
 }
 
 /// Packs a list of needs: the bytes [`unpack_needs`] turns back into the same list.
-pub fn pack_needs(needs: &[NeedChunk]) -> Result<Vec<u8>, PackError> {
+pub fn pack_needs(needs: &[ChunkAt]) -> Result<Vec<u8>, PackError> {
     let (mut path, mut end): (&[u8], u64) = (&[], 0);
     let mut packed = Vec::with_capacity(needs.len());
     for need in needs {
@@ -237,7 +236,6 @@ pub fn pack_needs(needs: &[NeedChunk]) -> Result<Vec<u8>, PackError> {
             rest: this[shared..].to_vec(),
             offset_delta: need.offset.wrapping_sub(expected),
             len: need.len,
-            hash: need.hash,
         });
         (path, end) = (this, need.offset.wrapping_add(u64::from(need.len)));
     }
@@ -245,18 +243,18 @@ pub fn pack_needs(needs: &[NeedChunk]) -> Result<Vec<u8>, PackError> {
 }
 
 /// Unpacks a list made by [`pack_needs`].
-pub fn unpack_needs(bytes: &[u8]) -> Result<Vec<NeedChunk>, UnpackError> {
+pub fn unpack_needs(bytes: &[u8]) -> Result<Vec<ChunkAt>, UnpackError> {
     let raw = inflate(bytes)?;
     let packed: Vec<PackedNeed> = postcard::from_bytes(&raw)?;
     let (mut path, mut end) = (RelPath::root(), 0u64);
     let mut needs = Vec::with_capacity(packed.len());
-    for PackedNeed { shared, rest, offset_delta, len, hash } in packed {
+    for PackedNeed { shared, rest, offset_delta, len } in packed {
         let same = shared as usize == path.as_bytes().len() && rest.is_empty() && !path.is_root();
         if !same {
             (path, end) = (unshare(path.as_bytes(), shared, &rest)?, 0);
         }
         let offset = end.wrapping_add(offset_delta);
-        needs.push(NeedChunk { path: path.clone(), offset, len, hash });
+        needs.push(ChunkAt { path: path.clone(), offset, len });
         end = offset.wrapping_add(u64::from(len));
     }
     Ok(needs)
@@ -384,7 +382,7 @@ mod tests {
 
     /// The needs of a first round of small files, each file's chunks in order: what each costs.
     #[test]
-    fn a_need_costs_its_hash_and_a_few_bytes() {
+    fn a_need_costs_a_few_bytes() {
         let mut needs = Vec::new();
         for file in 0..1000u32 {
             let path =
@@ -392,20 +390,15 @@ mod tests {
                     .unwrap();
             let mut offset = 0;
             for chunk in 0..(1 + file % 3) {
-                let len = 20_000 + chunk * 777;
-                needs.push(NeedChunk {
-                    path: path.clone(),
-                    offset,
-                    len,
-                    hash: ChunkHash::of(&[file as u8, chunk as u8, (file >> 8) as u8]),
-                });
+                let len = 20_000 + chunk * 777 + file;
+                needs.push(ChunkAt { path: path.clone(), offset, len });
                 offset += u64::from(len);
             }
         }
         let packed = pack_needs(&needs).unwrap();
         assert_eq!(unpack_needs(&packed).unwrap(), needs);
         let per_need = packed.len() as f64 / needs.len() as f64;
-        assert!(per_need < 40.0, "{per_need:.1} bytes per need");
+        assert!(per_need < 4.0, "{per_need:.1} bytes per need");
     }
 
     fn kinds() -> impl Strategy<Value = EntryKind> {
@@ -449,13 +442,12 @@ mod tests {
         fn packing_gives_back_the_same_needs(
             items in proptest::collection::vec(("[a-c]{1,3}(/[a-c]{1,2}){0,2}", any::<u64>(), any::<u32>(), any::<bool>()), 0..40)
         ) {
-            let needs: Vec<NeedChunk> = items
+            let needs: Vec<ChunkAt> = items
                 .into_iter()
-                .map(|(path, offset, len, small)| NeedChunk {
+                .map(|(path, offset, len, small)| ChunkAt {
                     path: RelPath::new(path).unwrap(),
                     offset: if small { offset % 1000 } else { offset },
                     len,
-                    hash: ChunkHash::of(&len.to_le_bytes()),
                 })
                 .collect();
             prop_assert_eq!(unpack_needs(&pack_needs(&needs).unwrap()).unwrap(), needs);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::ChunkHash;
 
 use crate::message::{
-    Change, ChangesEnd, Committed, Hello, ImportResult, Message, NeedChunk, Plan, RoundOptions, RoundRef, Transmit,
+    Change, ChangesEnd, ChunkAt, Committed, Hello, ImportResult, Message, Plan, RoundOptions, RoundRef, Transmit,
 };
 use crate::refusal::Refusal;
 
@@ -68,6 +68,9 @@ pub enum SourceInput {
     Unreadable(Vec<ChunkHash>),
     /// Reading the source failed for good.
     ReadFailed(String),
+    /// The destination asked for a chunk the round does not have (the driver looks needs up in its
+    /// manifest): a protocol violation.
+    BadNeed(String),
     /// Whether the bandwidth limit pauses the round now. Fed at least every [`PAUSE_NOTICE`] while
     /// it does.
     Paused(bool),
@@ -93,8 +96,9 @@ pub enum SourceEvent {
         /// What the destination holds.
         holds: Option<RoundRef>,
     },
-    /// Read these chunks and send them on the data streams (a dry run sizes them instead).
-    Read(Vec<NeedChunk>),
+    /// Read these chunks and send them on the data streams (a dry run sizes them instead); their
+    /// hashes are in the round's manifest.
+    Read(Vec<ChunkAt>),
     /// The destination says something the operator should know.
     Notice(String),
     /// The destination began its import.
@@ -248,6 +252,7 @@ impl SourceRound {
                 self.send(Message::Failed { reason: why.clone() });
                 self.end(SourceEnd::Failed(why));
             }
+            SourceInput::BadNeed(what) => self.end(SourceEnd::Violation(what)),
             SourceInput::Paused(paused) => self.paused(paused, now),
             SourceInput::SendingStopped { batches } => {
                 if self.phase == SourcePhase::Stopping && self.stop_wait.is_none() {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
 use ferry_proto::{
-    Change, ChangesEnd, ChunkBatch, Codec, Committed, DestinationInput, DestinationRound, Hello, ImportMode,
-    ImportResult, Message, NeedChunk, Plan, RoundOptions, RoundRef, decode, encode,
+    Change, ChangesEnd, ChunkAt, ChunkBatch, Codec, Committed, DestinationInput, DestinationRound, Hello, ImportMode,
+    ImportResult, Message, Plan, RoundOptions, RoundRef, decode, encode,
 };
 use rand::{Rng, RngExt, SeedableRng};
 
@@ -77,12 +77,7 @@ fn corpus() -> Vec<Vec<u8>> {
             Change { path: RelPath::new("gone").unwrap(), entry: None, content_as_before: false, base: None },
         ]),
         Message::ChangesEnd(ChangesEnd { base: None, root, entries: 4 }),
-        Message::Need(vec![NeedChunk {
-            path: RelPath::new("accounts/a/items/1").unwrap(),
-            offset: 65536,
-            len: 15,
-            hash,
-        }]),
+        Message::Need(vec![ChunkAt { path: RelPath::new("accounts/a/items/1").unwrap(), offset: 65536, len: 15 }]),
         Message::ChunkBatch(ChunkBatch {
             codec: Codec::Raw,
             chunks: vec![(hash, 3), (ChunkHash::from_bytes([3; 32]), 2)],

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
 use ferry_proto::window::Arrival;
 use ferry_proto::{
-    Change, ChangesEnd, Committed, DestinationEnd, DestinationEvent, DestinationInput, DestinationRound, Hello,
-    ImportMode, Message, NeedChunk, Refusal, RoundOptions, RoundRef, SourceConfig, SourceEnd, SourceEvent, SourceInput,
-    SourcePhase, SourceRound, Transmit,
+    Change, ChangesEnd, ChunkAt, Committed, DestinationEnd, DestinationEvent, DestinationInput, DestinationRound,
+    Hello, ImportMode, Message, NeedChunk, Refusal, RoundOptions, RoundRef, SourceConfig, SourceEnd, SourceEvent,
+    SourceInput, SourcePhase, SourceRound, Transmit,
 };
 
 const STALL: Duration = Duration::from_secs(3);
@@ -374,7 +374,9 @@ impl Pair {
     }
 
     /// The source's chunk reader: what it can read goes out as one batch, what it cannot is said.
-    fn read(&mut self, needs: Vec<NeedChunk>) {
+    fn read(&mut self, needs: Vec<ChunkAt>) {
+        // A need names a chunk by where it is; its hash is in the source's list (its manifest).
+        let needs: Vec<NeedChunk> = needs.into_iter().map(|at| self.resolve(at)).collect();
         let (unreadable, readable): (Vec<_>, Vec<_>) =
             needs.into_iter().partition(|n| self.behaviour.unreadable.contains(&n.hash));
         if !unreadable.is_empty() {
@@ -383,6 +385,20 @@ impl Pair {
         if !readable.is_empty() {
             self.outgoing.push_back(readable.iter().map(|n| (n.hash, u64::from(n.len))).collect());
         }
+    }
+
+    /// The chunk of the source's tree at `at`, with its hash.
+    fn resolve(&self, at: ChunkAt) -> NeedChunk {
+        let change = self.changes.iter().find(|c| c.path == at.path).expect("a need names a file of the round");
+        let mut offset = 0;
+        for chunk in &change.entry.as_ref().unwrap().chunks {
+            if offset == at.offset {
+                assert_eq!(chunk.len, at.len, "a need's length is its chunk's");
+                return NeedChunk { path: at.path, offset, len: at.len, hash: chunk.hash };
+            }
+            offset += u64::from(chunk.len);
+        }
+        panic!("no chunk at {} in {}", at.offset, at.path);
     }
 
     /// One batch over the link: it leaves when the link is free, takes its bytes' time, then the latency.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use ferry_engine::ChunkHash;
 use ferry_proto::{
-    Change, ChangesEnd, Committed, Hello, Message, NeedChunk, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions,
+    Change, ChangesEnd, ChunkAt, Committed, Hello, Message, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions,
     SourceConfig, SourceEnd, SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
 };
 use tokio::sync::mpsc;
@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::changes::{PositionCursor, Positions, send_changes};
 use super::chunk_reader::{Outgoing, SourceChunks, async_channel, estimate_chunks, read_chunks};
+use super::needs::{NeedError, Needs};
 use super::options::PushOptions;
 use super::outcome::{deadline_error, max_duration_text, stopped_error};
 use super::prepare::Prepared;
@@ -82,6 +83,7 @@ pub(super) async fn drive(
     });
     let mut list: Option<List> = None;
     let mut transfer: Option<Transfer> = None;
+    let mut dry_run_needs: Option<Needs> = None;
     let (mut changes, mut changed_bytes, mut payload) = (0u64, 0u64, 0u64);
     let mut notices = Vec::new();
     let mut reading = true;
@@ -121,9 +123,26 @@ pub(super) async fn drive(
                 SourceEvent::Read(chunks) if options.dry_run => {
                     // A dry run sizes what it would send (read and compressed here, not sent).
                     let (root, settled) = (job.path.clone(), prepared.scanned.settled_before);
-                    payload += tokio::task::spawn_blocking(move || estimate_chunks(&root, settled, &chunks))
-                        .await
-                        .context("sizing chunks panicked")??;
+                    let (manifest, looked_up) = (state.scanned(), dry_run_needs.take());
+                    let sized = tokio::task::spawn_blocking(move || {
+                        let mut needs = match looked_up {
+                            Some(needs) => needs,
+                            None => Needs::open(&manifest)?,
+                        };
+                        let chunks = match chunks.into_iter().map(|at| needs.resolve(at)).collect::<Result<Vec<_>, _>>()
+                        {
+                            Ok(chunks) => chunks,
+                            Err(NeedError::NotInRound(what)) => return Ok(Err(what)),
+                            Err(NeedError::Read(e)) => return Err(e),
+                        };
+                        anyhow::Ok(Ok((estimate_chunks(&root, settled, &chunks)?, needs)))
+                    })
+                    .await
+                    .context("sizing chunks panicked")??;
+                    match sized {
+                        Ok((bytes, needs)) => (payload, dry_run_needs) = (payload + bytes, Some(needs)),
+                        Err(what) => machine.handle(SourceInput::BadNeed(bad_need(&what)), Instant::now()),
+                    }
                 }
                 SourceEvent::Read(chunks) => {
                     let Some(transfer) = &transfer else { unreachable!("chunks are asked for after the list") };
@@ -219,6 +238,7 @@ pub(super) async fn drive(
                     machine.handle(SourceInput::Unreadable(missing), Instant::now());
                 }
                 FromReader::Failed(why) => machine.handle(SourceInput::ReadFailed(why), Instant::now()),
+                FromReader::BadNeed(what) => machine.handle(SourceInput::BadNeed(what), Instant::now()),
             },
             _ = pause_tick.tick() => machine.handle(SourceInput::Paused(paused), Instant::now()),
             signal = stop_requested(&mut stop), if stopped_by.is_none() => {
@@ -338,12 +358,19 @@ pub(super) enum FromReader {
     Missing(Vec<ChunkHash>),
     /// Reading failed for good.
     Failed(String),
+    /// The destination asked for something the round does not have.
+    BadNeed(String),
+}
+
+/// The words for a need the round does not have.
+fn bad_need(what: &str) -> String {
+    format!("it asked for {what}, which is no chunk of this round")
 }
 
 /// The chunk reader (a blocking task reading what the destination asks for, in order), four senders
 /// on data streams, and the progress line.
 struct Transfer {
-    needs: mpsc::Sender<Vec<NeedChunk>>,
+    needs: mpsc::Sender<Vec<ChunkAt>>,
     from_reader: mpsc::UnboundedReceiver<FromReader>,
     stop: Arc<AtomicBool>,
     senders: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -363,7 +390,7 @@ impl Transfer {
     ) -> Self {
         // Bounded: a destination that asks faster than this node reads waits (QUIC's flow control then
         // slows it down) instead of queueing without end here.
-        let (needs, mut needs_rx) = mpsc::channel::<Vec<NeedChunk>>(16);
+        let (needs, mut needs_rx) = mpsc::channel::<Vec<ChunkAt>>(16);
         let (reader_tx, from_reader) = mpsc::unbounded_channel::<FromReader>();
         let (batches_tx, batches_rx) = async_channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -371,8 +398,26 @@ impl Transfer {
             let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
             let (counters, stop, limiter) = (sent.clone(), stop.clone(), limiter.clone());
             let mut cursor = PositionCursor { positions: Arc::new(positions), at: 0 };
+            let manifest = prepared.state.scanned();
             tokio::task::spawn_blocking(move || {
+                let mut lookup: Option<Needs> = None;
                 while let Some(chunks) = needs_rx.blocking_recv() {
+                    let looked_up = match lookup.as_mut() {
+                        Some(needs) => Ok(needs),
+                        None => Needs::open(&manifest).map(|needs| lookup.insert(needs)).map_err(NeedError::Read),
+                    }
+                    .and_then(|needs| chunks.into_iter().map(|at| needs.resolve(at)).collect());
+                    let chunks = match looked_up {
+                        Ok(chunks) => chunks,
+                        Err(NeedError::NotInRound(what)) => {
+                            let _ = reader_tx.send(FromReader::BadNeed(bad_need(&what)));
+                            return;
+                        }
+                        Err(NeedError::Read(e)) => {
+                            let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
+                            return;
+                        }
+                    };
                     // Under a limit, smaller batches: an interruption loses at most the batches on the
                     // wire, and each should take a fraction of a second.
                     let batch_bytes =

@@ -8,6 +8,7 @@ mod changes;
 mod chunk_reader;
 mod connection;
 mod dry_run;
+mod needs;
 mod options;
 mod outcome;
 mod prepare;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ferry_certs::{Identity, NodeId};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
 use ferry_proto::{
-    Change, ChangesEnd, ChunkBatch, Codec, Committed, Hello, Message, NeedChunk, PROTOCOL_VERSION, Refusal,
+    Change, ChangesEnd, ChunkAt, ChunkBatch, Codec, Committed, Hello, Message, PROTOCOL_VERSION, Refusal,
 };
 use ferry_testkit::evil::{EvilDestination, EvilSource, EvilStream};
 
@@ -218,7 +218,68 @@ async fn a_hostile_destination_cannot_make_the_source_read_outside_its_tree() {
     std::os::unix::fs::symlink(dir.path().join("secret"), tree.join("mail/link")).unwrap();
     source_node.ok(&["job", "add", "zimbra", "--path", tree.to_str().unwrap(), "--peer", "evil"]);
 
-    let mut sync = source_node
+    // A fair need is answered; then an absurd commit: the source reports it without trusting it into
+    // a panic.
+    let (mut sync, connection, mut control, changes) = evil_round(&evil, &source_node).await;
+    let file = changes.iter().find(|c| c.path.to_string() == "mail/1").and_then(|c| c.entry.as_ref()).unwrap();
+    let fair = ChunkAt { path: file.path.clone(), offset: 0, len: file.chunks[0].len };
+    control.send(&Message::Need(vec![fair])).await.unwrap();
+    let mut data_stream = tokio::time::timeout(LIMIT, connection.accept_uni()).await.unwrap().unwrap();
+    let sent = read_for(&mut data_stream, Duration::from_secs(2)).await;
+    let first = &data[..file.chunks[0].len as usize];
+    assert!(sent.windows(first.len()).any(|w| w == first), "the fair chunk did not come ({} bytes)", sent.len());
+    let committed = Committed {
+        round: ferry_proto::RoundRef { round: u64::MAX, root: RootHash::from_bytes([1; 32]) },
+        files_written: u64::MAX,
+        failures: vec!["x".repeat(10_000)],
+        failure_count: u64::MAX,
+    };
+    control.send(&Message::Committed(committed)).await.unwrap();
+    let _ = control.send.finish();
+    let (status, stderr) = wait_for_exit(&mut sync).await;
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status, Some(ferry::exit::INCOMPLETE), "{stderr}");
+
+    // A need names a chunk of the round's manifest: anything else ends the round as a protocol
+    // violation, and nothing is read for it.
+    let path = |p: &str| RelPath::new(p).unwrap();
+    for (what, hostile) in [
+        // Through a symlink to a file outside.
+        ("a symlink", ChunkAt { path: path("mail/link"), offset: 0, len: secret.len() as u32 }),
+        // 4 GiB at once.
+        ("4 GiB", ChunkAt { path: path("mail/1"), offset: 0, len: u32::MAX }),
+        // Past the end of the file.
+        ("past the end", ChunkAt { path: path("mail/1"), offset: u64::MAX - 10, len: 100 }),
+        // A file that does not exist.
+        ("no such file", ChunkAt { path: path("mail/nothing"), offset: 0, len: 10 }),
+    ] {
+        let (mut sync, connection, mut control, _) = evil_round(&evil, &source_node).await;
+        control.send(&Message::Need(vec![hostile])).await.unwrap();
+        match connection.closed().await {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, Refusal::ProtocolViolation.code().into(), "{what}: {close:?}");
+            }
+            other => panic!("{what}: the source closed with {other:?}"),
+        }
+        let (status, stderr) = wait_for_exit(&mut sync).await;
+        assert!(stderr.contains("no chunk of this round") && !stderr.contains("panicked"), "{what}: {stderr}");
+        assert_eq!(status, Some(ferry::exit::ERROR), "{what}: {stderr}");
+        let _ = control.next(LIMIT).await;
+        // The source's data streams (opened when its transfer began) carried nothing.
+        while let Ok(mut stream) = connection.accept_uni().await {
+            let sent = read_for(&mut stream, Duration::from_secs(1)).await;
+            assert!(sent.is_empty(), "{what}: {} bytes were sent", sent.len());
+        }
+    }
+}
+
+/// Takes a round of `source_node`'s `ferry sync --round zimbra` to its need lists: the check, the
+/// round's connection, Hello, Welcome and the changes (returned).
+async fn evil_round(
+    evil: &EvilDestination,
+    source_node: &Node,
+) -> (std::process::Child, quinn::Connection, EvilStream, Vec<Change>) {
+    let sync = source_node
         .ferry()
         .args(["sync", "--round", "zimbra", "--json", "--reconnect-grace", "0s"])
         .stdout(std::process::Stdio::piped())
@@ -234,52 +295,29 @@ async fn a_hostile_destination_cannot_make_the_source_read_outside_its_tree() {
     assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::Hello(_))));
     assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::RoundOptions(_))));
     control.send(&Message::Welcome { holds: None }).await.unwrap();
+    let mut changes = Vec::new();
     loop {
         match control.next(LIMIT).await.unwrap() {
-            Some(Message::Changes(_)) => {}
+            Some(Message::Changes(batch)) => changes.extend(batch),
             Some(Message::ChangesEnd(_)) => break,
             other => panic!("expected changes, got {other:?}"),
         }
     }
-    let path = |p: &str| RelPath::new(p).unwrap();
-    let asks = vec![
-        // Through a symlink to a file outside, with the right hash.
-        NeedChunk { path: path("mail/link"), offset: 0, len: secret.len() as u32, hash: ChunkHash::of(&secret) },
-        // 4 GiB at once.
-        NeedChunk { path: path("mail/1"), offset: 0, len: u32::MAX, hash: ChunkHash::from_bytes([1; 32]) },
-        // Past the end of the file.
-        NeedChunk { path: path("mail/1"), offset: u64::MAX - 10, len: 100, hash: ChunkHash::from_bytes([2; 32]) },
-        // A file that does not exist.
-        NeedChunk { path: path("mail/nothing"), offset: 0, len: 10, hash: ChunkHash::from_bytes([3; 32]) },
-        // And one fair request, which is answered.
-        NeedChunk { path: path("mail/1"), offset: 0, len: 1000, hash: ChunkHash::of(&data[..1000]) },
-    ];
-    let refused: Vec<ChunkHash> = asks[..4].iter().map(|n| n.hash).collect();
-    control.send(&Message::Need(asks)).await.unwrap();
-    let missing = match control.next(LIMIT).await.unwrap() {
-        Some(Message::Missing(missing)) => missing,
-        other => panic!("expected Missing, got {other:?}"),
-    };
-    assert_eq!(missing, refused);
-    // What comes on the data streams in the next two seconds: the fair chunk, never the secret.
+    (sync, connection, control, changes)
+}
+
+/// What `stream` brings within `within`.
+async fn read_for(stream: &mut quinn::RecvStream, within: Duration) -> Vec<u8> {
     let mut sent = Vec::new();
-    let mut data_stream = tokio::time::timeout(LIMIT, connection.accept_uni()).await.unwrap().unwrap();
-    let until = Instant::now() + Duration::from_secs(2);
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), data_stream.read_chunk(1 << 20, true)).await {
+    let until = Instant::now() + within;
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), stream.read_chunk(1 << 20, true)).await {
         sent.extend_from_slice(&chunk.bytes);
     }
-    assert!(sent.len() >= 1000, "the fair chunk did not come ({} bytes)", sent.len());
-    assert!(!sent.windows(secret.len()).any(|w| w == secret.as_slice()), "the secret was sent");
+    sent
+}
 
-    // An absurd commit: the source reports it without trusting it into a panic.
-    let committed = Committed {
-        round: ferry_proto::RoundRef { round: u64::MAX, root: RootHash::from_bytes([1; 32]) },
-        files_written: u64::MAX,
-        failures: vec!["x".repeat(10_000)],
-        failure_count: u64::MAX,
-    };
-    control.send(&Message::Committed(committed)).await.unwrap();
-    let _ = control.send.finish();
+/// `sync`'s exit code and stderr, once it ends (within [`LIMIT`]).
+async fn wait_for_exit(sync: &mut std::process::Child) -> (Option<i32>, String) {
     let started = Instant::now();
     let status = loop {
         if let Some(status) = sync.try_wait().unwrap() {
@@ -288,10 +326,9 @@ async fn a_hostile_destination_cannot_make_the_source_read_outside_its_tree() {
         assert!(started.elapsed() < LIMIT, "sync did not end");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let out = sync.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(status.code(), Some(ferry::exit::INCOMPLETE), "{stderr}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(sync.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status.code(), stderr)
 }
 
 fn folder(path: &str) -> Entry {
@@ -324,7 +361,7 @@ async fn send_chunks(evil: &EvilSource, chunks: &[Vec<u8>]) {
 }
 
 /// The needs of a round, until `count` chunks were asked for.
-async fn needs(control: &mut EvilStream, count: usize) -> Vec<NeedChunk> {
+async fn needs(control: &mut EvilStream, count: usize) -> Vec<ChunkAt> {
     let mut all = Vec::new();
     while all.len() < count {
         match control.next(LIMIT).await.unwrap() {
@@ -349,7 +386,9 @@ async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
     let asked = needs(&mut control, data.len()).await;
     assert_eq!(asked.len(), data.len());
     send_chunks(&evil, &data[..96]).await;
-    control.send(&Message::Missing(asked[96..].iter().map(|n| n.hash).collect())).await.unwrap();
+    // Asked in order: the need for chunk i is for data[i].
+    assert!(asked.windows(2).all(|w| w[0].offset < w[1].offset), "needs out of order");
+    control.send(&Message::Missing(data[96..].iter().map(|d| ChunkHash::of(d)).collect())).await.unwrap();
     let started = Instant::now();
     let committed = loop {
         match control.next(LIMIT).await.unwrap() {
@@ -412,7 +451,7 @@ async fn a_peer_of_an_older_version_is_refused_with_both_versions_named() {
     control.send(&Message::Check { job: "zimbra".into() }).await.unwrap();
     match control.next(LIMIT).await.unwrap() {
         Some(Message::Refused { refusal: Refusal::ProtocolViolation, reason }) => {
-            assert!(reason.contains("ferry/2") && reason.contains("ferry/3"), "{reason}");
+            assert!(reason.contains("ferry/2") && reason.contains("ferry/4"), "{reason}");
         }
         other => panic!("expected Refused, got {other:?}"),
     }
@@ -432,6 +471,6 @@ async fn a_peer_of_an_older_version_is_refused_with_both_versions_named() {
     let out = tokio::task::spawn_blocking(move || source_node.run(&["sync", "--round", "zimbra"])).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
-    assert!(stderr.contains("speaks ferry/2 and this node ferry/3"), "{stderr}");
+    assert!(stderr.contains("speaks ferry/2 and this node ferry/4"), "{stderr}");
     accepting.abort();
 }

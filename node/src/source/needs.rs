@@ -1,0 +1,137 @@
+//! The destination's needs, made whole: a need names a chunk by where it is in the round's manifest
+//! (a file, an offset, a length), and the hash the chunk must have, which the reader checks and the
+//! batch names, is the scan's, read here from that manifest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ferry_engine::{Entry, ManifestReader, RelPath};
+use ferry_proto::{ChunkAt, NeedChunk};
+
+/// A need that could not be made whole.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NeedError {
+    /// The destination asked for something the round does not have: a protocol violation.
+    #[error("the destination asked for {0}, which is no chunk of this round")]
+    NotInRound(String),
+    /// The manifest could not be read.
+    #[error(transparent)]
+    Read(#[from] anyhow::Error),
+}
+
+/// Looks needs up in the round's manifest, reading it forward: the destination asks in manifest
+/// order, so each file is found a little further on. A need that goes back (asked again after a
+/// reconnection) reads the manifest again from its start.
+pub(super) struct Needs {
+    manifest: PathBuf,
+    reader: ManifestReader,
+    /// The last file a need named, and where in its chunk list the next need is likely to be.
+    file: Option<File>,
+}
+
+struct File {
+    entry: Entry,
+    /// The index of a chunk of `entry`, and where it starts.
+    next: (usize, u64),
+}
+
+impl Needs {
+    /// The needs of the round whose manifest is at `manifest`.
+    pub(super) fn open(manifest: &Path) -> anyhow::Result<Self> {
+        let reader = ManifestReader::open(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
+        Ok(Self { manifest: manifest.to_path_buf(), reader, file: None })
+    }
+
+    /// The chunk at `at`, with its hash. A need for something the manifest does not have (no such
+    /// file, no chunk starting there, another length) is the destination's error, and fails the round.
+    pub(super) fn resolve(&mut self, at: ChunkAt) -> Result<NeedChunk, NeedError> {
+        if self.file.as_ref().is_none_or(|file| file.entry.path != at.path) {
+            self.file = Some(File { entry: self.find(&at.path)?, next: (0, 0) });
+        }
+        let Some(file) = self.file.as_mut() else { unreachable!("found above") };
+        if at.offset < file.next.1 {
+            file.next = (0, 0);
+        }
+        let (mut index, mut offset) = file.next;
+        while let Some(chunk) = file.entry.chunks.get(index) {
+            if offset >= at.offset {
+                break;
+            }
+            offset += u64::from(chunk.len);
+            index += 1;
+        }
+        match file.entry.chunks.get(index) {
+            Some(chunk) if offset == at.offset && chunk.len == at.len => {
+                file.next = (index + 1, offset + u64::from(chunk.len));
+                Ok(NeedChunk { path: at.path, offset, len: at.len, hash: chunk.hash })
+            }
+            _ => Err(NeedError::NotInRound(format!("{} bytes at {} of {}", at.len, at.offset, at.path))),
+        }
+    }
+
+    /// The entry of `path`, reading on from the last one found (from the start, if `path` comes
+    /// before it).
+    fn find(&mut self, path: &RelPath) -> Result<Entry, NeedError> {
+        if self.file.as_ref().is_some_and(|file| *path < file.entry.path) {
+            tracing::debug!("a need goes back to {path}: reading the manifest again");
+            self.reader = ManifestReader::open(&self.manifest).context("cannot read the round's manifest again")?;
+        }
+        while let Some(raw) = self.reader.next_raw().context("cannot read the round's manifest")? {
+            if raw.path() == path {
+                return Ok(raw.decode().context("cannot read the round's manifest")?);
+            }
+            if raw.path() > path {
+                break;
+            }
+        }
+        Err(NeedError::NotInRound(format!("a chunk of {path}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_engine::{ChunkHash, ChunkRef, EntryKind, ManifestWriter};
+
+    fn file(path: &str, lens: &[u32]) -> Entry {
+        let chunks: Vec<ChunkRef> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| ChunkRef { hash: ChunkHash::of(format!("{path} {i}").as_bytes()), len })
+            .collect();
+        Entry {
+            size: lens.iter().map(|&l| u64::from(l)).sum(),
+            chunks,
+            ..Entry::new(RelPath::new(path).unwrap(), EntryKind::File)
+        }
+    }
+
+    fn at(path: &str, offset: u64, len: u32) -> ChunkAt {
+        ChunkAt { path: RelPath::new(path).unwrap(), offset, len }
+    }
+
+    #[test]
+    fn a_need_is_found_with_its_hash_forward_and_back_and_a_wrong_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifest");
+        let mut writer = ManifestWriter::create(&manifest).unwrap();
+        for entry in [file("a", &[10, 20, 30]), file("b", &[5]), file("c/d", &[7, 8])] {
+            writer.push(&entry).unwrap();
+        }
+        writer.finish().unwrap();
+        let hash = |path: &str, i: usize| ChunkHash::of(format!("{path} {i}").as_bytes());
+
+        let mut needs = Needs::open(&manifest).unwrap();
+        // In order, skipping chunks and files; then back (a need asked again); then within a file.
+        for (path, offset, len, index) in
+            [("a", 10, 20, 1), ("a", 30, 30, 2), ("c/d", 7, 8, 1), ("a", 0, 10, 0), ("b", 0, 5, 0), ("c/d", 0, 7, 0)]
+        {
+            let need = needs.resolve(at(path, offset, len)).unwrap();
+            assert_eq!((need.offset, need.len, need.hash), (offset, len, hash(path, index)), "{path} at {offset}");
+        }
+        // Not a chunk's start, not its length, no such file.
+        for wrong in [at("a", 5, 10), at("a", 10, 21), at("bb", 0, 5), at("a", 60, 1)] {
+            assert!(matches!(needs.resolve(wrong.clone()), Err(NeedError::NotInRound(_))), "{wrong:?}");
+        }
+    }
+}
