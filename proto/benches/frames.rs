@@ -7,7 +7,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry_engine::{ChunkHash, RelPath};
+use ferry_engine::ChunkHash;
 use ferry_proto::{ChunkAt, ChunkBatch, Codec, Message, decode, encode, encode_chunk_batch};
 use std::hint::black_box;
 
@@ -18,8 +18,7 @@ fn batch() -> Message {
 }
 
 fn need() -> Message {
-    let path = RelPath::new("opt/zimbra/backup/accounts/1234/blobs/5678.msg").expect("a valid path");
-    Message::Need((0..4096u64).map(|i| ChunkAt { path: path.clone(), offset: i * 65536, len: 65536 }).collect())
+    Message::Need((0..4096u64).map(|i| ChunkAt { place: 1000 + i / 4, offset: (i % 4) * 65536, len: 65536 }).collect())
 }
 
 fn frames(c: &mut Criterion) {

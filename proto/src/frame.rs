@@ -185,9 +185,9 @@ mod tests {
                 "00000013 03 11 28b52ffd200841000001000003612f6200",
             ),
             (
-                Message::Need(vec![ChunkAt { path: RelPath::new(&b"a/b"[..]).unwrap(), offset: 65536, len: 15 }]),
+                Message::Need(vec![ChunkAt { place: 3, offset: 65536, len: 15 }]),
                 // The tag, the packed list's length, then a zstd frame (checked by decoding it).
-                "00000015 05 13 28b52ffd200a510000010003612f628080040f",
+                "00000011 05 0f 28b52ffd200631000001038080040f",
             ),
             (
                 Message::Missing(vec![ChunkHash::from_bytes([1; 32])]),

@@ -72,6 +72,8 @@ pub struct ChangesEnd {
 pub struct NeedChunk {
     /// The file in the new manifest.
     pub path: RelPath,
+    /// The file's place in the new manifest (its first entry is 0).
+    pub place: u64,
     /// Where in it.
     pub offset: u64,
     /// How long.
@@ -81,19 +83,20 @@ pub struct NeedChunk {
 }
 
 impl NeedChunk {
-    /// The need as it travels: the source has the hash in its manifest.
+    /// The need as it travels: the source has the path and the hash in its manifest.
     pub fn at(&self) -> ChunkAt {
-        ChunkAt { path: self.path.clone(), offset: self.offset, len: self.len }
+        ChunkAt { place: self.place, offset: self.offset, len: self.len }
     }
 }
 
-/// A chunk of the round's new manifest, by where it is: a file and the chunk that starts at `offset`
-/// in it, `len` bytes long. What [`Message::Need`] names: the source reads the chunk's hash from its
-/// manifest, so a need does not carry it.
+/// A chunk of the round's new manifest, by where it is: the file at `place` in the manifest (both
+/// sides hold it: the source wrote it, the destination merged it from the changes), and the chunk
+/// that starts at `offset` in it, `len` bytes long. What [`Message::Need`] names: the source reads
+/// the path and the chunk's hash from its manifest, so a need carries neither.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkAt {
-    /// The file in the new manifest.
-    pub path: RelPath,
+    /// The file's place in the new manifest (its first entry is 0).
+    pub place: u64,
     /// Where its chunk starts in it.
     pub offset: u64,
     /// How long the chunk is.

@@ -77,7 +77,7 @@ fn corpus() -> Vec<Vec<u8>> {
             Change { path: RelPath::new("gone").unwrap(), entry: None, content_as_before: false, base: None },
         ]),
         Message::ChangesEnd(ChangesEnd { base: None, root, entries: 4 }),
-        Message::Need(vec![ChunkAt { path: RelPath::new("accounts/a/items/1").unwrap(), offset: 65536, len: 15 }]),
+        Message::Need(vec![ChunkAt { place: 1, offset: 65536, len: 15 }]),
         Message::ChunkBatch(ChunkBatch {
             codec: Codec::Raw,
             chunks: vec![(hash, 3), (ChunkHash::from_bytes([3; 32]), 2)],

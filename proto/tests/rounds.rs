@@ -321,13 +321,14 @@ impl Pair {
             DestinationEvent::ChangesEnd(_) => {
                 // Plan: ask for every chunk not held, in order.
                 let mut needs = Vec::new();
-                for change in &self.changes {
+                for (place, change) in (0u64..).zip(&self.changes) {
                     let entry = change.entry.as_ref().unwrap();
                     let mut offset = 0;
                     for chunk in &entry.chunks {
                         if !self.held.contains(&chunk.hash) {
                             needs.push(NeedChunk {
                                 path: change.path.clone(),
+                                place,
                                 offset,
                                 len: chunk.len,
                                 hash: chunk.hash,
@@ -387,18 +388,21 @@ impl Pair {
         }
     }
 
-    /// The chunk of the source's tree at `at`, with its hash.
+    /// The chunk of the source's tree at `at`, with its path and hash (the tree is the manifest: a
+    /// place is an index into it).
     fn resolve(&self, at: ChunkAt) -> NeedChunk {
-        let change = self.changes.iter().find(|c| c.path == at.path).expect("a need names a file of the round");
+        let change = usize::try_from(at.place).ok().and_then(|place| self.changes.get(place));
+        let entry = change.and_then(|c| c.entry.as_ref()).expect("a need names a file of the round");
         let mut offset = 0;
-        for chunk in &change.entry.as_ref().unwrap().chunks {
+        for chunk in &entry.chunks {
             if offset == at.offset {
                 assert_eq!(chunk.len, at.len, "a need's length is its chunk's");
-                return NeedChunk { path: at.path, offset, len: at.len, hash: chunk.hash };
+                let path = entry.path.clone();
+                return NeedChunk { path, place: at.place, offset, len: at.len, hash: chunk.hash };
             }
             offset += u64::from(chunk.len);
         }
-        panic!("no chunk at {} in {}", at.offset, at.path);
+        panic!("no chunk at {} in {}", at.offset, entry.path);
     }
 
     /// One batch over the link: it leaves when the link is free, takes its bytes' time, then the latency.

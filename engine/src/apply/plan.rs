@@ -47,6 +47,15 @@ impl Step {
             Step::Keep(_) => None,
         }
     }
+
+    /// Whether the round's new manifest has this entry (it stays, appears or changes): counting
+    /// these gives each entry's place in that manifest.
+    pub fn is_in_new(&self) -> bool {
+        match self {
+            Step::Apply(pair) => pair.new.is_some(),
+            Step::Keep(_) => true,
+        }
+    }
 }
 
 /// Decides which chunks a round must ask the source for: those of new or changed files that the

@@ -453,12 +453,17 @@ pub(super) fn plan_only(
     let mut planner = ferry_engine::Planner::default();
     let mut needed = Vec::new();
     let mut need_bytes = 0u64;
+    // The place in the new manifest of the next step's entry: a need names its file by it.
+    let mut places = 0u64;
     for step in steps {
         let step = step?;
+        let place = places;
+        places += u64::from(step.is_in_new());
         let Some(pair) = step.pair() else { continue };
         for need in planner.plan(index, pair)? {
             need_bytes += u64::from(need.chunk.len);
-            needed.push(NeedChunk { path: need.path, offset: need.offset, len: need.chunk.len, hash: need.chunk.hash });
+            let (offset, len, hash) = (need.offset, need.chunk.len, need.chunk.hash);
+            needed.push(NeedChunk { path: need.path, place, offset, len, hash });
             if needed.len() == 4096 {
                 send(DestinationInput::Need(std::mem::take(&mut needed)))?;
             }

@@ -43,6 +43,8 @@ pub(super) fn transfer(
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut outstanding = 0u64;
     let mut planned_all = false;
+    // The place in the new manifest of the next step's entry: a need names its file by it.
+    let mut places = 0u64;
     let (mut applied, mut applied_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     // Applied before the last flush began, durable once the next one begins.
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
@@ -58,6 +60,8 @@ pub(super) fn transfer(
                 break;
             };
             let step = step?;
+            let place = places;
+            places += u64::from(step.is_in_new());
             let (mut hashes, mut bytes) = (Vec::new(), 0u64);
             let planned = match step.pair() {
                 Some(pair) => applier.plan(pair)?,
@@ -68,6 +72,7 @@ pub(super) fn transfer(
                 hashes.push(need.chunk.hash);
                 needs.push(NeedChunk {
                     path: need.path,
+                    place,
                     offset: need.offset,
                     len: need.chunk.len,
                     hash: need.chunk.hash,

@@ -215,6 +215,7 @@ mod tests {
         let chunk = &data[offset..offset + len];
         NeedChunk {
             path: ferry_engine::RelPath::new(path).unwrap(),
+            place: 0,
             offset: offset as u64,
             len: len as u32,
             hash: ChunkHash::of(chunk),

@@ -1,11 +1,11 @@
 //! The destination's needs, made whole: a need names a chunk by where it is in the round's manifest
-//! (a file, an offset, a length), and the hash the chunk must have, which the reader checks and the
-//! batch names, is the scan's, read here from that manifest.
+//! (the file's place, an offset, a length); the path to read it from and the hash it must have, which
+//! the reader checks and the batch names, are the scan's, read here from that manifest.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ferry_engine::{Entry, ManifestReader, RelPath};
+use ferry_engine::{Entry, ManifestReader};
 use ferry_proto::{ChunkAt, NeedChunk};
 
 /// A need that could not be made whole.
@@ -25,11 +25,14 @@ pub(super) enum NeedError {
 pub(super) struct Needs {
     manifest: PathBuf,
     reader: ManifestReader,
+    /// The place of the next entry `reader` gives.
+    next_place: u64,
     /// The last file a need named, and where in its chunk list the next need is likely to be.
     file: Option<File>,
 }
 
 struct File {
+    place: u64,
     entry: Entry,
     /// The index of a chunk of `entry`, and where it starts.
     next: (usize, u64),
@@ -39,14 +42,15 @@ impl Needs {
     /// The needs of the round whose manifest is at `manifest`.
     pub(super) fn open(manifest: &Path) -> anyhow::Result<Self> {
         let reader = ManifestReader::open(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
-        Ok(Self { manifest: manifest.to_path_buf(), reader, file: None })
+        Ok(Self { manifest: manifest.to_path_buf(), reader, next_place: 0, file: None })
     }
 
-    /// The chunk at `at`, with its hash. A need for something the manifest does not have (no such
-    /// file, no chunk starting there, another length) is the destination's error, and fails the round.
+    /// The chunk at `at`, with its path and hash. A need for something the manifest does not have (no
+    /// such place, not a file, no chunk starting there, another length) is the destination's error,
+    /// and fails the round.
     pub(super) fn resolve(&mut self, at: ChunkAt) -> Result<NeedChunk, NeedError> {
-        if self.file.as_ref().is_none_or(|file| file.entry.path != at.path) {
-            self.file = Some(File { entry: self.find(&at.path)?, next: (0, 0) });
+        if self.file.as_ref().is_none_or(|file| file.place != at.place) {
+            self.file = Some(File { place: at.place, entry: self.find(at.place)?, next: (0, 0) });
         }
         let Some(file) = self.file.as_mut() else { unreachable!("found above") };
         if at.offset < file.next.1 {
@@ -63,35 +67,38 @@ impl Needs {
         match file.entry.chunks.get(index) {
             Some(chunk) if offset == at.offset && chunk.len == at.len => {
                 file.next = (index + 1, offset + u64::from(chunk.len));
-                Ok(NeedChunk { path: at.path, offset, len: at.len, hash: chunk.hash })
+                let path = file.entry.path.clone();
+                Ok(NeedChunk { path, place: at.place, offset, len: at.len, hash: chunk.hash })
             }
-            _ => Err(NeedError::NotInRound(format!("{} bytes at {} of {}", at.len, at.offset, at.path))),
+            _ => Err(NeedError::NotInRound(format!(
+                "{} bytes at {} of {} (entry {})",
+                at.len, at.offset, file.entry.path, at.place
+            ))),
         }
     }
 
-    /// The entry of `path`, reading on from the last one found (from the start, if `path` comes
+    /// The entry at `place`, reading on from the last one found (from the start, if `place` comes
     /// before it).
-    fn find(&mut self, path: &RelPath) -> Result<Entry, NeedError> {
-        if self.file.as_ref().is_some_and(|file| *path < file.entry.path) {
-            tracing::debug!("a need goes back to {path}: reading the manifest again");
+    fn find(&mut self, place: u64) -> Result<Entry, NeedError> {
+        if place < self.next_place {
+            tracing::debug!("a need goes back to entry {place}: reading the manifest again");
             self.reader = ManifestReader::open(&self.manifest).context("cannot read the round's manifest again")?;
+            self.next_place = 0;
         }
         while let Some(raw) = self.reader.next_raw().context("cannot read the round's manifest")? {
-            if raw.path() == path {
+            self.next_place += 1;
+            if self.next_place > place {
                 return Ok(raw.decode().context("cannot read the round's manifest")?);
             }
-            if raw.path() > path {
-                break;
-            }
         }
-        Err(NeedError::NotInRound(format!("a chunk of {path}")))
+        Err(NeedError::NotInRound(format!("entry {place}, past the end of its manifest")))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_engine::{ChunkHash, ChunkRef, EntryKind, ManifestWriter};
+    use ferry_engine::{ChunkHash, ChunkRef, EntryKind, ManifestWriter, RelPath};
 
     fn file(path: &str, lens: &[u32]) -> Entry {
         let chunks: Vec<ChunkRef> = lens
@@ -106,12 +113,12 @@ mod tests {
         }
     }
 
-    fn at(path: &str, offset: u64, len: u32) -> ChunkAt {
-        ChunkAt { path: RelPath::new(path).unwrap(), offset, len }
+    fn at(place: u64, offset: u64, len: u32) -> ChunkAt {
+        ChunkAt { place, offset, len }
     }
 
     #[test]
-    fn a_need_is_found_with_its_hash_forward_and_back_and_a_wrong_one_is_refused() {
+    fn a_need_is_found_with_its_path_and_hash_forward_and_back_and_a_wrong_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("manifest");
         let mut writer = ManifestWriter::create(&manifest).unwrap();
@@ -123,14 +130,23 @@ mod tests {
 
         let mut needs = Needs::open(&manifest).unwrap();
         // In order, skipping chunks and files; then back (a need asked again); then within a file.
-        for (path, offset, len, index) in
-            [("a", 10, 20, 1), ("a", 30, 30, 2), ("c/d", 7, 8, 1), ("a", 0, 10, 0), ("b", 0, 5, 0), ("c/d", 0, 7, 0)]
-        {
-            let need = needs.resolve(at(path, offset, len)).unwrap();
-            assert_eq!((need.offset, need.len, need.hash), (offset, len, hash(path, index)), "{path} at {offset}");
+        for (place, path, offset, len, index) in [
+            (0, "a", 10, 20, 1),
+            (0, "a", 30, 30, 2),
+            (2, "c/d", 7, 8, 1),
+            (0, "a", 0, 10, 0),
+            (1, "b", 0, 5, 0),
+            (2, "c/d", 0, 7, 0),
+        ] {
+            let need = needs.resolve(at(place, offset, len)).unwrap();
+            assert_eq!(
+                (need.path.to_string(), need.offset, need.len, need.hash),
+                (path.to_string(), offset, len, hash(path, index)),
+                "{path} at {offset}"
+            );
         }
-        // Not a chunk's start, not its length, no such file.
-        for wrong in [at("a", 5, 10), at("a", 10, 21), at("bb", 0, 5), at("a", 60, 1)] {
+        // Not a chunk's start, not its length, no such entry, past the file's end.
+        for wrong in [at(0, 5, 10), at(0, 10, 21), at(3, 0, 5), at(0, 60, 1)] {
             assert!(matches!(needs.resolve(wrong.clone()), Err(NeedError::NotInRound(_))), "{wrong:?}");
         }
     }
