@@ -7,14 +7,12 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry_engine::ChunkHash;
 use ferry_proto::{ChunkAt, ChunkBatch, Codec, Message, decode, encode, encode_chunk_batch};
 use std::hint::black_box;
 
 fn batch() -> Message {
     let payload = Bytes::from(vec![7u8; 1 << 20]);
-    let chunks = (0..16u32).map(|i| (ChunkHash::of(&i.to_le_bytes()), 65536)).collect();
-    Message::ChunkBatch(ChunkBatch { codec: Codec::Raw, chunks, payload })
+    Message::ChunkBatch(ChunkBatch::new(Codec::Raw, (70_000..70_016).map(|need| (need, 65536)), payload))
 }
 
 fn need() -> Message {

@@ -60,9 +60,10 @@ fn entropy(bytes: &[u8]) -> f64 {
     n.log2() - sum / n
 }
 
-/// Encodes chunks into one batch: zstd when `compress` and it saves bytes, else raw.
+/// Encodes chunks, given as (the number of the need each answers, its length), into one batch: zstd
+/// when `compress` and it saves bytes, else raw.
 pub fn encode_batch(
-    chunks: Vec<(ChunkHash, u32)>,
+    chunks: &[(u64, u32)],
     data: Vec<u8>,
     compress: bool,
     compressor: &mut zstd::bulk::Compressor<'_>,
@@ -71,9 +72,9 @@ pub fn encode_batch(
         && let Ok(compressed) = compressor.compress(&data)
         && compressed.len() < data.len()
     {
-        return ChunkBatch { codec: Codec::Zstd, chunks, payload: Bytes::from(compressed) };
+        return ChunkBatch::new(Codec::Zstd, chunks.iter().copied(), Bytes::from(compressed));
     }
-    ChunkBatch { codec: Codec::Raw, chunks, payload: Bytes::from(data) }
+    ChunkBatch::new(Codec::Raw, chunks.iter().copied(), Bytes::from(data))
 }
 
 /// A batch that cannot be trusted.
@@ -87,15 +88,30 @@ pub enum BatchError {
     BadPayload,
 }
 
-/// A decoded batch: the chunks whose bytes match their hash, and the hashes of those that did not.
-pub type Decoded = (Vec<(ChunkHash, Bytes)>, Vec<ChunkHash>);
+/// A decoded batch.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// The chunks whose bytes hash to what their needs asked for.
+    pub good: Vec<(ChunkHash, Bytes)>,
+    /// The hashes asked for whose chunks came with other bytes (damaged).
+    pub bad: Vec<ChunkHash>,
+    /// Bytes of chunks that answer no need asked for (or one already answered).
+    pub unasked: u64,
+}
 
-/// Decodes a batch into its chunks, each checked against its hash. Chunks that do not match are
-/// returned in the second list (never used).
-pub fn decode_batch(batch: ChunkBatch, decompressor: &mut zstd::bulk::Decompressor<'_>) -> Result<Decoded, BatchError> {
+/// Decodes a batch into its chunks, each checked against `expected`: for each chunk in order, the
+/// hash its need asked for, or `None` for a need not asked for (see [`ChunkBatch::numbered`]).
+pub fn decode_batch(
+    batch: ChunkBatch,
+    expected: &[Option<ChunkHash>],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+) -> Result<Decoded, BatchError> {
     let declared = batch.declared_len();
     if declared > MAX_BATCH_BYTES {
         return Err(BatchError::TooLarge(declared));
+    }
+    if expected.len() != batch.chunks.len() {
+        return Err(BatchError::BadPayload);
     }
     let data = match batch.codec {
         Codec::Raw => batch.payload,
@@ -108,18 +124,18 @@ pub fn decode_batch(batch: ChunkBatch, decompressor: &mut zstd::bulk::Decompress
     if data.len() as u64 != declared {
         return Err(BatchError::BadPayload);
     }
-    let (mut good, mut bad) = (Vec::with_capacity(batch.chunks.len()), Vec::new());
+    let mut decoded = Decoded { good: Vec::with_capacity(batch.chunks.len()), ..Decoded::default() };
     let mut at = 0usize;
-    for (hash, len) in batch.chunks {
+    for (&(_, len), expected) in batch.chunks.iter().zip(expected) {
         let piece = data.slice(at..at + len as usize);
         at += len as usize;
-        if ChunkHash::of(&piece) == hash {
-            good.push((hash, piece));
-        } else {
-            bad.push(hash);
+        match expected {
+            Some(hash) if ChunkHash::of(&piece) == *hash => decoded.good.push((*hash, piece)),
+            Some(hash) => decoded.bad.push(*hash),
+            None => decoded.unasked += u64::from(len),
         }
     }
-    Ok((good, bad))
+    Ok(decoded)
 }
 
 #[cfg(test)]
@@ -136,29 +152,38 @@ mod tests {
         for data in [text.clone(), random] {
             let hash = ChunkHash::of(&data);
             let compress = compressible(&data, &mut c);
-            let batch = encode_batch(vec![(hash, data.len() as u32)], data.clone(), compress, &mut c);
-            let (good, bad) = decode_batch(batch, &mut d).unwrap();
-            assert!(bad.is_empty());
-            assert_eq!(good[0].1, data);
+            let batch = encode_batch(&[(7, data.len() as u32)], data.clone(), compress, &mut c);
+            let decoded = decode_batch(batch, &[Some(hash)], &mut d).unwrap();
+            assert!(decoded.bad.is_empty() && decoded.unasked == 0);
+            assert_eq!(decoded.good[0].1, data);
         }
         assert!(compressible(&text, &mut c));
-        let batch = encode_batch(vec![(ChunkHash::of(&text), text.len() as u32)], text.clone(), true, &mut c);
+        let batch = encode_batch(&[(0, text.len() as u32)], text.clone(), true, &mut c);
         assert_eq!(batch.codec, Codec::Zstd);
         let mut gzip_like = vec![0u8; 8192];
         blake3::Hasher::new().update(b"seed").finalize_xof().fill(&mut gzip_like);
         assert!(!compressible(&gzip_like, &mut c));
         // A bomb: a small payload that claims little but inflates to much more.
         let bomb = zstd::bulk::compress(&vec![0u8; 3 << 20], 3).unwrap();
-        let batch = ChunkBatch { codec: Codec::Zstd, chunks: vec![(ChunkHash::of(b"x"), 1000)], payload: bomb.into() };
-        assert!(matches!(decode_batch(batch, &mut d), Err(BatchError::BadPayload)));
-        let huge =
-            ChunkBatch { codec: Codec::Raw, chunks: vec![(ChunkHash::of(b"x"), u32::MAX); 3], payload: Bytes::new() };
-        assert!(matches!(decode_batch(huge, &mut d), Err(BatchError::TooLarge(_))));
-        // A wrong hash is reported, not used.
-        let batch =
-            ChunkBatch { codec: Codec::Raw, chunks: vec![(ChunkHash::of(b"y"), 1)], payload: Bytes::from_static(b"x") };
-        let (good, bad) = decode_batch(batch, &mut d).unwrap();
-        assert!(good.is_empty() && bad.len() == 1);
+        let batch = ChunkBatch::new(Codec::Zstd, [(0, 1000)], bomb.into());
+        assert!(matches!(decode_batch(batch, &[Some(ChunkHash::of(b"x"))], &mut d), Err(BatchError::BadPayload)));
+        let huge = ChunkBatch::new(Codec::Raw, [(0, u32::MAX), (1, u32::MAX), (2, u32::MAX)], Bytes::new());
+        assert!(matches!(decode_batch(huge, &[None; 3], &mut d), Err(BatchError::TooLarge(_))));
+        // Bytes that are not what the need asked for are reported, not used; a chunk no need asked
+        // for is counted.
+        let batch = ChunkBatch::new(Codec::Raw, [(3, 1), (4, 2)], Bytes::from_static(b"xyz"));
+        let decoded = decode_batch(batch, &[Some(ChunkHash::of(b"y")), None], &mut d).unwrap();
+        assert!(decoded.good.is_empty() && decoded.bad == [ChunkHash::of(b"y")] && decoded.unasked == 2);
+    }
+
+    /// A batch names each chunk's need by how far it is from the previous one: a few bits for the
+    /// usual run of needs in order, and any order survives.
+    #[test]
+    fn needs_are_numbered_by_their_distance_and_any_order_survives() {
+        let numbered = [(1_000_000u64, 10u32), (1_000_001, 20), (1_000_005, 30), (3, 40), (u64::MAX, 1)];
+        let batch = ChunkBatch::new(Codec::Raw, numbered, Bytes::new());
+        assert_eq!(batch.numbered().collect::<Vec<_>>(), numbered);
+        assert_eq!(batch.chunks[1..3], [(0, 20), (3, 30)]);
     }
 
     /// What zstd alone would say of a sample (the probe before the entropy shortcut).
@@ -230,8 +255,9 @@ mod tests {
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let text = b"{\"txn\":1,\"subject\":\"meeting notes\"}".repeat(100);
         let pieces = [&text[..1000], &text[1000..2500], &text[2500..]];
-        let list: Vec<(ChunkHash, u32)> = pieces.iter().map(|p| (ChunkHash::of(p), p.len() as u32)).collect();
-        let seeds = [true, false].map(|compress| encode_batch(list.clone(), text.clone(), compress, &mut c));
+        let list: Vec<(u64, u32)> = (0u64..).zip(&pieces).map(|(need, p)| (need, p.len() as u32)).collect();
+        let hashes: Vec<ChunkHash> = pieces.iter().map(|p| ChunkHash::of(p)).collect();
+        let seeds = [true, false].map(|compress| encode_batch(&list, text.clone(), compress, &mut c));
         let started = std::time::Instant::now();
         let mut runs = 0u64;
         while started.elapsed() < std::time::Duration::from_secs(seconds) {
@@ -252,14 +278,19 @@ mod tests {
                             _ => rng.random_range(0..4000),
                         };
                     }
-                    3 => batch.chunks.push((ChunkHash::from_bytes(rng.random()), rng.random_range(0..2000))),
+                    3 => batch.chunks.push((rng.random_range(0..3), rng.random_range(0..2000))),
                     _ => batch.codec = if batch.codec == Codec::Raw { Codec::Zstd } else { Codec::Raw },
                 }
             }
             batch.payload = Bytes::from(payload);
-            if let Ok((good, _bad)) = decode_batch(batch, &mut d) {
-                assert!(good.iter().map(|(_, data)| data.len() as u64).sum::<u64>() <= MAX_BATCH_BYTES);
-                for (hash, data) in good {
+            // What the destination asked for, for each chunk the (mutated) batch names.
+            let expected: Vec<Option<ChunkHash>> = batch
+                .numbered()
+                .map(|(need, _)| usize::try_from(need).ok().and_then(|n| hashes.get(n).copied()))
+                .collect();
+            if let Ok(decoded) = decode_batch(batch, &expected, &mut d) {
+                assert!(decoded.good.iter().map(|(_, data)| data.len() as u64).sum::<u64>() <= MAX_BATCH_BYTES);
+                for (hash, data) in decoded.good {
                     assert_eq!(ChunkHash::of(&data), hash);
                 }
             }

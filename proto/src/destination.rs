@@ -214,6 +214,23 @@ impl DestinationRound {
         arrival
     }
 
+    /// The hash need `number` asked for, if it was sent and not answered yet: a chunk that says it
+    /// answers it has come.
+    pub fn answer(&mut self, number: u64) -> Option<ChunkHash> {
+        self.ledger.answer(number)
+    }
+
+    /// `len` bytes of chunks came that answer no need sent: against the unwanted budget, which a
+    /// flood exhausts.
+    pub fn unasked(&mut self, len: u64, now: Instant) {
+        self.ledger.unasked(len);
+        self.moves += 1;
+        if let Some(end @ WindowEnd::Flooded(_)) = self.ledger.end() {
+            self.cut(DestinationEnd::Cut(end.to_string()));
+        }
+        self.progress(now);
+    }
+
     /// A chunk arrived damaged: it will not come this round.
     pub fn damaged(&mut self, hash: &ChunkHash) -> bool {
         self.ledger.damaged(hash)
@@ -345,7 +362,7 @@ impl DestinationRound {
                 self.phase = Transfer;
                 self.events.push_back(DestinationEvent::ChangesEnd(end));
             }
-            (Transfer, Message::Missing(hashes)) => self.ledger.source_missing(hashes),
+            (Transfer, Message::Missing(needs)) => self.ledger.source_missing(needs),
             // A paused source says so between the messages of its list and during the transfer; a
             // notice late for the commit is harmless.
             (Changes | Transfer | Stopping | Committed | Closed, Message::Paused) => self.ledger.paused(),

@@ -112,13 +112,17 @@ pub enum Codec {
     Zstd,
 }
 
-/// source → destination, on a data stream: chunks, concatenated in `payload`.
+/// source → destination, on a data stream: chunks, concatenated in `payload`, each named by the need
+/// it answers: needs count from 0 on a connection, in the order the destination sent them, so the
+/// destination knows each chunk's hash (and checks it) without the batch carrying it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkBatch {
     /// How `payload` is encoded.
     pub codec: Codec,
-    /// The chunks in order, with their lengths; the decoded payload is exactly their concatenation.
-    pub chunks: Vec<(ChunkHash, u32)>,
+    /// The chunks in order: which need each answers, as how many needs it skips after the previous
+    /// chunk's (wrapping; the first chunk's is its need's number), and its length. The decoded payload
+    /// is exactly their concatenation. See [`ChunkBatch::numbered`].
+    pub chunks: Vec<(u64, u32)>,
     /// The encoded bytes.
     pub payload: Bytes,
 }
@@ -133,6 +137,29 @@ pub enum Transmit {
 }
 
 impl ChunkBatch {
+    /// A batch of chunks given as (the number of the need each answers, its length).
+    pub fn new(codec: Codec, numbered: impl IntoIterator<Item = (u64, u32)>, payload: Bytes) -> Self {
+        let mut previous = u64::MAX;
+        let chunks = numbered
+            .into_iter()
+            .map(|(need, len)| {
+                let skip = need.wrapping_sub(previous.wrapping_add(1));
+                previous = need;
+                (skip, len)
+            })
+            .collect();
+        Self { codec, chunks, payload }
+    }
+
+    /// The chunks as (the number of the need each answers, its length).
+    pub fn numbered(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let mut previous = u64::MAX;
+        self.chunks.iter().map(move |&(skip, len)| {
+            previous = previous.wrapping_add(1).wrapping_add(skip);
+            (previous, len)
+        })
+    }
+
     /// The decoded size the chunk list declares (saturating: a hostile list cannot overflow it).
     pub fn declared_len(&self) -> u64 {
         self.chunks.iter().fold(0u64, |sum, (_, len)| sum.saturating_add(u64::from(*len)))
@@ -177,8 +204,9 @@ pub enum Message {
     Need(Vec<ChunkAt>),
     /// Chunk data.
     ChunkBatch(ChunkBatch),
-    /// Chunks the source could not read (changed since the scan).
-    Missing(Vec<ChunkHash>),
+    /// The needs (by number, see [`ChunkBatch`]) whose chunks the source could not read (changed
+    /// since the scan).
+    Missing(Vec<u64>),
     /// Everything needed has arrived.
     Done,
     /// The round is committed.

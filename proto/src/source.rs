@@ -9,8 +9,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use ferry_engine::ChunkHash;
-
 use crate::message::{
     Change, ChangesEnd, ChunkAt, Committed, Hello, ImportResult, Message, Plan, RoundOptions, RoundRef, Transmit,
 };
@@ -64,8 +62,9 @@ pub enum SourceInput {
     Changes(Vec<Change>),
     /// The list is complete.
     ChangesEnd(ChangesEnd),
-    /// Chunks that could not be read as the scan saw them (their files changed).
-    Unreadable(Vec<ChunkHash>),
+    /// Needs (by number: see [`crate::ChunkBatch`]) whose chunks could not be read as the scan saw
+    /// them (their files changed).
+    Unreadable(Vec<u64>),
     /// Reading the source failed for good.
     ReadFailed(String),
     /// The destination asked for a chunk the round does not have (the driver looks needs up in its
@@ -243,9 +242,9 @@ impl SourceRound {
             }
             // The driver's own list came after the round moved on (stopped, ended): nothing to send.
             SourceInput::Changes(_) | SourceInput::ChangesEnd(_) => {}
-            SourceInput::Unreadable(hashes) => {
-                if self.phase == SourcePhase::Serving && !hashes.is_empty() {
-                    self.send(Message::Missing(hashes));
+            SourceInput::Unreadable(needs) => {
+                if self.phase == SourcePhase::Serving && !needs.is_empty() {
+                    self.send(Message::Missing(needs));
                 }
             }
             SourceInput::ReadFailed(why) => {

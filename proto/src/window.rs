@@ -5,7 +5,7 @@
 //! Where an arrived chunk's bytes wait (memory, a spill file, the file being built) is the driver's:
 //! the ledger says only whether to keep it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ferry_engine::ChunkHash;
@@ -39,6 +39,11 @@ pub enum WindowEnd {
 pub struct Ledger {
     /// Asked for and not arrived yet: only those are kept when they come.
     wanted: HashSet<ChunkHash>,
+    /// The needs sent and not answered yet, by number (they count from 0, in the order sent: a chunk
+    /// batch names its chunks by them).
+    asked: HashMap<u64, ChunkHash>,
+    /// The number of the next need.
+    next_need: u64,
     /// The source said it cannot send these, or they arrived damaged.
     missing: HashSet<ChunkHash>,
     unwanted_bytes: u64,
@@ -51,9 +56,24 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Records that `hashes` were asked for.
+    /// Records that `hashes` were asked for, in this order: the next needs' numbers.
     pub fn want(&mut self, hashes: impl IntoIterator<Item = ChunkHash>) {
-        self.wanted.extend(hashes);
+        for hash in hashes {
+            self.wanted.insert(hash);
+            self.asked.insert(self.next_need, hash);
+            self.next_need += 1;
+        }
+    }
+
+    /// The hash need `number` asked for, if it was sent and is not answered yet; it is answered now.
+    pub fn answer(&mut self, number: u64) -> Option<ChunkHash> {
+        self.asked.remove(&number)
+    }
+
+    /// `len` bytes came that answer no need sent (or one answered already): they count against the
+    /// unwanted budget.
+    pub fn unasked(&mut self, len: u64) {
+        self.unwanted_bytes += len;
     }
 
     /// Whether `hash` was asked for and has not come (nor been given up) yet.
@@ -100,11 +120,13 @@ impl Ledger {
         self.batches += 1;
     }
 
-    /// The source says it cannot send these chunks; only those asked for count (a list of others would
-    /// only grow the set).
-    pub fn source_missing(&mut self, hashes: impl IntoIterator<Item = ChunkHash>) {
-        for hash in hashes {
-            if self.wanted.remove(&hash) {
+    /// The source says it cannot send the chunks of these needs (by number); only needs sent and not
+    /// answered count (a list of others would only grow the set).
+    pub fn source_missing(&mut self, needs: impl IntoIterator<Item = u64>) {
+        for need in needs {
+            if let Some(hash) = self.answer(need)
+                && self.wanted.remove(&hash)
+            {
                 self.missing.insert(hash);
             }
         }
@@ -227,15 +249,31 @@ mod tests {
     fn missing_counts_only_for_chunks_asked_for() {
         let mut ledger = Ledger::default();
         ledger.want([hash(1), hash(2)]);
-        ledger.source_missing([hash(1), hash(7)]);
+        // Needs 0 and 1 were sent; 7 never was.
+        ledger.source_missing([0, 7]);
         assert!(ledger.is_missing(&hash(1)));
-        assert!(!ledger.is_missing(&hash(7)), "a chunk never asked for");
+        assert_eq!(ledger.events(), 1, "a need never sent");
         assert!(ledger.damaged(&hash(2)));
         assert!(ledger.is_missing(&hash(2)));
         assert!(!ledger.damaged(&hash(8)));
         assert_eq!(ledger.events(), 2);
         ledger.forget(&hash(1));
         assert!(!ledger.is_missing(&hash(1)));
+    }
+
+    #[test]
+    fn needs_are_numbered_in_the_order_sent_and_each_is_answered_once() {
+        let mut ledger = Ledger::default();
+        ledger.want([hash(1), hash(2)]);
+        ledger.want([hash(3)]);
+        assert_eq!(ledger.answer(2), Some(hash(3)));
+        assert_eq!(ledger.answer(2), None, "answered already");
+        assert_eq!(ledger.answer(0), Some(hash(1)));
+        assert_eq!(ledger.answer(3), None, "never sent");
+        ledger.unasked(1 << 20);
+        assert_eq!(ledger.end(), None);
+        ledger.unasked(UNWANTED_MAX);
+        assert!(matches!(ledger.end(), Some(WindowEnd::Flooded(_))));
     }
 
     #[test]

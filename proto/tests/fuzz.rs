@@ -43,7 +43,6 @@ fn entry(path: &str, kind: EntryKind) -> Entry {
 
 fn corpus() -> Vec<Vec<u8>> {
     let root = RootHash::from_bytes([7; 32]);
-    let hash = ChunkHash::from_bytes([2; 32]);
     let messages = vec![
         Message::Hello(Hello {
             version: 1,
@@ -78,17 +77,9 @@ fn corpus() -> Vec<Vec<u8>> {
         ]),
         Message::ChangesEnd(ChangesEnd { base: None, root, entries: 4 }),
         Message::Need(vec![ChunkAt { place: 1, offset: 65536, len: 15 }]),
-        Message::ChunkBatch(ChunkBatch {
-            codec: Codec::Raw,
-            chunks: vec![(hash, 3), (ChunkHash::from_bytes([3; 32]), 2)],
-            payload: Bytes::from_static(b"abcde"),
-        }),
-        Message::ChunkBatch(ChunkBatch {
-            codec: Codec::Zstd,
-            chunks: vec![(hash, 1000)],
-            payload: Bytes::from(zstd_frame()),
-        }),
-        Message::Missing(vec![hash]),
+        Message::ChunkBatch(ChunkBatch::new(Codec::Raw, [(0, 3), (1, 2)], Bytes::from_static(b"abcde"))),
+        Message::ChunkBatch(ChunkBatch::new(Codec::Zstd, [(70_000, 1000)], Bytes::from(zstd_frame()))),
+        Message::Missing(vec![2]),
         Message::Stop { reason: "deadline".into(), batches: 12 },
         Message::Done,
         Message::Committed(Committed {

@@ -21,8 +21,9 @@ const CHUNK: u64 = 64 << 10;
 #[derive(Debug)]
 enum Packet {
     Control(Transmit),
-    /// A chunk batch on a data stream: its chunks and lengths.
-    Batch(Vec<(ChunkHash, u64)>),
+    /// A chunk batch on a data stream: for each chunk, the number of the need it answers, what its
+    /// bytes hash to, and its length.
+    Batch(Vec<(u64, ChunkHash, u64)>),
     /// The connection closes, with a refusal code or not.
     Close(Option<Refusal>, String),
 }
@@ -79,8 +80,11 @@ struct Pair {
     destination: DestinationRound,
     behaviour: Behaviour,
     changes: Vec<Change>,
-    /// Batches read and not sent yet: one leaves when the link is free and the limit lets it.
-    outgoing: VecDeque<Vec<(ChunkHash, u64)>>,
+    /// Batches read and not sent yet: one leaves when the link is free and the limit lets it. Each
+    /// chunk: the number of the need it answers, its hash (what its bytes hash to), its length.
+    outgoing: VecDeque<Vec<(u64, ChunkHash, u64)>>,
+    /// Needs the source has read, in order: the next one's number.
+    needs_read: u64,
     sending_stopped: bool,
     batches_sent: u64,
     flooded: bool,
@@ -123,6 +127,7 @@ impl Pair {
             behaviour,
             changes,
             outgoing: VecDeque::new(),
+            needs_read: 0,
             sending_stopped: false,
             batches_sent: 0,
             flooded: false,
@@ -223,10 +228,19 @@ impl Pair {
             }
             Packet::Control(Transmit::Finish) => {}
             Packet::Batch(chunks) => {
-                for (hash, len) in chunks {
-                    let held = &self.held;
-                    if self.destination.arrive(&hash, len, || held.contains(&hash), self.now) == Arrival::Keep {
-                        self.held.insert(hash);
+                // As the node's window does: the need's number says what the chunk must hash to.
+                for (need, hash, len) in chunks {
+                    match self.destination.answer(need) {
+                        Some(asked) if asked == hash => {
+                            let held = &self.held;
+                            if self.destination.arrive(&hash, len, || held.contains(&hash), self.now) == Arrival::Keep {
+                                self.held.insert(hash);
+                            }
+                        }
+                        Some(asked) => {
+                            self.destination.damaged(&asked);
+                        }
+                        None => self.destination.unasked(len, self.now),
                     }
                 }
                 self.destination.handle(DestinationInput::BatchReceived, self.now);
@@ -290,8 +304,9 @@ impl Pair {
                 self.source.handle(SourceInput::ChangesEnd(end), self.now);
                 if self.behaviour.flood > 0 && !self.flooded {
                     self.flooded = true;
+                    // Chunks that answer needs never sent.
                     let junk: Vec<_> = (0..self.behaviour.flood / CHUNK)
-                        .map(|i| (ChunkHash::of(format!("junk{i}").as_bytes()), CHUNK))
+                        .map(|i| (u64::MAX - i, ChunkHash::of(format!("junk{i}").as_bytes()), CHUNK))
                         .collect();
                     self.outgoing.extend(junk.chunks(64).map(<[_]>::to_vec));
                 }
@@ -377,14 +392,18 @@ impl Pair {
     /// The source's chunk reader: what it can read goes out as one batch, what it cannot is said.
     fn read(&mut self, needs: Vec<ChunkAt>) {
         // A need names a chunk by where it is; its hash is in the source's list (its manifest).
-        let needs: Vec<NeedChunk> = needs.into_iter().map(|at| self.resolve(at)).collect();
+        // Needs count from 0 in the order they came: a batch names each chunk by its need's number.
+        let first = self.needs_read;
+        self.needs_read += needs.len() as u64;
+        let needs: Vec<(u64, NeedChunk)> = (first..).zip(needs.into_iter().map(|at| self.resolve(at))).collect();
         let (unreadable, readable): (Vec<_>, Vec<_>) =
-            needs.into_iter().partition(|n| self.behaviour.unreadable.contains(&n.hash));
+            needs.into_iter().partition(|(_, n)| self.behaviour.unreadable.contains(&n.hash));
         if !unreadable.is_empty() {
-            self.source.handle(SourceInput::Unreadable(unreadable.iter().map(|n| n.hash).collect()), self.now);
+            self.source
+                .handle(SourceInput::Unreadable(unreadable.iter().map(|(number, _)| *number).collect()), self.now);
         }
         if !readable.is_empty() {
-            self.outgoing.push_back(readable.iter().map(|n| (n.hash, u64::from(n.len))).collect());
+            self.outgoing.push_back(readable.iter().map(|(number, n)| (*number, n.hash, u64::from(n.len))).collect());
         }
     }
 
@@ -406,8 +425,8 @@ impl Pair {
     }
 
     /// One batch over the link: it leaves when the link is free, takes its bytes' time, then the latency.
-    fn send_batch(&mut self, chunks: Vec<(ChunkHash, u64)>) {
-        let bytes: u64 = chunks.iter().map(|(_, len)| len).sum();
+    fn send_batch(&mut self, chunks: Vec<(u64, ChunkHash, u64)>) {
+        let bytes: u64 = chunks.iter().map(|(_, _, len)| len).sum();
         let leaves = self.link_free.max(self.now);
         self.link_free = leaves + Duration::from_secs_f64(bytes as f64 / self.bandwidth as f64);
         self.batches_sent += 1;

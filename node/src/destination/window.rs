@@ -127,8 +127,9 @@ pub(super) async fn receive_chunks(
                                 return window.fail(format!("{e:#}"));
                             }
                         }
-                        match ferry_proto::batch::decode_batch(batch, &mut decompressor) {
-                            Ok((good, bad)) => window.arrive(good, bad),
+                        let expected = window.answer(&batch);
+                        match ferry_proto::batch::decode_batch(batch, &expected, &mut decompressor) {
+                            Ok(decoded) => window.arrive(decoded),
                             Err(e) => return window.fail(e.to_string()),
                         }
                     }
@@ -235,17 +236,30 @@ impl Window {
         sent.map(|()| events)
     }
 
-    pub(super) fn arrive(&self, good: Vec<(ChunkHash, Bytes)>, bad: Vec<ChunkHash>) {
+    /// What each chunk of `batch` must hash to: the hash its need asked for, or `None` for a chunk
+    /// that answers no need sent (or one answered already). The needs are answered now.
+    pub(super) fn answer(&self, batch: &ferry_proto::ChunkBatch) -> Vec<Option<ChunkHash>> {
+        match self.state.lock() {
+            Ok(mut state) => batch.numbered().map(|(need, _)| state.round.answer(need)).collect(),
+            Err(_) => vec![None; batch.chunks.len()],
+        }
+    }
+
+    pub(super) fn arrive(&self, decoded: ferry_proto::batch::Decoded) {
+        let ferry_proto::batch::Decoded { good, bad, unasked } = decoded;
         if let Ok(mut guard) = self.state.lock() {
             // Its fields apart: the ledger asks about `chunks` only for a chunk it did not want.
             let state = &mut *guard;
+            let now = Instant::now();
+            if unasked > 0 {
+                state.round.unasked(unasked, now);
+            }
             let damaged = bad.iter().filter(|h| state.round.damaged(h)).count();
             if damaged > 0 {
                 tracing::warn!(
                     "{damaged} chunks arrived damaged (hash mismatch); their files are left for the next round"
                 );
             }
-            let now = Instant::now();
             for (hash, data) in good {
                 let chunks = &state.chunks;
                 if state.round.arrive(&hash, data.len() as u64, || chunks.contains_key(&hash), now) == Arrival::Keep {

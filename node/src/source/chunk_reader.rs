@@ -104,10 +104,11 @@ impl BatchReceiver {
     }
 }
 
-/// Chunks gathered for one batch: their names and lengths, their bytes end to end, how far into the
-/// changed bytes they reach, and how many bytes the reader had read when the first of them came.
+/// Chunks gathered for one batch: the numbers of the needs they answer and their lengths, their bytes
+/// end to end, how far into the changed bytes they reach, and how many bytes the reader had read when
+/// the first of them came.
 pub(super) struct PendingBatch {
-    pub(super) list: Vec<(ChunkHash, u32)>,
+    pub(super) list: Vec<(u64, u32)>,
     pub(super) data: Vec<u8>,
     /// Room made for `data` each time: a full batch, plus the chunk that fills it.
     pub(super) capacity: usize,
@@ -122,11 +123,11 @@ impl PendingBatch {
     }
 
     /// Records a chunk whose bytes were just appended to `data`.
-    pub(super) fn push(&mut self, need: &NeedChunk, reached: Option<u64>, read: u64) {
+    pub(super) fn push(&mut self, number: u64, need: &NeedChunk, reached: Option<u64>, read: u64) {
         if self.list.is_empty() {
             self.opened_at = read;
         }
-        self.list.push((need.hash, need.len));
+        self.list.push((number, need.len));
         if let Some(reached) = reached {
             self.covered = self.covered.max(reached);
         }
@@ -144,13 +145,14 @@ impl PendingBatch {
         }
         let list = std::mem::take(&mut self.list);
         let data = std::mem::replace(&mut self.data, Vec::with_capacity(self.capacity));
-        let batch = ferry_proto::batch::encode_batch(list, data, compress, compressor);
+        let batch = ferry_proto::batch::encode_batch(&list, data, compress, compressor);
         tx.0.blocking_send(Outgoing { batch, covered: self.covered }).map_err(|_| anyhow!("connection closed"))
     }
 }
 
-/// Reads the asked-for chunks from the source tree and queues them in batches; returns those that no
-/// longer hash to what the scan saw.
+/// Reads the asked-for chunks from the source tree and queues them in batches; returns (the numbers
+/// of) the needs whose chunks no longer hash to what the scan saw. Each need comes with its number
+/// (needs count from 0 on a connection, in the order they came: batches name chunks by them).
 ///
 /// Two batches fill side by side: chunks sent as they are, and chunks that compress. A batch is sent
 /// when it is full, or when `2 × batch_bytes` have been read since its first chunk: the destination
@@ -159,18 +161,18 @@ impl PendingBatch {
 /// on a 100 Mbit/s link).
 pub(super) fn read_chunks(
     reader: &mut SourceChunks,
-    chunks: Vec<NeedChunk>,
+    chunks: Vec<(u64, NeedChunk)>,
     tx: &BatchSender,
     counters: &Counters,
     cursor: &mut PositionCursor,
     stop: &std::sync::atomic::AtomicBool,
     batch_bytes: usize,
-) -> anyhow::Result<Vec<ChunkHash>> {
+) -> anyhow::Result<Vec<u64>> {
     let mut compressor = zstd::bulk::Compressor::new(1)?;
     let mut missing = Vec::new();
     let mut batches = [PendingBatch::new(batch_bytes), PendingBatch::new(batch_bytes)];
     let mut read = 0u64;
-    for need in chunks {
+    for (number, need) in chunks {
         if stop.load(Ordering::Relaxed) {
             return Ok(missing);
         }
@@ -178,7 +180,7 @@ pub(super) fn read_chunks(
         let [raw, text] = &mut batches;
         let start = raw.data.len();
         if !reader.read_into(&need, &mut raw.data) {
-            missing.push(need.hash);
+            missing.push(number);
             continue;
         }
         counters.chunks.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +192,7 @@ pub(super) fn read_chunks(
             raw.data.truncate(start);
         }
         let reached = cursor.advance(&need);
-        batches[usize::from(compress)].push(&need, reached, read);
+        batches[usize::from(compress)].push(number, &need, reached, read);
         for (which, batch) in batches.iter_mut().enumerate() {
             let full = batch.data.len() >= batch_bytes;
             let overdue = !batch.list.is_empty() && read - batch.opened_at >= 2 * batch_bytes as u64;
@@ -262,6 +264,7 @@ mod tests {
         let mut cursor = PositionCursor { positions: Arc::default(), at: 0 };
         let stop = std::sync::atomic::AtomicBool::new(false);
         let mut reader = SourceChunks::open(dir.path(), SettledBefore::default()).unwrap();
+        let needs = (0..).zip(needs).collect();
         let missing = read_chunks(&mut reader, needs, &tx, &Counters::default(), &mut cursor, &stop, BATCH).unwrap();
         assert!(missing.is_empty());
         drop(tx);
@@ -269,10 +272,10 @@ mod tests {
         let mut rx = rx.0.try_lock().unwrap();
         let mut sent = Vec::new();
         while let Ok(Outgoing { batch, .. }) = rx.try_recv() {
-            sent.push(batch.chunks.iter().map(|(hash, _)| *hash).collect::<Vec<_>>());
+            sent.push(batch.numbered().map(|(need, _)| need).collect::<Vec<_>>());
         }
-        let text_hash = ChunkHash::of(&text);
-        let text_at = sent.iter().position(|batch| batch.contains(&text_hash)).expect("the text chunk was sent");
+        // The text's chunk answers need 0.
+        let text_at = sent.iter().position(|batch| batch.contains(&0)).expect("the text chunk was sent");
         assert_eq!(sent.len(), 7, "six BLOB batches and the text's: {sent:?}");
         // Its batch opens at about 6 KiB read and is overdue 128 KiB later: after the second BLOB batch.
         assert_eq!(text_at, 2, "the text chunk went out in batch {text_at} of {}", sent.len());

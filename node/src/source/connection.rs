@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
-use ferry_engine::ChunkHash;
 use ferry_proto::{
     Change, ChangesEnd, ChunkAt, Committed, Hello, Message, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions,
     SourceConfig, SourceEnd, SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
@@ -354,8 +353,8 @@ async fn next_report(transfer: &mut Option<Transfer>) -> FromReader {
 
 /// What the chunk reader tells the control loop.
 pub(super) enum FromReader {
-    /// Chunks that could not be read as the scan saw them.
-    Missing(Vec<ChunkHash>),
+    /// Needs (by number) whose chunks could not be read as the scan saw them.
+    Missing(Vec<u64>),
     /// Reading failed for good.
     Failed(String),
     /// The destination asked for something the round does not have.
@@ -401,13 +400,15 @@ impl Transfer {
             let manifest = prepared.state.scanned();
             tokio::task::spawn_blocking(move || {
                 let mut lookup: Option<Needs> = None;
+                // Needs count from 0 on the connection, in the order they came.
+                let mut next_need = 0u64;
                 while let Some(chunks) = needs_rx.blocking_recv() {
                     let looked_up = match lookup.as_mut() {
                         Some(needs) => Ok(needs),
                         None => Needs::open(&manifest).map(|needs| lookup.insert(needs)).map_err(NeedError::Read),
                     }
                     .and_then(|needs| chunks.into_iter().map(|at| needs.resolve(at)).collect());
-                    let chunks = match looked_up {
+                    let chunks: Vec<ferry_proto::NeedChunk> = match looked_up {
                         Ok(chunks) => chunks,
                         Err(NeedError::NotInRound(what)) => {
                             let _ = reader_tx.send(FromReader::BadNeed(bad_need(&what)));
@@ -424,6 +425,9 @@ impl Transfer {
                         limiter.rate().bytes_per_second().map_or(ferry_proto::batch::BATCH_BYTES, |bps| {
                             (bps as usize / 16).clamp(64 << 10, ferry_proto::batch::BATCH_BYTES)
                         });
+                    let first = next_need;
+                    next_need += chunks.len() as u64;
+                    let chunks = (first..).zip(chunks).collect();
                     let read = SourceChunks::open(&root, settled).and_then(|mut reader| {
                         read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)
                     });

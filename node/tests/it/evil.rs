@@ -156,11 +156,8 @@ async fn a_hostile_source_is_cut_off_with_a_reason_and_the_daemon_serves_on() {
     let started = Instant::now();
     for i in 0..20u64 {
         let payload = random_bytes(4 << 20, 100 + i);
-        let batch = ChunkBatch {
-            codec: Codec::Raw,
-            chunks: vec![(ChunkHash::of(&payload), payload.len() as u32)],
-            payload: Bytes::from(payload),
-        };
+        // Each answers a need never sent.
+        let batch = ChunkBatch::new(Codec::Raw, [(1000 + i, payload.len() as u32)], Bytes::from(payload));
         let mut frame = bytes::BytesMut::new();
         ferry_proto::encode(&Message::ChunkBatch(batch), &mut frame).unwrap();
         if stream.write_all(&frame).await.is_err() {
@@ -347,15 +344,14 @@ fn large_file(path: &str, chunks: usize, seed: u64) -> (Entry, Vec<Vec<u8>>) {
     (entry, data)
 }
 
-/// Sends `chunks` on a new data stream, 16 to a batch.
+/// Sends `chunks` on a new data stream, 16 to a batch, as the answers to the first needs (chunk i
+/// answers need i: the tests ask for a file's chunks in order).
 async fn send_chunks(evil: &EvilSource, chunks: &[Vec<u8>]) {
     let mut stream = evil.open_data().await.unwrap();
-    for part in chunks.chunks(16) {
-        let batch = ChunkBatch {
-            codec: Codec::Raw,
-            chunks: part.iter().map(|d| (ChunkHash::of(d), d.len() as u32)).collect(),
-            payload: Bytes::from(part.concat()),
-        };
+    for (i, part) in chunks.chunks(16).enumerate() {
+        let first = (i * 16) as u64;
+        let numbered = (first..).zip(part.iter().map(|d| d.len() as u32));
+        let batch = ChunkBatch::new(Codec::Raw, numbered, Bytes::from(part.concat()));
         let mut frame = bytes::BytesMut::new();
         ferry_proto::encode(&Message::ChunkBatch(batch), &mut frame).unwrap();
         stream.write_all(&frame).await.unwrap();
@@ -391,7 +387,7 @@ async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
     send_chunks(&evil, &data[..96]).await;
     // Asked in order: the need for chunk i is for data[i].
     assert!(asked.windows(2).all(|w| w[0].offset < w[1].offset), "needs out of order");
-    control.send(&Message::Missing(data[96..].iter().map(|d| ChunkHash::of(d)).collect())).await.unwrap();
+    control.send(&Message::Missing((96..data.len() as u64).collect())).await.unwrap();
     let started = Instant::now();
     let committed = loop {
         match control.next(LIMIT).await.unwrap() {
