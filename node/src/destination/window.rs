@@ -122,7 +122,8 @@ pub(super) async fn receive_chunks(
                 match reader.next().await {
                     Ok(Some(Message::ChunkBatch(batch))) => {
                         if let Some(limiter) = &limiter {
-                            let cost = batch.payload.len() as u64 + 40 * batch.chunks.len() as u64;
+                            // The payload and about the few bytes that name each chunk.
+                            let cost = batch.payload.len() as u64 + 4 * batch.chunks.len() as u64;
                             if let Err(e) = limiter.acquire(cost).await {
                                 return window.fail(format!("{e:#}"));
                             }
