@@ -45,6 +45,27 @@ impl SourceState {
     pub(crate) fn export_log(&self) -> PathBuf {
         self.dir.join("export.log")
     }
+    /// Which source this is for the job ([`ferry_proto::Hello::source`]): a random number made the
+    /// first time and kept here, so that a second data folder (or a copy of this node's identity
+    /// elsewhere) is another source, and this one started again is the same.
+    pub(crate) fn source_id(&self) -> anyhow::Result<u64> {
+        let path = self.dir.join("source-id");
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(id) = u64::from_str_radix(text.trim(), 16)
+        {
+            return Ok(id);
+        }
+        let mut bytes = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| anyhow::anyhow!("no random numbers from the system"))?;
+        let id = u64::from_le_bytes(bytes);
+        let mut file = tempfile::NamedTempFile::new_in(&self.dir)
+            .with_context(|| format!("cannot write in {}", self.dir.display()))?;
+        std::io::Write::write_all(&mut file, format!("{id:016x}\n").as_bytes())?;
+        file.as_file().sync_all()?;
+        file.persist(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(id)
+    }
     /// Which round [`Self::base`] is.
     pub(crate) fn base_round(&self) -> Option<RoundRef> {
         let bytes = std::fs::read(self.base_file()).ok()?;

@@ -105,8 +105,13 @@ pub enum DestinationInput {
 pub enum DestinationEvent {
     /// A source opens a round: answer with [`DestinationInput::Welcome`] or [`DestinationInput::Refuse`].
     Opened(Hello),
-    /// A source asks whether a round of `job` would be taken; nothing else comes on this connection.
-    Check(String),
+    /// A source asks whether a round of a job would be taken; nothing else comes on this connection.
+    Check {
+        /// The job.
+        job: String,
+        /// Which source asks ([`Hello::source`]).
+        source: u64,
+    },
     /// Changes to keep (a full manifest can be large: they go to disk).
     Changes(Vec<Change>),
     /// All changes are in: plan the round.
@@ -351,9 +356,9 @@ impl DestinationRound {
                 self.phase = Opened;
                 self.events.push_back(DestinationEvent::Opened(hello));
             }
-            (Greeting, Message::Check { job }) => {
+            (Greeting, Message::Check { job, source }) => {
                 self.phase = Closed;
-                self.events.push_back(DestinationEvent::Check(job));
+                self.events.push_back(DestinationEvent::Check { job, source });
             }
             (Opened | Changes, Message::RoundOptions(options)) => self.import = options.import,
             (Opened | Changes, Message::DryRun) => self.dry_run = true,

@@ -167,8 +167,9 @@ mod tests {
                     base: Some(RoundRef { round: 3, root }),
                     delete: false,
                     numeric_ids: true,
+                    source: 1,
                 }),
-                "0000002d0001067a696d627261010307070707070707070707070707070707070707070707070707070707070707070001",
+                "0000002e0001067a696d62726101030707070707070707070707070707070707070707070707070707070707070707000101",
             ),
             (Message::Welcome { holds: None }, "000000020100"),
             (Message::Refused { refusal: Refusal::Busy, reason: "no".into() }, "000000050202026e6f"),
@@ -201,7 +202,7 @@ mod tests {
                 )),
                 "0000000c060002ac020200010378797a",
             ),
-            (Message::Check { job: "zimbra".into() }, "0000000812067a696d627261"),
+            (Message::Check { job: "zimbra".into(), source: 1 }, "0000000912067a696d62726101"),
         ];
         let mut checked = 0;
         for (message, golden) in cases {

@@ -11,7 +11,7 @@ pub const ALPN: &[u8] = b"ferry/4";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
 pub const PROTOCOL_VERSION: u32 = 4;
 /// Earlier versions, offered in the handshake only to refuse a peer that speaks one of them with words
-/// that name both versions (its `Check`, `Hello` and `Refused` are encoded as they are here).
+/// that name both versions (its `Refused` is encoded as it is here).
 pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/3", b"ferry/2"];
 
 /// A committed round: its number and the root hash of its manifest.
@@ -36,6 +36,11 @@ pub struct Hello {
     pub delete: bool,
     /// Keep numeric owners instead of mapping names.
     pub numeric_ids: bool,
+    /// Which source this is: a number its data folder keeps for the job. A round from the same peer
+    /// and source replaces one still open (the source reconnecting, or started again after it died);
+    /// from another source of the same peer (a second data folder, a copy of the node's identity),
+    /// it is refused while the open one is alive.
+    pub source: u64,
 }
 
 /// One path that changed: its new entry, or `None` when the source no longer has it.
@@ -250,6 +255,8 @@ pub enum Message {
     Check {
         /// The job's name.
         job: String,
+        /// Which source asks: [`Hello::source`].
+        source: u64,
     },
     /// source → destination, every second while its bandwidth limit pauses it (a timetable's `0`),
     /// between messages of the list of changes or during the transfer: nothing comes for now, and the

@@ -50,6 +50,7 @@ fn corpus() -> Vec<Vec<u8>> {
             base: Some(RoundRef { round: 3, root }),
             delete: true,
             numeric_ids: false,
+            source: 1,
         }),
         Message::RoundOptions(RoundOptions { import: ImportMode::Full }),
         Message::DryRun,
@@ -100,7 +101,7 @@ fn corpus() -> Vec<Vec<u8>> {
             duration_ms: 1200,
         }),
         Message::Planned(Plan { files: 3, need_bytes: 1 << 20, space_needed: 2 << 20, space_available: 1 << 30 }),
-        Message::Check { job: "zimbra".into() },
+        Message::Check { job: "zimbra".into(), source: 1 },
         Message::Paused,
     ];
     messages

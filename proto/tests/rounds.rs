@@ -108,7 +108,7 @@ impl Pair {
         let now = Instant::now();
         let deadline = behaviour.deadline.map(|d| (now + d, "the deadline (--max-duration 1m)".to_owned()));
         let config = SourceConfig {
-            hello: Hello { version: 2, job: "mail".into(), base: None, delete: false, numeric_ids: false },
+            hello: Hello { version: 2, job: "mail".into(), base: None, delete: false, numeric_ids: false, source: 1 },
             options: RoundOptions { import: ImportMode::Default },
             dry_run: false,
             wait_for_import: false,
@@ -331,7 +331,7 @@ impl Pair {
     fn destination_event(&mut self, event: DestinationEvent) {
         match event {
             DestinationEvent::Opened(_) => self.destination.handle(DestinationInput::Welcome { holds: None }, self.now),
-            DestinationEvent::Check(_) => unreachable!("no check in these rounds"),
+            DestinationEvent::Check { .. } => unreachable!("no check in these rounds"),
             DestinationEvent::Changes(batch) => self.changes_received += batch.len(),
             DestinationEvent::ChangesEnd(_) => {
                 // Plan: ask for every chunk not held, in order.
@@ -638,6 +638,7 @@ fn a_replaced_connection_may_reconnect_and_a_refused_one_may_not() {
             base: None,
             delete: false,
             numeric_ids: false,
+            source: 1,
         })),
         pair.now,
     );
@@ -655,7 +656,8 @@ fn a_replaced_connection_may_reconnect_and_a_refused_one_may_not() {
 fn messages_out_of_place_are_violations_on_both_sides() {
     // The destination: changes before Hello, a second Hello, a stop before the transfer.
     let now = Instant::now();
-    let hello = Message::Hello(Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false });
+    let hello =
+        Message::Hello(Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false, source: 1 });
     let mut destination = DestinationRound::new(STALL);
     destination.handle(DestinationInput::Message(Message::Changes(vec![])), now);
     let violation = destination.poll();
@@ -669,14 +671,14 @@ fn messages_out_of_place_are_violations_on_both_sides() {
     assert!(matches!(destination.poll(), Some(DestinationEvent::Ended(DestinationEnd::Violation(_)))));
     // A check's connection carries no round.
     let mut destination = DestinationRound::new(STALL);
-    destination.handle(DestinationInput::Message(Message::Check { job: "j".into() }), now);
-    assert_eq!(destination.poll(), Some(DestinationEvent::Check("j".into())));
+    destination.handle(DestinationInput::Message(Message::Check { job: "j".into(), source: 1 }), now);
+    assert_eq!(destination.poll(), Some(DestinationEvent::Check { job: "j".into(), source: 1 }));
     destination.handle(DestinationInput::Message(hello), now);
     assert_eq!(destination.poll(), None, "after the check the connection is closed: nothing starts");
 
     // The source: a Need before Welcome, a Committed during a dry run.
     let config = SourceConfig {
-        hello: Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false },
+        hello: Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false, source: 1 },
         options: RoundOptions { import: ImportMode::None },
         dry_run: false,
         wait_for_import: false,
@@ -708,7 +710,7 @@ fn messages_out_of_place_are_violations_on_both_sides() {
 fn the_source_waits_for_the_import_when_asked_and_a_lost_connection_does_not_undo_the_commit() {
     let now = Instant::now();
     let config = SourceConfig {
-        hello: Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false },
+        hello: Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false, source: 1 },
         options: RoundOptions { import: ImportMode::Full },
         dry_run: false,
         wait_for_import: true,

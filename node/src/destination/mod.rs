@@ -150,11 +150,47 @@ impl Daemon {
     }
 }
 
+/// Who runs a job's round: which peer, which of its sources ([`ferry_proto::Hello::source`]), on
+/// which connection.
+struct Holder {
+    peer: NodeId,
+    source: u64,
+    connection: quinn::Connection,
+}
+
+/// How long a round's connection may stay silent and still be taken as alive: a live source sends
+/// at least a keep-alive every 5 s.
+const ALIVE_WITHIN: Duration = Duration::from_secs(7);
+
+/// Whether `connection`'s peer is alive: it sends something within [`ALIVE_WITHIN`].
+async fn answers(connection: &quinn::Connection) -> bool {
+    let before = connection.stats().udp_rx.datagrams;
+    let until = Instant::now() + ALIVE_WITHIN;
+    while Instant::now() < until && connection.close_reason().is_none() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if connection.stats().udp_rx.datagrams > before {
+            return true;
+        }
+    }
+    false
+}
+
+/// Another source of the same peer holds `job`, and is alive.
+fn running_elsewhere(job: &str) -> Refused {
+    Refused::new(
+        Refusal::Busy,
+        format!(
+            "a round of job {job} from this node is running here, from another source: a second data folder, or a copy \
+             of this node's identity on another host (each runs as its own source); wait for it, or stop it"
+        ),
+    )
+}
+
 struct ServerContext {
     config_dir: ConfigDir,
     trusted: TrustedPeers,
     /// Jobs with a round running: who runs it, on which connection.
-    busy: Mutex<HashMap<String, (NodeId, quinn::Connection)>>,
+    busy: Mutex<HashMap<String, Holder>>,
     /// Jobs whose import is running: which round, since when.
     imports: Imports,
     /// Checks of jobs' targets begun when their sources asked whether a round would be taken.
@@ -171,10 +207,7 @@ impl ServerContext {
             .lock()
             .map(|busy| {
                 busy.iter()
-                    .map(|(job, (_, connection))| Running {
-                        job: job.clone(),
-                        received: connection.stats().udp_rx.bytes,
-                    })
+                    .map(|(job, holder)| Running { job: job.clone(), received: holder.connection.stats().udp_rx.bytes })
                     .collect()
             })
             .unwrap_or_default();
@@ -211,7 +244,7 @@ struct BusyGuard(Arc<ServerContext>, String, usize);
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         if let Ok(mut busy) = self.0.busy.lock()
-            && busy.get(&self.1).is_some_and(|(_, c)| c.stable_id() == self.2)
+            && busy.get(&self.1).is_some_and(|holder| holder.connection.stable_id() == self.2)
         {
             busy.remove(&self.1);
         }
@@ -235,42 +268,61 @@ impl ServerContext {
         }
     }
 
-    /// Why a round of `job` from `peer` would be refused now, without claiming it: an import runs, or
-    /// another peer's round. A round of the same peer would replace its own (see [`Self::claim`]).
-    fn busy_for(&self, job: &str, peer: NodeId) -> Result<(), Refused> {
+    /// Why a round of `job` from `peer`'s `source` would be refused now, without claiming it: an
+    /// import runs, another peer's round, or a live round of another source of the same peer. A round
+    /// of the same source would replace its own (see [`Self::claim`]).
+    async fn busy_for(&self, job: &str, peer: NodeId, source: u64) -> Result<(), Refused> {
         self.no_import(job)?;
-        let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match busy.get(job) {
-            Some((holder, _)) if *holder != peer => Err(already_running(job)),
-            _ => Ok(()),
-        }
+        let other = {
+            let busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match busy.get(job) {
+                Some(holder) if holder.peer != peer => return Err(already_running(job)),
+                Some(holder) if holder.source != source => holder.connection.clone(),
+                _ => return Ok(()),
+            }
+        };
+        if answers(&other).await { Err(running_elsewhere(job)) } else { Ok(()) }
     }
 
-    /// Marks `job` busy for this connection. When the same peer is still running it on another
+    /// Marks `job` busy for this connection. When the same source is still running it on another
     /// connection, that one is presumed dead (a killed or cut-off source whose connection has not timed
-    /// out yet): it is closed, and this round waits for it to let go.
+    /// out yet): it is closed, and this round waits for it to let go. Another source of the same peer
+    /// (a second data folder, a copied identity) is refused while its round is alive; a silent one is
+    /// closed as dead.
     async fn claim(
         self: &Arc<Self>,
         job: &str,
-        peer: NodeId,
+        (peer, source): (NodeId, u64),
         connection: &quinn::Connection,
     ) -> Result<BusyGuard, Refused> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             self.no_import(job)?;
-            {
+            let other = {
                 let mut busy = self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 match busy.get(job) {
                     None => {
-                        busy.insert(job.to_owned(), (peer, connection.clone()));
+                        busy.insert(job.to_owned(), Holder { peer, source, connection: connection.clone() });
                         return Ok(BusyGuard(self.clone(), job.to_owned(), connection.stable_id()));
                     }
-                    Some((holder, old)) if *holder == peer => {
-                        tracing::info!("job {job}: a new connection from the same peer replaces the round still open");
-                        old.close(Refusal::Replaced.code().into(), b"replaced by a new connection from the same peer");
+                    Some(holder) if holder.peer == peer && holder.source == source => {
+                        tracing::info!(
+                            "job {job}: a new connection from the same source replaces the round still open"
+                        );
+                        let words = b"replaced by a new connection from the same source";
+                        holder.connection.close(Refusal::Replaced.code().into(), words);
+                        None
                     }
+                    Some(holder) if holder.peer == peer => Some(holder.connection.clone()),
                     Some(_) => return Err(already_running(job)),
                 }
+            };
+            if let Some(other) = other {
+                if answers(&other).await {
+                    return Err(running_elsewhere(job));
+                }
+                tracing::info!("job {job}: the round open from another source of this peer is silent: closed as dead");
+                other.close(Refusal::Replaced.code().into(), b"silent, replaced by another source of the same peer");
             }
             if Instant::now() > deadline {
                 return Err(Refused::new(
@@ -378,11 +430,14 @@ async fn answer_check(
     config: &Config,
     peer: &PeerConfig,
     peer_id: NodeId,
-    job: &str,
+    (job, source): (&str, u64),
     mut send: quinn::SendStream,
 ) -> anyhow::Result<()> {
     tracing::Span::current().record("job", job);
-    let answer = job_of_peer(config, job, peer).and_then(|job| context.busy_for(&job.name, peer_id).map(|()| job));
+    let answer = match job_of_peer(config, job, peer) {
+        Ok(job) => context.busy_for(&job.name, peer_id, source).await.map(|()| job),
+        Err(refused) => Err(refused),
+    };
     let message = match answer {
         Ok(job_config) => {
             let state = TargetState::new(&context.config_dir.data_dir(config), &job_config.name);
@@ -423,7 +478,9 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
     machine.handle(DestinationInput::Message(first), Instant::now());
     let hello = match machine.poll() {
         Some(DestinationEvent::Opened(hello)) => hello,
-        Some(DestinationEvent::Check(job)) => return answer_check(&context, &config, &peer, peer_id, &job, send).await,
+        Some(DestinationEvent::Check { job, source }) => {
+            return answer_check(&context, &config, &peer, peer_id, (&job, source), send).await;
+        }
         Some(DestinationEvent::Ended(DestinationEnd::Violation(error))) => return Err(error.into()),
         other => bail!("expected Hello, got {other:?}"),
     };
@@ -447,7 +504,7 @@ async fn round(connection: &quinn::Connection, peer_id: NodeId, context: Arc<Ser
         Ok(job) => job,
         Err(refused) => return refuse(send, machine, refused).await,
     };
-    let _guard = match context.claim(&job.name, peer_id, connection).await {
+    let _guard = match context.claim(&job.name, (peer_id, hello.source), connection).await {
         Ok(guard) => guard,
         Err(refused) => return refuse(send, machine, refused).await,
     };

@@ -71,6 +71,7 @@ pub(super) async fn drive(
         base,
         delete: options.delete,
         numeric_ids: options.numeric_ids,
+        source: prepared.source_id,
     };
     let words = format!("the source's deadline (--max-duration {})", max_duration_text(options));
     let mut machine = SourceRound::new(SourceConfig {

@@ -26,6 +26,8 @@ pub(super) struct Prepared {
     pub(super) scanned: ferry_engine::ScanReport,
     pub(super) new_root: ferry_engine::RootHash,
     pub(super) _lock: ferry_engine::StateLock,
+    /// Which source this is for the job ([`ferry_proto::Hello::source`]).
+    pub(super) source_id: u64,
 }
 
 /// Loads the job, asks the destination whether it would take a round now, runs the export hook, and
@@ -48,10 +50,11 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
     let state = SourceState::new(&config_dir.data_dir(&config), &job.name);
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
     let lock = ferry_engine::lock_state(&state.dir)?;
+    let source_id = state.source_id()?;
     let client = net::Client::default();
 
     loop {
-        match check_peer(&client, &job, &peer, &addr, &identity, options).await {
+        match check_peer(&client, (&job, source_id), &peer, &addr, &identity, options).await {
             Err(e) if options.wait_if_busy && is_busy(&e) => {
                 tracing::info!("{e}; asking again in {} s (--wait)", BUSY_RETRY.as_secs());
                 tokio::time::sleep(BUSY_RETRY).await;
@@ -78,7 +81,7 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
         }
         // Asked again right before the scan: the destination checks its target while this node
         // scans, and the export may have taken hours.
-        check_peer(&client, &job, &peer, &addr, &identity, options).await?;
+        check_peer(&client, (&job, source_id), &peer, &addr, &identity, options).await?;
     }
 
     tracing::info!("scanning {}", job.path.display());
@@ -100,7 +103,7 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
         );
     }
     let new_root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
-    Ok(Prepared { client, job, peer, addr, identity, state, scanned, new_root, _lock: lock })
+    Ok(Prepared { client, job, peer, addr, identity, state, scanned, new_root, _lock: lock, source_id })
 }
 
 /// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.

@@ -83,7 +83,7 @@ pub(super) const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// build without `Check`) is left to the round itself.
 pub(super) async fn check_peer(
     client: &net::Client,
-    job: &crate::config::JobConfig,
+    (job, source): (&crate::config::JobConfig, u64),
     peer: &crate::config::PeerConfig,
     addr: &str,
     identity: &Identity,
@@ -92,7 +92,7 @@ pub(super) async fn check_peer(
     let connection = connect(client, peer, addr, identity, options).await?;
     let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
         let (mut send, recv) = connection.open_bi().await.map_err(|_| ())?;
-        net::send(&mut send, &Message::Check { job: job.name.clone() }).await.map_err(|_| ())?;
+        net::send(&mut send, &Message::Check { job: job.name.clone(), source }).await.map_err(|_| ())?;
         let _ = send.finish();
         FrameReader::new(recv).next().await.map_err(|_| ())
     })

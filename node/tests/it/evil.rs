@@ -19,7 +19,15 @@ use crate::util::{assert_same_tree, random_bytes, sentinel, write};
 const LIMIT: Duration = Duration::from_secs(20);
 
 fn hello(job: &str) -> Message {
-    Message::Hello(Hello { version: PROTOCOL_VERSION, job: job.into(), base: None, delete: false, numeric_ids: false })
+    let source = 1;
+    Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        job: job.into(),
+        base: None,
+        delete: false,
+        numeric_ids: false,
+        source,
+    })
 }
 
 fn file(path: &str, data: &[u8]) -> Entry {
@@ -288,7 +296,7 @@ async fn evil_round(
         .unwrap();
     // The source asks first, on a connection of its own, whether a round would be taken.
     let (_check, mut control) = evil.accept(LIMIT).await.unwrap();
-    assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::Check { job }) if job == "zimbra"));
+    assert!(matches!(control.next(LIMIT).await.unwrap(), Some(Message::Check { job, .. }) if job == "zimbra"));
     control.send(&Message::Welcome { holds: None }).await.unwrap();
     let (connection, mut control) = evil.accept(LIMIT).await.unwrap();
     // The source opens with Hello and its round options, then waits for Welcome.
@@ -447,7 +455,7 @@ async fn a_peer_of_an_older_version_is_refused_with_both_versions_named() {
     let addr = scene.setup.daemon.addr.parse().unwrap();
     let old = EvilSource::connect_speaking(&scene.identity, scene.daemon_id, addr, b"ferry/2").await.unwrap();
     let mut control = old.open().await.unwrap();
-    control.send(&Message::Check { job: "zimbra".into() }).await.unwrap();
+    control.send(&Message::Check { job: "zimbra".into(), source: 1 }).await.unwrap();
     match control.next(LIMIT).await.unwrap() {
         Some(Message::Refused { refusal: Refusal::ProtocolViolation, reason }) => {
             assert!(reason.contains("ferry/2") && reason.contains("ferry/4"), "{reason}");

@@ -444,6 +444,61 @@ fn a_source_killed_mid_round_resumes_at_once_and_converges() {
     assert!(killed_mid_transfer, "no run was interrupted: make the tree bigger");
 }
 
+/// Two sources of one job under the same node identity at once (a second data folder here; a copy of
+/// the identity on another host is the same to the destination): the second is refused as busy, in
+/// words that say why, while the first runs to its end, instead of the two taking the round from each
+/// other. A source that died is taken over by another once it is silent.
+#[test]
+fn a_second_source_under_the_same_identity_is_refused_while_the_first_runs() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    for i in 0..4 {
+        crate::util::write(&source.join(format!("blob{i}")), &crate::util::random_bytes(2 << 20, 40 + i));
+    }
+    setup.job("zimbra", &source, &target);
+    let limited = |data_dir: &Path| {
+        let mut sync = setup.source.ferry();
+        sync.arg("--data-dir").arg(data_dir).args(["sync", "--round", "zimbra", "--json", "--bwlimit", "2M"]);
+        sync.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let transfer_begun = || {
+        let started = std::time::Instant::now();
+        while !target.join(ferry_engine::STAGING_DIR).exists() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "the first round did not begin");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let (first_data, second_data) = (setup.path("data-1"), setup.path("data-2"));
+
+    // 8 MiB at 2 MiB/s: the first round runs for about 4 s.
+    let first = limited(&first_data);
+    transfer_begun();
+    let mut second = setup.source.ferry();
+    second.arg("--data-dir").arg(&second_data).args(["sync", "--round", "zimbra"]);
+    let second = second.output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+    assert!(stderr.contains("from another source"), "{stderr}");
+    let report = crate::util::finish_round(first, std::time::Duration::from_secs(60));
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+
+    // The first source dies mid-round; the second takes the job once the first is silent (the
+    // destination cannot tell a dead source from a live one sooner).
+    crate::util::write(&source.join("blob9"), &crate::util::random_bytes(6 << 20, 49));
+    let mut first = limited(&first_data);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = setup.source.ferry();
+    second.arg("--data-dir").arg(&second_data).args(["sync", "--round", "zimbra", "--json"]);
+    let second = second.output().unwrap();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+}
+
 #[test]
 fn the_import_runs_once_per_committed_round_and_reports_back() {
     let setup = Setup::new();
