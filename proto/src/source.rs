@@ -67,8 +67,8 @@ pub enum SourceInput {
     Unreadable(Vec<u64>),
     /// Reading the source failed for good.
     ReadFailed(String),
-    /// The destination asked for a chunk the round does not have (the driver looks needs up in its
-    /// manifest): a protocol violation.
+    /// The destination asked for a chunk the round does not have, or went back in the manifest (the
+    /// driver looks needs up in its manifest, forward): a protocol violation.
     BadNeed(String),
     /// Whether the bandwidth limit pauses the round now. Fed at least every [`PAUSE_NOTICE`] while
     /// it does.

@@ -132,8 +132,8 @@ pub(super) async fn drive(
                         let chunks = match chunks.into_iter().map(|at| needs.resolve(at)).collect::<Result<Vec<_>, _>>()
                         {
                             Ok(chunks) => chunks,
-                            Err(NeedError::NotInRound(what)) => return Ok(Err(what)),
                             Err(NeedError::Read(e)) => return Err(e),
+                            Err(bad) => return Ok(Err(bad.to_string())),
                         };
                         anyhow::Ok(Ok((estimate_chunks(&root, settled, &chunks)?, needs)))
                     })
@@ -141,7 +141,7 @@ pub(super) async fn drive(
                     .context("sizing chunks panicked")??;
                     match sized {
                         Ok((bytes, needs)) => (payload, dry_run_needs) = (payload + bytes, Some(needs)),
-                        Err(what) => machine.handle(SourceInput::BadNeed(bad_need(&what)), Instant::now()),
+                        Err(what) => machine.handle(SourceInput::BadNeed(what), Instant::now()),
                     }
                 }
                 SourceEvent::Read(chunks) => {
@@ -358,13 +358,8 @@ pub(super) enum FromReader {
     Missing(Vec<u64>),
     /// Reading failed for good.
     Failed(String),
-    /// The destination asked for something the round does not have.
+    /// The destination asked for something the round does not have, or out of order.
     BadNeed(String),
-}
-
-/// The words for a need the round does not have.
-fn bad_need(what: &str) -> String {
-    format!("it asked for {what}, which is no chunk of this round")
 }
 
 /// The chunk reader (a blocking task reading what the destination asks for, in order), four senders
@@ -411,12 +406,12 @@ impl Transfer {
                     .and_then(|needs| chunks.into_iter().map(|at| needs.resolve(at)).collect());
                     let chunks: Vec<ferry_proto::NeedChunk> = match looked_up {
                         Ok(chunks) => chunks,
-                        Err(NeedError::NotInRound(what)) => {
-                            let _ = reader_tx.send(FromReader::BadNeed(bad_need(&what)));
-                            return;
-                        }
                         Err(NeedError::Read(e)) => {
                             let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
+                            return;
+                        }
+                        Err(bad) => {
+                            let _ = reader_tx.send(FromReader::BadNeed(bad.to_string()));
                             return;
                         }
                     };

@@ -2,7 +2,7 @@
 //! (the file's place, an offset, a length); the path to read it from and the hash it must have, which
 //! the reader checks and the batch names, are the scan's, read here from that manifest.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use ferry_engine::{Entry, ManifestReader};
@@ -12,18 +12,21 @@ use ferry_proto::{ChunkAt, NeedChunk};
 #[derive(Debug, thiserror::Error)]
 pub(super) enum NeedError {
     /// The destination asked for something the round does not have: a protocol violation.
-    #[error("the destination asked for {0}, which is no chunk of this round")]
+    #[error("it asked for {0}, which is no chunk of this round")]
     NotInRound(String),
+    /// The destination went back in the manifest: a protocol violation (and a way to make this node
+    /// read its manifest again and again, were it followed).
+    #[error("it asked for a chunk of entry {place} after one of entry {after}: needs come in the manifest's order")]
+    OutOfOrder { place: u64, after: u64 },
     /// The manifest could not be read.
     #[error(transparent)]
     Read(#[from] anyhow::Error),
 }
 
-/// Looks needs up in the round's manifest, reading it forward: the destination asks in manifest
-/// order, so each file is found a little further on. A need that goes back (asked again after a
-/// reconnection) reads the manifest again from its start.
+/// Looks needs up in the round's manifest, reading it forward once: the destination asks in manifest
+/// order (a connection's needs never go back; the next connection's start again), so each file is
+/// found a little further on.
 pub(super) struct Needs {
-    manifest: PathBuf,
     reader: ManifestReader,
     /// The place of the next entry `reader` gives.
     next_place: u64,
@@ -42,12 +45,12 @@ impl Needs {
     /// The needs of the round whose manifest is at `manifest`.
     pub(super) fn open(manifest: &Path) -> anyhow::Result<Self> {
         let reader = ManifestReader::open(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
-        Ok(Self { manifest: manifest.to_path_buf(), reader, next_place: 0, file: None })
+        Ok(Self { reader, next_place: 0, file: None })
     }
 
     /// The chunk at `at`, with its path and hash. A need for something the manifest does not have (no
-    /// such place, not a file, no chunk starting there, another length) is the destination's error,
-    /// and fails the round.
+    /// such place, not a file, no chunk starting there, another length), or for an entry before the
+    /// last one asked for, is the destination's error, and fails the round.
     pub(super) fn resolve(&mut self, at: ChunkAt) -> Result<NeedChunk, NeedError> {
         if self.file.as_ref().is_none_or(|file| file.place != at.place) {
             self.file = Some(File { place: at.place, entry: self.find(at.place)?, next: (0, 0) });
@@ -77,13 +80,10 @@ impl Needs {
         }
     }
 
-    /// The entry at `place`, reading on from the last one found (from the start, if `place` comes
-    /// before it).
+    /// The entry at `place`, reading on from the last one found.
     fn find(&mut self, place: u64) -> Result<Entry, NeedError> {
         if place < self.next_place {
-            tracing::debug!("a need goes back to entry {place}: reading the manifest again");
-            self.reader = ManifestReader::open(&self.manifest).context("cannot read the round's manifest again")?;
-            self.next_place = 0;
+            return Err(NeedError::OutOfOrder { place, after: self.next_place - 1 });
         }
         while let Some(raw) = self.reader.next_raw().context("cannot read the round's manifest")? {
             self.next_place += 1;
@@ -118,7 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn a_need_is_found_with_its_path_and_hash_forward_and_back_and_a_wrong_one_is_refused() {
+    fn a_need_is_found_with_its_path_and_hash_and_a_wrong_or_backward_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("manifest");
         let mut writer = ManifestWriter::create(&manifest).unwrap();
@@ -129,15 +129,10 @@ mod tests {
         let hash = |path: &str, i: usize| ChunkHash::of(format!("{path} {i}").as_bytes());
 
         let mut needs = Needs::open(&manifest).unwrap();
-        // In order, skipping chunks and files; then back (a need asked again); then within a file.
-        for (place, path, offset, len, index) in [
-            (0, "a", 10, 20, 1),
-            (0, "a", 30, 30, 2),
-            (2, "c/d", 7, 8, 1),
-            (0, "a", 0, 10, 0),
-            (1, "b", 0, 5, 0),
-            (2, "c/d", 0, 7, 0),
-        ] {
+        // In order, skipping chunks and files; back within a file.
+        for (place, path, offset, len, index) in
+            [(0, "a", 10, 20, 1), (0, "a", 30, 30, 2), (0, "a", 0, 10, 0), (2, "c/d", 7, 8, 1), (2, "c/d", 0, 7, 0)]
+        {
             let need = needs.resolve(at(place, offset, len)).unwrap();
             assert_eq!(
                 (need.path.to_string(), need.offset, need.len, need.hash),
@@ -145,6 +140,9 @@ mod tests {
                 "{path} at {offset}"
             );
         }
+        // Back to an entry before: refused, not read again.
+        assert!(matches!(needs.resolve(at(1, 0, 5)), Err(NeedError::OutOfOrder { place: 1, after: 2 })));
+        let mut needs = Needs::open(&manifest).unwrap();
         // Not a chunk's start, not its length, no such entry, past the file's end.
         for wrong in [at(0, 5, 10), at(0, 10, 21), at(3, 0, 5), at(0, 60, 1)] {
             assert!(matches!(needs.resolve(wrong.clone()), Err(NeedError::NotInRound(_))), "{wrong:?}");
