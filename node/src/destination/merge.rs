@@ -133,6 +133,20 @@ pub(super) fn patch<'a>(
     steps.filter(|step| !matches!(step, Ok(Step::Apply(pair)) if pair.old.is_none() && pair.new.is_none()))
 }
 
+/// Each step with the place its entry has in the round's new manifest, which is how a need names
+/// its file: the steps are that manifest's entries in order, with the removed ones among them.
+pub(super) fn placed(
+    steps: impl Iterator<Item = anyhow::Result<Step>>,
+) -> impl Iterator<Item = anyhow::Result<(u64, Step)>> {
+    let mut places = 0u64;
+    steps.map(move |step| {
+        let step = step?;
+        let place = places;
+        places += u64::from(step.is_in_new());
+        Ok((place, step))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::round::Space;
@@ -149,6 +163,24 @@ mod tests {
         }
     }
 
+    /// Writes `entries` as a manifest at `path`; its root.
+    fn manifest_of(path: &Path, entries: impl IntoIterator<Item = Entry>) -> ferry_engine::RootHash {
+        let mut writer = ManifestWriter::create(path).unwrap();
+        for entry in entries {
+            writer.push(&entry).unwrap();
+        }
+        writer.finish().unwrap()
+    }
+
+    /// Writes `changes` as a list of changes at `path`.
+    fn changes_of(path: &Path, changes: impl IntoIterator<Item = Change>) {
+        let mut writer = RecordWriter::<Change>::create(path).unwrap();
+        for change in changes {
+            writer.push(&change).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+
     /// The committed manifest at `manifest`, with the check having found everything as ferry left it.
     fn as_found(manifest: &Path) -> impl Iterator<Item = Result<Held, RecordFileError>> + Send + use<> {
         ManifestReader::open(manifest).unwrap().raw().map(|raw| raw.map(|raw| Held::Committed(Checked::from(raw))))
@@ -158,12 +190,8 @@ mod tests {
     fn an_entry_the_check_found_missing_or_changed_is_applied_again_though_the_source_did_not_change_it() {
         let dir = tempfile::tempdir().unwrap();
         let (manifest, changes) = (dir.path().join("manifest"), dir.path().join("changes"));
-        let mut old = ManifestWriter::create(&manifest).unwrap();
-        for entry in [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("d", 400, 4)] {
-            old.push(&entry).unwrap();
-        }
-        old.finish().unwrap();
-        RecordWriter::<Change>::create(&changes).unwrap().finish().unwrap();
+        manifest_of(&manifest, [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("d", 400, 4)]);
+        changes_of(&changes, []);
         let found = |path: &str| match path {
             "a" => Some(ferry_engine::Found::Missing),
             "b" => Some(ferry_engine::Found::Changed("edited".into())),
@@ -205,11 +233,7 @@ mod tests {
     fn the_space_of_changes_is_the_space_of_the_merged_round() {
         let dir = tempfile::tempdir().unwrap();
         let (manifest, changes) = (dir.path().join("manifest"), dir.path().join("changes"));
-        let mut old = ManifestWriter::create(&manifest).unwrap();
-        for entry in [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("e", 500, 5)] {
-            old.push(&entry).unwrap();
-        }
-        old.finish().unwrap();
+        manifest_of(&manifest, [file("a", 100, 1), file("b", 200, 2), file("c", 300, 3), file("e", 500, 5)]);
         // a: new content; b: only its mtime (chunks as before); c: unchanged; d: new; e: removed.
         let mut b = file("b", 200, 2);
         b.mtime_ns = 2;
@@ -220,11 +244,7 @@ mod tests {
             Change { path: file("d", 0, 0).path, entry: Some(file("d", 400, 4)), content_as_before: false, base: None },
             Change { path: file("e", 0, 0).path, entry: None, content_as_before: false, base: None },
         ];
-        let mut writer = RecordWriter::<Change>::create(&changes).unwrap();
-        for change in &listed {
-            writer.push(change).unwrap();
-        }
-        writer.finish().unwrap();
+        changes_of(&changes, listed);
 
         // Only c, which no change lists, is kept as it is stored.
         let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
@@ -243,16 +263,33 @@ mod tests {
         assert_eq!((by_changes.files, by_changes.needed), (by_pairs.files, by_pairs.needed));
     }
 
+    /// A removed entry has no place in the new manifest: the entries after it are placed as the
+    /// source's manifest has them.
+    #[test]
+    fn places_count_the_entries_the_new_manifest_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifest");
+        manifest_of(&manifest, [file("a", 1, 1), file("b", 1, 2), file("c", 1, 3)]);
+        let changes = dir.path().join("changes");
+        let gone = Change { path: file("b", 0, 0).path, entry: None, content_as_before: false, base: None };
+        let new =
+            Change { path: file("bb", 0, 0).path, entry: Some(file("bb", 5, 9)), content_as_before: false, base: None };
+        changes_of(&changes, [gone, new]);
+        let steps = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
+        let placed: Vec<(u64, String)> = placed(steps)
+            .map(|step| step.map(|(place, step)| (place, step.pair().map_or("kept".into(), |p| p.path().to_string()))))
+            .collect::<anyhow::Result<_>>()
+            .unwrap();
+        // a (0), b removed (no place of its own: the next entry's), bb (1), c (2).
+        assert_eq!(placed, [(0, "kept".into()), (1, "b".into()), (1, "bb".into()), (2, "kept".into())]);
+    }
+
     #[test]
     fn a_place_in_the_base_round_is_read_from_the_manifest_held_and_only_from_that_round() {
         let dir = tempfile::tempdir().unwrap();
         let state = TargetState::new(dir.path(), "zimbra");
         std::fs::create_dir_all(&state.dir).unwrap();
-        let mut old = ManifestWriter::create(&state.manifest()).unwrap();
-        for entry in [file("a", 1, 1), file("b", 1, 2), file("c", 1, 3), file("d", 1, 4)] {
-            old.push(&entry).unwrap();
-        }
-        let root = old.finish().unwrap();
+        let root = manifest_of(&state.manifest(), [file("a", 1, 1), file("b", 1, 2), file("c", 1, 3), file("d", 1, 4)]);
         let held = Some(RoundRef { round: 3, root });
         let mut paths = BasePaths::open(&state, held, held).unwrap();
         assert_eq!(paths.path_at(1).unwrap().to_string(), "b");

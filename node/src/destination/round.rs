@@ -17,7 +17,7 @@ use ferry_proto::{
 use tokio::sync::mpsc;
 
 use super::early::{self, EarlyChecks};
-use super::merge::{BasePaths, held, patch};
+use super::merge::{BasePaths, held, patch, placed};
 use super::transfer::{TransferEnd, transfer};
 use super::window::{Window, WindowSource};
 use crate::config::JobConfig;
@@ -231,7 +231,7 @@ pub(super) fn destination_round(
         Space::of_round(open_steps()?, &job.path)?
     };
     if dry_run {
-        plan_only(open_steps()?, &index, &space, &send)?;
+        plan_only(placed(open_steps()?), &index, &space, &send)?;
         let _ = std::fs::remove_file(&changes_path);
         return Ok(RoundEnd::Planned);
     }
@@ -257,7 +257,7 @@ pub(super) fn destination_round(
     applier.distrust(ferry_engine::stale_paths(&check, &state.findings())?);
 
     // The manifests are read and merged on a thread of their own: applying is this one's work.
-    let steps = read_ahead(open_steps()?)?;
+    let steps = read_ahead(placed(open_steps()?))?;
     match transfer(&mut applier, steps, window)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
@@ -445,7 +445,7 @@ impl Space {
 /// A dry run: asks for the chunks the round would need (the source sizes them instead of sending
 /// them), then says what the round would write.
 pub(super) fn plan_only(
-    steps: impl Iterator<Item = anyhow::Result<Step>>,
+    steps: impl Iterator<Item = anyhow::Result<(u64, Step)>>,
     index: &ChunkIndex,
     space: &Space,
     send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
@@ -453,12 +453,8 @@ pub(super) fn plan_only(
     let mut planner = ferry_engine::Planner::default();
     let mut needed = Vec::new();
     let mut need_bytes = 0u64;
-    // The place in the new manifest of the next step's entry: a need names its file by it.
-    let mut places = 0u64;
     for step in steps {
-        let step = step?;
-        let place = places;
-        places += u64::from(step.is_in_new());
+        let (place, step) = step?;
         let Some(pair) = step.pair() else { continue };
         for need in planner.plan(index, pair)? {
             need_bytes += u64::from(need.chunk.len);

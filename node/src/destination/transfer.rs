@@ -34,17 +34,16 @@ pub(super) enum TransferEnd {
 /// `WINDOW_MAX` bytes (and `WINDOW_ENTRIES` entries) are in memory, asked for and not yet flushed; each entry is
 /// applied, in order, as soon as its chunks are in; every `FLUSH_EVERY` what was applied begins its way
 /// to the disk (`begin_flush`), and its chunks leave memory once it is durable, at the next flush. A stop or a
-/// cut keeps everything applied so far.
+/// cut keeps everything applied so far. Each step comes with its place in the new manifest
+/// ([`super::merge::placed`]), by which its needs name it.
 pub(super) fn transfer(
     applier: &mut Applier<'_>,
-    mut steps: impl Iterator<Item = anyhow::Result<Step>>,
+    mut steps: impl Iterator<Item = anyhow::Result<(u64, Step)>>,
     window: &Window,
 ) -> anyhow::Result<TransferEnd> {
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut outstanding = 0u64;
     let mut planned_all = false;
-    // The place in the new manifest of the next step's entry: a need names its file by it.
-    let mut places = 0u64;
     let (mut applied, mut applied_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     // Applied before the last flush began, durable once the next one begins.
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
@@ -59,9 +58,7 @@ pub(super) fn transfer(
                 planned_all = true;
                 break;
             };
-            let step = step?;
-            let place = places;
-            places += u64::from(step.is_in_new());
+            let (place, step) = step?;
             let (mut hashes, mut bytes) = (Vec::new(), 0u64);
             let planned = match step.pair() {
                 Some(pair) => applier.plan(pair)?,

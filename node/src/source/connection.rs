@@ -124,24 +124,20 @@ pub(super) async fn drive(
                     // A dry run sizes what it would send (read and compressed here, not sent).
                     let (root, settled) = (job.path.clone(), prepared.scanned.settled_before);
                     let (manifest, looked_up) = (state.scanned(), dry_run_needs.take());
-                    let sized = tokio::task::spawn_blocking(move || {
+                    let sized = tokio::task::spawn_blocking(move || -> Result<_, NeedError> {
                         let mut needs = match looked_up {
                             Some(needs) => needs,
                             None => Needs::open(&manifest)?,
                         };
-                        let chunks = match chunks.into_iter().map(|at| needs.resolve(at)).collect::<Result<Vec<_>, _>>()
-                        {
-                            Ok(chunks) => chunks,
-                            Err(NeedError::Read(e)) => return Err(e),
-                            Err(bad) => return Ok(Err(bad.to_string())),
-                        };
-                        anyhow::Ok(Ok((estimate_chunks(&root, settled, &chunks)?, needs)))
+                        let chunks: Vec<_> = needs.resolve_all(chunks)?.into_iter().map(|(_, need)| need).collect();
+                        Ok((estimate_chunks(&root, settled, &chunks)?, needs))
                     })
                     .await
-                    .context("sizing chunks panicked")??;
+                    .context("sizing chunks panicked")?;
                     match sized {
                         Ok((bytes, needs)) => (payload, dry_run_needs) = (payload + bytes, Some(needs)),
-                        Err(what) => machine.handle(SourceInput::BadNeed(what), Instant::now()),
+                        Err(NeedError::Read(e)) => return Err(e),
+                        Err(bad) => machine.handle(SourceInput::BadNeed(bad.to_string()), Instant::now()),
                     }
                 }
                 SourceEvent::Read(chunks) => {
@@ -395,16 +391,15 @@ impl Transfer {
             let mut cursor = PositionCursor { positions: Arc::new(positions), at: 0 };
             let manifest = prepared.state.scanned();
             tokio::task::spawn_blocking(move || {
-                let mut lookup: Option<Needs> = None;
-                // Needs count from 0 on the connection, in the order they came.
-                let mut next_need = 0u64;
-                while let Some(chunks) = needs_rx.blocking_recv() {
-                    let looked_up = match lookup.as_mut() {
-                        Some(needs) => Ok(needs),
-                        None => Needs::open(&manifest).map(|needs| lookup.insert(needs)).map_err(NeedError::Read),
+                let mut needs = match Needs::open(&manifest) {
+                    Ok(needs) => needs,
+                    Err(e) => {
+                        let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
+                        return;
                     }
-                    .and_then(|needs| chunks.into_iter().map(|at| needs.resolve(at)).collect());
-                    let chunks: Vec<ferry_proto::NeedChunk> = match looked_up {
+                };
+                while let Some(chunks) = needs_rx.blocking_recv() {
+                    let chunks = match needs.resolve_all(chunks) {
                         Ok(chunks) => chunks,
                         Err(NeedError::Read(e)) => {
                             let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
@@ -421,9 +416,6 @@ impl Transfer {
                         limiter.rate().bytes_per_second().map_or(ferry_proto::batch::BATCH_BYTES, |bps| {
                             (bps as usize / 16).clamp(64 << 10, ferry_proto::batch::BATCH_BYTES)
                         });
-                    let first = next_need;
-                    next_need += chunks.len() as u64;
-                    let chunks = (first..).zip(chunks).collect();
                     let read = SourceChunks::open(&root, settled).and_then(|mut reader| {
                         read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)
                     });

@@ -30,6 +30,9 @@ pub(super) struct Needs {
     reader: ManifestReader,
     /// The place of the next entry `reader` gives.
     next_place: u64,
+    /// The number of the next need (they count from 0 in the order they came: a chunk batch names
+    /// each chunk by its need's number).
+    next_need: u64,
     /// The last file a need named, and where in its chunk list the next need is likely to be.
     file: Option<File>,
 }
@@ -45,13 +48,25 @@ impl Needs {
     /// The needs of the round whose manifest is at `manifest`.
     pub(super) fn open(manifest: &Path) -> anyhow::Result<Self> {
         let reader = ManifestReader::open(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
-        Ok(Self { reader, next_place: 0, file: None })
+        Ok(Self { reader, next_place: 0, next_need: 0, file: None })
+    }
+
+    /// A list of needs made whole, in order, each with its number (see [`Self::resolve`]).
+    pub(super) fn resolve_all(&mut self, needs: Vec<ChunkAt>) -> Result<Vec<(u64, NeedChunk)>, NeedError> {
+        needs
+            .into_iter()
+            .map(|at| {
+                let need = self.resolve(at)?;
+                self.next_need += 1;
+                Ok((self.next_need - 1, need))
+            })
+            .collect()
     }
 
     /// The chunk at `at`, with its path and hash. A need for something the manifest does not have (no
     /// such place, not a file, no chunk starting there, another length), or for an entry before the
     /// last one asked for, is the destination's error, and fails the round.
-    pub(super) fn resolve(&mut self, at: ChunkAt) -> Result<NeedChunk, NeedError> {
+    fn resolve(&mut self, at: ChunkAt) -> Result<NeedChunk, NeedError> {
         if self.file.as_ref().is_none_or(|file| file.place != at.place) {
             self.file = Some(File { place: at.place, entry: self.find(at.place)?, next: (0, 0) });
         }
@@ -140,6 +155,13 @@ mod tests {
                 "{path} at {offset}"
             );
         }
+        // Needs are numbered in the order they came, list after list.
+        let numbered = needs.resolve_all(vec![at(2, 7, 8)]).unwrap();
+        assert_eq!(numbered.iter().map(|(n, need)| (*n, need.offset)).collect::<Vec<_>>(), [(0, 7)]);
+        let mut fresh = Needs::open(&manifest).unwrap();
+        let numbered = fresh.resolve_all(vec![at(0, 0, 10), at(1, 0, 5)]).unwrap();
+        let numbered_next = fresh.resolve_all(vec![at(2, 0, 7)]).unwrap();
+        assert_eq!([numbered[0].0, numbered[1].0, numbered_next[0].0], [0, 1, 2]);
         // Back to an entry before: refused, not read again.
         assert!(matches!(needs.resolve(at(1, 0, 5)), Err(NeedError::OutOfOrder { place: 1, after: 2 })));
         let mut needs = Needs::open(&manifest).unwrap();
