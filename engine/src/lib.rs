@@ -53,7 +53,7 @@ pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError, PlacedStat, Recorded};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
-    RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_numbered, same_records, sync_record_file,
+    Places, RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_numbered, same_records, sync_record_file,
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};
@@ -64,5 +64,5 @@ pub use round::{
     LocalChunkSource, LocalPlan, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_plan, local_round,
     lock_state,
 };
-pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, scan};
+pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, Teed, scan};
 pub use timing::lap;

@@ -29,7 +29,7 @@ pub enum Phase {
     Greeting,
     /// `Hello` came: the driver decides whether to take the round.
     Opened,
-    /// Receiving `Changes` until `ChangesEnd`.
+    /// Receiving `Changes` until `ChangesEnd`; the transfer may begin before the list ends.
     Changes,
     /// Sending `Need`, receiving chunks, until the commit.
     Transfer,
@@ -70,6 +70,8 @@ pub enum DestinationInput {
     },
     /// Ask for these chunks.
     Need(Vec<NeedChunk>),
+    /// Every entry before this place of the new manifest is planned (see `Message::Passed`).
+    Passed(u64),
     /// Something the operator on the source should know.
     Notice(String),
     /// A batch of chunks was received whole (after its chunks were given to `arrive`).
@@ -265,7 +267,7 @@ impl DestinationRound {
             }
             DestinationInput::Welcome { .. } => {}
             DestinationInput::Need(chunks) => {
-                if self.phase == Phase::Transfer && !chunks.is_empty() {
+                if matches!(self.phase, Phase::Changes | Phase::Transfer) && !chunks.is_empty() {
                     // Waiting starts now: time spent planning is not the source's.
                     if !self.ledger.waiting() {
                         self.stall.restart(self.progress_count(), now);
@@ -274,6 +276,11 @@ impl DestinationRound {
                         self.ledger.want(chunks.iter().map(|c| c.hash));
                     }
                     self.send(Message::Need(chunks.iter().map(NeedChunk::at).collect()));
+                }
+            }
+            DestinationInput::Passed(place) => {
+                if matches!(self.phase, Phase::Changes | Phase::Transfer) {
+                    self.send(Message::Passed(place));
                 }
             }
             DestinationInput::Notice(text) => self.send(Message::Notice { text }),
@@ -367,14 +374,15 @@ impl DestinationRound {
                 self.phase = Transfer;
                 self.events.push_back(DestinationEvent::ChangesEnd(end));
             }
-            (Transfer, Message::Missing(needs)) => self.ledger.source_missing(needs),
+            (Changes | Transfer, Message::Missing(needs)) => self.ledger.source_missing(needs),
+            (Changes, Message::Scanning) => {}
             // A paused source says so between the messages of its list and during the transfer; a
             // notice late for the commit is harmless.
             (Changes | Transfer | Stopping | Committed | Closed, Message::Paused) => self.ledger.paused(),
             (Opened | Changes | Transfer | Stopping, Message::Failed { reason }) => {
                 self.end(DestinationEnd::Cut(format!("the source gave up: {reason}")));
             }
-            (Transfer, Message::Stop { reason, batches }) => {
+            (Changes | Transfer, Message::Stop { reason, batches }) => {
                 self.ledger.stopped(batches);
                 self.phase = Stopping;
                 self.stop = Some((reason, now + STOPPED_BATCHES_WAIT));

@@ -203,6 +203,8 @@ mod tests {
                 "0000000c060002ac020200010378797a",
             ),
             (Message::Check { job: "zimbra".into(), source: 1 }, "0000000912067a696d62726101"),
+            (Message::Scanning, "0000000114"),
+            (Message::Passed(300), "0000000315ac02"),
         ];
         let mut checked = 0;
         for (message, golden) in cases {
@@ -217,7 +219,7 @@ mod tests {
             assert!(buf.is_empty());
             checked += 1;
         }
-        assert_eq!(checked, 12, "wire format changed");
+        assert_eq!(checked, 14, "wire format changed");
     }
 
     #[test]

@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::refusal::Refusal;
 
 /// The protocol name and version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"ferry/4";
+pub const ALPN: &[u8] = b"ferry/5";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Earlier versions, offered in the handshake only to refuse a peer that speaks one of them with words
 /// that name both versions (its `Refused` is encoded as it is here).
-pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/3", b"ferry/2"];
+pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/4", b"ferry/3", b"ferry/2"];
 
 /// A committed round: its number and the root hash of its manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +262,14 @@ pub enum Message {
     /// between messages of the list of changes or during the transfer: nothing comes for now, and the
     /// round is not stalled. The destination counts it as progress.
     Paused,
+    /// source → destination, every second while the list of changes waits for the scan (reading and
+    /// hashing a large file, or a stretch of the tree with no change): the round is not stalled.
+    Scanning,
+    /// destination → source: every entry before this place in the new manifest is planned (its
+    /// chunks, if any, asked for). The list of changes streams while the source scans; the source
+    /// keeps it at most a bounded window ahead of this, so that what it read is still in memory when
+    /// it is asked for, and no more than that waits here.
+    Passed(u64),
 }
 
 /// What a round would do on the destination, without doing it.
@@ -342,6 +350,8 @@ impl Message {
             Message::Planned(_) => "Planned",
             Message::Check { .. } => "Check",
             Message::Paused => "Paused",
+            Message::Scanning => "Scanning",
+            Message::Passed(_) => "Passed",
         }
     }
 }

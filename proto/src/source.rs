@@ -41,7 +41,8 @@ pub struct SourceConfig {
 pub enum SourcePhase {
     /// `Hello` sent, waiting for `Welcome`.
     Opening,
-    /// Sending the list of changes.
+    /// Sending the list of changes as the scan makes it; chunks already go out as the destination
+    /// asks.
     Listing,
     /// The list is sent: chunks go out as the destination asks, until it commits.
     Serving,
@@ -73,6 +74,8 @@ pub enum SourceInput {
     /// Whether the bandwidth limit pauses the round now. Fed at least every [`PAUSE_NOTICE`] while
     /// it does.
     Paused(bool),
+    /// The list waits for the scan. Fed at least every [`PAUSE_NOTICE`] while it does.
+    Scanning,
     /// After [`SourceEvent::StopSending`]: the senders stopped, having sent `batches` in all.
     SendingStopped {
         /// Chunk batches sent on this connection.
@@ -98,6 +101,9 @@ pub enum SourceEvent {
     /// Read these chunks and send them on the data streams (a dry run sizes them instead); their
     /// hashes are in the round's manifest.
     Read(Vec<ChunkAt>),
+    /// The destination planned every entry before this place of the new manifest: the list may go
+    /// that much further.
+    Passed(u64),
     /// The destination says something the operator should know.
     Notice(String),
     /// The destination began its import.
@@ -243,7 +249,7 @@ impl SourceRound {
             // The driver's own list came after the round moved on (stopped, ended): nothing to send.
             SourceInput::Changes(_) | SourceInput::ChangesEnd(_) => {}
             SourceInput::Unreadable(needs) => {
-                if self.phase == SourcePhase::Serving && !needs.is_empty() {
+                if matches!(self.phase, SourcePhase::Listing | SourcePhase::Serving) && !needs.is_empty() {
                     self.send(Message::Missing(needs));
                 }
             }
@@ -253,6 +259,11 @@ impl SourceRound {
             }
             SourceInput::BadNeed(what) => self.end(SourceEnd::Violation(what)),
             SourceInput::Paused(paused) => self.paused(paused, now),
+            SourceInput::Scanning => {
+                if self.phase == SourcePhase::Listing {
+                    self.send(Message::Scanning);
+                }
+            }
             SourceInput::SendingStopped { batches } => {
                 if self.phase == SourcePhase::Stopping && self.stop_wait.is_none() {
                     let reason = self.deadline_words();
@@ -285,9 +296,15 @@ impl SourceRound {
             return;
         }
         match self.phase {
-            SourcePhase::Opening | SourcePhase::Listing => {
+            SourcePhase::Opening => {
                 // Before the transfer nothing was sent that the destination could keep.
                 let reason = format!("{}, before the transfer began", self.deadline_words());
+                self.send(Message::Failed { reason });
+                self.transmit.push_back(Transmit::Finish);
+                self.end(SourceEnd::Deadline { batches: 0 });
+            }
+            SourcePhase::Listing if self.config.dry_run => {
+                let reason = format!("{}, before the plan was made", self.deadline_words());
                 self.send(Message::Failed { reason });
                 self.transmit.push_back(Transmit::Finish);
                 self.end(SourceEnd::Deadline { batches: 0 });
@@ -295,7 +312,8 @@ impl SourceRound {
             SourcePhase::Serving if self.config.dry_run => {
                 self.end(SourceEnd::Deadline { batches: 0 });
             }
-            SourcePhase::Serving => {
+            // Chunks go out while the list is still made: the destination keeps what arrived.
+            SourcePhase::Listing | SourcePhase::Serving => {
                 self.phase = SourcePhase::Stopping;
                 self.events.push_back(SourceEvent::StopSending);
             }
@@ -316,7 +334,8 @@ impl SourceRound {
                 self.end(SourceEnd::Refused { refusal, reason });
             }
             (Opening | Listing | Serving, Message::Failed { reason }) => self.end(SourceEnd::PeerFailed(reason)),
-            (Serving, Message::Need(chunks)) => self.events.push_back(SourceEvent::Read(chunks)),
+            (Listing | Serving, Message::Need(chunks)) => self.events.push_back(SourceEvent::Read(chunks)),
+            (Listing | Serving, Message::Passed(place)) => self.events.push_back(SourceEvent::Passed(place)),
             (Serving, Message::Done) => {}
             (Serving, Message::Committed(committed)) if !self.config.dry_run => {
                 self.transmit.push_back(Transmit::Finish);

@@ -16,6 +16,8 @@ use ferry_proto::{
 
 const STALL: Duration = Duration::from_secs(3);
 const CHUNK: u64 = 64 << 10;
+/// Changes per batch of the list.
+const LIST_BATCH: usize = 7;
 
 /// What travels between the two sides.
 #[derive(Debug)]
@@ -45,6 +47,13 @@ struct Behaviour {
     deadline: Option<Duration>,
     /// Chunks it cannot read (their files changed).
     unreadable: HashSet<ChunkHash>,
+    /// The list streams: the source lists one batch ahead of what the destination says it passed,
+    /// and the destination plans each batch as it comes.
+    streamed: bool,
+    /// The destination's driver never says what it passed.
+    mute_passed: bool,
+    /// The source's driver never says that its list waits.
+    mute_scanning: bool,
 }
 
 /// A tree: `files` files of `chunks` chunks each, all distinct.
@@ -101,6 +110,15 @@ struct Pair {
     cut_after: Option<usize>,
     /// `Paused` messages the destination received.
     pauses_seen: u64,
+    /// Batches of the list handed to the source machine, and whether its end was.
+    listed: usize,
+    list_ended: bool,
+    /// `Need` messages that reached the source while it was still listing.
+    needs_while_listing: u64,
+    /// `Scanning` messages the destination received, and when the source's driver last fed one.
+    scanning_seen: u64,
+    last_scanning: Instant,
+    chunks_sent: u64,
 }
 
 impl Pair {
@@ -141,7 +159,19 @@ impl Pair {
             delivered: 0,
             cut_after: None,
             pauses_seen: 0,
+            listed: 0,
+            list_ended: false,
+            needs_while_listing: 0,
+            scanning_seen: 0,
+            last_scanning: now,
+            chunks_sent: 0,
         }
+    }
+
+    /// Whether the source's streamed list waits (for the destination's word, as the node's also
+    /// waits for its scan).
+    fn waits_for_list(&self) -> bool {
+        self.behaviour.streamed && self.listed > 0 && !self.list_ended && self.source_end.is_none()
     }
 
     fn source_paused(&self) -> bool {
@@ -174,6 +204,9 @@ impl Pair {
         // The node's source feeds the limit's state every fraction of a second while it waits.
         if self.behaviour.paused.is_some() && self.source_end.is_none() {
             wakes.push(Some(self.now + Duration::from_millis(100)));
+        }
+        if self.waits_for_list() {
+            wakes.push(Some(self.last_scanning + ferry_proto::PAUSE_NOTICE));
         }
         wakes.into_iter().flatten().min()
     }
@@ -224,6 +257,9 @@ impl Pair {
                 if message == Message::Paused {
                     self.pauses_seen += 1;
                 }
+                if message == Message::Scanning {
+                    self.scanning_seen += 1;
+                }
                 self.destination.handle(DestinationInput::Message(message), self.now);
             }
             Packet::Control(Transmit::Finish) => {}
@@ -251,7 +287,12 @@ impl Pair {
 
     fn at_source(&mut self, packet: Packet) {
         match packet {
-            Packet::Control(Transmit::Message(message)) => self.source.handle(SourceInput::Message(message), self.now),
+            Packet::Control(Transmit::Message(message)) => {
+                if matches!(message, Message::Need(_)) && self.source.phase() == SourcePhase::Listing {
+                    self.needs_while_listing += 1;
+                }
+                self.source.handle(SourceInput::Message(message), self.now);
+            }
             Packet::Control(Transmit::Finish) => {}
             Packet::Batch(_) => unreachable!("the destination sends no chunks"),
             Packet::Close(refusal, reason) => self.source.handle(SourceInput::Closed { refusal, reason }, self.now),
@@ -263,6 +304,12 @@ impl Pair {
         loop {
             let mut moved = false;
             self.source.handle(SourceInput::Paused(self.source_paused() && !self.behaviour.mute_pauses), self.now);
+            if self.waits_for_list() && self.now >= self.last_scanning + ferry_proto::PAUSE_NOTICE {
+                self.last_scanning = self.now;
+                if !self.behaviour.mute_scanning {
+                    self.source.handle(SourceInput::Scanning, self.now);
+                }
+            }
             while let Some(transmit) = self.source.poll_transmit() {
                 self.to_destination.push_back((self.now + self.latency, Packet::Control(transmit)));
             }
@@ -296,12 +343,8 @@ impl Pair {
         match event {
             SourceEvent::Welcomed { .. } if self.behaviour.silent_list => {}
             SourceEvent::Welcomed { .. } => {
-                for batch in self.changes.chunks(7) {
-                    self.source.handle(SourceInput::Changes(batch.to_vec()), self.now);
-                }
-                let end =
-                    ChangesEnd { base: None, root: RootHash::from_bytes([7; 32]), entries: self.changes.len() as u64 };
-                self.source.handle(SourceInput::ChangesEnd(end), self.now);
+                // Streamed, one batch goes ahead of what the destination passed; otherwise all of it.
+                self.list_up_to(if self.behaviour.streamed { LIST_BATCH } else { self.changes.len() });
                 if self.behaviour.flood > 0 && !self.flooded {
                     self.flooded = true;
                     // Chunks that answer needs never sent.
@@ -311,6 +354,7 @@ impl Pair {
                     self.outgoing.extend(junk.chunks(64).map(<[_]>::to_vec));
                 }
             }
+            SourceEvent::Passed(place) => self.list_up_to(place as usize + LIST_BATCH),
             SourceEvent::Read(_) if self.behaviour.ignores_needs => {}
             SourceEvent::Read(needs) => self.read(needs),
             SourceEvent::StopSending => {
@@ -332,38 +376,67 @@ impl Pair {
         match event {
             DestinationEvent::Opened(_) => self.destination.handle(DestinationInput::Welcome { holds: None }, self.now),
             DestinationEvent::Check { .. } => unreachable!("no check in these rounds"),
-            DestinationEvent::Changes(batch) => self.changes_received += batch.len(),
-            DestinationEvent::ChangesEnd(_) => {
-                // Plan: ask for every chunk not held, in order.
-                let mut needs = Vec::new();
-                for (place, change) in (0u64..).zip(&self.changes) {
-                    let entry = change.entry.as_ref().unwrap();
-                    let mut offset = 0;
-                    for chunk in &entry.chunks {
-                        if !self.held.contains(&chunk.hash) {
-                            needs.push(NeedChunk {
-                                path: change.path.clone(),
-                                place,
-                                offset,
-                                len: chunk.len,
-                                hash: chunk.hash,
-                            });
-                            self.needed.push(chunk.hash);
-                            self.need_bytes += u64::from(chunk.len);
-                        }
-                        offset += u64::from(chunk.len);
-                    }
+            DestinationEvent::Changes(batch) => {
+                let from = self.changes_received;
+                self.changes_received += batch.len();
+                if self.behaviour.streamed {
+                    self.plan(from..self.changes_received);
                 }
-                for part in needs.chunks(16) {
-                    self.destination.handle(DestinationInput::Need(part.to_vec()), self.now);
+                if self.behaviour.streamed && !self.behaviour.mute_passed {
+                    let passed = DestinationInput::Passed(self.changes_received as u64);
+                    self.destination.handle(passed, self.now);
                 }
             }
+            DestinationEvent::ChangesEnd(_) if self.behaviour.streamed => {}
+            DestinationEvent::ChangesEnd(_) => self.plan(0..self.changes.len()),
             DestinationEvent::Ended(end) => {
                 // What arrived is kept; the node closes the connection with the reason.
                 let refusal = matches!(end, DestinationEnd::Violation(_)).then_some(Refusal::ProtocolViolation);
                 self.to_source.push_back((self.now + self.latency, Packet::Close(refusal, format!("{end:?}"))));
                 self.destination_end = Some(end);
             }
+        }
+    }
+
+    /// The source's list, streamed: hands the machine the batches up to `changes` changes, and the
+    /// end once all are.
+    fn list_up_to(&mut self, changes: usize) {
+        while self.listed * LIST_BATCH < changes.min(self.changes.len()) {
+            let batch = self.changes.chunks(LIST_BATCH).nth(self.listed).unwrap().to_vec();
+            self.listed += 1;
+            self.source.handle(SourceInput::Changes(batch), self.now);
+        }
+        if self.listed * LIST_BATCH >= self.changes.len() && !self.list_ended {
+            self.list_ended = true;
+            let end =
+                ChangesEnd { base: None, root: RootHash::from_bytes([7; 32]), entries: self.changes.len() as u64 };
+            self.source.handle(SourceInput::ChangesEnd(end), self.now);
+        }
+    }
+
+    /// The destination plans the entries at `places`: asks for every chunk not held, in order.
+    fn plan(&mut self, places: std::ops::Range<usize>) {
+        let mut needs = Vec::new();
+        for (place, change) in (places.start as u64..).zip(&self.changes[places]) {
+            let entry = change.entry.as_ref().unwrap();
+            let mut offset = 0;
+            for chunk in &entry.chunks {
+                if !self.held.contains(&chunk.hash) {
+                    needs.push(NeedChunk {
+                        path: change.path.clone(),
+                        place,
+                        offset,
+                        len: chunk.len,
+                        hash: chunk.hash,
+                    });
+                    self.needed.push(chunk.hash);
+                    self.need_bytes += u64::from(chunk.len);
+                }
+                offset += u64::from(chunk.len);
+            }
+        }
+        for part in needs.chunks(16) {
+            self.destination.handle(DestinationInput::Need(part.to_vec()), self.now);
         }
     }
 
@@ -430,6 +503,7 @@ impl Pair {
         let leaves = self.link_free.max(self.now);
         self.link_free = leaves + Duration::from_secs_f64(bytes as f64 / self.bandwidth as f64);
         self.batches_sent += 1;
+        self.chunks_sent += chunks.len() as u64;
         let arrives = self.link_free + self.latency;
         // Data streams are not ordered with the control stream: keep the queue sorted by arrival.
         let at = self.to_destination.partition_point(|(t, _)| *t <= arrives);
@@ -459,6 +533,50 @@ fn a_round_commits_and_only_what_is_lacking_is_asked_for() {
     pair.run(Duration::from_secs(60));
     assert!(committed(&pair));
     assert_eq!(pair.need_bytes, 40 * CHUNK);
+}
+
+#[test]
+fn a_streamed_list_is_answered_with_chunks_before_it_ends_and_goes_no_further_than_one_batch_ahead() {
+    let changes = tree(30, 3);
+    let behaviour = Behaviour { streamed: true, ..Behaviour::default() };
+    let mut pair = Pair::new(changes.clone(), behaviour, HashSet::new());
+    pair.run(Duration::from_secs(60));
+    assert!(committed(&pair), "{:?} / {:?}", pair.source_end, pair.destination_end);
+    assert_eq!(pair.need_bytes, 90 * CHUNK);
+    assert_eq!(pair.held.len(), 90, "every chunk arrived");
+    // The list's five batches each waited for the destination's word on the one before: the
+    // destination asked for chunks while the list was still coming.
+    assert_eq!(pair.listed, 5);
+    assert!(pair.needs_while_listing >= 4, "{} needs while listing", pair.needs_while_listing);
+
+    // Without the destination's word the list stops after its first batch; the source says every
+    // second that it is alive (`Scanning`), so the destination does not call it stalled.
+    let behaviour = Behaviour { streamed: true, mute_passed: true, ..Behaviour::default() };
+    let mut pair = Pair::new(changes.clone(), behaviour, HashSet::new());
+    pair.run(Duration::from_secs(10));
+    assert_eq!((pair.source_end.as_ref(), pair.destination_end.as_ref()), (None, None));
+    assert_eq!(pair.listed, 1, "one batch ahead of what the destination passed");
+    assert!(pair.scanning_seen >= 8, "{} Scanning", pair.scanning_seen);
+    // A source that says nothing while it waits is.
+    let behaviour = Behaviour { streamed: true, mute_passed: true, mute_scanning: true, ..Behaviour::default() };
+    let mut pair = Pair::new(changes, behaviour, HashSet::new());
+    pair.run(Duration::from_secs(10));
+    let Some(DestinationEnd::Cut(why)) = &pair.destination_end else { panic!("{:?}", pair.destination_end) };
+    assert!(why.contains("the source sent nothing for 3 s"), "{why}");
+}
+
+#[test]
+fn a_deadline_while_the_list_streams_stops_the_senders_and_the_destination_keeps_what_arrived() {
+    // 120 chunks of 64 KiB at 4 MiB/s take about 2 s; the deadline comes at 1 s, mid-list.
+    let behaviour = Behaviour { streamed: true, deadline: Some(Duration::from_secs(1)), ..Behaviour::default() };
+    let mut pair = Pair::new(tree(120, 1), behaviour, HashSet::new());
+    pair.run(Duration::from_secs(300));
+    let Some(SourceEnd::Deadline { batches }) = pair.source_end else { panic!("{:?}", pair.source_end) };
+    assert!(!pair.list_ended, "the deadline came while the list was still streaming");
+    assert!(batches > 0 && batches == pair.batches_sent, "{batches} of {}", pair.batches_sent);
+    let Some(DestinationEnd::Stopped(_)) = &pair.destination_end else { panic!("{:?}", pair.destination_end) };
+    assert_eq!(pair.held.len() as u64, pair.chunks_sent, "every chunk sent was kept");
+    assert!(!pair.committed);
 }
 
 #[test]
@@ -654,7 +772,7 @@ fn a_replaced_connection_may_reconnect_and_a_refused_one_may_not() {
 
 #[test]
 fn messages_out_of_place_are_violations_on_both_sides() {
-    // The destination: changes before Hello, a second Hello, a stop before the transfer.
+    // The destination: changes before Hello, a second Hello, a stop before the round was taken.
     let now = Instant::now();
     let hello =
         Message::Hello(Hello { version: 2, job: "j".into(), base: None, delete: false, numeric_ids: false, source: 1 });
@@ -666,7 +784,6 @@ fn messages_out_of_place_are_violations_on_both_sides() {
     let mut destination = DestinationRound::new(STALL);
     destination.handle(DestinationInput::Message(hello.clone()), now);
     assert!(matches!(destination.poll(), Some(DestinationEvent::Opened(_))));
-    destination.handle(DestinationInput::Welcome { holds: None }, now);
     destination.handle(DestinationInput::Message(Message::Stop { reason: "early".into(), batches: 0 }), now);
     assert!(matches!(destination.poll(), Some(DestinationEvent::Ended(DestinationEnd::Violation(_)))));
     // A check's connection carries no round.

@@ -81,25 +81,44 @@ where
     diff_numbered(old, new).map(|item| item.map(|(_, pair)| pair))
 }
 
-/// Like [`diff`], with the place of each pair's old entry in `old` (counted from 0), when it has one.
+/// Where a pair of [`diff_numbered`] is in its manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Places {
+    /// The old entry's place in `old` (counted from 0), when it has one.
+    pub old: Option<u64>,
+    /// The new entry's place in `new`; for an entry only `old` has, the place the next new entry
+    /// takes.
+    pub new: u64,
+}
+
+/// Like [`diff`], with where each pair is in the two manifests.
 pub fn diff_numbered<L, R>(
     old: L,
     new: R,
-) -> impl Iterator<Item = Result<(Option<u64>, Pair<Entry, Entry>), RecordFileError>>
+) -> impl Iterator<Item = Result<(Places, Pair<Entry, Entry>), RecordFileError>>
 where
     L: Iterator<Item = Result<RawEntry, RecordFileError>>,
     R: Iterator<Item = Result<RawEntry, RecordFileError>>,
 {
     let old = old.enumerate().map(|(i, raw)| raw.map(|raw| Numbered { position: i as u64, raw }));
-    MergeJoin::new(old, new).filter_map(|pair| match pair {
-        Ok(Pair { old: Some(o), new: Some(n) }) if o.raw.bytes == n.bytes => None,
-        // Equal entries are equal bytes (the encoding is canonical); compared decoded, in case one was not.
-        Ok(Pair { old, new }) => {
-            let position = old.as_ref().map(|o| o.position);
-            let pair = decoded(Pair { old: old.map(|o| o.raw), new });
-            pair.map(|p| (p.old != p.new).then_some((position, p))).transpose()
+    let new = new.enumerate().map(|(i, raw)| raw.map(|raw| Numbered { position: i as u64, raw }));
+    let mut next_new = 0;
+    MergeJoin::new(old, new).filter_map(move |pair| {
+        let pair = match pair {
+            Ok(pair) => pair,
+            Err(e) => return Some(Err(e)),
+        };
+        let place = pair.new.as_ref().map_or(next_new, |n| n.position);
+        next_new = place + u64::from(pair.new.is_some());
+        if let Pair { old: Some(o), new: Some(n) } = &pair
+            && o.raw.bytes == n.raw.bytes
+        {
+            return None;
         }
-        Err(e) => Some(Err(e)),
+        // Equal entries are equal bytes (the encoding is canonical); compared decoded, in case one was not.
+        let places = Places { old: pair.old.as_ref().map(|o| o.position), new: place };
+        let pair = decoded(Pair { old: pair.old.map(|o| o.raw), new: pair.new.map(|n| n.raw) });
+        pair.map(|p| (p.old != p.new).then_some((places, p))).transpose()
     })
 }
 

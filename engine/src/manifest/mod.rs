@@ -11,7 +11,7 @@ mod record;
 
 pub(crate) use entry::check_order;
 pub use entry::{ChunkRef, Entry, EntryError, EntryKind, Keyed};
-pub use merge::{MergeJoin, Pair, diff, diff_numbered};
+pub use merge::{MergeJoin, Pair, Places, diff, diff_numbered};
 pub use record::{
     MAX_RECORD_LEN, ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter,
     same_records, sync_record_file,
@@ -172,11 +172,12 @@ mod tests {
         let paths: Vec<String> = changes.iter().map(|p| p.path().to_string()).collect();
         assert_eq!(paths, ["b", "c"]);
         assert!(changes[0].new.is_none() && changes[1].old.is_none());
-        // The old side's place in its manifest: "b" is its third entry; "c" has no old side.
+        // The old side's place in its manifest: "b" is its third entry; "c" has no old side. On the
+        // new side "c" is the third entry, and "b" would have come right before it.
         let numbered =
             diff_numbered(ManifestReader::open(&old).unwrap().raw(), ManifestReader::open(&new).unwrap().raw());
-        let positions: Vec<Option<u64>> = numbered.map(|r| r.unwrap().0).collect();
-        assert_eq!(positions, [Some(2), None]);
+        let places: Vec<Places> = numbered.map(|r| r.unwrap().0).collect();
+        assert_eq!(places, [Places { old: Some(2), new: 2 }, Places { old: None, new: 2 }]);
     }
 
     #[test]

@@ -156,6 +156,23 @@ impl<T: Serialize> RecordWriter<T> {
     pub fn count(&self) -> u64 {
         self.count
     }
+
+    /// Writes the records pushed so far to the file (not synced), so that a reader of the file
+    /// being written ([`RecordWriter::open_reader`]) finds them.
+    pub fn flush(&mut self) -> Result<(), RecordFileError> {
+        self.write_out()
+    }
+
+    /// Opens the file being written, for reading what [`RecordWriter::flush`] wrote while the
+    /// writer goes on (the same file once it is in place: renaming keeps it).
+    pub fn open_reader(&self) -> Result<File, RecordFileError> {
+        File::open(&self.tmp_path).map_err(|source| RecordFileError::Io { path: self.tmp_path.clone(), source })
+    }
+
+    /// The encoding of the last record [`RecordWriter::push`] appended.
+    pub(crate) fn last_pushed(&self) -> &[u8] {
+        &self.buf
+    }
 }
 
 impl RecordWriter<Entry> {
@@ -242,8 +259,13 @@ pub struct RecordReader<T> {
 impl<T: DeserializeOwned> RecordReader<T> {
     /// Opens a record file.
     pub fn open(path: &Path) -> Result<Self, RecordFileError> {
+        let file = File::open(path).map_err(|source| RecordFileError::Io { path: path.to_owned(), source })?;
+        Self::from_file(file, path)
+    }
+
+    /// Reads the record file open as `file` (at `path`, which errors name), from its start.
+    pub fn from_file(mut file: File, path: &Path) -> Result<Self, RecordFileError> {
         let io_err = |source| RecordFileError::Io { path: path.to_owned(), source };
-        let mut file = File::open(path).map_err(io_err)?;
         let mut magic = [0u8; 8];
         file.read_exact(&mut magic).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
@@ -431,6 +453,13 @@ pub struct RawEntry {
 }
 
 impl RawEntry {
+    /// The entry whose postcard encoding is `bytes`, read from (or written to) `file`.
+    pub(crate) fn from_bytes(bytes: &[u8], file: Arc<Path>) -> Option<Self> {
+        let head = postcard::take_from_bytes::<Head<'_>>(bytes).ok()?.0;
+        let path = RelPath::new(head.path).ok()?;
+        Some(Self { path, kind: head.kind, bytes: bytes.to_vec(), file })
+    }
+
     /// Its path.
     pub fn path(&self) -> &RelPath {
         &self.path

@@ -34,7 +34,7 @@ mod times;
 mod walk;
 mod write;
 
-pub use options::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore};
+pub use options::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, Teed};
 
 /// Scans `root`, writing its manifest to `manifest_out` and the quick-check cache for next time to
 /// `cache_out`. `cache_in` is the last scan's cache, if any (a damaged one is ignored with a warning).
@@ -50,7 +50,7 @@ pub fn scan(
     options: &ScanOptions,
 ) -> Result<ScanReport, ScanError> {
     let started = Instant::now();
-    let settled_before = SettledBefore::scan_at(SystemTime::now());
+    let settled_before = SettledBefore::scan_at(options.started.unwrap_or_else(SystemTime::now));
     // Anything modified after that may change again without its timestamps moving: such records are
     // not trusted next time.
     let racy_after_ns = settled_before.0;
@@ -60,6 +60,13 @@ pub fn scan(
     let mut manifest = ManifestWriter::create(manifest_out)?;
     let mut cache = RecordWriter::<CacheRecord>::create(cache_out)?;
     let mut report = ScanReport { settled_before, ..ScanReport::default() };
+    let mut tee = options.tee.clone();
+    if let Some(sender) = &tee {
+        let file = manifest.open_reader()?;
+        if sender.send(Teed::Manifest(file, manifest_out.to_owned())).is_err() {
+            tee = None;
+        }
+    }
     let mut names = OwnerNames::default();
     let mut hard_links: HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)> = HashMap::new();
 
@@ -98,12 +105,25 @@ pub fn scan(
             cache: &mut cache,
             cache_in: cache_in.unwrap_or(Path::new("")),
             racy_after_ns,
+            teed: tee.as_ref().map(|_| (Vec::new(), Arc::from(manifest_out))),
         };
         // Each batch written says how far the scan is, for whoever watches.
         let written = examined_rx.into_iter().try_for_each(|batch| -> Result<(), ScanError> {
+            if options.cancel.as_ref().is_some_and(|cancel| cancel.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(ScanError::Cancelled);
+            }
             batch.into_iter().try_for_each(|(item, outcome)| write_outcome(item, outcome, &mut state))?;
             if let Some(progress) = &options.progress {
                 progress.set(state.report.entries, state.report.bytes_read);
+            }
+            // What is teed is in the file first: a reader of the file finds every entry it was told of.
+            if let (Some(sender), Some((entries, _))) = (&tee, &mut state.teed)
+                && !entries.is_empty()
+            {
+                state.manifest.flush()?;
+                if sender.send(Teed::Entries(std::mem::take(entries))).is_err() {
+                    state.teed = None;
+                }
             }
             Ok(())
         });
@@ -178,6 +198,46 @@ mod tests {
         let report =
             scan(root, Some(cache_in), &out.join("manifest"), &out.join("cache"), &ScanOptions::default()).unwrap();
         (report.root_hash.unwrap(), report)
+    }
+
+    #[test]
+    fn the_tee_gives_every_entry_in_order_and_each_is_in_the_file_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        for folder in 0..5 {
+            std::fs::create_dir_all(root.join(format!("d{folder}"))).unwrap();
+            for i in 0..40 {
+                std::fs::write(root.join(format!("d{folder}/f{i}")), vec![i as u8; 100 * i]).unwrap();
+            }
+        }
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let options = ScanOptions { tee: Some(tx), batch: 16, ..ScanOptions::default() };
+        let (manifest, cache) = (out.join("manifest"), out.join("cache"));
+        let reading = std::thread::spawn(move || {
+            let Ok(Teed::Manifest(file, path)) = rx.recv() else { panic!("the manifest comes first") };
+            let mut reader = crate::manifest::ManifestReader::from_file(file, &path).unwrap();
+            let mut teed = Vec::new();
+            for told in rx {
+                let Teed::Entries(entries) = told else { panic!("one manifest") };
+                // Each entry told of can be read from the file being written, before the scan ends.
+                for entry in entries {
+                    let read = reader.next_raw().unwrap().expect("in the file when told");
+                    assert_eq!(read.path(), entry.path());
+                    teed.push(entry.decode().unwrap());
+                }
+            }
+            teed
+        });
+        let report = scan(&root, None, &manifest, &cache, &options).unwrap();
+        drop(options);
+        let teed = reading.join().unwrap();
+        let written: Vec<Entry> =
+            crate::manifest::ManifestReader::open(&manifest).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!(teed, written);
+        assert_eq!(teed.len() as u64, report.entries);
+        assert_eq!(report.entries, 206, "the root, 5 folders and their 200 files");
     }
 
     #[test]

@@ -48,11 +48,37 @@ pub struct ScanOptions {
     pub after_read: Option<AfterReadHook>,
     /// Where the scan says how far it is: entries scanned, bytes read.
     pub progress: Option<Arc<Progress>>,
+    /// Where the manifest goes as it is written (see [`Teed`]): a round sends its changes while
+    /// the scan goes on. The scan waits while this is full; once its receiver is gone, it stops
+    /// sending and scans on.
+    pub tee: Option<std::sync::mpsc::SyncSender<Teed>>,
+    /// When the scan began, if the caller took it (see [`SettledBefore`]); otherwise now.
+    pub started: Option<std::time::SystemTime>,
+    /// Set, the scan stops after the batch it is writing ([`ScanError::Cancelled`]).
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// What a scan with a [`ScanOptions::tee`] says as it writes its manifest.
+#[derive(Debug)]
+pub enum Teed {
+    /// First: the manifest file being written, open for reading. Whatever entries were teed are in
+    /// it (and it becomes the manifest at its final path once the scan ends).
+    Manifest(std::fs::File, std::path::PathBuf),
+    /// Then: the next entries of the manifest, in order, each as it is stored.
+    Entries(Vec<crate::manifest::RawEntry>),
 }
 
 impl Default for ScanOptions {
     fn default() -> Self {
-        Self { chunker: ChunkerConfig::DEFAULT, batch: 512, after_read: None, progress: None }
+        Self {
+            chunker: ChunkerConfig::DEFAULT,
+            batch: 512,
+            after_read: None,
+            progress: None,
+            tee: None,
+            started: None,
+            cancel: None,
+        }
     }
 }
 
@@ -165,4 +191,7 @@ pub enum ScanError {
     /// The scan's threads could not be started.
     #[error("cannot start the scan's threads: {0}")]
     Threads(io::Error),
+    /// [`ScanOptions::cancel`] was set: the scan stopped, and wrote no manifest.
+    #[error("the scan was stopped")]
+    Cancelled,
 }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use rustix::fs::Stat;
 
@@ -10,7 +11,7 @@ use super::options::{CacheRecord, ScanError, ScanReport};
 use super::stored::StoredRecord;
 use super::times::{settled, stat_ctime_ns};
 use super::walk::WalkItem;
-use crate::manifest::{ChunkRef, EntryKind, ManifestWriter, RecordFileError, RecordWriter};
+use crate::manifest::{ChunkRef, EntryKind, ManifestWriter, RawEntry, RecordFileError, RecordWriter};
 use crate::owner::OwnerNames;
 use crate::path::RelPath;
 
@@ -25,6 +26,19 @@ pub(super) struct WriteState<'a> {
     /// The last scan's cache (for errors).
     pub(super) cache_in: &'a Path,
     pub(super) racy_after_ns: i64,
+    /// The entries written since the last batch went to the tee, and the manifest's path.
+    pub(super) teed: Option<(Vec<RawEntry>, Arc<Path>)>,
+}
+
+impl WriteState<'_> {
+    /// Keeps a copy of the entry just written (encoded as `bytes`) for the tee.
+    fn tee(&mut self, bytes: &[u8]) {
+        if let Some((entries, file)) = &mut self.teed
+            && let Some(raw) = RawEntry::from_bytes(bytes, file.clone())
+        {
+            entries.push(raw);
+        }
+    }
 }
 
 /// Records what examining `item` found: in the manifest and the cache, or in the report.
@@ -80,6 +94,10 @@ pub(super) fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteS
             report.file_bytes += record.entry.size;
         }
         state.manifest.push(&record.entry)?;
+        if state.teed.is_some() {
+            let bytes = state.manifest.last_pushed().to_vec();
+            state.tee(&bytes);
+        }
         state.cache.push(&record)?;
     }
     Ok(())
@@ -102,6 +120,7 @@ pub(super) fn keep_stored(item: WalkItem, stat: Stat, state: &mut WriteState<'_>
         report.files += 1;
         report.file_bytes += stored.entry.size;
         state.manifest.push_bytes(&bytes[..stored.entry_len])?;
+        state.tee(&bytes[..stored.entry_len]);
         state.cache.push_bytes(bytes)?;
         return Ok(());
     }
