@@ -91,6 +91,7 @@ impl SourceState {
 }
 
 /// The destination's state for a job.
+#[derive(Clone)]
 pub(crate) struct TargetState {
     pub(crate) dir: PathBuf,
 }

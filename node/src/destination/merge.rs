@@ -1,5 +1,7 @@
 //! What this node holds, merged with the source's changes: the old side of every step a round applies.
 
+use std::path::Path;
+
 use anyhow::bail;
 use ferry_engine::{
     Checked, EntryKind, Keyed, ManifestReader, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, Step,
@@ -12,7 +14,7 @@ use crate::state::TargetState;
 /// place in the source's base round: that round is the one this node holds, so its manifest is the
 /// same list. Read forward only, once.
 pub(super) struct BasePaths {
-    entries: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>>>,
+    entries: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send>,
     /// The place of the next entry `entries` gives.
     next: u64,
 }
@@ -86,10 +88,10 @@ pub(super) fn held<'a>(
 /// no change names is not the source's: it is kept again, or removed under `delete`.
 pub(super) fn patch<'a>(
     old: impl Iterator<Item = Result<Held, RecordFileError>> + Send + 'a,
-    changes: RecordReader<Change>,
+    changes: impl Iterator<Item = anyhow::Result<Change>> + Send + 'a,
     delta: bool,
 ) -> impl Iterator<Item = anyhow::Result<Step>> + Send + 'a {
-    let steps = MergeJoin::new(old, changes).map(move |pair| {
+    let steps = MergeJoin::new(old.map(|held| held.map_err(anyhow::Error::from)), changes).map(move |pair| {
         let pair = pair?;
         let pair = match (pair.old, pair.new) {
             (Some(Held::Kept(kept)), None) => Pair { old: kept.on_disk()?, new: None },
@@ -131,6 +133,11 @@ pub(super) fn patch<'a>(
     });
     // Gone at the source and not ferry's here (missing, or someone else's): nothing to do.
     steps.filter(|step| !matches!(step, Ok(Step::Apply(pair)) if pair.old.is_none() && pair.new.is_none()))
+}
+
+/// The changes in the file at `path`, as [`patch`] takes them.
+pub(super) fn changes_in(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<Change>> + Send + use<>> {
+    Ok(RecordReader::<Change>::open(path)?.map(|change| change.map_err(anyhow::Error::from)))
 }
 
 /// Each step with the place its entry has in the round's new manifest, which is how a need names
@@ -202,8 +209,7 @@ mod tests {
             .unwrap()
             .raw()
             .map(|raw| raw.map(|raw| Held::Committed(Checked { found: found(&raw.path().to_string()), raw })));
-        let steps: Vec<Step> =
-            patch(checked, RecordReader::open(&changes).unwrap(), true).map(Result::unwrap).collect();
+        let steps: Vec<Step> = patch(checked, changes_in(&changes).unwrap(), true).map(Result::unwrap).collect();
         let described: Vec<String> = steps
             .iter()
             .map(|step| match step {
@@ -247,7 +253,7 @@ mod tests {
         changes_of(&changes, listed);
 
         // Only c, which no change lists, is kept as it is stored.
-        let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
+        let merged = patch(as_found(&manifest), changes_in(&changes).unwrap(), true);
         let kept: Vec<String> = merged
             .map(Result::unwrap)
             .filter_map(|step| match step {
@@ -256,7 +262,7 @@ mod tests {
             })
             .collect();
         assert_eq!(kept, ["c"]);
-        let merged = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
+        let merged = patch(as_found(&manifest), changes_in(&changes).unwrap(), true);
         let by_pairs = Space::of_round(merged, dir.path()).unwrap();
         let by_changes = Space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
         assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));
@@ -275,7 +281,7 @@ mod tests {
         let new =
             Change { path: file("bb", 0, 0).path, entry: Some(file("bb", 5, 9)), content_as_before: false, base: None };
         changes_of(&changes, [gone, new]);
-        let steps = patch(as_found(&manifest), RecordReader::open(&changes).unwrap(), true);
+        let steps = patch(as_found(&manifest), changes_in(&changes).unwrap(), true);
         let placed: Vec<(u64, String)> = placed(steps)
             .map(|step| step.map(|(place, step)| (place, step.pair().map_or("kept".into(), |p| p.path().to_string()))))
             .collect::<anyhow::Result<_>>()

@@ -12,12 +12,14 @@ use ferry_engine::{
     check_target, with_findings,
 };
 use ferry_proto::{
-    Change, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk, Refusal, RoundRef,
+    Change, ChangesEnd, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk, Refusal,
+    RoundRef,
 };
 use tokio::sync::mpsc;
 
 use super::early::{self, EarlyChecks};
-use super::merge::{BasePaths, held, patch, placed};
+use super::merge::{BasePaths, Held, changes_in, held, patch, placed};
+use super::streamed::{Incoming, Steps, Streamed, Whole};
 use super::transfer::{TransferEnd, transfer};
 use super::window::{Window, WindowSource};
 use crate::config::JobConfig;
@@ -133,12 +135,50 @@ pub(super) fn destination_round(
     };
     send(DestinationInput::Welcome { holds })?;
 
+    // A list that streams (its first batch comes before its end) is planned and applied as it
+    // comes; one that ends at once (nothing changed) or that a dry run plans is kept whole first.
+    let mut first = inbox.blocking_recv();
+    let dry_run = window.round(|round| round.dry_run())?;
+    if !dry_run && let Some(DestinationEvent::Changes(batch)) = &mut first {
+        let batch = std::mem::take(batch);
+        let check = joined(check, &job.path)?;
+        tell_differences(&check, &job.path, &send)?;
+        let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
+        let slots = (end.clone(), refused.clone());
+        let incoming = Incoming::new(batch, inbox, state.clone(), (hello, holds), &job.path, window.clone(), slots)?;
+        // What the source's changes are against: its base, when this node holds it.
+        let delta = hello.base.is_some() && hello.base == holds;
+        let applying =
+            Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
+        let old = old_and_kept(&state)?;
+        let steps = Streamed::start(placed(patch(old, incoming, delta)), window.clone())?;
+        let applied = apply_round(round, applying, steps, window, || {
+            let end = end.lock().map_err(|_| anyhow!("lock poisoned"))?.take();
+            let end = end.ok_or_else(|| anyhow!("the list of changes did not end"))?;
+            if end.base != hello.base.filter(|_| delta) {
+                bail!("the list of changes said it was against another round than it was sent against");
+            }
+            Ok(end)
+        });
+        // Refused for want of space as the list came: that is how the round ended, whatever the
+        // transfer saw of the source leaving after it.
+        if let Some(reason) = refused.lock().map_err(|_| anyhow!("lock poisoned"))?.take() {
+            super::record_unfinished(&state, "refused", reason.clone(), round.peer);
+            return Err(Refused::new(Refusal::NoSpace, reason).into());
+        }
+        return applied;
+    }
+
     // The changes, to disk (a full manifest can be large).
     let changes_path = state.incoming_changes();
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
     let mut base_paths = None;
     let end = loop {
-        match inbox.blocking_recv() {
+        let next = match first.take() {
+            Some(event) => Some(event),
+            None => inbox.blocking_recv(),
+        };
+        match next {
             Some(DestinationEvent::Changes(batch)) => {
                 for mut change in batch {
                     if let Some(place) = change.base.take() {
@@ -163,28 +203,11 @@ pub(super) fn destination_round(
             },
         }
     };
-    let (import_mode, dry_run) = window.round(|round| (round.import(), round.dry_run()))?;
+    let import_mode = window.round(|round| round.import())?;
     let change_count = changes.count();
     changes.finish()?;
-    let check = match check {
-        Check::Done(report) => report,
-        Check::Running(thread) => {
-            let report = thread.join().map_err(|_| anyhow!("the check of the target panicked"))??;
-            let ms = report.duration.as_millis();
-            tracing::info!("checked {} entries of {} in {ms} ms", report.entries, job.path.display());
-            report
-        }
-    };
-    if check.entries_differ() {
-        let text = format!(
-            "{} is not as ferry left it: {}; this round puts right what it can (e.g. {})",
-            job.path.display(),
-            check.summary(),
-            check.differences.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
-        );
-        tracing::warn!("{text}");
-        send(DestinationInput::Notice(text))?;
-    }
+    let check = joined(check, &job.path)?;
+    tell_differences(&check, &job.path, &send)?;
     if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
             holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
@@ -201,21 +224,8 @@ pub(super) fn destination_round(
         && state.manifest().exists()
         && !job.path.join(ferry_engine::STAGING_DIR).exists();
 
-    let open_steps = || -> anyhow::Result<_> {
-        let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.manifest().exists() {
-            Box::new(ManifestReader::open(&state.manifest())?.raw())
-        } else {
-            Box::new(std::iter::empty())
-        };
-        let old = with_findings(old, RecordReader::<Finding>::open(&state.findings())?);
-        let kept: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.kept().exists() {
-            Box::new(ManifestReader::open(&state.kept())?.raw())
-        } else {
-            Box::new(std::iter::empty())
-        };
-        let kept = with_findings(kept, RecordReader::<Finding>::open(&state.findings())?);
-        Ok(patch(held(old, kept), RecordReader::<Change>::open(&changes_path)?, end.base.is_some()))
-    };
+    let open_steps =
+        || -> anyhow::Result<_> { Ok(patch(old_and_kept(&state)?, changes_in(&changes_path)?, end.base.is_some())) };
 
     if unchanged && !dry_run {
         let _ = std::fs::remove_file(&changes_path);
@@ -243,32 +253,113 @@ pub(super) fn destination_round(
         return Err(Refused::new(Refusal::NoSpace, reason).into());
     }
 
+    // The manifests are read and merged on a thread of their own: applying is this one's work.
+    let steps = Whole(read_ahead(placed(open_steps()?))?);
+    let applying =
+        Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
+    let applied = apply_round(round, applying, steps, window, || Ok(end));
+    let _ = std::fs::remove_file(&changes_path);
+    applied
+}
+
+/// What a round applies with, once its list is known or begun.
+struct Applying<'a> {
+    state: &'a TargetState,
+    holds: Option<RoundRef>,
+    /// Entries found in the target that ferry did not write become its own.
+    adopt_whole: bool,
+    identity: &'a ferry_engine::TargetIdentity,
+    check: &'a ferry_engine::CheckReport,
+    index: &'a mut ChunkIndex,
+}
+
+/// Applies the round's steps as their chunks come, then commits it against the list's end (known
+/// once the steps are all applied).
+fn apply_round(
+    round: &Round<'_>,
+    applying: Applying<'_>,
+    mut steps: impl Steps,
+    window: &Arc<Window>,
+    end: impl FnOnce() -> anyhow::Result<ChangesEnd>,
+) -> anyhow::Result<RoundEnd> {
+    let (job, hello, state) = (round.job, round.hello, applying.state);
+    let send = |input: DestinationInput| window.input(input).map(drop);
     let mut committed = ManifestWriter::create(&state.next_manifest())?;
     let mut source = WindowSource { window: window.clone() };
     let options = ApplyOptions {
         delete: hello.delete,
         numeric_ids: hello.numeric_ids,
-        adopt: if adopt_whole { Adopt::All } else { Adopt::Nothing },
+        adopt: if applying.adopt_whole { Adopt::All } else { Adopt::Nothing },
         kept: Some(state.kept()),
         ..ApplyOptions::default()
     };
-    let mut applier = Applier::new(&job.path, &mut source, &mut index, &mut committed, &options)?;
+    let mut applier = Applier::new(&job.path, &mut source, applying.index, &mut committed, &options)?;
     // The index's hints into what the check found gone or changed are stale: those chunks are asked for.
-    applier.distrust(ferry_engine::stale_paths(&check, &state.findings())?);
-
-    // The manifests are read and merged on a thread of their own: applying is this one's work.
-    let steps = read_ahead(placed(open_steps()?))?;
-    match transfer(&mut applier, steps, window)? {
+    applier.distrust(ferry_engine::stale_paths(applying.check, &state.findings())?);
+    match transfer(&mut applier, &mut steps, window)? {
         TransferEnd::Complete => {}
         TransferEnd::Stopped(reason) => return Ok(RoundEnd::Stopped(reason)),
         TransferEnd::Cut(why) => bail!("{why} (what had arrived is kept for the next round)"),
     }
+    let end = end()?;
     let report = applier.finish()?;
     let root = committed.finish()?;
     std::fs::rename(state.next_manifest(), state.manifest())?;
-    let _ = std::fs::remove_file(&changes_path);
-    identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;
-    commit_round(round, &state, holds, (root, end.root), report, import_mode, &send)
+    applying.identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;
+    let import_mode = window.round(|round| round.import())?;
+    commit_round(round, state, applying.holds, (root, end.root), report, import_mode, &send)
+}
+
+/// What this node holds of the round before: its committed manifest and the entries it kept, each
+/// with what the check found of it.
+fn old_and_kept(
+    state: &TargetState,
+) -> anyhow::Result<impl Iterator<Item = Result<Held, RecordFileError>> + Send + use<>> {
+    let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.manifest().exists() {
+        Box::new(ManifestReader::open(&state.manifest())?.raw())
+    } else {
+        Box::new(std::iter::empty())
+    };
+    let old = with_findings(old, RecordReader::<Finding>::open(&state.findings())?);
+    let kept: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>> + Send> = if state.kept().exists() {
+        Box::new(ManifestReader::open(&state.kept())?.raw())
+    } else {
+        Box::new(std::iter::empty())
+    };
+    let kept = with_findings(kept, RecordReader::<Finding>::open(&state.findings())?);
+    Ok(held(old, kept))
+}
+
+/// The round's check of its target, once it is done.
+fn joined(check: Check, target: &Path) -> anyhow::Result<ferry_engine::CheckReport> {
+    Ok(match check {
+        Check::Done(report) => report,
+        Check::Running(thread) => {
+            let report = thread.join().map_err(|_| anyhow!("the check of the target panicked"))??;
+            let ms = report.duration.as_millis();
+            tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
+            report
+        }
+    })
+}
+
+/// Tells the operator on both sides what the check found not as ferry left it.
+fn tell_differences(
+    check: &ferry_engine::CheckReport,
+    target: &Path,
+    send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if check.entries_differ() {
+        let text = format!(
+            "{} is not as ferry left it: {}; this round puts right what it can (e.g. {})",
+            target.display(),
+            check.summary(),
+            check.differences.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+        );
+        tracing::warn!("{text}");
+        send(DestinationInput::Notice(text))?;
+    }
+    Ok(())
 }
 
 /// Ends a round whose files are all in place and durable, and whose manifest is committed: records

@@ -4,9 +4,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use ferry_engine::{Applier, ChunkHash, Step, lap};
+use ferry_engine::{Applier, ChunkHash, lap};
 use ferry_proto::{DestinationEnd, DestinationInput, NeedChunk};
 
+use super::streamed::{Next, Steps};
 use super::window::{WINDOW_MAX, Waiting, Window};
 
 /// Applied chunk bytes that make a flush due before its time (so that a fast transfer does not wait
@@ -36,29 +37,56 @@ pub(super) enum TransferEnd {
 /// to the disk (`begin_flush`), and its chunks leave memory once it is durable, at the next flush. A stop or a
 /// cut keeps everything applied so far. Each step comes with its place in the new manifest
 /// ([`super::merge::placed`]), by which its needs name it.
+///
+/// While the list streams, the steps it has not made yet are not waited for ([`Next::Later`]): the
+/// transfer applies what arrived, and tells the source the place it planned up to (`Passed`) when it
+/// has planned all it had or asked for nothing, so that the source's list goes on.
 pub(super) fn transfer(
     applier: &mut Applier<'_>,
-    mut steps: impl Iterator<Item = anyhow::Result<(u64, Step)>>,
+    steps: &mut impl Steps,
     window: &Window,
 ) -> anyhow::Result<TransferEnd> {
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut outstanding = 0u64;
     let mut planned_all = false;
+    // The place after the last step planned, and the last one the source was told of.
+    let (mut next_place, mut told) = (0u64, 0u64);
     let (mut applied, mut applied_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     // Applied before the last flush began, durable once the next one begins.
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
     let mut spent = Spent::default();
+    let mut cut = None;
     let end = loop {
         // Plan ahead and ask.
         let mut needs = Vec::new();
         let mut clock = Instant::now();
+        let mut later = false;
         while !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
-            let Some(step) = steps.next() else {
-                planned_all = true;
-                break;
+            let step = match steps.try_next() {
+                Next::Item(step) => step,
+                Next::Later => {
+                    later = true;
+                    break;
+                }
+                Next::End => {
+                    planned_all = true;
+                    break;
+                }
             };
-            let (place, step) = step?;
+            let (place, step) = match step {
+                Ok(step) => step,
+                // A list cut short: the machine says why (a stop, a cut), and what arrived is applied.
+                Err(e) => match ended(window) {
+                    Some(end) => {
+                        planned_all = true;
+                        cut = Some(end);
+                        break;
+                    }
+                    None => return Err(e),
+                },
+            };
+            next_place = place + 1;
             let (mut hashes, mut bytes) = (Vec::new(), 0u64);
             let planned = match step.pair() {
                 Some(pair) => applier.plan(pair)?,
@@ -81,8 +109,12 @@ pub(super) fn transfer(
         for part in needs.chunks(4096) {
             window.input(DestinationInput::Need(part.to_vec()))?;
         }
+        if steps.streams() && next_place > told && (needs.is_empty() || later || planned_all) {
+            window.input(DestinationInput::Passed(next_place))?;
+            told = next_place;
+        }
         spent.planning += lap(&mut clock);
-        if let Some(end) = ended(window) {
+        if let Some(end) = cut.take().or_else(|| ended(window)) {
             break end;
         }
         // Apply what is ready, in order. A large file is applied as its chunks arrive: the applier
@@ -128,9 +160,11 @@ pub(super) fn transfer(
         if planned_all && waiting.is_empty() {
             break TransferEnd::Complete;
         }
-        // Wait for chunks, unless some are ready (the loop above yielded) or there is room to plan more.
+        // Wait for chunks (or steps), unless some are ready (the loop above yielded) or there is room
+        // to plan more.
         let ready = waiting.front_mut().is_some_and(|w| window.can_apply(w));
-        if ready || (progressed && !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES) {
+        let room = !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES;
+        if ready || (progressed && room && !later) {
             continue;
         }
         if progressed {

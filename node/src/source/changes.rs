@@ -1,54 +1,97 @@
 //! The list of changes: the diff of two manifests in batches, and where each changed byte falls in it.
 
+use std::cell::RefCell;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
 use ferry_engine::{EntryKind, ManifestReader, RawEntry, RecordFileError, diff_numbered};
 use ferry_proto::{Change, NeedChunk};
 use tokio::sync::mpsc;
 
-/// Diffs the base (or nothing) against the new manifest and hands out changes in batches. A path
-/// the base has goes by its place there (the destination holds the same manifest). Returns where
-/// each changed byte falls.
+use super::scanning::Gate;
+
+/// Diffs the base (or nothing) against the new manifest's entries and hands out changes in batches
+/// through `list`. A path the base has goes by its place there (the destination holds the same
+/// manifest). Records where each changed byte falls in `positions`.
 pub(super) fn send_changes(
     base: Option<&Path>,
-    new: &Path,
-    tx: &mpsc::Sender<Vec<Change>>,
-) -> anyhow::Result<Positions> {
-    let mut positions = Positions::default();
+    new: impl Iterator<Item = Result<RawEntry, RecordFileError>>,
+    list: &RefCell<Lister>,
+    positions: &Mutex<Positions>,
+) -> anyhow::Result<()> {
     // Compared as stored: an entry whose bytes did not change is not decoded (most of a day's tree).
     let old: Box<dyn Iterator<Item = Result<RawEntry, RecordFileError>>> = match base {
         Some(path) => Box::new(ManifestReader::open(path)?.raw()),
         None => Box::new(std::iter::empty()),
     };
-    let mut batch = Vec::with_capacity(1024);
-    for item in diff_numbered(old, ManifestReader::open(new)?.raw()) {
-        let (base, pair) = item?;
+    for item in diff_numbered(old, new) {
+        let (places, pair) = item?;
+        let (base, at) = (places.old, places.new);
         let path = pair.path().clone();
-        let change = match (pair.old, pair.new) {
+        let (change, bytes) = match (pair.old, pair.new) {
             (Some(old), Some(mut new)) if new.kind == EntryKind::File && old.same_content(&new) => {
                 (new.size, new.chunks) = (0, Vec::new());
-                Change { path, entry: Some(new), content_as_before: true, base }
+                (Change { path, entry: Some(new), content_as_before: true, base }, 0)
             }
             (_, new) => {
+                let mut bytes = 0;
                 if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
-                    positions.push(&path, entry.size);
+                    positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&path, entry.size);
+                    bytes = entry.size;
                 }
-                Change { path, entry: new, content_as_before: false, base }
+                (Change { path, entry: new, content_as_before: false, base }, bytes)
             }
         };
-        batch.push(change);
-        if batch.len() == 1024 {
-            tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(1024)))
-                .map_err(|_| anyhow!("connection closed"))?;
-        }
+        list.borrow_mut().push(change, at, bytes)?;
     }
-    if !batch.is_empty() {
-        tx.blocking_send(batch).map_err(|_| anyhow!("connection closed"))?;
-    }
-    Ok(positions)
+    list.borrow_mut().flush()
 }
+
+/// The list of changes on its way to the control loop, in batches; streamed, it waits at the
+/// [`Gate`] rather than go too far ahead of the destination.
+pub(super) struct Lister {
+    pub(super) tx: mpsc::Sender<Vec<Change>>,
+    pub(super) batch: Vec<Change>,
+    pub(super) gate: Option<Arc<Gate>>,
+}
+
+impl Lister {
+    pub(super) fn new(tx: mpsc::Sender<Vec<Change>>, gate: Option<Arc<Gate>>) -> Self {
+        Self { tx, batch: Vec::with_capacity(BATCH), gate }
+    }
+
+    /// Lists the change at `place` (its place in the new manifest), whose content is `bytes` new
+    /// bytes.
+    fn push(&mut self, change: Change, place: u64, bytes: u64) -> anyhow::Result<()> {
+        if let Some(gate) = self.gate.clone() {
+            // Whatever waits here must be on its way first: the destination moves the gate only
+            // for what it has.
+            if gate.is_full() {
+                self.flush()?;
+                gate.wait_for_room();
+            }
+            gate.listed(place, bytes);
+        }
+        self.batch.push(change);
+        if self.batch.len() == BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the changes listed so far.
+    pub(super) fn flush(&mut self) -> anyhow::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        self.tx.blocking_send(batch).map_err(|_| anyhow!("connection closed"))
+    }
+}
+
+/// Changes per batch of the list.
+const BATCH: usize = 1024;
 
 /// Where each file whose content changed starts in the round's changed bytes, in manifest order: the
 /// destination asks for chunks in that order, so the chunks read tell how far the round is (for the
@@ -73,9 +116,9 @@ pub(super) fn path_key(path: &ferry_engine::RelPath) -> u64 {
     hasher.finish()
 }
 
-/// Follows the chunks read through [`Positions`], forward only.
+/// Follows the chunks read through [`Positions`], forward only (they grow while the list streams).
 pub(super) struct PositionCursor {
-    pub(super) positions: Arc<Positions>,
+    pub(super) positions: Arc<Mutex<Positions>>,
     pub(super) at: usize,
 }
 
@@ -85,9 +128,10 @@ impl PositionCursor {
     /// bounded search and moves nothing).
     pub(super) fn advance(&mut self, need: &NeedChunk) -> Option<u64> {
         let key = path_key(&need.path);
-        let mut ahead = self.positions.files.get(self.at..)?.iter().take(4096);
+        let positions = self.positions.lock().ok()?;
+        let mut ahead = positions.files.get(self.at..)?.iter().take(4096);
         let found = ahead.position(|(k, _)| *k == key)?;
         self.at += found;
-        Some(self.positions.files[self.at].1 + need.offset + u64::from(need.len))
+        Some(positions.files[self.at].1 + need.offset + u64::from(need.len))
     }
 }

@@ -75,6 +75,15 @@ impl SourceChunks {
         if !read {
             out.truncate(start);
         }
+        // Read for the last time: its pages need not stay in the page cache. Left there, pages read
+        // twice (by the scan, then here) crowd out those the scan just read and this will read next,
+        // which then come from the disk again (and a mail server's own cache is not flooded).
+        let _ = rustix::fs::fadvise(
+            file,
+            need.offset,
+            std::num::NonZeroU64::new(need.len.into()),
+            rustix::fs::Advice::DontNeed,
+        );
         read
     }
 }

@@ -2,11 +2,13 @@
 //! the control stream, the list of changes, the chunk reader and the clock, feeds them to it, and does
 //! what it asks (send, read chunks, stop the senders).
 
-use std::sync::Arc;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
+use ferry_engine::ManifestReader;
 use ferry_proto::{
     Change, ChangesEnd, ChunkAt, Committed, Hello, Message, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions,
     SourceConfig, SourceEnd, SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
@@ -14,13 +16,14 @@ use ferry_proto::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::changes::{PositionCursor, Positions, send_changes};
+use super::changes::{Lister, PositionCursor, Positions, send_changes};
 use super::chunk_reader::{Outgoing, SourceChunks, async_channel, estimate_chunks, read_chunks};
 use super::needs::{NeedError, Needs};
 use super::options::PushOptions;
 use super::outcome::{deadline_error, max_duration_text, stopped_error};
 use super::prepare::Prepared;
 use super::progress::{Counters, spawn_progress};
+use super::scanning::{Gate, TeedEntries, teed_manifest};
 use super::session::{Closed, closed_error, why_closed};
 use super::stop::StopRequest;
 use crate::limit::Limiter;
@@ -82,6 +85,8 @@ pub(super) async fn drive(
         deadline: deadline.map(|at| (at, words)),
     });
     let mut list: Option<List> = None;
+    let mut gate: Option<Arc<Gate>> = None;
+    let mut positions = Arc::new(Mutex::new(Positions::default()));
     let mut transfer: Option<Transfer> = None;
     let mut dry_run_needs: Option<Needs> = None;
     let (mut changes, mut changed_bytes, mut payload) = (0u64, 0u64, 0u64);
@@ -118,11 +123,28 @@ pub(super) async fn drive(
             match event {
                 SourceEvent::Welcomed { holds } => {
                     tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
-                    list = Some(List::start(prepared, base, holds));
+                    match List::start(prepared, base, holds, options.dry_run).await {
+                        Ok((started, needs_from)) => {
+                            gate.clone_from(&started.gate);
+                            positions = started.positions.clone();
+                            if !options.dry_run {
+                                transfer = Some(Transfer::start(
+                                    prepared,
+                                    limiter,
+                                    sent,
+                                    connection,
+                                    positions.clone(),
+                                    needs_from,
+                                ));
+                            }
+                            list = Some(started);
+                        }
+                        Err(e) => machine.handle(SourceInput::ReadFailed(format!("{e:#}")), Instant::now()),
+                    }
                 }
                 SourceEvent::Read(chunks) if options.dry_run => {
                     // A dry run sizes what it would send (read and compressed here, not sent).
-                    let (root, settled) = (job.path.clone(), prepared.scanned.settled_before);
+                    let (root, settled) = (job.path.clone(), prepared.scan.settled);
                     let (manifest, looked_up) = (state.scanned(), dry_run_needs.take());
                     let sized = tokio::task::spawn_blocking(move || -> Result<_, NeedError> {
                         let mut needs = match looked_up {
@@ -141,9 +163,18 @@ pub(super) async fn drive(
                     }
                 }
                 SourceEvent::Read(chunks) => {
-                    let Some(transfer) = &transfer else { unreachable!("chunks are asked for after the list") };
+                    // The destination planned up to the last chunk's file; the list goes on once they are read.
+                    if let (Some(gate), Some(first), Some(last)) = (&gate, chunks.first(), chunks.last()) {
+                        gate.asked(first.place, last.place);
+                    }
+                    let Some(transfer) = &transfer else { unreachable!("chunks are asked for once welcomed") };
                     if transfer.needs.send(chunks).await.is_err() {
                         machine.handle(SourceInput::ReadFailed("the chunk reader stopped".into()), Instant::now());
+                    }
+                }
+                SourceEvent::Passed(place) => {
+                    if let Some(gate) = &gate {
+                        gate.passed(place);
                     }
                 }
                 SourceEvent::Notice(text) => {
@@ -210,20 +241,26 @@ pub(super) async fn drive(
                     machine.handle(SourceInput::Changes(batch), Instant::now());
                 }
                 None => {
-                    let Some(List { end, differ, .. }) = list.take() else { unreachable!("listing") };
-                    let positions = match differ {
-                        Some(differ) => differ.await.context("the diff panicked")??,
-                        None => Positions::default(),
+                    let Some(mut done) = list.take() else { unreachable!("listing") };
+                    let end = match done.end(prepared).await {
+                        Ok(end) => end,
+                        Err(e) => {
+                            machine.handle(SourceInput::ReadFailed(format!("{e:#}")), Instant::now());
+                            continue;
+                        }
                     };
                     match end.base {
                         Some(base) if changes == 0 => tracing::info!("0 changes sent (the tree is as in round {})", base.round),
                         Some(base) => tracing::info!("{changes} changes sent (against round {})", base.round),
                         None => tracing::info!("{changes} changes sent (the whole manifest: no round held in common)"),
                     }
-                    changed_bytes = positions.total;
+                    if let Some(gate) = &gate {
+                        gate.finish();
+                    }
+                    changed_bytes = positions.lock().map_err(|_| anyhow!("lock poisoned"))?.total;
                     sent.changed.store(changed_bytes, Ordering::Relaxed);
-                    if !options.dry_run {
-                        transfer = Some(Transfer::start(prepared, options, limiter, sent, connection, positions));
+                    if let Some(transfer) = &mut transfer {
+                        transfer.show_progress(sent, connection, limiter, options);
                     }
                     machine.handle(SourceInput::ChangesEnd(end), Instant::now());
                 }
@@ -236,7 +273,13 @@ pub(super) async fn drive(
                 FromReader::Failed(why) => machine.handle(SourceInput::ReadFailed(why), Instant::now()),
                 FromReader::BadNeed(what) => machine.handle(SourceInput::BadNeed(what), Instant::now()),
             },
-            _ = pause_tick.tick() => machine.handle(SourceInput::Paused(paused), Instant::now()),
+            _ = pause_tick.tick() => {
+                machine.handle(SourceInput::Paused(paused), Instant::now());
+                // A streamed list waits for the scan or for the destination: it is not stalled.
+                if listing && !paused && list.as_ref().is_some_and(|list| list.gate.is_some()) {
+                    machine.handle(SourceInput::Scanning, Instant::now());
+                }
+            }
             signal = stop_requested(&mut stop), if stopped_by.is_none() => {
                 stopped_by = Some(signal);
                 machine.stop(format!("{signal} (the operator stopped the round)"), Instant::now());
@@ -244,6 +287,10 @@ pub(super) async fn drive(
             () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
         }
     };
+    if let Some(gate) = &gate {
+        gate.open();
+    }
+    drop(list);
     if let Some(transfer) = transfer {
         transfer.stop().await;
     }
@@ -303,31 +350,110 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The list of changes on its way: read from the manifests on a thread of its own.
+/// The list of changes on its way, made on a thread of its own: streamed from the scan as it writes
+/// the manifest (the first connection), or from the manifest written (a later one).
 struct List {
     /// Batches of changes, until the list is complete.
     batches: mpsc::Receiver<Vec<Change>>,
-    differ: Option<JoinHandle<anyhow::Result<Positions>>>,
-    end: ChangesEnd,
+    differ: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The round the changes are against.
+    base: Option<ferry_proto::RoundRef>,
+    /// Where each changed byte falls, as the list grows.
+    positions: Arc<Mutex<Positions>>,
+    /// Streamed: how far ahead of the destination the list may go.
+    gate: Option<Arc<Gate>>,
+}
+
+/// Where the chunk reader looks needs up: the manifest written, or the one the scan is writing.
+enum NeedsFrom {
+    Written(std::path::PathBuf),
+    Streamed(std::fs::File, std::path::PathBuf, Arc<Gate>),
+}
+
+impl NeedsFrom {
+    /// The list's gate, when it streams.
+    fn gate(&self) -> Option<Arc<Gate>> {
+        match self {
+            NeedsFrom::Written(_) => None,
+            NeedsFrom::Streamed(_, _, gate) => Some(gate.clone()),
+        }
+    }
+
+    fn open(self) -> anyhow::Result<Needs> {
+        match self {
+            NeedsFrom::Written(path) => Needs::open(&path),
+            NeedsFrom::Streamed(file, path, gate) => Needs::streamed(file, &path, gate),
+        }
+    }
 }
 
 impl List {
     /// The changes since what the destination holds (all of them when this node no longer has that
-    /// manifest), or none when the tree is what it holds.
-    fn start(prepared: &Prepared, base: Option<ferry_proto::RoundRef>, holds: Option<ferry_proto::RoundRef>) -> Self {
+    /// manifest), or none when the tree is what it holds; and where needs are looked up.
+    async fn start(
+        prepared: &Prepared,
+        base: Option<ferry_proto::RoundRef>,
+        holds: Option<ferry_proto::RoundRef>,
+        dry_run: bool,
+    ) -> anyhow::Result<(Self, NeedsFrom)> {
         let delta_base = base.filter(|b| Some(*b) == holds);
-        let end = ChangesEnd { base: delta_base, root: prepared.new_root, entries: prepared.scanned.entries };
-        if delta_base.is_some_and(|b| b.root == prepared.new_root) {
-            // No need to read both manifests through to find no change.
-            let (_, empty) = mpsc::channel(1);
-            return Self { batches: empty, differ: None, end };
-        }
-        let (changes_tx, changes_rx) = mpsc::channel::<Vec<Change>>(4);
         let base_path = delta_base.map(|_| prepared.state.base());
-        let scanned_path = prepared.state.scanned();
-        let differ =
-            tokio::task::spawn_blocking(move || send_changes(base_path.as_deref(), &scanned_path, &changes_tx));
-        Self { batches: changes_rx, differ: Some(differ), end }
+        let positions = Arc::new(Mutex::new(Positions::default()));
+        let (changes_tx, changes_rx) = mpsc::channel::<Vec<Change>>(4);
+        let list =
+            |differ, gate| Self { batches: changes_rx, differ, base: delta_base, positions: positions.clone(), gate };
+        if let Some(tee) = prepared.scan.take_tee() {
+            let (tee, (file, path)) = tokio::task::spawn_blocking(move || teed_manifest(&tee).map(|m| (tee, m)))
+                .await
+                .context("the scan's tee panicked")??;
+            let gate = Arc::new(Gate::default());
+            if dry_run {
+                // A dry run's destination plans once the list is whole: nothing to wait for.
+                gate.open();
+            }
+            let (lister_gate, into) = (gate.clone(), positions.clone());
+            let differ = tokio::task::spawn_blocking(move || {
+                let lister = RefCell::new(Lister::new(changes_tx, Some(lister_gate)));
+                // What is listed goes out whenever the scan has nothing more for now.
+                let entries = TeedEntries::new(tee, || lister.borrow_mut().flush().is_ok());
+                send_changes(base_path.as_deref(), entries, &lister, &into)
+            });
+            let needs = NeedsFrom::Streamed(file, path, gate.clone());
+            return Ok((list(Some(differ), Some(gate)), needs));
+        }
+        // A later connection: the scan is over (or ends first), and its manifest is read whole.
+        let scanned = prepared.scan.done().await?;
+        let needs = NeedsFrom::Written(prepared.state.scanned());
+        if delta_base.is_some_and(|b| Some(b.root) == scanned.root_hash) {
+            // No need to read both manifests through to find no change.
+            drop(changes_tx);
+            return Ok((list(None, None), needs));
+        }
+        let (scanned_path, into) = (prepared.state.scanned(), positions.clone());
+        let differ = tokio::task::spawn_blocking(move || {
+            let lister = RefCell::new(Lister::new(changes_tx, None));
+            send_changes(base_path.as_deref(), ManifestReader::open(&scanned_path)?.raw(), &lister, &into)
+        });
+        Ok((list(Some(differ), None), needs))
+    }
+
+    /// Once the last batch is out: the list's end, with the scan's root hash.
+    async fn end(&mut self, prepared: &Prepared) -> anyhow::Result<ChangesEnd> {
+        if let Some(differ) = self.differ.take() {
+            differ.await.context("the diff panicked")??;
+        }
+        let scanned = prepared.scan.done().await?;
+        let root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
+        Ok(ChangesEnd { base: self.base, root, entries: scanned.entries })
+    }
+}
+
+impl Drop for List {
+    fn drop(&mut self) {
+        // A list given up (its connection ended) must not keep its thread waiting for the destination.
+        if let Some(gate) = &self.gate {
+            gate.open();
+        }
     }
 }
 
@@ -367,17 +493,17 @@ struct Transfer {
     senders: Vec<JoinHandle<anyhow::Result<()>>>,
     reader: JoinHandle<()>,
     batches_sent: Arc<AtomicU64>,
-    progress: (tokio::sync::oneshot::Sender<()>, JoinHandle<()>),
+    progress: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Transfer {
     fn start(
         prepared: &Prepared,
-        options: &PushOptions,
         limiter: &Limiter,
         sent: &Arc<Counters>,
         connection: &quinn::Connection,
-        positions: Positions,
+        positions: Arc<Mutex<Positions>>,
+        needs_from: NeedsFrom,
     ) -> Self {
         // Bounded: a destination that asks faster than this node reads waits (QUIC's flow control then
         // slows it down) instead of queueing without end here.
@@ -386,12 +512,12 @@ impl Transfer {
         let (batches_tx, batches_rx) = async_channel();
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
-            let (root, settled) = (prepared.job.path.clone(), prepared.scanned.settled_before);
+            let (root, settled) = (prepared.job.path.clone(), prepared.scan.settled);
             let (counters, stop, limiter) = (sent.clone(), stop.clone(), limiter.clone());
-            let mut cursor = PositionCursor { positions: Arc::new(positions), at: 0 };
-            let manifest = prepared.state.scanned();
+            let mut cursor = PositionCursor { positions, at: 0 };
+            let gate = needs_from.gate();
             tokio::task::spawn_blocking(move || {
-                let mut needs = match Needs::open(&manifest) {
+                let mut needs = match needs_from.open() {
                     Ok(needs) => needs,
                     Err(e) => {
                         let _ = reader_tx.send(FromReader::Failed(format!("{e:#}")));
@@ -399,6 +525,7 @@ impl Transfer {
                     }
                 };
                 while let Some(chunks) = needs_rx.blocking_recv() {
+                    let asked = !chunks.is_empty();
                     let chunks = match needs.resolve_all(chunks) {
                         Ok(chunks) => chunks,
                         Err(NeedError::Read(e)) => {
@@ -419,6 +546,10 @@ impl Transfer {
                     let read = SourceChunks::open(&root, settled).and_then(|mut reader| {
                         read_chunks(&mut reader, chunks, &batches_tx, &counters, &mut cursor, &stop, batch_bytes)
                     });
+                    // Read (and in memory until sent): the list may go that much further.
+                    if let (Some(gate), true) = (&gate, asked) {
+                        gate.read();
+                    }
                     match read {
                         Ok(missing) if missing.is_empty() => {}
                         Ok(missing) => {
@@ -460,9 +591,23 @@ impl Transfer {
                 })
             })
             .collect();
-        let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
-        let progress = spawn_progress(sent.clone(), connection.clone(), limiter.clone(), options.progress, stop_rx);
-        Self { needs, from_reader, stop, senders, reader, batches_sent, progress: (stop_progress, progress) }
+        Self { needs, from_reader, stop, senders, reader, batches_sent, progress: None }
+    }
+
+    /// Shows the transfer's progress line from now on (once the list is whole: the scan's line is
+    /// shown until then).
+    fn show_progress(
+        &mut self,
+        sent: &Arc<Counters>,
+        connection: &quinn::Connection,
+        limiter: &Limiter,
+        options: &PushOptions,
+    ) {
+        if self.progress.is_none() {
+            let (stop_progress, stop_rx) = tokio::sync::oneshot::channel();
+            let progress = spawn_progress(sent.clone(), connection.clone(), limiter.clone(), options.progress, stop_rx);
+            self.progress = Some((stop_progress, progress));
+        }
     }
 
     /// Stops reading and sending once the batches being sent are out; returns how many went out.
@@ -472,9 +617,10 @@ impl Transfer {
         for sender in self.senders {
             let _ = sender.await;
         }
-        let (stop_progress, progress) = self.progress;
-        let _ = stop_progress.send(());
-        let _ = progress.await;
+        if let Some((stop_progress, progress)) = self.progress {
+            let _ = stop_progress.send(());
+            let _ = progress.await;
+        }
         let _ = self.reader.await;
         self.batches_sent.load(Ordering::Relaxed)
     }

@@ -75,6 +75,7 @@ pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOption
         Ok(Driven::Committed(_)) => bail!("{} committed a dry run", prepared.peer.name),
         Err(e) => {
             connection.close(net::close::ERROR.into(), b"the dry run failed");
+            prepared.scan.stop().await;
             return Err(e);
         }
     };
@@ -87,7 +88,7 @@ pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOption
     Ok(DryRunReport {
         schema: REPORT_SCHEMA,
         job: prepared.job.name.clone(),
-        entries: prepared.scanned.entries,
+        entries: prepared.scan.done().await?.entries,
         changes,
         files: plan.files,
         changed_bytes,

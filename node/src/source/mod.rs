@@ -15,6 +15,7 @@ mod prepare;
 mod progress;
 mod report;
 mod round;
+mod scanning;
 mod session;
 mod stop;
 

@@ -3,10 +3,13 @@
 //! the reader checks and the batch names, are the scan's, read here from that manifest.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use ferry_engine::{Entry, ManifestReader};
 use ferry_proto::{ChunkAt, NeedChunk};
+
+use super::scanning::Gate;
 
 /// A need that could not be made whole.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,8 @@ pub(super) enum NeedError {
 /// found a little further on.
 pub(super) struct Needs {
     reader: ManifestReader,
+    /// While the manifest is still being written (the list streams): how far the list has gone.
+    gate: Option<Arc<Gate>>,
     /// The place of the next entry `reader` gives.
     next_place: u64,
     /// The number of the next need (they count from 0 in the order they came: a chunk batch names
@@ -48,7 +53,16 @@ impl Needs {
     /// The needs of the round whose manifest is at `manifest`.
     pub(super) fn open(manifest: &Path) -> anyhow::Result<Self> {
         let reader = ManifestReader::open(manifest).with_context(|| format!("cannot read {}", manifest.display()))?;
-        Ok(Self { reader, next_place: 0, next_need: 0, file: None })
+        Ok(Self { reader, gate: None, next_place: 0, next_need: 0, file: None })
+    }
+
+    /// The needs of a round whose manifest the scan is still writing (open as `file`, at `path`),
+    /// and whose list `gate` follows: a need can only name what the list has reached, which is in
+    /// the file.
+    pub(super) fn streamed(file: std::fs::File, path: &Path, gate: Arc<Gate>) -> anyhow::Result<Self> {
+        let reader =
+            ManifestReader::from_file(file, path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Self { reader, gate: Some(gate), next_place: 0, next_need: 0, file: None })
     }
 
     /// A list of needs made whole, in order, each with its number (see [`Self::resolve`]).
@@ -99,6 +113,11 @@ impl Needs {
     fn find(&mut self, place: u64) -> Result<Entry, NeedError> {
         if place < self.next_place {
             return Err(NeedError::OutOfOrder { place, after: self.next_place - 1 });
+        }
+        if let Some(gate) = &self.gate
+            && place >= gate.reach()
+        {
+            return Err(NeedError::NotInRound(format!("entry {place}, which the list has not reached")));
         }
         while let Some(raw) = self.reader.next_raw().context("cannot read the round's manifest")? {
             self.next_place += 1;

@@ -1,16 +1,14 @@
-//! Before the round: the readiness check, the export hook and the scan.
+//! Before the round: the readiness check, the export hook, and the start of the scan.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use ferry_certs::Identity;
-use ferry_engine::{Progress, ScanOptions, scan};
 
 use super::options::PushOptions;
+use super::scanning::Scanning;
 use super::session::{BUSY_RETRY, check_peer, is_busy};
 use crate::config_dir::ConfigDir;
-use crate::meter;
 use crate::net::{self};
 use crate::state::SourceState;
 
@@ -23,15 +21,15 @@ pub(super) struct Prepared {
     pub(super) addr: String,
     pub(super) identity: Identity,
     pub(super) state: SourceState,
-    pub(super) scanned: ferry_engine::ScanReport,
-    pub(super) new_root: ferry_engine::RootHash,
+    /// The scan, begun: it runs beside the round's first connection.
+    pub(super) scan: Scanning,
     pub(super) _lock: ferry_engine::StateLock,
     /// Which source this is for the job ([`ferry_proto::Hello::source`]).
     pub(super) source_id: u64,
 }
 
 /// Loads the job, asks the destination whether it would take a round now, runs the export hook, and
-/// scans.
+/// starts the scan.
 pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> anyhow::Result<Prepared> {
     let job_name = &options.job;
     let config = config_dir.load()?;
@@ -84,26 +82,8 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
         check_peer(&client, (&job, source_id), &peer, &addr, &identity, options).await?;
     }
 
-    tracing::info!("scanning {}", job.path.display());
-    let scanned = {
-        let (path, cache, out) = (job.path.clone(), state.cache(), state.scanned());
-        let (progress, show) = (Arc::new(Progress::default()), options.progress);
-        let scan_options = ScanOptions { progress: Some(progress.clone()), ..ScanOptions::default() };
-        // Started here, in the round's span; dropped (the line cleared) when the scan ends.
-        let _watching = meter::Watch::start(show, move || meter::scan_line(&progress));
-        tokio::task::spawn_blocking(move || scan(&path, Some(&cache), &out, &cache, &scan_options))
-            .await
-            .context("the scan panicked")??
-    };
-    if scanned.changed_while_read_count > 0 {
-        tracing::warn!(
-            "{} files changed while they were read; they are left for the next round (e.g. {})",
-            scanned.changed_while_read_count,
-            scanned.changed_while_read.join(", ")
-        );
-    }
-    let new_root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
-    Ok(Prepared { client, job, peer, addr, identity, state, scanned, new_root, _lock: lock, source_id })
+    let scan = Scanning::start(job.path.clone(), state.cache(), state.scanned(), options.progress)?;
+    Ok(Prepared { client, job, peer, addr, identity, state, scan, _lock: lock, source_id })
 }
 
 /// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.

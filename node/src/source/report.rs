@@ -67,6 +67,9 @@ pub struct PushReport {
     pub scan_ms: u64,
     /// From the start to the first chunk data handed to QUIC (`None`: no chunk was sent).
     pub first_byte_ms: Option<u64>,
+    /// Bytes this process read from storage (the kernel's count, `/proc/self/io`: the page cache's
+    /// misses; `None` where the kernel does not say). A first round reads each changed byte once.
+    pub disk_read_bytes: Option<u64>,
 }
 
 /// Prints one JSON document on stdout.

@@ -43,7 +43,7 @@ pub(super) async fn push_once(
     let deadline = options.max_duration.map(|d| started + d);
     // SIGHUP re-reads the job's and the peer's limits (from now on, not only during the transfer).
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    // A stop during the export hook or the scan ends the round there: nothing was sent.
+    // A stop during the export hook ends the round there: nothing was sent.
     let prepared = tokio::select! {
         prepared = prepare(config_dir, options) => prepared?,
         signal = stop.requested() => return Err(stopped_error(signal, &Counters::default()).into()),
@@ -124,8 +124,13 @@ pub(super) async fn push_once(
     };
     follow.abort();
     reload.abort();
+    if result.is_err() {
+        prepared.scan.stop().await;
+    }
     let finished = result?;
-    let Prepared { job, peer, state, scanned, new_root, .. } = prepared;
+    let scanned = prepared.scan.done().await?;
+    let new_root = scanned.root_hash.ok_or_else(|| anyhow::anyhow!("the scan produced no root hash"))?;
+    let Prepared { job, peer, state, .. } = prepared;
     let committed = finished.committed;
     // The destination holds the scanned tree: the base of the next round's changes. In sync only if the
     // scan left nothing of the tree out.
@@ -166,9 +171,16 @@ pub(super) async fn push_once(
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
         first_byte_ms: sent.first_batch.get().map(|at| at.duration_since(started).as_millis() as u64),
+        disk_read_bytes: disk_read_bytes(),
     };
     crate::history::append(&state.history(), &report.history_record(&peer.name))?;
     Ok(report)
+}
+
+/// Bytes this process read from storage so far, as the kernel counts them.
+fn disk_read_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|line| line.strip_prefix("read_bytes:")).and_then(|n| n.trim().parse().ok())
 }
 
 /// One connection's worth of a round (see [`drive`]). A lost connection comes back as [`Lost`].

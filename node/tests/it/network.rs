@@ -185,6 +185,21 @@ fn a_fresh_export_costs_a_few_bytes_per_file_on_the_wire() {
 }
 
 #[test]
+fn chunks_leave_while_the_source_still_scans() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    // About 180 MB: more than the list may go ahead of the destination (64 MiB of changed files),
+    // so the scan waits for the transfer and ends near the end of the round.
+    TreeGenerator::create(&source, TreeSpec::with_files(8000, 41)).unwrap();
+    setup.job("zimbra", &source, &target);
+    let first = setup.source.sync("zimbra");
+    assert_eq!(first["in_sync"], true, "{first}");
+    assert_same_tree(&source, &target, |_| false);
+    let ms = |name: &str| first[name].as_u64().unwrap();
+    assert!(ms("first_byte_ms") < ms("scan_ms") / 2, "the first chunk left before the scan was half done: {first}");
+}
+
+#[test]
 fn three_rounds_send_little_more_than_what_is_new() {
     let setup = Setup::new();
     let (source, target) = (setup.path("export"), setup.path("migration"));
@@ -203,12 +218,12 @@ fn three_rounds_send_little_more_than_what_is_new() {
     let sent_once = first["bytes_on_wire"].as_u64().unwrap().saturating_sub(first["bytes_lost"].as_u64().unwrap());
     assert!(sent_once < tree_bytes + tree_bytes / 10, "{sent_once} bytes sent for {tree_bytes}: {first}");
     // Where the bytes went: chunk data (the metadata compressed), the list, the requests; the rest is
-    // QUIC's own. The first chunk left after the scan and the list, within the round.
+    // QUIC's own. The first chunk left within the round (the list streams: perhaps before the scan ended).
     let kind = |name: &str| first[name].as_u64().unwrap();
     assert!(kind("payload_bytes") < tree_bytes && kind("payload_bytes") > tree_bytes / 2, "{first}");
     assert!(kind("list_bytes") > 0 && kind("need_bytes") > 0, "{first}");
     assert!(kind("payload_bytes") + kind("list_bytes") + kind("need_bytes") < kind("bytes_on_wire"), "{first}");
-    assert!(kind("first_byte_ms") >= kind("scan_ms") && kind("first_byte_ms") <= kind("duration_ms"), "{first}");
+    assert!(kind("first_byte_ms") <= kind("duration_ms"), "{first}");
 
     let mut kept = ferry_testkit::snapshot(&source, &[]).unwrap();
     for round in 2..=3 {

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::args::Result;
-use crate::measure::{Measure, WireKinds, children_cpu, peak_rss, process_cpu, wait_sampling};
+use crate::measure::{Measure, WireKinds, children_cpu, peak_rss, process_cpu, wait_sampling_reads};
 use crate::rsync::Net;
 
 /// Two ferry nodes: a daemon and the source's config.
@@ -24,6 +24,8 @@ pub(crate) struct FerryPair {
     pub(crate) bwlimit: Option<String>,
     /// Where to keep the nodes' logs (`--logs`); otherwise the source's go nowhere.
     pub(crate) logs: Option<PathBuf>,
+    /// A shell line that runs `ferry sync` in cgroups of its own (`--read-once`).
+    pub(crate) cgroups: Option<String>,
 }
 
 impl FerryPair {
@@ -68,6 +70,7 @@ impl FerryPair {
             congestion: "cubic".into(),
             bwlimit: None,
             logs: None,
+            cgroups: None,
         })
     }
 
@@ -116,9 +119,15 @@ impl FerryPair {
         let _ = std::fs::write(format!("/proc/{daemon}/clear_refs"), "5");
         let (cpu_children, cpu_daemon) = (children_cpu(), process_cpu(daemon));
         let started = Instant::now();
-        let child = self
-            .net
-            .source_command(&self.bin)
+        let mut command = match &self.cgroups {
+            Some(line) => {
+                let mut shell = Command::new("sh");
+                shell.args(["-c", line, "sh"]).arg(&self.bin);
+                shell
+            }
+            None => self.net.source_command(&self.bin),
+        };
+        let child = command
             .arg("--config-dir")
             .arg(&self.source_node)
             .args(["sync", "--round", "bench", "--json", "--congestion", &self.congestion])
@@ -126,7 +135,7 @@ impl FerryPair {
             .stdout(Stdio::piped())
             .stderr(self.source_log()?)
             .spawn()?;
-        let (out, rss_send) = wait_sampling(child)?;
+        let (out, rss_send, reads_sampled) = wait_sampling_reads(child)?;
         let wall = started.elapsed();
         if !out.status.success() {
             return Err(format!("ferry sync failed: {:?}", out.status).into());
@@ -158,6 +167,9 @@ impl FerryPair {
             wire,
             kinds,
             wire_ssh: None,
+            first_byte: report["first_byte_ms"].as_u64().map(Duration::from_millis),
+            // A build from before the report said so: the last sample, up to 20 ms before the end.
+            disk_read: report["disk_read_bytes"].as_u64().or(Some(reads_sampled)),
         })
     }
 }

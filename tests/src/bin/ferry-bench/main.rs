@@ -22,6 +22,9 @@
 //!
 //! More measurements, each on its own:
 //! - `--single-file MIB`: one file of MIB MiB of random bytes, the initial round of each tool, in MB/s;
+//! - `--read-once MIB`: ferry alone, a first round with the source in a memory cgroup of MIB MiB and
+//!   the page cache dropped first: the source's reads from disk against the data, and when the first
+//!   chunk left;
 //! - `--memory`: ferry alone on trees of `--files` / 10 and `--files` small files (1 M for the target),
 //!   the peak RSS of each process in the initial and the no-change round, and how it grows;
 //! - `--shaped MBIT`: the same rounds between two network namespaces joined through a third, a router
@@ -38,6 +41,7 @@ use crate::filler::MemoryFiller;
 use crate::floors::{Floors, changed_since, copy_floor, durable_copy, stat_floor};
 use crate::measure::{Measure, tempfile_in, tree_size};
 use crate::memory::memory;
+use crate::read_once::read_once;
 use crate::render::render;
 use crate::rsync::{Net, Rsync};
 use crate::single::single_file;
@@ -51,6 +55,7 @@ mod filler;
 mod floors;
 mod measure;
 mod memory;
+mod read_once;
 mod render;
 mod rsync;
 mod single;
@@ -84,6 +89,9 @@ fn run() -> Result<()> {
     }
     if args.memory {
         return memory(&args, &root);
+    }
+    if let Some(mib) = args.read_once {
+        return read_once(&args, &root, &source, mib);
     }
     let started = Instant::now();
     let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(args.files, args.seed))?;

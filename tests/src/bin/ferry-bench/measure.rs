@@ -34,6 +34,10 @@ pub(crate) struct Measure {
     /// logged at `LogLevel=VERBOSE`): the TCP payload, the layer at which ferry's UDP payloads are
     /// counted.
     pub(crate) wire_ssh: Option<u64>,
+    /// ferry only: when the first chunk left (its report's `first_byte_ms`).
+    pub(crate) first_byte: Option<Duration>,
+    /// ferry only: the source's reads from storage (its report's `disk_read_bytes`).
+    pub(crate) disk_read: Option<u64>,
 }
 
 /// ferry's wire bytes by what they carried: its report's `list_bytes`, `need_bytes` and
@@ -92,9 +96,15 @@ pub(crate) fn peak_rss(pid: u32) -> u64 {
 
 /// Waits for `child`, sampling the peak RSS of it and its descendants; returns the output and the
 /// largest peak seen.
-pub(crate) fn wait_sampling(mut child: Child) -> Result<(std::process::Output, u64)> {
+pub(crate) fn wait_sampling(child: Child) -> Result<(std::process::Output, u64)> {
+    wait_sampling_reads(child).map(|(output, peak, _)| (output, peak))
+}
+
+/// Like [`wait_sampling`], also sampling what `child` itself read from storage (`read_bytes` of
+/// `/proc/PID/io`): the last sample, up to 20 ms before it ended.
+pub(crate) fn wait_sampling_reads(mut child: Child) -> Result<(std::process::Output, u64, u64)> {
     let pid = child.id();
-    let mut peak = 0;
+    let (mut peak, mut reads) = (0, 0);
     let read = |stream: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut out = Vec::new();
@@ -108,6 +118,7 @@ pub(crate) fn wait_sampling(mut child: Child) -> Result<(std::process::Output, u
     let error_reader = read(child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
     loop {
         peak = peak.max(peak_rss(pid)).max(descendants(pid).into_iter().map(peak_rss).max().unwrap_or(0));
+        reads = reads.max(storage_reads(pid).unwrap_or(0));
         if child.try_wait()?.is_some() {
             break;
         }
@@ -116,7 +127,13 @@ pub(crate) fn wait_sampling(mut child: Child) -> Result<(std::process::Output, u
     let status = child.wait()?;
     let stdout = reader.join().map_err(|_| "reader panicked")?;
     let stderr = error_reader.join().map_err(|_| "reader panicked")?;
-    Ok((std::process::Output { status, stdout, stderr }, peak))
+    Ok((std::process::Output { status, stdout, stderr }, peak, reads))
+}
+
+/// What `pid` read from storage so far.
+fn storage_reads(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|line| line.strip_prefix("read_bytes:")).and_then(|n| n.trim().parse().ok())
 }
 
 pub(crate) fn descendants(pid: u32) -> Vec<u32> {

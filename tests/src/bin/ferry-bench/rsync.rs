@@ -200,6 +200,8 @@ impl Rsync {
             sync_wait: None,
             check: None,
             kinds: None,
+            first_byte: None,
+            disk_read: None,
         })
     }
 }

@@ -1,0 +1,207 @@
+//! A list of changes that streams: the source sends it while it scans, and the round plans and
+//! applies each change as it comes instead of waiting for the list's end. What it does not have yet
+//! the transfer does not wait for: it applies what arrived, and tells the source how far it planned
+//! (`Passed`), which lets the list go on.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail};
+use ferry_engine::{EntryKind, Step};
+use ferry_proto::{Change, ChangesEnd, DestinationEnd, DestinationEvent, DestinationInput, Hello, Refusal, RoundRef};
+use tokio::sync::mpsc;
+
+use super::merge::BasePaths;
+use super::round::Space;
+use super::window::Window;
+use crate::refused::Refused;
+use crate::state::TargetState;
+
+/// What the transfer gets from its steps.
+pub(super) enum Next<T> {
+    /// The next one.
+    Item(T),
+    /// None for now: the list has not come that far.
+    Later,
+    /// No more.
+    End,
+}
+
+/// The transfer's steps: each with its place in the new manifest.
+pub(super) trait Steps {
+    /// The next step, without waiting for the network.
+    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>>;
+    /// Whether the list streams (the source waits for the word that the transfer passed its
+    /// changes).
+    fn streams(&self) -> bool;
+}
+
+/// Steps from a list that is whole: the manifests on disk, read ahead.
+pub(super) struct Whole<I>(pub(super) I);
+
+impl<I: Iterator<Item = anyhow::Result<(u64, Step)>>> Steps for Whole<I> {
+    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>> {
+        self.0.next().map_or(Next::End, Next::Item)
+    }
+
+    fn streams(&self) -> bool {
+        false
+    }
+}
+
+/// Steps made on a thread of their own from a list that streams, each handed over as soon as it is
+/// made.
+pub(super) struct Streamed(Receiver<anyhow::Result<(u64, Step)>>);
+
+impl Streamed {
+    /// Makes `steps` on a thread of its own, waking the transfer (which waits on `window`) for each.
+    pub(super) fn start(
+        steps: impl Iterator<Item = anyhow::Result<(u64, Step)>> + Send + 'static,
+        window: Arc<Window>,
+    ) -> anyhow::Result<Self> {
+        // A window's worth of entries waits here at most.
+        let (tx, rx) = std::sync::mpsc::sync_channel(super::transfer::WINDOW_ENTRIES);
+        let span = tracing::Span::current();
+        std::thread::Builder::new().name("ferry-merge".into()).spawn(move || {
+            let _entered = span.enter();
+            for step in steps {
+                let failed = step.is_err();
+                if tx.send(step).is_err() {
+                    return;
+                }
+                window.changed.notify_all();
+                if failed {
+                    return;
+                }
+            }
+            drop(tx);
+            window.changed.notify_all();
+        })?;
+        Ok(Self(rx))
+    }
+}
+
+impl Steps for Streamed {
+    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>> {
+        match self.0.try_recv() {
+            Ok(step) => Next::Item(step),
+            Err(TryRecvError::Empty) => Next::Later,
+            Err(TryRecvError::Disconnected) => Next::End,
+        }
+    }
+
+    fn streams(&self) -> bool {
+        true
+    }
+}
+
+/// What one thread leaves for another to take.
+pub(super) type Slot<T> = Arc<Mutex<Option<T>>>;
+
+/// The changes of a list that streams, as they come from the control stream: paths named by their
+/// place in the base made whole, and the space they take counted as they come (a round that would
+/// not fit is refused once it is seen not to). The list's end goes to `end`.
+pub(super) struct Incoming {
+    inbox: mpsc::Receiver<DestinationEvent>,
+    batch: std::vec::IntoIter<Change>,
+    base_paths: Option<BasePaths>,
+    state: TargetState,
+    hello_base: Option<RoundRef>,
+    holds: Option<RoundRef>,
+    space: Space,
+    target: std::path::PathBuf,
+    window: Arc<Window>,
+    end: Slot<ChangesEnd>,
+    ended: bool,
+    /// Why the round was refused for want of space, once it was.
+    refused: Slot<String>,
+}
+
+impl Incoming {
+    pub(super) fn new(
+        first: Vec<Change>,
+        inbox: mpsc::Receiver<DestinationEvent>,
+        state: TargetState,
+        (hello, holds): (&Hello, Option<RoundRef>),
+        target: &Path,
+        window: Arc<Window>,
+        (end, refused): (Slot<ChangesEnd>, Slot<String>),
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            inbox,
+            batch: first.into_iter(),
+            base_paths: None,
+            state,
+            hello_base: hello.base,
+            holds,
+            space: Space::with(0, 0, target)?,
+            target: target.to_owned(),
+            window,
+            end,
+            ended: false,
+            refused,
+        })
+    }
+
+    fn next_change(&mut self) -> anyhow::Result<Option<Change>> {
+        loop {
+            if let Some(mut change) = self.batch.next() {
+                if let Some(place) = change.base.take() {
+                    let paths = match &mut self.base_paths {
+                        Some(paths) => paths,
+                        None => self.base_paths.insert(BasePaths::open(&self.state, self.hello_base, self.holds)?),
+                    };
+                    change.path = paths.path_at(place)?;
+                    if let Some(entry) = &mut change.entry {
+                        entry.path.clone_from(&change.path);
+                    }
+                }
+                self.count(&change)?;
+                return Ok(Some(change));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.inbox.blocking_recv() {
+                Some(DestinationEvent::Changes(batch)) => self.batch = batch.into_iter(),
+                Some(DestinationEvent::ChangesEnd(end)) => {
+                    self.ended = true;
+                    *self.end.lock().map_err(|_| anyhow!("lock poisoned"))? = Some(end);
+                }
+                Some(DestinationEvent::Ended(DestinationEnd::Stopped(why))) => {
+                    bail!("the source stopped while it sent its list: {why}")
+                }
+                Some(DestinationEvent::Ended(end)) => bail!("the list of changes was cut: {end:?}"),
+                Some(other) => bail!("unexpected {other:?} while receiving changes"),
+                None => bail!("the connection closed while receiving changes"),
+            }
+        }
+    }
+
+    /// Counts what a change writes, and refuses the round once it no longer fits.
+    fn count(&mut self, change: &Change) -> anyhow::Result<()> {
+        let Some(entry) = &change.entry else { return Ok(()) };
+        if entry.kind != EntryKind::File || entry.hard_link_to.is_some() || change.content_as_before {
+            return Ok(());
+        }
+        self.space.files += 1;
+        self.space.needed = self.space.needed.saturating_add(entry.size);
+        if let Some(reason) = self.space.refusal(&self.target) {
+            let reason = format!("{reason} (seen while the list came: what arrived before is kept)");
+            tracing::warn!("{reason}");
+            *self.refused.lock().map_err(|_| anyhow!("lock poisoned"))? = Some(reason.clone());
+            self.window.input(DestinationInput::Refuse { refusal: Refusal::NoSpace, reason: reason.clone() })?;
+            return Err(Refused::new(Refusal::NoSpace, reason).into());
+        }
+        Ok(())
+    }
+}
+
+impl Iterator for Incoming {
+    type Item = anyhow::Result<Change>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_change().transpose()
+    }
+}
