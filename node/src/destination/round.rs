@@ -145,13 +145,15 @@ pub(super) fn destination_round(
         tell_differences(&check, &job.path, &send)?;
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let slots = (end.clone(), refused.clone());
-        let incoming = Incoming::new(batch, inbox, state.clone(), (hello, holds), &job.path, window.clone(), slots)?;
+        let (steps, flush) = Streamed::channel(window.clone());
+        let incoming = Incoming::new(batch, inbox, state.clone(), (hello, holds), &job.path, window.clone(), slots)?
+            .flushing(flush.clone());
         // What the source's changes are against: its base, when this node holds it.
         let delta = hello.base.is_some() && hello.base == holds;
         let applying =
             Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
         let old = old_and_kept(&state)?;
-        let steps = Streamed::start(placed(patch(old, incoming, delta)), window.clone())?;
+        Streamed::start(placed(patch(old, incoming, delta)), flush)?;
         let applied = apply_round(round, applying, steps, window, || {
             let end = end.lock().map_err(|_| anyhow!("lock poisoned"))?.take();
             let end = end.ok_or_else(|| anyhow!("the list of changes did not end"))?;

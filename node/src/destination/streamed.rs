@@ -50,45 +50,91 @@ impl<I: Iterator<Item = anyhow::Result<(u64, Step)>>> Steps for Whole<I> {
     }
 }
 
-/// Steps made on a thread of their own from a list that streams, each handed over as soon as it is
-/// made.
-pub(super) struct Streamed(Receiver<anyhow::Result<(u64, Step)>>);
+/// Steps made on a thread of their own from a list that streams, handed over in batches: a batch
+/// goes when it is full or when the list has nothing more for now ([`Flush`]).
+pub(super) struct Streamed {
+    rx: Receiver<Vec<Placed>>,
+    batch: std::collections::VecDeque<Placed>,
+}
+
+/// A step with its place in the new manifest, or why there is none.
+type Placed = anyhow::Result<(u64, Step)>;
+
+/// Steps made and not yet handed over, and where they go: shared by the thread making them and the
+/// list it reads, which hands them over before it waits for the source.
+#[derive(Clone)]
+pub(super) struct Flush {
+    pending: Arc<Mutex<Vec<Placed>>>,
+    tx: std::sync::mpsc::SyncSender<Vec<Placed>>,
+    window: Arc<Window>,
+}
+
+impl Flush {
+    /// Steps per batch at most.
+    const BATCH: usize = 512;
+
+    fn push(&self, step: Placed) -> bool {
+        let full = match self.pending.lock() {
+            Ok(mut pending) => {
+                pending.push(step);
+                pending.len() >= Self::BATCH
+            }
+            Err(_) => return false,
+        };
+        !full || self.now()
+    }
+
+    /// Hands over the steps made so far; `false` once the transfer is gone.
+    pub(super) fn now(&self) -> bool {
+        let Ok(mut pending) = self.pending.lock() else { return false };
+        if pending.is_empty() {
+            return true;
+        }
+        let sent = self.tx.send(std::mem::take(&mut *pending)).is_ok();
+        self.window.changed.notify_all();
+        sent
+    }
+}
 
 impl Streamed {
-    /// Makes `steps` on a thread of its own, waking the transfer (which waits on `window`) for each.
+    /// A batch channel and its [`Flush`], which the list the steps are made from takes first.
+    pub(super) fn channel(window: Arc<Window>) -> (Self, Flush) {
+        // About a window's worth of entries waits here at most.
+        let (tx, rx) = std::sync::mpsc::sync_channel(super::transfer::WINDOW_ENTRIES / Flush::BATCH);
+        let flush = Flush { pending: Arc::default(), tx, window };
+        (Self { rx, batch: std::collections::VecDeque::new() }, flush)
+    }
+
+    /// Makes `steps` on a thread of its own, handing them over through `flush`.
     pub(super) fn start(
         steps: impl Iterator<Item = anyhow::Result<(u64, Step)>> + Send + 'static,
-        window: Arc<Window>,
-    ) -> anyhow::Result<Self> {
-        // A window's worth of entries waits here at most.
-        let (tx, rx) = std::sync::mpsc::sync_channel(super::transfer::WINDOW_ENTRIES);
+        flush: Flush,
+    ) -> anyhow::Result<()> {
         let span = tracing::Span::current();
         std::thread::Builder::new().name("ferry-merge".into()).spawn(move || {
             let _entered = span.enter();
             for step in steps {
                 let failed = step.is_err();
-                if tx.send(step).is_err() {
-                    return;
-                }
-                window.changed.notify_all();
-                if failed {
-                    return;
+                if !flush.push(step) || failed {
+                    break;
                 }
             }
-            drop(tx);
-            window.changed.notify_all();
+            flush.now();
         })?;
-        Ok(Self(rx))
+        Ok(())
     }
 }
 
 impl Steps for Streamed {
     fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>> {
-        match self.0.try_recv() {
-            Ok(step) => Next::Item(step),
-            Err(TryRecvError::Empty) => Next::Later,
-            Err(TryRecvError::Disconnected) => Next::End,
+        if self.batch.is_empty() {
+            match self.rx.try_recv() {
+                Ok(batch) => self.batch = batch.into(),
+                Err(TryRecvError::Empty) => return Next::Later,
+                Err(TryRecvError::Disconnected) => return Next::End,
+            }
         }
+        self.batch.pop_front().map_or(Next::Later, Next::Item)
     }
 
     fn streams(&self) -> bool {
@@ -116,6 +162,8 @@ pub(super) struct Incoming {
     ended: bool,
     /// Why the round was refused for want of space, once it was.
     refused: Slot<String>,
+    /// Hands the steps made so far over before waiting for the source.
+    flush: Option<Flush>,
 }
 
 impl Incoming {
@@ -141,7 +189,14 @@ impl Incoming {
             end,
             ended: false,
             refused,
+            flush: None,
         })
+    }
+
+    /// Before it waits for the source, hands the steps made from it so far over with `flush`.
+    pub(super) fn flushing(mut self, flush: Flush) -> Self {
+        self.flush = Some(flush);
+        self
     }
 
     fn next_change(&mut self) -> anyhow::Result<Option<Change>> {
@@ -163,7 +218,19 @@ impl Incoming {
             if self.ended {
                 return Ok(None);
             }
-            match self.inbox.blocking_recv() {
+            let next = match self.inbox.try_recv() {
+                Ok(event) => Some(event),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if let Some(flush) = &self.flush
+                        && !flush.now()
+                    {
+                        bail!("the transfer ended");
+                    }
+                    self.inbox.blocking_recv()
+                }
+            };
+            match next {
                 Some(DestinationEvent::Changes(batch)) => self.batch = batch.into_iter(),
                 Some(DestinationEvent::ChangesEnd(end)) => {
                     self.ended = true;

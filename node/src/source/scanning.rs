@@ -18,8 +18,9 @@ pub(super) const AHEAD_CHANGES: u64 = 16_384;
 
 /// Bytes of changed files the list may go ahead of the chunks read. With the scan's own stages
 /// ([`SCAN_BATCH`]), what the source's page cache must hold for the chunks asked for to be read
-/// from memory, not from the disk again (`ferry-bench --read-once`).
-pub(super) const AHEAD_BYTES: u64 = 8 << 20;
+/// from memory, not from the disk again (`ferry-bench --read-once`); and what keeps the
+/// destination's window full (at 8 MiB a first round from a warm cache took twice as long).
+pub(super) const AHEAD_BYTES: u64 = 64 << 20;
 
 /// How long listed changes wait for more before they are sent: fewer, fuller batches (each one
 /// compressed frame) while the scan is slower than the list, and no change held for long.
@@ -28,7 +29,7 @@ const LIST_LATENCY: Duration = Duration::from_millis(100);
 /// Entries the scan examines at a time. Its stages (walk, read, write, the tee) each hold a few
 /// batches: 512 entries of mail BLOBs kept about 150 MB between the scan's read and the chunk
 /// reader's, which a source limited to 320 MiB of memory did not keep cached (1.9× the reads).
-const SCAN_BATCH: usize = 32;
+const SCAN_BATCH: usize = 128;
 
 /// The scan of a round's source tree, on a thread of its own.
 pub(super) struct Scanning {
@@ -205,10 +206,11 @@ impl Gate {
         }
     }
 
-    /// Waits while the list is as far ahead as it may go.
+    /// Waits, once the list is as far ahead as it may go, until half of that is passed (so that
+    /// the list goes on in batches, not a change at a time).
     pub(super) fn wait_for_room(&self) {
         let Ok(mut state) = self.state.lock() else { return };
-        while !state.open && (state.ahead.len() as u64 >= AHEAD_CHANGES || state.bytes >= AHEAD_BYTES) {
+        while !state.open && (state.ahead.len() as u64 > AHEAD_CHANGES / 2 || state.bytes > AHEAD_BYTES / 2) {
             match self.moved.wait(state) {
                 Ok(next) => state = next,
                 Err(_) => return,
