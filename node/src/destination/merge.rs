@@ -156,7 +156,7 @@ pub(super) fn placed(
 
 #[cfg(test)]
 mod tests {
-    use super::super::round::Space;
+    use super::super::space::Space;
     use super::*;
     use ferry_engine::{ChunkHash, ChunkRef, Entry, ManifestWriter, RecordWriter};
     use std::path::Path;

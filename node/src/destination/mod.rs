@@ -22,6 +22,7 @@ mod early;
 mod merge;
 mod notify;
 mod round;
+mod space;
 mod streamed;
 mod transfer;
 mod window;

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ferry_engine::{
-    Adopt, Applier, ApplyOptions, ApplyReport, CheckOptions, ChunkIndex, ChunkLocation, EntryKind, Finding,
-    ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step,
-    check_target, with_findings,
+    Adopt, Applier, ApplyOptions, ApplyReport, CheckOptions, ChunkIndex, ChunkLocation, Finding, ManifestReader,
+    ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, check_target,
+    with_findings,
 };
 use ferry_proto::{
     Change, ChangesEnd, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk, Refusal,
@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 
 use super::early::{self, EarlyChecks};
 use super::merge::{BasePaths, Held, changes_in, held, patch, placed};
-use super::streamed::{Incoming, Steps, Streamed, Whole};
-use super::transfer::{TransferEnd, transfer};
+use super::space::Space;
+use super::streamed::{Incoming, Streamed};
+use super::transfer::{Steps, TransferEnd, Whole, transfer};
 use super::window::{Window, WindowSource};
 use crate::config::JobConfig;
 use crate::refused::Refused;
@@ -452,87 +453,6 @@ pub(super) fn commit_round(
         let _ = send(DestinationInput::ImportDone(result));
     }
     Ok(RoundEnd::Committed(done))
-}
-
-/// The disk space a round needs on the destination, and what there is.
-pub(super) struct Space {
-    /// Files the round writes.
-    pub(super) files: u64,
-    /// Their bytes: each is built beside the old version before it replaces it.
-    pub(super) needed: u64,
-    /// Free bytes for the target (for an unprivileged user).
-    pub(super) available: u64,
-    /// The filesystem's size.
-    pub(super) total: u64,
-}
-
-impl Space {
-    pub(super) fn of_round(steps: impl Iterator<Item = anyhow::Result<Step>>, target: &Path) -> anyhow::Result<Self> {
-        let (mut files, mut needed) = (0u64, 0u64);
-        for step in steps {
-            let step = step?;
-            if let Some(pair) = step.pair()
-                && ferry_engine::Planner::writes_content(pair)
-                && let Some(new) = &pair.new
-            {
-                files += 1;
-                needed = needed.saturating_add(new.size);
-            }
-        }
-        Self::with(files, needed, target)
-    }
-
-    /// Like [`Space::of_round`], for changes against the committed manifest: a file whose content
-    /// changed is one the round writes. (The one case this misses, a hard link whose content did not
-    /// change becoming a file of its own, is rare and small beside the margin.)
-    pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow::Result<Self> {
-        let (mut files, mut needed) = (0u64, 0u64);
-        for change in changes {
-            let change = change?;
-            if let Some(entry) = &change.entry
-                && entry.kind == EntryKind::File
-                && entry.hard_link_to.is_none()
-                && !change.content_as_before
-            {
-                files += 1;
-                needed = needed.saturating_add(entry.size);
-            }
-        }
-        Self::with(files, needed, target)
-    }
-
-    /// A round that writes `files` files of `needed` bytes into `target`'s filesystem.
-    pub(super) fn with(files: u64, needed: u64, target: &Path) -> anyhow::Result<Self> {
-        let stat = rustix::fs::statvfs(target)
-            .with_context(|| format!("cannot read the free space of {}", target.display()))?;
-        Ok(Self {
-            files,
-            needed,
-            available: stat.f_bavail.saturating_mul(stat.f_frsize),
-            total: stat.f_blocks.saturating_mul(stat.f_frsize),
-        })
-    }
-
-    /// Room kept free beyond the round's own bytes: 2% of the filesystem (at most 1 GiB), plus 1 MiB
-    /// for folders and ferry's state.
-    pub(super) fn margin(&self) -> u64 {
-        (self.total / 50).min(1 << 30) + (1 << 20)
-    }
-
-    /// Why the round cannot start, if it cannot.
-    pub(super) fn refusal(&self, target: &Path) -> Option<String> {
-        let wanted = self.needed.saturating_add(self.margin());
-        (wanted > self.available).then(|| {
-            format!(
-                "not enough space in {}: the round writes {} files ({}), which needs {} with the margin, and {} is free; free some space or grow the filesystem, then run the round again",
-                target.display(),
-                crate::human::count(self.files),
-                crate::human::bytes(self.needed),
-                crate::human::bytes(wanted),
-                crate::human::bytes(self.available)
-            )
-        })
-    }
 }
 
 /// A dry run: asks for the chunks the round would need (the source sizes them instead of sending

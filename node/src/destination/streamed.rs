@@ -13,42 +13,11 @@ use ferry_proto::{Change, ChangesEnd, DestinationEnd, DestinationEvent, Destinat
 use tokio::sync::mpsc;
 
 use super::merge::BasePaths;
-use super::round::Space;
+use super::space::Space;
+use super::transfer::{Next, Steps};
 use super::window::Window;
 use crate::refused::Refused;
 use crate::state::TargetState;
-
-/// What the transfer gets from its steps.
-pub(super) enum Next<T> {
-    /// The next one.
-    Item(T),
-    /// None for now: the list has not come that far.
-    Later,
-    /// No more.
-    End,
-}
-
-/// The transfer's steps: each with its place in the new manifest.
-pub(super) trait Steps {
-    /// The next step, without waiting for the network.
-    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>>;
-    /// Whether the list streams (the source waits for the word that the transfer passed its
-    /// changes).
-    fn streams(&self) -> bool;
-}
-
-/// Steps from a list that is whole: the manifests on disk, read ahead.
-pub(super) struct Whole<I>(pub(super) I);
-
-impl<I: Iterator<Item = anyhow::Result<(u64, Step)>>> Steps for Whole<I> {
-    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>> {
-        self.0.next().map_or(Next::End, Next::Item)
-    }
-
-    fn streams(&self) -> bool {
-        false
-    }
-}
 
 /// Steps made on a thread of their own from a list that streams, handed over in batches: a batch
 /// goes when it is full or when the list has nothing more for now ([`Flush`]).

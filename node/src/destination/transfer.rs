@@ -4,10 +4,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use ferry_engine::{Applier, ChunkHash, lap};
+use ferry_engine::{Applier, ChunkHash, Step, lap};
 use ferry_proto::{DestinationEnd, DestinationInput, NeedChunk};
 
-use super::streamed::{Next, Steps};
 use super::window::{WINDOW_MAX, Waiting, Window};
 
 /// Applied chunk bytes that make a flush due before its time (so that a fast transfer does not wait
@@ -20,6 +19,38 @@ pub(super) const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// How many entries wait for their chunks at most.
 pub(super) const WINDOW_ENTRIES: usize = 20_000;
+
+/// What the transfer gets from its steps.
+pub(super) enum Next<T> {
+    /// The next one.
+    Item(T),
+    /// None for now: the list has not come that far.
+    Later,
+    /// No more.
+    End,
+}
+
+/// The transfer's steps: each with its place in the new manifest.
+pub(super) trait Steps {
+    /// The next step, without waiting for the network.
+    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>>;
+    /// Whether the list streams (the source waits for the word that the transfer passed its
+    /// changes).
+    fn streams(&self) -> bool;
+}
+
+/// Steps from a list that is whole: the manifests on disk, read ahead.
+pub(super) struct Whole<I>(pub(super) I);
+
+impl<I: Iterator<Item = anyhow::Result<(u64, Step)>>> Steps for Whole<I> {
+    fn try_next(&mut self) -> Next<anyhow::Result<(u64, Step)>> {
+        self.0.next().map_or(Next::End, Next::Item)
+    }
+
+    fn streams(&self) -> bool {
+        false
+    }
+}
 
 /// How the transfer ended.
 pub(super) enum TransferEnd {
