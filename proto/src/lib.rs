@@ -18,8 +18,9 @@
 //! Hello{job, base}              ──────▶
 //! RoundOptions{import}          ──────▶
 //!                               ◀──────    Notice* Welcome{holds} | Refused{refusal, reason}
-//! Changes{..}* ChangesEnd{root} ──────▶    (changes since `holds`, or everything)
-//!                               ◀──────    Need{chunks}*           (a window of missing chunks)
+//! Changes{..}* ChangesEnd{root} ──────▶    (changes since `holds`, or everything: sent as the
+//! (Scanning* while it waits)                scan goes, planned as they come)
+//!                               ◀──────    Need{chunks}*, Passed{place}*  (before ChangesEnd too)
 //! ChunkBatch* (data streams)    ──────▶    Missing{..} on control for what cannot be read
 //!                               ◀──────    Need ... until Done
 //!                               ◀──────    Committed{round, root} | Failed{reason}
