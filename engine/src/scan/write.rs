@@ -30,14 +30,12 @@ pub(super) struct WriteState<'a> {
     pub(super) teed: Option<(Vec<RawEntry>, Arc<Path>)>,
 }
 
-impl WriteState<'_> {
-    /// Keeps a copy of the entry just written (encoded as `bytes`) for the tee.
-    fn tee(&mut self, bytes: &[u8]) {
-        if let Some((entries, file)) = &mut self.teed
-            && let Some(raw) = RawEntry::from_bytes(bytes, file.clone())
-        {
-            entries.push(raw);
-        }
+/// Keeps a copy of the entry just written (encoded as `bytes`) for the tee, if there is one.
+fn tee(teed: &mut Option<(Vec<RawEntry>, Arc<Path>)>, bytes: &[u8]) {
+    if let Some((entries, file)) = teed
+        && let Some(raw) = RawEntry::from_bytes(bytes, file.clone())
+    {
+        entries.push(raw);
     }
 }
 
@@ -94,10 +92,7 @@ pub(super) fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteS
             report.file_bytes += record.entry.size;
         }
         state.manifest.push(&record.entry)?;
-        if state.teed.is_some() {
-            let bytes = state.manifest.last_pushed().to_vec();
-            state.tee(&bytes);
-        }
+        tee(&mut state.teed, state.manifest.last_pushed());
         state.cache.push(&record)?;
     }
     Ok(())
@@ -120,7 +115,7 @@ pub(super) fn keep_stored(item: WalkItem, stat: Stat, state: &mut WriteState<'_>
         report.files += 1;
         report.file_bytes += stored.entry.size;
         state.manifest.push_bytes(&bytes[..stored.entry_len])?;
-        state.tee(&bytes[..stored.entry_len]);
+        tee(&mut state.teed, &bytes[..stored.entry_len]);
         state.cache.push_bytes(bytes)?;
         return Ok(());
     }

@@ -46,6 +46,36 @@ impl BasePaths {
     }
 }
 
+/// Names each change that gives a place in the base round instead of a path, opening the committed
+/// manifest ([`BasePaths`]) when the first such change comes.
+pub(super) struct BaseNames {
+    state: TargetState,
+    base: Option<RoundRef>,
+    holds: Option<RoundRef>,
+    paths: Option<BasePaths>,
+}
+
+impl BaseNames {
+    /// For changes against `base` (the source's `Hello`), on a node that holds `holds`.
+    pub(super) fn new(state: TargetState, base: Option<RoundRef>, holds: Option<RoundRef>) -> Self {
+        Self { state, base, holds, paths: None }
+    }
+
+    /// Gives `change` its path (and its entry's) when it came by its place in the base.
+    pub(super) fn name(&mut self, change: &mut Change) -> anyhow::Result<()> {
+        let Some(place) = change.base.take() else { return Ok(()) };
+        let paths = match &mut self.paths {
+            Some(paths) => paths,
+            None => self.paths.insert(BasePaths::open(&self.state, self.base, self.holds)?),
+        };
+        change.path = paths.path_at(place)?;
+        if let Some(entry) = &mut change.entry {
+            entry.path.clone_from(&change.path);
+        }
+        Ok(())
+    }
+}
+
 /// An entry ferry holds in the target, as the check found it: listed by the committed manifest (the
 /// source's base), or kept after the source removed it (which no change list mentions).
 pub(super) enum Held {

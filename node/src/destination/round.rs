@@ -18,7 +18,7 @@ use ferry_proto::{
 use tokio::sync::mpsc;
 
 use super::early::{self, EarlyChecks};
-use super::merge::{BasePaths, Held, changes_in, held, patch, placed};
+use super::merge::{BaseNames, Held, changes_in, held, patch, placed};
 use super::space::Space;
 use super::streamed::{Incoming, Streamed};
 use super::transfer::{Steps, TransferEnd, Whole, transfer};
@@ -147,8 +147,8 @@ pub(super) fn destination_round(
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let slots = (end.clone(), refused.clone());
         let (steps, flush) = Streamed::channel(window.clone());
-        let incoming = Incoming::new(batch, inbox, state.clone(), (hello, holds), &job.path, window.clone(), slots)?
-            .flushing(flush.clone());
+        let names = BaseNames::new(state.clone(), hello.base, holds);
+        let incoming = Incoming::new(batch, inbox, names, &job.path, (window.clone(), flush.clone()), slots)?;
         // What the source's changes are against: its base, when this node holds it.
         let delta = hello.base.is_some() && hello.base == holds;
         let applying =
@@ -175,7 +175,7 @@ pub(super) fn destination_round(
     // The changes, to disk (a full manifest can be large).
     let changes_path = state.incoming_changes();
     let mut changes = RecordWriter::<Change>::create(&changes_path)?;
-    let mut base_paths = None;
+    let mut names = BaseNames::new(state.clone(), hello.base, holds);
     let end = loop {
         let next = match first.take() {
             Some(event) => Some(event),
@@ -184,16 +184,7 @@ pub(super) fn destination_round(
         match next {
             Some(DestinationEvent::Changes(batch)) => {
                 for mut change in batch {
-                    if let Some(place) = change.base.take() {
-                        let paths = match &mut base_paths {
-                            Some(paths) => paths,
-                            None => base_paths.insert(BasePaths::open(&state, hello.base, holds)?),
-                        };
-                        change.path = paths.path_at(place)?;
-                        if let Some(entry) = &mut change.entry {
-                            entry.path.clone_from(&change.path);
-                        }
-                    }
+                    names.name(&mut change)?;
                     changes.push(&change)?;
                 }
             }

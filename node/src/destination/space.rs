@@ -38,19 +38,22 @@ impl Space {
     /// changed is one the round writes. (The one case this misses, a hard link whose content did not
     /// change becoming a file of its own, is rare and small beside the margin.)
     pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow::Result<Self> {
-        let (mut files, mut needed) = (0u64, 0u64);
+        let mut space = Self::with(0, 0, target)?;
         for change in changes {
-            let change = change?;
-            if let Some(entry) = &change.entry
-                && entry.kind == EntryKind::File
-                && entry.hard_link_to.is_none()
-                && !change.content_as_before
-            {
-                files += 1;
-                needed = needed.saturating_add(entry.size);
-            }
+            space.add(&change?);
         }
-        Self::with(files, needed, target)
+        Ok(space)
+    }
+
+    /// Counts `change` if it is a file whose content the round writes; says whether it was.
+    pub(super) fn add(&mut self, change: &Change) -> bool {
+        let Some(entry) = &change.entry else { return false };
+        if entry.kind != EntryKind::File || entry.hard_link_to.is_some() || change.content_as_before {
+            return false;
+        }
+        self.files += 1;
+        self.needed = self.needed.saturating_add(entry.size);
+        true
     }
 
     /// A round that writes `files` files of `needed` bytes into `target`'s filesystem.

@@ -8,16 +8,15 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail};
-use ferry_engine::{EntryKind, Step};
-use ferry_proto::{Change, ChangesEnd, DestinationEnd, DestinationEvent, DestinationInput, Hello, Refusal, RoundRef};
+use ferry_engine::Step;
+use ferry_proto::{Change, ChangesEnd, DestinationEnd, DestinationEvent, DestinationInput, Refusal};
 use tokio::sync::mpsc;
 
-use super::merge::BasePaths;
+use super::merge::BaseNames;
 use super::space::Space;
 use super::transfer::{Next, Steps};
 use super::window::Window;
 use crate::refused::Refused;
-use crate::state::TargetState;
 
 /// Steps made on a thread of their own from a list that streams, handed over in batches: a batch
 /// goes when it is full or when the list has nothing more for now ([`Flush`]).
@@ -120,10 +119,7 @@ pub(super) type Slot<T> = Arc<Mutex<Option<T>>>;
 pub(super) struct Incoming {
     inbox: mpsc::Receiver<DestinationEvent>,
     batch: std::vec::IntoIter<Change>,
-    base_paths: Option<BasePaths>,
-    state: TargetState,
-    hello_base: Option<RoundRef>,
-    holds: Option<RoundRef>,
+    names: BaseNames,
     space: Space,
     target: std::path::PathBuf,
     window: Arc<Window>,
@@ -132,55 +128,36 @@ pub(super) struct Incoming {
     /// Why the round was refused for want of space, once it was.
     refused: Slot<String>,
     /// Hands the steps made so far over before waiting for the source.
-    flush: Option<Flush>,
+    flush: Flush,
 }
 
 impl Incoming {
     pub(super) fn new(
         first: Vec<Change>,
         inbox: mpsc::Receiver<DestinationEvent>,
-        state: TargetState,
-        (hello, holds): (&Hello, Option<RoundRef>),
+        names: BaseNames,
         target: &Path,
-        window: Arc<Window>,
+        (window, flush): (Arc<Window>, Flush),
         (end, refused): (Slot<ChangesEnd>, Slot<String>),
     ) -> anyhow::Result<Self> {
         Ok(Self {
             inbox,
             batch: first.into_iter(),
-            base_paths: None,
-            state,
-            hello_base: hello.base,
-            holds,
+            names,
             space: Space::with(0, 0, target)?,
             target: target.to_owned(),
             window,
             end,
             ended: false,
             refused,
-            flush: None,
+            flush,
         })
-    }
-
-    /// Before it waits for the source, hands the steps made from it so far over with `flush`.
-    pub(super) fn flushing(mut self, flush: Flush) -> Self {
-        self.flush = Some(flush);
-        self
     }
 
     fn next_change(&mut self) -> anyhow::Result<Option<Change>> {
         loop {
             if let Some(mut change) = self.batch.next() {
-                if let Some(place) = change.base.take() {
-                    let paths = match &mut self.base_paths {
-                        Some(paths) => paths,
-                        None => self.base_paths.insert(BasePaths::open(&self.state, self.hello_base, self.holds)?),
-                    };
-                    change.path = paths.path_at(place)?;
-                    if let Some(entry) = &mut change.entry {
-                        entry.path.clone_from(&change.path);
-                    }
-                }
+                self.names.name(&mut change)?;
                 self.count(&change)?;
                 return Ok(Some(change));
             }
@@ -191,9 +168,7 @@ impl Incoming {
                 Ok(event) => Some(event),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    if let Some(flush) = &self.flush
-                        && !flush.now()
-                    {
+                    if !self.flush.now() {
                         bail!("the transfer ended");
                     }
                     self.inbox.blocking_recv()
@@ -217,12 +192,9 @@ impl Incoming {
 
     /// Counts what a change writes, and refuses the round once it no longer fits.
     fn count(&mut self, change: &Change) -> anyhow::Result<()> {
-        let Some(entry) = &change.entry else { return Ok(()) };
-        if entry.kind != EntryKind::File || entry.hard_link_to.is_some() || change.content_as_before {
+        if !self.space.add(change) {
             return Ok(());
         }
-        self.space.files += 1;
-        self.space.needed = self.space.needed.saturating_add(entry.size);
         if let Some(reason) = self.space.refusal(&self.target) {
             let reason = format!("{reason} (seen while the list came: what arrived before is kept)");
             tracing::warn!("{reason}");

@@ -35,6 +35,8 @@ pub(super) struct SourceChunks {
     pub(super) root: RootDir,
     pub(super) settled: SettledBefore,
     pub(super) open: Option<(ferry_engine::RelPath, std::fs::File)>,
+    /// The bytes of the open file read so far, from the first chunk's start to the last one's end.
+    pub(super) read: Option<(u64, u64)>,
     pub(super) buf: Vec<u8>,
 }
 
@@ -44,7 +46,7 @@ impl SourceChunks {
     /// hashes. The destination checks every chunk in any case.
     pub(super) fn open(root: &Path, settled: SettledBefore) -> anyhow::Result<Self> {
         let root = RootDir::open(root).with_context(|| format!("cannot open {}", root.display()))?;
-        Ok(Self { root, settled, open: None, buf: Vec::new() })
+        Ok(Self { root, settled, open: None, read: None, buf: Vec::new() })
     }
 
     /// The chunk's bytes, or `None` when it is too large, unreadable, or no longer hashes to what the
@@ -64,6 +66,7 @@ impl SourceChunks {
             return false;
         }
         if self.open.as_ref().is_none_or(|(p, _)| *p != need.path) {
+            self.drop_cached();
             self.open = self.root.open_file(&need.path).ok().map(|f| (need.path.clone(), f));
         }
         let Some((_, file)) = self.open.as_ref() else { return false };
@@ -75,16 +78,25 @@ impl SourceChunks {
         if !read {
             out.truncate(start);
         }
-        // Read for the last time: its pages need not stay in the page cache. Left there, pages read
-        // twice (by the scan, then here) crowd out those the scan just read and this will read next,
-        // which then come from the disk again (and a mail server's own cache is not flooded).
-        let _ = rustix::fs::fadvise(
-            file,
-            need.offset,
-            std::num::NonZeroU64::new(need.len.into()),
-            rustix::fs::Advice::DontNeed,
-        );
+        let end = need.offset + u64::from(need.len);
+        self.read = Some(self.read.map_or((need.offset, end), |(first, last)| (first.min(need.offset), last.max(end))));
         read
+    }
+
+    /// Lets the page cache drop what was read of the open file: read for the last time (needs go
+    /// forward), its pages would crowd out those the scan just read and this reads next, which would
+    /// then come from the disk again (and a mail server's own cache is not flooded). Once per file.
+    fn drop_cached(&mut self) {
+        if let (Some((_, file)), Some((first, last))) = (&self.open, self.read.take()) {
+            let len = std::num::NonZeroU64::new(last - first);
+            let _ = rustix::fs::fadvise(file, first, len, rustix::fs::Advice::DontNeed);
+        }
+    }
+}
+
+impl Drop for SourceChunks {
+    fn drop(&mut self) {
+        self.drop_cached();
     }
 }
 

@@ -86,7 +86,6 @@ pub(super) async fn drive(
     });
     let mut list: Option<List> = None;
     let mut gate: Option<Arc<Gate>> = None;
-    let mut positions = Arc::new(Mutex::new(Positions::default()));
     let mut transfer: Option<Transfer> = None;
     let mut dry_run_needs: Option<Needs> = None;
     let (mut changes, mut changed_bytes, mut payload) = (0u64, 0u64, 0u64);
@@ -126,14 +125,13 @@ pub(super) async fn drive(
                     match List::start(prepared, base, holds, options.dry_run).await {
                         Ok((started, needs_from)) => {
                             gate.clone_from(&started.gate);
-                            positions = started.positions.clone();
                             if !options.dry_run {
                                 transfer = Some(Transfer::start(
                                     prepared,
                                     limiter,
                                     sent,
                                     connection,
-                                    positions.clone(),
+                                    started.positions.clone(),
                                     needs_from,
                                 ));
                             }
@@ -257,7 +255,7 @@ pub(super) async fn drive(
                     if let Some(gate) = &gate {
                         gate.finish();
                     }
-                    changed_bytes = positions.lock().map_err(|_| anyhow!("lock poisoned"))?.total;
+                    changed_bytes = done.positions.lock().map_err(|_| anyhow!("lock poisoned"))?.total;
                     sent.changed.store(changed_bytes, Ordering::Relaxed);
                     if let Some(transfer) = &mut transfer {
                         transfer.show_progress(sent, connection, limiter, options);
@@ -287,9 +285,7 @@ pub(super) async fn drive(
             () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
         }
     };
-    if let Some(gate) = &gate {
-        gate.open();
-    }
+    // A list given up opens its gate as it goes (see `List`'s `Drop`).
     drop(list);
     if let Some(transfer) = transfer {
         transfer.stop().await;

@@ -130,8 +130,8 @@ pub(crate) fn wait_sampling_reads(mut child: Child) -> Result<(std::process::Out
     Ok((std::process::Output { status, stdout, stderr }, peak, reads))
 }
 
-/// What `pid` read from storage so far.
-fn storage_reads(pid: u32) -> Option<u64> {
+/// What `pid` read from storage so far (`read_bytes` of `/proc/PID/io`).
+pub(crate) fn storage_reads(pid: u32) -> Option<u64> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
     io.lines().find_map(|line| line.strip_prefix("read_bytes:")).and_then(|n| n.trim().parse().ok())
 }

@@ -8,6 +8,7 @@ use ferry_testkit::{TreeGenerator, TreeSpec};
 
 use crate::args::{Args, Result};
 use crate::ferry::FerryPair;
+use crate::measure::storage_reads;
 use crate::rsync::Net;
 
 /// A memory cgroup of its own (cgroup v1), removed when dropped.
@@ -80,11 +81,9 @@ pub(crate) fn read_once(args: &Args, root: &Path, source: &Path, mib: u64) -> Re
     Ok(())
 }
 
-/// What this process read from storage so far (`read_bytes` of `/proc/self/io`).
+/// What this process read from storage so far.
 fn own_storage_reads() -> Result<u64> {
-    let io = std::fs::read_to_string("/proc/self/io")?;
-    let line = io.lines().find_map(|line| line.strip_prefix("read_bytes:")).ok_or("no read_bytes in /proc/self/io")?;
-    Ok(line.trim().parse()?)
+    Ok(storage_reads(std::process::id()).ok_or("no read_bytes in /proc/self/io")?)
 }
 
 /// Reads every regular file beneath `root` once, folders in name order.
