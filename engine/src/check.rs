@@ -195,7 +195,7 @@ pub fn check_target(
                 Ok(stats.zip(records).collect::<Vec<_>>())
             })
             .collect::<Result<Vec<_>, IndexError>>()?;
-        let mut to_record = Vec::new();
+        let (mut to_record, mut foreign) = (Vec::new(), Vec::new());
         for (entry, (stat, record)) in batch.iter().zip(looked.into_iter().flatten()) {
             report.entries += 1;
             let path = entry.path();
@@ -226,6 +226,8 @@ pub fn check_target(
                 }
                 Found::Foreign(why) => {
                     report.foreign += 1;
+                    // No longer ferry's: the round drops it from its manifest, and its record goes.
+                    foreign.push(path.clone());
                     format!("{path}: {why}")
                 }
                 Found::Folder { .. } => {
@@ -239,8 +241,8 @@ pub fn check_target(
             out.push(&Finding { path: path.clone(), found })?;
         }
         report.recorded += to_record.len() as u64;
-        if !options.read_only && !to_record.is_empty() {
-            index.record([], to_record.iter().map(|(p, s)| (p, *s)), false)?;
+        if !options.read_only && !(to_record.is_empty() && foreign.is_empty()) {
+            index.record([], to_record.iter().map(|(p, s)| (p, *s)), &foreign, false)?;
         }
     }
     out.finish_unsynced()?;
@@ -559,7 +561,7 @@ mod tests {
         let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
         let recorded = record(&stat);
         if let Some(placed) = recorded.placed {
-            index.record([], [(&path, placed)], false).unwrap();
+            index.record([], [(&path, placed)], [], false).unwrap();
         }
         for placing in recorded.placing {
             index.record_placing([(&path, placing)]).unwrap();

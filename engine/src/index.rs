@@ -240,15 +240,17 @@ impl ChunkIndex {
         items: impl IntoIterator<Item = (&'a ChunkHash, &'a ChunkLocation)>,
         durable: bool,
     ) -> Result<(), IndexError> {
-        self.record(items, [], durable)
+        self.record(items, [], [], durable)
     }
 
-    /// Records where chunks now are and what the disk said of the entries just put in place, in one
-    /// transaction (durability as for [`ChunkIndex::insert`]).
+    /// Records where chunks now are and what the disk said of the entries just put in place, and
+    /// forgets what it said of the paths ferry removed (`gone`, first: a path removed and placed again
+    /// keeps its new record), in one transaction (durability as for [`ChunkIndex::insert`]).
     pub fn record<'a>(
         &mut self,
         chunks: impl IntoIterator<Item = (&'a ChunkHash, &'a ChunkLocation)>,
         placed: impl IntoIterator<Item = (&'a RelPath, PlacedStat)>,
+        gone: impl IntoIterator<Item = &'a RelPath>,
         durable: bool,
     ) -> Result<(), IndexError> {
         let txn = self.write(durable)?;
@@ -262,6 +264,10 @@ impl ChunkIndex {
             }
             let mut table = txn.open_table(PLACED).map_err(|e| self.err(e))?;
             let mut placing = txn.open_table(PLACING).map_err(|e| self.err(e))?;
+            for path in gone {
+                table.remove(path.as_bytes()).map_err(|e| self.err(e))?;
+                placing.remove(path.as_bytes()).map_err(|e| self.err(e))?;
+            }
             for (path, stat) in placed {
                 buf.clear();
                 buf = postcard::to_extend(&stat, buf).unwrap_or_default();
@@ -419,13 +425,13 @@ mod tests {
         {
             let mut index = ChunkIndex::open(&path).unwrap();
             let first = PlacedStat { ino: 1, btime_ns: None, ctime_ns: Some(10) };
-            index.record([], [(&a, first), (&b, first)], false).unwrap();
+            index.record([], [(&a, first), (&b, first)], [], false).unwrap();
             // Two rounds stopped before their rename of a.
             index.record_placing([(&a, PlacedStat { ino: 2, btime_ns: Some(5), ctime_ns: None })]).unwrap();
             index.record_placing([(&a, PlacedStat { ino: 4, btime_ns: Some(6), ctime_ns: None })]).unwrap();
             index.record_placing([(&b, PlacedStat { ino: 3, btime_ns: None, ctime_ns: None })]).unwrap();
             // In place: b's record replaces what was being placed.
-            index.record([], [(&b, PlacedStat { ino: 3, btime_ns: None, ctime_ns: Some(30) })], true).unwrap();
+            index.record([], [(&b, PlacedStat { ino: 3, btime_ns: None, ctime_ns: Some(30) })], [], true).unwrap();
         }
         let first = PlacedStat { ino: 1, btime_ns: None, ctime_ns: Some(10) };
         let index = ChunkIndex::open(&path).unwrap();

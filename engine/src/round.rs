@@ -499,6 +499,17 @@ mod tests {
         assert!(target.join("b").exists());
         // Nothing is kept any more: the next round with delete has nothing to remove.
         assert_eq!(round(true).apply.deleted, 0);
+        // A file the source made a folder: its record goes with it, the folder's file gets one.
+        std::fs::remove_file(source.join("b")).unwrap();
+        std::fs::create_dir(source.join("b")).unwrap();
+        std::fs::write(source.join("b/inner"), b"inner").unwrap();
+        assert!(round(true).in_sync);
+        // No record is left of a path no manifest lists (removed by ferry, or not ferry's to remove).
+        let index = ChunkIndex::open(&state.join("target/chunks.redb")).unwrap();
+        let paths: Vec<RelPath> =
+            ["a", "old/deep/c", "theirs", "b", "b/inner"].map(|p| RelPath::new(p.as_bytes().to_vec()).unwrap()).into();
+        let recorded: Vec<bool> = index.placed(&paths).unwrap().iter().map(|r| r.placed.is_some()).collect();
+        assert_eq!(recorded, [false, false, false, false, true]);
     }
 
     #[test]

@@ -144,6 +144,10 @@ impl<'a> Applier<'a> {
         }
         self.flush()?;
         self.delete_deferred()?;
+        if !self.batch.gone.is_empty() {
+            // The records of what the deletions removed.
+            self.flush()?;
+        }
         self.remove_partials()?;
         let shown = self.root.path().display().to_string();
         waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(self.root.fd())).map_err(io_err("sync", &shown))?;
@@ -456,6 +460,9 @@ impl Applier<'_> {
                 dirs.push(item);
             } else if self.unlink_if_ours(&item.path, item.kind)? {
                 self.restore_parent_mtime(&item)?;
+            } else {
+                // Gone already, or not ours: no manifest lists the path any more, nor its record.
+                self.batch.gone.push(item.path);
             }
         }
         while let Some(dir) = dirs.pop() {

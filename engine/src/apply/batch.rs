@@ -119,6 +119,9 @@ pub(super) struct Batch {
     pub(super) dirs: Vec<DoneFolder>,
     /// Files whose metadata was changed in place: their new ctime is recorded with the batch's.
     pub(super) touched: Vec<RelPath>,
+    /// Paths of files and symlinks ferry removed (deleted, or replaced by another kind): their
+    /// records go, before the batch's own are written.
+    pub(super) gone: Vec<RelPath>,
     pub(super) bytes: u64,
 }
 

@@ -95,8 +95,8 @@ pub(super) fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> 
         let stat = look_at(&*dir, name_of(path).os()).map_err(io_err("look at what was put in place at", path))?;
         placed.push((path, PlacedStat::of(&stat)));
     }
-    if !locations.is_empty() || !placed.is_empty() {
-        index.record(locations.iter().map(|(h, l)| (h, l)), placed, false)?;
+    if !locations.is_empty() || !placed.is_empty() || !batch.gone.is_empty() {
+        index.record(locations.iter().map(|(h, l)| (h, l)), placed, &batch.gone, false)?;
     }
     let hashes = locations.into_iter().map(|(hash, _)| hash).collect();
     spent.index = lap();

@@ -167,6 +167,7 @@ impl Applier<'_> {
     pub(super) fn unlink(&mut self, path: &RelPath) -> Result<(), ApplyError> {
         let dir = self.parent_dir_or_fail(path)?;
         rustix::fs::unlinkat(&*dir, name_of(path).os(), AtFlags::empty()).map_err(io_err("remove", path))?;
+        self.batch.gone.push(path.clone());
         self.report.deleted += 1;
         self.mark_parent_dirty(path);
         Ok(())
