@@ -203,7 +203,8 @@ pub struct SyncArgs {
     pub dry_run: bool,
     /// Let the round replace what is at PATH (relative to the target, or `all`) although ferry did
     /// not put it there or it was replaced since: a round otherwise leaves such an entry alone and
-    /// says so (exit 3). Repeat for several paths. Local rounds.
+    /// says so (exit 3). Repeat for several paths. Local rounds; on a network round's destination,
+    /// `ferry job adopt`.
     #[arg(long, value_name = "PATH|all")]
     pub adopt: Vec<String>,
     /// Network rounds: when the connection drops, keep trying to reconnect for this long (with
@@ -330,6 +331,19 @@ pub enum JobCommand {
         /// Hooks and limits.
         #[command(flatten)]
         import: ImportArgs,
+    },
+    /// Destination: let the next round of a job replace what is at PATH in its target (relative to it,
+    /// or `all`) although ferry did not put it there or it was replaced since (the administrator's
+    /// copy, a symlink): a round otherwise leaves such an entry alone and says so (exit 3). Kept until
+    /// a round that applies it commits.
+    #[command(after_help = "Example (destination):\n  ferry job adopt zimbra accounts/a1/items/7\n  \
+                            ferry job adopt zimbra all     # whatever is at a path the source has")]
+    Adopt {
+        /// The job's name.
+        name: String,
+        /// Paths relative to the job's folder, or `all`.
+        #[arg(required = true, value_name = "PATH|all")]
+        paths: Vec<String>,
     },
     /// List the jobs.
     #[command(after_help = "Example:\n  ferry job list        # name, peer and folder of each job, tab-separated")]

@@ -5,6 +5,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod adoption;
 pub mod cli;
 pub mod commands;
 pub mod config;

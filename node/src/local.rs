@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ferry_engine::{
-    Adopt, ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, Progress, RelPath, ScanOptions,
-    local_plan, local_round,
+    ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, Progress, ScanOptions, local_plan,
+    local_round,
 };
 
 use crate::{exit, human, meter};
@@ -36,25 +36,6 @@ pub struct LocalSyncOptions {
     pub adopt: Vec<String>,
     /// How progress is shown while the round runs.
     pub progress: crate::meter::Show,
-}
-
-/// `--adopt` as the apply takes it.
-fn adopt_of(given: &[String]) -> anyhow::Result<Adopt> {
-    if given.is_empty() {
-        return Ok(Adopt::Nothing);
-    }
-    if given.iter().any(|p| p == "all") {
-        return Ok(Adopt::All);
-    }
-    let paths = given
-        .iter()
-        .map(|p| {
-            let trimmed = p.trim_start_matches("./").trim_end_matches('/');
-            RelPath::new(trimmed.as_bytes().to_vec())
-                .map_err(|e| anyhow::anyhow!("--adopt {p}: {e} (give a path relative to the target, or all)"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Adopt::Paths(paths))
 }
 
 /// The local round's JSON documents carry the schema version every `--json` document carries.
@@ -107,7 +88,7 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
         apply: ApplyOptions {
             delete: options.delete,
             numeric_ids: options.numeric_ids,
-            adopt: adopt_of(&options.adopt)?,
+            adopt: crate::adoption::parse(&options.adopt)?,
             progress: Some(applied.clone()),
             ..ApplyOptions::default()
         },

@@ -38,6 +38,9 @@ fn main() {
         Command::Job(JobCommand::Set { name, path, peer, import }) => {
             ferry::commands::job_set(&config_dir, &name, path.as_deref(), peer.as_deref(), &import).map(|()| exit::OK)
         }
+        Command::Job(JobCommand::Adopt { name, paths }) => {
+            ferry::adoption::ask(&config_dir, &name, &paths).map(|()| exit::OK)
+        }
         Command::Job(JobCommand::List) => ferry::commands::job_list(&config_dir).map(|()| exit::OK),
         Command::Job(JobCommand::Remove { name, purge }) => {
             ferry::commands::job_remove(&config_dir, &name, purge).map(|()| exit::OK)
@@ -116,8 +119,8 @@ fn main() {
                 }),
                 None if !args.adopt.is_empty() => {
                     eprintln!(
-                        "ferry: error: --adopt applies to local rounds only so far; on the destination, move the \
-                     entry aside or remove it, and the next round puts the source's in its place"
+                        "ferry: error: --adopt is for local rounds; for a network round, adopt on the destination: \
+                     ferry job adopt JOB PATH|all (the next round replaces what is there)"
                     );
                     std::process::exit(exit::USAGE);
                 }

@@ -148,6 +148,11 @@ impl TargetState {
     pub(crate) fn findings(&self) -> PathBuf {
         self.dir.join("findings")
     }
+    /// What the operator lets the next round replace although ferry did not put it there
+    /// (`ferry job adopt`; see `crate::adoption`).
+    pub(crate) fn adopt(&self) -> PathBuf {
+        self.dir.join("adopt.json")
+    }
     /// The device and inode of the target folder ferry last filled.
     pub(crate) fn identity(&self) -> PathBuf {
         self.dir.join("identity")

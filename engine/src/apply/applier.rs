@@ -12,7 +12,7 @@ use rustix::io::Errno;
 
 use super::batch::{Batch, Deferred, DoneFolder, Frame, Leave, ParentDir, PlaceTimes, Placing, Target};
 use super::make::Maker;
-use super::options::{ApplyError, ApplyOptions, ApplyReport, io_err};
+use super::options::{Adopt, ApplyError, ApplyOptions, ApplyReport, io_err};
 use super::place::place;
 use super::plan::{Needed, Planner, Step};
 use super::source::{ChunkBuf, ChunkSource};
@@ -46,6 +46,11 @@ impl<'a> Applier<'a> {
         let options =
             ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 4).max(1), ..options.clone() };
         let kept = options.kept.as_deref().map(ManifestWriter::create).transpose()?;
+        let adopted = match &options.adopt {
+            Adopt::Paths(paths) => paths.clone(),
+            Adopt::Nothing | Adopt::All => Vec::new(),
+        };
+        let planner = Planner { adopted, ..Planner::default() };
         Ok(Applier {
             root: Arc::new(root),
             staging: Arc::new(staging),
@@ -67,7 +72,7 @@ impl<'a> Applier<'a> {
             root_mtime: None,
             deferred: SpillQueue::new(),
             no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
-            planner: Planner::default(),
+            planner,
             maker,
             place_spent: PlaceTimes::default(),
             steps: 0,

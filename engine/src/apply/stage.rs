@@ -59,7 +59,8 @@ impl Applier<'_> {
                 &path,
                 format_args!(
                     "holds {what} that ferry did not put there or that changed since it did; left as it is \
-                     (move it aside, or let a local round replace it with --adopt {path})"
+                     (move it aside, or adopt it: a local round's --adopt {path}, or on a network round's \
+                     destination `ferry job adopt JOB {path}`)"
                 ),
             );
             if new.kind == EntryKind::Dir {

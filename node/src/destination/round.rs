@@ -280,10 +280,14 @@ fn apply_round(
     let send = |input: DestinationInput| window.input(input).map(drop);
     let mut committed = ManifestWriter::create(&state.next_manifest())?;
     let mut source = WindowSource { window: window.clone() };
+    let asked = crate::adoption::Pending::read(state)?;
+    if asked.adopt != Adopt::Nothing {
+        tracing::info!("adopting as the operator asked (ferry job adopt): {:?}", asked.adopt);
+    }
     let options = ApplyOptions {
         delete: hello.delete,
         numeric_ids: hello.numeric_ids,
-        adopt: if applying.adopt_whole { Adopt::All } else { Adopt::Nothing },
+        adopt: if applying.adopt_whole { Adopt::All } else { asked.adopt.clone() },
         kept: Some(state.kept()),
         ..ApplyOptions::default()
     };
@@ -299,6 +303,7 @@ fn apply_round(
     let report = applier.finish()?;
     let root = committed.finish()?;
     std::fs::rename(state.next_manifest(), state.manifest())?;
+    asked.taken(state);
     applying.identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;
     let import_mode = window.round(|round| round.import())?;
     commit_round(round, state, applying.holds, (root, end.root), report, import_mode, &send)

@@ -63,7 +63,7 @@ fn entries_changed_behind_ferrys_back_are_put_right_and_never_called_in_sync_bef
     source_tree(dir.path());
     assert_eq!(local(dir.path(), &[]).0, 0);
     let dst = dir.path().join("dst");
-    // A byte changed in place with the mtime put back, a chmod, a deleted file, a removed folder.
+    // A byte changed in place with the mtime put back, a chmod, a chown, a deleted file, a removed folder.
     behind_the_mtime(&dst.join("accounts/a0/items/0"), || {
         use std::os::unix::fs::FileExt;
         std::fs::File::options().write(true).open(dst.join("accounts/a0/items/0")).unwrap().write_at(b"X", 5).unwrap();
@@ -72,10 +72,15 @@ fn entries_changed_behind_ferrys_back_are_put_right_and_never_called_in_sync_bef
         .unwrap();
     std::fs::remove_file(dst.join("accounts/a0/items/4")).unwrap();
     std::fs::remove_dir_all(dst.join("accounts/a1")).unwrap();
+    // A chown moves the ctime as a chmod does (root only can give a file away).
+    let chowned = crate::util::is_root();
+    if chowned {
+        std::os::unix::fs::lchown(dst.join("backupstat"), Some(4321), Some(4321)).unwrap();
+    }
 
     let (code, report, err) = local(dir.path(), &[]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(report["check"]["changed"], 2, "{report}");
+    assert_eq!(report["check"]["changed"], if chowned { 3 } else { 2 }, "{report}");
     assert!(report["check"]["missing"].as_u64().unwrap() >= 5, "{report}");
     assert_same_tree(&dir.path().join("src"), &dst, |_| false);
 
@@ -259,6 +264,41 @@ fn a_network_round_checks_the_target_and_puts_back_what_was_removed() {
     assert_eq!(out.status.code(), Some(ferry::exit::INCOMPLETE), "{report}");
     assert_eq!(report["in_sync"], false, "{report}");
     assert!(report["failures"].to_string().contains("backupstat"), "{report}");
+}
+
+/// On a network round's destination the operator adopts with `ferry job adopt`: the next round
+/// replaces what is there, once; what is replaced after it is left alone again.
+#[test]
+fn what_someone_else_put_in_a_network_target_is_replaced_once_adopted_on_the_destination() {
+    let (setup, source, target) = network_job();
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let theirs = |path: &Path| {
+        std::fs::remove_file(path).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", path).unwrap();
+    };
+    theirs(&target.join("backupstat"));
+    let (out, report) = sync_json(&setup, "zimbra");
+    assert_eq!(out.status.code(), Some(ferry::exit::INCOMPLETE), "{report}");
+    assert!(report["failures"].to_string().contains("ferry job adopt JOB backupstat"), "{report}");
+    // Adoption is asked for on the destination, of a job and a path inside its target.
+    for bad in [&["job", "adopt", "zimbra", "../etc"][..], &["job", "adopt", "nojob", "backupstat"]] {
+        let out = setup.dest.run(bad);
+        assert!(!out.status.success(), "{bad:?} taken: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--adopt", "backupstat"]);
+    assert_eq!(out.status.code(), Some(ferry::exit::USAGE));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ferry job adopt"));
+    assert!(setup.dest.ok(&["job", "adopt", "zimbra", "backupstat"]).contains("backupstat"));
+
+    let (out, report) = sync_json(&setup, "zimbra");
+    assert!(out.status.success(), "{report} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+    // Taken by the round: the next replacement is the administrator's again.
+    theirs(&target.join("backupstat"));
+    let (out, report) = sync_json(&setup, "zimbra");
+    assert_eq!(out.status.code(), Some(ferry::exit::INCOMPLETE), "{report}");
+    assert!(std::fs::symlink_metadata(target.join("backupstat")).unwrap().file_type().is_symlink());
 }
 
 /// Rounds without `--delete` keep what the source removed; the destination remembers it as its own,

@@ -1,0 +1,138 @@
+//! What the operator lets a round replace although ferry did not put it there: `--adopt` on a local
+//! round, `ferry job adopt` on a network round's destination (kept in the job's state until a round
+//! that applies it commits).
+
+use anyhow::{Context, bail};
+use ferry_engine::{Adopt, RelPath};
+
+use crate::config_dir::ConfigDir;
+use crate::state::TargetState;
+
+/// Paths relative to the target, or `all`, as the apply takes them.
+pub(crate) fn parse(given: &[String]) -> anyhow::Result<Adopt> {
+    if given.is_empty() {
+        return Ok(Adopt::Nothing);
+    }
+    if given.iter().any(|p| p == "all") {
+        return Ok(Adopt::All);
+    }
+    let paths = given
+        .iter()
+        .map(|p| {
+            RelPath::new(trimmed(p).as_bytes().to_vec())
+                .map_err(|e| anyhow::anyhow!("--adopt {p}: {e} (give a path relative to the target, or all)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Adopt::Paths(paths))
+}
+
+fn trimmed(path: &str) -> &str {
+    path.trim_start_matches("./").trim_end_matches('/')
+}
+
+/// The adoption a destination's operator asked for, as a round read it.
+pub(crate) struct Pending {
+    /// The file as read (`None`: there was none), to tell whether it changed before it is taken.
+    text: Option<Vec<u8>>,
+    pub(crate) adopt: Adopt,
+}
+
+impl Pending {
+    pub(crate) fn read(state: &TargetState) -> anyhow::Result<Self> {
+        let path = state.adopt();
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self { text: None, adopt: Adopt::Nothing }),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let given: Vec<String> =
+            serde_json::from_slice(&text).with_context(|| format!("{} is damaged", path.display()))?;
+        Ok(Self { text: Some(text), adopt: parse(&given)? })
+    }
+
+    /// The round that applied it committed: it is done with, unless the operator asked for more
+    /// meanwhile (then it stays, for the next round).
+    pub(crate) fn taken(self, state: &TargetState) {
+        let Some(text) = self.text else { return };
+        if std::fs::read(state.adopt()).is_ok_and(|now| now == text)
+            && let Err(e) = std::fs::remove_file(state.adopt())
+        {
+            tracing::warn!("cannot remove {} (the next round adopts the same again): {e}", state.adopt().display());
+        }
+    }
+}
+
+/// `ferry job adopt JOB PATH...|all`, on the destination.
+pub fn ask(config_dir: &ConfigDir, job: &str, given: &[String]) -> anyhow::Result<()> {
+    let config = config_dir.load()?;
+    if config.job(job).is_none() {
+        bail!("there is no job {job:?} here (ferry job list shows the jobs)");
+    }
+    let adopt = parse(given)?;
+    let state = TargetState::new(&config_dir.data_dir(&config), job);
+    if state.holds()?.is_none() {
+        bail!(
+            "no round of job {job} has been committed here yet: its first round adopts whatever is at the \
+             source's paths anyway"
+        );
+    }
+    let mut paths: Vec<String> = match Pending::read(&state)?.text {
+        Some(text) => serde_json::from_slice(&text)?,
+        None => Vec::new(),
+    };
+    if adopt == Adopt::All {
+        paths = vec!["all".to_owned()];
+    } else if !paths.iter().any(|p| p == "all") {
+        for path in given.iter().map(|p| trimmed(p).to_owned()) {
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+    }
+    crate::helpers::write_durably(&state.adopt(), &serde_json::to_vec(&paths)?)
+        .with_context(|| format!("cannot write {}", state.adopt().display()))?;
+    if paths == ["all"] {
+        println!(
+            "the next round of job {job} replaces whatever is at a path the source has, ferry's or not (what is \
+             at paths the source does not have stays)"
+        );
+    } else {
+        println!(
+            "the next round of job {job} replaces what is at {} (and beneath) with the source's, ferry's or not",
+            paths.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_taken_relative_to_the_target_and_all_is_everything() {
+        let rel = |p: &str| RelPath::new(p.as_bytes().to_vec()).unwrap();
+        assert_eq!(parse(&[]).unwrap(), Adopt::Nothing);
+        assert_eq!(parse(&["./a/b/".into(), "c".into()]).unwrap(), Adopt::Paths(vec![rel("a/b"), rel("c")]));
+        assert_eq!(parse(&["a".into(), "all".into()]).unwrap(), Adopt::All);
+        for bad in ["/etc/passwd", "../up", "a/../../b"] {
+            assert!(parse(&[bad.into()]).is_err(), "{bad} taken");
+        }
+    }
+
+    /// What the operator adds while a round runs stays for the next round.
+    #[test]
+    fn an_adoption_asked_for_during_a_round_outlives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = TargetState { dir: dir.path().to_owned() };
+        std::fs::write(state.adopt(), br#"["a"]"#).unwrap();
+        let read = Pending::read(&state).unwrap();
+        assert_eq!(read.adopt, Adopt::Paths(vec![RelPath::new(&b"a"[..]).unwrap()]));
+        std::fs::write(state.adopt(), br#"["a","b"]"#).unwrap();
+        read.taken(&state);
+        assert!(state.adopt().exists());
+        Pending::read(&state).unwrap().taken(&state);
+        assert!(!state.adopt().exists());
+        assert_eq!(Pending::read(&state).unwrap().adopt, Adopt::Nothing);
+    }
+}
