@@ -5,6 +5,7 @@
 //! destination keeps (the committed manifest and round, the chunk index with ferry's records of what
 //! it placed, the check's findings, markers of a round or an import in progress, its history).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -46,22 +47,33 @@ impl SourceState {
         self.dir.join("export.log")
     }
     /// Which source this is for the job ([`ferry_proto::Hello::source`]): a random number made the
-    /// first time and kept here, so that a second data folder (or a copy of this node's identity
-    /// elsewhere) is another source, and this one started again is the same.
+    /// first time and kept here with this folder's device and inode, so that a second data folder, a
+    /// copy of this one (new inodes) or a copy of this node's identity elsewhere is another source,
+    /// and this one started again is the same.
     pub(crate) fn source_id(&self) -> anyhow::Result<u64> {
         let path = self.dir.join("source-id");
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(id) = u64::from_str_radix(text.trim(), 16)
-        {
-            return Ok(id);
-        }
-        let mut bytes = [0u8; 8];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-            .map_err(|_| anyhow::anyhow!("no random numbers from the system"))?;
-        let id = u64::from_le_bytes(bytes);
+        let folder = std::fs::metadata(&self.dir).with_context(|| format!("cannot look at {}", self.dir.display()))?;
+        let here = format!("{:x} {:x}", folder.dev(), folder.ino());
+        let kept = std::fs::read_to_string(&path).ok().and_then(|text| {
+            let (id, made_in) = text.trim().split_once(' ').map_or((text.trim(), None), |(id, at)| (id, Some(at)));
+            Some((u64::from_str_radix(id, 16).ok()?, made_in.map(str::to_owned)))
+        });
+        let id = match kept {
+            Some((id, Some(made_in))) if made_in == here => return Ok(id),
+            // Kept before the folder was: this folder's from now on.
+            Some((id, None)) => id,
+            Some((_, Some(_))) => {
+                tracing::info!(
+                    "{} was copied from another data folder: it is another source of the job (a new source id)",
+                    self.dir.display()
+                );
+                random_id()?
+            }
+            None => random_id()?,
+        };
         let mut file = tempfile::NamedTempFile::new_in(&self.dir)
             .with_context(|| format!("cannot write in {}", self.dir.display()))?;
-        std::io::Write::write_all(&mut file, format!("{id:016x}\n").as_bytes())?;
+        std::io::Write::write_all(&mut file, format!("{id:016x} {here}\n").as_bytes())?;
         file.as_file().sync_all()?;
         file.persist(&path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(id)
@@ -169,4 +181,11 @@ impl TargetState {
         crate::helpers::write_durably(&self.round_file(), &serde_json::to_vec(&round)?)
             .with_context(|| format!("cannot record the round in {}", self.round_file().display()))
     }
+}
+
+fn random_id() -> anyhow::Result<u64> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("no random numbers from the system"))?;
+    Ok(u64::from_le_bytes(bytes))
 }

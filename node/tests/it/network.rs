@@ -459,8 +459,8 @@ fn a_source_killed_mid_round_resumes_at_once_and_converges() {
     assert!(killed_mid_transfer, "no run was interrupted: make the tree bigger");
 }
 
-/// Two sources of one job under the same node identity at once (a second data folder here; a copy of
-/// the identity on another host is the same to the destination): the second is refused as busy, in
+/// Two sources of one job under the same node identity at once (a second data folder here, and a copy
+/// of the first; a copy of the identity on another host is the same to the destination): the second is refused as busy, in
 /// words that say why, while the first runs to its end, instead of the two taking the round from each
 /// other. A source that died is taken over by another once it is silent.
 #[test]
@@ -498,11 +498,20 @@ fn a_second_source_under_the_same_identity_is_refused_while_the_first_runs() {
     assert_eq!(report["in_sync"], true, "{report}");
     assert_same_tree(&source, &target, |_| false);
 
+    // A copy of the first's data folder is another source too (its folder has other inodes).
+    let copied = setup.path("data-copy");
+    assert!(Command::new("cp").arg("-a").arg(&first_data).arg(&copied).status().unwrap().success());
     // The first source dies mid-round; the second takes the job once the first is silent (the
     // destination cannot tell a dead source from a live one sooner).
     crate::util::write(&source.join("blob9"), &crate::util::random_bytes(6 << 20, 49));
     let mut first = limited(&first_data);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    transfer_begun();
+    let mut copy = setup.source.ferry();
+    copy.arg("--data-dir").arg(&copied).args(["sync", "--round", "zimbra"]);
+    let copy = copy.output().unwrap();
+    let stderr = String::from_utf8_lossy(&copy.stderr);
+    assert_eq!(copy.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+    assert!(stderr.contains("from another source"), "{stderr}");
     first.kill().unwrap();
     first.wait().unwrap();
     let mut second = setup.source.ferry();
