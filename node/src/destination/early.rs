@@ -18,6 +18,9 @@ pub(super) struct EarlyCheck {
     pub(super) started: Instant,
     pub(super) holds: Option<RoundRef>,
     pub(super) adopt: bool,
+    /// The job's chunk index, as the check opened it: the round that takes the check works with the
+    /// same handle (the file opens once), without waiting for the check to end.
+    pub(super) index: ChunkIndex,
     pub(super) thread: std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>,
 }
 
@@ -37,45 +40,49 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
     if checks.get(&job.name).is_some_and(|c| !c.thread.is_finished()) {
         return;
     }
+    // A check begun earlier and done (the source asks again after its export hook) lets go of the
+    // index before this one opens it.
+    if let Some(done) = checks.remove(&job.name) {
+        let _ = done.thread.join();
+    }
     let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
     let (target, committed, kept, findings) =
         (job.path.clone(), state.manifest(), state.kept(), state.early_findings());
-    let index_path = state.chunk_index();
+    let index = match ChunkIndex::open(&state.chunk_index()) {
+        Ok(index) => index,
+        Err(e) => {
+            tracing::warn!("cannot begin checking {} early: {e}", job.path.display());
+            return;
+        }
+    };
+    let mut checking = index.clone();
     let span = tracing::Span::current();
     let thread = std::thread::Builder::new().name("ferry-early-check".into()).spawn(move || {
         let _entered = span.enter();
-        // The round waits for this thread before it opens the index itself.
-        let mut index = ChunkIndex::open(&index_path).map_err(ferry_engine::CheckError::from)?;
+        let index = &mut checking;
         let options = CheckOptions { adopt, read_only: false };
-        let report = check_target(&target, (&committed, &kept), &mut index, &findings, options)?;
+        let report = check_target(&target, (&committed, &kept), index, &findings, options)?;
         let ms = report.duration.as_millis();
         tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
         Ok(report)
     });
     match thread {
         Ok(thread) => {
-            checks.insert(job.name.clone(), EarlyCheck { started: Instant::now(), holds, adopt, thread });
+            checks.insert(job.name.clone(), EarlyCheck { started: Instant::now(), holds, adopt, index, thread });
         }
         Err(e) => tracing::warn!("cannot begin checking {} early: {e}", job.path.display()),
     }
 }
 
-/// The early check of `job`, finished, if the round can take it (see [`EarlyCheck`]).
-pub(super) fn take(
-    checks: &EarlyChecks,
-    job: &str,
-    holds: Option<RoundRef>,
-    adopt: bool,
-) -> Option<ferry_engine::CheckReport> {
+/// The early check of `job`, finished or still running, if the round can take it (see
+/// [`EarlyCheck`]); one it cannot take is waited for (it writes the job's index) and dropped.
+pub(super) fn take(checks: &EarlyChecks, job: &str, holds: Option<RoundRef>, adopt: bool) -> Option<EarlyCheck> {
     let early = checks.lock().ok()?.remove(job)?;
-    let usable = early.holds == holds && early.adopt == adopt && early.started.elapsed() < EARLY_CHECK_MAX_AGE;
-    // Waited for in any case: it holds the job's index.
-    match early.thread.join() {
-        Ok(Ok(report)) if usable => Some(report),
-        Ok(Err(e)) => {
-            tracing::warn!("the check begun before the round failed ({e}); checking again");
-            None
-        }
-        _ => None,
+    if early.holds == holds && early.adopt == adopt && early.started.elapsed() < EARLY_CHECK_MAX_AGE {
+        return Some(early);
     }
+    if let Ok(Err(e)) = early.thread.join() {
+        tracing::warn!("the check begun before the round failed ({e}); checking again");
+    }
+    None
 }

@@ -27,10 +27,21 @@ use crate::config::JobConfig;
 use crate::refused::Refused;
 use crate::state::TargetState;
 
-/// The round's check of its target: taken from the one begun while the source scanned, or running.
-pub(super) enum Check {
-    Done(ferry_engine::CheckReport),
-    Running(std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>),
+/// The round's check of its target, running beside the list of changes; a round that ends before it
+/// takes the check's report still waits for it (it writes the job's index).
+pub(super) struct Check {
+    thread: Option<std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>>,
+    /// Begun when the source asked whether a round would be taken: its findings become the round's
+    /// once it is done.
+    early: bool,
+}
+
+impl Drop for Check {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// How a destination round ended.
@@ -99,7 +110,10 @@ pub(super) fn destination_round(
     let other_target = identity.changed;
     let adopt_whole = holds.is_none() || other_target;
     let early = early::take(round.early_checks, &job.name, holds, adopt_whole);
-    let mut index = ChunkIndex::open(&state.chunk_index())?;
+    let mut index = match &early {
+        Some(early) => early.index.clone(),
+        None => ChunkIndex::open(&state.chunk_index())?,
+    };
     let indexed = state.existing_indexed();
     if other_target {
         tracing::warn!(
@@ -117,10 +131,9 @@ pub(super) fn destination_round(
     // The target is checked against what ferry put there: while the source scanned (begun when it
     // asked whether a round would be taken), or now, while it sends its changes.
     let check = match early {
-        Some(report) => {
-            std::fs::rename(state.early_findings(), state.findings())?;
+        Some(early) => {
             tracing::info!("the check of {} begun while the source scanned is this round's", job.path.display());
-            Check::Done(report)
+            Check { thread: Some(early.thread), early: true }
         }
         None => {
             let (target, committed, kept, findings) =
@@ -128,10 +141,11 @@ pub(super) fn destination_round(
             let mut index = index.clone();
             let options = CheckOptions { adopt: adopt_whole, read_only: false };
             let span = tracing::Span::current();
-            Check::Running(std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
+            let thread = std::thread::Builder::new().name("ferry-check".into()).spawn(move || {
                 let _entered = span.enter();
                 check_target(&target, (&committed, &kept), &mut index, &findings, options)
-            })?)
+            })?;
+            Check { thread: Some(thread), early: false }
         }
     };
     send(DestinationInput::Welcome { holds })?;
@@ -142,7 +156,7 @@ pub(super) fn destination_round(
     let dry_run = window.round(|round| round.dry_run())?;
     if !dry_run && let Some(DestinationEvent::Changes(batch)) = &mut first {
         let batch = std::mem::take(batch);
-        let check = joined(check, &job.path)?;
+        let check = joined(check, &state, &job.path)?;
         tell_differences(&check, &job.path, &send)?;
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let slots = (end.clone(), refused.clone());
@@ -200,7 +214,7 @@ pub(super) fn destination_round(
     let import_mode = window.round(|round| round.import())?;
     let change_count = changes.count();
     changes.finish()?;
-    let check = joined(check, &job.path)?;
+    let check = joined(check, &state, &job.path)?;
     tell_differences(&check, &job.path, &send)?;
     if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
@@ -330,16 +344,17 @@ fn old_and_kept(
 }
 
 /// The round's check of its target, once it is done.
-fn joined(check: Check, target: &Path) -> anyhow::Result<ferry_engine::CheckReport> {
-    Ok(match check {
-        Check::Done(report) => report,
-        Check::Running(thread) => {
-            let report = thread.join().map_err(|_| anyhow!("the check of the target panicked"))??;
-            let ms = report.duration.as_millis();
-            tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
-            report
-        }
-    })
+fn joined(mut check: Check, state: &TargetState, target: &Path) -> anyhow::Result<ferry_engine::CheckReport> {
+    let thread = check.thread.take().ok_or_else(|| anyhow!("the check of the target was taken twice"))?;
+    let report = thread.join().map_err(|_| anyhow!("the check of the target panicked"))??;
+    if check.early {
+        // It said how long it took as it ended.
+        std::fs::rename(state.early_findings(), state.findings())?;
+    } else {
+        let ms = report.duration.as_millis();
+        tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
+    }
+    Ok(report)
 }
 
 /// Tells the operator on both sides what the check found not as ferry left it.
