@@ -67,12 +67,19 @@ pub(crate) struct Args {
     /// Fill the page cache with a file in DIR before the run, as on a server that has been up a while.
     #[arg(long, value_name = "DIR")]
     pub(crate) fill_memory: Option<PathBuf>,
+    /// The rounds with each side on a CPU of its own (the source's processes on CPU 0, the
+    /// destination's on CPU 1; `taskset`), as between two machines: what one side does beside the
+    /// other no longer takes the other's core.
+    #[arg(long)]
+    pub(crate) one_core_each: bool,
 }
 
 impl Args {
-    /// `--fill-memory DIR` as given, for the command lines the reports print (empty without it).
-    pub(crate) fn fill_memory_flag(&self) -> String {
-        self.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display()))
+    /// `--fill-memory DIR` and `--one-core-each` as given, for the command lines the reports print
+    /// (empty without them).
+    pub(crate) fn extra_flags(&self) -> String {
+        let fill = self.fill_memory.as_ref().map_or(String::new(), |dir| format!(" --fill-memory {}", dir.display()));
+        if self.one_core_each { fill + " --one-core-each" } else { fill }
     }
 }
 

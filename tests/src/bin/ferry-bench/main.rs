@@ -106,7 +106,7 @@ fn run() -> Result<()> {
         ),
         None => None,
     };
-    let net = link.as_ref().map_or_else(Net::loopback, Net::across);
+    let net = Net { one_core_each: args.one_core_each, ..link.as_ref().map_or_else(Net::loopback, Net::across) };
     let mut ferry = FerryPair::start(&args.ferry, &root, &source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
     ferry.logs.clone_from(&args.logs);

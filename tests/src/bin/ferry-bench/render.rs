@@ -37,7 +37,7 @@ pub(crate) fn render(
         args.shaped.map_or(String::new(), |mbit| format!(" --shaped {mbit}")),
         args.bwlimit.as_ref().map_or(String::new(), |rate| format!(" --bwlimit {rate}")),
         if args.rsync_first { " --rsync-first" } else { "" },
-        args.fill_memory_flag(),
+        args.extra_flags(),
         args.shaped.map_or("loopback".to_owned(), |mbit| format!(
             "between two network namespaces joined through a router namespace, its way to the destination \
              shaped by `tc tbf` to {mbit} Mbit/s with a 50 ms queue"

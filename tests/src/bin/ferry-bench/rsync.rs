@@ -28,11 +28,14 @@ pub(crate) struct Net {
     pub(crate) dest_ns: Option<String>,
     /// The destination's address, as the source reaches it.
     pub(crate) dest_host: String,
+    /// Each side on a core of its own (`--one-core-each`): the source's processes on CPU 0, the
+    /// destination's on CPU 1, as two machines would not share their cores.
+    pub(crate) one_core_each: bool,
 }
 
 impl Net {
     pub(crate) fn loopback() -> Self {
-        Self { source_ns: None, dest_ns: None, dest_host: "127.0.0.1".into() }
+        Self { source_ns: None, dest_ns: None, dest_host: "127.0.0.1".into(), one_core_each: false }
     }
 
     /// Each side in its own namespace of `link`.
@@ -41,6 +44,7 @@ impl Net {
             source_ns: Some(link.source_ns().to_owned()),
             dest_ns: Some(link.dest_ns().to_owned()),
             dest_host: ShapedLink::DEST_ADDR.into(),
+            one_core_each: false,
         }
     }
 
@@ -52,11 +56,21 @@ impl Net {
     }
 
     pub(crate) fn source_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        Self::command(self.source_ns.as_deref(), program)
+        self.on_core(self.source_ns.as_deref(), "0", program)
     }
 
     pub(crate) fn dest_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        Self::command(self.dest_ns.as_deref(), program)
+        self.on_core(self.dest_ns.as_deref(), "1", program)
+    }
+
+    /// `program` in namespace `ns`, on CPU `cpu` with `--one-core-each` (`taskset`, util-linux).
+    fn on_core(&self, ns: Option<&str>, cpu: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        if !self.one_core_each {
+            return Self::command(ns, program);
+        }
+        let mut command = Self::command(ns, "taskset");
+        command.args(["--cpu-list", cpu]).arg(program);
+        command
     }
 }
 

@@ -42,7 +42,7 @@ pub(crate) fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> 
          | tool | wall s | of which scan s | MB/s | CPU send/recv s | RSS send/recv MiB | wire bytes |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
         bytes >> 20,
-        args.fill_memory_flag(),
+        args.extra_flags(),
     );
     for (tool, m) in [("ferry", Some(&f)), ("rsync", r.as_ref())] {
         let Some(m) = m else { continue };
