@@ -463,6 +463,27 @@ mod tests {
         }
     }
 
+    /// A sparse file arrives sparse, as a small file and as a large one: its runs of zeros are holes.
+    #[test]
+    fn a_sparse_file_stays_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (source, target, state) = (dir.path().join("source"), dir.path().join("target"), dir.path().join("state"));
+        std::fs::create_dir(&source).unwrap();
+        let sizes = [("small", 3u64 << 20), ("large", 40 << 20)];
+        for (name, size) in sizes {
+            let file = File::create(source.join(name)).unwrap();
+            file.set_len(size).unwrap();
+            file.write_all_at(b"a few bytes in the middle", size / 2).unwrap();
+        }
+        assert!(local_round(&source, &target, &state, &LocalRoundOptions::default()).unwrap().in_sync);
+        for (name, size) in sizes {
+            assert!(std::fs::read(target.join(name)).unwrap() == std::fs::read(source.join(name)).unwrap());
+            let allocated = std::fs::metadata(target.join(name)).unwrap().blocks() * 512;
+            assert!(allocated < 2 << 20, "{name}: {allocated} bytes allocated of {size}");
+        }
+    }
+
     /// What the source removed is kept without `delete`, and stays ferry's: a later round with
     /// `delete` removes it, however many rounds kept it; what someone put in its place meanwhile stays.
     #[test]

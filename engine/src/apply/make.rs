@@ -7,7 +7,7 @@
 //! synced. What is decided, reported and made visible, and in which order, does not change.
 
 use std::fs::File;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -127,27 +127,54 @@ fn make(job: Job, staging: &OwnedFd) -> Result<Made, ApplyError> {
 /// the list of slices short and the page-cache folios ext4 sizes to each write moderate.
 pub(super) const WRITE_GROUP: usize = 1 << 20;
 
-/// Writes `pieces` one after the other, with one `writev` for each run of them that fits in
-/// [`WRITE_GROUP`] (at least one piece).
+/// Writes `pieces` one after the other from the file's position, with one `writev` for each run of
+/// them that fits in [`WRITE_GROUP`] (at least one piece). A piece of zeros a block or more long is
+/// not written but left a hole (the file is written from its end: a hole reads as zeros), so that a
+/// sparse file stays sparse.
 ///
 /// A `write` per chunk ends most writes inside a block, and ext4 zeroes the rest of a new block before
 /// a write that does not cover it: each chunk boundary cost a partly zeroed block and a system call.
 pub(super) fn write_pieces(file: &File, pieces: &[Bytes]) -> io::Result<()> {
     let mut rest = pieces;
+    let mut ends_in_hole = false;
     while !rest.is_empty() {
+        let holes = rest.iter().take_while(|piece| is_hole(piece)).count();
+        if holes > 0 {
+            let len: usize = rest[..holes].iter().map(|piece| piece.len()).sum();
+            let len = i64::try_from(len).map_err(io::Error::other)?;
+            (&*file).seek(SeekFrom::Current(len))?;
+            rest = &rest[holes..];
+            ends_in_hole = true;
+            continue;
+        }
         let (group, after) = rest.split_at(group_len(rest));
         write_all_vectored(file, group)?;
         rest = after;
+        ends_in_hole = false;
+    }
+    if ends_in_hole {
+        // Nothing was written past the last hole: the file reaches its end only once told.
+        let end = (&*file).stream_position()?;
+        if file.metadata()?.len() < end {
+            file.set_len(end)?;
+        }
     }
     Ok(())
 }
 
-/// How many of the first `pieces` one `writev` carries: as many as fit in [`WRITE_GROUP`], at least one.
+/// A piece of zeros at least a block long: left a hole rather than written.
+fn is_hole(piece: &[u8]) -> bool {
+    const BLOCK: usize = 4096;
+    piece.len() >= BLOCK && piece.first() == Some(&0) && piece.last() == Some(&0) && piece.iter().all(|b| *b == 0)
+}
+
+/// How many of the first `pieces` one `writev` carries: as many as fit in [`WRITE_GROUP`] up to a
+/// hole, at least one.
 fn group_len(pieces: &[Bytes]) -> usize {
     let mut len = 0;
     let fit = pieces.iter().take_while(|piece| {
         len += piece.len();
-        len <= WRITE_GROUP
+        len <= WRITE_GROUP && !is_hole(piece)
     });
     fit.count().max(1).min(pieces.len())
 }
@@ -265,10 +292,37 @@ mod tests {
         assert!(std::fs::read(dir.path().join("f")).unwrap() == expected, "the file holds the pieces in order");
     }
 
+    /// Zeros a block long or more are holes, in the middle of a file and at its end; shorter runs of
+    /// zeros and pieces with one byte set are written.
+    #[test]
+    fn runs_of_zeros_are_left_holes_and_read_back_as_zeros() {
+        let zeros = |len: usize| Bytes::from(vec![0u8; len]);
+        let mut almost = vec![0u8; 1 << 20];
+        almost[1 << 19] = 9;
+        let pieces = vec![
+            Bytes::from_static(b"head"),
+            zeros(4 << 20),
+            zeros(100),
+            Bytes::from(almost),
+            zeros(1 << 20),
+            zeros(8192),
+        ];
+        let expected: Vec<u8> = pieces.iter().flat_map(|piece| piece.iter().copied()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let file = File::create(&path).unwrap();
+        write_pieces(&file, &pieces).unwrap();
+        drop(file);
+        assert!(std::fs::read(&path).unwrap() == expected, "the file reads as its pieces");
+        // Allocated: "head" and the 100 zeros (a block or two), the almost-zero MiB; not the holes.
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(allocated < 2 << 20, "{allocated} bytes allocated for {} with 5 MiB of holes", expected.len());
+    }
+
     /// A `writev` carries as many whole pieces as fit in a group, and at least one.
     #[test]
     fn a_group_is_the_pieces_that_fit_and_at_least_one() {
-        let pieces = |lens: &[usize]| lens.iter().map(|&len| Bytes::from(vec![0u8; len])).collect::<Vec<_>>();
+        let pieces = |lens: &[usize]| lens.iter().map(|&len| Bytes::from(vec![1u8; len])).collect::<Vec<_>>();
         assert_eq!(group_len(&pieces(&[300_000; 5])), 3);
         assert_eq!(group_len(&pieces(&[WRITE_GROUP / 2; 3])), 2);
         assert_eq!(group_len(&pieces(&[WRITE_GROUP + 1, 10])), 1);
