@@ -241,7 +241,7 @@ pub fn check_target(
             out.push(&Finding { path: path.clone(), found })?;
         }
         report.recorded += to_record.len() as u64;
-        if !options.read_only && !(to_record.is_empty() && foreign.is_empty()) {
+        if !options.read_only && (!to_record.is_empty() || !foreign.is_empty()) {
             index.record([], to_record.iter().map(|(p, s)| (p, *s)), &foreign, false)?;
         }
     }

@@ -42,7 +42,9 @@ impl Pending {
         let path = state.adopt();
         let text = match std::fs::read(&path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self { text: None, adopt: Adopt::Nothing }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self { text: None, adopt: Adopt::Nothing });
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         let given: Vec<String> =
