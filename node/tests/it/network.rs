@@ -483,17 +483,20 @@ fn a_second_source_under_the_same_identity_is_refused_while_the_first_runs() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
+    let refused_beside_the_first = |data_dir: &Path| {
+        let mut other = setup.source.ferry();
+        other.arg("--data-dir").arg(data_dir).args(["sync", "--round", "zimbra"]);
+        let other = other.output().unwrap();
+        let stderr = String::from_utf8_lossy(&other.stderr);
+        assert_eq!(other.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+        assert!(stderr.contains("from another source"), "{stderr}");
+    };
     let (first_data, second_data) = (setup.path("data-1"), setup.path("data-2"));
 
     // 8 MiB at 2 MiB/s: the first round runs for about 4 s.
     let first = limited(&first_data);
     transfer_begun();
-    let mut second = setup.source.ferry();
-    second.arg("--data-dir").arg(&second_data).args(["sync", "--round", "zimbra"]);
-    let second = second.output().unwrap();
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(second.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
-    assert!(stderr.contains("from another source"), "{stderr}");
+    refused_beside_the_first(&second_data);
     let report = crate::util::finish_round(first, std::time::Duration::from_secs(60));
     assert_eq!(report["in_sync"], true, "{report}");
     assert_same_tree(&source, &target, |_| false);
@@ -506,12 +509,7 @@ fn a_second_source_under_the_same_identity_is_refused_while_the_first_runs() {
     crate::util::write(&source.join("blob9"), &crate::util::random_bytes(6 << 20, 49));
     let mut first = limited(&first_data);
     transfer_begun();
-    let mut copy = setup.source.ferry();
-    copy.arg("--data-dir").arg(&copied).args(["sync", "--round", "zimbra"]);
-    let copy = copy.output().unwrap();
-    let stderr = String::from_utf8_lossy(&copy.stderr);
-    assert_eq!(copy.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
-    assert!(stderr.contains("from another source"), "{stderr}");
+    refused_beside_the_first(&copied);
     first.kill().unwrap();
     first.wait().unwrap();
     let mut second = setup.source.ferry();
