@@ -22,11 +22,12 @@ pub(crate) fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> 
     }
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     let bytes = mib.div_ceil(8) * (8 << 20);
-    let mut ferry = FerryPair::start(&args.ferry, root, source, &Net::loopback())?;
+    let net = Net { one_core_each: args.one_core_each, ..Net::loopback() };
+    let mut ferry = FerryPair::start(&args.ferry, root, source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
     ferry.logs.clone_from(&args.logs);
     let rsync = if !args.no_rsync {
-        Rsync::start(root, &Net::loopback()).map_err(|e| eprintln!("no rsync: {e}")).ok()
+        Rsync::start(root, &net).map_err(|e| eprintln!("no rsync: {e}")).ok()
     } else {
         None
     };
