@@ -401,6 +401,22 @@ fn a_target_restored_from_a_copy_is_adopted_whole_without_rewriting_it() {
     assert_eq!(report["check"]["foreign"], 1, "{report}");
 }
 
+/// A destination job pointed at another folder (`ferry job set --path`): the next round fills the new
+/// folder (it is not the one ferry filled) before it says the target matches.
+#[test]
+fn a_destination_job_moved_to_an_empty_folder_is_filled_before_it_matches() {
+    let (setup, source, target) = network_job();
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let moved = setup.path("migration-moved");
+    setup.dest.ok(&["job", "set", "zimbra", "--path", moved.to_str().unwrap()]);
+    let (out, report) = sync_json(&setup, "zimbra");
+    assert!(out.status.success(), "{report} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_same_tree(&source, &moved, |_| false);
+    // The old folder is left as it was.
+    assert_same_tree(&source, &target, |_| false);
+}
+
 #[test]
 fn a_tree_with_entries_the_round_does_not_carry_never_matches_unless_told_to_leave_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,11 +26,8 @@ pub(crate) fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> 
     let mut ferry = FerryPair::start(&args.ferry, root, source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
     ferry.logs.clone_from(&args.logs);
-    let rsync = if !args.no_rsync {
-        Rsync::start(root, &net).map_err(|e| eprintln!("no rsync: {e}")).ok()
-    } else {
-        None
-    };
+    let rsync =
+        if !args.no_rsync { Rsync::start(root, &net).map_err(|e| eprintln!("no rsync: {e}")).ok() } else { None };
     rustix::fs::sync();
     let f = ferry.round()?;
     rustix::fs::sync();
