@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use ferry_engine::ChunkHash;
 
 use crate::message::{
-    Change, ChangesEnd, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk, Plan, RoundRef, Transmit,
+    Change, ChangesEnd, Checked, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk, Plan, RoundRef,
+    Transmit,
 };
 use crate::refusal::Refusal;
 use crate::window::{Arrival, Ledger, StallTimer, WindowEnd};
@@ -74,6 +75,8 @@ pub enum DestinationInput {
     Passed(u64),
     /// Something the operator on the source should know.
     Notice(String),
+    /// What the check of the target found (sent as it is told).
+    Checked(Checked),
     /// A batch of chunks was received whole (after its chunks were given to `arrive`).
     BatchReceived,
     /// Bytes read from the streams so far, whole messages or not: under a slow limit one message
@@ -284,6 +287,7 @@ impl DestinationRound {
                 }
             }
             DestinationInput::Notice(text) => self.send(Message::Notice { text }),
+            DestinationInput::Checked(checked) => self.send(Message::Checked(checked)),
             DestinationInput::BatchReceived => {
                 self.ledger.batch_received();
                 self.progress(now);

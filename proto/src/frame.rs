@@ -205,6 +205,17 @@ mod tests {
             (Message::Check { job: "zimbra".into(), source: 1 }, "0000000912067a696d62726101"),
             (Message::Scanning, "0000000114"),
             (Message::Passed(300), "0000000315ac02"),
+            (
+                Message::Checked(Checked {
+                    entries: 1,
+                    missing: 2,
+                    changed: 3,
+                    foreign: 0,
+                    folders: 0,
+                    duration_ms: 300,
+                }),
+                "0000000816010203 0000ac02",
+            ),
         ];
         let mut checked = 0;
         for (message, golden) in cases {
@@ -219,7 +230,7 @@ mod tests {
             assert!(buf.is_empty());
             checked += 1;
         }
-        assert_eq!(checked, 14, "wire format changed");
+        assert_eq!(checked, 15, "wire format changed");
     }
 
     #[test]

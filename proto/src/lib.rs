@@ -43,7 +43,7 @@ pub use destination::{
 };
 pub use frame::{DecodeError, EncodeError, MAX_FRAME_LEN, bytes_missing, decode, encode, encode_chunk_batch};
 pub use message::{
-    ALPN, Change, ChangesEnd, ChunkAt, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message,
+    ALPN, Change, ChangesEnd, Checked, ChunkAt, ChunkBatch, Codec, Committed, Hello, ImportMode, ImportResult, Message,
     NeedChunk, OLDER_ALPNS, PROTOCOL_VERSION, Plan, RoundOptions, RoundRef, Transmit,
 };
 pub use refusal::Refusal;

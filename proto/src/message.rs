@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::refusal::Refusal;
 
 /// The protocol name and version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"ferry/5";
+pub const ALPN: &[u8] = b"ferry/6";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Earlier versions, offered in the handshake only to refuse a peer that speaks one of them with words
 /// that name both versions (its `Refused` is encoded as it is here).
-pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/4", b"ferry/3", b"ferry/2"];
+pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/5", b"ferry/4", b"ferry/3", b"ferry/2"];
 
 /// A committed round: its number and the root hash of its manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +184,24 @@ pub struct Committed {
     pub failure_count: u64,
 }
 
+/// destination → source: what its check of the target found this round (DESIGN.md, "The target
+/// check"), for the round's report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checked {
+    /// Entries checked.
+    pub entries: u64,
+    /// Found missing.
+    pub missing: u64,
+    /// Found changed since ferry put them there.
+    pub changed: u64,
+    /// Found replaced by someone else's.
+    pub foreign: u64,
+    /// Folders whose mode or mtime moved.
+    pub folders: u64,
+    /// How long the check took.
+    pub duration_ms: u64,
+}
+
 /// Everything that travels. Variant order is the wire format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -270,6 +288,8 @@ pub enum Message {
     /// keeps it at most a bounded window ahead of this, so that what it read is still in memory when
     /// it is asked for, and no more than that waits here.
     Passed(u64),
+    /// destination → source, once its check of the target is done (before `Committed`).
+    Checked(Checked),
 }
 
 /// What a round would do on the destination, without doing it.
@@ -352,6 +372,7 @@ impl Message {
             Message::Paused => "Paused",
             Message::Scanning => "Scanning",
             Message::Passed(_) => "Passed",
+            Message::Checked(_) => "Checked",
         }
     }
 }

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::message::{
-    Change, ChangesEnd, ChunkAt, Committed, Hello, ImportResult, Message, Plan, RoundOptions, RoundRef, Transmit,
+    Change, ChangesEnd, Checked, ChunkAt, Committed, Hello, ImportResult, Message, Plan, RoundOptions, RoundRef,
+    Transmit,
 };
 use crate::refusal::Refusal;
 
@@ -106,6 +107,8 @@ pub enum SourceEvent {
     Passed(u64),
     /// The destination says something the operator should know.
     Notice(String),
+    /// What the destination's check of its target found.
+    Checked(Checked),
     /// The destination began its import.
     ImportStarted {
         /// The round imported.
@@ -326,6 +329,7 @@ impl SourceRound {
         use SourcePhase::*;
         match (self.phase, message) {
             (_, Message::Notice { text }) => self.events.push_back(SourceEvent::Notice(text)),
+            (_, Message::Checked(checked)) => self.events.push_back(SourceEvent::Checked(checked)),
             (Opening, Message::Welcome { holds }) => {
                 self.phase = Listing;
                 self.events.push_back(SourceEvent::Welcomed { holds });

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
 use ferry_proto::{
-    Change, ChangesEnd, ChunkAt, ChunkBatch, Codec, Committed, DestinationInput, DestinationRound, Hello, ImportMode,
-    ImportResult, Message, Plan, RoundOptions, RoundRef, decode, encode,
+    Change, ChangesEnd, Checked, ChunkAt, ChunkBatch, Codec, Committed, DestinationInput, DestinationRound, Hello,
+    ImportMode, ImportResult, Message, Plan, RoundOptions, RoundRef, decode, encode,
 };
 use rand::{Rng, RngExt, SeedableRng};
 
@@ -103,6 +103,16 @@ fn corpus() -> Vec<Vec<u8>> {
         Message::Planned(Plan { files: 3, need_bytes: 1 << 20, space_needed: 2 << 20, space_available: 1 << 30 }),
         Message::Check { job: "zimbra".into(), source: 1 },
         Message::Paused,
+        Message::Scanning,
+        Message::Passed(70_000),
+        Message::Checked(Checked {
+            entries: 200_000,
+            missing: 3,
+            changed: 1,
+            foreign: 0,
+            folders: 2,
+            duration_ms: 580,
+        }),
     ];
     messages
         .iter()

@@ -23,6 +23,8 @@ fn a_round_commits_and_only_what_is_lacking_is_asked_for() {
     pair.run(Duration::from_secs(60));
     assert!(committed(&pair), "{:?} / {:?}", pair.source_end, pair.destination_end);
     assert_eq!(pair.need_bytes, 80 * CHUNK);
+    // What the destination's check found reaches the source's report.
+    assert_eq!(pair.checked.map(|c| (c.entries, c.duration_ms)), Some((20, 5)));
     // 5 MiB over a 4 MiB/s link with 50 ms each way: the simulated clock says about 1.3 s.
     let took = pair.now - pair.start;
     assert!(took > Duration::from_millis(1250) && took < Duration::from_secs(3), "{took:?}");

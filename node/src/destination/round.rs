@@ -12,8 +12,8 @@ use ferry_engine::{
     with_findings,
 };
 use ferry_proto::{
-    Change, ChangesEnd, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk, Refusal,
-    RoundRef,
+    Change, ChangesEnd, Checked, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk,
+    Refusal, RoundRef,
 };
 use tokio::sync::mpsc;
 
@@ -158,6 +158,7 @@ pub(super) fn destination_round(
         let batch = std::mem::take(batch);
         let check = joined(check, &state, &job.path)?;
         tell_differences(&check, &job.path, &send)?;
+        send(DestinationInput::Checked(checked_of(&check)))?;
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let slots = (end.clone(), refused.clone());
         let (steps, flush) = Streamed::channel(window.clone());
@@ -216,6 +217,7 @@ pub(super) fn destination_round(
     changes.finish()?;
     let check = joined(check, &state, &job.path)?;
     tell_differences(&check, &job.path, &send)?;
+    send(DestinationInput::Checked(checked_of(&check)))?;
     if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
             holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
@@ -355,6 +357,18 @@ fn joined(mut check: Check, state: &TargetState, target: &Path) -> anyhow::Resul
         tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
     }
     Ok(report)
+}
+
+/// What the check found, for the source's report.
+fn checked_of(check: &ferry_engine::CheckReport) -> Checked {
+    Checked {
+        entries: check.entries,
+        missing: check.missing,
+        changed: check.changed,
+        foreign: check.foreign,
+        folders: check.folders,
+        duration_ms: check.duration.as_millis() as u64,
+    }
 }
 
 /// Tells the operator on both sides what the check found not as ferry left it.

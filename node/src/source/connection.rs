@@ -45,6 +45,8 @@ pub(super) struct Finished {
     pub(super) changed_bytes: u64,
     pub(super) import: Option<ferry_proto::ImportResult>,
     pub(super) notices: Vec<String>,
+    /// What the destination's check of its target found.
+    pub(super) checked: Option<ferry_proto::Checked>,
 }
 
 /// Runs a round on `connection` until it ends. `sent` counts the chunks over all of a round's
@@ -90,6 +92,7 @@ pub(super) async fn drive(
     let mut dry_run_needs: Option<Needs> = None;
     let (mut changes, mut changed_bytes, mut payload) = (0u64, 0u64, 0u64);
     let mut notices = Vec::new();
+    let mut checked = None;
     let mut reading = true;
     let mut pause_tick = tokio::time::interval(PAUSE_NOTICE);
     pause_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,6 +182,7 @@ pub(super) async fn drive(
                     tracing::warn!("{}: {text}", peer.name);
                     notices.push(text);
                 }
+                SourceEvent::Checked(check) => checked = Some(check),
                 SourceEvent::ImportStarted { round, command } => {
                     tracing::info!("{} imports round {round}: {}", peer.name, command.join(" "));
                 }
@@ -292,7 +296,7 @@ pub(super) async fn drive(
     }
     match end {
         SourceEnd::Committed { committed, import } => {
-            Ok(Driven::Committed(Finished { committed, changes, changed_bytes, import, notices }))
+            Ok(Driven::Committed(Finished { committed, changes, changed_bytes, import, notices, checked }))
         }
         SourceEnd::Planned(plan) => Ok(Driven::Planned { plan, changes, changed_bytes, payload }),
         SourceEnd::Deadline { .. } => match stopped_by {

@@ -55,6 +55,9 @@ pub struct PushReport {
     /// What the destination said of the round besides: what its check of the target found, an import
     /// skipped because nothing changed.
     pub notices: Vec<String>,
+    /// What the destination's check of its target found this round (entries, missing, changed,
+    /// foreign, folders) and how long it took (`None`: the destination said nothing of it).
+    pub check: Option<ferry_proto::Checked>,
     /// Entries of the tree the round did not carry (a sample, with why): special files, unreadable
     /// files, paths too long. The round is not in sync while there are any (devices, FIFOs and sockets
     /// aside with `--skip-special`).
@@ -129,6 +132,12 @@ pub fn print_push_report(report: &PushReport, json: bool) {
     }
     for notice in &report.notices {
         println!("  note: {notice}");
+    }
+    if let Some(check) = &report.check {
+        let found = check.missing + check.changed + check.foreign + check.folders;
+        let what =
+            if found == 0 { "all as ferry left them".to_owned() } else { format!("{found} not as ferry left them") };
+        println!("  destination checked {} entries of its target in {} ms: {what}", check.entries, check.duration_ms);
     }
     if report.skipped_count > 0 {
         eprintln!("error: {} entries of this tree were not carried (so it cannot match):", report.skipped_count);

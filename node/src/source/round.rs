@@ -166,6 +166,7 @@ pub(super) async fn push_once(
         failure_count: committed.failure_count,
         import: finished.import,
         notices: finished.notices,
+        check: finished.checked,
         skipped: scanned.skipped.clone(),
         skipped_count: not_carried,
         duration_ms: started.elapsed().as_millis() as u64,

@@ -375,8 +375,8 @@ async fn needs(control: &mut EvilStream, count: usize) -> Vec<ChunkAt> {
     while all.len() < count {
         match control.next(LIMIT).await.unwrap() {
             Some(Message::Need(part)) => all.extend(part),
-            // How far the destination planned, for the source's streamed list.
-            Some(Message::Passed(_)) => {}
+            // How far the destination planned, for the source's streamed list; what its check found.
+            Some(Message::Passed(_) | Message::Checked(_)) => {}
             other => panic!("expected Need, got {other:?}"),
         }
     }
@@ -403,7 +403,7 @@ async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
     let started = Instant::now();
     let committed = loop {
         match control.next(LIMIT).await.unwrap() {
-            Some(Message::Done | Message::Passed(_)) => {}
+            Some(Message::Done | Message::Passed(_) | Message::Checked(_)) => {}
             Some(Message::Committed(committed)) => break committed,
             other => panic!("expected Committed, got {other:?}"),
         }
@@ -462,7 +462,7 @@ async fn a_peer_of_an_older_version_is_refused_with_both_versions_named() {
     control.send(&Message::Check { job: "zimbra".into(), source: 1 }).await.unwrap();
     match control.next(LIMIT).await.unwrap() {
         Some(Message::Refused { refusal: Refusal::ProtocolViolation, reason }) => {
-            assert!(reason.contains("ferry/2") && reason.contains("ferry/5"), "{reason}");
+            assert!(reason.contains("ferry/2") && reason.contains("ferry/6"), "{reason}");
         }
         other => panic!("expected Refused, got {other:?}"),
     }
@@ -482,6 +482,6 @@ async fn a_peer_of_an_older_version_is_refused_with_both_versions_named() {
     let out = tokio::task::spawn_blocking(move || source_node.run(&["sync", "--round", "zimbra"])).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
-    assert!(stderr.contains("speaks ferry/2 and this node ferry/5"), "{stderr}");
+    assert!(stderr.contains("speaks ferry/2 and this node ferry/6"), "{stderr}");
     accepting.abort();
 }

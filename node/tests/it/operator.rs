@@ -153,6 +153,8 @@ fn json_reports_are_versioned_and_documented() {
     let round = setup.source.sync("zimbra");
     assert_eq!(keys(&round), documented("`ferry sync --round JOB --json`"));
     assert_eq!(keys(&round["import"]), documented("its `import` (null when none ran or `--no-wait`)"));
+    let check = "its `check`: what the destination's check of its target found, and how long it took";
+    assert_eq!(keys(&round["check"]), documented(check));
     let status = json(setup.dest.run(&["status", "--json"]));
     assert_eq!(keys(&status), documented("`ferry status --json`"));
     assert_eq!(keys(&status["jobs"][0]), documented("each of its `jobs`"));

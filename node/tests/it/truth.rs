@@ -255,6 +255,14 @@ fn a_network_round_checks_the_target_and_puts_back_what_was_removed() {
     assert!(out.status.success(), "{:?} {report} {}", out.status, String::from_utf8_lossy(&out.stderr));
     assert_eq!(report["in_sync"], true, "{report}");
     assert!(report["notices"].to_string().contains("missing"), "{report}");
+    // The report says what the destination's check found: every entry of the last round missing
+    // but the target folder itself, whose mtime moved.
+    let check = &report["check"];
+    assert_eq!(
+        (check["missing"].as_u64().unwrap() + 1, check["folders"].as_u64()),
+        (check["entries"].as_u64().unwrap(), Some(1)),
+        "{report}"
+    );
     assert_same_tree(&source, &target, |_| false);
 
     // Replaced by someone else: left alone, not in sync, exit 3, and said.

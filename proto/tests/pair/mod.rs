@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use ferry_engine::{ChunkHash, ChunkRef, Entry, EntryKind, RelPath, RootHash};
 use ferry_proto::window::Arrival;
 use ferry_proto::{
-    Change, ChangesEnd, ChunkAt, Committed, DestinationEnd, DestinationEvent, DestinationInput, DestinationRound,
-    Hello, ImportMode, Message, NeedChunk, Refusal, RoundOptions, RoundRef, SourceConfig, SourceEnd, SourceEvent,
-    SourceInput, SourcePhase, SourceRound, Transmit,
+    Change, ChangesEnd, Checked, ChunkAt, Committed, DestinationEnd, DestinationEvent, DestinationInput,
+    DestinationRound, Hello, ImportMode, Message, NeedChunk, Refusal, RoundOptions, RoundRef, SourceConfig, SourceEnd,
+    SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
 };
 
 pub(crate) const STALL: Duration = Duration::from_secs(3);
@@ -105,6 +105,8 @@ pub(crate) struct Pair {
     pub(crate) need_bytes: u64,
     pub(crate) changes_received: usize,
     pub(crate) committed: bool,
+    /// What the source heard of the destination's check of its target.
+    pub(crate) checked: Option<Checked>,
     /// Packets delivered so far, and after how many the connection is cut.
     pub(crate) delivered: usize,
     pub(crate) cut_after: Option<usize>,
@@ -156,6 +158,7 @@ impl Pair {
             need_bytes: 0,
             changes_received: 0,
             committed: false,
+            checked: None,
             delivered: 0,
             cut_after: None,
             pauses_seen: 0,
@@ -368,6 +371,7 @@ impl Pair {
                 self.to_destination.push_back((self.now + self.latency, Packet::Close(refusal, format!("{end:?}"))));
                 self.source_end = Some(end);
             }
+            SourceEvent::Checked(checked) => self.checked = Some(checked),
             SourceEvent::Notice(_) | SourceEvent::ImportStarted { .. } => {}
         }
     }
@@ -387,8 +391,14 @@ impl Pair {
                     self.destination.handle(passed, self.now);
                 }
             }
-            DestinationEvent::ChangesEnd(_) if self.behaviour.streamed => {}
-            DestinationEvent::ChangesEnd(_) => self.plan(0..self.changes.len()),
+            DestinationEvent::ChangesEnd(_) => {
+                // The node tells what its check found once the check is done: here, at the list's end.
+                let checked = Checked { entries: self.changes.len() as u64, duration_ms: 5, ..Checked::default() };
+                self.destination.handle(DestinationInput::Checked(checked), self.now);
+                if !self.behaviour.streamed {
+                    self.plan(0..self.changes.len());
+                }
+            }
             DestinationEvent::Ended(end) => {
                 // What arrived is kept; the node closes the connection with the reason.
                 let refusal = matches!(end, DestinationEnd::Violation(_)).then_some(Refusal::ProtocolViolation);
