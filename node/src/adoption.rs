@@ -64,6 +64,12 @@ impl Pending {
     }
 }
 
+/// What the next round of the job is asked to adopt, as given (`ferry status`): nothing when none
+/// was asked for or the file cannot be read.
+pub(crate) fn pending_paths(state: &TargetState) -> Vec<String> {
+    std::fs::read(state.adopt()).ok().and_then(|text| serde_json::from_slice(&text).ok()).unwrap_or_default()
+}
+
 /// `ferry job adopt JOB PATH...|all`, on the destination.
 pub fn ask(config_dir: &ConfigDir, job: &str, given: &[String]) -> anyhow::Result<()> {
     let config = config_dir.load()?;

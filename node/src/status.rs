@@ -23,6 +23,8 @@ pub struct JobStatus {
     pub round_running: Option<Marker>,
     /// An import running now (or interrupted by a daemon that stopped).
     pub import_running: Option<Marker>,
+    /// What the next round is asked to adopt on this destination (`ferry job adopt`).
+    pub adopting: Vec<String>,
 }
 
 /// The `--json` document.
@@ -57,6 +59,7 @@ pub fn status(config_dir: &ConfigDir, job: Option<&str>) -> anyhow::Result<Statu
                 pushed: history::read(&source.history()),
                 round_running: history::read_marker(&target.round_marker()),
                 import_running: history::read_marker(&target.import_marker()),
+                adopting: crate::adoption::pending_paths(&target),
             }
         })
         .collect();
@@ -88,6 +91,9 @@ pub fn print(status: &Status) {
         }
         if let Some(marker) = &job.import_running {
             println!("  import of round {} running since {}: {}", marker.round, marker.since, marker.what.join(" "));
+        }
+        if !job.adopting.is_empty() {
+            println!("  the next round adopts what is at: {} (ferry job adopt)", job.adopting.join(", "));
         }
         if job.received.is_empty() && job.pushed.is_empty() {
             println!("  no rounds yet");

@@ -297,11 +297,17 @@ fn what_someone_else_put_in_a_network_target_is_replaced_once_adopted_on_the_des
     assert_eq!(out.status.code(), Some(ferry::exit::USAGE));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ferry job adopt"));
     assert!(setup.dest.ok(&["job", "adopt", "zimbra", "backupstat"]).contains("backupstat"));
+    let adopting = |setup: &Setup| {
+        let status: serde_json::Value = serde_json::from_str(&setup.dest.ok(&["status", "--json"])).unwrap();
+        status["jobs"][0]["adopting"].clone()
+    };
+    assert_eq!(adopting(&setup), serde_json::json!(["backupstat"]));
 
     let (out, report) = sync_json(&setup, "zimbra");
     assert!(out.status.success(), "{report} {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(report["in_sync"], true, "{report}");
     assert_same_tree(&source, &target, |_| false);
+    assert_eq!(adopting(&setup), serde_json::json!([]));
     // Taken by the round: the next replacement is the administrator's again.
     theirs(&target.join("backupstat"));
     let (out, report) = sync_json(&setup, "zimbra");
