@@ -107,6 +107,8 @@ pub fn scan(
             racy_after_ns,
             teed: tee.as_ref().map(|_| (Vec::new(), Arc::from(manifest_out))),
         };
+        // What the tee was last handed, by the bytes read until then.
+        let mut read_when_teed = 0;
         // Each batch written says how far the scan is, for whoever watches.
         let written = examined_rx.into_iter().try_for_each(|batch| -> Result<(), ScanError> {
             if options.cancel.as_ref().is_some_and(|cancel| cancel.load(std::sync::atomic::Ordering::Relaxed)) {
@@ -116,17 +118,18 @@ pub fn scan(
             if let Some(progress) = &options.progress {
                 progress.set(state.report.entries, state.report.bytes_read);
             }
-            // What is teed is in the file first: a reader of the file finds every entry it was told of.
-            if let (Some(sender), Some((entries, _))) = (&tee, &mut state.teed)
-                && !entries.is_empty()
-            {
-                state.manifest.flush()?;
-                if sender.send(Teed::Entries(std::mem::take(entries))).is_err() {
-                    state.teed = None;
-                }
+            // A batch that read files goes to the tee at once, while they are in memory; entries
+            // only looked at (unchanged since the last scan) wait for a fuller batch.
+            let read = state.report.bytes_read != read_when_teed;
+            if state.teed.as_ref().is_some_and(|(entries, _)| read || entries.len() >= TEE_UNREAD) {
+                read_when_teed = state.report.bytes_read;
+                tee_written(&tee, &mut state)?;
             }
             Ok(())
         });
+        if written.is_ok() {
+            tee_written(&tee, &mut state)?;
+        }
         // The walk's own findings (folders it could not list) join the report.
         let walked = walk.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         report.absorb_skips(walked);
@@ -137,6 +140,24 @@ pub fn scan(
     cache.finish_or_keep()?;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Entries the scan gathers for its tee while it reads no file (see [`ScanOptions::tee`]): fewer,
+/// fuller batches where nothing changed; a batch that read a file goes at once.
+const TEE_UNREAD: usize = 1024;
+
+/// Hands the entries written since the last time to the tee, once they are in the manifest file: a
+/// reader of the file finds every entry it was told of.
+fn tee_written(tee: &Option<std::sync::mpsc::SyncSender<Teed>>, state: &mut WriteState<'_>) -> Result<(), ScanError> {
+    if let (Some(sender), Some((entries, _))) = (tee, &mut state.teed)
+        && !entries.is_empty()
+    {
+        state.manifest.flush()?;
+        if sender.send(Teed::Entries(std::mem::take(entries))).is_err() {
+            state.teed = None;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
