@@ -32,31 +32,23 @@ fn trimmed(path: &str) -> &str {
 
 /// The adoption a destination's operator asked for, as a round read it.
 pub(crate) struct Pending {
-    /// The file as read (`None`: there was none), to tell whether it changed before it is taken.
-    text: Option<Vec<u8>>,
+    /// The paths as given (empty: none asked for), to tell whether more were asked for before it is
+    /// taken.
+    given: Vec<String>,
     pub(crate) adopt: Adopt,
 }
 
 impl Pending {
     pub(crate) fn read(state: &TargetState) -> anyhow::Result<Self> {
-        let path = state.adopt();
-        let text = match std::fs::read(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Self { text: None, adopt: Adopt::Nothing });
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        let given: Vec<String> =
-            serde_json::from_slice(&text).with_context(|| format!("{} is damaged", path.display()))?;
-        Ok(Self { text: Some(text), adopt: parse(&given)? })
+        let given = asked_for(state)?;
+        Ok(Self { adopt: parse(&given)?, given })
     }
 
     /// The round that applied it committed: it is done with, unless the operator asked for more
     /// meanwhile (then it stays, for the next round).
     pub(crate) fn taken(self, state: &TargetState) {
-        let Some(text) = self.text else { return };
-        if std::fs::read(state.adopt()).is_ok_and(|now| now == text)
+        if !self.given.is_empty()
+            && asked_for(state).is_ok_and(|now| now == self.given)
             && let Err(e) = std::fs::remove_file(state.adopt())
         {
             tracing::warn!("cannot remove {} (the next round adopts the same again): {e}", state.adopt().display());
@@ -64,10 +56,20 @@ impl Pending {
     }
 }
 
+/// The paths in the job's adoption file, as given (none without the file).
+fn asked_for(state: &TargetState) -> anyhow::Result<Vec<String>> {
+    let path = state.adopt();
+    match std::fs::read(&path) {
+        Ok(text) => serde_json::from_slice(&text).with_context(|| format!("{} is damaged", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// What the next round of the job is asked to adopt, as given (`ferry status`): nothing when none
 /// was asked for or the file cannot be read.
 pub(crate) fn pending_paths(state: &TargetState) -> Vec<String> {
-    std::fs::read(state.adopt()).ok().and_then(|text| serde_json::from_slice(&text).ok()).unwrap_or_default()
+    asked_for(state).unwrap_or_default()
 }
 
 /// `ferry job adopt JOB PATH...|all`, on the destination.
@@ -84,10 +86,7 @@ pub fn ask(config_dir: &ConfigDir, job: &str, given: &[String]) -> anyhow::Resul
              source's paths anyway"
         );
     }
-    let mut paths: Vec<String> = match Pending::read(&state)?.text {
-        Some(text) => serde_json::from_slice(&text)?,
-        None => Vec::new(),
-    };
+    let mut paths = asked_for(&state)?;
     if adopt == Adopt::All {
         paths = vec!["all".to_owned()];
     } else if !paths.iter().any(|p| p == "all") {

@@ -46,10 +46,8 @@ impl<'a> Applier<'a> {
         let options =
             ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 4).max(1), ..options.clone() };
         let kept = options.kept.as_deref().map(ManifestWriter::create).transpose()?;
-        let adopted = match &options.adopt {
-            Adopt::Paths(paths) => paths.clone(),
-            Adopt::Nothing | Adopt::All => Vec::new(),
-        };
+        // A target adopted whole keeps the index it was indexed into; paths adopted by name do not.
+        let adopted = if matches!(options.adopt, Adopt::Paths(_)) { options.adopt.clone() } else { Adopt::Nothing };
         let planner = Planner { adopted, ..Planner::default() };
         Ok(Applier {
             root: Arc::new(root),

@@ -1,6 +1,6 @@
 //! Planning: the steps of a merge, and which chunks an entry needs from the source.
 
-use super::options::ApplyError;
+use super::options::{Adopt, ApplyError};
 use crate::hash::ChunkHash;
 use crate::index::ChunkIndex;
 use crate::manifest::{ChunkRef, Entry, EntryKind, Pair, RawEntry};
@@ -69,9 +69,9 @@ pub struct Planner {
     pub(super) distrusted: std::collections::HashSet<RelPath>,
     /// The index is not asked at all (most of the target is gone).
     pub(super) ignore_index: bool,
-    /// Paths the operator adopted by name: what is there is not what ferry wrote, whatever the index
-    /// says of it.
-    pub(super) adopted: Vec<RelPath>,
+    /// What the operator adopted by name (`Adopt::Paths`; nothing otherwise): what is there is not
+    /// what ferry wrote, whatever the index says of it.
+    pub(super) adopted: Adopt,
 }
 
 impl Planner {
@@ -107,10 +107,9 @@ impl Planner {
         if self.ignore_index {
             return Ok(false);
         }
-        Ok(index.get(hash)?.is_some_and(|location| {
-            !self.distrusted.contains(&location.path)
-                && !self.adopted.iter().any(|p| *p == location.path || p.is_ancestor_of(&location.path))
-        }))
+        Ok(index
+            .get(hash)?
+            .is_some_and(|location| !self.distrusted.contains(&location.path) && !self.adopted.covers(&location.path)))
     }
 
     /// Trusts no hint of the index that points into `paths` (the check found them missing or changed),

@@ -1,6 +1,7 @@
 //! The target check begun when the source asks whether a round would be taken, for the round to take.
 
 use std::collections::HashMap;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,11 +19,14 @@ pub(super) struct EarlyCheck {
     pub(super) started: Instant,
     pub(super) holds: Option<RoundRef>,
     pub(super) adopt: bool,
-    /// The job's chunk index, as the check opened it: the round that takes the check works with the
-    /// same handle (the file opens once), without waiting for the check to end.
-    pub(super) index: ChunkIndex,
-    pub(super) thread: std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>,
+    /// The job's chunk index, once the check's thread opened it: the round that takes the check works
+    /// with the same handle (a redb file opens once in a process), without waiting for the check.
+    pub(super) index: Receiver<ChunkIndex>,
+    pub(super) thread: CheckThread,
 }
+
+/// A check of a job's target, on a thread of its own.
+pub(super) type CheckThread = std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>;
 
 pub(super) type EarlyChecks = Arc<Mutex<HashMap<String, EarlyCheck>>>;
 
@@ -48,20 +52,15 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
     let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
     let (target, committed, kept, findings) =
         (job.path.clone(), state.manifest(), state.kept(), state.early_findings());
-    let index = match ChunkIndex::open(&state.chunk_index()) {
-        Ok(index) => index,
-        Err(e) => {
-            tracing::warn!("cannot begin checking {} early: {e}", job.path.display());
-            return;
-        }
-    };
-    let mut checking = index.clone();
+    let index_path = state.chunk_index();
+    let (opened, index) = std::sync::mpsc::sync_channel(1);
     let span = tracing::Span::current();
     let thread = std::thread::Builder::new().name("ferry-early-check".into()).spawn(move || {
         let _entered = span.enter();
-        let index = &mut checking;
+        let mut index = ChunkIndex::open(&index_path).map_err(ferry_engine::CheckError::from)?;
+        let _ = opened.send(index.clone());
         let options = CheckOptions { adopt, read_only: false };
-        let report = check_target(&target, (&committed, &kept), index, &findings, options)?;
+        let report = check_target(&target, (&committed, &kept), &mut index, &findings, options)?;
         let ms = report.duration.as_millis();
         tracing::info!("checked {} entries of {} in {ms} ms", report.entries, target.display());
         Ok(report)
@@ -74,12 +73,21 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
     }
 }
 
-/// The early check of `job`, finished or still running, if the round can take it (see
-/// [`EarlyCheck`]); one it cannot take is waited for (it writes the job's index) and dropped.
-pub(super) fn take(checks: &EarlyChecks, job: &str, holds: Option<RoundRef>, adopt: bool) -> Option<EarlyCheck> {
+/// The early check of `job`, finished or still running, and the index it opened, if the round can
+/// take it (see [`EarlyCheck`]); one it cannot take is waited for (it writes the job's index) and
+/// dropped.
+pub(super) fn take(
+    checks: &EarlyChecks,
+    job: &str,
+    holds: Option<RoundRef>,
+    adopt: bool,
+) -> Option<(CheckThread, ChunkIndex)> {
     let early = checks.lock().ok()?.remove(job)?;
     if early.holds == holds && early.adopt == adopt && early.started.elapsed() < EARLY_CHECK_MAX_AGE {
-        return Some(early);
+        // Waits for the index to be open, not for the check.
+        if let Ok(index) = early.index.recv() {
+            return Some((early.thread, index));
+        }
     }
     if let Ok(Err(e)) = early.thread.join() {
         tracing::warn!("the check begun before the round failed ({e}); checking again");

@@ -17,7 +17,7 @@ use ferry_proto::{
 };
 use tokio::sync::mpsc;
 
-use super::early::{self, EarlyChecks};
+use super::early::{self, CheckThread, EarlyChecks};
 use super::merge::{BaseNames, Held, changes_in, held, patch, placed};
 use super::space::Space;
 use super::streamed::{Incoming, Streamed};
@@ -30,7 +30,7 @@ use crate::state::TargetState;
 /// The round's check of its target, running beside the list of changes; a round that ends before it
 /// takes the check's report still waits for it (it writes the job's index).
 pub(super) struct Check {
-    thread: Option<std::thread::JoinHandle<Result<ferry_engine::CheckReport, ferry_engine::CheckError>>>,
+    thread: Option<CheckThread>,
     /// Begun when the source asked whether a round would be taken: its findings become the round's
     /// once it is done.
     early: bool,
@@ -111,7 +111,7 @@ pub(super) fn destination_round(
     let adopt_whole = holds.is_none() || other_target;
     let early = early::take(round.early_checks, &job.name, holds, adopt_whole);
     let mut index = match &early {
-        Some(early) => early.index.clone(),
+        Some((_, index)) => index.clone(),
         None => ChunkIndex::open(&state.chunk_index())?,
     };
     let indexed = state.existing_indexed();
@@ -131,9 +131,9 @@ pub(super) fn destination_round(
     // The target is checked against what ferry put there: while the source scanned (begun when it
     // asked whether a round would be taken), or now, while it sends its changes.
     let check = match early {
-        Some(early) => {
+        Some((thread, _)) => {
             tracing::info!("the check of {} begun while the source scanned is this round's", job.path.display());
-            Check { thread: Some(early.thread), early: true }
+            Check { thread: Some(thread), early: true }
         }
         None => {
             let (target, committed, kept, findings) =
@@ -157,8 +157,7 @@ pub(super) fn destination_round(
     if !dry_run && let Some(DestinationEvent::Changes(batch)) = &mut first {
         let batch = std::mem::take(batch);
         let check = joined(check, &state, &job.path)?;
-        tell_differences(&check, &job.path, &send)?;
-        send(DestinationInput::Checked(checked_of(&check)))?;
+        tell_the_source(&check, &job.path, &send)?;
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let slots = (end.clone(), refused.clone());
         let (steps, flush) = Streamed::channel(window.clone());
@@ -216,8 +215,7 @@ pub(super) fn destination_round(
     let change_count = changes.count();
     changes.finish()?;
     let check = joined(check, &state, &job.path)?;
-    tell_differences(&check, &job.path, &send)?;
-    send(DestinationInput::Checked(checked_of(&check)))?;
+    tell_the_source(&check, &job.path, &send)?;
     if let Some(base) = end.base.filter(|_| end.base != holds) {
         let held =
             holds.map_or_else(|| "no round".to_owned(), |h| format!("round {} (root {})", h.round, h.root.short()));
@@ -359,20 +357,9 @@ fn joined(mut check: Check, state: &TargetState, target: &Path) -> anyhow::Resul
     Ok(report)
 }
 
-/// What the check found, for the source's report.
-fn checked_of(check: &ferry_engine::CheckReport) -> Checked {
-    Checked {
-        entries: check.entries,
-        missing: check.missing,
-        changed: check.changed,
-        foreign: check.foreign,
-        folders: check.folders,
-        duration_ms: check.duration.as_millis() as u64,
-    }
-}
-
-/// Tells the operator on both sides what the check found not as ferry left it.
-fn tell_differences(
+/// Tells the source what the check found, for its report, and the operator on both sides what it
+/// found not as ferry left it.
+fn tell_the_source(
     check: &ferry_engine::CheckReport,
     target: &Path,
     send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
@@ -387,7 +374,14 @@ fn tell_differences(
         tracing::warn!("{text}");
         send(DestinationInput::Notice(text))?;
     }
-    Ok(())
+    send(DestinationInput::Checked(Checked {
+        entries: check.entries,
+        missing: check.missing,
+        changed: check.changed,
+        foreign: check.foreign,
+        folders: check.folders,
+        duration_ms: check.duration.as_millis() as u64,
+    }))
 }
 
 /// Ends a round whose files are all in place and durable, and whose manifest is committed: records
