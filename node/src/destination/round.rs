@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::early::{self, CheckThread, EarlyChecks};
 use super::merge::{BaseNames, Held, changes_in, held, patch, placed};
 use super::space::Space;
-use super::streamed::{Incoming, Streamed};
+use super::streamed::{Fitting, Incoming, Streamed};
 use super::transfer::{Steps, TransferEnd, Whole, transfer};
 use super::window::{Window, WindowSource};
 use crate::config::JobConfig;
@@ -159,16 +159,16 @@ pub(super) fn destination_round(
         let check = joined(check, &state, &job.path)?;
         tell_the_source(&check, &job.path, &send)?;
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
-        let slots = (end.clone(), refused.clone());
         let (steps, flush) = Streamed::channel(window.clone());
         let names = BaseNames::new(state.clone(), hello.base, holds);
-        let incoming = Incoming::new(batch, inbox, names, &job.path, (window.clone(), flush.clone()), slots)?;
+        let incoming = Incoming::new(batch, inbox, names, flush.clone(), end.clone());
         // What the source's changes are against: its base, when this node holds it.
         let delta = hello.base.is_some() && hello.base == holds;
         let applying =
             Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
         let old = old_and_kept(&state)?;
-        Streamed::start(placed(patch(old, incoming, delta)), flush)?;
+        let made = Fitting::new(placed(patch(old, incoming, delta)), &job.path, window.clone(), refused.clone())?;
+        Streamed::start(made, flush)?;
         let applied = apply_round(round, applying, steps, window, || {
             let end = end.lock().map_err(|_| anyhow!("lock poisoned"))?.take();
             let end = end.ok_or_else(|| anyhow!("the list of changes did not end"))?;
@@ -242,8 +242,9 @@ pub(super) fn destination_round(
     }
 
     // Before any data moves: does the round fit? Changes against the committed manifest say it alone,
-    // without another pass over that manifest (the transfer's merge checks them against it).
-    let space = if end.base.is_some() {
+    // without another pass over that manifest (the transfer's merge checks them against it), unless
+    // the check found entries gone or changed, which the round writes again though no change says so.
+    let space = if end.base.is_some() && !check.entries_differ() {
         Space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
     } else {
         Space::of_round(open_steps()?, &job.path)?

@@ -19,24 +19,32 @@ pub(super) struct Space {
 }
 
 impl Space {
+    /// What the round's `steps` write: a file the target does not hold as the source has it (new,
+    /// changed, or found missing or changed in place by the check).
     pub(super) fn of_round(steps: impl Iterator<Item = anyhow::Result<Step>>, target: &Path) -> anyhow::Result<Self> {
-        let (mut files, mut needed) = (0u64, 0u64);
+        let mut space = Self::with(0, 0, target)?;
         for step in steps {
-            let step = step?;
-            if let Some(pair) = step.pair()
-                && ferry_engine::Planner::writes_content(pair)
-                && let Some(new) = &pair.new
-            {
-                files += 1;
-                needed = needed.saturating_add(new.size);
-            }
+            space.count(&step?);
         }
-        Self::with(files, needed, target)
+        Ok(space)
     }
 
-    /// Like [`Space::of_round`], for changes against the committed manifest: a file whose content
-    /// changed is one the round writes. (The one case this misses, a hard link whose content did not
-    /// change becoming a file of its own, is rare and small beside the margin.)
+    /// Counts `step` if it writes a file's content; says whether it does.
+    pub(super) fn count(&mut self, step: &Step) -> bool {
+        let Some(new) =
+            step.pair().filter(|pair| ferry_engine::Planner::writes_content(pair)).and_then(|p| p.new.as_ref())
+        else {
+            return false;
+        };
+        self.files += 1;
+        self.needed = self.needed.saturating_add(new.size);
+        true
+    }
+
+    /// Like [`Space::of_round`], for changes against the committed manifest of a target the check
+    /// found as ferry left it: a file whose content changed is one the round writes. (The one case
+    /// this misses, a hard link whose content did not change becoming a file of its own, is rare and
+    /// small beside the margin.)
     pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow::Result<Self> {
         let mut space = Self::with(0, 0, target)?;
         for change in changes {
@@ -46,7 +54,7 @@ impl Space {
     }
 
     /// Counts `change` if it is a file whose content the round writes; says whether it was.
-    pub(super) fn add(&mut self, change: &Change) -> bool {
+    fn add(&mut self, change: &Change) -> bool {
         let Some(entry) = &change.entry else { return false };
         if entry.kind != EntryKind::File || entry.hard_link_to.is_some() || change.content_as_before {
             return false;

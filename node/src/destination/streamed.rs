@@ -114,19 +114,13 @@ impl Steps for Streamed {
 pub(super) type Slot<T> = Arc<Mutex<Option<T>>>;
 
 /// The changes of a list that streams, as they come from the control stream: paths named by their
-/// place in the base made whole, and the space they take counted as they come (a round that would
-/// not fit is refused once it is seen not to). The list's end goes to `end`.
+/// place in the base made whole. The list's end goes to `end`.
 pub(super) struct Incoming {
     inbox: mpsc::Receiver<DestinationEvent>,
     batch: std::vec::IntoIter<Change>,
     names: BaseNames,
-    space: Space,
-    target: std::path::PathBuf,
-    window: Arc<Window>,
     end: Slot<ChangesEnd>,
     ended: bool,
-    /// Why the round was refused for want of space, once it was.
-    refused: Slot<String>,
     /// Hands the steps made so far over before waiting for the source.
     flush: Flush,
 }
@@ -136,29 +130,16 @@ impl Incoming {
         first: Vec<Change>,
         inbox: mpsc::Receiver<DestinationEvent>,
         names: BaseNames,
-        target: &Path,
-        (window, flush): (Arc<Window>, Flush),
-        (end, refused): (Slot<ChangesEnd>, Slot<String>),
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            inbox,
-            batch: first.into_iter(),
-            names,
-            space: Space::with(0, 0, target)?,
-            target: target.to_owned(),
-            window,
-            end,
-            ended: false,
-            refused,
-            flush,
-        })
+        flush: Flush,
+        end: Slot<ChangesEnd>,
+    ) -> Self {
+        Self { inbox, batch: first.into_iter(), names, end, ended: false, flush }
     }
 
     fn next_change(&mut self) -> anyhow::Result<Option<Change>> {
         loop {
             if let Some(mut change) = self.batch.next() {
                 self.names.name(&mut change)?;
-                self.count(&change)?;
                 return Ok(Some(change));
             }
             if self.ended {
@@ -189,10 +170,30 @@ impl Incoming {
             }
         }
     }
+}
 
-    /// Counts what a change writes, and refuses the round once it no longer fits.
-    fn count(&mut self, change: &Change) -> anyhow::Result<()> {
-        if !self.space.add(change) {
+/// The steps made from a list that streams, the space of what they write counted as they are made:
+/// a round that would not fit is refused once it is seen not to. Steps, not changes, are counted:
+/// a file the target holds as the source has it is not written (a whole list, when the source
+/// does not know the round this node holds), and one the check found missing or changed is, though
+/// no change names it.
+pub(super) struct Fitting<I> {
+    steps: I,
+    space: Space,
+    target: std::path::PathBuf,
+    window: Arc<Window>,
+    /// Why the round was refused for want of space, once it was.
+    refused: Slot<String>,
+}
+
+impl<I> Fitting<I> {
+    pub(super) fn new(steps: I, target: &Path, window: Arc<Window>, refused: Slot<String>) -> anyhow::Result<Self> {
+        Ok(Self { steps, space: Space::with(0, 0, target)?, target: target.to_owned(), window, refused })
+    }
+
+    /// Counts what `step` writes, and refuses the round once it no longer fits.
+    fn fits(&mut self, step: &Step) -> anyhow::Result<()> {
+        if !self.space.count(step) {
             return Ok(());
         }
         if let Some(reason) = self.space.refusal(&self.target) {
@@ -203,6 +204,18 @@ impl Incoming {
             return Err(Refused::new(Refusal::NoSpace, reason).into());
         }
         Ok(())
+    }
+}
+
+impl<I: Iterator<Item = anyhow::Result<(u64, Step)>>> Iterator for Fitting<I> {
+    type Item = anyhow::Result<(u64, Step)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let placed = self.steps.next()?;
+        Some(placed.and_then(|(place, step)| {
+            self.fits(&step)?;
+            Ok((place, step))
+        }))
     }
 }
 

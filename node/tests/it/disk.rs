@@ -179,3 +179,41 @@ fn a_disk_that_fills_mid_round_fails_it_cleanly_and_the_next_round_finishes() {
     assert_same_tree(&source, &target, |_| false);
     assert!(no_staging_leftovers(&target));
 }
+
+#[test]
+fn a_whole_list_against_a_fuller_target_counts_only_what_the_round_writes() {
+    let Some(OnTmpfs { setup, disk: _disk, source, target, before }) =
+        on_tmpfs("the whole-list space test", "8m", 5, 1 << 20)
+    else {
+        return;
+    };
+    // The source forgets the round the destination holds (its state lost, or the destination's
+    // `Committed` never reached it): the next round lists the whole tree, 5 MiB of files on a
+    // filesystem with less than that free. The destination holds them all: nothing is written, so
+    // the round fits.
+    let state = setup.source.config.join("data/jobs/zimbra/source");
+    for name in ["manifest.base", "base.json"] {
+        std::fs::remove_file(state.join(name)).unwrap();
+    }
+    let free = rustix::fs::statvfs(&target).unwrap();
+    assert!(free.f_bavail * free.f_frsize < 5 << 20, "the test needs a target fuller than its files");
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_eq!(report["chunk_bytes"], 0, "{report}");
+    assert!(compare_trees(&before, &snapshot(&target, &[]).unwrap(), |_| false).is_ok());
+
+    // Files the check finds gone are written again, though the source changed nothing: with room
+    // for fewer of them than that, the round is refused before it writes any.
+    for i in 0..3 {
+        std::fs::remove_file(target.join(format!("d{i}/f-1-{i:03}"))).unwrap();
+    }
+    let filler = target.parent().unwrap().join("filler");
+    write(&filler, &vec![7; 4 << 20]);
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+    assert!(stderr.contains("not enough space") && stderr.contains("3 files (3.0 MiB)"), "{stderr}");
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+}
