@@ -28,6 +28,7 @@ mod apply;
 mod check;
 mod chunker;
 mod hash;
+pub mod human;
 mod index;
 mod manifest;
 mod owner;
@@ -37,6 +38,7 @@ mod rate;
 mod rootdir;
 mod round;
 mod scan;
+mod space;
 mod spill;
 mod timing;
 
@@ -65,4 +67,5 @@ pub use round::{
     lock_state,
 };
 pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, Teed, scan};
+pub use space::{NoSpace, Space};
 pub use timing::lap;

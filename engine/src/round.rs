@@ -39,6 +39,7 @@ use crate::manifest::{ChunkRef, Entry, EntryKind, ManifestReader, ManifestWriter
 use crate::path::RelPath;
 use crate::rootdir::RootDir;
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
+use crate::space::{NoSpace, Space};
 
 /// Reads the chunks the target lacks straight from the source tree. A file changed since the scan
 /// yields chunks that fail `apply`'s hash check: its entry fails, and the next round picks it up.
@@ -149,6 +150,9 @@ pub enum RoundError {
     /// The check of the target failed.
     #[error(transparent)]
     Check(#[from] CheckError),
+    /// The round does not fit the target's free space: nothing was written.
+    #[error(transparent)]
+    NoSpace(#[from] NoSpace),
     /// The target lies inside the source: each round would copy the last one's copy again.
     #[error("the target {target} is inside the source {source_dir}: choose a target outside it")]
     Nested {
@@ -263,6 +267,11 @@ pub fn local_round(
     let mut index = ChunkIndex::open(&target_state.join("chunks.redb"))?;
     let check_options = CheckOptions { adopt: side.adopt_whole, read_only: false };
     let check = check_target(target, (&side.committed, &side.kept), &mut index, &side.findings, check_options)?;
+    // Before anything is written: does the round fit? (One more pass over both manifests.)
+    let space = space_of(checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()), target)?;
+    if let Some(no_space) = space.refusal(target) {
+        return Err(no_space.into());
+    }
     let new = ManifestReader::open(&new_manifest)?.raw();
     let mut chunk_source =
         LocalChunkSource::new(source).map_err(|e| RoundError::Target { path: source.to_owned(), source: e })?;
@@ -288,6 +297,15 @@ pub fn local_round(
     })
 }
 
+/// The space `steps` need in `target`.
+fn space_of(steps: impl Iterator<Item = Result<Step, RecordFileError>>, target: &Path) -> Result<Space, RoundError> {
+    let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+    for step in steps {
+        space.count(&step?);
+    }
+    Ok(space)
+}
+
 /// What a local round would do (`--dry-run`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LocalPlan {
@@ -311,6 +329,10 @@ pub struct LocalPlan {
     pub check: CheckReport,
     /// The target would be adopted whole.
     pub adopted: bool,
+    /// The space the round needs in the target's filesystem, its margin included.
+    pub space_needed: u64,
+    /// The space free there now.
+    pub space_available: u64,
     /// Wall time.
     #[serde(serialize_with = "crate::timing::serialize_millis")]
     pub duration: Duration,
@@ -347,8 +369,11 @@ pub fn local_plan(
     let mut plan = LocalPlan { entries: scan_report.entries, adopted: side.adopt_whole, ..LocalPlan::default() };
     let mut planner = Planner::default();
     planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
+    let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
-        let Step::Apply(pair) = step? else { continue };
+        let step = step?;
+        space.count(&step);
+        let Step::Apply(pair) = step else { continue };
         let Some(new) = &pair.new else {
             plan.gone += u64::from(pair.old.is_some());
             continue;
@@ -369,6 +394,7 @@ pub fn local_plan(
         }
     }
     plan.check = check;
+    (plan.space_needed, plan.space_available) = (space.wanted(), space.available);
     plan.duration = started.elapsed();
     Ok(plan)
 }

@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ferry_engine::{
-    ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, Progress, ScanOptions, local_plan,
-    local_round,
+    ApplyOptions, CheckReport, LocalPlan, LocalRoundOptions, LocalRoundReport, Progress, RoundError, ScanOptions,
+    local_plan, local_round,
 };
+use ferry_proto::Refusal;
 
+use crate::refused::Refused;
 use crate::{exit, human, meter};
 
 /// A local round, as the command line asked for it.
@@ -111,13 +113,21 @@ pub fn run_local_sync(options: &LocalSyncOptions) -> anyhow::Result<i32> {
     }
     let report = local_round(&options.source, &options.target, &state, &round_options);
     drop(watching);
-    let report = report.with_context(failed)?;
+    let report = report.map_err(refused_for_space).with_context(failed)?;
     if options.json {
         print_json(&report)?;
     } else {
         print_summary(&options.source, &options.target, &report, options.delete);
     }
     Ok(exit_code(&report))
+}
+
+/// A round that does not fit its target ends as a network round does: refused (exit 8).
+fn refused_for_space(error: RoundError) -> anyhow::Error {
+    match error {
+        RoundError::NoSpace(no_space) => Refused::new(Refusal::NoSpace, no_space.to_string()).into(),
+        other => other.into(),
+    }
 }
 
 /// "applying: 4,512 of 20,000 entries, 1.2 GiB written (150.0 MiB/s)". The steps of the merge
@@ -161,6 +171,14 @@ fn print_plan(source: &Path, target: &Path, plan: &LocalPlan, delete: bool) {
         println!("  the target is new to ferry: what is already in it at the source's paths would be adopted");
     }
     print_check(&plan.check);
+    if plan.space_needed > plan.space_available {
+        eprintln!(
+            "warning: not enough space in {}: the round needs {} with the margin, and {} is free",
+            target.display(),
+            human::bytes(plan.space_needed),
+            human::bytes(plan.space_available)
+        );
+    }
     println!("  nothing was written");
 }
 

@@ -186,7 +186,7 @@ pub(super) fn placed(
 
 #[cfg(test)]
 mod tests {
-    use super::super::space::Space;
+    use super::super::space;
     use super::*;
     use ferry_engine::{ChunkHash, ChunkRef, Entry, ManifestWriter, RecordWriter};
     use std::path::Path;
@@ -293,8 +293,8 @@ mod tests {
             .collect();
         assert_eq!(kept, ["c"]);
         let merged = patch(as_found(&manifest), changes_in(&changes).unwrap(), true);
-        let by_pairs = Space::of_round(merged, dir.path()).unwrap();
-        let by_changes = Space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
+        let by_pairs = space::of_round(merged, dir.path()).unwrap();
+        let by_changes = space::of_changes(RecordReader::open(&changes).unwrap(), dir.path()).unwrap();
         assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));
         assert_eq!((by_changes.files, by_changes.needed), (by_pairs.files, by_pairs.needed));
     }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::early::{self, CheckThread, EarlyChecks};
 use super::merge::{BaseNames, Held, changes_in, held, patch, placed};
-use super::space::Space;
+use super::space;
 use super::streamed::{Fitting, Incoming, Streamed};
 use super::transfer::{Steps, TransferEnd, Whole, transfer};
 use super::window::{Window, WindowSource};
@@ -245,16 +245,16 @@ pub(super) fn destination_round(
     // without another pass over that manifest (the transfer's merge checks them against it), unless
     // the check found entries gone or changed, which the round writes again though no change says so.
     let space = if end.base.is_some() && !check.entries_differ() {
-        Space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
+        space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
     } else {
-        Space::of_round(open_steps()?, &job.path)?
+        space::of_round(open_steps()?, &job.path)?
     };
     if dry_run {
         plan_only(placed(open_steps()?), &index, &space, &send)?;
         let _ = std::fs::remove_file(&changes_path);
         return Ok(RoundEnd::Planned);
     }
-    if let Some(reason) = space.refusal(&job.path) {
+    if let Some(reason) = space.refusal(&job.path).map(|no_space| no_space.to_string()) {
         tracing::warn!("{reason}");
         // In the history before the source hears of it: `ferry status` right after says why.
         super::record_unfinished(&state, "refused", reason.clone(), round.peer);
@@ -480,7 +480,7 @@ pub(super) fn commit_round(
 pub(super) fn plan_only(
     steps: impl Iterator<Item = anyhow::Result<(u64, Step)>>,
     index: &ChunkIndex,
-    space: &Space,
+    space: &ferry_engine::Space,
     send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut planner = ferry_engine::Planner::default();

@@ -13,10 +13,10 @@ use ferry_proto::{Change, ChangesEnd, DestinationEnd, DestinationEvent, Destinat
 use tokio::sync::mpsc;
 
 use super::merge::BaseNames;
-use super::space::Space;
 use super::transfer::{Next, Steps};
 use super::window::Window;
 use crate::refused::Refused;
+use ferry_engine::Space;
 
 /// Steps made on a thread of their own from a list that streams, handed over in batches: a batch
 /// goes when it is full or when the list has nothing more for now ([`Flush`]).
@@ -188,7 +188,7 @@ pub(super) struct Fitting<I> {
 
 impl<I> Fitting<I> {
     pub(super) fn new(steps: I, target: &Path, window: Arc<Window>, refused: Slot<String>) -> anyhow::Result<Self> {
-        Ok(Self { steps, space: Space::with(0, 0, target)?, target: target.to_owned(), window, refused })
+        Ok(Self { steps, space: super::space::at(target)?, target: target.to_owned(), window, refused })
     }
 
     /// Counts what `step` writes, and refuses the round once it no longer fits.

@@ -206,6 +206,37 @@ fn commands_check_their_input_where_it_is_given() {
 }
 
 #[test]
+fn a_local_round_that_does_not_fit_is_refused_before_it_writes() {
+    if !crate::util::is_root() {
+        eprintln!("SKIPPED: the local space test mounts a tmpfs and needs root");
+        return;
+    }
+    let pair = Pair::new();
+    let _disk = crate::util::Tmpfs::mount(&pair.target(), "8m");
+    write(&pair.source().join("a"), &random_bytes(3 << 20, 1));
+    assert!(sync(&pair, &[]).output().unwrap().status.success());
+    let before = ferry_testkit::snapshot(&pair.target(), &[]).unwrap();
+
+    // 5 MiB more beside the 3 held on 8: the dry run says it does not fit, and the round refuses.
+    write(&pair.source().join("b"), &random_bytes(5 << 20, 2));
+    let plan = sync(&pair, &["--dry-run", "--json"]).output().unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(plan["space_needed"].as_u64().unwrap() > 5 << 20, "{plan}");
+    assert!(plan["space_needed"].as_u64() > plan["space_available"].as_u64(), "{plan}");
+    let out = sync(&pair, &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+    assert!(stderr.contains("not enough space") && stderr.contains("(5.0 MiB)"), "{stderr}");
+    let after = ferry_testkit::snapshot(&pair.target(), &[]).unwrap();
+    assert!(ferry_testkit::compare_trees(&before, &after, |_| false).is_ok(), "the refused round wrote");
+
+    // Smaller, it fits.
+    write(&pair.source().join("b"), &random_bytes(2 << 20, 2));
+    assert!(sync(&pair, &[]).output().unwrap().status.success());
+    assert_same_tree(&pair.source(), &pair.target(), |_| false);
+}
+
+#[test]
 fn a_local_round_keeps_its_state_under_the_data_dir_it_is_given() {
     let dir = tempfile::tempdir().unwrap();
     let (source, target, data) = (dir.path().join("src"), dir.path().join("dst"), dir.path().join("data"));

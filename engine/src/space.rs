@@ -1,0 +1,126 @@
+//! The disk space a round needs in its target, against what there is: checked before anything is
+//! written where the round's steps are known, and as they are made where its list streams.
+
+use std::path::{Path, PathBuf};
+
+use crate::apply::{Planner, Step};
+use crate::human;
+
+/// The disk space a round needs in its target, and what there is.
+#[derive(Debug, Clone)]
+pub struct Space {
+    /// Files the round writes.
+    pub files: u64,
+    /// Their bytes: each is built beside the old version before it replaces it.
+    pub needed: u64,
+    /// Free bytes for the target (for an unprivileged user), when the round began.
+    pub available: u64,
+    /// The filesystem's size.
+    pub total: u64,
+}
+
+/// A round that does not fit its target's free space.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "not enough space in {}: the round writes {} files ({}), which needs {} with the margin, and {} is free; free some space or grow the filesystem, then run the round again",
+    target.display(),
+    human::count(space.files),
+    human::bytes(space.needed),
+    human::bytes(space.wanted()),
+    human::bytes(space.available)
+)]
+pub struct NoSpace {
+    /// The target.
+    pub target: PathBuf,
+    /// What the round needs, and what there is.
+    pub space: Space,
+}
+
+impl Space {
+    /// Nothing counted yet, against the free space of `target`'s filesystem now (of the nearest
+    /// folder above it that exists, for a target not made yet).
+    pub fn at(target: &Path) -> std::io::Result<Self> {
+        let mut folder = target;
+        let stat = loop {
+            match (rustix::fs::statvfs(folder), folder.parent()) {
+                (Err(rustix::io::Errno::NOENT), Some(parent)) => folder = parent,
+                (stat, _) => break stat?,
+            }
+        };
+        Ok(Self {
+            files: 0,
+            needed: 0,
+            available: stat.f_bavail.saturating_mul(stat.f_frsize),
+            total: stat.f_blocks.saturating_mul(stat.f_frsize),
+        })
+    }
+
+    /// Counts `step` if it writes a file's content (a file the target does not hold as the new
+    /// manifest has it: new, changed, or found gone or changed in place by the check); says whether
+    /// it does.
+    pub fn count(&mut self, step: &Step) -> bool {
+        let Some(pair) = step.pair().filter(|pair| Planner::writes_content(pair)) else { return false };
+        self.add_file(pair.new.as_ref().map_or(0, |new| new.size))
+    }
+
+    /// Counts a file of `size` bytes the round writes; `true`.
+    pub fn add_file(&mut self, size: u64) -> bool {
+        self.files += 1;
+        self.needed = self.needed.saturating_add(size);
+        true
+    }
+
+    /// Room kept free beyond the round's own bytes: 2% of the filesystem (at most 1 GiB), plus 1 MiB
+    /// for folders and ferry's state.
+    pub fn margin(&self) -> u64 {
+        (self.total / 50).min(1 << 30) + (1 << 20)
+    }
+
+    /// What the round needs with the margin.
+    pub fn wanted(&self) -> u64 {
+        self.needed.saturating_add(self.margin())
+    }
+
+    /// Why the round cannot go on in `target`, if it cannot.
+    pub fn refusal(&self, target: &Path) -> Option<NoSpace> {
+        (self.wanted() > self.available).then(|| NoSpace { target: target.to_owned(), space: self.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::ChunkHash;
+    use crate::manifest::{ChunkRef, Entry, EntryKind, Pair};
+    use crate::path::RelPath;
+
+    fn file(name: &str, size: u64, seed: u8) -> Entry {
+        Entry {
+            size,
+            chunks: vec![ChunkRef { hash: ChunkHash::of(&[seed]), len: size as u32 }],
+            ..Entry::new(RelPath::new(name.as_bytes()).unwrap(), EntryKind::File)
+        }
+    }
+
+    #[test]
+    fn only_files_whose_content_the_round_writes_count() {
+        let dir = tempfile::tempdir().unwrap();
+        // A target not made yet: the free space of the folder it will be made in.
+        let mut space = Space::at(&dir.path().join("not/made/yet")).unwrap();
+        assert!(space.available > 0 && space.total >= space.available);
+        let steps = [
+            Pair { old: None, new: Some(file("new", 100, 1)) },
+            Pair { old: Some(file("changed", 50, 1)), new: Some(file("changed", 70, 2)) },
+            Pair { old: Some(file("same", 30, 3)), new: Some(Entry { mode: 0o600, ..file("same", 30, 3) }) },
+            Pair { old: Some(file("gone", 40, 4)), new: None },
+        ];
+        let counted: Vec<bool> = steps.into_iter().map(|pair| space.count(&Step::from(pair))).collect();
+        assert_eq!(counted, [true, true, false, false]);
+        assert_eq!((space.files, space.needed), (2, 170));
+
+        let full = Space { available: space.wanted() - 1, ..space.clone() };
+        let refusal = full.refusal(Path::new("/srv/migration")).expect("does not fit").to_string();
+        assert!(refusal.contains("/srv/migration") && refusal.contains("2 files (170 B)"), "{refusal}");
+        assert!(Space { available: space.wanted(), ..space }.refusal(Path::new("/srv")).is_none());
+    }
+}
