@@ -160,17 +160,23 @@ fn json_reports_are_versioned_and_documented() {
     assert_eq!(keys(&status["jobs"][0]), documented("each of its `jobs`"));
     let verify = json(setup.dest.run(&["verify", "zimbra", "--json"]));
     assert_eq!(keys(&verify), documented("`ferry verify JOB --json`"));
-    let local = json(
-        setup
-            .source
-            .ferry()
-            .args(["sync", "--round", "--json", "--state-dir"])
-            .arg(setup.path("local-state"))
-            .arg(&source)
-            .arg(setup.path("copy"))
-            .output()
-            .unwrap(),
-    );
+    let local_round = |extra: &[&str]| {
+        json(
+            setup
+                .source
+                .ferry()
+                .args(["sync", "--round", "--json", "--state-dir"])
+                .arg(setup.path("local-state"))
+                .arg(&source)
+                .arg(setup.path("copy"))
+                .args(extra)
+                .output()
+                .unwrap(),
+        )
+    };
+    let local_plan = local_round(&["--dry-run"]);
+    assert_eq!(keys(&local_plan), documented("`ferry sync --round SRC DEST --dry-run --json`"));
+    let local = local_round(&[]);
     assert_eq!(keys(&local), documented("`ferry sync --round SRC DEST --json`"));
     // A round that ends in an error prints a document too, with how it ended.
     let out = setup.source.run(&["sync", "--round", "no-such-job", "--json"]);
@@ -182,7 +188,7 @@ fn json_reports_are_versioned_and_documented() {
     );
     assert_eq!((failed["outcome"].as_str(), failed["exit_code"].as_i64()), (Some("error"), Some(1)), "{failed}");
     assert!(failed["error"].as_str().unwrap().contains("no-such-job"), "{failed}");
-    for report in [&dry, &round, &status, &verify, &local, &failed] {
+    for report in [&dry, &round, &status, &verify, &local_plan, &local, &failed] {
         assert_eq!(report["schema"], ferry::REPORT_SCHEMA);
     }
     assert_eq!(ferry::REPORT_SCHEMA, 1, "README says the schema is 1");
