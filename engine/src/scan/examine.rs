@@ -8,6 +8,7 @@ use super::options::ScanOptions;
 use super::stored::StoredRecord;
 use super::times::{exact_mtime_ns, stat_ctime_ns, stat_mtime_ns};
 use super::walk::WalkItem;
+use super::write::HardLinks;
 use crate::chunker::{ReadBuffers, hash_reader};
 use crate::manifest::{Entry, EntryKind};
 use crate::rootdir::NameExt;
@@ -34,7 +35,9 @@ pub(super) enum Outcome {
     Unreadable(String),
 }
 
-pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
+/// Looks at `item`: a file is read unless the last scan's record or, for another name of an inode
+/// already written (`linked`), that name's entry says what it holds.
+pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions, linked: &HardLinks) -> Outcome {
     let stat = if item.name.is_empty() {
         rustix::fs::fstat(&*item.parent)
     } else {
@@ -83,6 +86,9 @@ pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions) -> Outcome {
             Err(rustix::io::Errno::NOENT) => Outcome::Vanished,
             Err(e) => Outcome::Unreadable(format!("cannot read link: {e}")),
         },
+        // Another name of a file read already: its content is that one's, and read again it would
+        // come from the disk (the chunk reader let its pages go once it sent them).
+        EntryKind::File if linked.knows(&stat) => Outcome::Found { entry, stat, was_read: false, bytes_read: 0 },
         EntryKind::File => {
             let Some(stored) = item.cached.as_deref().and_then(StoredRecord::decode) else {
                 return read_file(item, entry, &stat, options);

@@ -12,7 +12,6 @@
 //! never recorded torn: its previous version (if any) stays in the manifest, and it is reported so that
 //! the next round picks it up.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -20,12 +19,11 @@ use std::time::{Instant, SystemTime};
 use rayon::prelude::*;
 use rustix::fs::{Mode, OFlags};
 
-use crate::manifest::{ChunkRef, ManifestWriter, RecordWriter};
+use crate::manifest::{ManifestWriter, RecordWriter};
 use crate::owner::OwnerNames;
-use crate::path::RelPath;
 use examine::{Outcome, examine};
 use walk::{WalkItem, Walker, walk_in_batches};
-use write::{WriteState, write_outcome};
+use write::{HardLinks, WriteState, write_outcome};
 
 mod examine;
 mod options;
@@ -68,7 +66,7 @@ pub fn scan(
         }
     }
     let mut names = OwnerNames::default();
-    let mut hard_links: HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)> = HashMap::new();
+    let hard_links = HardLinks::default();
 
     // Three stages, each on its own thread, so that they overlap: the walk (listing folders, reading
     // the last scan's cache), the examination of each entry (stat, and reading what changed; in
@@ -81,13 +79,14 @@ pub fn scan(
         let walk = thread("ferry-walk")
             .spawn_scoped(scope, move || walk_in_batches(walker, options.batch, &walked_tx))
             .map_err(ScanError::Threads)?;
+        let linked = &hard_links;
         thread("ferry-examine")
             .spawn_scoped(scope, move || {
                 for batch in walked_rx {
                     let outcomes: Vec<(WalkItem, Outcome)> = batch
                         .into_par_iter()
                         .map(|mut item| {
-                            let outcome = examine(&mut item, options);
+                            let outcome = examine(&mut item, options, linked);
                             (item, outcome)
                         })
                         .collect();
@@ -100,7 +99,7 @@ pub fn scan(
         let mut state = WriteState {
             report: &mut report,
             names: &mut names,
-            hard_links: &mut hard_links,
+            hard_links: &hard_links,
             manifest: &mut manifest,
             cache: &mut cache,
             cache_in: cache_in.unwrap_or(Path::new("")),
@@ -168,7 +167,8 @@ mod tests {
     use super::stored::StoredRecord;
     use crate::hash::ChunkHash;
     use crate::hash::RootHash;
-    use crate::manifest::{Entry, EntryKind, RecordReader};
+    use crate::manifest::{ChunkRef, Entry, EntryKind, RecordReader};
+    use crate::path::RelPath;
 
     fn record(user: Option<&str>, chunks: usize, links: bool) -> CacheRecord {
         let entry = Entry {
@@ -259,6 +259,33 @@ mod tests {
         assert_eq!(teed, written);
         assert_eq!(teed.len() as u64, report.entries);
         assert_eq!(report.entries, 206, "the root, 5 folders and their 200 files");
+    }
+
+    #[test]
+    fn another_name_of_a_file_written_already_is_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir_all(root.join("m")).unwrap();
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(root.join("a/f"), &content).unwrap();
+        // Enough entries between the two names that the first is written before the second is looked
+        // at (the stages hold a few batches each).
+        for i in 0..40 {
+            std::fs::write(root.join(format!("m/{i:02}")), [i as u8]).unwrap();
+        }
+        std::fs::hard_link(root.join("a/f"), root.join("z")).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let options = ScanOptions { batch: 2, ..ScanOptions::default() };
+        let report = scan(&root, None, &out.join("manifest"), &out.join("cache"), &options).unwrap();
+        assert_eq!((report.files_read, report.bytes_read), (41, 300_040), "{report:?}");
+        let entries: Vec<Entry> =
+            crate::manifest::ManifestReader::open(&out.join("manifest")).unwrap().collect::<Result<_, _>>().unwrap();
+        let (leader, member) = (&entries[2], entries.last().unwrap());
+        assert_eq!((leader.path.to_string(), member.path.to_string()), ("a/f".into(), "z".into()));
+        assert_eq!(member.hard_link_to.as_ref(), Some(&leader.path));
+        assert_eq!((member.size, &member.chunks), (300_000, &leader.chunks));
     }
 
     #[test]

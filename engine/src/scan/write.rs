@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::Stat;
 
@@ -15,12 +15,31 @@ use crate::manifest::{ChunkRef, EntryKind, ManifestWriter, RawEntry, RecordFileE
 use crate::owner::OwnerNames;
 use crate::path::RelPath;
 
+/// The first path written of each inode with more than one link, and its chunks: the writing stage
+/// fills it, and the examining stage asks it so as not to read an inode again.
+#[derive(Default)]
+pub(super) struct HardLinks(Mutex<Leaders>);
+
+/// Each inode's (device, inode number) first path and its chunks.
+type Leaders = HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)>;
+
+impl HardLinks {
+    fn map(&self) -> std::sync::MutexGuard<'_, Leaders> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Was a file of this inode written already (its content is known)?
+    pub(super) fn knows(&self, stat: &Stat) -> bool {
+        stat.st_nlink > 1 && self.map().contains_key(&(stat.st_dev, stat.st_ino))
+    }
+}
+
 /// What the writing stage keeps from one entry to the next.
 pub(super) struct WriteState<'a> {
     pub(super) report: &'a mut ScanReport,
     pub(super) names: &'a mut OwnerNames,
     /// The first path seen of each inode with more than one link, and its chunks.
-    pub(super) hard_links: &'a mut HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)>,
+    pub(super) hard_links: &'a HardLinks,
     pub(super) manifest: &'a mut ManifestWriter,
     pub(super) cache: &'a mut RecordWriter<CacheRecord>,
     /// The last scan's cache (for errors).
@@ -53,13 +72,16 @@ pub(super) fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteS
             entry.group = state.names.group(entry.gid);
             if entry.kind == EntryKind::File && stat.st_nlink > 1 {
                 let key = (stat.st_dev, stat.st_ino);
-                match state.hard_links.get(&key) {
+                let mut hard_links = state.hard_links.map();
+                match hard_links.get(&key) {
+                    // Its content is its group's first path's, read once (see [`HardLinks::knows`]).
                     Some((leader, chunks)) => {
                         entry.hard_link_to = Some(leader.clone());
                         entry.chunks.clone_from(chunks);
+                        entry.size = chunks.iter().map(|chunk| u64::from(chunk.len)).sum();
                     }
                     None => {
-                        state.hard_links.insert(key, (entry.path.clone(), entry.chunks.clone()));
+                        hard_links.insert(key, (entry.path.clone(), entry.chunks.clone()));
                     }
                 }
             }
