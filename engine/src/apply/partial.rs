@@ -133,7 +133,7 @@ impl Applier<'_> {
             let sync_due =
                 offset - progress.synced_to >= LARGE_FILE_SYNC || progress.last_sync.elapsed() >= RECORD_EVERY;
             if unwritten.len >= WRITE_GROUP as u64 || sync_due {
-                self.write_unwritten(&mut unwritten, &file, Some(&shared), &shown)?;
+                self.write_or_keep(&mut unwritten, (&file, &shared), &name, &mut progress, &shown)?;
             }
             if sync_due {
                 // One sync at a time: the one of the piece before this one must be done.
@@ -144,7 +144,7 @@ impl Applier<'_> {
                 progress.last_sync = Instant::now();
             }
         }
-        self.write_unwritten(&mut unwritten, &file, Some(&shared), &shown)?;
+        self.write_or_keep(&mut unwritten, (&file, &shared), &name, &mut progress, &shown)?;
         if let Some(sync) = progress.sync.take() {
             waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &shown))?;
         }
@@ -189,6 +189,27 @@ impl Applier<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Writes the chunks gathered for the partial file; when that fails (a full disk), what was
+    /// written before them is still made durable and recorded for the next round, and the error
+    /// ends the round.
+    fn write_or_keep(
+        &mut self,
+        unwritten: &mut Unwritten,
+        (file, shared): (&File, &Arc<File>),
+        name: &[u8],
+        progress: &mut Progress,
+        shown: &str,
+    ) -> Result<(), ApplyError> {
+        // They are the last of the chunks written since the last sync began, one piece each.
+        let group = unwritten.pieces.len();
+        let Err(e) = self.write_unwritten(unwritten, file, Some(shared), shown) else { return Ok(()) };
+        progress.written.truncate(progress.written.len().saturating_sub(group));
+        if let Err(kept) = self.keep_partial(file, shared, name, progress, &mut Unwritten::default(), shown) {
+            tracing::warn!("cannot keep what arrived of {shown} for the next round: {kept}");
+        }
+        Err(e)
     }
 
     /// Makes what was written of a partial file durable and records it, for the round after this one.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::UdpProxy;
 
 use crate::network::{Daemon, Setup};
-use crate::util::{no_staging_leftovers, random_bytes, wait_within};
+use crate::util::{Tmpfs, is_root, no_staging_leftovers, random_bytes, wait_within};
 
 /// The file: 64 MiB of random bytes, sent at 8 MiB/s (8 s for a round that runs through).
 const SIZE: u64 = 64 << 20;
@@ -22,17 +22,26 @@ struct Scene {
     proxy: UdpProxy,
     source: PathBuf,
     target: PathBuf,
+    /// The filesystem the target is on, when the test made one.
+    disk: Option<Tmpfs>,
 }
 
 impl Scene {
     fn new(seed: u64) -> Self {
+        Self::with_disk(seed, None)
+    }
+
+    /// The target on a filesystem of its own of `size` (a tmpfs), when given.
+    fn with_disk(seed: u64, size: Option<&str>) -> Self {
         let setup = Setup::new();
-        let (source, target) = (setup.path("export"), setup.path("migration"));
+        let disk = size.map(|size| Tmpfs::mount(&setup.path("disk"), size));
+        let source = setup.path("export");
+        let target = disk.as_ref().map_or_else(|| setup.path("migration"), |disk| disk.0.join("migration"));
         crate::util::write(&source.join("server/backup.tgz"), &random_bytes(SIZE as usize, seed));
         setup.job("zimbra", &source, &target);
         let proxy = UdpProxy::start(setup.daemon.addr.parse().unwrap()).unwrap();
         setup.source.ok(&["trust", &setup.dest.id, "--name", "dest", "--addr", &proxy.addr().to_string()]);
-        Self { setup, proxy, source, target }
+        Self { setup, proxy, source, target, disk }
     }
 
     fn start_sync(&self, extra: &[&str]) -> Child {
@@ -52,13 +61,14 @@ impl Scene {
 
     /// Runs the round again to its end and checks the file and the bytes on the wire over every
     /// attempt: the file once, what was in flight at the interruption, and QUIC's own bytes.
-    fn finish(&self, kind: &str) {
+    fn finish(&self, kind: &str) -> u64 {
         let report = self.setup.source.sync("zimbra");
         assert_eq!(report["in_sync"], true, "{report}");
-        self.check(kind);
+        self.check(kind)
     }
 
-    fn check(&self, kind: &str) {
+    /// Checks the file in place and the bytes on the wire; returns those.
+    fn check(&self, kind: &str) -> u64 {
         let relative = Path::new("server/backup.tgz");
         assert!(
             std::fs::read(self.target.join(relative)).unwrap() == std::fs::read(self.source.join(relative)).unwrap(),
@@ -70,6 +80,7 @@ impl Scene {
         eprintln!("{kind}: {total} bytes on the wire for a {SIZE}-byte file ({:.3}×)", total as f64 / SIZE as f64);
         // Before partial files were kept, the interrupted attempt's 24 MiB were sent again: 1.4×.
         assert!(total < SIZE + SIZE / 4, "{kind}: {total} bytes on the wire for {SIZE}");
+        total
     }
 }
 
@@ -133,4 +144,32 @@ fn a_large_file_survives_a_connection_lost_beyond_the_grace() {
     assert!(!out.status.success(), "the round cannot end well without its connection");
     scene.proxy.blackout(false);
     scene.finish("a lost connection");
+}
+
+#[test]
+fn a_large_file_survives_a_full_disk() {
+    if !is_root() {
+        eprintln!("SKIPPED: the full-disk resume test mounts a tmpfs and needs root");
+        return;
+    }
+    // Room for the file when the round begins (the preflight lets it through); a third of the way,
+    // something else takes all the room left.
+    let scene = Scene::with_disk(75, Some("100m"));
+    let sync = scene.start_sync(&[]);
+    scene.wait_for_partial(INTERRUPTED_AT);
+    let filler = scene.disk.as_ref().unwrap().0.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 1 << 20];
+        while file.write_all(&block).is_ok() {}
+    }
+    let out = wait_within(sync, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "the round cannot end well on a full disk");
+    let kept = partial_bytes(&scene.target);
+    assert!(kept >= 16 << 20, "only {kept} bytes kept when the disk filled");
+    std::fs::remove_file(&filler).unwrap();
+    let total = scene.finish("a full disk");
+    // What was written before the write that failed is kept too (without it, 1.19×).
+    assert!(total < SIZE + SIZE / 8, "{total} bytes on the wire for {SIZE}");
 }
