@@ -31,6 +31,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::apply::Step;
+use crate::hash::ChunkHash;
 use crate::index::{ChunkIndex, IndexError, PlacedStat, Recorded, look_at};
 use crate::manifest::{
     Entry, EntryKind, Keyed, ManifestReader, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter,
@@ -45,6 +46,9 @@ pub enum Found {
     Missing,
     /// Ferry's entry, changed in place since (an edit, a `chmod`): why, for people.
     Changed(String),
+    /// Ferry's file changed in place, its content still as ferry wrote it (read and hashed again):
+    /// a `chown` or `chmod`. The round puts its owner, mode and mtime back and writes nothing.
+    Intact,
     /// Something ferry did not put there (another inode, another kind): why, for people.
     Foreign(String),
     /// The folder is there, with another mode or mtime.
@@ -78,7 +82,8 @@ pub struct CheckReport {
     pub entries: u64,
     /// Of those, not there.
     pub missing: u64,
-    /// Ferry's entries changed in place behind its back: written again.
+    /// Ferry's entries changed in place behind its back: written again, or, a file whose content
+    /// is intact, given back its owner, mode and mtime.
     pub changed: u64,
     /// Paths of ferry's where something else is now: left alone unless adopted.
     pub foreign: u64,
@@ -196,14 +201,36 @@ pub fn check_target(
             })
             .collect::<Result<Vec<_>, IndexError>>()?;
         let (mut to_record, mut foreign) = (Vec::new(), Vec::new());
+        let mut verdicts = Vec::with_capacity(batch.len());
         for (entry, (stat, record)) in batch.iter().zip(looked.into_iter().flatten()) {
-            report.entries += 1;
-            let path = entry.path();
-            let verdict = if broken.as_ref().is_some_and(|b| b.is_ancestor_of(path)) {
+            let verdict = if broken.as_ref().is_some_and(|b| b.is_ancestor_of(entry.path())) {
                 Verdict::Found(Found::Missing)
             } else {
                 judge(entry, stat, record, options)?
             };
+            if entry.kind() == EntryKind::Dir && matches!(verdict, Verdict::Found(Found::Missing | Found::Foreign(_))) {
+                broken = Some(entry.path().clone());
+            }
+            verdicts.push(verdict);
+        }
+        // A file changed in place whose content is still ferry's (a chown, a chmod) is read and
+        // hashed here, in parallel, rather than sent again whole.
+        verdicts
+            .par_iter_mut()
+            .zip(batch.par_iter().zip(places.par_iter()))
+            .filter(|(verdict, (entry, _))| {
+                entry.kind() == EntryKind::File && matches!(verdict, Verdict::Found(Found::Changed(_)))
+            })
+            .for_each(|(verdict, (entry, (dir, name)))| {
+                if let Some(dir) = dir
+                    && entry.decode().is_ok_and(|wrote| holds(dir, name, &wrote))
+                {
+                    *verdict = Verdict::Found(Found::Intact);
+                }
+            });
+        for (entry, verdict) in batch.iter().zip(verdicts) {
+            report.entries += 1;
+            let path = entry.path();
             let found = match verdict {
                 Verdict::Same => continue,
                 Verdict::SameUnrecorded(stat) => {
@@ -212,9 +239,6 @@ pub fn check_target(
                 }
                 Verdict::Found(found) => found,
             };
-            if entry.kind() == EntryKind::Dir && matches!(found, Found::Missing | Found::Foreign(_)) {
-                broken = Some(path.clone());
-            }
             let shown = match &found {
                 Found::Missing => {
                     report.missing += 1;
@@ -223,6 +247,10 @@ pub fn check_target(
                 Found::Changed(why) => {
                     report.changed += 1;
                     format!("{path}: {why}")
+                }
+                Found::Intact => {
+                    report.changed += 1;
+                    format!("{path}: its owner, mode or times changed (its content is ferry's: not sent again)")
                 }
                 Found::Foreign(why) => {
                     report.foreign += 1;
@@ -360,6 +388,27 @@ fn judge(
     })
 }
 
+/// Does the file `name` in `dir` hold what ferry wrote there (`wrote`'s chunks, read and hashed)?
+/// Opened without following a symlink; a file of another length, or one that cannot be read, does not.
+fn holds(dir: &OwnedFd, name: &[u8], wrote: &Entry) -> bool {
+    use std::os::unix::fs::FileExt;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let Ok(file) = rustix::fs::openat(dir, name.os(), flags, Mode::empty()).map(std::fs::File::from) else {
+        return false;
+    };
+    if !file.metadata().is_ok_and(|meta| meta.is_file() && meta.len() == wrote.size) {
+        return false;
+    }
+    let (mut buf, mut offset) = (Vec::new(), 0u64);
+    let same = wrote.chunks.iter().all(|chunk| {
+        buf.resize(chunk.len as usize, 0);
+        let same = file.read_exact_at(&mut buf, offset).is_ok() && ChunkHash::of(&buf) == chunk.hash;
+        offset += u64::from(chunk.len);
+        same
+    });
+    same && offset == wrote.size
+}
+
 fn describe(kind: FileType) -> &'static str {
     match kind {
         FileType::RegularFile => "a file",
@@ -390,7 +439,7 @@ pub fn stale_paths(
     if report.entries_differ() {
         for finding in RecordReader::<Finding>::open(findings)? {
             let finding = finding?;
-            if !matches!(finding.found, Found::Folder { .. }) {
+            if !matches!(finding.found, Found::Folder { .. } | Found::Intact) {
                 paths.insert(finding.path);
             }
         }
@@ -439,6 +488,8 @@ impl Checked {
             Some(Found::Folder { mode, mtime_ns }) => {
                 Some(Entry { mode: *mode, mtime_ns: *mtime_ns, ..self.raw.decode()? })
             }
+            // Its content as ferry wrote it, its metadata unknown: put back whole, nothing written.
+            Some(Found::Intact) => Some(Entry { mtime_ns: i64::MIN, ..self.raw.decode()? }),
         })
     }
 }

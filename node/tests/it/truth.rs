@@ -82,6 +82,12 @@ fn entries_changed_behind_ferrys_back_are_put_right_and_never_called_in_sync_bef
     assert_eq!(code, 0, "{err}");
     assert_eq!(report["check"]["changed"], if chowned { 3 } else { 2 }, "{report}");
     assert!(report["check"]["missing"].as_u64().unwrap() >= 5, "{report}");
+    // The chmod'ed and chown'ed files hold what ferry wrote (read and hashed): their metadata is put
+    // back, and they are not written again; the edited one is.
+    assert_eq!(report["apply"]["metadata_updated"], if chowned { 2 } else { 1 }, "{report}");
+    let differences = report["check"]["differences"].to_string();
+    assert!(differences.contains("items/2: its owner, mode or times changed"), "{differences}");
+    assert!(differences.contains("items/0: was changed in place"), "{differences}");
     assert_same_tree(&dir.path().join("src"), &dst, |_| false);
 
     // A round with nothing to put right finds nothing.
