@@ -390,7 +390,7 @@ fn judge(
 
 /// Does the file `name` in `dir` hold what ferry wrote there (`wrote`'s chunks, read and hashed)?
 /// Opened without following a symlink; a file of another length, or one that cannot be read, does not.
-fn holds(dir: &OwnedFd, name: &[u8], wrote: &Entry) -> bool {
+pub(crate) fn holds(dir: &OwnedFd, name: &[u8], wrote: &Entry) -> bool {
     use std::os::unix::fs::FileExt;
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let Ok(file) = rustix::fs::openat(dir, name.os(), flags, Mode::empty()).map(std::fs::File::from) else {

@@ -67,5 +67,5 @@ pub use round::{
     lock_state,
 };
 pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, Teed, scan};
-pub use space::{NoSpace, Space};
+pub use space::{NoSpace, Space, taken_over};
 pub use timing::lap;

@@ -39,7 +39,7 @@ use crate::manifest::{ChunkRef, Entry, EntryKind, ManifestReader, ManifestWriter
 use crate::path::RelPath;
 use crate::rootdir::RootDir;
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
-use crate::space::{NoSpace, Space};
+use crate::space::{NoSpace, Space, taken_over};
 
 /// Reads the chunks the target lacks straight from the source tree. A file changed since the scan
 /// yields chunks that fail `apply`'s hash check: its entry fails, and the next round picks it up.
@@ -268,7 +268,8 @@ pub fn local_round(
     let check_options = CheckOptions { adopt: side.adopt_whole, read_only: false };
     let check = check_target(target, (&side.committed, &side.kept), &mut index, &side.findings, check_options)?;
     // Before anything is written: does the round fit? (One more pass over both manifests.)
-    let space = space_of(checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()), target)?;
+    let steps = checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw());
+    let space = space_of(steps, target, taken_over(side.adopt_whole, &check).then_some(&index))?;
     if let Some(no_space) = space.refusal(target) {
         return Err(no_space.into());
     }
@@ -297,11 +298,15 @@ pub fn local_round(
     })
 }
 
-/// The space `steps` need in `target`.
-fn space_of(steps: impl Iterator<Item = Result<Step, RecordFileError>>, target: &Path) -> Result<Space, RoundError> {
+/// The space `steps` need in `target` (see [`Space::count`] for `index`).
+fn space_of(
+    steps: impl Iterator<Item = Result<Step, RecordFileError>>,
+    target: &Path,
+    index: Option<&ChunkIndex>,
+) -> Result<Space, RoundError> {
     let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
     for step in steps {
-        space.count(&step?);
+        space.count(&step?, index);
     }
     Ok(space)
 }
@@ -372,7 +377,7 @@ pub fn local_plan(
     let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
         let step = step?;
-        space.count(&step);
+        space.count(&step, taken_over(side.adopt_whole, &check).then_some(&index));
         let Step::Apply(pair) = step else { continue };
         let Some(new) = &pair.new else {
             plan.gone += u64::from(pair.old.is_some());

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::apply::{Planner, Step};
+use crate::check::CheckReport;
 use crate::human;
+use crate::index::ChunkIndex;
+use crate::manifest::Entry;
 
 /// The disk space a round needs in its target, and what there is.
 #[derive(Debug, Clone)]
@@ -17,6 +20,24 @@ pub struct Space {
     pub available: u64,
     /// The filesystem's size.
     pub total: u64,
+}
+
+/// May the space preflight count files of a target ferry adopts whole as already in place where
+/// its chunk index says so ([`Space::count`])? Only when its check found nothing gone or changed.
+pub fn taken_over(adopt_whole: bool, check: &CheckReport) -> bool {
+    adopt_whole && !check.entries_differ()
+}
+
+/// Does `index` locate each of `entry`'s chunks at its own path and offset?
+fn in_place(index: &ChunkIndex, entry: &Entry) -> bool {
+    let mut offset = 0u64;
+    !entry.chunks.is_empty()
+        && entry.chunks.iter().all(|chunk| {
+            let here =
+                index.get(&chunk.hash).ok().flatten().is_some_and(|at| at.path == entry.path && at.offset == offset);
+            offset += u64::from(chunk.len);
+            here
+        })
 }
 
 /// A round that does not fit its target's free space.
@@ -57,10 +78,17 @@ impl Space {
 
     /// Counts `step` if it writes a file's content (a file the target does not hold as the new
     /// manifest has it: new, changed, or found gone or changed in place by the check); says whether
-    /// it does.
-    pub fn count(&mut self, step: &Step) -> bool {
+    /// it does. A file ferry takes over at its path whose chunks `index` says are already there, in
+    /// place (a pre-filled target, indexed before its first round), is not written again: the
+    /// index is given only for a round that adopts its target whole and whose check found nothing
+    /// gone (its hints into paths found gone are stale).
+    pub fn count(&mut self, step: &Step, index: Option<&ChunkIndex>) -> bool {
         let Some(pair) = step.pair().filter(|pair| Planner::writes_content(pair)) else { return false };
-        self.add_file(pair.new.as_ref().map_or(0, |new| new.size))
+        let Some(new) = &pair.new else { return false };
+        if pair.old.is_none() && index.is_some_and(|index| in_place(index, new)) {
+            return false;
+        }
+        self.add_file(new.size)
     }
 
     /// Counts a file of `size` bytes the round writes; `true`.
@@ -114,7 +142,7 @@ mod tests {
             Pair { old: Some(file("same", 30, 3)), new: Some(Entry { mode: 0o600, ..file("same", 30, 3) }) },
             Pair { old: Some(file("gone", 40, 4)), new: None },
         ];
-        let counted: Vec<bool> = steps.into_iter().map(|pair| space.count(&Step::from(pair))).collect();
+        let counted: Vec<bool> = steps.into_iter().map(|pair| space.count(&Step::from(pair), None)).collect();
         assert_eq!(counted, [true, true, false, false]);
         assert_eq!((space.files, space.needed), (2, 170));
 

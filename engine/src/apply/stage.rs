@@ -147,6 +147,11 @@ impl Applier<'_> {
         if same_content && current == Some(FileType::RegularFile) {
             return self.update_in_place(new);
         }
+        // A file ferry takes over (a pre-filled target) that holds this content already (read and
+        // hashed): its metadata is put right, not a second copy written beside it.
+        if old.is_none() && current == Some(FileType::RegularFile) && self.holds_in_place(new) {
+            return self.update_in_place(new);
+        }
         self.stage_file(new, replaces)
     }
 
@@ -295,6 +300,11 @@ impl Applier<'_> {
     pub(super) fn set_file_metadata(&mut self, fd: &impl std::os::fd::AsFd, entry: &Entry) -> Result<(), Errno> {
         let owner = self.owner_of(entry);
         set_metadata(fd, owner, entry.mode, entry.mtime_ns)
+    }
+
+    /// Does the file at `new`'s path hold `new`'s content?
+    fn holds_in_place(&mut self, new: &Entry) -> bool {
+        self.parent_dir(&new.path).is_ok_and(|dir| crate::check::holds(&dir, name_of(&new.path), new))
     }
 
     pub(super) fn update_in_place(&mut self, new: &Entry) -> Result<bool, ApplyError> {

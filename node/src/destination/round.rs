@@ -164,11 +164,13 @@ pub(super) fn destination_round(
         let incoming = Incoming::new(batch, inbox, names, flush.clone(), end.clone());
         // What the source's changes are against: its base, when this node holds it.
         let delta = hello.base.is_some() && hello.base == holds;
+        let old = old_and_kept(&state)?;
+        let steps_made = placed(patch(old, incoming, delta));
+        let in_place = ferry_engine::taken_over(adopt_whole, &check).then(|| index.clone());
+        let made = Fitting::new(steps_made, (&job.path, in_place), window.clone(), refused.clone())?;
+        Streamed::start(made, flush)?;
         let applying =
             Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
-        let old = old_and_kept(&state)?;
-        let made = Fitting::new(placed(patch(old, incoming, delta)), &job.path, window.clone(), refused.clone())?;
-        Streamed::start(made, flush)?;
         let applied = apply_round(round, applying, steps, window, || {
             let end = end.lock().map_err(|_| anyhow!("lock poisoned"))?.take();
             let end = end.ok_or_else(|| anyhow!("the list of changes did not end"))?;
@@ -247,7 +249,7 @@ pub(super) fn destination_round(
     let space = if end.base.is_some() && !check.entries_differ() {
         space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
     } else {
-        space::of_round(open_steps()?, &job.path)?
+        space::of_round(open_steps()?, &job.path, ferry_engine::taken_over(adopt_whole, &check).then_some(&index))?
     };
     if dry_run {
         plan_only(placed(open_steps()?), &index, &space, &send)?;

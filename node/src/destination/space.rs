@@ -3,14 +3,18 @@
 use std::path::Path;
 
 use anyhow::Context;
-use ferry_engine::{EntryKind, RecordReader, Space, Step};
+use ferry_engine::{ChunkIndex, EntryKind, RecordReader, Space, Step};
 use ferry_proto::Change;
 
-/// The space the round's `steps` need in `target`.
-pub(super) fn of_round(steps: impl Iterator<Item = anyhow::Result<Step>>, target: &Path) -> anyhow::Result<Space> {
+/// The space the round's `steps` need in `target` (see [`Space::count`] for `index`).
+pub(super) fn of_round(
+    steps: impl Iterator<Item = anyhow::Result<Step>>,
+    target: &Path,
+    index: Option<&ChunkIndex>,
+) -> anyhow::Result<Space> {
     let mut space = at(target)?;
     for step in steps {
-        space.count(&step?);
+        space.count(&step?, index);
     }
     Ok(space)
 }

@@ -180,6 +180,9 @@ impl Incoming {
 pub(super) struct Fitting<I> {
     steps: I,
     space: Space,
+    /// Where the target's chunks are, when a file taken over in place is not written again (see
+    /// [`Space::count`]).
+    index: Option<ferry_engine::ChunkIndex>,
     target: std::path::PathBuf,
     window: Arc<Window>,
     /// Why the round was refused for want of space, once it was.
@@ -187,13 +190,18 @@ pub(super) struct Fitting<I> {
 }
 
 impl<I> Fitting<I> {
-    pub(super) fn new(steps: I, target: &Path, window: Arc<Window>, refused: Slot<String>) -> anyhow::Result<Self> {
-        Ok(Self { steps, space: super::space::at(target)?, target: target.to_owned(), window, refused })
+    pub(super) fn new(
+        steps: I,
+        (target, index): (&Path, Option<ferry_engine::ChunkIndex>),
+        window: Arc<Window>,
+        refused: Slot<String>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self { steps, space: super::space::at(target)?, index, target: target.to_owned(), window, refused })
     }
 
     /// Counts what `step` writes, and refuses the round once it no longer fits.
     fn fits(&mut self, step: &Step) -> anyhow::Result<()> {
-        if !self.space.count(step) {
+        if !self.space.count(step, self.index.as_ref()) {
             return Ok(());
         }
         if let Some(reason) = self.space.refusal(&self.target) {

@@ -217,3 +217,34 @@ fn a_whole_list_against_a_fuller_target_counts_only_what_the_round_writes() {
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     assert_same_tree(&source, &target, |_| false);
 }
+
+#[test]
+fn a_prefilled_target_without_room_for_a_second_copy_is_taken_over_in_place() {
+    if !is_root() {
+        eprintln!("SKIPPED: the pre-filled target test mounts a tmpfs and needs root");
+        return;
+    }
+    let setup = Setup::new();
+    let source = setup.path("export");
+    let disk = Tmpfs::mount(&setup.path("disk"), "8m");
+    let target = disk.0.join("migration");
+    files(&source, 5, 1 << 20, 1);
+    // A shipped copy: the same bytes already at the same paths, with a copy's modes and mtimes, and
+    // less room left than another copy of them would take.
+    for i in 0..5 {
+        let path = format!("d{}/f-1-{i:03}", i % 3);
+        std::fs::create_dir_all(target.join(&path).parent().unwrap()).unwrap();
+        std::fs::copy(source.join(&path), target.join(&path)).unwrap();
+    }
+    let free = rustix::fs::statvfs(&target).unwrap();
+    assert!(free.f_bavail * free.f_frsize < 5 << 20, "the test needs a target fuller than its files");
+    setup.job("zimbra", &source, &target);
+
+    let report = setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert_eq!(report["chunk_bytes"], 0, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+    assert!(no_staging_leftovers(&target));
+    let report = setup.source.sync("zimbra");
+    assert_eq!((report["in_sync"].as_bool(), report["check"]["changed"].as_u64()), (Some(true), Some(0)), "{report}");
+}
