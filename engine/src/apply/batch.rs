@@ -117,8 +117,9 @@ pub(super) struct Batch {
     pub(super) by_path: HashMap<RelPath, usize>,
     /// Folders whose metadata is set once the renames into them are done.
     pub(super) dirs: Vec<DoneFolder>,
-    /// Files whose metadata was changed in place: their new ctime is recorded with the batch's.
-    pub(super) touched: Vec<RelPath>,
+    /// Files whose metadata was changed in place: their new ctime is recorded with the batch's, and
+    /// the chunks given (those of a file taken over in place) where they lie.
+    pub(super) touched: Vec<(RelPath, Vec<ChunkRef>)>,
     /// Paths of files and symlinks ferry removed (deleted, or replaced by another kind): their
     /// records go, before the batch's own are written.
     pub(super) gone: Vec<RelPath>,

@@ -76,17 +76,18 @@ pub(super) fn place(target: Target, batch: Batch) -> Result<Placed, ApplyError> 
     }
     spent.folders = lap();
     let mut locations = Vec::new();
-    for staged in &batch.staged {
+    let files = batch.staged.iter().map(|s| (&s.path, &s.chunks)).chain(batch.touched.iter().map(|(p, c)| (p, c)));
+    for (path, chunks) in files {
         let mut offset = 0u64;
-        for chunk in &staged.chunks {
-            locations.push((chunk.hash, ChunkLocation { path: staged.path.clone(), offset, len: chunk.len }));
+        for chunk in chunks {
+            locations.push((chunk.hash, ChunkLocation { path: path.clone(), offset, len: chunk.len }));
             offset += u64::from(chunk.len);
         }
     }
     // What the disk says of each entry now that it is in place (after every rename of the batch: a
     // rename moves the ctime, of every name of a hard-linked file).
     let mut placed = Vec::with_capacity(batch.staged.len() + batch.touched.len());
-    for path in batch.staged.iter().map(|s| &s.path).chain(&batch.touched) {
+    for path in batch.staged.iter().map(|s| &s.path).chain(batch.touched.iter().map(|(path, _)| path)) {
         let dir = dir_cache.of(&root, path).map_err(|e| ApplyError::Io {
             op: "open folder of",
             path: path.to_string(),

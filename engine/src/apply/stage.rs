@@ -145,12 +145,13 @@ impl Applier<'_> {
         }
         let same_content = old.is_some_and(|o| o.same_content(new) && o.hard_link_to.is_none());
         if same_content && current == Some(FileType::RegularFile) {
-            return self.update_in_place(new);
+            return self.update_in_place(new, Vec::new());
         }
-        // A file ferry takes over (a pre-filled target) that holds this content already (read and
-        // hashed): its metadata is put right, not a second copy written beside it.
+        // A file ferry takes over (a pre-filled target, one placed by a round that stopped before
+        // its commit) that holds this content already (read and hashed): its metadata is put right
+        // and its chunks recorded where they lie, not a second copy written beside it.
         if old.is_none() && current == Some(FileType::RegularFile) && self.holds_in_place(new) {
-            return self.update_in_place(new);
+            return self.update_in_place(new, new.chunks.clone());
         }
         self.stage_file(new, replaces)
     }
@@ -307,7 +308,8 @@ impl Applier<'_> {
         self.parent_dir(&new.path).is_ok_and(|dir| crate::check::holds(&dir, name_of(&new.path), new))
     }
 
-    pub(super) fn update_in_place(&mut self, new: &Entry) -> Result<bool, ApplyError> {
+    /// Puts `new`'s metadata on the file at its path, and records `chunks` (its own, or none) there.
+    pub(super) fn update_in_place(&mut self, new: &Entry, chunks: Vec<ChunkRef>) -> Result<bool, ApplyError> {
         let file = match self.root.open_file(&new.path) {
             Ok(file) => file,
             Err(e) => {
@@ -317,7 +319,7 @@ impl Applier<'_> {
         };
         self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &new.path))?;
         self.report.metadata_updated += 1;
-        self.batch.touched.push(new.path.clone());
+        self.batch.touched.push((new.path.clone(), chunks));
         Ok(true)
     }
 
