@@ -147,10 +147,16 @@ impl Applier<'_> {
         if same_content && current == Some(FileType::RegularFile) {
             return self.update_in_place(new, Vec::new());
         }
-        // A file ferry takes over (a pre-filled target, one placed by a round that stopped before
-        // its commit) that holds this content already (read and hashed): its metadata is put right
-        // and its chunks recorded where they lie, not a second copy written beside it.
-        if old.is_none() && current == Some(FileType::RegularFile) && self.holds_in_place(new) {
+        // A file ferry adopts (a pre-filled target) that holds this content already (read and
+        // hashed): its metadata is put right and its chunks recorded where they lie, not a second
+        // copy written beside it. Only where adopted: a change of metadata is recorded with its
+        // batch, so a file of ferry's own (placed by a round that stopped before its commit) would
+        // no longer be known as ferry's after a kill between the two; it is rebuilt instead.
+        if old.is_none()
+            && current == Some(FileType::RegularFile)
+            && self.options.adopt.covers(&new.path)
+            && self.holds_in_place(new)
+        {
             return self.update_in_place(new, new.chunks.clone());
         }
         self.stage_file(new, replaces)
