@@ -4,11 +4,11 @@ use std::os::fd::AsFd;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 
+use super::links::HardLinks;
 use super::options::ScanOptions;
 use super::stored::StoredRecord;
 use super::times::{exact_mtime_ns, stat_ctime_ns, stat_mtime_ns};
 use super::walk::WalkItem;
-use super::write::HardLinks;
 use crate::chunker::{ReadBuffers, hash_reader};
 use crate::manifest::{Entry, EntryKind};
 use crate::rootdir::NameExt;

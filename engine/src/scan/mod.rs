@@ -22,10 +22,12 @@ use rustix::fs::{Mode, OFlags};
 use crate::manifest::{ManifestWriter, RecordWriter};
 use crate::owner::OwnerNames;
 use examine::{Outcome, examine};
+use links::HardLinks;
 use walk::{WalkItem, Walker, walk_in_batches};
-use write::{HardLinks, WriteState, write_outcome};
+use write::{WriteState, write_outcome};
 
 mod examine;
+mod links;
 mod options;
 mod stored;
 mod times;

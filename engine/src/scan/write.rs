@@ -1,38 +1,18 @@
 //! Writing what the scan found to the new manifest and cache, in order.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustix::fs::Stat;
 
 use super::examine::Outcome;
+use super::links::HardLinks;
 use super::options::{CacheRecord, ScanError, ScanReport};
 use super::stored::StoredRecord;
 use super::times::{settled, stat_ctime_ns};
 use super::walk::WalkItem;
-use crate::manifest::{ChunkRef, EntryKind, ManifestWriter, RawEntry, RecordFileError, RecordWriter};
+use crate::manifest::{EntryKind, ManifestWriter, RawEntry, RecordFileError, RecordWriter};
 use crate::owner::OwnerNames;
-use crate::path::RelPath;
-
-/// The first path written of each inode with more than one link, and its chunks: the writing stage
-/// fills it, and the examining stage asks it so as not to read an inode again.
-#[derive(Default)]
-pub(super) struct HardLinks(Mutex<Leaders>);
-
-/// Each inode's (device, inode number) first path and its chunks.
-type Leaders = HashMap<(u64, u64), (RelPath, Vec<ChunkRef>)>;
-
-impl HardLinks {
-    fn map(&self) -> std::sync::MutexGuard<'_, Leaders> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Was a file of this inode written already (its content is known)?
-    pub(super) fn knows(&self, stat: &Stat) -> bool {
-        stat.st_nlink > 1 && self.map().contains_key(&(stat.st_dev, stat.st_ino))
-    }
-}
 
 /// What the writing stage keeps from one entry to the next.
 pub(super) struct WriteState<'a> {
