@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_engine::LocalRoundOptions;
 use ferry_testkit::{TreeGenerator, TreeSpec};
 
-use crate::util::{Pair, assert_same_tree, random_bytes, write};
+use crate::util::{Pair, assert_same_tree, random_bytes, regular_files, write};
 
 #[test]
 fn renamed_folder_duplicated_file_and_inserted_bytes_cost_few_chunks() {
@@ -76,17 +76,6 @@ fn unchanged_tree_of_100k_files_is_not_read_again() {
 /// The inodes of the regular files under `dir`, counted once each.
 fn inodes_of_files(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let (mut seen, mut folders) = (std::collections::HashSet::new(), vec![dir.to_owned()]);
-    while let Some(folder) = folders.pop() {
-        for entry in std::fs::read_dir(&folder).unwrap() {
-            let entry = entry.unwrap();
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                folders.push(entry.path());
-            } else if meta.is_file() {
-                seen.insert(meta.ino());
-            }
-        }
-    }
-    seen.len() as u64
+    let inodes: std::collections::HashSet<u64> = regular_files(dir).iter().map(|(_, meta)| meta.ino()).collect();
+    inodes.len() as u64
 }

@@ -198,3 +198,20 @@ pub(crate) fn strace(what: &str) -> Option<PathBuf> {
     }
     Some(strace)
 }
+
+/// The regular files under `dir` (symlinks not followed), with what `lstat` says of each.
+pub(crate) fn regular_files(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let (mut files, mut folders) = (Vec::new(), vec![dir.to_owned()]);
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                folders.push(entry.path());
+            } else if meta.is_file() {
+                files.push((entry.path(), meta));
+            }
+        }
+    }
+    files
+}
