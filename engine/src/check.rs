@@ -31,7 +31,6 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::apply::Step;
-use crate::hash::ChunkHash;
 use crate::index::{ChunkIndex, IndexError, PlacedStat, Recorded, look_at};
 use crate::manifest::{
     Entry, EntryKind, Keyed, ManifestReader, MergeJoin, Pair, RawEntry, RecordFileError, RecordReader, RecordWriter,
@@ -223,7 +222,7 @@ pub fn check_target(
             })
             .for_each(|(verdict, (entry, (dir, name)))| {
                 if let Some(dir) = dir
-                    && entry.decode().is_ok_and(|wrote| holds(dir, name, &wrote))
+                    && entry.decode().is_ok_and(|wrote| crate::held::holds(dir, name, &wrote))
                 {
                     *verdict = Verdict::Found(Found::Intact);
                 }
@@ -386,27 +385,6 @@ fn judge(
         // No record to tell whose it is: ferry's, as it always took what it listed.
         None => Verdict::Found(Found::Changed("differs from what ferry wrote there".to_owned())),
     })
-}
-
-/// Does the file `name` in `dir` hold what ferry wrote there (`wrote`'s chunks, read and hashed)?
-/// Opened without following a symlink; a file of another length, or one that cannot be read, does not.
-pub(crate) fn holds(dir: &OwnedFd, name: &[u8], wrote: &Entry) -> bool {
-    use std::os::unix::fs::FileExt;
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let Ok(file) = rustix::fs::openat(dir, name.os(), flags, Mode::empty()).map(std::fs::File::from) else {
-        return false;
-    };
-    if !file.metadata().is_ok_and(|meta| meta.is_file() && meta.len() == wrote.size) {
-        return false;
-    }
-    let (mut buf, mut offset) = (Vec::new(), 0u64);
-    let same = wrote.chunks.iter().all(|chunk| {
-        buf.resize(chunk.len as usize, 0);
-        let same = file.read_exact_at(&mut buf, offset).is_ok() && ChunkHash::of(&buf) == chunk.hash;
-        offset += u64::from(chunk.len);
-        same
-    });
-    same && offset == wrote.size
 }
 
 fn describe(kind: FileType) -> &'static str {

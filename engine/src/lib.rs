@@ -28,6 +28,7 @@ mod apply;
 mod check;
 mod chunker;
 mod hash;
+mod held;
 pub mod human;
 mod index;
 mod manifest;

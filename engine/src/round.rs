@@ -375,9 +375,10 @@ pub fn local_plan(
     let mut planner = Planner::default();
     planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
     let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+    let in_place = taken_over(side.adopt_whole, &check).then_some(&index);
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
         let step = step?;
-        space.count(&step, taken_over(side.adopt_whole, &check).then_some(&index));
+        space.count(&step, in_place);
         let Step::Apply(pair) = step else { continue };
         let Some(new) = &pair.new else {
             plan.gone += u64::from(pair.old.is_some());

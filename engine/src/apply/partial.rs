@@ -15,7 +15,6 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -158,22 +157,9 @@ impl Applier<'_> {
     /// How many of `new`'s chunks, from the start, the partial `file` already holds, and how many
     /// bytes they make: each is read and hashed again, and the first that differs ends it.
     fn resumable(&mut self, file: &File, new: &Entry) -> (usize, u64) {
-        let len = file.metadata().map_or(0, |m| m.len());
-        let (mut kept, mut offset) = (0, 0u64);
-        for chunk in &new.chunks {
-            let end = offset + u64::from(chunk.len);
-            if end > len {
-                break;
-            }
-            let buf = self.buf.owned();
-            buf.resize(chunk.len as usize, 0);
-            if file.read_exact_at(buf, offset).is_err() || ChunkHash::of(buf) != chunk.hash {
-                break;
-            }
-            self.report.chunks_local += 1;
-            self.report.bytes_local += u64::from(chunk.len);
-            (kept, offset) = (kept + 1, end);
-        }
+        let (kept, offset) = crate::held::prefix(file, &new.chunks, self.buf.owned());
+        self.report.chunks_local += kept as u64;
+        self.report.bytes_local += offset;
         (kept, offset)
     }
 
@@ -256,6 +242,8 @@ impl Applier<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
     use crate::path::RelPath;
 

@@ -311,7 +311,7 @@ impl Applier<'_> {
 
     /// Does the file at `new`'s path hold `new`'s content?
     fn holds_in_place(&mut self, new: &Entry) -> bool {
-        self.parent_dir(&new.path).is_ok_and(|dir| crate::check::holds(&dir, name_of(&new.path), new))
+        self.parent_dir(&new.path).is_ok_and(|dir| crate::held::holds(&dir, name_of(&new.path), new))
     }
 
     /// Puts `new`'s metadata on the file at its path, and records `chunks` (its own, or none) there.
