@@ -36,6 +36,8 @@ const PLACING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placing");
 
 /// Chunk hash → [`PartialChunk`] (postcard): where in a partial file of the staging folder it lies.
 const PARTIAL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partial");
+/// A partial file's name → its [`PartialSeal`] (postcard), recorded with its chunks.
+const PARTIAL_SEALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partial_seals");
 
 /// How many inodes about to be put at one path are remembered (one per round stopped in between).
 const PLACING_KEPT: usize = 4;
@@ -80,6 +82,22 @@ struct PartialChunk {
     name: Vec<u8>,
     offset: u64,
     len: u32,
+}
+
+/// What a partial file was when its chunks were last recorded: the disk's inode and ctime for it, how
+/// far the chunks recorded reach from its start, synced, and a digest of their list. A later round
+/// that finds the same inode and ctime (nothing wrote to it since) and a new entry whose first chunks
+/// give the same digest keeps those bytes without reading them again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialSeal {
+    /// The file's inode.
+    pub ino: u64,
+    /// Its ctime, in nanoseconds since the Unix epoch, when the chunks were recorded.
+    pub ctime_ns: i64,
+    /// Its first `len` bytes are the recorded chunks, durable.
+    pub len: u64,
+    /// BLAKE3 over those chunks' hashes and lengths, in file order.
+    pub digest: [u8; 32],
 }
 
 /// What the disk said of an entry right after ferry put it in place (or found it as recorded).
@@ -171,6 +189,7 @@ impl ChunkIndex {
         txn.open_table(PLACED).map_err(|e| err(e.into()))?;
         txn.open_table(PLACING).map_err(|e| err(e.into()))?;
         txn.open_table(PARTIAL).map_err(|e| err(e.into()))?;
+        txn.open_table(PARTIAL_SEALS).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { db: Arc::new(db), path: shown.into() })
     }
@@ -204,11 +223,13 @@ impl ChunkIndex {
     }
 
     /// Records chunks written and synced to the partial file `name` of the staging folder:
-    /// `(hash, offset, len)`. `durable`: fsync before returning (else with the next durable write).
+    /// `(hash, offset, len)`, and what the file is now (`seal`; `None` forgets what it was).
+    /// `durable`: fsync before returning (else with the next durable write).
     pub fn record_partial(
         &mut self,
         name: &[u8],
         chunks: impl IntoIterator<Item = (ChunkHash, u64, u32)>,
+        seal: Option<PartialSeal>,
         durable: bool,
     ) -> Result<(), IndexError> {
         let txn = self.write(durable)?;
@@ -221,15 +242,31 @@ impl ChunkIndex {
                 buf = postcard::to_extend(&partial, buf).unwrap_or_default();
                 table.insert(&hash.as_bytes()[..], &buf[..]).map_err(|e| self.err(e))?;
             }
+            let mut seals = txn.open_table(PARTIAL_SEALS).map_err(|e| self.err(e))?;
+            match seal.and_then(|seal| postcard::to_stdvec(&seal).ok()) {
+                Some(value) => seals.insert(name, &value[..]).map(drop),
+                None => seals.remove(name).map(drop),
+            }
+            .map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// What the partial file `name` was when its chunks were last recorded, if that is known.
+    pub fn partial_seal(&self, name: &[u8]) -> Result<Option<PartialSeal>, IndexError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(PARTIAL_SEALS).map_err(|e| self.err(e))?;
+        let value = table.get(name).map_err(|e| self.err(e))?;
+        Ok(value.and_then(|value| postcard::from_bytes(value.value()).ok()))
     }
 
     /// Forgets every chunk of every partial file (their files are being removed).
     pub fn forget_partials(&mut self) -> Result<(), IndexError> {
         let txn = self.write(false)?;
-        txn.delete_table(PARTIAL).map_err(|e| self.err(e))?;
-        txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+        for table in [PARTIAL, PARTIAL_SEALS] {
+            txn.delete_table(table).map_err(|e| self.err(e))?;
+            txn.open_table(table).map_err(|e| self.err(e))?;
+        }
         txn.commit().map_err(|e| self.err(e))
     }
 
@@ -395,15 +432,17 @@ mod tests {
         let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
         {
             let mut index = ChunkIndex::open(&path).unwrap();
-            index.record_partial(b"partial-1", [(a, 0, 1), (b, 1, 1)], true).unwrap();
+            let seal = PartialSeal { ino: 12, ctime_ns: 34, len: 2, digest: [5; 32] };
+            index.record_partial(b"partial-1", [(a, 0, 1), (b, 1, 1)], Some(seal), true).unwrap();
             // A name that is not one plain component is no hint.
-            index.record_partial(b"../x", [(ChunkHash::of(b"c"), 0, 1)], true).unwrap();
+            index.record_partial(b"../x", [(ChunkHash::of(b"c"), 0, 1)], None, true).unwrap();
         }
         let mut index = ChunkIndex::open(&path).unwrap();
         let staged = RelPath::staged(b"partial-1").unwrap();
         assert_eq!(staged.as_bytes(), b".ferry-staging/partial-1");
         assert_eq!(index.get(&b).unwrap(), Some(ChunkLocation { path: staged, offset: 1, len: 1 }));
         assert_eq!(index.get(&ChunkHash::of(b"c")).unwrap(), None);
+        assert_eq!(index.partial_seal(b"partial-1").unwrap().map(|seal| seal.len), Some(2));
         // The target's copy of a chunk comes first.
         let placed = ChunkLocation { path: RelPath::new(&b"f"[..]).unwrap(), offset: 9, len: 1 };
         index.insert([(&a, &placed)], false).unwrap();
@@ -415,6 +454,7 @@ mod tests {
         assert_eq!(index.get(&a).unwrap(), None);
         index.forget_partials().unwrap();
         assert_eq!(index.get(&b).unwrap(), None);
+        assert_eq!(index.partial_seal(b"partial-1").unwrap(), None);
     }
 
     #[test]

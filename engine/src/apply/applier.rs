@@ -13,9 +13,10 @@ use rustix::io::Errno;
 use super::batch::{Batch, Deferred, DoneFolder, Frame, Leave, ParentDir, PlaceTimes, Placing, Target};
 use super::make::Maker;
 use super::options::{Adopt, ApplyError, ApplyOptions, ApplyReport, io_err};
+use super::partial::Resume;
 use super::place::place;
 use super::plan::{Needed, Planner, Step};
-use super::source::{ChunkBuf, ChunkSource};
+use super::source::{ChunkBuf, ChunkSource, LARGE_FILE};
 use super::sys::{Background, name_of, raise_fd_limit, times, waiting};
 use crate::index::{ChunkIndex, look_at};
 use crate::manifest::{Entry, EntryKind, ManifestWriter, Pair, RawEntry};
@@ -71,6 +72,7 @@ impl<'a> Applier<'a> {
             deferred: SpillQueue::new(),
             no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
             planner,
+            resumes: Default::default(),
             maker,
             place_spent: PlaceTimes::default(),
             steps: 0,
@@ -103,8 +105,14 @@ impl<'a> Applier<'a> {
 
     /// The chunks of `pair` that the target does not seem to have and that have not been asked for
     /// yet this round. Called before [`Applier::step`] for the same pair, to ask the source ahead.
+    /// A large file's chunks in what an interrupted round left of it count only as far as that
+    /// still begins the file: the rest of the partial file is cut off when the file is built.
     pub fn plan(&mut self, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
-        self.planner.plan(self.index, pair)
+        let resumed = match &pair.new {
+            Some(new) if new.size >= LARGE_FILE && Planner::writes_content(pair) => self.plan_resumed(new),
+            _ => None,
+        };
+        self.planner.plan_within(self.index, pair, resumed.as_ref())
     }
 
     /// See [`Planner::distrust`].
@@ -247,6 +255,9 @@ pub struct Applier<'a> {
     pub(super) no_tmpfile: bool,
     /// Chunks asked for this round (see `plan`).
     pub(super) planner: Planner,
+    /// What the partial files of large files planned and not yet applied hold of them (see
+    /// `plan_resumed`), by path.
+    pub(super) resumes: std::collections::HashMap<RelPath, Resume>,
     /// Makes the small files of the batch being staged (`None`: they are made here).
     pub(super) maker: Option<Maker>,
     /// How long putting the batches into place took, by part.

@@ -7,8 +7,11 @@
 //! signal, a lost connection, a killed peer, a chunk that could not come), the file stays there with
 //! what it has; a kill of this node loses what arrived since its last sync. The next round's planner
 //! finds those chunks in the index and does not ask for them again, and the applier finds the file by
-//! its name, checks the chunks it holds against the new entry's from the start (read and hashed
-//! again), cuts it where the first one differs and appends the rest. A finished file is named into
+//! its name and keeps what it holds of the new entry's chunks from the start. Where the index's seal
+//! for it ([`PartialSeal`]) still holds (the same inode and ctime: nothing wrote to it since its
+//! chunks were recorded) and the new entry begins with the chunks recorded, those bytes are kept
+//! without being read; otherwise they are read and hashed again, up to the first that differs. The
+//! file is cut there and the rest appended. A finished file is named into
 //! place like any other, from the staging folder; a round that commits removes every partial file
 //! left (their chunks were either used or are no longer wanted).
 
@@ -28,7 +31,9 @@ use super::options::{ApplyError, io_err};
 use super::source::LARGE_FILE_SYNC;
 use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
 use crate::hash::ChunkHash;
-use crate::manifest::Entry;
+use crate::index::PartialSeal;
+use crate::manifest::{ChunkRef, Entry};
+use crate::path::RelPath;
 use crate::rootdir::NameExt;
 
 /// The longest time between two syncs of a large file being built, and the shortest between two
@@ -37,8 +42,8 @@ use crate::rootdir::NameExt;
 pub(super) const RECORD_EVERY: Duration = Duration::from_millis(500);
 
 /// Opens the partial file `name` in the staging folder, creating it if needed. One found there is
-/// only reused if it is what ferry would have left: a regular file of this user's with no other name
-/// (never a hard link planted to a file elsewhere); anything else is removed and made anew.
+/// only reused if it is what ferry would have left (see [`open_left`]); anything else is removed and
+/// made anew.
 fn open_partial(staging: &impl std::os::fd::AsFd, name: &[u8]) -> Result<OwnedFd, Errno> {
     let create = |flags: OFlags| {
         let flags = flags | OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -48,23 +53,25 @@ fn open_partial(staging: &impl std::os::fd::AsFd, name: &[u8]) -> Result<OwnedFd
         Err(Errno::EXIST) => {}
         other => return other,
     }
-    if let Ok(fd) = rustix::fs::openat(
-        staging,
-        name.os(),
-        OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    ) {
-        let stat = rustix::fs::fstat(&fd)?;
-        let ours = rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
-            && stat.st_nlink == 1
-            && stat.st_uid == rustix::process::geteuid().as_raw();
-        if ours {
-            return Ok(fd);
-        }
+    if let Some(fd) = open_left(staging, name, OFlags::RDWR) {
+        return Ok(fd);
     }
     tracing::warn!("{} in the staging folder is not a file ferry left there; made anew", name.escape_ascii());
     rustix::fs::unlinkat(staging, name.os(), AtFlags::empty())?;
     create(OFlags::EXCL)
+}
+
+/// The partial file `name` in the staging folder, opened with `access`, if it is what ferry would
+/// have left there: a regular file of this user's with no other name (never a hard link planted to a
+/// file elsewhere).
+fn open_left(staging: &impl std::os::fd::AsFd, name: &[u8], access: OFlags) -> Option<OwnedFd> {
+    let flags = access | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let fd = rustix::fs::openat(staging, name.os(), flags, Mode::empty()).ok()?;
+    let stat = rustix::fs::fstat(&fd).ok()?;
+    let ours = rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
+        && stat.st_nlink == 1
+        && stat.st_uid == rustix::process::geteuid().as_raw();
+    ours.then_some(fd)
 }
 
 /// The chunks written to a partial file and not yet recorded in the index, and the sync that will make
@@ -80,6 +87,57 @@ struct Progress {
     last_sync: Instant,
     /// When chunks were last recorded durably.
     last_durable: Instant,
+    /// The chunks recorded so far, from the file's start.
+    recorded: Recorded,
+}
+
+/// What the partial file of a large file holds of its new entry's chunks, from the start: how many,
+/// and their record. Found when the entry is planned, so that what lies past them is asked for.
+pub(super) struct Resume {
+    kept: usize,
+    recorded: Recorded,
+}
+
+/// A running digest of the chunks recorded of a partial file, from its start, as its seal keeps it.
+#[derive(Default)]
+struct Recorded {
+    digest: blake3::Hasher,
+    len: u64,
+}
+
+impl Recorded {
+    fn push(&mut self, hash: &ChunkHash, len: u32) {
+        self.digest.update(hash.as_bytes());
+        self.digest.update(&len.to_le_bytes());
+        self.len += u64::from(len);
+    }
+
+    /// How many of `chunks`, from the start, make the seal's length, and their record, if their
+    /// digest is the seal's.
+    fn sealed(chunks: &[ChunkRef], seal: &PartialSeal) -> Option<(usize, Self)> {
+        let mut recorded = Self::default();
+        let mut kept = 0;
+        while recorded.len < seal.len
+            && let Some(chunk) = chunks.get(kept)
+        {
+            recorded.push(&chunk.hash, chunk.len);
+            kept += 1;
+        }
+        (recorded.len == seal.len && *recorded.digest.finalize().as_bytes() == seal.digest).then_some((kept, recorded))
+    }
+
+    /// The seal of `file` holding these chunks, as the disk says it is now.
+    fn seal(&self, file: &File) -> Option<PartialSeal> {
+        let (ino, ctime_ns, _) = inode_of(file)?;
+        Some(PartialSeal { ino, ctime_ns, len: self.len, digest: *self.digest.finalize().as_bytes() })
+    }
+}
+
+/// The inode of `file`, its ctime in nanoseconds and its length.
+fn inode_of(file: &File) -> Option<(u64, i64, u64)> {
+    let stat = rustix::fs::fstat(file).ok()?;
+    let ctime_ns = stat.st_ctime * 1_000_000_000 + i64::try_from(stat.st_ctime_nsec).ok()?;
+    Some((stat.st_ino, ctime_ns, u64::try_from(stat.st_size).ok()?))
 }
 
 impl Applier<'_> {
@@ -95,7 +153,13 @@ impl Applier<'_> {
         };
         // Shared with the chunk source (see `ChunkSource::written`) and the thread that syncs it.
         let shared = Arc::new(file.try_clone().map_err(io("duplicate"))?);
-        let (kept, mut offset) = self.resumable(&file, new);
+        let Resume { kept, recorded } = match self.resumes.remove(&new.path) {
+            Some(planned) => planned,
+            None => self.resumable(&file, &name, new),
+        };
+        self.report.chunks_local += kept as u64;
+        self.report.bytes_local += recorded.len;
+        let mut offset = recorded.len;
         file.set_len(offset).map_err(io("cut"))?;
         (&file).seek(SeekFrom::Start(offset)).map_err(io("seek"))?;
         if offset > 0 {
@@ -113,6 +177,7 @@ impl Applier<'_> {
             synced_to: offset,
             last_sync: now,
             last_durable: now,
+            recorded,
         };
         let mut unwritten = Unwritten::default();
         for chunk in &new.chunks[kept..] {
@@ -136,7 +201,7 @@ impl Applier<'_> {
             }
             if sync_due {
                 // One sync at a time: the one of the piece before this one must be done.
-                self.record_synced(&name, &mut progress, &shown)?;
+                self.record_synced((&file, &name), &mut progress, &shown)?;
                 progress.sync = Some(BackgroundSync::sync(shared.clone(), |fd| rustix::fs::fdatasync(fd)));
                 progress.syncing = std::mem::take(&mut progress.written);
                 progress.synced_to = offset;
@@ -154,22 +219,54 @@ impl Applier<'_> {
         Ok(true)
     }
 
-    /// How many of `new`'s chunks, from the start, the partial `file` already holds, and how many
-    /// bytes they make: each is read and hashed again, and the first that differs ends it.
-    fn resumable(&mut self, file: &File, new: &Entry) -> (usize, u64) {
-        let (kept, offset) = crate::held::prefix(file, &new.chunks, self.buf.owned());
-        self.report.chunks_local += kept as u64;
-        self.report.bytes_local += offset;
-        (kept, offset)
+    /// Finds what an interrupted round left of `new`, a large file about to be planned, for when it
+    /// is built: the partial file's path in the target and how much of it will be kept, if there is
+    /// one.
+    pub(super) fn plan_resumed(&mut self, new: &Entry) -> Option<(RelPath, u64)> {
+        let name = partial_name(&new.path);
+        let file = File::from(open_left(&*self.staging, &name, OFlags::RDONLY)?);
+        let resume = self.resumable(&file, &name, new);
+        let kept = resume.recorded.len;
+        self.resumes.insert(new.path.clone(), resume);
+        Some((RelPath::staged(&name)?, kept))
+    }
+
+    /// How many of `new`'s chunks, from the start, the partial `file` (named `name`) already holds,
+    /// and what they make. Those its seal vouches for are not read; otherwise each is read and hashed
+    /// again, and the first that differs ends it.
+    fn resumable(&mut self, file: &File, name: &[u8], new: &Entry) -> Resume {
+        let seal = self.index.partial_seal(name).unwrap_or_else(|e| {
+            tracing::debug!("the chunk index does not say what {} was: {e}", name.escape_ascii());
+            None
+        });
+        // Nothing wrote to it since (its ctime would have moved), and it is still as long.
+        let unmoved = |seal: &PartialSeal| {
+            inode_of(file)
+                .is_some_and(|(ino, ctime_ns, len)| (ino, ctime_ns) == (seal.ino, seal.ctime_ns) && len >= seal.len)
+        };
+        if let Some((kept, recorded)) = seal.filter(unmoved).and_then(|seal| Recorded::sealed(&new.chunks, &seal)) {
+            return Resume { kept, recorded };
+        }
+        let (kept, _) = crate::held::prefix(file, &new.chunks, self.buf.owned());
+        let mut recorded = Recorded::default();
+        new.chunks[..kept].iter().for_each(|chunk| recorded.push(&chunk.hash, chunk.len));
+        Resume { kept, recorded }
     }
 
     /// Waits for the sync under way, if any, and records the chunks it made durable in the index.
-    fn record_synced(&mut self, name: &[u8], progress: &mut Progress, shown: &str) -> Result<(), ApplyError> {
+    fn record_synced(
+        &mut self,
+        (file, name): (&File, &[u8]),
+        progress: &mut Progress,
+        shown: &str,
+    ) -> Result<(), ApplyError> {
         if let Some(sync) = progress.sync.take() {
             waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", shown))?;
             let synced = std::mem::take(&mut progress.syncing);
+            synced.iter().for_each(|(hash, _, len)| progress.recorded.push(hash, *len));
+            let seal = progress.recorded.seal(file);
             let durable = progress.last_durable.elapsed() >= RECORD_EVERY;
-            waiting(&mut self.report.sync_wait, || self.index.record_partial(name, synced, durable))?;
+            waiting(&mut self.report.sync_wait, || self.index.record_partial(name, synced, seal, durable))?;
             if durable {
                 progress.last_durable = Instant::now();
             }
@@ -209,10 +306,12 @@ impl Applier<'_> {
         shown: &str,
     ) -> Result<(), ApplyError> {
         self.write_unwritten(unwritten, file, Some(shared), shown)?;
-        self.record_synced(name, progress, shown)?;
+        self.record_synced((file, name), progress, shown)?;
         waiting(&mut self.report.sync_wait, || rustix::fs::fdatasync(file)).map_err(io_err("sync", shown))?;
         let written = std::mem::take(&mut progress.written);
-        waiting(&mut self.report.sync_wait, || self.index.record_partial(name, written, true))?;
+        written.iter().for_each(|(hash, _, len)| progress.recorded.push(hash, *len));
+        let seal = progress.recorded.seal(file);
+        waiting(&mut self.report.sync_wait, || self.index.record_partial(name, written, seal, true))?;
         Ok(())
     }
 
@@ -245,7 +344,6 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
-    use crate::path::RelPath;
 
     #[test]
     fn a_partial_name_is_one_plain_component_kept_apart_from_other_staged_names() {

@@ -84,6 +84,18 @@ impl Planner {
 
     /// The chunks `pair` needs from the source.
     pub fn plan(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
+        self.plan_within(index, pair, None)
+    }
+
+    /// The chunks `pair` needs from the source, where the index's hints into the file `partial.0`
+    /// hold only for its first `partial.1` bytes (the partial file of a large file that will be cut
+    /// there as it is resumed).
+    pub(super) fn plan_within(
+        &mut self,
+        index: &ChunkIndex,
+        pair: &Pair<Entry, Entry>,
+        partial: Option<&(RelPath, u64)>,
+    ) -> Result<Vec<Needed>, ApplyError> {
         let Some(new) = &pair.new else { return Ok(Vec::new()) };
         if !Self::writes_content(pair) {
             return Ok(Vec::new());
@@ -91,7 +103,7 @@ impl Planner {
         let mut needed = Vec::new();
         let mut offset = 0u64;
         for chunk in &new.chunks {
-            if !self.requested.contains(&chunk.hash) && !self.held(index, &chunk.hash)? {
+            if !self.requested.contains(&chunk.hash) && !self.held(index, &chunk.hash, partial)? {
                 if self.requested.len() < MAX_REQUESTED {
                     self.requested.insert(chunk.hash);
                 }
@@ -102,14 +114,19 @@ impl Planner {
         Ok(needed)
     }
 
-    /// Does the target seem to hold `hash`, where the check found nothing amiss?
-    pub(super) fn held(&self, index: &ChunkIndex, hash: &ChunkHash) -> Result<bool, ApplyError> {
+    /// Does the target seem to hold `hash`, where the check found nothing amiss (and not past the
+    /// first `partial.1` bytes of the file `partial.0`)?
+    fn held(&self, index: &ChunkIndex, hash: &ChunkHash, partial: Option<&(RelPath, u64)>) -> Result<bool, ApplyError> {
         if self.ignore_index {
             return Ok(false);
         }
-        Ok(index
-            .get(hash)?
-            .is_some_and(|location| !self.distrusted.contains(&location.path) && !self.adopted.covers(&location.path)))
+        Ok(index.get(hash)?.is_some_and(|location| {
+            !self.distrusted.contains(&location.path)
+                && !self.adopted.covers(&location.path)
+                && partial.is_none_or(|(path, kept)| {
+                    location.path != *path || location.offset + u64::from(location.len) <= *kept
+                })
+        }))
     }
 
     /// Trusts no hint of the index that points into `paths` (the check found them missing or changed),

@@ -421,10 +421,7 @@ async fn a_large_file_whose_chunks_stop_coming_ends_cleanly() {
     let evil = scene.connect().await;
     let mut control = open_round(&evil, "zimbra", vec![change(folder("mail")), change(entry)], 2).await;
     let _asked = needs(&mut control, data.len()).await;
-    let written = |pid: u32| -> Option<u64> {
-        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-        io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|v| v.parse().ok())
-    };
+    let written = |pid: u32| crate::util::io_counter(pid, "wchar");
     let pid = scene.setup.daemon.child.id();
     let before = written(pid);
     send_chunks(&evil, &data[..96]).await;

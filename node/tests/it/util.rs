@@ -215,3 +215,10 @@ pub(crate) fn regular_files(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     }
     files
 }
+
+/// One of the kernel's I/O counters of process `pid` (`rchar`: bytes its read calls returned, from
+/// the page cache or the disk; `wchar`: bytes its write calls took), when `/proc` shows it.
+pub(crate) fn io_counter(pid: u32, field: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(": ")?.parse().ok())
+}
