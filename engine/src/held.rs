@@ -1,5 +1,7 @@
 //! What a file holds of a list of chunks, read and hashed again: a file ferry wrote whose metadata
-//! changed (the check), a file ferry takes over in place, a partial file resumed (the applier).
+//! changed (the check), a file ferry takes over in place, a partial file resumed (the applier); and
+//! the digest of a chunk list by which a record vouches for a file it saw, so that it need not be
+//! read again.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -41,4 +43,33 @@ pub(crate) fn holds(dir: &OwnedFd, name: &[u8], entry: &Entry) -> bool {
         return false;
     }
     prefix(&file, &entry.chunks, &mut Vec::new()) == (entry.chunks.len(), entry.size)
+}
+
+/// A digest of a list of chunks (their hashes and lengths, in order), built a chunk at a time, with
+/// the bytes they make: what a record of a file's chunks keeps to tell them again.
+#[derive(Default)]
+pub(crate) struct ChunkList {
+    digest: blake3::Hasher,
+    /// How many bytes the chunks pushed so far make.
+    pub(crate) len: u64,
+}
+
+impl ChunkList {
+    /// The digest of `chunks`.
+    pub(crate) fn of(chunks: &[ChunkRef]) -> [u8; 32] {
+        let mut list = Self::default();
+        chunks.iter().for_each(|chunk| list.push(&chunk.hash, chunk.len));
+        list.digest()
+    }
+
+    pub(crate) fn push(&mut self, hash: &ChunkHash, len: u32) {
+        self.digest.update(hash.as_bytes());
+        self.digest.update(&len.to_le_bytes());
+        self.len += u64::from(len);
+    }
+
+    /// The digest of the chunks pushed so far.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        *self.digest.finalize().as_bytes()
+    }
 }

@@ -18,7 +18,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use rustix::fs::Statx;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,8 @@ const PLACING: TableDefinition<&[u8], &[u8]> = TableDefinition::new("placing");
 const PARTIAL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partial");
 /// A partial file's name → its [`PartialSeal`] (postcard), recorded with its chunks.
 const PARTIAL_SEALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partial_seals");
+/// Path bytes → [`IndexedFile`] (postcard): a file found in the target before a first round.
+const INDEXED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("indexed");
 
 /// How many inodes about to be put at one path are remembered (one per round stopped in between).
 const PLACING_KEPT: usize = 4;
@@ -98,6 +100,42 @@ pub struct PartialSeal {
     pub len: u64,
     /// BLAKE3 over those chunks' hashes and lengths, in file order.
     pub digest: [u8; 32],
+}
+
+/// A file that was in the target before ferry's first round into it, as the indexing of what was
+/// there read it: its inode, ctime and size then, and a digest of its chunk list. A file taken over
+/// in place that is still that inode with that ctime is known to hold those chunks without being
+/// read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedFile {
+    /// The file's inode.
+    pub ino: u64,
+    /// Its ctime, in nanoseconds since the Unix epoch, as the indexing saw it.
+    pub ctime_ns: i64,
+    /// Its size.
+    pub size: u64,
+    /// BLAKE3 over its chunks' hashes and lengths, in order.
+    pub digest: [u8; 32],
+}
+
+impl IndexedFile {
+    /// What a scan's cache record says of a regular file it read, unless the record is not to be
+    /// trusted (the file changed too close to the scan to be sure).
+    pub fn of(record: &crate::scan::CacheRecord) -> Option<Self> {
+        let entry = &record.entry;
+        (record.trusted && entry.kind == crate::manifest::EntryKind::File).then(|| Self {
+            ino: record.ino,
+            ctime_ns: record.ctime_ns,
+            size: entry.size,
+            digest: crate::held::ChunkList::of(&entry.chunks),
+        })
+    }
+
+    /// Whether `stat` is still that file (the same inode, ctime and size) and it holds `chunks`.
+    pub fn vouches_for(&self, stat: &Statx, chunks: &[crate::manifest::ChunkRef]) -> bool {
+        (stat.stx_ino, nanos(&stat.stx_ctime), stat.stx_size) == (self.ino, self.ctime_ns, self.size)
+            && crate::held::ChunkList::of(chunks) == self.digest
+    }
 }
 
 /// What the disk said of an entry right after ferry put it in place (or found it as recorded).
@@ -190,6 +228,7 @@ impl ChunkIndex {
         txn.open_table(PLACING).map_err(|e| err(e.into()))?;
         txn.open_table(PARTIAL).map_err(|e| err(e.into()))?;
         txn.open_table(PARTIAL_SEALS).map_err(|e| err(e.into()))?;
+        txn.open_table(INDEXED).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(Self { db: Arc::new(db), path: shown.into() })
     }
@@ -267,6 +306,45 @@ impl ChunkIndex {
             txn.delete_table(table).map_err(|e| self.err(e))?;
             txn.open_table(table).map_err(|e| self.err(e))?;
         }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Records files found in the target by the indexing before a first round (durability as for
+    /// [`ChunkIndex::insert`]).
+    pub fn record_indexed<'a>(
+        &mut self,
+        files: impl IntoIterator<Item = (&'a RelPath, IndexedFile)>,
+        durable: bool,
+    ) -> Result<(), IndexError> {
+        let txn = self.write(durable)?;
+        {
+            let mut table = txn.open_table(INDEXED).map_err(|e| self.err(e))?;
+            for (path, file) in files {
+                let value = postcard::to_stdvec(&file).unwrap_or_default();
+                table.insert(path.as_bytes(), &value[..]).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// What the indexing before a first round found at `path`, if it found a file there.
+    pub fn indexed(&self, path: &RelPath) -> Result<Option<IndexedFile>, IndexError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(INDEXED).map_err(|e| self.err(e))?;
+        let value = table.get(path.as_bytes()).map_err(|e| self.err(e))?;
+        Ok(value.and_then(|value| postcard::from_bytes(value.value()).ok()))
+    }
+
+    /// Forgets what the indexing before a first round found (that round has applied everything).
+    pub fn forget_indexed(&mut self) -> Result<(), IndexError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        if txn.open_table(INDEXED).map_err(|e| self.err(e))?.is_empty().map_err(|e| self.err(e))? {
+            return Ok(());
+        }
+        drop(txn);
+        let txn = self.write(false)?;
+        txn.delete_table(INDEXED).map_err(|e| self.err(e))?;
+        txn.open_table(INDEXED).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
     }
 
@@ -489,5 +567,35 @@ mod tests {
                 Recorded { placed: Some(PlacedStat { ino: 3, btime_ns: None, ctime_ns: Some(30) }), placing: vec![] },
             ]
         );
+    }
+
+    #[test]
+    fn a_file_found_by_the_indexing_is_vouched_for_until_it_changes_and_then_forgotten() {
+        use crate::manifest::{ChunkRef, Entry, EntryKind};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"what was there").unwrap();
+        let chunks = vec![ChunkRef { hash: ChunkHash::of(b"what was there"), len: 14 }];
+        let stat = || look_at(rustix::fs::CWD, file.as_os_str()).unwrap();
+        let ctime_ns = nanos(&stat().stx_ctime);
+        let entry =
+            Entry { size: 14, chunks: chunks.clone(), ..Entry::new(RelPath::new(&b"f"[..]).unwrap(), EntryKind::File) };
+        let record = crate::scan::CacheRecord { entry, ino: stat().stx_ino, ctime_ns, trusted: true };
+        assert!(IndexedFile::of(&crate::scan::CacheRecord { trusted: false, ..record.clone() }).is_none());
+        let found = IndexedFile::of(&record).unwrap();
+        assert!(found.vouches_for(&stat(), &chunks));
+        let other = vec![ChunkRef { hash: ChunkHash::of(b"something else"), len: 14 }];
+        assert!(!found.vouches_for(&stat(), &other), "another chunk list");
+        // Written to since, with the same length: its ctime moved.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, b"what is there!").unwrap();
+        assert!(!found.vouches_for(&stat(), &chunks), "a file changed since the indexing");
+
+        let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
+        let path = RelPath::new(&b"f"[..]).unwrap();
+        index.record_indexed([(&path, found)], true).unwrap();
+        assert_eq!(index.indexed(&path).unwrap(), Some(found));
+        index.forget_indexed().unwrap();
+        assert_eq!(index.indexed(&path).unwrap(), None);
     }
 }

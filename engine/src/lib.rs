@@ -53,7 +53,7 @@ pub use check::{
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
-pub use index::{ChunkIndex, ChunkLocation, IndexError, PartialSeal, PlacedStat, Recorded};
+pub use index::{ChunkIndex, ChunkLocation, IndexError, IndexedFile, PartialSeal, PlacedStat, Recorded};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
     Places, RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_numbered, same_records, sync_record_file,

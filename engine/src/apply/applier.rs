@@ -160,6 +160,9 @@ impl<'a> Applier<'a> {
             self.flush()?;
         }
         self.remove_partials()?;
+        // Every file found in place by the indexing before a first round has been taken over or
+        // replaced by now.
+        self.index.forget_indexed()?;
         let shown = self.root.path().display().to_string();
         waiting(&mut self.report.sync_wait, || rustix::fs::syncfs(self.root.fd())).map_err(io_err("sync", &shown))?;
         waiting(&mut self.report.sync_wait, || self.index.sync())?;

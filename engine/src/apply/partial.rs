@@ -31,6 +31,7 @@ use super::options::{ApplyError, io_err};
 use super::source::LARGE_FILE_SYNC;
 use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
 use crate::hash::ChunkHash;
+use crate::held::ChunkList;
 use crate::index::PartialSeal;
 use crate::manifest::{ChunkRef, Entry};
 use crate::path::RelPath;
@@ -98,20 +99,10 @@ pub(super) struct Resume {
     recorded: Recorded,
 }
 
-/// A running digest of the chunks recorded of a partial file, from its start, as its seal keeps it.
-#[derive(Default)]
-struct Recorded {
-    digest: blake3::Hasher,
-    len: u64,
-}
+/// The chunks recorded of a partial file, from its start, as its seal keeps them.
+type Recorded = ChunkList;
 
 impl Recorded {
-    fn push(&mut self, hash: &ChunkHash, len: u32) {
-        self.digest.update(hash.as_bytes());
-        self.digest.update(&len.to_le_bytes());
-        self.len += u64::from(len);
-    }
-
     /// How many of `chunks`, from the start, make the seal's length, and their record, if their
     /// digest is the seal's.
     fn sealed(chunks: &[ChunkRef], seal: &PartialSeal) -> Option<(usize, Self)> {
@@ -123,13 +114,13 @@ impl Recorded {
             recorded.push(&chunk.hash, chunk.len);
             kept += 1;
         }
-        (recorded.len == seal.len && *recorded.digest.finalize().as_bytes() == seal.digest).then_some((kept, recorded))
+        (recorded.len == seal.len && recorded.digest() == seal.digest).then_some((kept, recorded))
     }
 
     /// The seal of `file` holding these chunks, as the disk says it is now.
     fn seal(&self, file: &File) -> Option<PartialSeal> {
         let (ino, ctime_ns, _) = inode_of(file)?;
-        Some(PartialSeal { ino, ctime_ns, len: self.len, digest: *self.digest.finalize().as_bytes() })
+        Some(PartialSeal { ino, ctime_ns, len: self.len, digest: self.digest() })
     }
 }
 

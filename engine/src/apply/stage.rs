@@ -18,7 +18,7 @@ use super::sys::{
     waiting,
 };
 use crate::hash::ChunkHash;
-use crate::index::ChunkLocation;
+use crate::index::{ChunkLocation, look_at};
 use crate::manifest::{ChunkRef, Entry, EntryKind, ManifestWriter};
 use crate::path::RelPath;
 use crate::rootdir::NameExt;
@@ -309,9 +309,20 @@ impl Applier<'_> {
         set_metadata(fd, owner, entry.mode, entry.mtime_ns)
     }
 
-    /// Does the file at `new`'s path hold `new`'s content?
+    /// Does the file at `new`'s path hold `new`'s content? Not read again where the indexing
+    /// before this first round read it and it has not changed since (its inode, ctime and size).
     fn holds_in_place(&mut self, new: &Entry) -> bool {
-        self.parent_dir(&new.path).is_ok_and(|dir| crate::held::holds(&dir, name_of(&new.path), new))
+        let Ok(dir) = self.parent_dir(&new.path) else { return false };
+        let name = name_of(&new.path);
+        let indexed = self.index.indexed(&new.path).ok().flatten();
+        let vouched = indexed.is_some_and(|indexed| {
+            look_at(&*dir, name.os()).is_ok_and(|stat| {
+                FileType::from_raw_mode(stat.stx_mode.into()) == FileType::RegularFile
+                    && stat.stx_size == new.size
+                    && indexed.vouches_for(&stat, &new.chunks)
+            })
+        });
+        vouched || crate::held::holds(&dir, name, new)
     }
 
     /// Puts `new`'s metadata on the file at its path, and records `chunks` (its own, or none) there.

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ferry_engine::{
-    Adopt, Applier, ApplyOptions, ApplyReport, CheckOptions, ChunkIndex, ChunkLocation, Finding, ManifestReader,
-    ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash, ScanOptions, Step, check_target,
-    with_findings,
+    Adopt, Applier, ApplyOptions, ApplyReport, CacheRecord, CheckOptions, ChunkIndex, ChunkLocation, Finding,
+    IndexedFile, ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter, RootHash,
+    ScanOptions, Step, check_target, with_findings,
 };
 use ferry_proto::{
     Change, ChangesEnd, Checked, Committed, DestinationEnd, DestinationEvent, DestinationInput, Hello, NeedChunk,
@@ -568,19 +568,25 @@ pub(super) fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex
     let (manifest, cache) = (state.join("existing.manifest"), state.join("existing.cache"));
     let started = Instant::now();
     let report = ferry_engine::scan(target, None, &manifest, &cache, &ScanOptions::default())?;
-    let mut batch = Vec::new();
-    for entry in ManifestReader::open(&manifest)? {
-        let entry = entry?;
+    // The scan's cache has each entry with what it saw of its file (inode, ctime): a file taken
+    // over in place and unchanged since is not read again.
+    let (mut batch, mut files) = (Vec::new(), Vec::new());
+    let mut records = RecordReader::<CacheRecord>::open(&cache)?;
+    while let Some(record) = records.next_record()? {
+        let entry = &record.entry;
         let mut offset = 0u64;
         for chunk in &entry.chunks {
             batch.push((chunk.hash, ChunkLocation { path: entry.path.clone(), offset, len: chunk.len }));
             offset += u64::from(chunk.len);
         }
+        files.extend(IndexedFile::of(&record).map(|file| (entry.path.clone(), file)));
         if batch.len() >= 50_000 {
             index.insert(batch.iter().map(|(h, l)| (h, l)), false)?;
-            batch.clear();
+            index.record_indexed(files.iter().map(|(path, file)| (path, *file)), false)?;
+            (batch, files) = (Vec::new(), Vec::new());
         }
     }
+    index.record_indexed(files.iter().map(|(path, file)| (path, *file)), false)?;
     index.insert(batch.iter().map(|(h, l)| (h, l)), true)?;
     let _ = std::fs::remove_file(&manifest);
     let _ = std::fs::remove_file(&cache);
