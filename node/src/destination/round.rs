@@ -125,7 +125,11 @@ pub(super) fn destination_round(
     if adopt_whole && !indexed.exists() {
         // What is already in the target (a shipped disk, an earlier rsync) is indexed, so that only
         // what differs is asked for. Once: an interrupted first round keeps its index.
-        index_existing(&job.path, &state.dir, &mut index)?;
+        let notify = |text: String| {
+            tracing::info!("{text}");
+            let _ = send(DestinationInput::Notice(text));
+        };
+        index_existing(&job.path, &state.dir, &mut index, (&notify, INDEXING_TOLD))?;
         std::fs::write(&indexed, b"")?;
     }
     // The target is checked against what ferry put there: while the source scanned (begun when it
@@ -563,11 +567,43 @@ pub(super) fn read_ahead<T: Send + 'static>(
     })))
 }
 
-/// Records where the chunks of files already in `target` are, before a first round.
-pub(super) fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex) -> anyhow::Result<()> {
+/// How long the indexing of what is already in a target may run before the source is told, and how
+/// often it is told again: a shipped disk of terabytes takes hours to read, and the source would
+/// otherwise wait with nothing to show.
+pub(super) const INDEXING_TOLD: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(300));
+
+/// Records where the chunks of files already in `target` are, before a first round. Past
+/// `told.0`, and every `told.1` after, `notify` is given how far it is; then how it ended.
+pub(super) fn index_existing(
+    target: &Path,
+    state: &Path,
+    index: &mut ChunkIndex,
+    (notify, told): (&(dyn Fn(String) + Sync), (Duration, Duration)),
+) -> anyhow::Result<()> {
     let (manifest, cache) = (state.join("existing.manifest"), state.join("existing.cache"));
     let started = Instant::now();
-    let report = ferry_engine::scan(target, None, &manifest, &cache, &ScanOptions::default())?;
+    let progress = Arc::new(ferry_engine::Progress::default());
+    let options = ScanOptions { progress: Some(progress.clone()), ..ScanOptions::default() };
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let shown = target.display();
+    let (report, long) = std::thread::scope(|scope| {
+        let (progress, shown) = (&progress, &shown);
+        let ticker = scope.spawn(move || {
+            tell_until(finished, told, || {
+                notify(format!(
+                    "indexing what is already in {shown} before its first round, so that it is not sent again \
+                     (every file there is read once): {} entries, {} read in {}",
+                    ferry_engine::human::count(progress.entries()),
+                    ferry_engine::human::bytes(progress.bytes()),
+                    crate::human::duration(started.elapsed())
+                ));
+            })
+        });
+        let report = ferry_engine::scan(target, None, &manifest, &cache, &options);
+        drop(done);
+        (report, ticker.join().unwrap_or(true))
+    });
+    let report = report?;
     // The scan's cache has each entry with what it saw of its file (inode, ctime): a file taken
     // over in place and unchanged since is not read again.
     let (mut batch, mut files) = (Vec::new(), Vec::new());
@@ -591,20 +627,80 @@ pub(super) fn index_existing(target: &Path, state: &Path, index: &mut ChunkIndex
     let _ = std::fs::remove_file(&manifest);
     let _ = std::fs::remove_file(&cache);
     if report.files > 0 {
-        tracing::info!(
-            "indexed {} files ({} bytes) already in {} in {:.1} s",
-            report.files,
-            report.file_bytes,
-            target.display(),
-            started.elapsed().as_secs_f64()
+        let text = format!(
+            "indexed the {} files ({}) already in {shown} in {}: what they hold is not sent again",
+            ferry_engine::human::count(report.files),
+            ferry_engine::human::bytes(report.file_bytes),
+            crate::human::duration(started.elapsed())
         );
+        tracing::info!("{text}");
+        if long {
+            notify(text);
+        }
     }
     Ok(())
+}
+
+/// Calls `tell` once `told.0` has passed, then every `told.1`, until `finished` ends; says whether
+/// it did.
+fn tell_until(finished: std::sync::mpsc::Receiver<()>, told: (Duration, Duration), tell: impl Fn()) -> bool {
+    let mut wait = told.0;
+    let mut told_once = false;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(wait) {
+        tell();
+        (wait, told_once) = (told.1, true);
+    }
+    told_once
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_indexing_is_told_while_it_runs_and_a_short_one_is_not() {
+        use std::sync::atomic::Ordering;
+        let told = |alive: Duration, told: (Duration, Duration)| {
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            let count = std::sync::atomic::AtomicU32::new(0);
+            std::thread::scope(|scope| {
+                let tell = || {
+                    count.fetch_add(1, Ordering::Relaxed);
+                };
+                let ticker = scope.spawn(move || tell_until(finished, told, tell));
+                std::thread::sleep(alive);
+                drop(done);
+                (ticker.join().unwrap(), count.load(Ordering::Relaxed))
+            })
+        };
+        let (long, times) = told(Duration::from_millis(300), (Duration::from_millis(10), Duration::from_millis(50)));
+        assert!(long && (2..=8).contains(&times), "told {times} times in 300 ms");
+        assert_eq!(told(Duration::from_millis(20), (Duration::from_secs(60), Duration::from_secs(60))), (false, 0));
+    }
+
+    #[test]
+    fn what_is_already_in_a_target_is_indexed_with_what_its_files_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, state) = (dir.path().join("target"), dir.path().join("state"));
+        std::fs::create_dir_all(target.join("a")).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(target.join("a/f"), b"already there").unwrap();
+        // Well before the indexing: what its scan sees of the file can be trusted.
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(target.join("a/f")).unwrap().set_modified(old).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut index = ChunkIndex::open(&state.join("index.redb")).unwrap();
+        let notices = Mutex::new(Vec::new());
+        let notify = |text: String| notices.lock().unwrap().push(text);
+        let never = (Duration::from_secs(3600), Duration::from_secs(3600));
+        index_existing(&target, &state, &mut index, (&notify, never)).unwrap();
+        assert!(notices.lock().unwrap().is_empty(), "a short indexing is not told: {:?}", notices.lock().unwrap());
+        let location = index.get(&ferry_engine::ChunkHash::of(b"already there")).unwrap().unwrap();
+        assert_eq!(location.path.to_string(), "a/f");
+        let path = ferry_engine::RelPath::new(&b"a/f"[..]).unwrap();
+        assert_eq!(index.indexed(&path).unwrap().map(|file| file.size), Some(13));
+        assert!(!state.join("existing.manifest").exists() && !state.join("existing.cache").exists());
+    }
 
     #[test]
     fn read_ahead_yields_every_item_in_order() {
