@@ -398,6 +398,24 @@ pub(crate) mod close {
     pub(crate) const ERROR: u32 = 2;
 }
 
+/// How long a one-shot command waits for the close of a connection to leave.
+const CLOSE_SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Closes `connection` with `code` and `reason`, and waits until the close has gone out (at most
+/// [`CLOSE_SENT_WITHIN`]). QUIC sends a close once, from the endpoint's driver task: a command that
+/// exits right after closing may never send it, and its peer then learns nothing (not why the
+/// round ended, not that it did) until its idle timeout. A connection already closed is left as is.
+pub(crate) async fn close_sent(connection: &quinn::Connection, code: u32, reason: &[u8]) {
+    if connection.close_reason().is_some() {
+        return;
+    }
+    connection.close(code.into(), reason);
+    let until = std::time::Instant::now() + CLOSE_SENT_WITHIN;
+    while connection.stats().frame_tx.connection_close == 0 && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

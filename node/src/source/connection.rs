@@ -309,7 +309,7 @@ pub(super) async fn drive(
         SourceEnd::PeerFailed(reason) => Err(anyhow!("{} failed the round: {reason}", peer.name)),
         SourceEnd::Failed(why) => Err(anyhow!("reading the source failed: {why}")),
         SourceEnd::Violation(what) => {
-            connection.close(ferry_proto::Refusal::ProtocolViolation.code().into(), what.as_bytes());
+            net::close_sent(connection, ferry_proto::Refusal::ProtocolViolation.code(), what.as_bytes()).await;
             Err(anyhow!("{} broke the protocol: {what}", peer.name))
         }
         SourceEnd::Closed { refusal, reason } => Err(closed(Closed { refusal, text: reason })),

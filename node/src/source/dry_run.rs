@@ -74,12 +74,12 @@ pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOption
         Ok(Driven::Planned { plan, changes, changed_bytes, payload }) => (plan, changes, changed_bytes, payload),
         Ok(Driven::Committed(_)) => bail!("{} committed a dry run", prepared.peer.name),
         Err(e) => {
-            connection.close(net::close::ERROR.into(), b"the dry run failed");
+            net::close_sent(&connection, net::close::ERROR, b"the dry run failed").await;
             prepared.scan.stop().await;
             return Err(e);
         }
     };
-    connection.close(net::close::DONE.into(), b"dry run over");
+    net::close_sent(&connection, net::close::DONE, b"dry run over").await;
     // What this connection carried (the manifest exchange and the requests, which the real round
     // repeats) plus the chunk payload with QUIC's framing and acknowledgements (about 3%, measured).
     let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes + payload + payload * 3 / 100;

@@ -206,7 +206,7 @@ pub(super) async fn attempt(
     totals.add(&connection);
     match result {
         Ok(Driven::Committed(finished)) => {
-            connection.close(net::close::DONE.into(), b"round over");
+            net::close_sent(&connection, net::close::DONE, b"round over").await;
             Ok(finished)
         }
         Ok(Driven::Planned { .. }) => unreachable!("a round that is not a dry run plans nothing"),
@@ -216,7 +216,7 @@ pub(super) async fn attempt(
             if !stopped && is_lost(&connection) {
                 return Err(Lost(format!("lost {} in the middle of the round: {e:#}", prepared.peer.name)).into());
             }
-            connection.close(net::close::ERROR.into(), b"the source gave up");
+            net::close_sent(&connection, net::close::ERROR, b"the source gave up").await;
             Err(e)
         }
     }
