@@ -402,16 +402,30 @@ pub(crate) mod close {
 const CLOSE_SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Closes `connection` with `code` and `reason`, and waits until the close has gone out (at most
-/// [`CLOSE_SENT_WITHIN`]). QUIC sends a close once, from the endpoint's driver task: a command that
-/// exits right after closing may never send it, and its peer then learns nothing (not why the
-/// round ended, not that it did) until its idle timeout. A connection already closed is left as is.
-pub(crate) async fn close_sent(connection: &quinn::Connection, code: u32, reason: &[u8]) {
+/// [`CLOSE_SENT_WITHIN`]): for a close that says why a round failed. QUIC sends a close once, from
+/// the connection's driver task: a command that exits right after closing may never send it, and
+/// its peer then learns nothing (not why the round ended, not that it did) until its idle timeout. A closed connection sends nothing but its
+/// close, so the next datagram it counts is that (quinn counts no close frames it sends); none is
+/// sent where the peer's own close came first. A connection already closed is left as is. Returns
+/// whether the close was seen to go out.
+pub(crate) async fn close_sent(connection: &quinn::Connection, code: u32, reason: &[u8]) -> bool {
     if connection.close_reason().is_some() {
-        return;
+        return false;
     }
+    let before = connection.stats().udp_tx.datagrams;
     connection.close(code.into(), reason);
     let until = std::time::Instant::now() + CLOSE_SENT_WITHIN;
-    while connection.stats().frame_tx.connection_close == 0 && std::time::Instant::now() < until {
+    loop {
+        let stats = connection.stats();
+        if stats.udp_tx.datagrams > before {
+            return true;
+        }
+        if stats.frame_rx.connection_close > 0 {
+            return false;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
@@ -464,5 +478,28 @@ mod tests {
         );
         second.close(0u32.into(), b"");
         tokio::time::timeout(Duration::from_secs(10), accepting).await.unwrap().unwrap();
+    }
+
+    /// A one-shot command's close goes out before it returns: the peer learns the code and the
+    /// reason, and the wait ends on the close's datagram, not on its time limit.
+    #[tokio::test]
+    async fn a_close_is_sent_before_close_sent_returns() {
+        let server = Identity::generate().unwrap();
+        let source = Identity::generate().unwrap();
+        let trusted = TrustedPeers::default();
+        trusted.write().unwrap().insert(source.node_id());
+        let listening = server_endpoint(&server, trusted, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listening.local_addr().unwrap();
+        let accepting = tokio::spawn(async move { listening.accept().await.unwrap().await.unwrap().closed().await });
+        let client = Client::default();
+        let connection = client.connect(&source, server.node_id(), addr, Congestion::Cubic).await.unwrap();
+        assert!(close_sent(&connection, 7, b"a protocol violation").await, "the close was not seen to go out");
+        assert!(!close_sent(&connection, 7, b"again").await, "a closed connection sends nothing more");
+        match tokio::time::timeout(Duration::from_secs(10), accepting).await.unwrap().unwrap() {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!((close.error_code, &close.reason[..]), (7u32.into(), &b"a protocol violation"[..]));
+            }
+            other => panic!("the peer saw {other:?}"),
+        }
     }
 }

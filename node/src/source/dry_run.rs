@@ -79,7 +79,7 @@ pub(super) async fn dry_run_in_span(config_dir: &ConfigDir, options: &PushOption
             return Err(e);
         }
     };
-    net::close_sent(&connection, net::close::DONE, b"dry run over").await;
+    connection.close(net::close::DONE.into(), b"dry run over");
     // What this connection carried (the manifest exchange and the requests, which the real round
     // repeats) plus the chunk payload with QUIC's framing and acknowledgements (about 3%, measured).
     let bytes_on_wire = stats.udp_tx.bytes + stats.udp_rx.bytes + payload + payload * 3 / 100;

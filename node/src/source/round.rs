@@ -206,7 +206,7 @@ pub(super) async fn attempt(
     totals.add(&connection);
     match result {
         Ok(Driven::Committed(finished)) => {
-            net::close_sent(&connection, net::close::DONE, b"round over").await;
+            connection.close(net::close::DONE.into(), b"round over");
             Ok(finished)
         }
         Ok(Driven::Planned { .. }) => unreachable!("a round that is not a dry run plans nothing"),

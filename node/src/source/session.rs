@@ -123,7 +123,7 @@ pub(super) async fn check_peer(
             }
         },
     };
-    net::close_sent(&connection, net::close::DONE, b"checked").await;
+    connection.close(net::close::DONE.into(), b"checked");
     result
 }
 
