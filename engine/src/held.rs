@@ -45,6 +45,14 @@ pub(crate) fn holds(dir: &OwnedFd, name: &[u8], entry: &Entry) -> bool {
     prefix(&file, &entry.chunks, &mut Vec::new()) == (entry.chunks.len(), entry.size)
 }
 
+/// What a file holds of a list of chunks from its start: how many, and their list. For a large
+/// file's partial file, found when the entry is planned (so that what lies past them is asked for)
+/// and used when it is built.
+pub(crate) struct HeldPrefix {
+    pub(crate) kept: usize,
+    pub(crate) chunks: ChunkList,
+}
+
 /// A digest of a list of chunks (their hashes and lengths, in order), built a chunk at a time, with
 /// the bytes they make: what a record of a file's chunks keeps to tell them again.
 #[derive(Default)]

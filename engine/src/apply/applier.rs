@@ -13,11 +13,11 @@ use rustix::io::Errno;
 use super::batch::{Batch, Deferred, DoneFolder, Frame, Leave, ParentDir, PlaceTimes, Placing, Target};
 use super::make::Maker;
 use super::options::{Adopt, ApplyError, ApplyOptions, ApplyReport, io_err};
-use super::partial::Resume;
 use super::place::place;
 use super::plan::{Needed, Planner, Step};
 use super::source::{ChunkBuf, ChunkSource, LARGE_FILE};
 use super::sys::{Background, name_of, raise_fd_limit, times, waiting};
+use crate::held::HeldPrefix;
 use crate::index::{ChunkIndex, look_at};
 use crate::manifest::{Entry, EntryKind, ManifestWriter, Pair, RawEntry};
 use crate::owner::OwnerMap;
@@ -260,7 +260,7 @@ pub struct Applier<'a> {
     pub(super) planner: Planner,
     /// What the partial files of large files planned and not yet applied hold of them (see
     /// `plan_resumed`), by path.
-    pub(super) resumes: std::collections::HashMap<RelPath, Resume>,
+    pub(super) resumes: std::collections::HashMap<RelPath, HeldPrefix>,
     /// Makes the small files of the batch being staged (`None`: they are made here).
     pub(super) maker: Option<Maker>,
     /// How long putting the batches into place took, by part.

@@ -31,7 +31,7 @@ use super::options::{ApplyError, io_err};
 use super::source::LARGE_FILE_SYNC;
 use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
 use crate::hash::ChunkHash;
-use crate::held::ChunkList;
+use crate::held::{ChunkList, HeldPrefix};
 use crate::index::PartialSeal;
 use crate::manifest::{ChunkRef, Entry};
 use crate::path::RelPath;
@@ -92,13 +92,6 @@ struct Progress {
     recorded: Recorded,
 }
 
-/// What the partial file of a large file holds of its new entry's chunks, from the start: how many,
-/// and their record. Found when the entry is planned, so that what lies past them is asked for.
-pub(super) struct Resume {
-    kept: usize,
-    recorded: Recorded,
-}
-
 /// The chunks recorded of a partial file, from its start, as its seal keeps them.
 type Recorded = ChunkList;
 
@@ -144,7 +137,7 @@ impl Applier<'_> {
         };
         // Shared with the chunk source (see `ChunkSource::written`) and the thread that syncs it.
         let shared = Arc::new(file.try_clone().map_err(io("duplicate"))?);
-        let Resume { kept, recorded } = match self.resumes.remove(&new.path) {
+        let HeldPrefix { kept, chunks: recorded } = match self.resumes.remove(&new.path) {
             Some(planned) => planned,
             None => self.resumable(&file, &name, new),
         };
@@ -217,7 +210,7 @@ impl Applier<'_> {
         let name = partial_name(&new.path);
         let file = File::from(open_left(&*self.staging, &name, OFlags::RDONLY)?);
         let resume = self.resumable(&file, &name, new);
-        let kept = resume.recorded.len;
+        let kept = resume.chunks.len;
         self.resumes.insert(new.path.clone(), resume);
         Some((RelPath::staged(&name)?, kept))
     }
@@ -225,7 +218,7 @@ impl Applier<'_> {
     /// How many of `new`'s chunks, from the start, the partial `file` (named `name`) already holds,
     /// and what they make. Those its seal vouches for are not read; otherwise each is read and hashed
     /// again, and the first that differs ends it.
-    fn resumable(&mut self, file: &File, name: &[u8], new: &Entry) -> Resume {
+    fn resumable(&mut self, file: &File, name: &[u8], new: &Entry) -> HeldPrefix {
         let seal = self.index.partial_seal(name).unwrap_or_else(|e| {
             tracing::debug!("the chunk index does not say what {} was: {e}", name.escape_ascii());
             None
@@ -236,12 +229,12 @@ impl Applier<'_> {
                 .is_some_and(|(ino, ctime_ns, len)| (ino, ctime_ns) == (seal.ino, seal.ctime_ns) && len >= seal.len)
         };
         if let Some((kept, recorded)) = seal.filter(unmoved).and_then(|seal| Recorded::sealed(&new.chunks, &seal)) {
-            return Resume { kept, recorded };
+            return HeldPrefix { kept, chunks: recorded };
         }
         let (kept, _) = crate::held::prefix(file, &new.chunks, self.buf.owned());
         let mut recorded = Recorded::default();
         new.chunks[..kept].iter().for_each(|chunk| recorded.push(&chunk.hash, chunk.len));
-        Resume { kept, recorded }
+        HeldPrefix { kept, chunks: recorded }
     }
 
     /// Waits for the sync under way, if any, and records the chunks it made durable in the index.
