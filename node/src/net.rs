@@ -445,17 +445,24 @@ mod tests {
         assert_eq!(piece_len(ferry_engine::Rate::UNLIMITED), 64 << 10);
     }
 
-    /// A stopped endpoint (quinn stops one whose socket fails) is replaced, not reused for the rest of
-    /// the round. A socket the kernel breaks cannot be made here, so the test closes the endpoint,
-    /// which puts it in the same state for `connect_with`.
-    #[tokio::test]
-    async fn a_stopped_endpoint_is_replaced_by_the_next_connection() {
+    /// A node listening on loopback that trusts a second one: the two identities, its endpoint and
+    /// its address.
+    fn a_listening_peer() -> (Identity, Identity, quinn::Endpoint, SocketAddr) {
         let server = Identity::generate().unwrap();
         let source = Identity::generate().unwrap();
         let trusted = TrustedPeers::default();
         trusted.write().unwrap().insert(source.node_id());
         let listening = server_endpoint(&server, trusted, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listening.local_addr().unwrap();
+        (server, source, listening, addr)
+    }
+
+    /// A stopped endpoint (quinn stops one whose socket fails) is replaced, not reused for the rest of
+    /// the round. A socket the kernel breaks cannot be made here, so the test closes the endpoint,
+    /// which puts it in the same state for `connect_with`.
+    #[tokio::test]
+    async fn a_stopped_endpoint_is_replaced_by_the_next_connection() {
+        let (server, source, listening, addr) = a_listening_peer();
         let accepting = tokio::spawn(async move {
             for _ in 0..2 {
                 let connection = listening.accept().await.unwrap().await.unwrap();
@@ -484,12 +491,7 @@ mod tests {
     /// reason, and the wait ends on the close's datagram, not on its time limit.
     #[tokio::test]
     async fn a_close_is_sent_before_close_sent_returns() {
-        let server = Identity::generate().unwrap();
-        let source = Identity::generate().unwrap();
-        let trusted = TrustedPeers::default();
-        trusted.write().unwrap().insert(source.node_id());
-        let listening = server_endpoint(&server, trusted, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listening.local_addr().unwrap();
+        let (server, source, listening, addr) = a_listening_peer();
         let accepting = tokio::spawn(async move { listening.accept().await.unwrap().await.unwrap().closed().await });
         let client = Client::default();
         let connection = client.connect(&source, server.node_id(), addr, Congestion::Cubic).await.unwrap();
