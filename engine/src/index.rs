@@ -131,10 +131,15 @@ impl IndexedFile {
         })
     }
 
+    /// Whether the file held `chunks` when the indexing read it.
+    pub fn held(&self, chunks: &[crate::manifest::ChunkRef]) -> bool {
+        crate::held::ChunkList::of(chunks) == self.digest
+    }
+
     /// Whether `stat` is still that file (the same inode, ctime and size) and it holds `chunks`.
     pub fn vouches_for(&self, stat: &Statx, chunks: &[crate::manifest::ChunkRef]) -> bool {
         (stat.stx_ino, nanos(&stat.stx_ctime), stat.stx_size) == (self.ino, self.ctime_ns, self.size)
-            && crate::held::ChunkList::of(chunks) == self.digest
+            && self.held(chunks)
     }
 }
 

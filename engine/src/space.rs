@@ -28,16 +28,11 @@ pub fn taken_over(adopt_whole: bool, check: &CheckReport) -> bool {
     adopt_whole && !check.entries_differ()
 }
 
-/// Does `index` locate each of `entry`'s chunks at its own path and offset?
+/// Did the indexing before a first round find `entry`'s content at its path (see
+/// [`IndexedFile`](crate::IndexedFile))? One lookup per file, in a table that is empty but for a
+/// pre-filled target's first round.
 fn in_place(index: &ChunkIndex, entry: &Entry) -> bool {
-    let mut offset = 0u64;
-    !entry.chunks.is_empty()
-        && entry.chunks.iter().all(|chunk| {
-            let here =
-                index.get(&chunk.hash).ok().flatten().is_some_and(|at| at.path == entry.path && at.offset == offset);
-            offset += u64::from(chunk.len);
-            here
-        })
+    index.indexed(&entry.path).ok().flatten().is_some_and(|found| found.held(&entry.chunks))
 }
 
 /// A round that does not fit its target's free space.
@@ -78,10 +73,10 @@ impl Space {
 
     /// Counts `step` if it writes a file's content (a file the target does not hold as the new
     /// manifest has it: new, changed, or found gone or changed in place by the check); says whether
-    /// it does. A file ferry takes over at its path whose chunks `index` says are already there, in
-    /// place (a pre-filled target, indexed before its first round), is not written again: the
-    /// index is given only for a round that adopts its target whole and whose check found nothing
-    /// gone (its hints into paths found gone are stale).
+    /// it does. A file ferry takes over at its path that the indexing before its first round found
+    /// there with this content (a pre-filled target; `index`'s [`IndexedFile`](crate::IndexedFile)
+    /// records) is not written again: the index is given only for a round that adopts its target
+    /// whole and whose check found nothing gone (what the indexing saw of paths found gone is stale).
     pub fn count(&mut self, step: &Step, index: Option<&ChunkIndex>) -> bool {
         let Some(pair) = step.pair().filter(|pair| Planner::writes_content(pair)) else { return false };
         let Some(new) = &pair.new else { return false };
