@@ -340,13 +340,19 @@ impl ChunkIndex {
         Ok(value.and_then(|value| postcard::from_bytes(value.value()).ok()))
     }
 
+    /// Whether the indexing before a first round recorded any file (an index that cannot be read
+    /// recorded none).
+    pub fn has_indexed(&self) -> bool {
+        let txn = self.db.begin_read();
+        let table = txn.ok().and_then(|txn| txn.open_table(INDEXED).ok());
+        table.is_some_and(|table| table.is_empty().is_ok_and(|empty| !empty))
+    }
+
     /// Forgets what the indexing before a first round found (that round has applied everything).
     pub fn forget_indexed(&mut self) -> Result<(), IndexError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        if txn.open_table(INDEXED).map_err(|e| self.err(e))?.is_empty().map_err(|e| self.err(e))? {
+        if !self.has_indexed() {
             return Ok(());
         }
-        drop(txn);
         let txn = self.write(false)?;
         txn.delete_table(INDEXED).map_err(|e| self.err(e))?;
         txn.open_table(INDEXED).map_err(|e| self.err(e))?;
@@ -598,9 +604,11 @@ mod tests {
 
         let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
         let path = RelPath::new(&b"f"[..]).unwrap();
+        assert!(!index.has_indexed());
         index.record_indexed([(&path, found)], true).unwrap();
+        assert!(index.has_indexed());
         assert_eq!(index.indexed(&path).unwrap(), Some(found));
         index.forget_indexed().unwrap();
-        assert_eq!(index.indexed(&path).unwrap(), None);
+        assert_eq!((index.indexed(&path).unwrap(), index.has_indexed()), (None, false));
     }
 }

@@ -39,7 +39,7 @@ use crate::manifest::{ChunkRef, Entry, EntryKind, ManifestReader, ManifestWriter
 use crate::path::RelPath;
 use crate::rootdir::RootDir;
 use crate::scan::{ScanError, ScanOptions, ScanReport, scan};
-use crate::space::{NoSpace, Space, taken_over};
+use crate::space::{NoSpace, Space};
 
 /// Reads the chunks the target lacks straight from the source tree. A file changed since the scan
 /// yields chunks that fail `apply`'s hash check: its entry fails, and the next round picks it up.
@@ -269,7 +269,7 @@ pub fn local_round(
     let check = check_target(target, (&side.committed, &side.kept), &mut index, &side.findings, check_options)?;
     // Before anything is written: does the round fit? (One more pass over both manifests.)
     let steps = checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw());
-    let space = space_of(steps, target, taken_over(side.adopt_whole, &check).then_some(&index))?;
+    let space = space_of(steps, target)?;
     if let Some(no_space) = space.refusal(target) {
         return Err(no_space.into());
     }
@@ -298,15 +298,12 @@ pub fn local_round(
     })
 }
 
-/// The space `steps` need in `target` (see [`Space::count`] for `index`).
-fn space_of(
-    steps: impl Iterator<Item = Result<Step, RecordFileError>>,
-    target: &Path,
-    index: Option<&ChunkIndex>,
-) -> Result<Space, RoundError> {
+/// The space `steps` need in `target`. A local round does not index what is in its target before
+/// its first round, so every file it writes counts (see [`Space::count`]).
+fn space_of(steps: impl Iterator<Item = Result<Step, RecordFileError>>, target: &Path) -> Result<Space, RoundError> {
     let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
     for step in steps {
-        space.count(&step?, index);
+        space.count(&step?, None);
     }
     Ok(space)
 }
@@ -375,10 +372,9 @@ pub fn local_plan(
     let mut planner = Planner::default();
     planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
     let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
-    let in_place = taken_over(side.adopt_whole, &check).then_some(&index);
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
         let step = step?;
-        space.count(&step, in_place);
+        space.count(&step, None);
         let Step::Apply(pair) = step else { continue };
         let Some(new) = &pair.new else {
             plan.gone += u64::from(pair.old.is_some());

@@ -22,10 +22,12 @@ pub struct Space {
     pub total: u64,
 }
 
-/// May the space preflight count files of a target ferry adopts whole as already in place where
-/// its chunk index says so ([`Space::count`])? Only when its check found nothing gone or changed.
-pub fn taken_over(adopt_whole: bool, check: &CheckReport) -> bool {
-    adopt_whole && !check.entries_differ()
+/// The chunk index, for the space preflight to leave out the files a destination's first round
+/// takes over in place ([`Space::count`]): only where the round adopts its target whole, its check
+/// found nothing gone or changed, and the indexing before it found files there; otherwise (every
+/// round into an empty target) the preflight looks nothing up.
+pub fn taken_over<'a>(adopt_whole: bool, check: &CheckReport, index: &'a ChunkIndex) -> Option<&'a ChunkIndex> {
+    (adopt_whole && !check.entries_differ() && index.has_indexed()).then_some(index)
 }
 
 /// Did the indexing before a first round find `entry`'s content at its path (see

@@ -170,7 +170,7 @@ pub(super) fn destination_round(
         let delta = hello.base.is_some() && hello.base == holds;
         let old = old_and_kept(&state)?;
         let steps_made = placed(patch(old, incoming, delta));
-        let in_place = ferry_engine::taken_over(adopt_whole, &check).then(|| index.clone());
+        let in_place = ferry_engine::taken_over(adopt_whole, &check, &index).cloned();
         let made = Fitting::new(steps_made, (&job.path, in_place), window.clone(), refused.clone())?;
         Streamed::start(made, flush)?;
         let applying =
@@ -253,7 +253,7 @@ pub(super) fn destination_round(
     let space = if end.base.is_some() && !check.entries_differ() {
         space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
     } else {
-        space::of_round(open_steps()?, &job.path, ferry_engine::taken_over(adopt_whole, &check).then_some(&index))?
+        space::of_round(open_steps()?, &job.path, ferry_engine::taken_over(adopt_whole, &check, &index))?
     };
     if dry_run {
         plan_only(placed(open_steps()?), &index, &space, &send)?;
