@@ -32,10 +32,10 @@ pub(crate) struct Args {
     /// One file of MIB MiB of random bytes, the initial round of each tool, in MB/s.
     #[arg(long, value_name = "MIB", conflicts_with_all = ["memory", "wan"])]
     pub(crate) single_file: Option<u64>,
-    /// ferry alone, a first round of `--files` files with the source in a memory cgroup of MIB MiB
-    /// (root, cgroup v1; the page cache dropped first): its reads from disk against the data, and
-    /// when its first chunk left.
-    #[arg(long, value_name = "MIB", conflicts_with_all = ["memory", "wan", "single_file"])]
+    /// ferry alone, a first round of `--files` files (or with `--single-file`, of that one file) with
+    /// the source in a memory cgroup of MIB MiB (root, cgroup v1; the page cache dropped first): its
+    /// reads from disk against the data, and when its first chunk left.
+    #[arg(long, value_name = "MIB", conflicts_with_all = ["memory", "wan"])]
     pub(crate) read_once: Option<u64>,
     /// ferry alone on trees of `--files` / 10 and `--files` small files: the peak RSS of each process.
     #[arg(long, conflicts_with = "wan")]

@@ -84,14 +84,14 @@ fn run() -> Result<()> {
     let source = root.join("source");
     // Kept until the end of the run: closing it frees the file, and its pages go back to free memory.
     let _filler = args.fill_memory.as_deref().map(MemoryFiller::fill).transpose()?;
+    if let Some(mib) = args.read_once {
+        return read_once(&args, &root, &source, mib);
+    }
     if let Some(mib) = args.single_file {
         return single_file(&args, &root, &source, mib);
     }
     if args.memory {
         return memory(&args, &root);
-    }
-    if let Some(mib) = args.read_once {
-        return read_once(&args, &root, &source, mib);
     }
     let started = Instant::now();
     let mut tree = TreeGenerator::create(&source, TreeSpec::with_files(args.files, args.seed))?;

@@ -1,4 +1,4 @@
-//! `--read-once MIB`: the source's reads from storage in a first round of a tree larger than the
+//! `--read-once MIB`: the source's reads from storage in a first round of a tree (or one file) larger than the
 //! memory it may use (a cgroup v1 memory limit of MIB MiB, with the page cache dropped first, as on
 //! a store larger than the machine's memory), against the data; and how soon the first chunk left.
 
@@ -10,6 +10,7 @@ use crate::args::{Args, Result};
 use crate::ferry::FerryPair;
 use crate::measure::storage_reads;
 use crate::rsync::Net;
+use crate::single::write_blob;
 
 /// A memory cgroup of its own (cgroup v1), removed when dropped.
 pub(crate) struct MemoryLimit(PathBuf);
@@ -34,10 +35,19 @@ impl Drop for MemoryLimit {
     }
 }
 
-/// The first round of a generated tree of `--files` files, its source in a memory cgroup of `mib`
-/// MiB, the page cache dropped first.
+/// The first round of a generated tree of `--files` files (or of one file of `--single-file` MiB),
+/// its source in a memory cgroup of `mib` MiB, the page cache dropped first.
 pub(crate) fn read_once(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> {
-    TreeGenerator::create(source, TreeSpec::with_files(args.files, args.seed))?;
+    let what = match args.single_file {
+        Some(size) => {
+            write_blob(source, size, args.seed)?;
+            format!("one file of {size} MiB")
+        }
+        None => {
+            TreeGenerator::create(source, TreeSpec::with_files(args.files, args.seed))?;
+            format!("{} files", args.files)
+        }
+    };
     let data = file_bytes(source)?;
     let limit = MemoryLimit::create(mib << 20)?;
     let mut ferry = FerryPair::start(&args.ferry, root, source, &Net::loopback())?;
@@ -59,14 +69,13 @@ pub(crate) fn read_once(args: &Args, root: &Path, source: &Path, mib: u64) -> Re
     let floor = own_storage_reads()? - before;
     let seconds = |d: Option<std::time::Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}", d.as_secs_f64()));
     let out = format!(
-        "First round of {} files ({data} bytes of file data), the source limited to {mib} MiB of memory \
-         (`ferry-bench --read-once {mib} --files {}`); the floor: reading every file once from a cold \
+        "First round of {what} ({data} bytes of file data), the source limited to {mib} MiB of memory \
+         (`ferry-bench --read-once {mib} {}`); the floor: reading every file once from a cold \
          cache, in one process:\n\n\
          | wall s | scan s | first chunk s | source's peak RSS MiB | source's reads from storage | of the data | floor | of the floor |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|\n\
          | {:.2} | {} | {} | {} | {read} | {:.3}× | {floor} | {:.3}× |\n",
-        args.files,
-        args.files,
+        args.single_file.map_or_else(|| format!("--files {}", args.files), |size| format!("--single-file {size}")),
         m.wall.as_secs_f64(),
         seconds(m.scan),
         seconds(m.first_byte),

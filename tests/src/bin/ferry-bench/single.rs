@@ -9,11 +9,12 @@ use crate::floors::disk_floor;
 use crate::render::single_file_bounds;
 use crate::rsync::{Net, Rsync};
 
-/// One large file of random bytes, the initial round of each tool.
-pub(crate) fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> {
+/// Writes `source`/blob, `mib` MiB (rounded up to 8) of random bytes from `seed`, synced; returns
+/// its size.
+pub(crate) fn write_blob(source: &Path, mib: u64, seed: u64) -> Result<u64> {
     use rand::{RngExt, SeedableRng};
     std::fs::create_dir_all(source)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut file = std::io::BufWriter::new(std::fs::File::create(source.join("blob"))?);
     let mut block = vec![0u8; 8 << 20];
     for _ in 0..mib.div_ceil(8) {
@@ -21,7 +22,12 @@ pub(crate) fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> 
         file.write_all(&block)?;
     }
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    let bytes = mib.div_ceil(8) * (8 << 20);
+    Ok(mib.div_ceil(8) * (8 << 20))
+}
+
+/// One large file of random bytes, the initial round of each tool.
+pub(crate) fn single_file(args: &Args, root: &Path, source: &Path, mib: u64) -> Result<()> {
+    let bytes = write_blob(source, mib, args.seed)?;
     let net = Net { one_core_each: args.one_core_each, ..Net::loopback() };
     let mut ferry = FerryPair::start(&args.ferry, root, source, &net)?;
     ferry.congestion.clone_from(&args.congestion);
