@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::apply::{Planner, Step};
+use crate::apply::{LARGE_FILE, Planner, Step, partial_name};
 use crate::check::CheckReport;
 use crate::human;
 use crate::index::ChunkIndex;
 use crate::manifest::Entry;
+use crate::path::{RelPath, STAGING_DIR};
 
 /// The disk space a round needs in its target, and what there is.
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct Space {
     pub available: u64,
     /// The filesystem's size.
     pub total: u64,
+    /// The target's staging folder, where an interrupted round left its large files in progress.
+    staging: PathBuf,
 }
 
 /// The chunk index, for the space preflight to leave out the files a destination's first round
@@ -70,6 +73,7 @@ impl Space {
             needed: 0,
             available: stat.f_bavail.saturating_mul(stat.f_frsize),
             total: stat.f_blocks.saturating_mul(stat.f_frsize),
+            staging: target.join(STAGING_DIR),
         })
     }
 
@@ -85,14 +89,29 @@ impl Space {
         if pair.old.is_none() && index.is_some_and(|index| in_place(index, new)) {
             return false;
         }
-        self.add_file(new.size)
+        self.add_file(&new.path, new.size)
     }
 
-    /// Counts a file of `size` bytes the round writes; `true`.
-    pub fn add_file(&mut self, size: u64) -> bool {
+    /// Counts a file of `size` bytes the round writes at `path`; `true`. A large file that an
+    /// interrupted round left in progress is built on its partial file, whose bytes already take
+    /// their room: only the rest counts (else a file that takes several nights to arrive on a nearly
+    /// full disk would be refused the night it could finish).
+    pub fn add_file(&mut self, path: &RelPath, size: u64) -> bool {
+        let in_progress = if size >= LARGE_FILE { self.partial_len(path) } else { 0 };
         self.files += 1;
-        self.needed = self.needed.saturating_add(size);
+        self.needed = self.needed.saturating_add(size.saturating_sub(in_progress));
         true
+    }
+
+    /// How long the partial file of `path` is, if there is one (a regular file in the staging folder,
+    /// itself a folder: nothing is followed).
+    fn partial_len(&self, path: &RelPath) -> u64 {
+        use std::os::unix::ffi::OsStrExt;
+        if !std::fs::symlink_metadata(&self.staging).is_ok_and(|m| m.is_dir()) {
+            return 0;
+        }
+        let partial = self.staging.join(std::ffi::OsStr::from_bytes(&partial_name(path)));
+        std::fs::symlink_metadata(partial).ok().filter(std::fs::Metadata::is_file).map_or(0, |m| m.len())
     }
 
     /// Room kept free beyond the round's own bytes: 2% of the filesystem (at most 1 GiB), plus 1 MiB
@@ -147,5 +166,28 @@ mod tests {
         let refusal = full.refusal(Path::new("/srv/migration")).expect("does not fit").to_string();
         assert!(refusal.contains("/srv/migration") && refusal.contains("2 files (170 B)"), "{refusal}");
         assert!(Space { available: space.wanted(), ..space }.refusal(Path::new("/srv")).is_none());
+    }
+
+    #[test]
+    fn a_large_file_in_progress_counts_only_what_its_partial_file_lacks() {
+        let target = tempfile::tempdir().unwrap();
+        let staging = target.path().join(STAGING_DIR);
+        std::fs::create_dir(&staging).unwrap();
+        let partial = |name: &str| {
+            staging.join(std::str::from_utf8(&partial_name(&RelPath::new(name.as_bytes()).unwrap())).unwrap())
+        };
+        // Sparse: the length is what counts, as the rest is written after it.
+        std::fs::File::create(partial("archive")).unwrap().set_len(30 << 20).unwrap();
+        std::fs::File::create(partial("small")).unwrap().set_len(1 << 20).unwrap();
+        std::os::unix::fs::symlink(target.path().join("elsewhere"), partial("linked")).unwrap();
+        std::fs::File::create(target.path().join("elsewhere")).unwrap().set_len(30 << 20).unwrap();
+
+        let mut space = Space::at(target.path()).unwrap();
+        for (name, size) in [("archive", 40 << 20), ("small", 2 << 20), ("linked", 40 << 20), ("new", 40 << 20)] {
+            assert!(space.count(&Step::from(Pair { old: None, new: Some(file(name, size, 1)) }), None));
+        }
+        // The archive's 30 MiB are in place already; a file under the large-file size is built
+        // whole, not on a partial file, and a symlink is not a partial file.
+        assert_eq!((space.files, space.needed), (4, (10 << 20) + (2 << 20) + (40 << 20) + (40 << 20)));
     }
 }

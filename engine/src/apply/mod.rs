@@ -40,6 +40,7 @@ pub use applier::Applier;
 pub use options::{Adopt, ApplyError, ApplyOptions, ApplyReport};
 pub use plan::{Needed, Planner, Step};
 pub use source::{ChunkBuf, ChunkSource, FetchError, Fetched, LARGE_FILE};
+pub(crate) use sys::partial_name;
 
 /// Applies the pairs (old manifest × new manifest, sorted) to `target`, writing to `committed` the
 /// manifest of what the target then holds.

@@ -134,7 +134,7 @@ pub(super) fn link_unnamed(fd: &OwnedFd, dir: impl std::os::fd::AsFd, name: &[u8
 const PARTIAL_PREFIX: &[u8] = b"partial-";
 
 /// The name of the partial file for `path` in the staging folder.
-pub(super) fn partial_name(path: &RelPath) -> Vec<u8> {
+pub(crate) fn partial_name(path: &RelPath) -> Vec<u8> {
     let hash = blake3::hash(path.as_bytes());
     [PARTIAL_PREFIX, hash.to_hex()[..32].as_bytes()].concat()
 }

@@ -32,7 +32,7 @@ pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow
             && entry.hard_link_to.is_none()
             && !change.content_as_before
         {
-            space.add_file(entry.size);
+            space.add_file(&entry.path, entry.size);
         }
     }
     Ok(space)

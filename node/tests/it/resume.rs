@@ -258,3 +258,34 @@ fn a_large_file_survives_a_full_disk() {
     // What was written before the write that failed is kept too (without it, 1.19×).
     assert!(total < SIZE + SIZE / 8, "{total} bytes on the wire for {SIZE}");
 }
+
+#[test]
+fn a_large_file_in_progress_resumes_on_a_disk_without_room_for_it_whole() {
+    if !is_root() {
+        eprintln!("SKIPPED: the nearly-full-disk resume test mounts a tmpfs and needs root");
+        return;
+    }
+    let scene = Scene::with_disk(76, Some("100m"));
+    let kept = scene.stop_at_a_deadline();
+    // Something else takes the room, leaving what the rest of the file needs with the preflight's
+    // margin (2% of the filesystem and 1 MiB) and a little more, but not room for the whole file:
+    // the part in progress already takes its own.
+    let disk = &scene.disk.as_ref().unwrap().0;
+    let stat = rustix::fs::statvfs(disk).unwrap();
+    let (free, total) = (stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize);
+    let margin = total / 50 + (1 << 20);
+    let leave = (SIZE - kept) + margin + (4 << 20);
+    assert!(leave < SIZE + margin, "{kept} bytes kept: the whole file would fit");
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(disk.join("filler")).unwrap();
+        let block = vec![7u8; 1 << 20];
+        let mut left = free - leave;
+        while left > 0 {
+            let n = left.min(block.len() as u64);
+            filler.write_all(&block[..n as usize]).unwrap();
+            left -= n;
+        }
+    }
+    scene.finish("a nearly full disk");
+}
