@@ -112,9 +112,12 @@ impl CheckReport {
     /// One line for people: what differed.
     pub fn summary(&self) -> String {
         format!(
-            "{} missing, {} changed in place, {} replaced by something ferry did not put there, {} folders \
-             with another mode or mtime",
-            self.missing, self.changed, self.foreign, self.folders
+            "{} missing, {} changed in place, {} replaced by something ferry did not put there, {} with \
+             another mode or mtime",
+            self.missing,
+            self.changed,
+            self.foreign,
+            crate::human::counted(self.folders, "folder")
         )
     }
 }

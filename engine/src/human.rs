@@ -25,6 +25,18 @@ pub fn count(n: u64) -> String {
     out
 }
 
+/// `(1, "file")` → `1 file`, `(20000, "entry")` → `20,000 entries`: a count and its noun.
+pub fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        return format!("1 {noun}");
+    }
+    let plural = match noun.strip_suffix('y') {
+        Some(stem) if !stem.ends_with(['a', 'e', 'o', 'u']) => format!("{stem}ies"),
+        _ => format!("{noun}s"),
+    };
+    format!("{} {plural}", count(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +47,10 @@ mod tests {
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(count(1234567), "1,234,567");
         assert_eq!(count(12), "12");
+        assert_eq!(counted(1, "file"), "1 file");
+        assert_eq!(counted(0, "file"), "0 files");
+        assert_eq!(counted(20_000, "entry"), "20,000 entries");
+        assert_eq!(counted(2, "hard link"), "2 hard links");
+        assert_eq!(counted(3, "day"), "3 days");
     }
 }

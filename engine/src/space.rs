@@ -43,9 +43,9 @@ fn in_place(index: &ChunkIndex, entry: &Entry) -> bool {
 /// A round that does not fit its target's free space.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "not enough space in {}: the round writes {} files ({}), which needs {} with the margin, and {} is free; free some space or grow the filesystem, then run the round again",
+    "not enough space in {}: the round writes {} ({}), which needs {} with the margin, and {} is free; free some space or grow the filesystem, then run the round again",
     target.display(),
-    human::count(space.files),
+    human::counted(space.files, "file"),
     human::bytes(space.needed),
     human::bytes(space.wanted()),
     human::bytes(space.available)

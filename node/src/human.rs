@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-pub(crate) use ferry_engine::human::{bytes, count};
+pub(crate) use ferry_engine::human::{bytes, count, counted};
 
 /// `Duration` → `2.31 s` or `4 min 03 s`.
 pub(crate) fn duration(d: Duration) -> String {

@@ -151,20 +151,19 @@ pub(crate) fn exit_code(report: &LocalRoundReport) -> i32 {
 fn print_plan(source: &Path, target: &Path, plan: &LocalPlan, delete: bool) {
     println!("dry run: {} -> {}", source.display(), target.display());
     println!(
-        "  would write {} files ({}; {} to copy from the source after deduplication), {} metadata-only, \
-         {} folders, {} links",
-        human::count(plan.files),
+        "  would write {} ({}; {} to copy from the source after deduplication), {} metadata-only, {}, {}",
+        human::counted(plan.files, "file"),
         human::bytes(plan.changed_bytes),
         human::bytes(plan.copy_bytes),
         human::count(plan.metadata),
-        human::count(plan.folders),
-        human::count(plan.links),
+        human::counted(plan.folders, "folder"),
+        human::counted(plan.links, "link"),
     );
     if plan.gone > 0 {
         println!(
-            "  {} {} paths the source no longer has",
+            "  {} {} the source no longer has",
             if delete { "would remove (those ferry wrote)" } else { "would keep" },
-            human::count(plan.gone)
+            human::counted(plan.gone, "path")
         );
     }
     if plan.adopted {
@@ -196,28 +195,28 @@ pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundRep
     let (scan, apply) = (&report.scan, &report.apply);
     println!("round done in {}: {} -> {}", human::duration(report.duration), source.display(), target.display());
     println!(
-        "  checked  {} entries of the target in {}{}",
-        human::count(report.check.entries),
+        "  checked  {} of the target in {}{}",
+        human::counted(report.check.entries, "entry"),
         human::duration(report.check.duration),
         if report.check.is_clean() { ", as ferry left them" } else { "" }
     );
     print_check(&report.check);
     println!(
-        "  scanned  {} entries, {} files ({}); read {} files ({}), the others unchanged since the last scan",
-        human::count(scan.entries),
-        human::count(scan.files),
+        "  scanned  {}, {} ({}); read {} ({}), the others unchanged since the last scan",
+        human::counted(scan.entries, "entry"),
+        human::counted(scan.files, "file"),
         human::bytes(scan.file_bytes),
-        human::count(scan.files_read),
+        human::counted(scan.files_read, "file"),
         human::bytes(scan.bytes_read),
     );
     println!(
-        "  applied  {} files written ({}), {} metadata-only, {} folders created, {} symlinks, {} hard links, {} removed",
-        human::count(apply.files_written),
+        "  applied  {} written ({}), {} metadata-only, {} created, {}, {}, {} removed",
+        human::counted(apply.files_written, "file"),
         human::bytes(apply.bytes_written),
         human::count(apply.metadata_updated),
-        human::count(apply.dirs_created),
-        human::count(apply.symlinks),
-        human::count(apply.hard_links),
+        human::counted(apply.dirs_created, "folder"),
+        human::counted(apply.symlinks, "symlink"),
+        human::counted(apply.hard_links, "hard link"),
         human::count(apply.deleted),
     );
     println!(
@@ -229,8 +228,8 @@ pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundRep
     );
     if apply.kept > 0 {
         println!(
-            "  kept     {} paths the source no longer has ({})",
-            human::count(apply.kept),
+            "  kept     {} the source no longer has ({})",
+            human::counted(apply.kept, "path"),
             if delete {
                 "folders that hold files ferry did not put there"
             } else {
@@ -240,16 +239,16 @@ pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundRep
     }
     if scan.changed_while_read_count > 0 {
         eprintln!(
-            "warning: {} files changed while they were read and were left for the next round, e.g. {}",
-            scan.changed_while_read_count,
+            "warning: {} changed while read and left for the next round, e.g. {}",
+            human::counted(scan.changed_while_read_count, "file"),
             scan.changed_while_read.join(", ")
         );
     }
     if scan.skipped_count > 0 {
-        eprintln!("warning: {} paths skipped: {}", scan.skipped_count, scan.skipped.join("; "));
+        eprintln!("warning: {} skipped: {}", human::counted(scan.skipped_count, "path"), scan.skipped.join("; "));
     }
     if apply.failure_count > 0 {
-        eprintln!("error: {} entries could not be applied:", apply.failure_count);
+        eprintln!("error: {} could not be applied:", human::counted(apply.failure_count, "entry"));
         for failure in &apply.failures {
             eprintln!("  {failure}");
         }

@@ -53,7 +53,7 @@ pub fn print(log: &Log) {
     for LogEntry { side, record } in &log.rounds {
         let mut line = format!("{}  {side:<8}  round {:>4}  {:<18}", record.time, record.round, record.event);
         if let Some(files) = record.files_written {
-            line.push_str(&format!("  {} files", crate::human::count(files)));
+            line.push_str(&format!("  {}", crate::human::counted(files, "file")));
         }
         if let Some(bytes) = record.bytes {
             let what = if *side == "sent" { "on the wire" } else { "written" };

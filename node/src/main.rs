@@ -71,14 +71,14 @@ fn main() {
                 }
                 if !report.folder_mtimes_moved.is_empty() {
                     println!(
-                        "{} folders hold files only the target has (the import's), which moved their mtimes: {}",
-                        report.folder_mtimes_moved.len(),
+                        "{} hold files only the target has (the import's), which moved their mtimes: {}",
+                        ferry_engine::human::counted(report.folder_mtimes_moved.len() as u64, "folder"),
                         report.folder_mtimes_moved.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
                     );
                 }
                 println!(
-                    "{} entries of round {} checked: {}",
-                    report.checked,
+                    "{} of round {} checked: {}",
+                    ferry_engine::human::counted(report.checked, "entry"),
                     report.round,
                     if report.differences.is_empty() {
                         "the target matches".to_owned()

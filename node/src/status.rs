@@ -110,7 +110,7 @@ fn print_record(record: &Record) {
         record.event,
         record.round,
         record.root_hash.as_deref().map(|h| format!("root {} ", &h[..8.min(h.len())])).unwrap_or_default(),
-        record.files_written.map(|f| format!("{f} files ")).unwrap_or_default(),
+        record.files_written.map(|f| format!("{} ", crate::human::counted(f, "file"))).unwrap_or_default(),
         record.in_sync.map(|s| if s { "in sync" } else { "INCOMPLETE" }).unwrap_or_default(),
         import
     );

@@ -405,8 +405,8 @@ pub(super) fn commit_round(
 ) -> anyhow::Result<RoundEnd> {
     let job = round.job;
     tracing::info!(
-        "applied {} files ({}) in {:.1} s, {:.1} s of it waiting for the disk's syncs",
-        report.files_written,
+        "applied {} ({}) in {:.1} s, {:.1} s of it waiting for the disk's syncs",
+        crate::human::counted(report.files_written, "file"),
         crate::human::bytes(report.bytes_written),
         report.duration.as_secs_f64(),
         report.sync_wait.as_secs_f64()
@@ -420,7 +420,8 @@ pub(super) fn commit_round(
     state.set_holds(done)?;
     let _ = std::fs::remove_file(state.round_marker());
     if root != expected {
-        tracing::warn!("round {} is incomplete: {} entries failed", done.round, report.failure_count);
+        let failed = crate::human::counted(report.failure_count, "entry");
+        tracing::warn!("round {} is incomplete: {failed} failed", done.round);
     }
     crate::history::append(
         &state.history(),
@@ -592,8 +593,8 @@ pub(super) fn index_existing(
             tell_until(finished, told, || {
                 notify(format!(
                     "indexing what is already in {shown} before its first round, so that it is not sent again \
-                     (every file there is read once): {} entries, {} read in {}",
-                    ferry_engine::human::count(progress.entries()),
+                     (every file there is read once): {}, {} read in {}",
+                    crate::human::counted(progress.entries(), "entry"),
                     ferry_engine::human::bytes(progress.bytes()),
                     crate::human::duration(started.elapsed())
                 ));
@@ -628,8 +629,8 @@ pub(super) fn index_existing(
     let _ = std::fs::remove_file(&cache);
     if report.files > 0 {
         let text = format!(
-            "indexed the {} files ({}) already in {shown} in {}: what they hold is not sent again",
-            ferry_engine::human::count(report.files),
+            "indexed {} ({}) already in {shown} in {}: what they hold is not sent again",
+            crate::human::counted(report.files, "file"),
             ferry_engine::human::bytes(report.file_bytes),
             crate::human::duration(started.elapsed())
         );

@@ -257,9 +257,8 @@ impl Window {
             }
             let damaged = bad.iter().filter(|h| state.round.damaged(h)).count();
             if damaged > 0 {
-                tracing::warn!(
-                    "{damaged} chunks arrived damaged (hash mismatch); their files are left for the next round"
-                );
+                let damaged = crate::human::counted(damaged as u64, "chunk");
+                tracing::warn!("{damaged} arrived damaged (hash mismatch); their files are left for the next round");
             }
             for (hash, data) in good {
                 let chunks = &state.chunks;

@@ -269,7 +269,8 @@ pub(super) async fn drive(
             },
             report = next_report(&mut transfer) => match report {
                 FromReader::Missing(missing) => {
-                    tracing::warn!("{} chunks could not be read (files changed since the scan)", missing.len());
+                    let chunks = crate::human::counted(missing.len() as u64, "chunk");
+                    tracing::warn!("{chunks} could not be read (files changed since the scan)");
                     machine.handle(SourceInput::Unreadable(missing), Instant::now());
                 }
                 FromReader::Failed(why) => machine.handle(SourceInput::ReadFailed(why), Instant::now()),

@@ -134,10 +134,10 @@ pub fn print_dry_run(report: &DryRunReport, json: bool) {
         return print_json(report);
     }
     println!(
-        "dry run of {}: {} changes, {} files to write ({} of changed files, {} after deduplication)",
+        "dry run of {}: {}, {} to write ({} of changed files, {} after deduplication)",
         report.job,
-        crate::human::count(report.changes),
-        crate::human::count(report.files),
+        crate::human::counted(report.changes, "change"),
+        crate::human::counted(report.files, "file"),
         crate::human::bytes(report.changed_bytes),
         crate::human::bytes(report.need_bytes)
     );

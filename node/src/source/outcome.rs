@@ -13,24 +13,24 @@ pub struct Unreachable(pub String);
 /// `--max-duration` ran out: the round stopped cleanly and the next one goes on from there.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks} chunks; what arrived is kept (the files that arrived whole in place, the arrived part of a file of 8 MiB or more still in progress for the next round): run the round again to go on"
+    "stopped at the deadline (--max-duration {limit}) after sending {sent} in {chunks}; what arrived is kept (the files that arrived whole in place, the arrived part of a file of 8 MiB or more still in progress for the next round): run the round again to go on"
 )]
 pub struct StoppedAtDeadline {
     pub(super) limit: String,
     pub(super) sent: String,
-    pub(super) chunks: u64,
+    pub(super) chunks: String,
 }
 
 /// The connection was lost in the middle of the round: worth reconnecting.
 /// A signal (SIGTERM, SIGINT) stopped the round cleanly: what arrived is kept.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stopped by {signal} after sending {sent} in {chunks} chunks; what arrived is kept (the files that arrived whole in place, the arrived part of a file of 8 MiB or more still in progress for the next round): run the round again to go on"
+    "stopped by {signal} after sending {sent} in {chunks}; what arrived is kept (the files that arrived whole in place, the arrived part of a file of 8 MiB or more still in progress for the next round): run the round again to go on"
 )]
 pub struct StoppedBySignal {
     pub(super) signal: &'static str,
     pub(super) sent: String,
-    pub(super) chunks: u64,
+    pub(super) chunks: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub(super) fn deadline_error(options: &PushOptions, sent: &Counters) -> StoppedA
     StoppedAtDeadline {
         limit: max_duration_text(options),
         sent: crate::human::bytes(sent.bytes.load(Ordering::Relaxed)),
-        chunks: sent.chunks.load(Ordering::Relaxed),
+        chunks: crate::human::counted(sent.chunks.load(Ordering::Relaxed), "chunk"),
     }
 }
 
@@ -54,6 +54,6 @@ pub(super) fn stopped_error(signal: &'static str, sent: &Counters) -> StoppedByS
     StoppedBySignal {
         signal,
         sent: crate::human::bytes(sent.bytes.load(Ordering::Relaxed)),
-        chunks: sent.chunks.load(Ordering::Relaxed),
+        chunks: crate::human::counted(sent.chunks.load(Ordering::Relaxed), "chunk"),
     }
 }

@@ -89,16 +89,16 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         return print_json(report);
     }
     println!(
-        "round {} of {} committed in {}: {} changes, {} files written on the destination",
+        "round {} of {} committed in {}: {}, {} written on the destination",
         report.round,
         report.job,
         crate::human::duration(Duration::from_millis(report.duration_ms)),
-        crate::human::count(report.changes),
-        crate::human::count(report.files_changed)
+        crate::human::counted(report.changes, "change"),
+        crate::human::counted(report.files_changed, "file")
     );
     println!(
-        "  sent {} chunks ({}), {} on the wire; read {} here, scanned in {}",
-        crate::human::count(report.chunks_sent),
+        "  sent {} ({}), {} on the wire; read {} here, scanned in {}",
+        crate::human::counted(report.chunks_sent, "chunk"),
         crate::human::bytes(report.chunk_bytes),
         crate::human::bytes(report.bytes_on_wire),
         crate::human::bytes(report.bytes_read),
@@ -125,7 +125,10 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         None => {}
     }
     if report.failure_count > 0 {
-        eprintln!("error: {} entries could not be applied on the destination:", report.failure_count);
+        eprintln!(
+            "error: {} could not be applied on the destination:",
+            crate::human::counted(report.failure_count, "entry")
+        );
         for failure in &report.failures {
             eprintln!("  {failure}");
         }
@@ -137,10 +140,14 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         let found = check.missing + check.changed + check.foreign + check.folders;
         let what =
             if found == 0 { "all as ferry left them".to_owned() } else { format!("{found} not as ferry left them") };
-        println!("  destination checked {} entries of its target in {} ms: {what}", check.entries, check.duration_ms);
+        let entries = crate::human::counted(check.entries, "entry");
+        println!("  destination checked {entries} of its target in {} ms: {what}", check.duration_ms);
     }
     if report.skipped_count > 0 {
-        eprintln!("error: {} entries of this tree were not carried (so it cannot match):", report.skipped_count);
+        eprintln!(
+            "error: {} of this tree not carried (so it cannot match):",
+            crate::human::counted(report.skipped_count, "entry")
+        );
         for skipped in &report.skipped {
             eprintln!("  {skipped}");
         }

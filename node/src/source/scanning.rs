@@ -82,8 +82,8 @@ impl Scanning {
                     Ok(report) => {
                         if report.changed_while_read_count > 0 {
                             tracing::warn!(
-                                "{} files changed while they were read; they are left for the next round (e.g. {})",
-                                report.changed_while_read_count,
+                                "{} changed while read; left for the next round (e.g. {})",
+                                crate::human::counted(report.changed_while_read_count, "file"),
                                 report.changed_while_read.join(", ")
                             );
                         }
