@@ -44,6 +44,15 @@ impl Scene {
         Self { setup, proxy, source, target, disk }
     }
 
+    /// The target on a tmpfs of 100 MiB, for `what`; `None` (the test skipped) unless root.
+    fn on_tmpfs(seed: u64, what: &str) -> Option<Self> {
+        if !is_root() {
+            eprintln!("SKIPPED: {what} mounts a tmpfs and needs root");
+            return None;
+        }
+        Some(Self::with_disk(seed, Some("100m")))
+    }
+
     fn start_sync(&self, extra: &[&str]) -> Child {
         let args = [&["sync", "--round", "zimbra", "--bwlimit", RATE, "--json"], extra].concat();
         let stderr = crate::network::debug_log("sync");
@@ -233,22 +242,13 @@ fn a_large_file_survives_a_connection_lost_beyond_the_grace() {
 
 #[test]
 fn a_large_file_survives_a_full_disk() {
-    if !is_root() {
-        eprintln!("SKIPPED: the full-disk resume test mounts a tmpfs and needs root");
-        return;
-    }
     // Room for the file when the round begins (the preflight lets it through); a third of the way,
     // something else takes all the room left.
-    let scene = Scene::with_disk(75, Some("100m"));
+    let Some(scene) = Scene::on_tmpfs(75, "the full-disk resume test") else { return };
     let sync = scene.start_sync(&[]);
     scene.wait_for_partial(INTERRUPTED_AT);
     let filler = scene.disk.as_ref().unwrap().0.join("filler");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let block = vec![7u8; 1 << 20];
-        while file.write_all(&block).is_ok() {}
-    }
+    fill(&filler, u64::MAX);
     let out = wait_within(sync, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "the round cannot end well on a full disk");
     let kept = partial_bytes(&scene.target);
@@ -261,11 +261,7 @@ fn a_large_file_survives_a_full_disk() {
 
 #[test]
 fn a_large_file_in_progress_resumes_on_a_disk_without_room_for_it_whole() {
-    if !is_root() {
-        eprintln!("SKIPPED: the nearly-full-disk resume test mounts a tmpfs and needs root");
-        return;
-    }
-    let scene = Scene::with_disk(76, Some("100m"));
+    let Some(scene) = Scene::on_tmpfs(76, "the nearly-full-disk resume test") else { return };
     let kept = scene.stop_at_a_deadline();
     // Something else takes the room, leaving what the rest of the file needs with the preflight's
     // margin (2% of the filesystem and 1 MiB) and a little more, but not room for the whole file:
@@ -276,16 +272,22 @@ fn a_large_file_in_progress_resumes_on_a_disk_without_room_for_it_whole() {
     let margin = total / 50 + (1 << 20);
     let leave = (SIZE - kept) + margin + (4 << 20);
     assert!(leave < SIZE + margin, "{kept} bytes kept: the whole file would fit");
-    {
-        use std::io::Write;
-        let mut filler = std::fs::File::create(disk.join("filler")).unwrap();
-        let block = vec![7u8; 1 << 20];
-        let mut left = free - leave;
-        while left > 0 {
-            let n = left.min(block.len() as u64);
-            filler.write_all(&block[..n as usize]).unwrap();
-            left -= n;
-        }
-    }
+    assert_eq!(fill(&disk.join("filler"), free - leave), free - leave);
     scene.finish("a nearly full disk");
+}
+
+/// Writes `bytes` into a new file at `path`, or as many as fit; returns how many.
+fn fill(path: &Path, bytes: u64) -> u64 {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![7u8; 1 << 20];
+    let mut written = 0;
+    while written < bytes {
+        let n = (bytes - written).min(block.len() as u64) as usize;
+        if file.write_all(&block[..n]).is_err() {
+            break;
+        }
+        written += n as u64;
+    }
+    written
 }
