@@ -304,6 +304,48 @@ impl ChunkIndex {
         Ok(value.and_then(|value| postcard::from_bytes(value.value()).ok()))
     }
 
+    /// Forgets the chunks of every partial file whose name is not in `present` (the staging folder's):
+    /// one removed by hand leaves hints that the planner would trust and the applier could not read.
+    /// Reads only the seals (one per partial file) unless one is gone.
+    pub fn forget_partials_but(&mut self, present: &[Vec<u8>]) -> Result<(), IndexError> {
+        let gone: Vec<Vec<u8>> = {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let seals = txn.open_table(PARTIAL_SEALS).map_err(|e| self.err(e))?;
+            if present.is_empty() {
+                // Chunks recorded before seals were kept have none: all go with the last file.
+                let partial = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+                let recorded =
+                    !partial.is_empty().map_err(|e| self.err(e))? || !seals.is_empty().map_err(|e| self.err(e))?;
+                return if recorded { self.forget_partials() } else { Ok(()) };
+            }
+            let mut gone = Vec::new();
+            for seal in seals.iter().map_err(|e| self.err(e))? {
+                let name = seal.map_err(|e| self.err(e))?.0.value().to_vec();
+                if !present.contains(&name) {
+                    gone.push(name);
+                }
+            }
+            gone
+        };
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let txn = self.write(false)?;
+        {
+            let mut partial = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+            partial
+                .retain(|_, value| {
+                    postcard::from_bytes::<PartialChunk>(value).is_ok_and(|chunk| !gone.contains(&chunk.name))
+                })
+                .map_err(|e| self.err(e))?;
+            let mut seals = txn.open_table(PARTIAL_SEALS).map_err(|e| self.err(e))?;
+            for name in &gone {
+                seals.remove(&name[..]).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Forgets every chunk of every partial file (their files are being removed).
     pub fn forget_partials(&mut self) -> Result<(), IndexError> {
         let txn = self.write(false)?;
@@ -544,6 +586,23 @@ mod tests {
         index.forget_partials().unwrap();
         assert_eq!(index.get(&b).unwrap(), None);
         assert_eq!(index.partial_seal(b"partial-1").unwrap(), None);
+    }
+
+    #[test]
+    fn chunks_of_partial_files_that_are_gone_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
+        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
+        let seal = PartialSeal { ino: 12, ctime_ns: 34, len: 1, digest: [5; 32] };
+        index.record_partial(b"partial-1", [(a, 0, 1)], Some(seal), true).unwrap();
+        index.record_partial(b"partial-2", [(b, 0, 1)], Some(seal), true).unwrap();
+        index.forget_partials_but(&[b"partial-1".to_vec(), b"partial-2".to_vec()]).unwrap();
+        assert!(index.get(&a).unwrap().is_some() && index.get(&b).unwrap().is_some(), "both are there");
+        index.forget_partials_but(&[b"partial-1".to_vec()]).unwrap();
+        assert!(index.get(&a).unwrap().is_some() && index.partial_seal(b"partial-1").unwrap().is_some());
+        assert_eq!((index.get(&b).unwrap(), index.partial_seal(b"partial-2").unwrap()), (None, None));
+        index.forget_partials_but(&[]).unwrap();
+        assert_eq!((index.get(&a).unwrap(), index.partial_seal(b"partial-1").unwrap()), (None, None));
     }
 
     #[test]

@@ -40,7 +40,9 @@ impl<'a> Applier<'a> {
             path: target.display().to_string(),
             source: e,
         })?;
-        let staging = open_staging(&root)?;
+        let (staging, partials) = open_staging(&root)?;
+        // Hints into partial files that are gone (removed by hand) would fail the files they were for.
+        index.forget_partials_but(&partials)?;
         let maker = Maker::start(&staging);
         // Each file of a batch keeps its descriptor open until the batch's sync, and two batches can be
         // open at once (one syncing, one staging).
@@ -199,8 +201,8 @@ impl Drop for Applier<'_> {
 }
 
 /// Creates `.ferry-staging` at the top of the target (emptying what a crashed run left in it, but
-/// the partial files of large files, which the round may resume).
-pub(super) fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
+/// the partial files of large files, which the round may resume); returns it and those files' names.
+pub(super) fn open_staging(root: &RootDir) -> Result<(OwnedFd, Vec<Vec<u8>>), ApplyError> {
     let shown = root.path().join(STAGING_DIR).display().to_string();
     match rustix::fs::mkdirat(root.fd(), STAGING_DIR, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(Errno::EXIST) => {}
@@ -213,12 +215,14 @@ pub(super) fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
         Mode::empty(),
     )
     .map_err(io_err("open (must be a folder, not a symlink)", &shown))?;
-    let mut leftovers = Vec::new();
+    let (mut leftovers, mut partials) = (Vec::new(), Vec::new());
     let mut dir = rustix::fs::Dir::read_from(&fd).map_err(io_err("list", &shown))?;
     while let Some(entry) = dir.read() {
         let entry = entry.map_err(io_err("list", &shown))?;
         let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." && !super::sys::is_partial(name) {
+        if super::sys::is_partial(name) {
+            partials.push(name.to_vec());
+        } else if name != b"." && name != b".." {
             leftovers.push(name.to_vec());
         }
     }
@@ -226,7 +230,7 @@ pub(super) fn open_staging(root: &RootDir) -> Result<OwnedFd, ApplyError> {
         tracing::debug!("removing leftover staging file {}", name.escape_ascii());
         rustix::fs::unlinkat(&fd, name.os(), AtFlags::empty()).map_err(io_err("clean", &shown))?;
     }
-    Ok(fd)
+    Ok((fd, partials))
 }
 
 /// Applies a new manifest to a target, one pair at a time (see the module's documentation).

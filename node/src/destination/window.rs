@@ -363,7 +363,14 @@ impl ChunkSource for WindowSource {
             return Err(FetchError(format!("receiving chunks failed: {error}")));
         }
         let stored = state.chunks.get(&chunk.hash).ok_or_else(|| {
-            FetchError("the source could not send this chunk (the file changed since its scan)".into())
+            FetchError(if state.round.ledger().is_missing(&chunk.hash) {
+                "the source could not send this chunk (the file changed since its scan)".into()
+            } else {
+                // Not asked for: the chunk index said the target held it, and it was not there.
+                "a chunk the target was expected to hold was not there (changed or removed since); \
+                 the next round asks the source for it"
+                    .into()
+            })
         })?;
         match stored {
             // Hashed by `decode_batch` as it arrived, and held in memory since: shared, not copied.

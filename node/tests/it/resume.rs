@@ -291,3 +291,15 @@ fn fill(path: &Path, bytes: u64) -> u64 {
     }
     written
 }
+
+#[test]
+fn a_partial_file_removed_by_hand_is_sent_again() {
+    let scene = Scene::new(77);
+    scene.stop_at_a_deadline();
+    // At 3 a.m., a nearly full disk, and a large `.ferry-staging` folder: the operator removes it.
+    std::fs::remove_dir_all(scene.target.join(ferry_engine::STAGING_DIR)).unwrap();
+    let report = scene.setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    let relative = Path::new("server/backup.tgz");
+    assert!(std::fs::read(scene.target.join(relative)).unwrap() == std::fs::read(scene.source.join(relative)).unwrap());
+}
