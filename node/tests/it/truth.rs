@@ -482,3 +482,27 @@ fn a_tree_with_entries_the_round_does_not_carry_never_matches_unless_told_to_lea
     let out = setup.source.run(&["sync", "--round", "zimbra", "--skip-special", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A network dry run counts what its check found as the round does: a chunk of a file edited in the
+/// target since is asked for, not counted as held there.
+#[test]
+fn a_dry_run_asks_for_what_the_round_sends_after_a_file_was_edited_in_the_target() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let original = crate::util::random_bytes(1 << 20, 41);
+    write(&source.join("store/a"), &original);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    // Someone edits the target's copy in place; the source gains a second copy of the original.
+    write(&target.join("store/a"), &crate::util::random_bytes(1 << 20, 42));
+    write(&source.join("store/b"), &original);
+
+    let plan: serde_json::Value =
+        serde_json::from_str(&setup.source.ok(&["sync", "--round", "zimbra", "--dry-run", "--json"])).unwrap();
+    let need = plan["need_bytes"].as_u64().unwrap();
+    let real = setup.source.sync("zimbra");
+    assert_eq!(real["in_sync"], true, "{real}");
+    assert!(real["chunk_bytes"].as_u64().unwrap() >= 1 << 20, "{real}");
+    assert_eq!(real["chunk_bytes"].as_u64().unwrap(), need, "the plan asked for what the round sent: {plan}");
+    assert_same_tree(&source, &target, |_| false);
+}
