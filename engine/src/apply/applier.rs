@@ -12,7 +12,7 @@ use rustix::io::Errno;
 
 use super::batch::{Batch, Deferred, DoneFolder, Frame, Leave, ParentDir, PlaceTimes, Placing, Target};
 use super::make::Maker;
-use super::options::{Adopt, ApplyError, ApplyOptions, ApplyReport, io_err};
+use super::options::{ApplyError, ApplyOptions, ApplyReport, io_err};
 use super::place::place;
 use super::plan::{Needed, Planner, Step};
 use super::source::{ChunkBuf, ChunkSource, LARGE_FILE};
@@ -49,9 +49,7 @@ impl<'a> Applier<'a> {
         let options =
             ApplyOptions { batch_files: options.batch_files.min(raise_fd_limit() / 4).max(1), ..options.clone() };
         let kept = options.kept.as_deref().map(ManifestWriter::create).transpose()?;
-        // A target adopted whole keeps the index it was indexed into; paths adopted by name do not.
-        let adopted = if matches!(options.adopt, Adopt::Paths(_)) { options.adopt.clone() } else { Adopt::Nothing };
-        let planner = Planner { adopted, ..Planner::default() };
+        let planner = Planner::adopting(&options.adopt);
         Ok(Applier {
             root: Arc::new(root),
             staging: Arc::new(staging),

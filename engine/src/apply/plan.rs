@@ -75,6 +75,13 @@ pub struct Planner {
 }
 
 impl Planner {
+    /// A planner for a round that adopts `adopt`: paths adopted by name are not what ferry wrote,
+    /// whatever the index says of them (a target adopted whole keeps the index it was indexed into).
+    pub fn adopting(adopt: &Adopt) -> Self {
+        let adopted = if matches!(adopt, Adopt::Paths(_)) { adopt.clone() } else { Adopt::Nothing };
+        Self { adopted, ..Self::default() }
+    }
+
     /// Forgets having asked for `hashes` (they are in the index now).
     pub(super) fn forget<'a>(&mut self, hashes: impl IntoIterator<Item = &'a ChunkHash>) {
         for hash in hashes {

@@ -256,9 +256,12 @@ pub(super) fn destination_round(
         space::of_round(open_steps()?, &job.path, ferry_engine::taken_over(adopt_whole, &check, &index))?
     };
     if dry_run {
-        // As the round would: hints into what the check found gone or changed are not counted.
-        let stale = ferry_engine::stale_paths(&check, &state.findings())?;
-        plan_only(placed(open_steps()?), (&index, stale), &space, &send)?;
+        // As the round would: hints into what the operator adopted, or the check found gone or
+        // changed, are not counted.
+        let adopt = if adopt_whole { Adopt::All } else { crate::adoption::Pending::read(&state)?.adopt };
+        let mut planner = ferry_engine::Planner::adopting(&adopt);
+        planner.distrust(ferry_engine::stale_paths(&check, &state.findings())?);
+        plan_only(placed(open_steps()?), (&index, planner), &space, &send)?;
         let _ = std::fs::remove_file(&changes_path);
         return Ok(RoundEnd::Planned);
     }
@@ -488,12 +491,10 @@ pub(super) fn commit_round(
 /// them), then says what the round would write.
 pub(super) fn plan_only(
     steps: impl Iterator<Item = anyhow::Result<(u64, Step)>>,
-    (index, stale): (&ChunkIndex, Option<std::collections::HashSet<ferry_engine::RelPath>>),
+    (index, mut planner): (&ChunkIndex, ferry_engine::Planner),
     space: &ferry_engine::Space,
     send: &impl Fn(DestinationInput) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let mut planner = ferry_engine::Planner::default();
-    planner.distrust(stale);
     let mut needed = Vec::new();
     let mut need_bytes = 0u64;
     for step in steps {
