@@ -390,7 +390,7 @@ pub fn local_plan(
             EntryKind::File if Planner::writes_content(&pair) => {
                 plan.files += 1;
                 plan.changed_bytes += new.size;
-                plan.copy_bytes += planner.plan(&index, &pair)?.iter().map(|n| u64::from(n.chunk.len)).sum::<u64>();
+                plan.copy_bytes += planner.estimate(&index, &pair)?.iter().map(|n| u64::from(n.chunk.len)).sum::<u64>();
             }
             EntryKind::File => plan.metadata += 1,
         }

@@ -117,6 +117,16 @@ impl Recorded {
     }
 }
 
+/// What a dry run counts as kept of the partial file an interrupted round left for `new`, by the
+/// index's record of it alone (nothing is read): the recorded chunks where they still begin `new`,
+/// else nothing. `None`: nothing is recorded of one.
+pub(super) fn recorded_prefix(index: &crate::index::ChunkIndex, new: &Entry) -> Option<(RelPath, u64)> {
+    let name = partial_name(&new.path);
+    let seal = index.partial_seal(&name).ok().flatten()?;
+    let kept = Recorded::sealed(&new.chunks, &seal).map_or(0, |(_, recorded)| recorded.len);
+    Some((RelPath::staged(&name)?, kept))
+}
+
 /// The inode of `file`, its ctime in nanoseconds and its length.
 fn inode_of(file: &File) -> Option<(u64, i64, u64)> {
     let stat = rustix::fs::fstat(file).ok()?;

@@ -1,6 +1,8 @@
 //! Planning: the steps of a merge, and which chunks an entry needs from the source.
 
 use super::options::{Adopt, ApplyError};
+use super::partial::recorded_prefix;
+use super::source::LARGE_FILE;
 use crate::hash::ChunkHash;
 use crate::index::ChunkIndex;
 use crate::manifest::{ChunkRef, Entry, EntryKind, Pair, RawEntry};
@@ -92,6 +94,19 @@ impl Planner {
     /// The chunks `pair` needs from the source.
     pub fn plan(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
         self.plan_within(index, pair, None)
+    }
+
+    /// The chunks `pair` needs from the source, as a dry run sees them: as [`Planner::plan`], but of
+    /// a large file's partial file (left by an interrupted round) only what the index's record of it
+    /// says still begins the file counts as held. The round itself reads the file where the record
+    /// cannot vouch for it; a dry run reads nothing.
+    pub fn estimate(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
+        let resumed = pair
+            .new
+            .as_ref()
+            .filter(|new| new.size >= LARGE_FILE && Self::writes_content(pair))
+            .and_then(|new| recorded_prefix(index, new));
+        self.plan_within(index, pair, resumed.as_ref())
     }
 
     /// The chunks `pair` needs from the source, where the index's hints into the file `partial.0`

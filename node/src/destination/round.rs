@@ -500,7 +500,7 @@ pub(super) fn plan_only(
     for step in steps {
         let (place, step) = step?;
         let Some(pair) = step.pair() else { continue };
-        for need in planner.plan(index, pair)? {
+        for need in planner.estimate(index, pair)? {
             need_bytes += u64::from(need.chunk.len);
             let (offset, len, hash) = (need.offset, need.chunk.len, need.chunk.hash);
             needed.push(NeedChunk { path: need.path, place, offset, len, hash });

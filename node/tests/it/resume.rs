@@ -217,8 +217,12 @@ fn a_large_file_whose_start_changed_at_the_source_is_not_resumed_from_its_old_st
     let path = scene.source.join("server/backup.tgz");
     let file = std::fs::File::options().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, &random_bytes(4096, 78), 0).unwrap();
+    let plan = scene.setup.source.ok(&["sync", "--round", "zimbra", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
     let report = scene.setup.source.sync("zimbra");
     assert_eq!(report["in_sync"], true, "{report}");
+    // The dry run knew it too, from the index's record of what arrived, without reading it.
+    assert_eq!(plan["need_bytes"], report["chunk_bytes"], "{plan}");
     let relative = Path::new("server/backup.tgz");
     assert!(
         std::fs::read(scene.target.join(relative)).unwrap() == std::fs::read(&path).unwrap(),
