@@ -63,6 +63,20 @@ pub(crate) struct ChunkList {
 }
 
 impl ChunkList {
+    /// How many of `chunks`, from the start, make `len` bytes, and their list, if their digest is
+    /// `digest` (a partial file's seal).
+    pub(crate) fn sealed(chunks: &[ChunkRef], (len, digest): (u64, &[u8; 32])) -> Option<(usize, Self)> {
+        let mut list = Self::default();
+        let mut kept = 0;
+        while list.len < len
+            && let Some(chunk) = chunks.get(kept)
+        {
+            list.push(&chunk.hash, chunk.len);
+            kept += 1;
+        }
+        (list.len == len && list.digest() == *digest).then_some((kept, list))
+    }
+
     /// The digest of `chunks`.
     pub(crate) fn of(chunks: &[ChunkRef]) -> [u8; 32] {
         let mut list = Self::default();

@@ -33,7 +33,7 @@ use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
 use crate::hash::ChunkHash;
 use crate::held::{ChunkList, HeldPrefix};
 use crate::index::PartialSeal;
-use crate::manifest::{ChunkRef, Entry};
+use crate::manifest::Entry;
 use crate::path::RelPath;
 use crate::rootdir::NameExt;
 
@@ -96,35 +96,11 @@ struct Progress {
 type Recorded = ChunkList;
 
 impl Recorded {
-    /// How many of `chunks`, from the start, make the seal's length, and their record, if their
-    /// digest is the seal's.
-    fn sealed(chunks: &[ChunkRef], seal: &PartialSeal) -> Option<(usize, Self)> {
-        let mut recorded = Self::default();
-        let mut kept = 0;
-        while recorded.len < seal.len
-            && let Some(chunk) = chunks.get(kept)
-        {
-            recorded.push(&chunk.hash, chunk.len);
-            kept += 1;
-        }
-        (recorded.len == seal.len && recorded.digest() == seal.digest).then_some((kept, recorded))
-    }
-
     /// The seal of `file` holding these chunks, as the disk says it is now.
     fn seal(&self, file: &File) -> Option<PartialSeal> {
         let (ino, ctime_ns, _) = inode_of(file)?;
         Some(PartialSeal { ino, ctime_ns, len: self.len, digest: self.digest() })
     }
-}
-
-/// What a dry run counts as kept of the partial file an interrupted round left for `new`, by the
-/// index's record of it alone (nothing is read): the recorded chunks where they still begin `new`,
-/// else nothing. `None`: nothing is recorded of one.
-pub(super) fn recorded_prefix(index: &crate::index::ChunkIndex, new: &Entry) -> Option<(RelPath, u64)> {
-    let name = partial_name(&new.path);
-    let seal = index.partial_seal(&name).ok().flatten()?;
-    let kept = Recorded::sealed(&new.chunks, &seal).map_or(0, |(_, recorded)| recorded.len);
-    Some((RelPath::staged(&name)?, kept))
 }
 
 /// The inode of `file`, its ctime in nanoseconds and its length.
@@ -238,7 +214,9 @@ impl Applier<'_> {
             inode_of(file)
                 .is_some_and(|(ino, ctime_ns, len)| (ino, ctime_ns) == (seal.ino, seal.ctime_ns) && len >= seal.len)
         };
-        if let Some((kept, recorded)) = seal.filter(unmoved).and_then(|seal| Recorded::sealed(&new.chunks, &seal)) {
+        if let Some((kept, recorded)) =
+            seal.filter(unmoved).and_then(|seal| Recorded::sealed(&new.chunks, (seal.len, &seal.digest)))
+        {
             return HeldPrefix { kept, chunks: recorded };
         }
         let (kept, _) = crate::held::prefix(file, &new.chunks, self.buf.owned());

@@ -1,9 +1,10 @@
 //! Planning: the steps of a merge, and which chunks an entry needs from the source.
 
 use super::options::{Adopt, ApplyError};
-use super::partial::recorded_prefix;
 use super::source::LARGE_FILE;
+use super::sys::partial_name;
 use crate::hash::ChunkHash;
+use crate::held::ChunkList;
 use crate::index::ChunkIndex;
 use crate::manifest::{ChunkRef, Entry, EntryKind, Pair, RawEntry};
 use crate::path::RelPath;
@@ -167,4 +168,14 @@ impl Planner {
             && new.hard_link_to.is_none()
             && !pair.old.as_ref().is_some_and(|old| old.same_content(new) && old.hard_link_to.is_none())
     }
+}
+
+/// What a dry run counts as kept of the partial file an interrupted round left for `new`, by the
+/// index's record of it alone (nothing is read): the recorded chunks where they still begin `new`,
+/// else nothing. `None`: nothing is recorded of one.
+fn recorded_prefix(index: &ChunkIndex, new: &Entry) -> Option<(RelPath, u64)> {
+    let name = partial_name(&new.path);
+    let seal = index.partial_seal(&name).ok().flatten()?;
+    let kept = ChunkList::sealed(&new.chunks, (seal.len, &seal.digest)).map_or(0, |(_, recorded)| recorded.len);
+    Some((RelPath::staged(&name)?, kept))
 }
