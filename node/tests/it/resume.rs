@@ -307,3 +307,14 @@ fn a_partial_file_removed_by_hand_is_sent_again() {
     let relative = Path::new("server/backup.tgz");
     assert!(std::fs::read(scene.target.join(relative)).unwrap() == std::fs::read(scene.source.join(relative)).unwrap());
 }
+
+#[test]
+fn a_partial_file_whose_source_file_is_gone_is_removed_by_the_next_round() {
+    let scene = Scene::new(79);
+    assert!(scene.stop_at_a_deadline() > 0);
+    std::fs::remove_file(scene.source.join("server/backup.tgz")).unwrap();
+    let report = scene.setup.source.sync("zimbra");
+    assert_eq!(report["in_sync"], true, "{report}");
+    assert!(!scene.target.join("server/backup.tgz").exists());
+    assert!(no_staging_leftovers(&scene.target), "the partial file of a file the source no longer has stayed");
+}
