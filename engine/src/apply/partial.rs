@@ -134,9 +134,10 @@ impl Applier<'_> {
         (&file).seek(SeekFrom::Start(offset)).map_err(io("seek"))?;
         if offset > 0 {
             tracing::info!(
-                "{}: {} MiB of it arrived before, in a round that did not finish; the rest follows",
+                "{}: {} of {} arrived before, in a round that did not finish; the rest follows",
                 new.path,
-                offset >> 20
+                crate::human::bytes(offset),
+                crate::human::bytes(new.size)
             );
         }
         let now = Instant::now();
@@ -154,8 +155,14 @@ impl Applier<'_> {
             let fetched = match self.get_chunk(new, offset, chunk) {
                 Ok(fetched) => fetched,
                 Err(why) => {
-                    if let Err(e) = self.keep_partial(&file, &shared, &name, &mut progress, &mut unwritten, &shown) {
-                        tracing::warn!("cannot keep what arrived of {} for the next round: {e}", new.path);
+                    match self.keep_partial(&file, &shared, &name, &mut progress, &mut unwritten, &shown) {
+                        Ok(()) => tracing::info!(
+                            "{}: {} of {} arrived, kept for the next round",
+                            new.path,
+                            crate::human::bytes(progress.recorded.len),
+                            crate::human::bytes(new.size)
+                        ),
+                        Err(e) => tracing::warn!("cannot keep what arrived of {} for the next round: {e}", new.path),
                     }
                     self.fail(&new.path, why);
                     return Ok(false);
