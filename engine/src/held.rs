@@ -48,6 +48,7 @@ pub(crate) fn holds(dir: &OwnedFd, name: &[u8], entry: &Entry) -> bool {
 /// What a file holds of a list of chunks from its start: how many, and their list. For a large
 /// file's partial file, found when the entry is planned (so that what lies past them is asked for)
 /// and used when it is built.
+#[derive(Default)]
 pub(crate) struct HeldPrefix {
     pub(crate) kept: usize,
     pub(crate) chunks: ChunkList,

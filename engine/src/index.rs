@@ -346,6 +346,57 @@ impl ChunkIndex {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// Gives the chunks recorded of the partial file `from`, and its seal, to `to` (the file is about
+    /// to be renamed so), forgetting what `to` had. Durable before it returns; a page of records at a
+    /// time, so that a file of millions of chunks costs no more memory than a few.
+    pub fn rename_partial(&mut self, from: &[u8], to: &[u8]) -> Result<(), IndexError> {
+        use std::ops::Bound;
+        const PAGE: usize = 4096;
+        let txn = self.write(true)?;
+        {
+            let mut table = txn.open_table(PARTIAL).map_err(|e| self.err(e))?;
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let (mut page, mut last) = (Vec::new(), None);
+                {
+                    let bounds = match &after {
+                        Some(key) => (Bound::Excluded(&key[..]), Bound::Unbounded),
+                        None => (Bound::Unbounded, Bound::Unbounded),
+                    };
+                    for item in table.range::<&[u8]>(bounds).map_err(|e| self.err(e))?.take(PAGE) {
+                        let (key, value) = item.map_err(|e| self.err(e))?;
+                        let key = key.value().to_vec();
+                        if let Ok(chunk) = postcard::from_bytes::<PartialChunk>(value.value())
+                            && (chunk.name == from || chunk.name == to)
+                        {
+                            page.push((key.clone(), chunk));
+                        }
+                        last = Some(key);
+                    }
+                }
+                let Some(last) = last else { break };
+                for (key, mut chunk) in page {
+                    if chunk.name == to {
+                        table.remove(&key[..]).map_err(|e| self.err(e))?;
+                        continue;
+                    }
+                    chunk.name = to.to_vec();
+                    let value = postcard::to_stdvec(&chunk).unwrap_or_default();
+                    table.insert(&key[..], &value[..]).map_err(|e| self.err(e))?;
+                }
+                after = Some(last);
+            }
+            let mut seals = txn.open_table(PARTIAL_SEALS).map_err(|e| self.err(e))?;
+            let seal = seals.remove(from).map_err(|e| self.err(e))?.map(|value| value.value().to_vec());
+            match seal {
+                Some(seal) => seals.insert(to, &seal[..]).map(drop),
+                None => seals.remove(to).map(drop),
+            }
+            .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Forgets every chunk of every partial file (their files are being removed).
     pub fn forget_partials(&mut self) -> Result<(), IndexError> {
         let txn = self.write(false)?;
@@ -603,6 +654,28 @@ mod tests {
         assert_eq!((index.get(&b).unwrap(), index.partial_seal(b"partial-2").unwrap()), (None, None));
         index.forget_partials_but(&[]).unwrap();
         assert_eq!((index.get(&a).unwrap(), index.partial_seal(b"partial-1").unwrap()), (None, None));
+    }
+
+    #[test]
+    fn chunks_of_a_partial_file_renamed_are_found_under_its_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = ChunkIndex::open(&dir.path().join("index.redb")).unwrap();
+        let seal = PartialSeal { ino: 12, ctime_ns: 34, len: 1, digest: [5; 32] };
+        // More chunks than a page, and some of a file already under the new name, which go.
+        let chunks: Vec<_> = (0..5000u64).map(|i| (ChunkHash::of(&i.to_le_bytes()), i, 1)).collect();
+        index.record_partial(b"partial-1", chunks.clone(), Some(seal), true).unwrap();
+        let (other, stale) = (ChunkHash::of(b"other"), ChunkHash::of(b"stale"));
+        index.record_partial(b"partial-2", [(other, 0, 1)], Some(seal), true).unwrap();
+        index.record_partial(b"partial-1-was", [(stale, 0, 1)], None, true).unwrap();
+        index.rename_partial(b"partial-1", b"partial-1-was").unwrap();
+        let was = RelPath::staged(b"partial-1-was").unwrap();
+        for (hash, offset, _) in [chunks[0], chunks[4097], chunks[4999]] {
+            assert_eq!(index.get(&hash).unwrap(), Some(ChunkLocation { path: was.clone(), offset, len: 1 }));
+        }
+        assert_eq!(index.get(&stale).unwrap(), None);
+        assert_eq!(index.get(&other).unwrap().map(|l| l.path), RelPath::staged(b"partial-2"));
+        assert_eq!(index.partial_seal(b"partial-1").unwrap(), None);
+        assert_eq!(index.partial_seal(b"partial-1-was").unwrap(), Some(seal));
     }
 
     #[test]

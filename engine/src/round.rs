@@ -269,7 +269,7 @@ pub fn local_round(
     let check = check_target(target, (&side.committed, &side.kept), &mut index, &side.findings, check_options)?;
     // Before anything is written: does the round fit? (One more pass over both manifests.)
     let steps = checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw());
-    let space = space_of(steps, target)?;
+    let space = space_of(steps, target, &index)?;
     if let Some(no_space) = space.refusal(target) {
         return Err(no_space.into());
     }
@@ -299,9 +299,15 @@ pub fn local_round(
 }
 
 /// The space `steps` need in `target`. A local round does not index what is in its target before
-/// its first round, so every file it writes counts (see [`Space::count`]).
-fn space_of(steps: impl Iterator<Item = Result<Step, RecordFileError>>, target: &Path) -> Result<Space, RoundError> {
-    let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+/// its first round, so every file it writes counts (see [`Space::count`]), but what `index` records
+/// of a large file in progress.
+fn space_of(
+    steps: impl Iterator<Item = Result<Step, RecordFileError>>,
+    target: &Path,
+    index: &ChunkIndex,
+) -> Result<Space, RoundError> {
+    let space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+    let mut space = space.resuming(index);
     for step in steps {
         space.count(&step?, None);
     }
@@ -371,7 +377,8 @@ pub fn local_plan(
     let mut plan = LocalPlan { entries: scan_report.entries, adopted: side.adopt_whole, ..LocalPlan::default() };
     let mut planner = Planner::default();
     planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
-    let mut space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+    let space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
+    let mut space = space.resuming(&index);
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
         let step = step?;
         space.count(&step, None);
@@ -390,7 +397,7 @@ pub fn local_plan(
             EntryKind::File if Planner::writes_content(&pair) => {
                 plan.files += 1;
                 plan.changed_bytes += new.size;
-                plan.copy_bytes += planner.estimate(&index, &pair)?.iter().map(|n| u64::from(n.chunk.len)).sum::<u64>();
+                plan.copy_bytes += planner.plan(&index, &pair)?.iter().map(|n| u64::from(n.chunk.len)).sum::<u64>();
             }
             EntryKind::File => plan.metadata += 1,
         }

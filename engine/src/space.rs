@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use crate::apply::{LARGE_FILE, Planner, Step, partial_name};
 use crate::check::CheckReport;
+use crate::held::ChunkList;
 use crate::human;
 use crate::index::ChunkIndex;
 use crate::manifest::Entry;
-use crate::path::{RelPath, STAGING_DIR};
+use crate::path::STAGING_DIR;
 
 /// The disk space a round needs in its target, and what there is.
 #[derive(Debug, Clone)]
@@ -23,6 +24,8 @@ pub struct Space {
     pub total: u64,
     /// The target's staging folder, where an interrupted round left its large files in progress.
     staging: PathBuf,
+    /// The chunk index, whose records of those files say what a round keeps of them.
+    partials: Option<ChunkIndex>,
 }
 
 /// The chunk index, for the space preflight to leave out the files a destination's first round
@@ -74,7 +77,14 @@ impl Space {
             available: stat.f_bavail.saturating_mul(stat.f_frsize),
             total: stat.f_blocks.saturating_mul(stat.f_frsize),
             staging: target.join(STAGING_DIR),
+            partials: None,
         })
+    }
+
+    /// Counts of a large file in progress only what its partial file lacks, by `index`'s record of
+    /// it (see [`Space::add_file`]); without it, every file counts whole.
+    pub fn resuming(self, index: &ChunkIndex) -> Self {
+        Self { partials: Some(index.clone()), ..self }
     }
 
     /// Counts `step` if it writes a file's content (a file the target does not hold as the new
@@ -89,29 +99,35 @@ impl Space {
         if pair.old.is_none() && index.is_some_and(|index| in_place(index, new)) {
             return false;
         }
-        self.add_file(&new.path, new.size)
+        self.add_file(new)
     }
 
-    /// Counts a file of `size` bytes the round writes at `path`; `true`. A large file that an
-    /// interrupted round left in progress is built on its partial file, whose bytes already take
-    /// their room: only the rest counts (else a file that takes several nights to arrive on a nearly
-    /// full disk would be refused the night it could finish).
-    pub fn add_file(&mut self, path: &RelPath, size: u64) -> bool {
-        let in_progress = if size >= LARGE_FILE { self.partial_len(path) } else { 0 };
+    /// Counts `new`, a file the round writes; `true`. A large file that an interrupted round left in
+    /// progress is built on its partial file where the chunks recorded of it still begin the file,
+    /// and those bytes already take their room: only the rest counts (else a file that takes several
+    /// nights to arrive on a nearly full disk would be refused the night it could finish). Where they
+    /// no longer begin it, it is built anew beside them, and counts whole.
+    pub fn add_file(&mut self, new: &Entry) -> bool {
+        let in_progress = if new.size >= LARGE_FILE { self.in_progress(new) } else { 0 };
         self.files += 1;
-        self.needed = self.needed.saturating_add(size.saturating_sub(in_progress));
+        self.needed = self.needed.saturating_add(new.size.saturating_sub(in_progress));
         true
     }
 
-    /// How long the partial file of `path` is, if there is one (a regular file in the staging folder,
-    /// itself a folder: nothing is followed).
-    fn partial_len(&self, path: &RelPath) -> u64 {
+    /// How much of `new` its partial file holds, that the round keeps in place.
+    fn in_progress(&self, new: &Entry) -> u64 {
         use std::os::unix::ffi::OsStrExt;
+        let Some(index) = &self.partials else { return 0 };
+        let name = partial_name(&new.path);
+        let Ok(Some(seal)) = index.partial_seal(&name) else { return 0 };
+        let Some((_, kept)) = ChunkList::sealed(&new.chunks, (seal.len, &seal.digest)) else { return 0 };
+        // A regular file in the staging folder, itself a folder: nothing is followed.
         if !std::fs::symlink_metadata(&self.staging).is_ok_and(|m| m.is_dir()) {
             return 0;
         }
-        let partial = self.staging.join(std::ffi::OsStr::from_bytes(&partial_name(path)));
-        std::fs::symlink_metadata(partial).ok().filter(std::fs::Metadata::is_file).map_or(0, |m| m.len())
+        let partial = self.staging.join(std::ffi::OsStr::from_bytes(&name));
+        let len = std::fs::symlink_metadata(partial).ok().filter(std::fs::Metadata::is_file).map_or(0, |m| m.len());
+        kept.len.min(len)
     }
 
     /// Room kept free beyond the round's own bytes: 2% of the filesystem (at most 1 GiB), plus 1 MiB
@@ -170,24 +186,47 @@ mod tests {
 
     #[test]
     fn a_large_file_in_progress_counts_only_what_its_partial_file_lacks() {
-        let target = tempfile::tempdir().unwrap();
+        let (target, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let staging = target.path().join(STAGING_DIR);
         std::fs::create_dir(&staging).unwrap();
-        let partial = |name: &str| {
-            staging.join(std::str::from_utf8(&partial_name(&RelPath::new(name.as_bytes()).unwrap())).unwrap())
+        let index = ChunkIndex::open(&state.path().join("chunks.redb")).unwrap();
+        // A file of 40 chunks of 1 MiB, of which the first 30 arrived in a round that did not finish.
+        let large = |name: &str, seed: u8| Entry {
+            size: 40 << 20,
+            chunks: (0..40).map(|i| ChunkRef { hash: ChunkHash::of(&[seed, i]), len: 1 << 20 }).collect(),
+            ..Entry::new(RelPath::new(name.as_bytes()).unwrap(), EntryKind::File)
         };
-        // Sparse: the length is what counts, as the rest is written after it.
-        std::fs::File::create(partial("archive")).unwrap().set_len(30 << 20).unwrap();
-        std::fs::File::create(partial("small")).unwrap().set_len(1 << 20).unwrap();
-        std::os::unix::fs::symlink(target.path().join("elsewhere"), partial("linked")).unwrap();
-        std::fs::File::create(target.path().join("elsewhere")).unwrap().set_len(30 << 20).unwrap();
+        let arrived = |entry: &Entry, symlink: bool| {
+            let name = partial_name(&entry.path);
+            let path = staging.join(std::str::from_utf8(&name).unwrap());
+            if symlink {
+                std::fs::File::create(target.path().join("elsewhere")).unwrap().set_len(30 << 20).unwrap();
+                std::os::unix::fs::symlink(target.path().join("elsewhere"), &path).unwrap();
+            } else {
+                // Sparse: its length is what counts.
+                std::fs::File::create(&path).unwrap().set_len(30 << 20).unwrap();
+            }
+            let digest = ChunkList::of(&entry.chunks[..30]);
+            let seal = crate::index::PartialSeal { ino: 1, ctime_ns: 1, len: 30 << 20, digest };
+            index.clone().record_partial(&name, [], Some(seal), false).unwrap();
+        };
+        arrived(&large("archive", 1), false);
+        arrived(&large("changed", 2), false);
+        arrived(&large("linked", 4), true);
 
-        let mut space = Space::at(target.path()).unwrap();
-        for (name, size) in [("archive", 40 << 20), ("small", 2 << 20), ("linked", 40 << 20), ("new", 40 << 20)] {
-            assert!(space.count(&Step::from(Pair { old: None, new: Some(file(name, size, 1)) }), None));
-        }
-        // The archive's 30 MiB are in place already; a file under the large-file size is built
-        // whole, not on a partial file, and a symlink is not a partial file.
-        assert_eq!((space.files, space.needed), (4, (10 << 20) + (2 << 20) + (40 << 20) + (40 << 20)));
+        let count = |space: &mut Space| {
+            // "changed" is another file now: what arrived no longer begins it.
+            for entry in [large("archive", 1), large("changed", 3), large("linked", 4), large("new", 5)] {
+                assert!(space.count(&Step::from(Pair { old: None, new: Some(entry) }), None));
+            }
+        };
+        let mut space = Space::at(target.path()).unwrap().resuming(&index);
+        count(&mut space);
+        // The archive's 30 MiB are in place already; the changed file is built anew beside what
+        // arrived of it, and a symlink is not a partial file.
+        assert_eq!((space.files, space.needed), (4, (10 << 20) + 3 * (40 << 20)));
+        let mut whole = Space::at(target.path()).unwrap();
+        count(&mut whole);
+        assert_eq!(whole.needed, 4 * (40 << 20), "without the index, every file counts whole");
     }
 }

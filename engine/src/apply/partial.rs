@@ -92,6 +92,9 @@ struct Progress {
     recorded: Recorded,
 }
 
+/// What the name of a partial file moved aside ends with (see `Applier::set_aside`).
+const ASIDE_SUFFIX: &[u8] = b"-was";
+
 /// The chunks recorded of a partial file, from its start, as its seal keeps them.
 type Recorded = ChunkList;
 
@@ -202,10 +205,47 @@ impl Applier<'_> {
     pub(super) fn plan_resumed(&mut self, new: &Entry) -> Option<(RelPath, u64)> {
         let name = partial_name(&new.path);
         let file = File::from(open_left(&*self.staging, &name, OFlags::RDONLY)?);
+        if self.set_aside(&name, new) {
+            self.resumes.insert(new.path.clone(), HeldPrefix::default());
+            return Some((RelPath::staged(&name)?, 0));
+        }
         let resume = self.resumable(&file, &name, new);
         let kept = resume.chunks.len;
         self.resumes.insert(new.path.clone(), resume);
         Some((RelPath::staged(&name)?, kept))
+    }
+
+    /// Moves the partial file `name` aside (to `name`-was) where the chunks recorded of it no longer
+    /// begin `new` (the source's file changed since they arrived): `new` is then built anew, its
+    /// chunks read from there wherever they still are, rather than cut at the first difference and
+    /// the chunks past it asked for again. Once: a file moved aside before stays as it is.
+    fn set_aside(&mut self, name: &[u8], new: &Entry) -> bool {
+        let Ok(Some(seal)) = self.index.partial_seal(name) else { return false };
+        if seal.len == 0 || Recorded::sealed(&new.chunks, (seal.len, &seal.digest)).is_some() {
+            return false;
+        }
+        let aside = [name, ASIDE_SUFFIX].concat();
+        if rustix::fs::statat(&*self.staging, aside.os(), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            return false;
+        }
+        // The index first: a crash before the rename leaves records of a file not there, forgotten
+        // as the next round starts, and the file itself read again.
+        if let Err(e) = self.index.rename_partial(name, &aside) {
+            tracing::warn!("cannot move what arrived of {} aside: {e}", new.path);
+            return false;
+        }
+        if let Err(e) = rustix::fs::renameat(&*self.staging, name.os(), &*self.staging, aside.os()) {
+            tracing::warn!("cannot move what arrived of {} aside: {e}", new.path);
+            let _ = self.index.rename_partial(&aside, name);
+            return false;
+        }
+        tracing::info!(
+            "{}: the {} that arrived before no longer begin the file (it changed at the source); kept aside, \
+             the file is built anew from what it still shares with them",
+            new.path,
+            crate::human::bytes(seal.len)
+        );
+        true
     }
 
     /// How many of `new`'s chunks, from the start, the partial `file` (named `name`) already holds,

@@ -1,10 +1,7 @@
 //! Planning: the steps of a merge, and which chunks an entry needs from the source.
 
 use super::options::{Adopt, ApplyError};
-use super::source::LARGE_FILE;
-use super::sys::partial_name;
 use crate::hash::ChunkHash;
-use crate::held::ChunkList;
 use crate::index::ChunkIndex;
 use crate::manifest::{ChunkRef, Entry, EntryKind, Pair, RawEntry};
 use crate::path::RelPath;
@@ -97,19 +94,6 @@ impl Planner {
         self.plan_within(index, pair, None)
     }
 
-    /// The chunks `pair` needs from the source, as a dry run sees them: as [`Planner::plan`], but of
-    /// a large file's partial file (left by an interrupted round) only what the index's record of it
-    /// says still begins the file counts as held. The round itself reads the file where the record
-    /// cannot vouch for it; a dry run reads nothing.
-    pub fn estimate(&mut self, index: &ChunkIndex, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
-        let resumed = pair
-            .new
-            .as_ref()
-            .filter(|new| new.size >= LARGE_FILE && Self::writes_content(pair))
-            .and_then(|new| recorded_prefix(index, new));
-        self.plan_within(index, pair, resumed.as_ref())
-    }
-
     /// The chunks `pair` needs from the source, where the index's hints into the file `partial.0`
     /// hold only for its first `partial.1` bytes (the partial file of a large file that will be cut
     /// there as it is resumed).
@@ -168,14 +152,4 @@ impl Planner {
             && new.hard_link_to.is_none()
             && !pair.old.as_ref().is_some_and(|old| old.same_content(new) && old.hard_link_to.is_none())
     }
-}
-
-/// What a dry run counts as kept of the partial file an interrupted round left for `new`, by the
-/// index's record of it alone (nothing is read): the recorded chunks where they still begin `new`,
-/// else nothing. `None`: nothing is recorded of one.
-fn recorded_prefix(index: &ChunkIndex, new: &Entry) -> Option<(RelPath, u64)> {
-    let name = partial_name(&new.path);
-    let seal = index.partial_seal(&name).ok().flatten()?;
-    let kept = ChunkList::sealed(&new.chunks, (seal.len, &seal.digest)).map_or(0, |(_, recorded)| recorded.len);
-    Some((RelPath::staged(&name)?, kept))
 }

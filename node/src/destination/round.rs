@@ -171,7 +171,7 @@ pub(super) fn destination_round(
         let old = old_and_kept(&state)?;
         let steps_made = placed(patch(old, incoming, delta));
         let in_place = ferry_engine::taken_over(adopt_whole, &check, &index).cloned();
-        let made = Fitting::new(steps_made, (&job.path, in_place), window.clone(), refused.clone())?;
+        let made = Fitting::new(steps_made, (&job.path, &index, in_place), window.clone(), refused.clone())?;
         Streamed::start(made, flush)?;
         let applying =
             Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
@@ -251,9 +251,9 @@ pub(super) fn destination_round(
     // without another pass over that manifest (the transfer's merge checks them against it), unless
     // the check found entries gone or changed, which the round writes again though no change says so.
     let space = if end.base.is_some() && !check.entries_differ() {
-        space::of_changes(RecordReader::<Change>::open(&changes_path)?, &job.path)?
+        space::of_changes(RecordReader::<Change>::open(&changes_path)?, (&job.path, &index))?
     } else {
-        space::of_round(open_steps()?, &job.path, ferry_engine::taken_over(adopt_whole, &check, &index))?
+        space::of_round(open_steps()?, (&job.path, &index), ferry_engine::taken_over(adopt_whole, &check, &index))?
     };
     if dry_run {
         // As the round would: hints into what the operator adopted, or the check found gone or
@@ -500,7 +500,7 @@ pub(super) fn plan_only(
     for step in steps {
         let (place, step) = step?;
         let Some(pair) = step.pair() else { continue };
-        for need in planner.estimate(index, pair)? {
+        for need in planner.plan(index, pair)? {
             need_bytes += u64::from(need.chunk.len);
             let (offset, len, hash) = (need.offset, need.chunk.len, need.chunk.hash);
             needed.push(NeedChunk { path: need.path, place, offset, len, hash });

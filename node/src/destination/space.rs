@@ -6,15 +6,16 @@ use anyhow::Context;
 use ferry_engine::{ChunkIndex, EntryKind, RecordReader, Space, Step};
 use ferry_proto::Change;
 
-/// The space the round's `steps` need in `target` (see [`Space::count`] for `index`).
+/// The space the round's `steps` need in `target`, whose chunk index is `index` (see
+/// [`Space::count`] for `in_place`).
 pub(super) fn of_round(
     steps: impl Iterator<Item = anyhow::Result<Step>>,
-    target: &Path,
-    index: Option<&ChunkIndex>,
+    (target, index): (&Path, &ChunkIndex),
+    in_place: Option<&ChunkIndex>,
 ) -> anyhow::Result<Space> {
-    let mut space = at(target)?;
+    let mut space = at(target, index)?;
     for step in steps {
-        space.count(&step?, index);
+        space.count(&step?, in_place);
     }
     Ok(space)
 }
@@ -23,8 +24,11 @@ pub(super) fn of_round(
 /// ferry left it: a file whose content changed is one the round writes. (The one case this misses, a
 /// hard link whose content did not change becoming a file of its own, is rare and small beside the
 /// margin.)
-pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow::Result<Space> {
-    let mut space = at(target)?;
+pub(super) fn of_changes(
+    changes: RecordReader<Change>,
+    (target, index): (&Path, &ChunkIndex),
+) -> anyhow::Result<Space> {
+    let mut space = at(target, index)?;
     for change in changes {
         let change = change?;
         if let Some(entry) = &change.entry
@@ -32,13 +36,15 @@ pub(super) fn of_changes(changes: RecordReader<Change>, target: &Path) -> anyhow
             && entry.hard_link_to.is_none()
             && !change.content_as_before
         {
-            space.add_file(&entry.path, entry.size);
+            space.add_file(entry);
         }
     }
     Ok(space)
 }
 
-/// Nothing counted yet, against the free space in `target` now.
-pub(super) fn at(target: &Path) -> anyhow::Result<Space> {
-    Space::at(target).with_context(|| format!("cannot read the free space of {}", target.display()))
+/// Nothing counted yet, against the free space in `target` now (and what `index` records of its
+/// large files in progress).
+pub(super) fn at(target: &Path, index: &ChunkIndex) -> anyhow::Result<Space> {
+    let space = Space::at(target).with_context(|| format!("cannot read the free space of {}", target.display()))?;
+    Ok(space.resuming(index))
 }

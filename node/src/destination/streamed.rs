@@ -192,11 +192,12 @@ pub(super) struct Fitting<I> {
 impl<I> Fitting<I> {
     pub(super) fn new(
         steps: I,
-        (target, index): (&Path, Option<ferry_engine::ChunkIndex>),
+        (target, partials, index): (&Path, &ferry_engine::ChunkIndex, Option<ferry_engine::ChunkIndex>),
         window: Arc<Window>,
         refused: Slot<String>,
     ) -> anyhow::Result<Self> {
-        Ok(Self { steps, space: super::space::at(target)?, index, target: target.to_owned(), window, refused })
+        let space = super::space::at(target, partials)?;
+        Ok(Self { steps, space, index, target: target.to_owned(), window, refused })
     }
 
     /// Counts what `step` writes, and refuses the round once it no longer fits.
