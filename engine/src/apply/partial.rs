@@ -239,6 +239,8 @@ impl Applier<'_> {
             let _ = self.index.rename_partial(&aside, name);
             return false;
         }
+        // A descriptor kept open for reading chunks by the old name is the file moved aside now.
+        self.local_file = None;
         tracing::info!(
             "{}: the {} that arrived before no longer begin the file (it changed at the source); kept aside, \
              the file is built anew from what it still shares with them",
