@@ -307,9 +307,9 @@ fn space_of(
     index: &ChunkIndex,
 ) -> Result<Space, RoundError> {
     let space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
-    let mut space = space.resuming(index);
+    let mut space = space.with_index(index, false);
     for step in steps {
-        space.count(&step?, None);
+        space.count(&step?);
     }
     Ok(space)
 }
@@ -378,10 +378,10 @@ pub fn local_plan(
     let mut planner = Planner::default();
     planner.distrust(crate::check::stale_paths(&check, &side.findings)?);
     let space = Space::at(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
-    let mut space = space.resuming(&index);
+    let mut space = space.with_index(&index, false);
     for step in checked_steps(side.old()?, ManifestReader::open(&new_manifest)?.raw()) {
         let step = step?;
-        space.count(&step, None);
+        space.count(&step);
         let Step::Apply(pair) = step else { continue };
         let Some(new) = &pair.new else {
             plan.gone += u64::from(pair.old.is_some());

@@ -24,23 +24,18 @@ pub struct Space {
     pub total: u64,
     /// The target's staging folder, where an interrupted round left its large files in progress.
     staging: PathBuf,
-    /// The chunk index, whose records of those files say what a round keeps of them.
-    partials: Option<ChunkIndex>,
+    /// The chunk index: its records of those files say what a round keeps of them, and, where
+    /// `taken_over`, what the indexing before a first round found in place.
+    index: Option<ChunkIndex>,
+    taken_over: bool,
 }
 
-/// The chunk index, for the space preflight to leave out the files a destination's first round
-/// takes over in place ([`Space::count`]): only where the round adopts its target whole, its check
-/// found nothing gone or changed, and the indexing before it found files there; otherwise (every
-/// round into an empty target) the preflight looks nothing up.
-pub fn taken_over<'a>(adopt_whole: bool, check: &CheckReport, index: &'a ChunkIndex) -> Option<&'a ChunkIndex> {
-    (adopt_whole && !check.entries_differ() && index.has_indexed()).then_some(index)
-}
-
-/// Did the indexing before a first round find `entry`'s content at its path (see
-/// [`IndexedFile`](crate::IndexedFile))? One lookup per file, in a table that is empty but for a
-/// pre-filled target's first round.
-fn in_place(index: &ChunkIndex, entry: &Entry) -> bool {
-    index.indexed(&entry.path).ok().flatten().is_some_and(|found| found.held(&entry.chunks))
+/// May the space preflight leave out the files a destination's first round takes over in place
+/// ([`Space::with_index`])? Only where the round adopts its target whole, its check found nothing
+/// gone or changed, and the indexing before it found files there; otherwise (every round into an
+/// empty target) the preflight looks nothing up for them.
+pub fn taken_over(adopt_whole: bool, check: &CheckReport, index: &ChunkIndex) -> bool {
+    adopt_whole && !check.entries_differ() && index.has_indexed()
 }
 
 /// A round that does not fit its target's free space.
@@ -77,29 +72,37 @@ impl Space {
             available: stat.f_bavail.saturating_mul(stat.f_frsize),
             total: stat.f_blocks.saturating_mul(stat.f_frsize),
             staging: target.join(STAGING_DIR),
-            partials: None,
+            index: None,
+            taken_over: false,
         })
     }
 
-    /// Counts of a large file in progress only what its partial file lacks, by `index`'s record of
-    /// it (see [`Space::add_file`]); without it, every file counts whole.
-    pub fn resuming(self, index: &ChunkIndex) -> Self {
-        Self { partials: Some(index.clone()), ..self }
+    /// Counts with what the target's chunk `index` records: of a large file in progress, only what
+    /// its partial file lacks (see [`Space::add_file`]); and, where the round takes its target over
+    /// (see [`taken_over`]), nothing of a file the indexing before it found in place with this
+    /// content (a pre-filled target; [`IndexedFile`](crate::IndexedFile)), which is not written
+    /// again. Without it, every file counts whole.
+    pub fn with_index(self, index: &ChunkIndex, taken_over: bool) -> Self {
+        Self { index: Some(index.clone()), taken_over, ..self }
     }
 
     /// Counts `step` if it writes a file's content (a file the target does not hold as the new
     /// manifest has it: new, changed, or found gone or changed in place by the check); says whether
-    /// it does. A file ferry takes over at its path that the indexing before its first round found
-    /// there with this content (a pre-filled target; `index`'s [`IndexedFile`](crate::IndexedFile)
-    /// records) is not written again: the index is given only for a round that adopts its target
-    /// whole and whose check found nothing gone (what the indexing saw of paths found gone is stale).
-    pub fn count(&mut self, step: &Step, index: Option<&ChunkIndex>) -> bool {
+    /// it does.
+    pub fn count(&mut self, step: &Step) -> bool {
         let Some(pair) = step.pair().filter(|pair| Planner::writes_content(pair)) else { return false };
         let Some(new) = &pair.new else { return false };
-        if pair.old.is_none() && index.is_some_and(|index| in_place(index, new)) {
+        if pair.old.is_none() && self.in_place(new) {
             return false;
         }
         self.add_file(new)
+    }
+
+    /// Did the indexing before a first round find `new`'s content at its path? One lookup per file,
+    /// and only where the round takes its target over.
+    fn in_place(&self, new: &Entry) -> bool {
+        let Some(index) = self.index.as_ref().filter(|_| self.taken_over) else { return false };
+        index.indexed(&new.path).ok().flatten().is_some_and(|found| found.held(&new.chunks))
     }
 
     /// Counts `new`, a file the round writes; `true`. A large file that an interrupted round left in
@@ -117,7 +120,7 @@ impl Space {
     /// How much of `new` its partial file holds, that the round keeps in place.
     fn in_progress(&self, new: &Entry) -> u64 {
         use std::os::unix::ffi::OsStrExt;
-        let Some(index) = &self.partials else { return 0 };
+        let Some(index) = &self.index else { return 0 };
         let name = partial_name(&new.path);
         let Ok(Some(seal)) = index.partial_seal(&name) else { return 0 };
         let Some((_, kept)) = ChunkList::sealed(&new.chunks, (seal.len, &seal.digest)) else { return 0 };
@@ -174,7 +177,7 @@ mod tests {
             Pair { old: Some(file("same", 30, 3)), new: Some(Entry { mode: 0o600, ..file("same", 30, 3) }) },
             Pair { old: Some(file("gone", 40, 4)), new: None },
         ];
-        let counted: Vec<bool> = steps.into_iter().map(|pair| space.count(&Step::from(pair), None)).collect();
+        let counted: Vec<bool> = steps.into_iter().map(|pair| space.count(&Step::from(pair))).collect();
         assert_eq!(counted, [true, true, false, false]);
         assert_eq!((space.files, space.needed), (2, 170));
 
@@ -217,10 +220,10 @@ mod tests {
         let count = |space: &mut Space| {
             // "changed" is another file now: what arrived no longer begins it.
             for entry in [large("archive", 1), large("changed", 3), large("linked", 4), large("new", 5)] {
-                assert!(space.count(&Step::from(Pair { old: None, new: Some(entry) }), None));
+                assert!(space.count(&Step::from(Pair { old: None, new: Some(entry) })));
             }
         };
-        let mut space = Space::at(target.path()).unwrap().resuming(&index);
+        let mut space = Space::at(target.path()).unwrap().with_index(&index, false);
         count(&mut space);
         // The archive's 30 MiB are in place already; the changed file is built anew beside what
         // arrived of it, and a symlink is not a partial file.

@@ -404,10 +404,10 @@ const CLOSE_SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(1)
 /// Closes `connection` with `code` and `reason`, and waits until the close has gone out (at most
 /// [`CLOSE_SENT_WITHIN`]): for a close that says why a round failed. QUIC sends a close once, from
 /// the connection's driver task: a command that exits right after closing may never send it, and
-/// its peer then learns nothing (not why the round ended, not that it did) until its idle timeout. A closed connection sends nothing but its
-/// close, so the next datagram it counts is that (quinn counts no close frames it sends); none is
-/// sent where the peer's own close came first. A connection already closed is left as is. Returns
-/// whether the close was seen to go out.
+/// its peer then learns nothing (not why the round ended, not that it did) until its idle timeout.
+/// A closed connection sends nothing but its close, so the next datagram it counts is that (quinn
+/// counts no close frames it sends); none is sent where the peer's own close came first. A
+/// connection already closed is left as is. Returns whether the close was seen to go out.
 pub(crate) async fn close_sent(connection: &quinn::Connection, code: u32, reason: &[u8]) -> bool {
     if connection.close_reason().is_some() {
         return false;

@@ -128,7 +128,7 @@ impl Applier<'_> {
         let shared = Arc::new(file.try_clone().map_err(io("duplicate"))?);
         let HeldPrefix { kept, chunks: recorded } = match self.resumes.remove(&new.path) {
             Some(planned) => planned,
-            None => self.resumable(&file, &name, new),
+            None => self.resumable(&file, self.seal_of(&name), new),
         };
         self.report.chunks_local += kept as u64;
         self.report.bytes_local += recorded.len;
@@ -205,22 +205,22 @@ impl Applier<'_> {
     pub(super) fn plan_resumed(&mut self, new: &Entry) -> Option<(RelPath, u64)> {
         let name = partial_name(&new.path);
         let file = File::from(open_left(&*self.staging, &name, OFlags::RDONLY)?);
-        if self.set_aside(&name, new) {
+        let seal = self.seal_of(&name);
+        if seal.is_some_and(|seal| self.set_aside(&name, &seal, new)) {
             self.resumes.insert(new.path.clone(), HeldPrefix::default());
             return Some((RelPath::staged(&name)?, 0));
         }
-        let resume = self.resumable(&file, &name, new);
+        let resume = self.resumable(&file, seal, new);
         let kept = resume.chunks.len;
         self.resumes.insert(new.path.clone(), resume);
         Some((RelPath::staged(&name)?, kept))
     }
 
-    /// Moves the partial file `name` aside (to `name`-was) where the chunks recorded of it no longer
-    /// begin `new` (the source's file changed since they arrived): `new` is then built anew, its
-    /// chunks read from there wherever they still are, rather than cut at the first difference and
-    /// the chunks past it asked for again. Once: a file moved aside before stays as it is.
-    fn set_aside(&mut self, name: &[u8], new: &Entry) -> bool {
-        let Ok(Some(seal)) = self.index.partial_seal(name) else { return false };
+    /// Moves the partial file `name` aside (to `name`-was) where the chunks recorded of it (its
+    /// `seal`) no longer begin `new` (the source's file changed since they arrived): `new` is then
+    /// built anew, its chunks read from there wherever they still are, rather than cut at the first
+    /// difference and the chunks past it asked for again. Once: a file moved aside before stays.
+    fn set_aside(&mut self, name: &[u8], seal: &PartialSeal, new: &Entry) -> bool {
         if seal.len == 0 || Recorded::sealed(&new.chunks, (seal.len, &seal.digest)).is_some() {
             return false;
         }
@@ -250,14 +250,18 @@ impl Applier<'_> {
         true
     }
 
-    /// How many of `new`'s chunks, from the start, the partial `file` (named `name`) already holds,
-    /// and what they make. Those its seal vouches for are not read; otherwise each is read and hashed
-    /// again, and the first that differs ends it.
-    fn resumable(&mut self, file: &File, name: &[u8], new: &Entry) -> HeldPrefix {
-        let seal = self.index.partial_seal(name).unwrap_or_else(|e| {
+    /// What the index says the partial file `name` was when its chunks were last recorded.
+    fn seal_of(&self, name: &[u8]) -> Option<PartialSeal> {
+        self.index.partial_seal(name).unwrap_or_else(|e| {
             tracing::debug!("the chunk index does not say what {} was: {e}", name.escape_ascii());
             None
-        });
+        })
+    }
+
+    /// How many of `new`'s chunks, from the start, the partial `file` already holds, and what they
+    /// make. Those its `seal` vouches for are not read; otherwise each is read and hashed again, and
+    /// the first that differs ends it.
+    fn resumable(&mut self, file: &File, seal: Option<PartialSeal>, new: &Entry) -> HeldPrefix {
         // Nothing wrote to it since (its ctime would have moved), and it is still as long.
         let unmoved = |seal: &PartialSeal| {
             inode_of(file)

@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(kept, ["c"]);
         let merged = patch(as_found(&manifest), changes_in(&changes).unwrap(), true);
         let index = ferry_engine::ChunkIndex::open(&dir.path().join("chunks.redb")).unwrap();
-        let by_pairs = space::of_round(merged, (dir.path(), &index), None).unwrap();
+        let by_pairs = space::of_round(merged, (dir.path(), &index), false).unwrap();
         let by_changes = space::of_changes(RecordReader::open(&changes).unwrap(), (dir.path(), &index)).unwrap();
         assert_eq!((by_pairs.files, by_pairs.needed), (2, 550));
         assert_eq!((by_changes.files, by_changes.needed), (by_pairs.files, by_pairs.needed));

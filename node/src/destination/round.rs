@@ -170,8 +170,8 @@ pub(super) fn destination_round(
         let delta = hello.base.is_some() && hello.base == holds;
         let old = old_and_kept(&state)?;
         let steps_made = placed(patch(old, incoming, delta));
-        let in_place = ferry_engine::taken_over(adopt_whole, &check, &index).cloned();
-        let made = Fitting::new(steps_made, (&job.path, &index, in_place), window.clone(), refused.clone())?;
+        let taken_over = ferry_engine::taken_over(adopt_whole, &check, &index);
+        let made = Fitting::new(steps_made, (&job.path, &index, taken_over), window.clone(), refused.clone())?;
         Streamed::start(made, flush)?;
         let applying =
             Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };

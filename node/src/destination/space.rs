@@ -7,15 +7,15 @@ use ferry_engine::{ChunkIndex, EntryKind, RecordReader, Space, Step};
 use ferry_proto::Change;
 
 /// The space the round's `steps` need in `target`, whose chunk index is `index` (see
-/// [`Space::count`] for `in_place`).
+/// [`Space::with_index`] for `taken_over`).
 pub(super) fn of_round(
     steps: impl Iterator<Item = anyhow::Result<Step>>,
     (target, index): (&Path, &ChunkIndex),
-    in_place: Option<&ChunkIndex>,
+    taken_over: bool,
 ) -> anyhow::Result<Space> {
-    let mut space = at(target, index)?;
+    let mut space = at(target, index, taken_over)?;
     for step in steps {
-        space.count(&step?, in_place);
+        space.count(&step?);
     }
     Ok(space)
 }
@@ -28,7 +28,7 @@ pub(super) fn of_changes(
     changes: RecordReader<Change>,
     (target, index): (&Path, &ChunkIndex),
 ) -> anyhow::Result<Space> {
-    let mut space = at(target, index)?;
+    let mut space = at(target, index, false)?;
     for change in changes {
         let change = change?;
         if let Some(entry) = &change.entry
@@ -42,9 +42,9 @@ pub(super) fn of_changes(
     Ok(space)
 }
 
-/// Nothing counted yet, against the free space in `target` now (and what `index` records of its
-/// large files in progress).
-pub(super) fn at(target: &Path, index: &ChunkIndex) -> anyhow::Result<Space> {
+/// Nothing counted yet, against the free space in `target` now, with what `index` records of it
+/// (see [`Space::with_index`]).
+pub(super) fn at(target: &Path, index: &ChunkIndex, taken_over: bool) -> anyhow::Result<Space> {
     let space = Space::at(target).with_context(|| format!("cannot read the free space of {}", target.display()))?;
-    Ok(space.resuming(index))
+    Ok(space.with_index(index, taken_over))
 }

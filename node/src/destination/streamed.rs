@@ -180,9 +180,6 @@ impl Incoming {
 pub(super) struct Fitting<I> {
     steps: I,
     space: Space,
-    /// Where the target's chunks are, when a file taken over in place is not written again (see
-    /// [`Space::count`]).
-    index: Option<ferry_engine::ChunkIndex>,
     target: std::path::PathBuf,
     window: Arc<Window>,
     /// Why the round was refused for want of space, once it was.
@@ -192,17 +189,17 @@ pub(super) struct Fitting<I> {
 impl<I> Fitting<I> {
     pub(super) fn new(
         steps: I,
-        (target, partials, index): (&Path, &ferry_engine::ChunkIndex, Option<ferry_engine::ChunkIndex>),
+        (target, index, taken_over): (&Path, &ferry_engine::ChunkIndex, bool),
         window: Arc<Window>,
         refused: Slot<String>,
     ) -> anyhow::Result<Self> {
-        let space = super::space::at(target, partials)?;
-        Ok(Self { steps, space, index, target: target.to_owned(), window, refused })
+        let space = super::space::at(target, index, taken_over)?;
+        Ok(Self { steps, space, target: target.to_owned(), window, refused })
     }
 
     /// Counts what `step` writes, and refuses the round once it no longer fits.
     fn fits(&mut self, step: &Step) -> anyhow::Result<()> {
-        if !self.space.count(step, self.index.as_ref()) {
+        if !self.space.count(step) {
             return Ok(());
         }
         if let Some(reason) = self.space.refusal(&self.target) {
