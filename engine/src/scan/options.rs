@@ -185,8 +185,8 @@ pub enum ScanError {
         /// The cause.
         source: io::Error,
     },
-    /// Writing the new manifest or cache failed.
-    #[error(transparent)]
+    /// Writing the new manifest or cache failed (the job's state folder's disk full, say).
+    #[error("cannot keep the scan's records in the job's state folder: {0}")]
     Output(#[from] RecordFileError),
     /// The scan's threads could not be started.
     #[error("cannot start the scan's threads: {0}")]

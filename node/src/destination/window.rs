@@ -234,7 +234,11 @@ impl Window {
                 other => events.push(other),
             }
         }
-        sent.map(|()| events)
+        match sent {
+            // Once the machine ended, what it could not send is moot: its end says why.
+            Err(_) if state.end.is_some() => Ok(events),
+            sent => sent.map(|()| events),
+        }
     }
 
     /// What each chunk of `batch` must hash to: the hash its need asked for, or `None` for a chunk

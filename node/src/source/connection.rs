@@ -49,6 +49,10 @@ pub(super) struct Finished {
     pub(super) checked: Option<ferry_proto::Checked>,
 }
 
+/// How long a source whose side of the round failed waits for the destination to receive why
+/// (`Failed`) before it closes the connection.
+const FAILED_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs a round on `connection` until it ends. `sent` counts the chunks over all of a round's
 /// connections; `deadline` is the round's (`--max-duration`).
 pub(super) async fn drive(
@@ -308,7 +312,21 @@ pub(super) async fn drive(
             Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into())
         }
         SourceEnd::PeerFailed(reason) => Err(anyhow!("{} failed the round: {reason}", peer.name)),
-        SourceEnd::Failed(why) => Err(anyhow!("reading the source failed: {why}")),
+        SourceEnd::Failed(why) => {
+            // `Failed` is on its way to the destination, for its operator. Closing the connection
+            // before it ended its round with it (it then ends its stream) would drop it, or have
+            // the destination tell of the close instead.
+            let _ = send.finish();
+            if reading {
+                let _ = tokio::time::timeout(FAILED_READ_WITHIN, async {
+                    while let Ok(Some(message)) = reader.next().await {
+                        tracing::debug!("after the round failed here: {message:?}");
+                    }
+                })
+                .await;
+            }
+            Err(anyhow!("the round failed on this node (the destination keeps what arrived whole): {why}"))
+        }
         SourceEnd::Violation(what) => {
             net::close_sent(connection, ferry_proto::Refusal::ProtocolViolation.code(), what.as_bytes()).await;
             Err(anyhow!("{} broke the protocol: {what}", peer.name))
@@ -404,9 +422,14 @@ impl List {
         let list =
             |differ, gate| Self { batches: changes_rx, differ, base: delta_base, positions: positions.clone(), gate };
         if let Some(tee) = prepared.scan.take_tee() {
-            let (tee, (file, path)) = tokio::task::spawn_blocking(move || teed_manifest(&tee).map(|m| (tee, m)))
+            let teed = tokio::task::spawn_blocking(move || teed_manifest(&tee).map(|m| (tee, m)))
                 .await
-                .context("the scan's tee panicked")??;
+                .context("the scan's tee panicked")?;
+            let (tee, (file, path)) = match teed {
+                Ok(teed) => teed,
+                // A scan that cannot begin its manifest (the state folder's disk full) says why itself.
+                Err(e) => return Err(prepared.scan.done().await.err().unwrap_or(e)),
+            };
             let gate = Arc::new(Gate::default());
             if dry_run {
                 // A dry run's destination plans once the list is whole: nothing to wait for.

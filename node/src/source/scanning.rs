@@ -89,7 +89,8 @@ impl Scanning {
                         }
                         Ok(Arc::new(report))
                     }
-                    Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+                    // Its words name their cause already: not again as an error chain.
+                    Err(e) => Err(format!("the scan failed: {e}")),
                 };
                 let _ = done_tx.send(Some(result));
             })

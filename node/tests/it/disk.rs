@@ -1,7 +1,8 @@
 //! Broken disks under a real daemon: EIO on sync (strace's fault injection, since the binary makes
-//! its system calls directly), a read-only target, a disk that fills in the middle of a round. Each
-//! round fails with a message that names the fault and the place, the target keeps its previous state
-//! (every file whole, old or new), and the next round succeeds once the fault is gone.
+//! its system calls directly), a read-only target, a disk that fills in the middle of a round, a full
+//! state folder on either node. Each round fails with a message that names the fault and the place,
+//! the target keeps its previous state (every file whole, old or new), and the next round succeeds
+//! once the fault is gone.
 
 use std::path::Path;
 use std::time::Duration;
@@ -250,4 +251,69 @@ fn a_prefilled_target_without_room_for_a_second_copy_is_taken_over_in_place() {
     assert!(no_staging_leftovers(&target));
     let report = setup.source.sync("zimbra");
     assert_eq!((report["in_sync"].as_bool(), report["check"]["changed"].as_u64()), (Some(true), Some(0)), "{report}");
+}
+
+/// Fills the filesystem of `dir` but for about `room` bytes, with a file whose path it returns.
+fn fill_but(dir: &Path, room: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![7u8; 4096];
+    while file.write_all(&block).is_ok() {}
+    let len = file.metadata().unwrap().len();
+    file.set_len(len.saturating_sub(room)).unwrap();
+    filler
+}
+
+/// A job's state folder (`--data-dir`, here on a tmpfs of 8 MiB under the node's config) that
+/// fills: on the source, with no room at all (the scan cannot begin its manifest) and with a little
+/// (it fails halfway through a list of 6000 changes); on the destination, with a little (its new
+/// manifest cannot be written). Each round fails saying which file and why, once; the destination
+/// records the source's reason, not a lost connection; the next round, with room, finishes.
+#[test]
+fn a_full_disk_under_either_node_s_state_fails_the_round_saying_where_and_the_next_one_finishes() {
+    if !is_root() {
+        eprintln!("SKIPPED: the full state folder test mounts a tmpfs and needs root");
+        return;
+    }
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    let source_state = Tmpfs::mount(&setup.source.config.join("data"), "8m");
+    let dest_state = Tmpfs::mount(&setup.dest.config.join("data/jobs"), "8m");
+    files(&source, 30, 1000, 1);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let before = snapshot(&target, &[]).unwrap();
+    files(&source, 6000, 100, 2);
+
+    for room in [0, 150_000] {
+        let filler = fill_but(&source_state.0, room);
+        let out = setup.source.run(&["sync", "--round", "zimbra"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stderr}");
+        assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+        assert!(
+            stderr.contains("the scan failed: cannot keep the scan's records in the job's state folder"),
+            "{stderr}"
+        );
+        assert_eq!(stderr.matches("No space left on device").count(), 1, "{stderr}");
+        every_file_whole(&target, &source, &before);
+        if room > 0 {
+            let status = setup.dest.ok(&["status"]);
+            assert!(status.contains("the source gave up: the scan failed"), "{status}");
+        }
+        std::fs::remove_file(&filler).unwrap();
+    }
+
+    let filler = fill_but(&dest_state.0, 150_000);
+    let out = setup.source.run(&["sync", "--round", "zimbra"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    assert!(stderr.contains("dest failed the round") && stderr.contains("No space left on device"), "{stderr}");
+    every_file_whole(&target, &source, &before);
+    std::fs::remove_file(&filler).unwrap();
+
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
 }
