@@ -56,7 +56,8 @@ pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError, IndexedFile, PartialSeal, PlacedStat, Recorded};
 pub use manifest::{
     ChunkRef, Entry, EntryError, EntryKind, Keyed, MAX_RECORD_LEN, ManifestReader, ManifestWriter, MergeJoin, Pair,
-    Places, RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_numbered, same_records, sync_record_file,
+    Places, RawEntry, RecordFileError, RecordReader, RecordWriter, diff, diff_numbered, ends_as_written, same_records,
+    sync_record_file,
 };
 pub use owner::{OwnerMap, OwnerNames};
 pub use path::{MAX_NAME_LEN, MAX_PATH_LEN, PathError, RelPath, STAGING_DIR};

@@ -83,6 +83,32 @@ impl SourceState {
         let bytes = std::fs::read(self.base_file()).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
+    /// Which round [`Self::base`] is, when it is there as that round left it. A base cut short or
+    /// replaced (its trailer does not end in the round's root) is set aside, with a warning: the
+    /// round then lists the whole manifest (a few bytes per file), as when the destination holds
+    /// no round in common, instead of failing on it every night.
+    pub(crate) fn usable_base(&self) -> Option<RoundRef> {
+        let round = self.base_round()?;
+        let base = self.base();
+        if !base.exists() || ferry_engine::ends_as_written(&base, &round.root) {
+            return base.exists().then_some(round);
+        }
+        self.set_base_aside(&format!("it does not end as round {} left it", round.round));
+        None
+    }
+    /// Moves a damaged base aside (to `manifest.base.damaged`, for whoever wants to look at it),
+    /// saying why: the next round lists the whole manifest.
+    pub(crate) fn set_base_aside(&self, why: &str) {
+        let (base, aside) = (self.base(), self.dir.join("manifest.base.damaged"));
+        match std::fs::rename(&base, &aside) {
+            Ok(()) => tracing::warn!(
+                "{} is damaged ({why}); set aside as {}: the next list of changes is the whole manifest",
+                base.display(),
+                aside.display()
+            ),
+            Err(e) => tracing::warn!("{} is damaged ({why}) and cannot be set aside: {e}", base.display()),
+        }
+    }
     /// The scanned manifest becomes the base of the next round's changes. When the base already holds
     /// the same records (nothing changed), the base stays and the scan's copy goes: nothing to sync.
     /// Else the scan's manifest (not fsynced by the scan) is made durable first, then named the base,
@@ -132,6 +158,9 @@ impl TargetState {
     fn round_file(&self) -> PathBuf {
         self.dir.join("round.json")
     }
+    fn next_round_file(&self) -> PathBuf {
+        self.dir.join("round.json.next")
+    }
     /// The chunk index, with ferry's records of what it placed.
     pub(crate) fn chunk_index(&self) -> PathBuf {
         self.dir.join("chunks.redb")
@@ -169,17 +198,75 @@ impl TargetState {
     pub(crate) fn identity(&self) -> PathBuf {
         self.dir.join("identity")
     }
-    /// The last committed round.
+    /// The last committed round: the round `round.json` names, whose manifest is in place as that
+    /// round left it (its trailer is read). A round stopped between naming its manifest into place
+    /// and recording itself (a kill, a full disk) is found by `round.json.next`, written before the
+    /// rename ([`Self::will_hold`]), and is the one held. A committed manifest cut short or replaced
+    /// is an error that says how to go on, never a round merged against it.
     pub(crate) fn holds(&self) -> anyhow::Result<Option<RoundRef>> {
-        match std::fs::read(self.round_file()) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("round.json is damaged")?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+        let manifest = self.manifest();
+        let recorded = read_round(&self.round_file())?;
+        if let Some(next) = read_round(&self.next_round_file()).ok().flatten()
+            && recorded != Some(next)
+            && ferry_engine::ends_as_written(&manifest, &next.root)
+        {
+            return Ok(Some(next));
+        }
+        match recorded {
+            Some(round) if !ferry_engine::ends_as_written(&manifest, &round.root) => anyhow::bail!(
+                "{} is damaged or gone (it does not end as round {} left it): this node cannot tell what it put in \
+                 the target. To take the target over as it is (its files are read once; those that match the source's \
+                 stay and are not sent): `ferry job remove {job} --purge` and `ferry job add {job} ...` again on this \
+                 node",
+                manifest.display(),
+                round.round,
+                job = self.dir.parent().and_then(Path::file_name).map_or("JOB".into(), |name| name.to_string_lossy()),
+            ),
+            recorded => Ok(recorded),
         }
     }
+    /// Names the round whose manifest is about to replace the committed one, before it does: see
+    /// [`Self::holds`].
+    pub(crate) fn will_hold(&self, round: RoundRef) -> anyhow::Result<()> {
+        crate::helpers::write_durably(&self.next_round_file(), &serde_json::to_vec(&round)?)
+            .with_context(|| format!("cannot write {}", self.next_round_file().display()))
+    }
+    /// Records `round` as the last committed one.
     pub(crate) fn set_holds(&self, round: RoundRef) -> anyhow::Result<()> {
         crate::helpers::write_durably(&self.round_file(), &serde_json::to_vec(&round)?)
-            .with_context(|| format!("cannot record the round in {}", self.round_file().display()))
+            .with_context(|| format!("cannot record the round in {}", self.round_file().display()))?;
+        let _ = std::fs::remove_file(self.next_round_file());
+        Ok(())
+    }
+    /// Records the round [`Self::holds`] found, where it is not what `round.json` says (a commit cut
+    /// short), and forgets a `round.json.next` whose manifest never took the place.
+    pub(crate) fn settle_holds(&self, holds: Option<RoundRef>) -> anyhow::Result<()> {
+        match holds {
+            Some(round) if read_round(&self.round_file())? != holds => {
+                tracing::warn!(
+                    "round {} was committed here, but the daemon stopped before it recorded it (round.json.next): \
+                     recorded now",
+                    round.round
+                );
+                self.set_holds(round)
+            }
+            _ => {
+                let _ = std::fs::remove_file(self.next_round_file());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The round recorded in `path` (`round.json`, or `round.json.next`), if there is one.
+fn read_round(path: &Path) -> anyhow::Result<Option<RoundRef>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let shown = || format!("{} is damaged", path.display());
+            Ok(Some(serde_json::from_slice(&bytes).with_context(shown)?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot read {}", path.display()))),
     }
 }
 

@@ -14,7 +14,7 @@ pub use entry::{ChunkRef, Entry, EntryError, EntryKind, Keyed};
 pub use merge::{MergeJoin, Pair, Places, diff, diff_numbered};
 pub use record::{
     MAX_RECORD_LEN, ManifestReader, ManifestWriter, RawEntry, RecordFileError, RecordReader, RecordWriter,
-    same_records, sync_record_file,
+    ends_as_written, same_records, sync_record_file,
 };
 
 #[cfg(test)]
@@ -106,10 +106,14 @@ mod tests {
     fn truncated_or_altered_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let entries = vec![entry("", EntryKind::Dir, b""), entry("a", EntryKind::File, b"hello")];
-        let (path, _) = write(dir.path(), "m", &entries);
+        let (path, root) = write(dir.path(), "m", &entries);
+        assert!(ends_as_written(&path, &root));
+        let (_, other_root) = write(dir.path(), "o", &entries[..1]);
+        assert!(!ends_as_written(&path, &other_root), "another file's root");
         let bytes = std::fs::read(&path).unwrap();
         for cut in [bytes.len() - 1, bytes.len() - 41, 12] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
+            assert!(!ends_as_written(&path, &root), "cut at {cut}: its trailer is gone");
             let result: Result<Vec<Entry>, _> = ManifestReader::open(&path).unwrap().collect();
             assert!(matches!(result, Err(RecordFileError::Corrupt { .. })), "cut at {cut}: {result:?}");
         }

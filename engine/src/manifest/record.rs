@@ -211,6 +211,13 @@ pub fn same_records(a: &Path, b: &Path) -> bool {
     trailer_of(a).is_some_and(|ta| trailer_of(b).is_some_and(|tb| ta == tb))
 }
 
+/// Whether the record file at `path` ends in the trailer of records whose root hash is `root`, as
+/// its writer left it: a file cut short, or another one, does not. Reads only the trailer; altered
+/// bytes before it are found by [`RecordReader`] at its end.
+pub fn ends_as_written(path: &Path, root: &RootHash) -> bool {
+    trailer_of(path).is_some_and(|trailer| trailer.ends_with(root.as_bytes()))
+}
+
 /// Makes a record file put in place by [`RecordWriter::finish_unsynced`] durable: its bytes, then its
 /// name in its folder.
 pub fn sync_record_file(path: &Path) -> Result<(), RecordFileError> {

@@ -450,7 +450,7 @@ async fn answer_check(
                     early::begin(&context.early_checks, &job_config, &state, holds);
                     Message::Welcome { holds }
                 }
-                // Not a refusal: the round itself will meet it and say so.
+                // Not a refusal (no code to wait on): the source stops before its export.
                 Err(e) => Message::Failed { reason: format!("cannot read the state of job {job}: {e:#}") },
             }
         }

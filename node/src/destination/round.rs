@@ -87,6 +87,7 @@ pub(super) fn destination_round(
         .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
     let _lock = ferry_engine::lock_state(&state.dir)?;
     let holds = state.holds()?;
+    state.settle_holds(holds)?;
     tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
     // An import marker left behind means the daemon stopped during an import: say so, do not rerun it.
     if let Some(stale) = crate::history::read_marker(&state.import_marker()) {
@@ -328,6 +329,8 @@ fn apply_round(
     let end = end()?;
     let report = applier.finish()?;
     let root = committed.finish()?;
+    // Which round the manifest is goes first: one stopped between here and its record is found.
+    state.will_hold(RoundRef { round: applying.holds.map_or(1, |h| h.round + 1), root })?;
     std::fs::rename(state.next_manifest(), state.manifest())?;
     asked.taken(state);
     applying.identity.record().with_context(|| format!("cannot record {}", state.identity().display()))?;

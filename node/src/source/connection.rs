@@ -73,7 +73,7 @@ pub(super) async fn drive(
         Err(_) => return Err(closed(why_closed(connection).await)),
     };
     let mut reader = FrameReader::new(recv);
-    let base = state.base_round().filter(|_| state.base().exists());
+    let base = state.usable_base();
     let hello = Hello {
         version: PROTOCOL_VERSION,
         job: job.name.clone(),
@@ -464,12 +464,26 @@ impl List {
     /// Once the last batch is out: the list's end, with the scan's root hash.
     async fn end(&mut self, prepared: &Prepared) -> anyhow::Result<ChangesEnd> {
         if let Some(differ) = self.differ.take() {
-            differ.await.context("the diff panicked")??;
+            differ.await.context("the diff panicked")?.map_err(|e| damaged_base(e, &prepared.state))?;
         }
         let scanned = prepared.scan.done().await?;
         let root = scanned.root_hash.ok_or_else(|| anyhow!("the scan produced no root hash"))?;
         Ok(ChangesEnd { base: self.base, root, entries: scanned.entries })
     }
+}
+
+/// A list that failed on a base altered within (its trailer whole, a record not): the base goes
+/// aside, so that the next round lists the whole manifest rather than fail on it again.
+fn damaged_base(e: anyhow::Error, state: &crate::state::SourceState) -> anyhow::Error {
+    let base = state.base();
+    let corrupt = e.chain().any(|cause| {
+        matches!(cause.downcast_ref(), Some(ferry_engine::RecordFileError::Corrupt { path, .. }) if *path == base)
+    });
+    if !corrupt {
+        return e;
+    }
+    state.set_base_aside("it does not read back as it was written");
+    e.context("the copy of the last round's manifest this node keeps is damaged; set aside: run the round again")
 }
 
 impl Drop for List {

@@ -111,6 +111,10 @@ pub(super) async fn check_peer(
         Ok(Ok(Some(Message::Refused { refusal, reason }))) => {
             Err(Refused::new(refusal, format!("{} refused the round: {reason}", peer.name)).into())
         }
+        // Its state unreadable (a damaged manifest): no round can go on, so no export runs for one.
+        Ok(Ok(Some(Message::Failed { reason }))) => {
+            Err(anyhow::anyhow!("{} cannot take a round of job {}: {reason}", peer.name, job.name))
+        }
         Ok(Ok(Some(other))) => {
             tracing::warn!("{} answered the check with {other:?}; going on with the round", peer.name);
             Ok(())
