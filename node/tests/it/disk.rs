@@ -402,7 +402,8 @@ fn a_damaged_committed_manifest_stops_rounds_saying_how_to_take_the_target_over(
 
 /// A destination stopped between naming a round's manifest into place and recording the round
 /// (here: `round.json` put back as the round before left it, `round.json.next` as the commit writes
-/// it first) holds the new round: the next round is counted and merged against it.
+/// it first, and the source's base as it was, since it never heard of the commit) holds the new
+/// round: the next round is counted and merged against it, not the source's changes since round 1.
 #[test]
 fn a_commit_stopped_before_its_round_was_recorded_is_found_by_the_next_round() {
     let setup = Setup::new();
@@ -412,10 +413,15 @@ fn a_commit_stopped_before_its_round_was_recorded_is_found_by_the_next_round() {
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     let state = setup.dest.config.join("data/jobs/zimbra/target");
     let first = std::fs::read(state.join("round.json")).unwrap();
+    // The source never heard of the commit: its base stays round 1's.
+    let source_state = setup.source.config.join("data/jobs/zimbra/source");
+    let base: Vec<_> =
+        ["manifest.base", "base.json"].map(|name| (name, std::fs::read(source_state.join(name)).unwrap())).into();
     files(&source, 30, 1000, 2);
     assert_eq!(setup.source.sync("zimbra")["round"], 2);
     std::fs::rename(state.join("round.json"), state.join("round.json.next")).unwrap();
     std::fs::write(state.join("round.json"), first).unwrap();
+    base.iter().for_each(|(name, bytes)| std::fs::write(source_state.join(name), bytes).unwrap());
 
     files(&source, 30, 1000, 3);
     let report = setup.source.sync("zimbra");
