@@ -205,6 +205,13 @@ pub struct IndexError {
     source: redb::Error,
 }
 
+impl IndexError {
+    /// Whether the index's file is damaged (cut short, altered), not only unreadable for now.
+    pub fn is_damaged(&self) -> bool {
+        matches!(self.source, redb::Error::Corrupted(_))
+    }
+}
+
 /// The destination's persistent map from chunk hash to a place that holds its bytes.
 ///
 /// A clone is another handle on the same index: one thread can record chunks while another looks

@@ -215,15 +215,31 @@ impl TargetState {
         match recorded {
             Some(round) if !ferry_engine::ends_as_written(&manifest, &round.root) => anyhow::bail!(
                 "{} is damaged or gone (it does not end as round {} left it): this node cannot tell what it put in \
-                 the target. To take the target over as it is (its files are read once; those that match the source's \
-                 stay and are not sent): `ferry job remove {job} --purge` and `ferry job add {job} ...` again on this \
-                 node",
+                 the target. {}",
                 manifest.display(),
                 round.round,
-                job = self.dir.parent().and_then(Path::file_name).map_or("JOB".into(), |name| name.to_string_lossy()),
+                self.take_over()
             ),
             recorded => Ok(recorded),
         }
+    }
+    /// Opens the chunk index. A damaged one (cut short, altered) is an error that says how to go on:
+    /// it also holds ferry's records of what it placed, which the next round's check needs.
+    pub(crate) fn open_index(&self) -> anyhow::Result<ferry_engine::ChunkIndex> {
+        ferry_engine::ChunkIndex::open(&self.chunk_index()).map_err(|e| {
+            let damaged = e.is_damaged();
+            let e = anyhow::Error::from(e);
+            if damaged { e.context(format!("the chunk index is damaged. {}", self.take_over())) } else { e }
+        })
+    }
+    /// How the operator goes on from damaged state: the job is added again, and its first round
+    /// takes the target over.
+    fn take_over(&self) -> String {
+        let job = self.dir.parent().and_then(Path::file_name).map_or("JOB".into(), |name| name.to_string_lossy());
+        format!(
+            "To take the target over as it is (its files are read once; those that match the source's stay and \
+             are not sent): `ferry job remove {job} --purge` and `ferry job add {job} ...` again on this node"
+        )
     }
     /// Names the round whose manifest is about to replace the committed one, before it does: see
     /// [`Self::holds`].

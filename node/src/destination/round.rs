@@ -113,7 +113,7 @@ pub(super) fn destination_round(
     let early = early::take(round.early_checks, &job.name, holds, adopt_whole);
     let mut index = match &early {
         Some((_, index)) => index.clone(),
-        None => ChunkIndex::open(&state.chunk_index())?,
+        None => state.open_index()?,
     };
     let indexed = state.existing_indexed();
     if other_target {

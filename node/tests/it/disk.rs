@@ -368,36 +368,43 @@ fn a_damaged_base_on_the_source_is_set_aside_and_the_whole_list_sent() {
     assert!(out.status.success() && stderr.contains("0 changes sent (the tree is as in round"), "{stderr}");
 }
 
-/// The destination's committed manifest is what it knows it put in the target: cut short, no round
-/// is merged against it. The source is told so before its export, in words that say how to go on,
-/// and the target is untouched; taking the target over as it is (the job added again) sends only
-/// what the target lacks.
+/// The destination's committed manifest is what it knows it put in the target, and its chunk index
+/// holds its records of what it placed: either cut short, no round is merged against them. A
+/// damaged manifest stops the source before its export; each says how to go on, and the target is
+/// untouched. Taking the target over as it is (the job added again) sends only what it lacks.
 #[test]
-fn a_damaged_committed_manifest_stops_rounds_saying_how_to_take_the_target_over() {
+fn damaged_destination_state_stops_rounds_saying_how_to_take_the_target_over() {
     let setup = Setup::new();
     let (source, target) = (setup.path("export"), setup.path("migration"));
     files(&source, 30, 100_000, 1);
     setup.job("zimbra", &source, &target);
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
-    let before = snapshot(&target, &[]).unwrap();
-    cut_in_half(&setup.dest.config.join("data/jobs/zimbra/target/manifest"));
-    files(&source, 3, 100_000, 2);
+    let state = setup.dest.config.join("data/jobs/zimbra/target");
 
-    let out = setup.source.run(&["sync", "--round", "zimbra"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stderr}");
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("is damaged or gone") && stderr.contains("ferry job remove zimbra --purge"), "{stderr}");
-    assert!(!stderr.contains("scanning"), "the source went on with its export and scan: {stderr}");
-    assert!(compare_trees(&before, &snapshot(&target, &[]).unwrap(), |_| false).is_ok());
+    for (seed, (file, says)) in
+        [("manifest", "is damaged or gone"), ("chunks.redb", "the chunk index is damaged")].into_iter().enumerate()
+    {
+        let before = snapshot(&target, &[]).unwrap();
+        cut_in_half(&state.join(file));
+        files(&source, 3, 100_000, 2 + seed as u64);
+        let out = setup.source.run(&["sync", "--round", "zimbra"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stderr}");
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(says) && stderr.contains("`ferry job remove zimbra --purge`"), "{stderr}");
+        if file == "manifest" {
+            assert!(!stderr.contains("scanning"), "the source went on with its export and scan: {stderr}");
+        }
+        assert!(compare_trees(&before, &snapshot(&target, &[]).unwrap(), |_| false).is_ok());
 
-    setup.dest.ok(&["job", "remove", "zimbra", "--purge"]);
-    setup.dest.ok(&["job", "add", "zimbra", "--path", target.to_str().unwrap(), "--peer", "source"]);
-    let report = setup.source.sync("zimbra");
-    assert_eq!(report["in_sync"], true, "{report}");
-    assert_same_tree(&source, &target, |_| false);
-    let sent = report["chunk_bytes"].as_u64().unwrap();
-    assert!(sent < 4 * 100_000, "{sent} bytes of chunks sent for the 3 new files: {report}");
+        setup.dest.ok(&["job", "remove", "zimbra", "--purge"]);
+        setup.dest.ok(&["job", "add", "zimbra", "--path", target.to_str().unwrap(), "--peer", "source"]);
+        let report = setup.source.sync("zimbra");
+        assert_eq!(report["in_sync"], true, "{report}");
+        assert_same_tree(&source, &target, |_| false);
+        let sent = report["chunk_bytes"].as_u64().unwrap();
+        assert!(sent < 4 * 100_000, "{sent} bytes of chunks sent for the 3 new files: {report}");
+    }
 }
 
 /// A destination stopped between naming a round's manifest into place and recording the round
