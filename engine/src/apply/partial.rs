@@ -219,13 +219,18 @@ impl Applier<'_> {
     /// Moves the partial file `name` aside (to `name`-was) where the chunks recorded of it (its
     /// `seal`) no longer begin `new` (the source's file changed since they arrived): `new` is then
     /// built anew, its chunks read from there wherever they still are, rather than cut at the first
-    /// difference and the chunks past it asked for again. Once: a file moved aside before stays.
+    /// difference and the chunks past it asked for again. A file set aside before (the source's
+    /// file changed again) is replaced when this one holds as much: it was built from that one's
+    /// chunks as far as it got. One file aside at most, so staging never holds more than twice the
+    /// file.
     fn set_aside(&mut self, name: &[u8], seal: &PartialSeal, new: &Entry) -> bool {
         if seal.len == 0 || Recorded::sealed(&new.chunks, (seal.len, &seal.digest)).is_some() {
             return false;
         }
         let aside = [name, ASIDE_SUFFIX].concat();
-        if rustix::fs::statat(&*self.staging, aside.os(), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        if rustix::fs::statat(&*self.staging, aside.os(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
+            && self.seal_of(&aside).map_or(0, |before| before.len) > seal.len
+        {
             return false;
         }
         // The index first: a crash before the rename leaves records of a file not there, forgotten

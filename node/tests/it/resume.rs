@@ -323,3 +323,26 @@ fn a_partial_file_whose_source_file_is_gone_is_removed_by_the_next_round() {
     assert!(!scene.target.join("server/backup.tgz").exists());
     assert!(no_staging_leftovers(&scene.target), "the partial file of a file the source no longer has stayed");
 }
+
+/// A file that changes at the source again before it has arrived: what the second attempt brought
+/// (what it kept of the first's, and more) is set aside in turn, in place of the first's, rather
+/// than cut at the change.
+#[test]
+fn a_large_file_changed_at_the_source_twice_keeps_what_each_attempt_brought() {
+    let scene = Scene::new(79);
+    let path = scene.source.join("server/backup.tgz");
+    let change = |seed: u64| {
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &random_bytes(4096, seed), 0).unwrap();
+    };
+    let first = scene.stop_at_a_deadline();
+    change(200);
+    let out = wait_within(scene.start_sync(&["--max-duration", "3s"]), Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(ferry::exit::DEADLINE));
+    let second = partial_bytes(&scene.target);
+    eprintln!("kept {first} bytes, then {second} with the first attempt's aside");
+    change(201);
+    let total = scene.finish("changed twice");
+    // Cut at the second change, the second attempt's chunks were sent again: 1.3×.
+    assert!(total < SIZE + SIZE / 8, "{total} bytes on the wire for {SIZE}");
+}
