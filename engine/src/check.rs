@@ -542,6 +542,8 @@ pub fn checked_steps(
 pub struct TargetIdentity {
     file: PathBuf,
     now: Option<String>,
+    /// The device the last committed round filled the target on.
+    recorded_device: Option<u64>,
     /// Another folder than the one recorded.
     pub changed: bool,
 }
@@ -552,8 +554,36 @@ impl TargetIdentity {
         use std::os::unix::fs::MetadataExt;
         let now = std::fs::metadata(target).ok().map(|meta| format!("{}:{}", meta.dev(), meta.ino()));
         let known = std::fs::read_to_string(file).ok();
-        let changed = known.is_some_and(|known| now.as_deref().is_some_and(|now| now != known.trim()));
-        Self { file: file.to_owned(), now, changed }
+        let changed = known.as_ref().is_some_and(|known| now.as_deref().is_some_and(|now| now != known.trim()));
+        let recorded_device = known.and_then(|known| known.trim().split_once(':')?.0.parse().ok());
+        Self { file: file.to_owned(), now, recorded_device, changed }
+    }
+
+    /// Why `target` looks like a disk that is not mounted: the last committed round filled it on
+    /// one filesystem, and it is now missing, or empty (but for `lost+found`), on another (its
+    /// mount point's, or the folder above's). Filling it then would fill that other filesystem
+    /// with the whole tree. `None` when it does not.
+    pub fn looks_unmounted(&self, target: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let recorded = self.recorded_device?;
+        let (what, device) = match std::fs::read_dir(target) {
+            Ok(mut entries) => {
+                if entries.any(|entry| entry.map_or(true, |entry| entry.file_name() != "lost+found")) {
+                    return None;
+                }
+                ("empty", std::fs::metadata(target).ok()?.dev())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                ("missing", target.ancestors().skip(1).find_map(|above| std::fs::metadata(above).ok())?.dev())
+            }
+            Err(_) => return None,
+        };
+        (device != recorded).then(|| {
+            format!(
+                "{} is {what}, and on another filesystem than the one the last round filled: is its disk mounted?",
+                target.display()
+            )
+        })
     }
 
     /// Records the identity read, once a round is committed.
@@ -641,6 +671,28 @@ mod tests {
         };
         let report = verdict_with(stopped, |_| {});
         assert!(report.is_clean() && report.recorded == 1, "{report:?}");
+    }
+
+    /// Filled on one device (here a made-up one), the target now missing or empty on another looks
+    /// unmounted; with files in it, or on the device recorded, it does not.
+    #[test]
+    fn a_target_missing_or_empty_on_another_device_looks_unmounted() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (target, file) = (dir.path().join("mnt/target"), dir.path().join("identity"));
+        let looks = |recorded: &str| {
+            std::fs::write(&file, recorded).unwrap();
+            TargetIdentity::read(&file, &target).looks_unmounted(&target)
+        };
+        assert!(looks("4242424242:7").unwrap().contains("is missing"));
+        std::fs::create_dir_all(target.join("lost+found")).unwrap();
+        assert!(looks("4242424242:7").unwrap().contains("is empty"));
+        let here = format!("{}:7", std::fs::metadata(dir.path()).unwrap().dev());
+        assert_eq!(looks(&here), None, "on the device it was filled on");
+        std::fs::write(target.join("mail"), b"x").unwrap();
+        assert_eq!(looks("4242424242:7"), None, "files in it: another disk mounted there");
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(TargetIdentity::read(&file, &target).looks_unmounted(&target), None, "never filled");
     }
 
     #[test]

@@ -161,6 +161,10 @@ pub enum RoundError {
         /// The target folder.
         target: PathBuf,
     },
+    /// The target looks like a disk that is not mounted (see [`TargetIdentity::looks_unmounted`]):
+    /// nothing was written.
+    #[error("{0} Nothing was written. To fill it anew, run the round with --adopt all.")]
+    Unmounted(String),
 }
 
 /// Holds the state folder's lock for as long as it lives.
@@ -203,6 +207,18 @@ fn refuse_nested(source: &Path, target: &Path) -> Result<(), RoundError> {
         return Err(RoundError::Nested { source_dir: source.to_owned(), target: target.to_owned() });
     }
     Ok(())
+}
+
+/// A round does not fill a target that looks like a disk that is not mounted (see
+/// [`TargetIdentity::looks_unmounted`]) unless it adopts the target whole (`--adopt all`).
+fn refuse_unmounted(target_state: &Path, target: &Path, options: &LocalRoundOptions) -> Result<(), RoundError> {
+    if options.apply.adopt == Adopt::All {
+        return Ok(());
+    }
+    match TargetIdentity::read(&target_state.join("identity"), target).looks_unmounted(target) {
+        Some(why) => Err(RoundError::Unmounted(why)),
+        None => Ok(()),
+    }
 }
 
 /// The state of the target side: the committed manifest, whether this round adopts the target
@@ -257,6 +273,7 @@ pub fn local_round(
     for dir in [&source_state, &target_state] {
         std::fs::create_dir_all(dir).map_err(|e| RoundError::State { path: dir.clone(), source: e })?;
     }
+    refuse_unmounted(&target_state, target, options)?;
     std::fs::create_dir_all(target).map_err(|e| RoundError::Target { path: target.to_owned(), source: e })?;
 
     let cache = source_state.join("cache");
@@ -356,6 +373,7 @@ pub fn local_plan(
 ) -> Result<LocalPlan, RoundError> {
     let started = Instant::now();
     refuse_nested(source, target)?;
+    refuse_unmounted(&state.join("target"), target, options)?;
     let scratch = tempfile::tempdir().map_err(|e| RoundError::State { path: std::env::temp_dir(), source: e })?;
     let scratch_err = |e| RoundError::State { path: scratch.path().to_owned(), source: e };
     let (source_state, target_state) = (state.join("source"), state.join("target"));

@@ -66,6 +66,17 @@ fn asked_for(state: &TargetState) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// Why a round of `job` must not fill `target` now: it looks like a disk that is not mounted
+/// ([`ferry_engine::TargetIdentity::looks_unmounted`]), and the operator did not ask for it to be
+/// filled anew (`ferry job adopt JOB all`).
+pub(crate) fn unmounted(state: &TargetState, job: &str, target: &std::path::Path) -> Option<String> {
+    let why = ferry_engine::TargetIdentity::read(&state.identity(), target).looks_unmounted(target)?;
+    if Pending::read(state).is_ok_and(|asked| asked.adopt == Adopt::All) {
+        return None;
+    }
+    Some(format!("{why} Nothing was written. To fill it anew, `ferry job adopt {job} all` on this node."))
+}
+
 /// What the next round of the job is asked to adopt, as given (`ferry status`): nothing when none
 /// was asked for or the file cannot be read.
 pub(crate) fn pending_paths(state: &TargetState) -> Vec<String> {

@@ -443,7 +443,9 @@ async fn answer_check(
     let message = match answer {
         Ok(job_config) => {
             let state = TargetState::new(&context.config_dir.data_dir(config), &job_config.name);
+            let unmounted = crate::adoption::unmounted(&state, &job_config.name, &job_config.path);
             match state.holds() {
+                Ok(_) if let Some(why) = unmounted => Message::Failed { reason: why },
                 Ok(holds) => {
                     tracing::info!("{} checked job {job}: a round would be accepted", peer.name);
                     // The source exports and scans now: the target is checked meanwhile.

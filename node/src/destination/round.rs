@@ -83,11 +83,14 @@ pub(super) fn destination_round(
     let send = |input: DestinationInput| window.input(input).map(drop);
     let state = TargetState::new(round.data_dir, &job.name);
     std::fs::create_dir_all(&state.dir).with_context(|| format!("cannot create {}", state.dir.display()))?;
-    std::fs::create_dir_all(&job.path)
-        .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
     let _lock = ferry_engine::lock_state(&state.dir)?;
     let holds = state.holds()?;
     state.settle_holds(holds)?;
+    if let Some(why) = crate::adoption::unmounted(&state, &job.name, &job.path) {
+        bail!("{why}");
+    }
+    std::fs::create_dir_all(&job.path)
+        .with_context(|| format!("cannot create target folder {}", job.path.display()))?;
     tracing::Span::current().record("round", holds.map_or(1, |h| h.round + 1));
     // An import marker left behind means the daemon stopped during an import: say so, do not rerun it.
     if let Some(stale) = crate::history::read_marker(&state.import_marker()) {

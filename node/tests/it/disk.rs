@@ -438,3 +438,46 @@ fn a_commit_stopped_before_its_round_was_recorded_is_found_by_the_next_round() {
     let status = setup.dest.ok(&["verify", "zimbra"]);
     println!("{status}");
 }
+
+/// The target's disk is not mounted (a reboot whose mount failed): its folder is missing, or an
+/// empty mount point, on the filesystem above. The round refuses before the source's export rather
+/// than fill that filesystem with the whole tree, writes nothing, and says how to fill it anyway.
+#[test]
+fn a_target_whose_disk_is_not_mounted_is_not_filled_unless_asked() {
+    if !is_root() {
+        eprintln!("SKIPPED: the unmounted-disk test mounts a tmpfs and needs root");
+        return;
+    }
+    let setup = Setup::new();
+    let source = setup.path("export");
+    let disk = Tmpfs::mount(&setup.path("disk"), "16m");
+    let target = disk.0.join("migration");
+    files(&source, 10, 1000, 1);
+    setup.job("zimbra", &source, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let status = std::process::Command::new("umount").arg(&disk.0).status().unwrap();
+    assert!(status.success());
+    files(&source, 10, 1000, 2);
+
+    // Missing (the disk was mounted above it), then an empty mount point made by hand.
+    for made in [false, true] {
+        if made {
+            std::fs::create_dir(&target).unwrap();
+        }
+        let out = setup.source.run(&["sync", "--round", "zimbra"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stderr}");
+        assert!(!out.status.success(), "{stderr}");
+        let what = if made { "is empty" } else { "is missing" };
+        assert!(stderr.contains(what) && stderr.contains("is its disk mounted?"), "{stderr}");
+        assert!(stderr.contains("`ferry job adopt zimbra all`") && !stderr.contains("scanning"), "{stderr}");
+        assert_eq!(target.exists(), made, "the round made the target folder");
+        if made {
+            assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "the round wrote into the mount point");
+        }
+    }
+
+    setup.dest.ok(&["job", "adopt", "zimbra", "all"]);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &target, |_| false);
+}
