@@ -535,21 +535,21 @@ pub fn checked_steps(
     })
 }
 
-/// Which folder the target is: its device and inode, against those ferry recorded in the last round
-/// it committed. A target folder that is not the one ferry last filled (removed and made again,
-/// another disk mounted there, a restored copy) is adopted whole.
+/// Which folder a round's target (or source) is: its device and inode, against those ferry recorded
+/// in the last round it committed. A target folder that is not the one ferry last filled (removed
+/// and made again, another disk mounted there, a restored copy) is adopted whole.
 #[derive(Debug)]
-pub struct TargetIdentity {
+pub struct FolderIdentity {
     file: PathBuf,
     now: Option<String>,
-    /// The device the last committed round filled the target on.
+    /// The device the folder was on in the last committed round.
     recorded_device: Option<u64>,
     /// Another folder than the one recorded.
     pub changed: bool,
 }
 
-impl TargetIdentity {
-    /// The target's identity now, against the one recorded in `file` (none recorded: unchanged).
+impl FolderIdentity {
+    /// The identity of `target` now, against the one recorded in `file` (none recorded: unchanged).
     pub fn read(file: &Path, target: &Path) -> Self {
         use std::os::unix::fs::MetadataExt;
         let now = std::fs::metadata(target).ok().map(|meta| format!("{}:{}", meta.dev(), meta.ino()));
@@ -559,10 +559,11 @@ impl TargetIdentity {
         Self { file: file.to_owned(), now, recorded_device, changed }
     }
 
-    /// Why `target` looks like a disk that is not mounted: the last committed round filled it on
-    /// one filesystem, and it is now missing, or empty (but for `lost+found`), on another (its
-    /// mount point's, or the folder above's). Filling it then would fill that other filesystem
-    /// with the whole tree. `None` when it does not.
+    /// Why `target` looks like a disk that is not mounted: it was on one filesystem in the last
+    /// committed round, and it is now missing, or empty (but for `lost+found`), on another (its
+    /// mount point's, or the folder above's). A target filled then would fill that other
+    /// filesystem with the whole tree; a source read then would be an empty tree. `None` when it
+    /// does not.
     pub fn looks_unmounted(&self, target: &Path) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         let recorded = self.recorded_device?;
@@ -580,7 +581,7 @@ impl TargetIdentity {
         };
         (device != recorded).then(|| {
             format!(
-                "{} is {what}, and on another filesystem than the one the last round filled: is its disk mounted?",
+                "{} is {what}, and on another filesystem than in the last round: is its disk mounted?",
                 target.display()
             )
         })
@@ -682,7 +683,7 @@ mod tests {
         let (target, file) = (dir.path().join("mnt/target"), dir.path().join("identity"));
         let looks = |recorded: &str| {
             std::fs::write(&file, recorded).unwrap();
-            TargetIdentity::read(&file, &target).looks_unmounted(&target)
+            FolderIdentity::read(&file, &target).looks_unmounted(&target)
         };
         assert!(looks("4242424242:7").unwrap().contains("is missing"));
         std::fs::create_dir_all(target.join("lost+found")).unwrap();
@@ -692,7 +693,7 @@ mod tests {
         std::fs::write(target.join("mail"), b"x").unwrap();
         assert_eq!(looks("4242424242:7"), None, "files in it: another disk mounted there");
         std::fs::remove_file(&file).unwrap();
-        assert_eq!(TargetIdentity::read(&file, &target).looks_unmounted(&target), None, "never filled");
+        assert_eq!(FolderIdentity::read(&file, &target).looks_unmounted(&target), None, "never filled");
     }
 
     #[test]

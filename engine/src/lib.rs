@@ -48,7 +48,7 @@ pub use apply::{
     Needed, Planner, Step, apply,
 };
 pub use check::{
-    CheckError, CheckOptions, CheckReport, Checked, Finding, Found, TargetIdentity, check_target, checked_steps,
+    CheckError, CheckOptions, CheckReport, Checked, Finding, FolderIdentity, Found, check_target, checked_steps,
     held_entries, stale_paths, with_findings,
 };
 pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};

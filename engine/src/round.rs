@@ -30,7 +30,7 @@ use crate::apply::{
     Adopt, ApplyError, ApplyOptions, ApplyReport, ChunkBuf, ChunkSource, FetchError, Fetched, Planner, Step, apply,
 };
 use crate::check::{
-    CheckError, CheckOptions, CheckReport, Checked, Finding, TargetIdentity, check_target, checked_steps, held_entries,
+    CheckError, CheckOptions, CheckReport, Checked, Finding, FolderIdentity, check_target, checked_steps, held_entries,
     with_findings,
 };
 use crate::hash::RootHash;
@@ -161,7 +161,7 @@ pub enum RoundError {
         /// The target folder.
         target: PathBuf,
     },
-    /// The target looks like a disk that is not mounted (see [`TargetIdentity::looks_unmounted`]):
+    /// The target looks like a disk that is not mounted (see [`FolderIdentity::looks_unmounted`]):
     /// nothing was written.
     #[error("{0} Nothing was written. To fill it anew, run the round with --adopt all.")]
     Unmounted(String),
@@ -210,12 +210,12 @@ fn refuse_nested(source: &Path, target: &Path) -> Result<(), RoundError> {
 }
 
 /// A round does not fill a target that looks like a disk that is not mounted (see
-/// [`TargetIdentity::looks_unmounted`]) unless it adopts the target whole (`--adopt all`).
+/// [`FolderIdentity::looks_unmounted`]) unless it adopts the target whole (`--adopt all`).
 fn refuse_unmounted(target_state: &Path, target: &Path, options: &LocalRoundOptions) -> Result<(), RoundError> {
     if options.apply.adopt == Adopt::All {
         return Ok(());
     }
-    match TargetIdentity::read(&target_state.join("identity"), target).looks_unmounted(target) {
+    match FolderIdentity::read(&target_state.join("identity"), target).looks_unmounted(target) {
         Some(why) => Err(RoundError::Unmounted(why)),
         None => Ok(()),
     }
@@ -228,14 +228,14 @@ struct TargetSide {
     /// What the source removed and the target keeps (see [`crate::held_entries`]).
     kept: PathBuf,
     findings: PathBuf,
-    identity: TargetIdentity,
+    identity: FolderIdentity,
     adopt_whole: bool,
 }
 
 impl TargetSide {
     fn new(target_state: &Path, target: &Path) -> Self {
         let committed = target_state.join("manifest");
-        let identity = TargetIdentity::read(&target_state.join("identity"), target);
+        let identity = FolderIdentity::read(&target_state.join("identity"), target);
         // Adopted whole: the first round (a pre-filled target), or a target folder that is not the
         // one ferry filled.
         let adopt_whole = !committed.exists() || identity.changed;

@@ -67,10 +67,10 @@ fn asked_for(state: &TargetState) -> anyhow::Result<Vec<String>> {
 }
 
 /// Why a round of `job` must not fill `target` now: it looks like a disk that is not mounted
-/// ([`ferry_engine::TargetIdentity::looks_unmounted`]), and the operator did not ask for it to be
+/// ([`ferry_engine::FolderIdentity::looks_unmounted`]), and the operator did not ask for it to be
 /// filled anew (`ferry job adopt JOB all`).
 pub(crate) fn unmounted(state: &TargetState, job: &str, target: &std::path::Path) -> Option<String> {
-    let why = ferry_engine::TargetIdentity::read(&state.identity(), target).looks_unmounted(target)?;
+    let why = ferry_engine::FolderIdentity::read(&state.identity(), target).looks_unmounted(target)?;
     if Pending::read(state).is_ok_and(|asked| asked.adopt == Adopt::All) {
         return None;
     }

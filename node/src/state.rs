@@ -43,6 +43,10 @@ impl SourceState {
     pub(crate) fn history(&self) -> PathBuf {
         self.dir.join("history.jsonl")
     }
+    /// The device and inode of the source folder the last committed round read.
+    pub(crate) fn identity(&self) -> PathBuf {
+        self.dir.join("identity")
+    }
     pub(crate) fn export_log(&self) -> PathBuf {
         self.dir.join("export.log")
     }

@@ -49,7 +49,7 @@ pub(super) fn begin(checks: &EarlyChecks, job: &JobConfig, state: &TargetState, 
     if let Some(done) = checks.remove(&job.name) {
         let _ = done.thread.join();
     }
-    let adopt = ferry_engine::TargetIdentity::read(&state.identity(), &job.path).changed;
+    let adopt = ferry_engine::FolderIdentity::read(&state.identity(), &job.path).changed;
     let (target, committed, kept, findings) =
         (job.path.clone(), state.manifest(), state.kept(), state.early_findings());
     let index_path = state.chunk_index();

@@ -110,7 +110,7 @@ pub(super) fn destination_round(
     let _round_marker = crate::history::MarkerGuard(state.round_marker());
     // A target folder that is not the one ferry filled (removed and made again, another disk mounted
     // there, a restored copy) is adopted whole, as a first round adopts what it finds.
-    let identity = ferry_engine::TargetIdentity::read(&state.identity(), &job.path);
+    let identity = ferry_engine::FolderIdentity::read(&state.identity(), &job.path);
     let other_target = identity.changed;
     let adopt_whole = holds.is_none() || other_target;
     let early = early::take(round.early_checks, &job.name, holds, adopt_whole);
@@ -292,7 +292,7 @@ struct Applying<'a> {
     holds: Option<RoundRef>,
     /// Entries found in the target that ferry did not write become its own.
     adopt_whole: bool,
-    identity: &'a ferry_engine::TargetIdentity,
+    identity: &'a ferry_engine::FolderIdentity,
     check: &'a ferry_engine::CheckReport,
     index: &'a mut ChunkIndex,
 }

@@ -26,6 +26,8 @@ pub(super) struct Prepared {
     pub(super) _lock: ferry_engine::StateLock,
     /// Which source this is for the job ([`ferry_proto::Hello::source`]).
     pub(super) source_id: u64,
+    /// Which folder the scan reads, recorded once the round is committed.
+    pub(super) folder: ferry_engine::FolderIdentity,
 }
 
 /// Loads the job, asks the destination whether it would take a round now, runs the export hook, and
@@ -82,8 +84,17 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
         check_peer(&client, (&job, source_id), &peer, &addr, &identity, options).await?;
     }
 
+    // An export folder whose disk is not mounted is an empty tree: listed, it would tell the
+    // destination that every file went (and with --delete, remove them).
+    let folder = ferry_engine::FolderIdentity::read(&state.identity(), &job.path);
+    if let Some(why) = folder.looks_unmounted(&job.path) {
+        bail!(
+            "the source folder {why} No round was started. If it is meant to be empty, remove {} and run the round again",
+            state.identity().display()
+        );
+    }
     let scan = Scanning::start(job.path.clone(), state.cache(), state.scanned(), options.progress)?;
-    Ok(Prepared { client, job, peer, addr, identity, state, scan, _lock: lock, source_id })
+    Ok(Prepared { client, job, peer, addr, identity, state, scan, _lock: lock, source_id, folder })
 }
 
 /// The bandwidth timetable of a round: `--bwlimit`, else the job's, else the peer's, else none.

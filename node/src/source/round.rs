@@ -130,7 +130,10 @@ pub(super) async fn push_once(
     let finished = result?;
     let scanned = prepared.scan.done().await?;
     let new_root = scanned.root_hash.ok_or_else(|| anyhow::anyhow!("the scan produced no root hash"))?;
-    let Prepared { job, peer, state, .. } = prepared;
+    let Prepared { job, peer, state, folder, .. } = prepared;
+    if let Err(e) = folder.record() {
+        tracing::warn!("cannot record which folder {} is in {}: {e}", job.path.display(), state.identity().display());
+    }
     let committed = finished.committed;
     // The destination holds the scanned tree: the base of the next round's changes. In sync only if the
     // scan left nothing of the tree out.

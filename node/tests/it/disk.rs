@@ -481,3 +481,32 @@ fn a_target_whose_disk_is_not_mounted_is_not_filled_unless_asked() {
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     assert_same_tree(&source, &target, |_| false);
 }
+
+/// The source's export disk is not mounted: its folder is an empty mount point. Listed, that tree
+/// would tell the destination every file went (and, with `--delete`, remove them); the round is not
+/// started, and says why.
+#[test]
+fn a_source_whose_disk_is_not_mounted_is_not_read_as_an_empty_tree() {
+    if !is_root() {
+        eprintln!("SKIPPED: the unmounted-source test mounts a tmpfs and needs root");
+        return;
+    }
+    let setup = Setup::new();
+    let target = setup.path("migration");
+    let disk = Tmpfs::mount(&setup.path("export"), "16m");
+    files(&disk.0, 10, 1000, 1);
+    setup.job("zimbra", &disk.0, &target);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    let before = snapshot(&target, &[]).unwrap();
+    assert!(std::process::Command::new("umount").arg(&disk.0).status().unwrap().success());
+
+    let out = setup.source.run(&["sync", "--round", "zimbra", "--delete"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(ferry::exit::ERROR), "{stderr}");
+    assert!(
+        stderr.contains("the source folder") && stderr.contains("is empty") && !stderr.contains("scanning"),
+        "{stderr}"
+    );
+    assert!(compare_trees(&before, &snapshot(&target, &[]).unwrap(), |_| false).is_ok());
+}
