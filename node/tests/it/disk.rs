@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferry_testkit::{compare_trees, snapshot};
 
 use crate::network::Setup;
-use crate::util::{Tmpfs, assert_same_tree, is_root, no_staging_leftovers, random_bytes, strace, write};
+use crate::util::{Tmpfs, assert_same_tree, may_mount, no_staging_leftovers, random_bytes, strace, write};
 
 /// `files` random files of `size` bytes under `dir`, named by `seed`.
 fn files(dir: &Path, count: usize, size: usize, seed: u64) {
@@ -107,8 +107,7 @@ struct OnTmpfs {
 }
 
 fn on_tmpfs(what: &str, size: &str, count: usize, bytes: usize) -> Option<OnTmpfs> {
-    if !is_root() {
-        eprintln!("SKIPPED: {what} mounts a tmpfs and needs root");
+    if !may_mount(what) {
         return None;
     }
     let setup = Setup::new();
@@ -221,8 +220,7 @@ fn a_whole_list_against_a_fuller_target_counts_only_what_the_round_writes() {
 
 #[test]
 fn a_prefilled_target_without_room_for_a_second_copy_is_taken_over_in_place() {
-    if !is_root() {
-        eprintln!("SKIPPED: the pre-filled target test mounts a tmpfs and needs root");
+    if !may_mount("the pre-filled target test") {
         return;
     }
     let setup = Setup::new();
@@ -272,8 +270,7 @@ fn fill_but(dir: &Path, room: u64) -> std::path::PathBuf {
 /// records the source's reason, not a lost connection; the next round, with room, finishes.
 #[test]
 fn a_full_disk_under_either_node_s_state_fails_the_round_saying_where_and_the_next_one_finishes() {
-    if !is_root() {
-        eprintln!("SKIPPED: the full state folder test mounts a tmpfs and needs root");
+    if !may_mount("the full state folder test") {
         return;
     }
     let setup = Setup::new();
@@ -444,8 +441,7 @@ fn a_commit_stopped_before_its_round_was_recorded_is_found_by_the_next_round() {
 /// than fill that filesystem with the whole tree, writes nothing, and says how to fill it anyway.
 #[test]
 fn a_target_whose_disk_is_not_mounted_is_not_filled_unless_asked() {
-    if !is_root() {
-        eprintln!("SKIPPED: the unmounted-disk test mounts a tmpfs and needs root");
+    if !may_mount("the unmounted-disk test") {
         return;
     }
     let setup = Setup::new();
@@ -487,8 +483,7 @@ fn a_target_whose_disk_is_not_mounted_is_not_filled_unless_asked() {
 /// started, and says why.
 #[test]
 fn a_source_whose_disk_is_not_mounted_is_not_read_as_an_empty_tree() {
-    if !is_root() {
-        eprintln!("SKIPPED: the unmounted-source test mounts a tmpfs and needs root");
+    if !may_mount("the unmounted-source test") {
         return;
     }
     let setup = Setup::new();

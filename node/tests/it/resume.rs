@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::UdpProxy;
 
 use crate::network::{Daemon, Setup};
-use crate::util::{Tmpfs, io_counter, is_root, no_staging_leftovers, random_bytes, wait_within};
+use crate::util::{Tmpfs, io_counter, may_mount, no_staging_leftovers, random_bytes, wait_within};
 
 /// The file: 64 MiB of random bytes, sent at 8 MiB/s (8 s for a round that runs through).
 const SIZE: u64 = 64 << 20;
@@ -46,8 +46,7 @@ impl Scene {
 
     /// The target on a tmpfs of 100 MiB, for `what`; `None` (the test skipped) unless root.
     fn on_tmpfs(seed: u64, what: &str) -> Option<Self> {
-        if !is_root() {
-            eprintln!("SKIPPED: {what} mounts a tmpfs and needs root");
+        if !may_mount(what) {
             return None;
         }
         Some(Self::with_disk(seed, Some("100m")))

@@ -9,7 +9,7 @@ use ferry_testkit::{TreeGenerator, TreeSpec, UdpProxy};
 use rand::{RngExt, SeedableRng};
 
 use crate::network::{Daemon, Setup};
-use crate::util::{assert_same_tree, is_root, random_bytes};
+use crate::util::{assert_same_tree, is_root, may_mount, random_bytes};
 
 /// `files` files of `size` random (incompressible) bytes each.
 pub(crate) fn random_tree(dir: &Path, files: usize, size: usize, seed: u64) -> u64 {
@@ -320,8 +320,7 @@ fn a_dry_run_writes_nothing_and_estimates_the_wire_within_ten_percent() {
 
 #[test]
 fn the_space_preflight_refuses_a_round_that_does_not_fit_and_loses_nothing() {
-    if !is_root() {
-        eprintln!("SKIPPED: the space preflight test mounts a tmpfs and needs root");
+    if !may_mount("the space preflight test") {
         return;
     }
     let setup = Setup::new();

@@ -119,6 +119,14 @@ pub(crate) fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether a test that mounts a tmpfs can run (as root); otherwise it says that `what` is skipped.
+pub(crate) fn may_mount(what: &str) -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED: {what} mounts a tmpfs and needs root");
+    }
+    is_root()
+}
+
 /// A tmpfs mounted for a test (root only), unmounted when dropped.
 pub(crate) struct Tmpfs(pub(crate) PathBuf);
 
