@@ -305,7 +305,7 @@ pub fn local_round(
     side.record_identity()?;
     let _ = std::fs::remove_file(&side.findings);
     Ok(LocalRoundReport {
-        in_sync: Some(target_root) == scan_report.root_hash && scan_report.not_carried(options.skip_special) == 0,
+        in_sync: Some(target_root) == scan_report.root_hash && scan_report.whole(options.skip_special),
         scan: scan_report,
         check,
         adopted: side.adopt_whole,

@@ -52,7 +52,7 @@ pub fn meaning(code: i32) -> &'static str {
         }
         USAGE => "the command line is wrong",
         INCOMPLETE => {
-            "the round ran to its end, but the target does not match the source: some entries could not be applied (listed on stderr; e.g. a path where the target holds something ferry did not put there, left alone unless adopted), or the source holds entries ferry does not carry (a FIFO: `--skip-special`); rerun once fixed"
+            "the round ran to its end, but the target does not match the source: some entries could not be applied (listed on stderr; e.g. a path where the target holds something ferry did not put there, left alone unless adopted), or the source holds entries ferry does not carry (a FIFO: `--skip-special`), or files changed while it read them; rerun once fixed"
         }
         IMPORT_FAILED => {
             "the round was committed, but the destination's import failed (the tail of its output is printed)"

@@ -257,7 +257,7 @@ pub(crate) fn print_summary(source: &Path, target: &Path, report: &LocalRoundRep
         "  target   {} (root {})",
         if report.in_sync {
             "matches the source"
-        } else if Some(report.target_root) == report.scan.root_hash {
+        } else if Some(report.target_root) == report.scan.root_hash && report.scan.changed_while_read_count == 0 {
             "does not match the source: entries of it are not carried (listed above; --skip-special leaves \
              devices, FIFOs and sockets behind)"
         } else {

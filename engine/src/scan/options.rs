@@ -157,6 +157,13 @@ impl ScanReport {
         self.skipped_count - if skip_special { self.skipped_special } else { 0 }
     }
 
+    /// Whether the scan caught the whole tree as it is: nothing left out (see [`Self::not_carried`])
+    /// and no file changed while it was read (its last version, or nothing, stays in the manifest).
+    /// A target cannot be said to match the source otherwise.
+    pub fn whole(&self, skip_special: bool) -> bool {
+        self.not_carried(skip_special) == 0 && self.changed_while_read_count == 0
+    }
+
     /// Adds the paths `other` skipped to this report's.
     pub(super) fn absorb_skips(&mut self, other: ScanReport) {
         self.skipped_count += other.skipped_count;

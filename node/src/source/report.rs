@@ -64,6 +64,12 @@ pub struct PushReport {
     pub skipped: Vec<String>,
     /// How many.
     pub skipped_count: u64,
+    /// Files that changed while the scan read them (a sample): the target keeps what it had of
+    /// each (a new one is not there), and the next round reads them again. The round is not in
+    /// sync while there are any.
+    pub changed_while_read: Vec<String>,
+    /// How many.
+    pub changed_while_read_count: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
     /// Of which the scan of the source tree (stat every file, read and hash the changed ones).
@@ -152,11 +158,20 @@ pub fn print_push_report(report: &PushReport, json: bool) {
             eprintln!("  {skipped}");
         }
     }
+    if report.changed_while_read_count > 0 {
+        eprintln!(
+            "warning: {} changed while read (the destination keeps what it had; the next round reads them again):",
+            crate::human::counted(report.changed_while_read_count, "file")
+        );
+        for changed in &report.changed_while_read {
+            eprintln!("  {changed}");
+        }
+    }
     println!(
         "  destination {} (root {})",
         if report.in_sync {
             "matches this tree"
-        } else if report.skipped_count > 0 && report.failure_count == 0 {
+        } else if report.skipped_count > 0 && report.failure_count == 0 && report.changed_while_read_count == 0 {
             "does not match this tree: entries of it are not carried (listed above)"
         } else {
             "does not match yet: run the round again"

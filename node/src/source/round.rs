@@ -136,10 +136,10 @@ pub(super) async fn push_once(
     }
     let committed = finished.committed;
     // The destination holds the scanned tree: the base of the next round's changes. In sync only if the
-    // scan left nothing of the tree out.
+    // scan left nothing of the tree out and no file changed while it was read.
     let holds_tree = committed.round.root == new_root;
     let not_carried = scanned.not_carried(options.skip_special);
-    let in_sync = holds_tree && not_carried == 0;
+    let in_sync = holds_tree && scanned.whole(options.skip_special);
     if holds_tree {
         state.promote(committed.round)?;
     } else {
@@ -172,6 +172,8 @@ pub(super) async fn push_once(
         check: finished.checked,
         skipped: scanned.skipped.clone(),
         skipped_count: not_carried,
+        changed_while_read: scanned.changed_while_read.clone(),
+        changed_while_read_count: scanned.changed_while_read_count,
         duration_ms: started.elapsed().as_millis() as u64,
         scan_ms: scanned.duration.as_millis() as u64,
         first_byte_ms: sent.first_batch.get().map(|at| at.duration_since(started).as_millis() as u64),

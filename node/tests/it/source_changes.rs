@@ -41,6 +41,7 @@ fn a_file_modified_while_read_is_left_for_the_next_round() {
     assert_eq!(touched.lock().unwrap().len(), 2);
     assert_eq!(second.scan.changed_while_read_count, 2, "{:?}", second.scan.changed_while_read);
     assert!(second.scan.changed_while_read.contains(&"busy".to_owned()));
+    assert!(!second.in_sync, "the source holds files the target does not");
     // The old version stays, whole; the new file is not there at all.
     assert_eq!(std::fs::read(pair.target().join("busy")).unwrap(), v1);
     assert!(!pair.target().join("new-busy").exists());

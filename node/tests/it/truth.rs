@@ -483,6 +483,42 @@ fn a_tree_with_entries_the_round_does_not_carry_never_matches_unless_told_to_lea
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A file that keeps changing while the source reads it (an export still writing it) is left for
+/// the next round, and the round does not call the target a match: exit 3, `in_sync` false, the
+/// file named. Once it settles, the next round matches.
+#[test]
+fn a_file_that_changes_while_the_source_reads_it_keeps_the_round_from_matching() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (setup, source, target) = network_job();
+    assert_eq!(sync_json(&setup, "zimbra").1["in_sync"], true);
+    let growing = source.join("accounts/a1/growing");
+    write(&growing, &crate::util::random_bytes(4 << 20, 9));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, growing) = (stop.clone(), growing.clone());
+        std::thread::spawn(move || {
+            let mut file = std::fs::OpenOptions::new().append(true).open(growing).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                file.write_all(b"x").unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        })
+    };
+    let (out, report) = sync_json(&setup, "zimbra");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::INCOMPLETE), "{report} {stderr}");
+    assert_eq!(report["in_sync"], false, "{report}");
+    assert_eq!(report["changed_while_read"], serde_json::json!(["accounts/a1/growing"]), "{report}");
+    assert!(!target.join("accounts/a1/growing").exists());
+
+    let (out, report) = sync_json(&setup, "zimbra");
+    assert!(out.status.success() && report["in_sync"] == true, "{report}");
+    assert_same_tree(&source, &target, |_| false);
+}
+
 /// A network dry run counts what its check found as the round does: a chunk of a file edited in the
 /// target since is asked for, not counted as held there.
 #[test]
