@@ -541,8 +541,10 @@ pub fn checked_steps(
 #[derive(Debug)]
 pub struct FolderIdentity {
     file: PathBuf,
+    target: PathBuf,
     now: Option<String>,
-    /// The device the folder was on in the last committed round.
+    /// The device the folder was on in the last committed round, when it was at the same path (a
+    /// job moved elsewhere is another matter: see [`Self::looks_unmounted`]).
     recorded_device: Option<u64>,
     /// Another folder than the one recorded.
     pub changed: bool,
@@ -550,13 +552,19 @@ pub struct FolderIdentity {
 
 impl FolderIdentity {
     /// The identity of `target` now, against the one recorded in `file` (none recorded: unchanged).
+    /// The file holds `DEVICE:INODE`, then the folder's path on a line of its own (files written
+    /// before the path was kept have none, and stand for the same path).
     pub fn read(file: &Path, target: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::MetadataExt;
         let now = std::fs::metadata(target).ok().map(|meta| format!("{}:{}", meta.dev(), meta.ino()));
-        let known = std::fs::read_to_string(file).ok();
-        let changed = known.as_ref().is_some_and(|known| now.as_deref().is_some_and(|now| now != known.trim()));
-        let recorded_device = known.and_then(|known| known.trim().split_once(':')?.0.parse().ok());
-        Self { file: file.to_owned(), now, recorded_device, changed }
+        let bytes = std::fs::read(file).unwrap_or_default();
+        let mut lines = bytes.splitn(2, |&byte| byte == b'\n');
+        let known = lines.next().and_then(|id| std::str::from_utf8(id).ok()).map(str::trim).filter(|id| !id.is_empty());
+        let same_path = lines.next().is_none_or(|path| path == target.as_os_str().as_bytes());
+        let changed = known.is_some_and(|known| now.as_deref().is_some_and(|now| now != known));
+        let recorded_device = known.filter(|_| same_path).and_then(|known| known.split_once(':')?.0.parse().ok());
+        Self { file: file.to_owned(), target: target.to_owned(), now, recorded_device, changed }
     }
 
     /// Why `target` looks like a disk that is not mounted: it was on one filesystem in the last
@@ -589,8 +597,11 @@ impl FolderIdentity {
 
     /// Records the identity read, once a round is committed.
     pub fn record(&self) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
         match &self.now {
-            Some(now) => std::fs::write(&self.file, now),
+            Some(now) => {
+                std::fs::write(&self.file, [now.as_bytes(), b"\n", self.target.as_os_str().as_bytes()].concat())
+            }
             None => Ok(()),
         }
     }
@@ -686,6 +697,9 @@ mod tests {
             FolderIdentity::read(&file, &target).looks_unmounted(&target)
         };
         assert!(looks("4242424242:7").unwrap().contains("is missing"));
+        let recorded_here = format!("4242424242:7\n{}", target.display());
+        assert!(looks(&recorded_here).unwrap().contains("is missing"), "recorded with its path");
+        assert_eq!(looks("4242424242:7\n/elsewhere"), None, "the job's folder moved: not this one's disk");
         std::fs::create_dir_all(target.join("lost+found")).unwrap();
         assert!(looks("4242424242:7").unwrap().contains("is empty"));
         let here = format!("{}:7", std::fs::metadata(dir.path()).unwrap().dev());

@@ -94,8 +94,11 @@ impl SourceState {
     pub(crate) fn usable_base(&self) -> Option<RoundRef> {
         let round = self.base_round()?;
         let base = self.base();
-        if !base.exists() || ferry_engine::ends_as_written(&base, &round.root) {
-            return base.exists().then_some(round);
+        if !base.exists() {
+            return None;
+        }
+        if ferry_engine::ends_as_written(&base, &round.root) {
+            return Some(round);
         }
         self.set_base_aside(&format!("it does not end as round {} left it", round.round));
         None

@@ -438,7 +438,8 @@ fn a_commit_stopped_before_its_round_was_recorded_is_found_by_the_next_round() {
 
 /// The target's disk is not mounted (a reboot whose mount failed): its folder is missing, or an
 /// empty mount point, on the filesystem above. The round refuses before the source's export rather
-/// than fill that filesystem with the whole tree, writes nothing, and says how to fill it anyway.
+/// than fill that filesystem with the whole tree, writes nothing, and says how to fill it anyway. A
+/// job its operator moves to an empty disk is filled.
 #[test]
 fn a_target_whose_disk_is_not_mounted_is_not_filled_unless_asked() {
     if !may_mount("the unmounted-disk test") {
@@ -476,6 +477,12 @@ fn a_target_whose_disk_is_not_mounted_is_not_filled_unless_asked() {
     setup.dest.ok(&["job", "adopt", "zimbra", "all"]);
     assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
     assert_same_tree(&source, &target, |_| false);
+
+    // The job moved by its operator to an empty disk of its own is filled as asked.
+    let bigger = Tmpfs::mount(&setup.path("bigger"), "16m");
+    setup.dest.ok(&["job", "set", "zimbra", "--path", bigger.0.to_str().unwrap()]);
+    assert_eq!(setup.source.sync("zimbra")["in_sync"], true);
+    assert_same_tree(&source, &bigger.0, |_| false);
 }
 
 /// The source's export disk is not mounted: its folder is an empty mount point. Listed, that tree
