@@ -130,15 +130,9 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         }
         None => {}
     }
-    if report.failure_count > 0 {
-        eprintln!(
-            "error: {} could not be applied on the destination:",
-            crate::human::counted(report.failure_count, "entry")
-        );
-        for failure in &report.failures {
-            eprintln!("  {failure}");
-        }
-    }
+    listed(report.failure_count, &report.failures, |count| {
+        format!("error: {} could not be applied on the destination:", crate::human::counted(count, "entry"))
+    });
     for notice in &report.notices {
         println!("  note: {notice}");
     }
@@ -149,24 +143,15 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         let entries = crate::human::counted(check.entries, "entry");
         println!("  destination checked {entries} of its target in {} ms: {what}", check.duration_ms);
     }
-    if report.skipped_count > 0 {
-        eprintln!(
-            "error: {} of this tree not carried (so it cannot match):",
-            crate::human::counted(report.skipped_count, "entry")
-        );
-        for skipped in &report.skipped {
-            eprintln!("  {skipped}");
-        }
-    }
-    if report.changed_while_read_count > 0 {
-        eprintln!(
-            "warning: {} changed while read (the destination keeps what it had; the next round reads them again):",
-            crate::human::counted(report.changed_while_read_count, "file")
-        );
-        for changed in &report.changed_while_read {
-            eprintln!("  {changed}");
-        }
-    }
+    listed(report.skipped_count, &report.skipped, |count| {
+        format!("error: {} of this tree not carried (so it cannot match):", crate::human::counted(count, "entry"))
+    });
+    listed(report.changed_while_read_count, &report.changed_while_read, |count| {
+        let files = crate::human::counted(count, "file");
+        format!(
+            "warning: {files} changed while read (the destination keeps what it had; the next round reads them again):"
+        )
+    });
     println!(
         "  destination {} (root {})",
         if report.in_sync {
@@ -178,6 +163,17 @@ pub fn print_push_report(report: &PushReport, json: bool) {
         },
         &report.root_hash[..8.min(report.root_hash.len())]
     );
+}
+
+/// Prints, on stderr, the heading `count` makes and the sample `items` under it, when `count` is not
+/// zero.
+fn listed(count: u64, items: &[String], heading: impl FnOnce(u64) -> String) {
+    if count > 0 {
+        eprintln!("{}", heading(count));
+        for item in items {
+            eprintln!("  {item}");
+        }
+    }
 }
 
 impl PushReport {

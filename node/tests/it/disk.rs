@@ -1,8 +1,9 @@
 //! Broken disks under a real daemon: EIO on sync (strace's fault injection, since the binary makes
 //! its system calls directly), a read-only target, a disk that fills in the middle of a round, a full
-//! state folder on either node. Each round fails with a message that names the fault and the place,
-//! the target keeps its previous state (every file whole, old or new), and the next round succeeds
-//! once the fault is gone.
+//! or damaged state folder on either node, a disk that is not mounted. Each round fails with a
+//! message that names the fault and the place (and how to go on, where the operator must act), the
+//! target keeps its previous state (every file whole, old or new), and the next round succeeds once
+//! the fault is gone.
 
 use std::path::Path;
 use std::time::Duration;
