@@ -567,14 +567,14 @@ impl FolderIdentity {
         Self { file: file.to_owned(), target: target.to_owned(), now, recorded_device, changed }
     }
 
-    /// Why `target` looks like a disk that is not mounted: it was on one filesystem in the last
+    /// Why the folder looks like a disk that is not mounted: it was on one filesystem in the last
     /// committed round, and it is now missing, or empty (but for `lost+found`), on another (its
     /// mount point's, or the folder above's). A target filled then would fill that other
     /// filesystem with the whole tree; a source read then would be an empty tree. `None` when it
     /// does not.
-    pub fn looks_unmounted(&self, target: &Path) -> Option<String> {
+    pub fn looks_unmounted(&self) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
-        let recorded = self.recorded_device?;
+        let (target, recorded) = (&self.target, self.recorded_device?);
         let (what, device) = match std::fs::read_dir(target) {
             Ok(mut entries) => {
                 if entries.any(|entry| entry.map_or(true, |entry| entry.file_name() != "lost+found")) {
@@ -694,7 +694,7 @@ mod tests {
         let (target, file) = (dir.path().join("mnt/target"), dir.path().join("identity"));
         let looks = |recorded: &str| {
             std::fs::write(&file, recorded).unwrap();
-            FolderIdentity::read(&file, &target).looks_unmounted(&target)
+            FolderIdentity::read(&file, &target).looks_unmounted()
         };
         assert!(looks("4242424242:7").unwrap().contains("is missing"));
         let recorded_here = format!("4242424242:7\n{}", target.display());
@@ -707,7 +707,7 @@ mod tests {
         std::fs::write(target.join("mail"), b"x").unwrap();
         assert_eq!(looks("4242424242:7"), None, "files in it: another disk mounted there");
         std::fs::remove_file(&file).unwrap();
-        assert_eq!(FolderIdentity::read(&file, &target).looks_unmounted(&target), None, "never filled");
+        assert_eq!(FolderIdentity::read(&file, &target).looks_unmounted(), None, "never filled");
     }
 
     #[test]

@@ -215,7 +215,7 @@ fn refuse_unmounted(target_state: &Path, target: &Path, options: &LocalRoundOpti
     if options.apply.adopt == Adopt::All {
         return Ok(());
     }
-    match FolderIdentity::read(&target_state.join("identity"), target).looks_unmounted(target) {
+    match FolderIdentity::read(&target_state.join("identity"), target).looks_unmounted() {
         Some(why) => Err(RoundError::Unmounted(why)),
         None => Ok(()),
     }

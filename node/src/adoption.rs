@@ -70,7 +70,7 @@ fn asked_for(state: &TargetState) -> anyhow::Result<Vec<String>> {
 /// ([`ferry_engine::FolderIdentity::looks_unmounted`]), and the operator did not ask for it to be
 /// filled anew (`ferry job adopt JOB all`).
 pub(crate) fn unmounted(state: &TargetState, job: &str, target: &std::path::Path) -> Option<String> {
-    let why = ferry_engine::FolderIdentity::read(&state.identity(), target).looks_unmounted(target)?;
+    let why = ferry_engine::FolderIdentity::read(&state.identity(), target).looks_unmounted()?;
     if Pending::read(state).is_ok_and(|asked| asked.adopt == Adopt::All) {
         return None;
     }

@@ -87,7 +87,7 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
     // An export folder whose disk is not mounted is an empty tree: listed, it would tell the
     // destination that every file went (and with --delete, remove them).
     let folder = ferry_engine::FolderIdentity::read(&state.identity(), &job.path);
-    if let Some(why) = folder.looks_unmounted(&job.path) {
+    if let Some(why) = folder.looks_unmounted() {
         bail!(
             "the source folder {why} No round was started. If it is meant to be empty, remove {} and run the round again",
             state.identity().display()
