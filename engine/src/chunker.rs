@@ -265,8 +265,20 @@ pub struct ReadBuffers {
 /// a segment per thread, so that one large file keeps every core busy.
 pub fn hash_reader<R: Read + Send>(
     config: ChunkerConfig,
+    reader: R,
+    bufs: &mut ReadBuffers,
+) -> io::Result<(Vec<ChunkRef>, u64)> {
+    hash_reader_telling(config, reader, bufs, |_, _| {})
+}
+
+/// [`hash_reader`], telling `cut` the chunks named so far (from the first) and the bytes read so far
+/// each time a piece of the input is named: about every 4 MiB read, while the file is
+/// still being read. The chunks it is told of are the first of those returned.
+pub fn hash_reader_telling<R: Read + Send>(
+    config: ChunkerConfig,
     mut reader: R,
     bufs: &mut ReadBuffers,
+    mut cut: impl FnMut(&[ChunkRef], u64),
 ) -> io::Result<(Vec<ChunkRef>, u64)> {
     let cutter = Cutter::new(config);
     let ReadBuffers { current, next, lens, next_lens } = bufs;
@@ -295,6 +307,7 @@ pub fn hash_reader<R: Read + Send>(
             },
         );
         at_end = read?;
+        cut(&chunks, total);
         std::mem::swap(current, next);
         std::mem::swap(lens, next_lens);
     }

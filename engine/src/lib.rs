@@ -51,7 +51,7 @@ pub use check::{
     CheckError, CheckOptions, CheckReport, Checked, Finding, FolderIdentity, Found, check_target, checked_steps,
     held_entries, stale_paths, with_findings,
 };
-pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader};
+pub use chunker::{Chunker, ChunkerConfig, ChunkerConfigError, ReadBuffers, hash_reader, hash_reader_telling};
 pub use hash::{ChunkHash, ParseHashError, RootHash};
 pub use index::{ChunkIndex, ChunkLocation, IndexError, IndexedFile, PartialSeal, PlacedStat, Recorded};
 pub use manifest::{
@@ -68,6 +68,8 @@ pub use round::{
     LocalChunkSource, LocalPlan, LocalRoundOptions, LocalRoundReport, RoundError, StateLock, local_plan, local_round,
     lock_state,
 };
-pub use scan::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, Teed, scan};
+pub use scan::{
+    AfterReadHook, CacheRecord, FilePrefix, PREFIX_EVERY, ScanError, ScanOptions, ScanReport, SettledBefore, Teed, scan,
+};
 pub use space::{NoSpace, Space, taken_over};
 pub use timing::lap;

@@ -497,6 +497,111 @@ mod tests {
         assert_eq!(held.chunks_local, 0, "{held:?}");
     }
 
+    /// A source that counts what it hands in.
+    struct Counting(LocalChunkSource, u64);
+
+    impl ChunkSource for Counting {
+        fn fetch(
+            &mut self,
+            entry: &Entry,
+            offset: u64,
+            chunk: &ChunkRef,
+            out: &mut ChunkBuf,
+        ) -> Result<Fetched, FetchError> {
+            self.1 += 1;
+            self.0.fetch(entry, offset, chunk, out)
+        }
+    }
+
+    /// One round's steps through an applier planned ahead of it as the network round's transfer
+    /// plans (every step planned, then every step applied; `stop`: the round ends before the
+    /// last), with a source that counts what it hands in. The needs asked for, and the chunks
+    /// fetched.
+    fn planned_ahead(
+        (source, target, state): (&Path, &Path, &Path),
+        steps: Vec<Step>,
+        stop: bool,
+    ) -> (Vec<crate::apply::Needed>, u64) {
+        std::fs::create_dir_all(target).unwrap();
+        std::fs::create_dir_all(state).unwrap();
+        let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
+        let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
+        let mut counting = Counting(LocalChunkSource::new(source).unwrap(), 0);
+        let options = ApplyOptions::default();
+        let mut applier = crate::Applier::new(target, &mut counting, &mut index, &mut committed, &options).unwrap();
+        let mut needs = Vec::new();
+        for step in &steps {
+            needs.extend(match step {
+                Step::Prefix(prefix) => applier.plan_prefix(prefix).unwrap(),
+                step => step.pair().map_or_else(Vec::new, |pair| applier.plan(pair).unwrap()),
+            });
+        }
+        let last = steps.len() - usize::from(stop);
+        for step in steps.into_iter().take(last) {
+            applier.step(step).unwrap();
+        }
+        if stop {
+            applier.flush_batch().unwrap();
+            drop(applier);
+        } else {
+            applier.finish().unwrap();
+        }
+        (needs, counting.1)
+    }
+
+    /// A large file listed as its source cut it is built from its prefixes, each chunk asked for
+    /// and fetched once; a round that ends before its entry keeps what the prefixes brought, and
+    /// the next one asks for the rest only.
+    #[test]
+    fn a_large_file_is_built_from_its_prefixes_and_a_round_cut_before_its_entry_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, state) = (dir.path().join("source"), dir.path().join("state"));
+        for folder in [&source, &state] {
+            std::fs::create_dir_all(folder).unwrap();
+        }
+        let mut bytes = vec![0u8; 30 << 20];
+        blake3::Hasher::new().finalize_xof().fill(&mut bytes);
+        std::fs::write(source.join("large"), &bytes).unwrap();
+        scan(&source, None, &state.join("manifest"), &state.join("cache"), &ScanOptions::default()).unwrap();
+        let entries: Vec<Entry> =
+            ManifestReader::open(&state.join("manifest")).unwrap().collect::<Result<_, _>>().unwrap();
+        let (root, file) = (entries[0].clone(), entries[1].clone());
+        // Three prefixes of a third of the chunks each, then the entry.
+        let third = file.chunks.len() / 3;
+        let mut offset = 0;
+        let prefixes: Vec<crate::FilePrefix> = (0..3)
+            .map(|i| {
+                let chunks = file.chunks[i * third..(i + 1) * third].to_vec();
+                let prefix = crate::FilePrefix { place: 1, path: file.path.clone(), offset, chunks };
+                offset += prefix.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+                prefix
+            })
+            .collect();
+        let pair = |entry: &Entry| Step::from(crate::Pair { old: None, new: Some(entry.clone()) });
+        let steps = |target: &str| {
+            let mut steps = vec![pair(&root)];
+            steps.extend(prefixes.iter().map(|prefix| Step::Prefix(Box::new(prefix.clone()))));
+            steps.push(pair(&file));
+            (dir.path().join(target), steps)
+        };
+
+        let (target, all) = steps("whole");
+        let (needs, fetched) = planned_ahead((&source, &target, &state.join("whole")), all, false);
+        assert_eq!(std::fs::read(target.join("large")).unwrap(), bytes);
+        assert_eq!((needs.len(), fetched), (file.chunks.len(), file.chunks.len() as u64), "each chunk once");
+        assert!(needs.windows(2).all(|w| w[0].offset < w[1].offset), "in the file's order");
+
+        // Cut after the prefixes (the source stopped while it read the file's end).
+        let (target, cut) = steps("cut");
+        let (_, fetched) = planned_ahead((&source, &target, &state.join("cut")), cut, true);
+        assert_eq!(fetched, 3 * third as u64);
+        assert!(!target.join("large").exists());
+        let (needs, fetched) =
+            planned_ahead((&source, &target, &state.join("cut")), vec![pair(&root), pair(&file)], false);
+        assert_eq!(std::fs::read(target.join("large")).unwrap(), bytes);
+        assert_eq!((needs.len(), fetched), (file.chunks.len() - 3 * third, (file.chunks.len() - 3 * third) as u64));
+    }
+
     /// A source that hands in `left` chunks and then fails, as a connection that was cut.
     struct Cut {
         inner: LocalChunkSource,

@@ -24,6 +24,7 @@ mod limit;
 mod local;
 pub mod log;
 mod lossy;
+mod memory;
 pub mod meter;
 mod metrics;
 mod net;

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use ferry_engine::ChunkHash;
+use ferry_engine::{ChunkHash, FilePrefix};
 
 use crate::message::{
     Change, ChangesEnd, Checked, Committed, Hello, ImportMode, ImportResult, Message, NeedChunk, Plan, RoundRef,
@@ -73,6 +73,8 @@ pub enum DestinationInput {
     Need(Vec<NeedChunk>),
     /// Every entry before this place of the new manifest is planned (see `Message::Passed`).
     Passed(u64),
+    /// The prefix at this place that came last is planned (see `Message::PrefixPlanned`).
+    PrefixPlanned(u64),
     /// Something the operator on the source should know.
     Notice(String),
     /// What the check of the target found (sent as it is told).
@@ -119,6 +121,8 @@ pub enum DestinationEvent {
     },
     /// Changes to keep (a full manifest can be large: they go to disk).
     Changes(Vec<Change>),
+    /// The next chunks of a large file whose change is still to come (see `Message::Prefix`).
+    Prefix(FilePrefix),
     /// All changes are in: plan the round.
     ChangesEnd(ChangesEnd),
     /// No more chunks will come: apply what arrived, then end.
@@ -286,6 +290,11 @@ impl DestinationRound {
                     self.send(Message::Passed(place));
                 }
             }
+            DestinationInput::PrefixPlanned(place) => {
+                if matches!(self.phase, Phase::Changes | Phase::Transfer) {
+                    self.send(Message::PrefixPlanned(place));
+                }
+            }
             DestinationInput::Notice(text) => self.send(Message::Notice { text }),
             DestinationInput::Checked(checked) => self.send(Message::Checked(checked)),
             DestinationInput::BatchReceived => {
@@ -374,6 +383,10 @@ impl DestinationRound {
             (Opened | Changes, Message::RoundOptions(options)) => self.import = options.import,
             (Opened | Changes, Message::DryRun) => self.dry_run = true,
             (Changes, Message::Changes(batch)) => self.events.push_back(DestinationEvent::Changes(batch)),
+            // A dry run plans the list whole: a file's first chunks are nothing to it.
+            (Changes, Message::Prefix(prefix)) if !self.dry_run => {
+                self.events.push_back(DestinationEvent::Prefix(prefix));
+            }
             (Changes, Message::ChangesEnd(end)) => {
                 self.phase = Transfer;
                 self.events.push_back(DestinationEvent::ChangesEnd(end));

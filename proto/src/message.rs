@@ -1,18 +1,18 @@
 //! The messages. Postcard encodes variants by index: append only, never reorder.
 
 use bytes::Bytes;
-use ferry_engine::{ChunkHash, Entry, RelPath, RootHash};
+use ferry_engine::{ChunkHash, Entry, FilePrefix, RelPath, RootHash};
 use serde::{Deserialize, Serialize};
 
 use crate::refusal::Refusal;
 
 /// The protocol name and version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"ferry/6";
+pub const ALPN: &[u8] = b"ferry/7";
 /// The version inside [`ALPN`], also sent in [`Hello`] for messages.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Earlier versions, offered in the handshake only to refuse a peer that speaks one of them with words
 /// that name both versions (its `Refused` is encoded as it is here).
-pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/5", b"ferry/4", b"ferry/3", b"ferry/2"];
+pub const OLDER_ALPNS: &[&[u8]] = &[b"ferry/6", b"ferry/5", b"ferry/4", b"ferry/3", b"ferry/2"];
 
 /// A committed round: its number and the root hash of its manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +290,15 @@ pub enum Message {
     Passed(u64),
     /// destination → source, once its check of the target is done (before `Committed`).
     Checked(Checked),
+    /// source → destination, among the changes: the next chunks of a large file the source is
+    /// still reading, whose change will follow (a file that changes while it is read has none).
+    /// The destination may ask for them, by the place given, and build them into the file's
+    /// partial file, where its change finds them. Since version 7.
+    Prefix(FilePrefix),
+    /// destination → source: it planned the prefix of the file at this place that came last (its
+    /// chunks, if any, asked for before this). The source keeps what it lists at most a bounded
+    /// window ahead of this too. Since version 7.
+    PrefixPlanned(u64),
 }
 
 /// What a round would do on the destination, without doing it.
@@ -373,6 +382,8 @@ impl Message {
             Message::Scanning => "Scanning",
             Message::Passed(_) => "Passed",
             Message::Checked(_) => "Checked",
+            Message::Prefix(_) => "Prefix",
+            Message::PrefixPlanned(_) => "PrefixPlanned",
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::message::{
     Transmit,
 };
 use crate::refusal::Refusal;
+use ferry_engine::FilePrefix;
 
 /// How often a paused source tells the destination so (see `Message::Paused`).
 pub const PAUSE_NOTICE: Duration = Duration::from_secs(1);
@@ -64,6 +65,9 @@ pub enum SourceInput {
     Changes(Vec<Change>),
     /// The list is complete.
     ChangesEnd(ChangesEnd),
+    /// The next chunks of a large file the scan is cutting, between the changes (see
+    /// `Message::Prefix`).
+    Prefix(FilePrefix),
     /// Needs (by number: see [`crate::ChunkBatch`]) whose chunks could not be read as the scan saw
     /// them (their files changed).
     Unreadable(Vec<u64>),
@@ -105,6 +109,8 @@ pub enum SourceEvent {
     /// The destination planned every entry before this place of the new manifest: the list may go
     /// that much further.
     Passed(u64),
+    /// The destination planned the prefix at this place that came last (see `Message::Prefix`).
+    PrefixPlanned(u64),
     /// The destination says something the operator should know.
     Notice(String),
     /// What the destination's check of its target found.
@@ -245,12 +251,15 @@ impl SourceRound {
         match input {
             SourceInput::Message(message) => self.message(message),
             SourceInput::Changes(batch) if self.phase == SourcePhase::Listing => self.send(Message::Changes(batch)),
+            SourceInput::Prefix(prefix) if self.phase == SourcePhase::Listing && !self.config.dry_run => {
+                self.send(Message::Prefix(prefix));
+            }
             SourceInput::ChangesEnd(end) if self.phase == SourcePhase::Listing => {
                 self.send(Message::ChangesEnd(end));
                 self.phase = SourcePhase::Serving;
             }
             // The driver's own list came after the round moved on (stopped, ended): nothing to send.
-            SourceInput::Changes(_) | SourceInput::ChangesEnd(_) => {}
+            SourceInput::Changes(_) | SourceInput::ChangesEnd(_) | SourceInput::Prefix(_) => {}
             SourceInput::Unreadable(needs) => {
                 if matches!(self.phase, SourcePhase::Listing | SourcePhase::Serving) && !needs.is_empty() {
                     self.send(Message::Missing(needs));
@@ -340,6 +349,9 @@ impl SourceRound {
             (Opening | Listing | Serving, Message::Failed { reason }) => self.end(SourceEnd::PeerFailed(reason)),
             (Listing | Serving, Message::Need(chunks)) => self.events.push_back(SourceEvent::Read(chunks)),
             (Listing | Serving, Message::Passed(place)) => self.events.push_back(SourceEvent::Passed(place)),
+            (Listing | Serving, Message::PrefixPlanned(place)) => {
+                self.events.push_back(SourceEvent::PrefixPlanned(place));
+            }
             (Serving, Message::Done) => {}
             (Serving, Message::Committed(committed)) if !self.config.dry_run => {
                 self.transmit.push_back(Transmit::Finish);

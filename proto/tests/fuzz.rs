@@ -105,6 +105,13 @@ fn corpus() -> Vec<Vec<u8>> {
         Message::Paused,
         Message::Scanning,
         Message::Passed(70_000),
+        Message::Prefix(ferry_engine::FilePrefix {
+            place: 70_001,
+            path: ferry_engine::RelPath::new(&b"server/backup.tgz"[..]).unwrap(),
+            offset: 4 << 20,
+            chunks: vec![ferry_engine::ChunkRef { hash: ferry_engine::ChunkHash::of(b"c"), len: 65_536 }],
+        }),
+        Message::PrefixPlanned(70_001),
         Message::Checked(Checked {
             entries: 200_000,
             missing: 3,

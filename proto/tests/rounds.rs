@@ -369,3 +369,64 @@ fn the_source_waits_for_the_import_when_asked_and_a_lost_connection_does_not_und
     let events: Vec<_> = std::iter::from_fn(|| source.poll()).collect();
     assert_eq!(events.last(), Some(&SourceEvent::Ended(SourceEnd::Committed { committed, import: None })));
 }
+
+/// A large file's first chunks, listed as the source cuts it, go from the source's machine to the
+/// destination's while the list streams, and the destination's word that it planned them comes
+/// back; a dry run sends none, and one after the list's end is a violation.
+#[test]
+fn a_prefix_goes_between_the_changes_and_the_word_that_it_was_planned_comes_back() {
+    let now = Instant::now();
+    let prefix = ferry_engine::FilePrefix {
+        place: 7,
+        path: ferry_engine::RelPath::new(&b"server/backup.tgz"[..]).unwrap(),
+        offset: 0,
+        chunks: tree(1, 2).remove(0).entry.unwrap().chunks,
+    };
+    let hello = Hello { version: 7, job: "j".into(), base: None, delete: false, numeric_ids: false, source: 1 };
+    let config = SourceConfig {
+        hello: hello.clone(),
+        options: RoundOptions { import: ImportMode::None },
+        dry_run: false,
+        wait_for_import: false,
+        deadline: None,
+    };
+    let (mut source, mut destination) = (SourceRound::new(config.clone()), DestinationRound::new(STALL));
+    // Every message the source sends reaches the destination, and the other way.
+    let carry = |source: &mut SourceRound, destination: &mut DestinationRound| {
+        while let Some(Transmit::Message(message)) = source.poll_transmit() {
+            destination.handle(DestinationInput::Message(message), now);
+        }
+        while let Some(Transmit::Message(message)) = destination.poll_transmit() {
+            source.handle(SourceInput::Message(message), now);
+        }
+    };
+    carry(&mut source, &mut destination);
+    assert!(matches!(destination.poll(), Some(DestinationEvent::Opened(_))));
+    destination.handle(DestinationInput::Welcome { holds: None }, now);
+    carry(&mut source, &mut destination);
+    assert!(matches!(source.poll(), Some(SourceEvent::Welcomed { holds: None })));
+    source.handle(SourceInput::Changes(tree(2, 1)), now);
+    source.handle(SourceInput::Prefix(prefix.clone()), now);
+    carry(&mut source, &mut destination);
+    assert!(matches!(destination.poll(), Some(DestinationEvent::Changes(_))));
+    assert_eq!(destination.poll(), Some(DestinationEvent::Prefix(prefix.clone())));
+    destination.handle(DestinationInput::PrefixPlanned(7), now);
+    carry(&mut source, &mut destination);
+    assert_eq!(source.poll(), Some(SourceEvent::PrefixPlanned(7)));
+    // After the list's end, a prefix has nothing to go with.
+    source.handle(
+        SourceInput::ChangesEnd(ChangesEnd { base: None, root: RootHash::from_bytes([0; 32]), entries: 3 }),
+        now,
+    );
+    carry(&mut source, &mut destination);
+    assert!(matches!(destination.poll(), Some(DestinationEvent::ChangesEnd(_))));
+    destination.handle(DestinationInput::Message(Message::Prefix(prefix.clone())), now);
+    assert!(matches!(destination.poll(), Some(DestinationEvent::Ended(DestinationEnd::Violation(_)))));
+
+    // A dry run lists no prefix: its destination plans the list once it is whole.
+    let mut source = SourceRound::new(SourceConfig { dry_run: true, ..config });
+    std::iter::from_fn(|| source.poll_transmit()).for_each(drop);
+    source.handle(SourceInput::Message(Message::Welcome { holds: None }), now);
+    source.handle(SourceInput::Prefix(prefix), now);
+    assert_eq!(source.poll_transmit(), None);
+}

@@ -13,6 +13,7 @@ use rustix::io::Errno;
 use super::batch::{Batch, Deferred, DoneFolder, Frame, Leave, ParentDir, PlaceTimes, Placing, Target};
 use super::make::Maker;
 use super::options::{ApplyError, ApplyOptions, ApplyReport, io_err};
+use super::partial::{Building, PrefixBuild, Streaming};
 use super::place::place;
 use super::plan::{Needed, Planner, Step};
 use super::source::{ChunkBuf, ChunkSource, LARGE_FILE};
@@ -23,6 +24,7 @@ use crate::manifest::{Entry, EntryKind, ManifestWriter, Pair, RawEntry};
 use crate::owner::OwnerMap;
 use crate::path::{RelPath, STAGING_DIR};
 use crate::rootdir::{NameExt, RootDir};
+use crate::scan::FilePrefix;
 use crate::spill::SpillQueue;
 
 impl<'a> Applier<'a> {
@@ -73,6 +75,10 @@ impl<'a> Applier<'a> {
             no_tmpfile: std::env::var_os("FERRY_NO_TMPFILE").is_some(),
             planner,
             resumes: Default::default(),
+            streaming: None,
+            prefix_builds: Default::default(),
+            building: None,
+            spared: Vec::new(),
             maker,
             place_spent: PlaceTimes::default(),
             steps: 0,
@@ -94,6 +100,10 @@ impl<'a> Applier<'a> {
                     .and_then(|entry| self.step_with(Pair { old: Some(entry.clone()), new: Some(entry) }, committed))
             }
             Step::Keep(kept) => self.keep_with(kept, committed),
+            Step::Prefix(prefix) => {
+                self.committed = Some(committed);
+                return self.build_prefix(&prefix);
+            }
         };
         self.committed = Some(committed);
         self.steps += 1;
@@ -109,10 +119,54 @@ impl<'a> Applier<'a> {
     /// still begins the file: the rest of the partial file is cut off when the file is built.
     pub fn plan(&mut self, pair: &Pair<Entry, Entry>) -> Result<Vec<Needed>, ApplyError> {
         let resumed = match &pair.new {
+            // Built from its first chunks this round: its partial file, open and growing, is not
+            // read and hashed again to plan it (the building goes on from where it is).
+            Some(new) if self.streaming.as_ref().is_some_and(|s| s.built && s.file.path == new.path) => None,
             Some(new) if new.size >= LARGE_FILE && Planner::writes_content(pair) => self.plan_resumed(new),
             _ => None,
         };
         self.planner.plan_within(self.index, pair, resumed.as_ref())
+    }
+
+    /// The chunks a [`Step::Prefix`] needs from the source: those it adds, once the file's building
+    /// has begun. It begins with the first prefix that lacks a chunk (a file that only grew, or
+    /// was touched, is not copied here before its entry says so), unless what an earlier round
+    /// left of the file is longer than the file so far (its entry resumes that, as it would have).
+    pub fn plan_prefix(&mut self, prefix: &FilePrefix) -> Result<Vec<Needed>, ApplyError> {
+        let streaming = match self.streaming.take() {
+            Some(mut streaming) if streaming.file.path == prefix.path && streaming.file.size == prefix.offset => {
+                streaming.add(&prefix.chunks);
+                streaming
+            }
+            _ => {
+                let mut streaming = Streaming { file: Entry::new(prefix.path.clone(), EntryKind::File), built: false };
+                streaming.add(&prefix.chunks);
+                streaming
+            }
+        };
+        let (built, size) = (streaming.built, streaming.file.size);
+        self.streaming = Some(streaming);
+        if built {
+            let part = Entry { chunks: prefix.chunks.clone(), ..Entry::new(prefix.path.clone(), EntryKind::File) };
+            let mut needed = self.planner.plan_within(self.index, &Pair { old: None, new: Some(part) }, None)?;
+            needed.iter_mut().for_each(|need| need.offset += prefix.offset);
+            self.prefix_builds.push_back(PrefixBuild::Continue);
+            return Ok(needed);
+        }
+        if self.partial_len(&prefix.path) >= size || !self.planner.lacks_any(self.index, &prefix.chunks)? {
+            self.prefix_builds.push_back(PrefixBuild::Skip);
+            return Ok(Vec::new());
+        }
+        let Some(first) = self.streaming.as_ref().map(|streaming| streaming.file.clone()) else {
+            return Ok(Vec::new());
+        };
+        // As any large file: from what an earlier round left of it.
+        let needed = self.plan(&Pair { old: None, new: Some(first.clone()) })?;
+        if let Some(streaming) = &mut self.streaming {
+            streaming.built = true;
+        }
+        self.prefix_builds.push_back(PrefixBuild::Begin(Box::new(first)));
+        Ok(needed)
     }
 
     /// See [`Planner::distrust`].
@@ -123,6 +177,7 @@ impl<'a> Applier<'a> {
     /// Makes everything staged so far durable and visible, and records its chunks in the index,
     /// durably: after a crash, what was written here is found in the index and not fetched again.
     pub fn flush_batch(&mut self) -> Result<(), ApplyError> {
+        self.keep_building();
         self.flush()?;
         waiting(&mut self.report.sync_wait, || self.index.sync())?;
         Ok(())
@@ -263,6 +318,14 @@ pub struct Applier<'a> {
     /// What the partial files of large files planned and not yet applied hold of them (see
     /// `plan_resumed`), by path.
     pub(super) resumes: std::collections::HashMap<RelPath, HeldPrefix>,
+    /// The large file whose first chunks were planned last ([`Step::Prefix`]).
+    pub(super) streaming: Option<Streaming>,
+    /// What applying each prefix planned and not yet applied does.
+    pub(super) prefix_builds: std::collections::VecDeque<PrefixBuild>,
+    /// The large file being built between the steps of its prefixes and its entry.
+    pub(super) building: Option<Building>,
+    /// The partial files of large files built from prefixes whose entry did not come.
+    pub(super) spared: Vec<Vec<u8>>,
     /// Makes the small files of the batch being staged (`None`: they are made here).
     pub(super) maker: Option<Maker>,
     /// How long putting the batches into place took, by part.

@@ -36,6 +36,7 @@ use crate::index::PartialSeal;
 use crate::manifest::Entry;
 use crate::path::RelPath;
 use crate::rootdir::NameExt;
+use crate::scan::FilePrefix;
 
 /// The longest time between two syncs of a large file being built, and the shortest between two
 /// durable records of its chunks in the index: an interruption on a slow link loses little of it, and
@@ -113,10 +114,171 @@ fn inode_of(file: &File) -> Option<(u64, i64, u64)> {
     Some((stat.st_ino, ctime_ns, u64::try_from(stat.st_size).ok()?))
 }
 
+/// A large file being built in its partial file, left open between the steps that build it: its
+/// first chunks, listed before its entry ([`crate::Step::Prefix`]), then the rest once the entry
+/// comes.
+pub(super) struct Building {
+    path: RelPath,
+    name: Vec<u8>,
+    shown: String,
+    file: File,
+    /// Shared with the chunk source (see `ChunkSource::written`) and the thread that syncs it.
+    shared: Arc<File>,
+    progress: Progress,
+    /// The chunks in the file, from its start.
+    built: Vec<crate::manifest::ChunkRef>,
+    offset: u64,
+}
+
+/// The large file whose first chunks are being planned: what was listed of it, and whether its
+/// building began.
+pub(super) struct Streaming {
+    pub(super) file: Entry,
+    pub(super) built: bool,
+}
+
+impl Streaming {
+    pub(super) fn add(&mut self, chunks: &[crate::manifest::ChunkRef]) {
+        self.file.size += chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
+        self.file.chunks.extend_from_slice(chunks);
+    }
+}
+
+/// What applying a planned prefix does (see `Applier::plan_prefix`).
+pub(super) enum PrefixBuild {
+    /// Nothing: the file is not built before its entry comes.
+    Skip,
+    /// Begins building the file: its chunks so far.
+    Begin(Box<Entry>),
+    /// Builds its next chunks.
+    Continue,
+}
+
 impl Applier<'_> {
     /// Builds a large file in its partial file, resuming what an earlier round left there, and stages
     /// it. `Ok(false)`: the entry failed (already reported); what it had is kept for the next round.
     pub(super) fn stage_large_file(&mut self, new: &Entry, replaces: bool) -> Result<bool, ApplyError> {
+        // Another file built meanwhile (its entry before the one streaming, asked for again) leaves
+        // that one open.
+        let building = match self.building.take_if(|b| b.path == new.path) {
+            Some(b) if new.chunks.starts_with(&b.built) => b,
+            other => {
+                if let Some(b) = other {
+                    self.keep(b);
+                }
+                self.begin_building(new)?
+            }
+        };
+        let from = building.built.len();
+        let Some(mut building) = self.build(building, new, &new.chunks[from..], true)? else { return Ok(false) };
+        if let Some(sync) = building.progress.sync.take() {
+            waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &building.shown))?;
+        }
+        self.set_file_metadata(&building.file, new).map_err(io_err("set metadata of", &building.shown))?;
+        self.report.files_written += 1;
+        self.report.bytes_written += new.size;
+        self.stage(building.name, None, new, new.chunks.clone(), replaces)?;
+        Ok(true)
+    }
+
+    /// Builds the next chunks of a large file whose entry has not come (see [`crate::Step::Prefix`])
+    /// in its partial file, as planned, and leaves the file open for the rest.
+    pub(super) fn build_prefix(&mut self, prefix: &FilePrefix) -> Result<(), ApplyError> {
+        match self.prefix_builds.pop_front() {
+            Some(PrefixBuild::Begin(first)) => {
+                // One whose entry never came (it changed while its source read it) is left as it is.
+                self.keep_building();
+                tracing::info!("{}: built as the source reads it", first.path);
+                let building = self.begin_building(&first)?;
+                let from = building.built.len();
+                self.building = self.build(building, &first, &first.chunks[from..], false)?;
+            }
+            Some(PrefixBuild::Continue) => {
+                // None when a chunk of it could not come: its entry will not either.
+                if let Some(building) = self.building.take_if(|b| b.path == prefix.path && b.offset == prefix.offset) {
+                    let file = Entry::new(prefix.path.clone(), crate::manifest::EntryKind::File);
+                    self.building = self.build(building, &file, &prefix.chunks, false)?;
+                }
+            }
+            Some(PrefixBuild::Skip) | None => {}
+        }
+        Ok(())
+    }
+
+    /// Makes what the large file being built holds durable and records it (the round ends, or
+    /// another file is built), so that the next round finds it: its entry did not come, and a round
+    /// that commits spares its partial file.
+    pub(super) fn keep_building(&mut self) {
+        if let Some(building) = self.building.take() {
+            self.spared.push(building.name.clone());
+            self.keep(building);
+        }
+    }
+
+    fn keep(&mut self, mut b: Building) {
+        let kept = self.keep_partial(&b.file, &b.shared, &b.name, &mut b.progress, &mut Unwritten::default(), &b.shown);
+        if let Err(e) = kept {
+            tracing::warn!("cannot keep what arrived of {} for the next round: {e}", b.path);
+        }
+    }
+
+    /// Writes `chunks` (of `new`, whose path the chunk source is told) to the partial file `b` at
+    /// its end. `None`: a chunk could not come; what arrived is kept for the next round, and the
+    /// entry failed (reported when it is `whole`, not only the file's first chunks).
+    fn build(
+        &mut self,
+        mut b: Building,
+        new: &Entry,
+        chunks: &[crate::manifest::ChunkRef],
+        whole: bool,
+    ) -> Result<Option<Building>, ApplyError> {
+        let mut unwritten = Unwritten::default();
+        for chunk in chunks {
+            let fetched = match self.get_chunk(new, b.offset, chunk) {
+                Ok(fetched) => fetched,
+                Err(why) => {
+                    match self.keep_partial(&b.file, &b.shared, &b.name, &mut b.progress, &mut unwritten, &b.shown) {
+                        Ok(()) => tracing::info!(
+                            "{}: {} arrived, kept for the next round",
+                            new.path,
+                            crate::human::bytes(b.progress.recorded.len)
+                        ),
+                        Err(e) => tracing::warn!("cannot keep what arrived of {} for the next round: {e}", new.path),
+                    }
+                    if whole {
+                        self.fail(&new.path, why);
+                    } else {
+                        tracing::info!("{}: {why}", new.path);
+                    }
+                    return Ok(None);
+                }
+            };
+            unwritten.push(self.buf.take(), chunk.hash, b.offset, fetched);
+            b.progress.written.push((chunk.hash, b.offset, chunk.len));
+            b.built.push(*chunk);
+            b.offset += u64::from(chunk.len);
+            let progress = &mut b.progress;
+            let sync_due =
+                b.offset - progress.synced_to >= LARGE_FILE_SYNC || progress.last_sync.elapsed() >= RECORD_EVERY;
+            if unwritten.len >= WRITE_GROUP as u64 || sync_due {
+                self.write_or_keep(&mut unwritten, (&b.file, &b.shared), &b.name, &mut b.progress, &b.shown)?;
+            }
+            if sync_due {
+                // One sync at a time: the one of the piece before this one must be done.
+                self.record_synced((&b.file, &b.name), &mut b.progress, &b.shown)?;
+                let progress = &mut b.progress;
+                progress.sync = Some(BackgroundSync::sync(b.shared.clone(), |fd| rustix::fs::fdatasync(fd)));
+                progress.syncing = std::mem::take(&mut progress.written);
+                progress.synced_to = b.offset;
+                progress.last_sync = Instant::now();
+            }
+        }
+        self.write_or_keep(&mut unwritten, (&b.file, &b.shared), &b.name, &mut b.progress, &b.shown)?;
+        Ok(Some(b))
+    }
+
+    /// Opens the partial file of `new` and keeps what an earlier round left there of it.
+    fn begin_building(&mut self, new: &Entry) -> Result<Building, ApplyError> {
         let name = partial_name(&new.path);
         let shown = format!("{}/{} (being built for {})", crate::path::STAGING_DIR, name.escape_ascii(), new.path);
         let file = File::from(open_partial(&*self.staging, &name).map_err(io_err("create", &shown))?);
@@ -124,7 +286,6 @@ impl Applier<'_> {
             let path = shown.clone();
             move |e: std::io::Error| ApplyError::Io { op, path, source: e }
         };
-        // Shared with the chunk source (see `ChunkSource::written`) and the thread that syncs it.
         let shared = Arc::new(file.try_clone().map_err(io("duplicate"))?);
         let HeldPrefix { kept, chunks: recorded } = match self.resumes.remove(&new.path) {
             Some(planned) => planned,
@@ -132,7 +293,7 @@ impl Applier<'_> {
         };
         self.report.chunks_local += kept as u64;
         self.report.bytes_local += recorded.len;
-        let mut offset = recorded.len;
+        let offset = recorded.len;
         file.set_len(offset).map_err(io("cut"))?;
         (&file).seek(SeekFrom::Start(offset)).map_err(io("seek"))?;
         if offset > 0 {
@@ -144,7 +305,7 @@ impl Applier<'_> {
             );
         }
         let now = Instant::now();
-        let mut progress = Progress {
+        let progress = Progress {
             syncing: Vec::new(),
             sync: None,
             written: Vec::new(),
@@ -153,50 +314,15 @@ impl Applier<'_> {
             last_durable: now,
             recorded,
         };
-        let mut unwritten = Unwritten::default();
-        for chunk in &new.chunks[kept..] {
-            let fetched = match self.get_chunk(new, offset, chunk) {
-                Ok(fetched) => fetched,
-                Err(why) => {
-                    match self.keep_partial(&file, &shared, &name, &mut progress, &mut unwritten, &shown) {
-                        Ok(()) => tracing::info!(
-                            "{}: {} of {} arrived, kept for the next round",
-                            new.path,
-                            crate::human::bytes(progress.recorded.len),
-                            crate::human::bytes(new.size)
-                        ),
-                        Err(e) => tracing::warn!("cannot keep what arrived of {} for the next round: {e}", new.path),
-                    }
-                    self.fail(&new.path, why);
-                    return Ok(false);
-                }
-            };
-            unwritten.push(self.buf.take(), chunk.hash, offset, fetched);
-            progress.written.push((chunk.hash, offset, chunk.len));
-            offset += u64::from(chunk.len);
-            let sync_due =
-                offset - progress.synced_to >= LARGE_FILE_SYNC || progress.last_sync.elapsed() >= RECORD_EVERY;
-            if unwritten.len >= WRITE_GROUP as u64 || sync_due {
-                self.write_or_keep(&mut unwritten, (&file, &shared), &name, &mut progress, &shown)?;
-            }
-            if sync_due {
-                // One sync at a time: the one of the piece before this one must be done.
-                self.record_synced((&file, &name), &mut progress, &shown)?;
-                progress.sync = Some(BackgroundSync::sync(shared.clone(), |fd| rustix::fs::fdatasync(fd)));
-                progress.syncing = std::mem::take(&mut progress.written);
-                progress.synced_to = offset;
-                progress.last_sync = Instant::now();
-            }
-        }
-        self.write_or_keep(&mut unwritten, (&file, &shared), &name, &mut progress, &shown)?;
-        if let Some(sync) = progress.sync.take() {
-            waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &shown))?;
-        }
-        self.set_file_metadata(&file, new).map_err(io_err("set metadata of", &shown))?;
-        self.report.files_written += 1;
-        self.report.bytes_written += new.size;
-        self.stage(name, None, new, new.chunks.clone(), replaces)?;
-        Ok(true)
+        let built = new.chunks[..kept].to_vec();
+        Ok(Building { path: new.path.clone(), name, shown, file, shared, progress, built, offset })
+    }
+
+    /// How long the partial file of `path` is (0 without one).
+    pub(super) fn partial_len(&self, path: &RelPath) -> u64 {
+        open_left(&*self.staging, &partial_name(path), OFlags::RDONLY)
+            .and_then(|fd| rustix::fs::fstat(&fd).ok())
+            .map_or(0, |stat| stat.st_size as u64)
     }
 
     /// Finds what an interrupted round left of `new`, a large file about to be planned, for when it
@@ -346,7 +472,8 @@ impl Applier<'_> {
     }
 
     /// Removes every partial file from the staging folder and forgets their chunks: called once a
-    /// round has applied everything, when none of them is wanted any more.
+    /// round has applied everything, when none of them is wanted any more but those spared (see
+    /// [`Self::keep_building`]).
     pub(super) fn remove_partials(&mut self) -> Result<(), ApplyError> {
         let shown = self.root.path().join(crate::path::STAGING_DIR).display().to_string();
         let mut names = Vec::new();
@@ -357,10 +484,13 @@ impl Applier<'_> {
                 names.push(entry.file_name().to_bytes().to_vec());
             }
         }
+        // The partial file of one whose entry did not come (it changed while its source read it):
+        // the next round reads it again, most likely beginning as it did.
+        names.retain(|name| !self.spared.contains(name));
         if names.is_empty() {
             return Ok(());
         }
-        self.index.forget_partials()?;
+        self.index.forget_partials_but(&self.spared)?;
         for name in names {
             tracing::debug!("removing partial file {} (the round no longer needs it)", name.escape_ascii());
             rustix::fs::unlinkat(&*self.staging, name.os(), AtFlags::empty()).map_err(io_err("clean", &shown))?;

@@ -5,6 +5,7 @@ use crate::hash::ChunkHash;
 use crate::index::ChunkIndex;
 use crate::manifest::{ChunkRef, Entry, EntryKind, Pair, RawEntry};
 use crate::path::RelPath;
+use crate::scan::FilePrefix;
 
 /// One chunk the target lacks, found by [`Applier::plan`](crate::Applier::plan).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,10 @@ pub enum Step {
     /// A file or symlink that stays as it was: its stored entry goes to the new manifest as it is,
     /// without being decoded (most of a day's round over a large tree).
     Keep(RawEntry),
+    /// The next chunks of a large file whose entry is not listed yet (its source lists them as it
+    /// cuts the file). They are built into the file's partial file, where the entry finds them when
+    /// it comes. Not an entry of the new manifest.
+    Prefix(Box<FilePrefix>),
 }
 
 impl From<Pair<Entry, Entry>> for Step {
@@ -44,7 +49,7 @@ impl Step {
     pub fn pair(&self) -> Option<&Pair<Entry, Entry>> {
         match self {
             Step::Apply(pair) => Some(pair),
-            Step::Keep(_) => None,
+            Step::Keep(_) | Step::Prefix(..) => None,
         }
     }
 
@@ -54,6 +59,7 @@ impl Step {
         match self {
             Step::Apply(pair) => pair.new.is_some(),
             Step::Keep(_) => true,
+            Step::Prefix(..) => false,
         }
     }
 }
@@ -119,6 +125,16 @@ impl Planner {
             offset += u64::from(chunk.len);
         }
         Ok(needed)
+    }
+
+    /// Whether any of `chunks` would be asked for (without asking).
+    pub(super) fn lacks_any(&self, index: &ChunkIndex, chunks: &[ChunkRef]) -> Result<bool, ApplyError> {
+        for chunk in chunks {
+            if !self.requested.contains(&chunk.hash) && !self.held(index, &chunk.hash, None)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Does the target seem to hold `hash`, where the check found nothing amiss (and not past the

@@ -9,8 +9,8 @@ use super::options::ScanOptions;
 use super::stored::StoredRecord;
 use super::times::{exact_mtime_ns, stat_ctime_ns, stat_mtime_ns};
 use super::walk::WalkItem;
-use crate::chunker::{ReadBuffers, hash_reader};
-use crate::manifest::{Entry, EntryKind};
+use crate::chunker::{ReadBuffers, hash_reader_telling};
+use crate::manifest::{ChunkRef, Entry, EntryKind};
 use crate::rootdir::NameExt;
 
 #[allow(clippy::large_enum_variant)] // one per entry of a batch, moved once
@@ -24,6 +24,12 @@ pub(super) enum Outcome {
         stat: Stat,
         was_read: bool,
         bytes_read: u64,
+    },
+    /// A large file to read in manifest order, by the stage that writes it (see
+    /// [`ScanOptions::stream_from`]).
+    InOrder {
+        entry: Entry,
+        stat: Stat,
     },
     /// Changed while being read, or swapped between the walk and the read.
     Changed,
@@ -91,7 +97,7 @@ pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions, linked: &HardL
         EntryKind::File if linked.knows(&stat) => Outcome::Found { entry, stat, was_read: false, bytes_read: 0 },
         EntryKind::File => {
             let Some(stored) = item.cached.as_deref().and_then(StoredRecord::decode) else {
-                return read_file(item, entry, &stat, options);
+                return read_now_or_in_order(item, entry, stat, options);
             };
             if stored.describes(&stat) {
                 return Outcome::Kept { stat };
@@ -104,12 +110,29 @@ pub(super) fn examine(item: &mut WalkItem, options: &ScanOptions, linked: &HardL
                 entry.chunks = cached.entry.chunks;
                 return Outcome::Found { entry, stat, was_read: false, bytes_read: 0 };
             }
-            read_file(item, entry, &stat, options)
+            read_now_or_in_order(item, entry, stat, options)
         }
     }
 }
 
-pub(super) fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, options: &ScanOptions) -> Outcome {
+/// Reads the file now, or leaves it to be read in manifest order when it is that large.
+fn read_now_or_in_order(item: &WalkItem, entry: Entry, stat: Stat, options: &ScanOptions) -> Outcome {
+    let in_order = options.tee.is_some() && options.stream_from.is_some_and(|from| stat.st_size as u64 >= from);
+    if in_order {
+        return Outcome::InOrder { entry, stat };
+    }
+    read_file(item, entry, &stat, options, |_, _| {})
+}
+
+/// Reads, cuts and hashes the file `item` names, telling `cut` the chunks named so far as it goes
+/// (see [`crate::chunker::hash_reader_telling`]).
+pub(super) fn read_file(
+    item: &WalkItem,
+    mut entry: Entry,
+    walked: &Stat,
+    options: &ScanOptions,
+    cut: impl FnMut(&[ChunkRef], u64),
+) -> Outcome {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat(&*item.parent, item.name.os(), flags, Mode::empty()) {
         Ok(fd) => fd,
@@ -132,7 +155,7 @@ pub(super) fn read_file(item: &WalkItem, mut entry: Entry, walked: &Stat, option
     // Taken out, not borrowed: while `hash_reader` waits for its other half, rayon may run another
     // file's read on this thread.
     let mut bufs = READ_BUFFERS.take();
-    let read = hash_reader(options.chunker, &file, &mut bufs);
+    let read = hash_reader_telling(options.chunker, &file, &mut bufs, cut);
     READ_BUFFERS.set(bufs);
     let (chunks, bytes_read) = match read {
         Ok(read) => read,

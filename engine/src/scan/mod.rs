@@ -34,7 +34,9 @@ mod times;
 mod walk;
 mod write;
 
-pub use options::{AfterReadHook, CacheRecord, ScanError, ScanOptions, ScanReport, SettledBefore, Teed};
+pub use options::{
+    AfterReadHook, CacheRecord, FilePrefix, PREFIX_EVERY, ScanError, ScanOptions, ScanReport, SettledBefore, Teed,
+};
 
 /// Scans `root`, writing its manifest to `manifest_out` and the quick-check cache for next time to
 /// `cache_out`. `cache_in` is the last scan's cache, if any (a damaged one is ignored with a warning).
@@ -67,6 +69,7 @@ pub fn scan(
             tee = None;
         }
     }
+    let teed = tee.as_ref().map(|_| (Vec::new(), Arc::from(manifest_out)));
     let mut names = OwnerNames::default();
     let hard_links = HardLinks::default();
 
@@ -106,7 +109,9 @@ pub fn scan(
             cache: &mut cache,
             cache_in: cache_in.unwrap_or(Path::new("")),
             racy_after_ns,
-            teed: tee.as_ref().map(|_| (Vec::new(), Arc::from(manifest_out))),
+            teed,
+            tee,
+            options,
         };
         // What the tee was last handed, by the bytes read until then.
         let mut read_when_teed = 0;
@@ -124,12 +129,12 @@ pub fn scan(
             let read = state.report.bytes_read != read_when_teed;
             if state.teed.as_ref().is_some_and(|(entries, _)| read || entries.len() >= TEE_UNREAD) {
                 read_when_teed = state.report.bytes_read;
-                tee_written(&tee, &mut state)?;
+                state.tee_written()?;
             }
             Ok(())
         });
         if written.is_ok() {
-            tee_written(&tee, &mut state)?;
+            state.tee_written()?;
         }
         // The walk's own findings (folders it could not list) join the report.
         let walked = walk.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -146,20 +151,6 @@ pub fn scan(
 /// Entries the scan gathers for its tee while it reads no file (see [`ScanOptions::tee`]): fewer,
 /// fuller batches where nothing changed; a batch that read a file goes at once.
 const TEE_UNREAD: usize = 1024;
-
-/// Hands the entries written since the last time to the tee, once they are in the manifest file: a
-/// reader of the file finds every entry it was told of.
-fn tee_written(tee: &Option<std::sync::mpsc::SyncSender<Teed>>, state: &mut WriteState<'_>) -> Result<(), ScanError> {
-    if let (Some(sender), Some((entries, _))) = (tee, &mut state.teed)
-        && !entries.is_empty()
-    {
-        state.manifest.flush()?;
-        if sender.send(Teed::Entries(std::mem::take(entries))).is_err() {
-            state.teed = None;
-        }
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
@@ -261,6 +252,63 @@ mod tests {
         assert_eq!(teed, written);
         assert_eq!(teed.len() as u64, report.entries);
         assert_eq!(report.entries, 206, "the root, 5 folders and their 200 files");
+    }
+
+    #[test]
+    fn a_large_file_is_teed_as_it_is_cut_after_the_entries_before_it_and_before_its_own() {
+        use rand::{RngExt, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir_all(root.join("m")).unwrap();
+        let mut large = vec![0u8; (13 << 20) + 12_345];
+        rand_chacha::ChaCha8Rng::seed_from_u64(7).fill(&mut large[..]);
+        std::fs::write(root.join("a/0"), b"before").unwrap();
+        std::fs::write(root.join("a/large"), &large).unwrap();
+        std::fs::write(root.join("a/small"), &large[..1 << 20]).unwrap();
+        std::fs::write(root.join("m/after"), b"after").unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let options = ScanOptions { tee: Some(tx), batch: 2, stream_from: Some(8 << 20), ..ScanOptions::default() };
+        let reading = std::thread::spawn(move || {
+            let Ok(Teed::Manifest(..)) = rx.recv() else { panic!("the manifest comes first") };
+            // In order: each entry's path, or a prefix.
+            rx.into_iter()
+                .flat_map(|teed| match teed {
+                    Teed::Entries(entries) => entries.into_iter().map(|raw| Ok(raw.path().to_string())).collect(),
+                    Teed::Prefix(prefix, size) => vec![Err((prefix, size))],
+                    Teed::Manifest(..) => panic!("one manifest"),
+                })
+                .collect::<Vec<_>>()
+        });
+        scan(&root, None, &out.join("manifest"), &out.join("cache"), &options).unwrap();
+        drop(options);
+        let teed = reading.join().unwrap();
+        let entries: Vec<Entry> =
+            crate::manifest::ManifestReader::open(&out.join("manifest")).unwrap().collect::<Result<_, _>>().unwrap();
+        let place = entries.iter().position(|entry| entry.path.to_string() == "a/large").unwrap();
+        let first = teed.iter().position(Result::is_err).expect("prefixes teed");
+        let told: Vec<&String> = teed[..first].iter().map(|t| t.as_ref().unwrap()).collect();
+        assert_eq!(told.len(), place, "every entry before the file, and no other, before its first prefix: {told:?}");
+        let prefixes: Vec<&(FilePrefix, u64)> = teed.iter().filter_map(|t| t.as_ref().err()).collect();
+        assert!(prefixes.len() >= 3, "13 MiB in pieces of 4: {}", prefixes.len());
+        let mut offset = 0;
+        let mut chunks = Vec::new();
+        for (prefix, size) in &prefixes {
+            assert_eq!(
+                (prefix.place, prefix.path.to_string(), *size),
+                (place as u64, "a/large".into(), large.len() as u64)
+            );
+            assert_eq!(prefix.offset, offset, "prefixes follow each other");
+            offset += prefix.chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
+            chunks.extend_from_slice(&prefix.chunks);
+        }
+        assert!(offset >= PREFIX_EVERY && offset < large.len() as u64);
+        assert!(entries[place].chunks.starts_with(&chunks), "the prefixes begin the file's entry");
+        let last = teed.iter().rposition(Result::is_err).unwrap();
+        assert_eq!(teed[last + 1].as_ref().unwrap(), "a/large", "its entry follows its last prefix");
+        assert_eq!(teed.iter().filter(|t| t.is_ok()).count(), entries.len());
     }
 
     #[test]

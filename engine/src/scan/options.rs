@@ -56,6 +56,30 @@ pub struct ScanOptions {
     pub started: Option<std::time::SystemTime>,
     /// Set, the scan stops after the batch it is writing ([`ScanError::Cancelled`]).
     pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// With a [`Self::tee`]: a file of at least this many bytes that must be read is read in
+    /// manifest order, by the stage that writes the manifest, and its chunks are teed as they are
+    /// cut ([`Teed::Prefix`], about every [`PREFIX_EVERY`] bytes), before its entry: a round asks
+    /// for them while they are still in memory, however large the file.
+    pub stream_from: Option<u64>,
+}
+
+/// About how many bytes of a file read in manifest order ([`ScanOptions::stream_from`]) each
+/// [`Teed::Prefix`] carries.
+pub const PREFIX_EVERY: u64 = 2 << 20;
+
+/// The first chunks of a file whose entry is not yet in the manifest, as its scan cut them: the
+/// next `chunks`, from `offset` on, of the file that will be the manifest's entry at `place`. A
+/// file that changes while it is read never gets its entry; a file that does begins with these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilePrefix {
+    /// The file's place in the manifest being written (its first entry is 0).
+    pub place: u64,
+    /// The file's path.
+    pub path: RelPath,
+    /// Where `chunks` begin in it: the bytes of the chunks teed before for the same file.
+    pub offset: u64,
+    /// The chunks that follow, in order.
+    pub chunks: Vec<crate::manifest::ChunkRef>,
 }
 
 /// What a scan with a [`ScanOptions::tee`] says as it writes its manifest.
@@ -66,6 +90,10 @@ pub enum Teed {
     Manifest(std::fs::File, std::path::PathBuf),
     /// Then: the next entries of the manifest, in order, each as it is stored.
     Entries(Vec<crate::manifest::RawEntry>),
+    /// Among them, for a file read in manifest order ([`ScanOptions::stream_from`]): its next
+    /// chunks, cut before its entry is written. `size` is what the file's size was when the scan
+    /// looked at it.
+    Prefix(FilePrefix, u64),
 }
 
 impl Default for ScanOptions {
@@ -78,6 +106,7 @@ impl Default for ScanOptions {
             tee: None,
             started: None,
             cancel: None,
+            stream_from: None,
         }
     }
 }

@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use rustix::fs::Stat;
 
-use super::examine::Outcome;
+use std::sync::mpsc::SyncSender;
+
+use super::examine::{Outcome, read_file};
 use super::links::HardLinks;
-use super::options::{CacheRecord, ScanError, ScanReport};
+use super::options::{CacheRecord, FilePrefix, PREFIX_EVERY, ScanError, ScanOptions, ScanReport, Teed};
 use super::stored::StoredRecord;
 use super::times::{settled, stat_ctime_ns};
 use super::walk::WalkItem;
-use crate::manifest::{EntryKind, ManifestWriter, RawEntry, RecordFileError, RecordWriter};
+use crate::manifest::{Entry, EntryKind, ManifestWriter, RawEntry, RecordFileError, RecordWriter};
 use crate::owner::OwnerNames;
 
 /// What the writing stage keeps from one entry to the next.
@@ -27,6 +29,55 @@ pub(super) struct WriteState<'a> {
     pub(super) racy_after_ns: i64,
     /// The entries written since the last batch went to the tee, and the manifest's path.
     pub(super) teed: Option<(Vec<RawEntry>, Arc<Path>)>,
+    /// Where they go, until its receiver is gone.
+    pub(super) tee: Option<SyncSender<Teed>>,
+    pub(super) options: &'a ScanOptions,
+}
+
+impl WriteState<'_> {
+    /// Hands the entries written since the last time to the tee, once they are in the manifest
+    /// file: a reader of the file finds every entry it was told of.
+    pub(super) fn tee_written(&mut self) -> Result<(), ScanError> {
+        if let Some((entries, _)) = &mut self.teed
+            && !entries.is_empty()
+        {
+            self.manifest.flush()?;
+            let entries = Teed::Entries(std::mem::take(entries));
+            self.send(entries);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, teed: Teed) {
+        if self.tee.as_ref().is_some_and(|tee| tee.send(teed).is_err()) {
+            self.tee = None;
+            self.teed = None;
+        }
+    }
+
+    /// Reads the large file `item` here, in manifest order, teeing its chunks as they are cut
+    /// ([`Teed::Prefix`]) after the entries before it.
+    fn read_in_order(&mut self, item: &WalkItem, entry: Entry, stat: &Stat) -> Result<Outcome, ScanError> {
+        self.tee_written()?;
+        let (options, place, path, size) = (self.options, self.report.entries, entry.path.clone(), stat.st_size as u64);
+        let (read_before, entries) = (self.report.bytes_read, self.report.entries);
+        // What the tee was told of the file so far: its chunks and their bytes.
+        let (mut told, mut offset) = (0, 0u64);
+        let outcome = read_file(item, entry, stat, options, |chunks, read| {
+            if let Some(progress) = &options.progress {
+                progress.set(entries, read_before + read);
+            }
+            let new = &chunks[told..];
+            let bytes: u64 = new.iter().map(|chunk| u64::from(chunk.len)).sum();
+            if bytes < PREFIX_EVERY || self.tee.is_none() {
+                return;
+            }
+            let prefix = FilePrefix { place, path: path.clone(), offset, chunks: new.to_vec() };
+            (told, offset) = (chunks.len(), offset + bytes);
+            self.send(Teed::Prefix(prefix, size));
+        });
+        Ok(outcome)
+    }
 }
 
 /// Keeps a copy of the entry just written (encoded as `bytes`) for the tee, if there is one.
@@ -40,9 +91,14 @@ fn tee(teed: &mut Option<(Vec<RawEntry>, Arc<Path>)>, bytes: &[u8]) {
 
 /// Records what examining `item` found: in the manifest and the cache, or in the report.
 pub(super) fn write_outcome(item: WalkItem, outcome: Outcome, state: &mut WriteState<'_>) -> Result<(), ScanError> {
+    if let Outcome::InOrder { entry, stat } = outcome {
+        let outcome = state.read_in_order(&item, entry, &stat)?;
+        return write_outcome(item, outcome, state);
+    }
     let report = &mut *state.report;
     let record = match outcome {
         Outcome::Kept { stat } => return keep_stored(item, stat, state),
+        Outcome::InOrder { .. } => unreachable!("read above"),
         Outcome::Found { mut entry, stat, was_read, bytes_read } => {
             if was_read {
                 report.files_read += 1;

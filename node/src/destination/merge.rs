@@ -244,6 +244,7 @@ mod tests {
             .iter()
             .map(|step| match step {
                 Step::Keep(raw) => format!("keep {}", raw.path()),
+                Step::Prefix(prefix) => unreachable!("the merge makes no prefix step: {}", prefix.path),
                 Step::Apply(pair) => format!(
                     "{}: old {:?}, new size {:?}",
                     pair.path(),
@@ -288,7 +289,7 @@ mod tests {
             .map(Result::unwrap)
             .filter_map(|step| match step {
                 Step::Keep(raw) => Some(raw.path().to_string()),
-                Step::Apply(_) => None,
+                Step::Apply(_) | Step::Prefix(_) => None,
             })
             .collect();
         assert_eq!(kept, ["c"]);

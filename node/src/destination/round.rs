@@ -162,14 +162,14 @@ pub(super) fn destination_round(
     // comes; one that ends at once (nothing changed) or that a dry run plans is kept whole first.
     let mut first = inbox.blocking_recv();
     let dry_run = window.round(|round| round.dry_run())?;
-    if !dry_run && let Some(DestinationEvent::Changes(batch)) = &mut first {
-        let batch = std::mem::take(batch);
+    let streams = !dry_run && matches!(first, Some(DestinationEvent::Changes(_) | DestinationEvent::Prefix(_)));
+    if streams && let Some(first) = first.take() {
         let check = joined(check, &state, &job.path)?;
         tell_the_source(&check, &job.path, &send)?;
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let (steps, flush) = Streamed::channel(window.clone());
         let names = BaseNames::new(state.clone(), hello.base, holds);
-        let incoming = Incoming::new(batch, inbox, names, flush.clone(), end.clone());
+        let incoming = Incoming::new(first, inbox, names, flush.clone(), end.clone());
         // What the source's changes are against: its base, when this node holds it.
         let delta = hello.base.is_some() && hello.base == holds;
         let old = old_and_kept(&state)?;

@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail};
-use ferry_engine::Step;
+use ferry_engine::{FilePrefix, Step};
 use ferry_proto::{Change, ChangesEnd, DestinationEnd, DestinationEvent, DestinationInput, Refusal};
 use tokio::sync::mpsc;
 
@@ -117,23 +117,29 @@ pub(super) type Slot<T> = Arc<Mutex<Option<T>>>;
 /// place in the base made whole. The list's end goes to `end`.
 pub(super) struct Incoming {
     inbox: mpsc::Receiver<DestinationEvent>,
+    /// The first event, before the inbox.
+    first: Option<DestinationEvent>,
     batch: std::vec::IntoIter<Change>,
     names: BaseNames,
     end: Slot<ChangesEnd>,
     ended: bool,
     /// Hands the steps made so far over before waiting for the source.
     flush: Flush,
+    /// The large file whose first chunks came last ([`ferry_proto::Message::Prefix`]): its place,
+    /// path and the bytes listed.
+    prefixed: Option<(u64, ferry_engine::RelPath, u64)>,
 }
 
 impl Incoming {
     pub(super) fn new(
-        first: Vec<Change>,
+        first: DestinationEvent,
         inbox: mpsc::Receiver<DestinationEvent>,
         names: BaseNames,
         flush: Flush,
         end: Slot<ChangesEnd>,
     ) -> Self {
-        Self { inbox, batch: first.into_iter(), names, end, ended: false, flush }
+        let (first, batch) = (Some(first), Vec::new().into_iter());
+        Self { inbox, first, batch, names, end, ended: false, flush, prefixed: None }
     }
 
     fn next_change(&mut self) -> anyhow::Result<Option<Change>> {
@@ -145,18 +151,27 @@ impl Incoming {
             if self.ended {
                 return Ok(None);
             }
-            let next = match self.inbox.try_recv() {
-                Ok(event) => Some(event),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if !self.flush.now() {
-                        bail!("the transfer ended");
+            let next = match self.first.take() {
+                Some(first) => Some(first),
+                None => match self.inbox.try_recv() {
+                    Ok(event) => Some(event),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if !self.flush.now() {
+                            bail!("the transfer ended");
+                        }
+                        self.inbox.blocking_recv()
                     }
-                    self.inbox.blocking_recv()
-                }
+                },
             };
             match next {
                 Some(DestinationEvent::Changes(batch)) => self.batch = batch.into_iter(),
+                Some(DestinationEvent::Prefix(prefix)) => {
+                    let step = self.prefix(prefix)?;
+                    if !self.flush.push(Ok(step)) {
+                        bail!("the transfer ended");
+                    }
+                }
                 Some(DestinationEvent::ChangesEnd(end)) => {
                     self.ended = true;
                     *self.end.lock().map_err(|_| anyhow!("lock poisoned"))? = Some(end);
@@ -169,6 +184,29 @@ impl Incoming {
                 None => bail!("the connection closed while receiving changes"),
             }
         }
+    }
+}
+
+impl Incoming {
+    /// The step that builds a large file's next chunks. It goes to the transfer at once, ahead of
+    /// the steps the merge has yet to make of the entries before the file (they have no chunk the
+    /// source has not listed before it).
+    fn prefix(&mut self, prefix: FilePrefix) -> anyhow::Result<(u64, Step)> {
+        let listed = match &self.prefixed {
+            Some((place, path, listed)) if *place == prefix.place && *path == prefix.path => *listed,
+            _ => 0,
+        };
+        if prefix.offset != listed {
+            bail!(
+                "the source sent chunks of {} from {}, but those before ended at {listed}",
+                prefix.path,
+                prefix.offset
+            );
+        }
+        let bytes = prefix.chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
+        let listed = listed.checked_add(bytes).ok_or_else(|| anyhow!("{}: chunks past 16 EiB", prefix.path))?;
+        self.prefixed = Some((prefix.place, prefix.path.clone(), listed));
+        Ok((prefix.place, Step::Prefix(Box::new(prefix))))
     }
 }
 

@@ -86,11 +86,12 @@ pub(super) fn transfer(
     // Applied before the last flush began, durable once the next one begins.
     let (mut syncing, mut syncing_bytes): (Vec<ChunkHash>, u64) = (Vec::new(), 0);
     let mut last_flush = Instant::now();
+    let mut building = Building::default();
     let mut spent = Spent::default();
     let mut cut = None;
     let end = loop {
         // Plan ahead and ask.
-        let mut needs = Vec::new();
+        let (mut needs, mut prefixes) = (Vec::new(), Vec::new());
         let mut clock = Instant::now();
         let mut later = false;
         while !planned_all && outstanding < WINDOW_MAX && waiting.len() < WINDOW_ENTRIES {
@@ -117,12 +118,20 @@ pub(super) fn transfer(
                     None => return Err(e),
                 },
             };
-            next_place = place + 1;
-            let (mut hashes, mut bytes) = (Vec::new(), 0u64);
-            let planned = match step.pair() {
-                Some(pair) => applier.plan(pair)?,
-                None => Vec::new(),
+            let planned = match &step {
+                Step::Prefix(prefix) => {
+                    prefixes.push(place);
+                    applier.plan_prefix(prefix)?
+                }
+                step => {
+                    next_place = place + 1;
+                    match step.pair() {
+                        Some(pair) => applier.plan(pair)?,
+                        None => Vec::new(),
+                    }
+                }
             };
+            let (mut hashes, mut bytes) = (Vec::new(), 0u64);
             for need in planned {
                 bytes += u64::from(need.chunk.len);
                 hashes.push(need.chunk.hash);
@@ -139,6 +148,10 @@ pub(super) fn transfer(
         }
         for part in needs.chunks(4096) {
             window.input(DestinationInput::Need(part.to_vec()))?;
+        }
+        // After the needs they made: the source's list waits for these.
+        for place in prefixes.drain(..) {
+            window.input(DestinationInput::PrefixPlanned(place))?;
         }
         if steps.streams() && next_place > told && (needs.is_empty() || later || planned_all) {
             window.input(DestinationInput::Passed(next_place))?;
@@ -165,7 +178,7 @@ pub(super) fn transfer(
         {
             let Some(entry) = waiting.pop_front() else { break };
             applied_bytes += entry.bytes;
-            applied.extend(entry.hashes);
+            building.applied(&entry, &mut applied);
             applier.step(entry.step)?;
             progressed = true;
         }
@@ -230,6 +243,41 @@ pub(super) fn transfer(
         spent.waiting.as_secs_f64()
     );
     Ok(end)
+}
+
+/// The chunks of the large file built from its prefixes ([`Step::Prefix`]) so far. They stay in
+/// the window (read back from the file being built, costing no memory) until the file's entry is
+/// applied: the index learns of them only as the file's syncs go, and a later part of the file
+/// that shares one reads it from there.
+#[derive(Default)]
+struct Building {
+    path: Option<ferry_engine::RelPath>,
+    hashes: Vec<ChunkHash>,
+}
+
+impl Building {
+    /// `entry` is applied: its chunks join `applied` (forgotten once durable), or the building
+    /// file's, which join them with its entry.
+    fn applied(&mut self, entry: &super::window::Waiting, applied: &mut Vec<ChunkHash>) {
+        match &entry.step {
+            Step::Prefix(prefix) => {
+                // Another file: the last one's entry did not come (it changed while it was read).
+                if self.path.as_ref() != Some(&prefix.path) {
+                    applied.append(&mut self.hashes);
+                    self.path = Some(prefix.path.clone());
+                }
+                self.hashes.extend_from_slice(&entry.hashes);
+            }
+            step => {
+                let new = step.pair().and_then(|pair| pair.new.as_ref());
+                if new.is_some_and(|new| Some(&new.path) == self.path.as_ref()) {
+                    applied.append(&mut self.hashes);
+                    self.path = None;
+                }
+                applied.extend_from_slice(&entry.hashes);
+            }
+        }
+    }
 }
 
 /// Where the transfer's thread spent its time, for the debug log: in which part of its loop.

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
-use ferry_engine::{EntryKind, ManifestReader, RawEntry, RecordFileError, diff_numbered};
+use ferry_engine::{EntryKind, FilePrefix, ManifestReader, RawEntry, RecordFileError, diff_numbered};
 use ferry_proto::{Change, NeedChunk};
 use tokio::sync::mpsc;
 
-use super::scanning::Gate;
+use super::scanning::{AHEAD_BYTES, Gate, prefix_ahead_bytes};
 
 /// Diffs the base (or nothing) against the new manifest's entries and hands out changes in batches
 /// through `list`. A path the base has goes by its place there (the destination holds the same
@@ -37,8 +37,13 @@ pub(super) fn send_changes(
             (_, new) => {
                 let mut bytes = 0;
                 if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
-                    positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&path, entry.size);
-                    bytes = entry.size;
+                    // A file listed as it was cut is in the list's positions, and its prefixes
+                    // passed the gate already.
+                    let prefixed = list.borrow_mut().prefixed(at);
+                    if prefixed == 0 {
+                        positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&path, entry.size);
+                    }
+                    bytes = entry.size.saturating_sub(prefixed);
                 }
                 (Change { path, entry: new, content_as_before: false, base }, bytes)
             }
@@ -48,17 +53,59 @@ pub(super) fn send_changes(
     list.borrow_mut().flush()
 }
 
+/// What the list sends, in order.
+#[derive(Debug)]
+pub(super) enum Listed {
+    /// A batch of changes.
+    Changes(Vec<Change>),
+    /// The next chunks of a large file being cut, before its change.
+    Prefix(FilePrefix),
+}
+
 /// The list of changes on its way to the control loop, in batches; streamed, it waits at the
 /// [`Gate`] rather than go too far ahead of the destination.
 pub(super) struct Lister {
-    pub(super) tx: mpsc::Sender<Vec<Change>>,
+    pub(super) tx: mpsc::Sender<Listed>,
     pub(super) batch: Vec<Change>,
     pub(super) gate: Option<Arc<Gate>>,
+    /// The large file listed as it is cut: its place and the bytes of its prefixes.
+    prefixed: Option<(u64, u64)>,
 }
 
 impl Lister {
-    pub(super) fn new(tx: mpsc::Sender<Vec<Change>>, gate: Option<Arc<Gate>>) -> Self {
-        Self { tx, batch: Vec::with_capacity(BATCH), gate }
+    pub(super) fn new(tx: mpsc::Sender<Listed>, gate: Option<Arc<Gate>>) -> Self {
+        Self { tx, batch: Vec::with_capacity(BATCH), gate, prefixed: None }
+    }
+
+    /// Lists the next chunks of a large file the scan is cutting (`size` bytes when it began),
+    /// after what is listed before it; `positions` learns where its bytes fall.
+    pub(super) fn prefix(&mut self, prefix: FilePrefix, size: u64, positions: &Mutex<Positions>) -> anyhow::Result<()> {
+        let Some(gate) = self.gate.clone() else { return Ok(()) };
+        self.flush()?;
+        let ahead = prefix_ahead_bytes();
+        if gate.is_full(ahead) {
+            gate.wait_for_room(ahead);
+        }
+        let bytes: u64 = prefix.chunks.iter().map(|chunk| u64::from(chunk.len)).sum();
+        match &mut self.prefixed {
+            Some((place, listed)) if *place == prefix.place && prefix.offset > 0 => *listed += bytes,
+            _ => {
+                positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&prefix.path, size);
+                self.prefixed = Some((prefix.place, bytes));
+            }
+        }
+        tracing::debug!("{}: {} listed from {} as it is read", prefix.path, crate::human::bytes(bytes), prefix.offset);
+        gate.listed_prefix(&prefix);
+        self.tx.blocking_send(Listed::Prefix(prefix)).map_err(|_| anyhow!("connection closed"))
+    }
+
+    /// The bytes listed as prefixes of the file at `place` (0 when none were), forgotten: its
+    /// change comes.
+    fn prefixed(&mut self, place: u64) -> u64 {
+        match self.prefixed.take() {
+            Some((at, bytes)) if at == place => bytes,
+            _ => 0,
+        }
     }
 
     /// Lists the change at `place` (its place in the new manifest), whose content is `bytes` new
@@ -67,9 +114,9 @@ impl Lister {
         if let Some(gate) = self.gate.clone() {
             // Whatever waits here must be on its way first: the destination moves the gate only
             // for what it has.
-            if gate.is_full() {
+            if gate.is_full(AHEAD_BYTES) {
                 self.flush()?;
-                gate.wait_for_room();
+                gate.wait_for_room(AHEAD_BYTES);
             }
             gate.listed(place, bytes);
         }
@@ -86,7 +133,7 @@ impl Lister {
             return Ok(());
         }
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
-        self.tx.blocking_send(batch).map_err(|_| anyhow!("connection closed"))
+        self.tx.blocking_send(Listed::Changes(batch)).map_err(|_| anyhow!("connection closed"))
     }
 }
 

@@ -10,13 +10,13 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use ferry_engine::ManifestReader;
 use ferry_proto::{
-    Change, ChangesEnd, ChunkAt, Committed, Hello, Message, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions,
-    SourceConfig, SourceEnd, SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
+    ChangesEnd, ChunkAt, Committed, Hello, Message, PAUSE_NOTICE, PROTOCOL_VERSION, Plan, RoundOptions, SourceConfig,
+    SourceEnd, SourceEvent, SourceInput, SourcePhase, SourceRound, Transmit,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::changes::{Lister, PositionCursor, Positions, send_changes};
+use super::changes::{Listed, Lister, PositionCursor, Positions, send_changes};
 use super::chunk_reader::{Outgoing, SourceChunks, async_channel, estimate_chunks, read_chunks};
 use super::needs::{NeedError, Needs};
 use super::options::PushOptions;
@@ -182,6 +182,11 @@ pub(super) async fn drive(
                         gate.passed(place);
                     }
                 }
+                SourceEvent::PrefixPlanned(_) => {
+                    if let Some(gate) = &gate {
+                        gate.prefix_planned();
+                    }
+                }
                 SourceEvent::Notice(text) => {
                     tracing::warn!("{}: {text}", peer.name);
                     notices.push(text);
@@ -242,10 +247,11 @@ pub(super) async fn drive(
                 }
             },
             batch = next_batch(&mut list), if listing && !paused => match batch {
-                Some(batch) => {
+                Some(Listed::Changes(batch)) => {
                     changes += batch.len() as u64;
                     machine.handle(SourceInput::Changes(batch), Instant::now());
                 }
+                Some(Listed::Prefix(prefix)) => machine.handle(SourceInput::Prefix(prefix), Instant::now()),
                 None => {
                     let Some(mut done) = list.take() else { unreachable!("listing") };
                     let end = match done.end(prepared).await {
@@ -372,8 +378,8 @@ async fn sleep_until(at: Option<Instant>) {
 /// The list of changes on its way, made on a thread of its own: streamed from the scan as it writes
 /// the manifest (the first connection), or from the manifest written (a later one).
 struct List {
-    /// Batches of changes, until the list is complete.
-    batches: mpsc::Receiver<Vec<Change>>,
+    /// Batches of changes (and prefixes of large files), until the list is complete.
+    batches: mpsc::Receiver<Listed>,
     differ: Option<JoinHandle<anyhow::Result<()>>>,
     /// The round the changes are against.
     base: Option<ferry_proto::RoundRef>,
@@ -418,7 +424,7 @@ impl List {
         let delta_base = base.filter(|b| Some(*b) == holds);
         let base_path = delta_base.map(|_| prepared.state.base());
         let positions = Arc::new(Mutex::new(Positions::default()));
-        let (changes_tx, changes_rx) = mpsc::channel::<Vec<Change>>(4);
+        let (changes_tx, changes_rx) = mpsc::channel::<Listed>(4);
         let list =
             |differ, gate| Self { batches: changes_rx, differ, base: delta_base, positions: positions.clone(), gate };
         if let Some(tee) = prepared.scan.take_tee() {
@@ -439,7 +445,11 @@ impl List {
             let differ = tokio::task::spawn_blocking(move || {
                 let lister = RefCell::new(Lister::new(changes_tx, Some(lister_gate)));
                 // What is listed goes out whenever the scan has nothing more for now.
-                let entries = TeedEntries::new(tee, || lister.borrow_mut().flush().is_ok());
+                let entries = TeedEntries::new(
+                    tee,
+                    || lister.borrow_mut().flush().is_ok(),
+                    |prefix, size| lister.borrow_mut().prefix(prefix, size, &into).is_ok(),
+                );
                 send_changes(base_path.as_deref(), entries, &lister, &into)
             });
             let needs = NeedsFrom::Streamed(file, path, gate.clone());
@@ -495,7 +505,7 @@ impl Drop for List {
     }
 }
 
-async fn next_batch(list: &mut Option<List>) -> Option<Vec<Change>> {
+async fn next_batch(list: &mut Option<List>) -> Option<Listed> {
     match list.as_mut() {
         Some(list) => list.batches.recv().await,
         None => std::future::pending().await,

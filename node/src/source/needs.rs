@@ -47,6 +47,8 @@ struct File {
     entry: Entry,
     /// The index of a chunk of `entry`, and where it starts.
     next: (usize, u64),
+    /// `entry` is the file's first chunks, listed while the scan cut it ([`Gate::prefix_at`]).
+    prefix: bool,
 }
 
 impl Needs {
@@ -82,9 +84,59 @@ impl Needs {
     /// last one asked for, is the destination's error, and fails the round.
     fn resolve(&mut self, at: ChunkAt) -> Result<NeedChunk, NeedError> {
         if self.file.as_ref().is_none_or(|file| file.place != at.place) {
-            self.file = Some(File { place: at.place, entry: self.find(at.place)?, next: (0, 0) });
+            self.file = Some(self.locate(at.place)?);
         }
-        let Some(file) = self.file.as_mut() else { unreachable!("found above") };
+        if let Some(found) = self.chunk_at(&at) {
+            return Ok(found);
+        }
+        // A file listed as it is cut: its chunks listed since, or its entry.
+        if self.file.as_ref().is_some_and(|file| file.prefix) {
+            self.grow(at.place)?;
+            if let Some(found) = self.chunk_at(&at) {
+                return Ok(found);
+            }
+        }
+        let Some(file) = &self.file else { unreachable!("found above") };
+        Err(NeedError::NotInRound(format!(
+            "{} bytes at {} of {} (entry {})",
+            at.len, at.offset, file.entry.path, at.place
+        )))
+    }
+
+    /// The file at `place`: the first chunks of one the scan is cutting, or the manifest's entry.
+    fn locate(&mut self, place: u64) -> Result<File, NeedError> {
+        if let Some((path, chunks)) = self.gate.as_ref().and_then(|gate| gate.prefix_at(place, 0)) {
+            let entry = Entry { chunks, ..Entry::new(path, ferry_engine::EntryKind::File) };
+            return Ok(File { place, entry, next: (0, 0), prefix: true });
+        }
+        Ok(File { place, entry: self.find(place)?, next: (0, 0), prefix: false })
+    }
+
+    /// The file at `place`, known by its first chunks, with the chunks listed since; or its entry,
+    /// once listed (it begins with the same chunks: where the next need is stays). A need of the
+    /// entry that took the place of a file that changed while it was cut is looked up in that
+    /// file's chunks first: if one is at the same offset and as long, the chunk read is not the
+    /// one the destination asked for, and fails its check there (the file is left for the next
+    /// round, as one that changed since the scan).
+    fn grow(&mut self, place: u64) -> Result<(), NeedError> {
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
+        let listed = file.entry.chunks.len();
+        if let Some((_, more)) = self.gate.as_ref().and_then(|gate| gate.prefix_at(place, listed))
+            && !more.is_empty()
+        {
+            file.entry.chunks.extend(more);
+            return Ok(());
+        }
+        let entry = self.find(place)?;
+        if let Some(file) = self.file.as_mut() {
+            (file.entry, file.prefix) = (entry, false);
+        }
+        Ok(())
+    }
+
+    /// The chunk at `at` of the file found last, if it has one there.
+    fn chunk_at(&mut self, at: &ChunkAt) -> Option<NeedChunk> {
+        let file = self.file.as_mut()?;
         if at.offset < file.next.1 {
             file.next = (0, 0);
         }
@@ -96,17 +148,9 @@ impl Needs {
             offset += u64::from(chunk.len);
             index += 1;
         }
-        match file.entry.chunks.get(index) {
-            Some(chunk) if offset == at.offset && chunk.len == at.len => {
-                file.next = (index + 1, offset + u64::from(chunk.len));
-                let path = file.entry.path.clone();
-                Ok(NeedChunk { path, place: at.place, offset, len: at.len, hash: chunk.hash })
-            }
-            _ => Err(NeedError::NotInRound(format!(
-                "{} bytes at {} of {} (entry {})",
-                at.len, at.offset, file.entry.path, at.place
-            ))),
-        }
+        let chunk = file.entry.chunks.get(index).filter(|chunk| offset == at.offset && chunk.len == at.len)?;
+        file.next = (index + 1, offset + u64::from(chunk.len));
+        Some(NeedChunk { path: file.entry.path.clone(), place: at.place, offset, len: at.len, hash: chunk.hash })
     }
 
     /// The entry at `place`, reading on from the last one found.

@@ -93,7 +93,8 @@ pub(super) async fn prepare(config_dir: &ConfigDir, options: &PushOptions) -> an
             state.identity().display()
         );
     }
-    let scan = Scanning::start(job.path.clone(), state.cache(), state.scanned(), options.progress)?;
+    let streams = !options.dry_run;
+    let scan = Scanning::start(job.path.clone(), state.cache(), state.scanned(), options.progress, streams)?;
     Ok(Prepared { client, job, peer, addr, identity, state, scan, _lock: lock, source_id, folder })
 }
 

@@ -200,6 +200,29 @@ fn chunks_leave_while_the_source_still_scans() {
 }
 
 #[test]
+fn a_large_file_leaves_while_the_source_still_reads_it() {
+    let setup = Setup::new();
+    let (source, target) = (setup.path("export"), setup.path("migration"));
+    // Twice what the list may go ahead of the destination: the scan reads the file as its chunks
+    // are asked for, not before.
+    let content = crate::util::random_bytes(160 << 20, 43);
+    crate::util::write(&source.join("server/backup.tgz"), &content);
+    setup.job("zimbra", &source, &target);
+    let first = setup.source.sync("zimbra");
+    assert_eq!(first["in_sync"], true, "{first}");
+    assert!(
+        std::fs::read(target.join("server/backup.tgz")).unwrap() == content,
+        "the file in place is not the source's"
+    );
+    let ms = |name: &str| first[name].as_u64().unwrap();
+    eprintln!("first chunk after {} ms, scan {} ms", ms("first_byte_ms"), ms("scan_ms"));
+    // Listed once read whole, its first chunk left after its scan: at 248 ms of a 121 ms scan here.
+    assert!(ms("first_byte_ms") < ms("scan_ms") / 2, "the first chunk left before the file was half read: {first}");
+    // Each chunk once, and the file's bytes once on the wire.
+    assert_eq!(first["chunk_bytes"].as_u64(), Some(160 << 20), "{first}");
+}
+
+#[test]
 fn three_rounds_send_little_more_than_what_is_new() {
     let setup = Setup::new();
     let (source, target) = (setup.path("export"), setup.path("migration"));

@@ -347,3 +347,54 @@ fn a_large_file_changed_at_the_source_twice_keeps_what_each_attempt_brought() {
     // Cut at the second change, the second attempt's chunks were sent again: 1.3×.
     assert!(total < SIZE + SIZE / 8, "{total} bytes on the wire for {SIZE}");
 }
+
+/// A large file that grows while its source reads it (listed as it is cut): its chunks went out
+/// as it was read, the round ends not in sync without it, and what arrived stays for the next
+/// round, which sends only the rest.
+#[test]
+fn a_large_file_that_changes_while_the_source_reads_it_keeps_what_arrived() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let scene = Scene::new(13);
+    let relative = Path::new("server/backup.tgz");
+    // Larger than the scan may read ahead of the transfer at this rate (a tenth of memory, at most
+    // 64 MiB, and the prefixes its tee holds): it is still being read when it grows.
+    crate::util::write(&scene.source.join(relative), &random_bytes(4 * SIZE as usize, 14));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), scene.source.join(relative));
+        std::thread::spawn(move || {
+            let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                file.write_all(&[7; 4096]).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let args = ["sync", "--round", "zimbra", "--bwlimit", "64M", "--json"];
+    let first = wait_within(
+        scene.setup.source.ferry().args(args).stdout(Stdio::piped()).spawn().unwrap(),
+        Duration::from_secs(120),
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(first.status.code(), Some(ferry::exit::INCOMPLETE), "{report}");
+    assert_eq!(report["changed_while_read"], serde_json::json!([relative.to_str().unwrap()]), "{report}");
+    let kept = partial_bytes(&scene.target);
+    let size = std::fs::metadata(scene.source.join(relative)).unwrap().len();
+    assert!(kept > size / 2, "only {kept} bytes kept of a {size}-byte file whose chunks went out as it was read");
+
+    let second = scene.setup.source.sync("zimbra");
+    assert_eq!(second["in_sync"], true, "{second}");
+    assert!(std::fs::read(scene.target.join(relative)).unwrap() == std::fs::read(scene.source.join(relative)).unwrap());
+    assert!(no_staging_leftovers(&scene.target), "a partial file was left behind");
+    let (up, down) = scene.proxy.bytes();
+    eprintln!(
+        "changed while read: {} bytes on the wire for a {size}-byte file ({:.3}×)",
+        up + down,
+        (up + down) as f64 / size as f64
+    );
+    // Its partial file removed by the round that committed without it, the whole file went twice.
+    assert!(up + down < size + size / 8, "{} bytes on the wire for {size}", up + down);
+}

@@ -372,7 +372,8 @@ impl Pair {
                 self.source_end = Some(end);
             }
             SourceEvent::Checked(checked) => self.checked = Some(checked),
-            SourceEvent::Notice(_) | SourceEvent::ImportStarted { .. } => {}
+            // These rounds list no prefix: the prefix messages have a case of their own.
+            SourceEvent::Notice(_) | SourceEvent::ImportStarted { .. } | SourceEvent::PrefixPlanned(_) => {}
         }
     }
 
@@ -380,6 +381,7 @@ impl Pair {
         match event {
             DestinationEvent::Opened(_) => self.destination.handle(DestinationInput::Welcome { holds: None }, self.now),
             DestinationEvent::Check { .. } => unreachable!("no check in these rounds"),
+            DestinationEvent::Prefix(_) => unreachable!("no prefix in these rounds"),
             DestinationEvent::Changes(batch) => {
                 let from = self.changes_received;
                 self.changes_received += batch.len();
