@@ -226,8 +226,10 @@ pub(super) fn transfer(
             .map_err(|_| anyhow!("window lock poisoned"))?;
         spent.waiting += lap(&mut clock);
     };
-    // What arrived before a stop or a cut: the entries whose chunks are all in, then durable.
-    while waiting.front_mut().is_some_and(|w| window.holds_all(w)) {
+    // What arrived before a stop or a cut: the entries whose chunks are all in, then durable; and
+    // of a large file listed as it was cut, what came of the chunks listed next (its building
+    // writes them up to the first that did not, and keeps them for the next round).
+    while waiting.front_mut().is_some_and(|w| matches!(w.step, Step::Prefix(_)) || window.holds_all(w)) {
         let Some(entry) = waiting.pop_front() else { break };
         applier.step(entry.step)?;
     }

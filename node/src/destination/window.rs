@@ -303,9 +303,10 @@ impl Window {
         }
     }
 
-    /// Whether `waiting` can be applied now: once its chunks are in, or, a large file, as they arrive.
+    /// Whether `waiting` can be applied now: once its chunks are in, or, a large file (or the next
+    /// chunks of one listed as it is cut), as they arrive.
     pub(super) fn can_apply(&self, waiting: &mut Waiting) -> bool {
-        waiting.bytes >= LARGE_FILE || self.holds_all(waiting)
+        waiting.bytes >= LARGE_FILE || matches!(waiting.step, Step::Prefix(_)) || self.holds_all(waiting)
     }
 
     /// True when every one of `waiting`'s chunks has arrived or is known missing. Resumes where the

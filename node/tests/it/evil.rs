@@ -176,7 +176,20 @@ async fn a_hostile_source_is_cut_off_with_a_reason_and_the_daemon_serves_on() {
     reasons.push(("80 MiB of chunks not asked for", reason, "did not ask for"));
     assert!(started.elapsed() < LIMIT);
 
-    // 7. Silence: after Hello (changes expected), then after the needs (chunks expected). The
+    // 7. A large file's chunks listed as it is cut, the second lot not where the first ended.
+    let evil = scene.connect().await;
+    let mut control = evil.open().await.unwrap();
+    control.send(&hello("zimbra")).await.unwrap();
+    let _welcome = control.next(LIMIT).await.unwrap();
+    let chunks = vec![ChunkRef { hash: ChunkHash::of(&data), len: data.len() as u32 }];
+    let path = RelPath::new("mail/large").unwrap();
+    for offset in [0, 5] {
+        let prefix = ferry_engine::FilePrefix { place: 1, path: path.clone(), offset, chunks: chunks.clone() };
+        control.send(&Message::Prefix(prefix)).await.unwrap();
+    }
+    reasons.push(("prefixes that do not follow", evil.closed(LIMIT).await.unwrap(), "ended at 300000"));
+
+    // 8. Silence: after Hello (changes expected), then after the needs (chunks expected). The
     // daemon's own 3 s deadline ends each, whatever the peer does.
     let evil = scene.connect().await;
     let mut control = evil.open().await.unwrap();
