@@ -497,26 +497,10 @@ mod tests {
         assert_eq!(held.chunks_local, 0, "{held:?}");
     }
 
-    /// A source that counts what it hands in.
-    struct Counting(LocalChunkSource, u64);
-
-    impl ChunkSource for Counting {
-        fn fetch(
-            &mut self,
-            entry: &Entry,
-            offset: u64,
-            chunk: &ChunkRef,
-            out: &mut ChunkBuf,
-        ) -> Result<Fetched, FetchError> {
-            self.1 += 1;
-            self.0.fetch(entry, offset, chunk, out)
-        }
-    }
-
     /// One round's steps through an applier planned ahead of it as the network round's transfer
     /// plans (every step planned, then every step applied; `stop`: the round ends before the
-    /// last), with a source that counts what it hands in. The needs asked for, and the chunks
-    /// fetched.
+    /// last), with a source that counts what it hands in (one that is never cut). The needs asked
+    /// for, and the chunks fetched.
     fn planned_ahead(
         (source, target, state): (&Path, &Path, &Path),
         steps: Vec<Step>,
@@ -526,7 +510,7 @@ mod tests {
         std::fs::create_dir_all(state).unwrap();
         let mut index = ChunkIndex::open(&state.join("chunks.redb")).unwrap();
         let mut committed = ManifestWriter::create(&state.join("committed")).unwrap();
-        let mut counting = Counting(LocalChunkSource::new(source).unwrap(), 0);
+        let mut counting = Cut { inner: LocalChunkSource::new(source).unwrap(), left: usize::MAX };
         let options = ApplyOptions::default();
         let mut applier = crate::Applier::new(target, &mut counting, &mut index, &mut committed, &options).unwrap();
         let mut needs = Vec::new();
@@ -546,7 +530,7 @@ mod tests {
         } else {
             applier.finish().unwrap();
         }
-        (needs, counting.1)
+        (needs, (usize::MAX - counting.left) as u64)
     }
 
     /// A large file listed as its source cut it is built from its prefixes, each chunk asked for

@@ -11,9 +11,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Statx};
 use rustix::io::Errno;
 
 use super::batch::{Batch, Deferred, DoneFolder, Frame, Leave, ParentDir, PlaceTimes, Placing, Target};
+use super::building::{Building, PrefixBuild, Streaming};
 use super::make::Maker;
 use super::options::{ApplyError, ApplyOptions, ApplyReport, io_err};
-use super::partial::{Building, PrefixBuild, Streaming};
 use super::place::place;
 use super::plan::{Needed, Planner, Step};
 use super::source::{ChunkBuf, ChunkSource, LARGE_FILE};
@@ -133,39 +133,29 @@ impl<'a> Applier<'a> {
     /// was touched, is not copied here before its entry says so), unless what an earlier round
     /// left of the file is longer than the file so far (its entry resumes that, as it would have).
     pub fn plan_prefix(&mut self, prefix: &FilePrefix) -> Result<Vec<Needed>, ApplyError> {
-        let streaming = match self.streaming.take() {
-            Some(mut streaming) if streaming.file.path == prefix.path && streaming.file.size == prefix.offset => {
-                streaming.add(&prefix.chunks);
-                streaming
-            }
-            _ => {
-                let mut streaming = Streaming { file: Entry::new(prefix.path.clone(), EntryKind::File), built: false };
-                streaming.add(&prefix.chunks);
-                streaming
-            }
+        let mut streaming = match self.streaming.take() {
+            Some(streaming) if streaming.file.path == prefix.path && streaming.file.size == prefix.offset => streaming,
+            _ => Streaming { file: Entry::new(prefix.path.clone(), EntryKind::File), built: false },
         };
-        let (built, size) = (streaming.built, streaming.file.size);
-        self.streaming = Some(streaming);
-        if built {
+        streaming.add(&prefix.chunks);
+        let (build, needed) = if streaming.built {
             let part = Entry { chunks: prefix.chunks.clone(), ..Entry::new(prefix.path.clone(), EntryKind::File) };
             let mut needed = self.planner.plan_within(self.index, &Pair { old: None, new: Some(part) }, None)?;
             needed.iter_mut().for_each(|need| need.offset += prefix.offset);
-            self.prefix_builds.push_back(PrefixBuild::Continue);
-            return Ok(needed);
-        }
-        if self.partial_len(&prefix.path) >= size || !self.planner.lacks_any(self.index, &prefix.chunks)? {
-            self.prefix_builds.push_back(PrefixBuild::Skip);
-            return Ok(Vec::new());
-        }
-        let Some(first) = self.streaming.as_ref().map(|streaming| streaming.file.clone()) else {
-            return Ok(Vec::new());
-        };
-        // As any large file: from what an earlier round left of it.
-        let needed = self.plan(&Pair { old: None, new: Some(first.clone()) })?;
-        if let Some(streaming) = &mut self.streaming {
+            (PrefixBuild::Continue, needed)
+        } else if self.partial_len(&prefix.path) >= streaming.file.size
+            || !self.planner.lacks_any(self.index, &prefix.chunks)?
+        {
+            (PrefixBuild::Skip, Vec::new())
+        } else {
+            // As any large file: from what an earlier round left of it.
+            let first = streaming.file.clone();
+            let needed = self.plan(&Pair { old: None, new: Some(first.clone()) })?;
             streaming.built = true;
-        }
-        self.prefix_builds.push_back(PrefixBuild::Begin(Box::new(first)));
+            (PrefixBuild::Begin(Box::new(first)), needed)
+        };
+        self.streaming = Some(streaming);
+        self.prefix_builds.push_back(build);
         Ok(needed)
     }
 

@@ -27,6 +27,7 @@ use crate::manifest::{ManifestWriter, RecordFileError};
 
 mod applier;
 mod batch;
+mod building;
 mod make;
 mod options;
 mod partial;

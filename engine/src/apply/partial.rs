@@ -26,12 +26,12 @@ use rustix::io::Errno;
 
 use super::applier::Applier;
 use super::batch::Unwritten;
+use super::building::{Building, PrefixBuild, Progress, Recorded, inode_of};
 use super::make::WRITE_GROUP;
 use super::options::{ApplyError, io_err};
 use super::source::LARGE_FILE_SYNC;
 use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
-use crate::hash::ChunkHash;
-use crate::held::{ChunkList, HeldPrefix};
+use crate::held::HeldPrefix;
 use crate::index::PartialSeal;
 use crate::manifest::Entry;
 use crate::path::RelPath;
@@ -76,83 +76,8 @@ fn open_left(staging: &impl std::os::fd::AsFd, name: &[u8], access: OFlags) -> O
     ours.then_some(fd)
 }
 
-/// The chunks written to a partial file and not yet recorded in the index, and the sync that will make
-/// the first of them durable.
-struct Progress {
-    /// Written and being synced: recorded once the sync is done.
-    syncing: Vec<(ChunkHash, u64, u32)>,
-    sync: Option<BackgroundSync>,
-    /// Written (or about to be) since that sync began.
-    written: Vec<(ChunkHash, u64, u32)>,
-    /// How far the file was when the last sync began, and when.
-    synced_to: u64,
-    last_sync: Instant,
-    /// When chunks were last recorded durably.
-    last_durable: Instant,
-    /// The chunks recorded so far, from the file's start.
-    recorded: Recorded,
-}
-
 /// What the name of a partial file moved aside ends with (see `Applier::set_aside`).
 const ASIDE_SUFFIX: &[u8] = b"-was";
-
-/// The chunks recorded of a partial file, from its start, as its seal keeps them.
-type Recorded = ChunkList;
-
-impl Recorded {
-    /// The seal of `file` holding these chunks, as the disk says it is now.
-    fn seal(&self, file: &File) -> Option<PartialSeal> {
-        let (ino, ctime_ns, _) = inode_of(file)?;
-        Some(PartialSeal { ino, ctime_ns, len: self.len, digest: self.digest() })
-    }
-}
-
-/// The inode of `file`, its ctime in nanoseconds and its length.
-fn inode_of(file: &File) -> Option<(u64, i64, u64)> {
-    let stat = rustix::fs::fstat(file).ok()?;
-    let ctime_ns = stat.st_ctime * 1_000_000_000 + i64::try_from(stat.st_ctime_nsec).ok()?;
-    Some((stat.st_ino, ctime_ns, u64::try_from(stat.st_size).ok()?))
-}
-
-/// A large file being built in its partial file, left open between the steps that build it: its
-/// first chunks, listed before its entry ([`crate::Step::Prefix`]), then the rest once the entry
-/// comes.
-pub(super) struct Building {
-    path: RelPath,
-    name: Vec<u8>,
-    shown: String,
-    file: File,
-    /// Shared with the chunk source (see `ChunkSource::written`) and the thread that syncs it.
-    shared: Arc<File>,
-    progress: Progress,
-    /// The chunks in the file, from its start.
-    built: Vec<crate::manifest::ChunkRef>,
-    offset: u64,
-}
-
-/// The large file whose first chunks are being planned: what was listed of it, and whether its
-/// building began.
-pub(super) struct Streaming {
-    pub(super) file: Entry,
-    pub(super) built: bool,
-}
-
-impl Streaming {
-    pub(super) fn add(&mut self, chunks: &[crate::manifest::ChunkRef]) {
-        self.file.size += chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
-        self.file.chunks.extend_from_slice(chunks);
-    }
-}
-
-/// What applying a planned prefix does (see `Applier::plan_prefix`).
-pub(super) enum PrefixBuild {
-    /// Nothing: the file is not built before its entry comes.
-    Skip,
-    /// Begins building the file: its chunks so far.
-    Begin(Box<Entry>),
-    /// Builds its next chunks.
-    Continue,
-}
 
 impl Applier<'_> {
     /// Builds a large file in its partial file, resuming what an earlier round left there, and stages

@@ -2,10 +2,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 
 use rustix::fs::Stat;
-
-use std::sync::mpsc::SyncSender;
 
 use super::examine::{Outcome, read_file};
 use super::links::HardLinks;

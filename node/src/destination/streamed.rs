@@ -185,9 +185,7 @@ impl Incoming {
             }
         }
     }
-}
 
-impl Incoming {
     /// The step that builds a large file's next chunks. It goes to the transfer at once, ahead of
     /// the steps the merge has yet to make of the entries before the file (they have no chunk the
     /// source has not listed before it).

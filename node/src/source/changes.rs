@@ -37,8 +37,8 @@ pub(super) fn send_changes(
             (_, new) => {
                 let mut bytes = 0;
                 if let Some(entry) = new.as_ref().filter(|e| e.kind == EntryKind::File && e.hard_link_to.is_none()) {
-                    // A file listed as it was cut is in the list's positions, and its prefixes
-                    // passed the gate already.
+                    // A file listed as it was cut is in the list's positions, and its prefixes'
+                    // bytes were counted at the gate.
                     let prefixed = list.borrow_mut().prefixed(at);
                     if prefixed == 0 {
                         positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&path, entry.size);
