@@ -556,7 +556,7 @@ mod tests {
         let prefixes: Vec<crate::FilePrefix> = (0..3)
             .map(|i| {
                 let chunks = file.chunks[i * third..(i + 1) * third].to_vec();
-                let prefix = crate::FilePrefix { place: 1, path: file.path.clone(), offset, chunks };
+                let prefix = crate::FilePrefix { place: 1, path: file.path.clone(), offset, chunks, size: file.size };
                 offset += prefix.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
                 prefix
             })

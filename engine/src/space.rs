@@ -28,6 +28,8 @@ pub struct Space {
     /// `taken_over`, what the indexing before a first round found in place.
     index: Option<ChunkIndex>,
     taken_over: bool,
+    /// The large file counted by [`Space::add_streamed`] whose entry has not come, and its size.
+    streamed: Option<(crate::path::RelPath, u64)>,
 }
 
 /// May the space preflight leave out the files a destination's first round takes over in place
@@ -52,7 +54,7 @@ pub struct NoSpace {
     /// The target.
     pub target: PathBuf,
     /// What the round needs, and what there is.
-    pub space: Space,
+    pub space: Box<Space>,
 }
 
 impl Space {
@@ -74,6 +76,7 @@ impl Space {
             staging: target.join(STAGING_DIR),
             index: None,
             taken_over: false,
+            streamed: None,
         })
     }
 
@@ -111,9 +114,28 @@ impl Space {
     /// nights to arrive on a nearly full disk would be refused the night it could finish). Where they
     /// no longer begin it, it is built anew beside them, and counts whole.
     pub fn add_file(&mut self, new: &Entry) -> bool {
+        // Counted when its first chunks came: only what it grew since.
+        if let Some((_, size)) = self.streamed.take_if(|(path, _)| *path == new.path) {
+            self.needed = self.needed.saturating_add(new.size.saturating_sub(size));
+            return true;
+        }
         let in_progress = if new.size >= LARGE_FILE { self.in_progress(new) } else { 0 };
         self.files += 1;
         self.needed = self.needed.saturating_add(new.size.saturating_sub(in_progress));
+        true
+    }
+
+    /// Counts a large file listed as its source reads it, `size` bytes at `path`, when its first
+    /// chunks come, before any is written: less what its partial file holds (an interrupted
+    /// round's), which it is built on when that still begins it. Its entry, when it comes, adds only
+    /// what it grew since.
+    pub fn add_streamed(&mut self, path: &crate::path::RelPath, size: u64) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let partial = self.staging.join(std::ffi::OsStr::from_bytes(&partial_name(path)));
+        let held = std::fs::symlink_metadata(partial).ok().filter(std::fs::Metadata::is_file).map_or(0, |m| m.len());
+        self.files += 1;
+        self.needed = self.needed.saturating_add(size.saturating_sub(held));
+        self.streamed = Some((path.clone(), size));
         true
     }
 
@@ -146,7 +168,7 @@ impl Space {
 
     /// Why the round cannot go on in `target`, if it cannot.
     pub fn refusal(&self, target: &Path) -> Option<NoSpace> {
-        (self.wanted() > self.available).then(|| NoSpace { target: target.to_owned(), space: self.clone() })
+        (self.wanted() > self.available).then(|| NoSpace { target: target.to_owned(), space: Box::new(self.clone()) })
     }
 }
 
@@ -156,6 +178,7 @@ mod tests {
     use crate::hash::ChunkHash;
     use crate::manifest::{ChunkRef, Entry, EntryKind, Pair};
     use crate::path::RelPath;
+    use std::os::unix::ffi::OsStrExt;
 
     fn file(name: &str, size: u64, seed: u8) -> Entry {
         Entry {
@@ -185,6 +208,23 @@ mod tests {
         let refusal = full.refusal(Path::new("/srv/migration")).expect("does not fit").to_string();
         assert!(refusal.contains("/srv/migration") && refusal.contains("2 files (170 B)"), "{refusal}");
         assert!(Space { available: space.wanted(), ..space }.refusal(Path::new("/srv")).is_none());
+    }
+
+    #[test]
+    fn a_file_listed_as_it_is_read_counts_once_less_what_its_partial_file_holds() {
+        let target = tempfile::tempdir().unwrap();
+        let mut space = Space::at(target.path()).unwrap();
+        let large = file("server/backup.tgz", 300, 5);
+        std::fs::create_dir_all(target.path().join(STAGING_DIR)).unwrap();
+        let partial = target.path().join(STAGING_DIR).join(std::ffi::OsStr::from_bytes(&partial_name(&large.path)));
+        std::fs::write(partial, [0; 40]).unwrap();
+        assert!(space.add_streamed(&large.path, 250));
+        assert_eq!((space.files, space.needed), (1, 210), "what an earlier round left is not counted");
+        // Its entry: only what it grew since its first chunks came; another file whole.
+        space.add_file(&large);
+        assert_eq!((space.files, space.needed), (1, 260));
+        space.add_file(&file("other", 70, 6));
+        assert_eq!((space.files, space.needed), (2, 330));
     }
 
     #[test]

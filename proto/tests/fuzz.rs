@@ -110,6 +110,7 @@ fn corpus() -> Vec<Vec<u8>> {
             path: ferry_engine::RelPath::new(&b"server/backup.tgz"[..]).unwrap(),
             offset: 4 << 20,
             chunks: vec![ferry_engine::ChunkRef { hash: ferry_engine::ChunkHash::of(b"c"), len: 65_536 }],
+            size: 1 << 30,
         }),
         Message::PrefixPlanned(70_001),
         Message::Checked(Checked {

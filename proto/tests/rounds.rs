@@ -381,6 +381,7 @@ fn a_prefix_goes_between_the_changes_and_the_word_that_it_was_planned_comes_back
         path: ferry_engine::RelPath::new(&b"server/backup.tgz"[..]).unwrap(),
         offset: 0,
         chunks: tree(1, 2).remove(0).entry.unwrap().chunks,
+        size: 1 << 30,
     };
     let hello = Hello { version: 7, job: "j".into(), base: None, delete: false, numeric_ids: false, source: 1 };
     let config = SourceConfig {

@@ -277,7 +277,7 @@ mod tests {
             rx.into_iter()
                 .flat_map(|teed| match teed {
                     Teed::Entries(entries) => entries.into_iter().map(|raw| Ok(raw.path().to_string())).collect(),
-                    Teed::Prefix(prefix, size) => vec![Err((prefix, size))],
+                    Teed::Prefix(prefix) => vec![Err(prefix)],
                     Teed::Manifest(..) => panic!("one manifest"),
                 })
                 .collect::<Vec<_>>()
@@ -291,13 +291,13 @@ mod tests {
         let first = teed.iter().position(Result::is_err).expect("prefixes teed");
         let told: Vec<&String> = teed[..first].iter().map(|t| t.as_ref().unwrap()).collect();
         assert_eq!(told.len(), place, "every entry before the file, and no other, before its first prefix: {told:?}");
-        let prefixes: Vec<&(FilePrefix, u64)> = teed.iter().filter_map(|t| t.as_ref().err()).collect();
+        let prefixes: Vec<&FilePrefix> = teed.iter().filter_map(|t| t.as_ref().err()).collect();
         assert!(prefixes.len() >= 3, "13 MiB in pieces of 4: {}", prefixes.len());
         let mut offset = 0;
         let mut chunks = Vec::new();
-        for (prefix, size) in &prefixes {
+        for prefix in &prefixes {
             assert_eq!(
-                (prefix.place, prefix.path.to_string(), *size),
+                (prefix.place, prefix.path.to_string(), prefix.size),
                 (place as u64, "a/large".into(), large.len() as u64)
             );
             assert_eq!(prefix.offset, offset, "prefixes follow each other");

@@ -80,6 +80,9 @@ pub struct FilePrefix {
     pub offset: u64,
     /// The chunks that follow, in order.
     pub chunks: Vec<crate::manifest::ChunkRef>,
+    /// The file's size when the scan began to read it: what it will take at the destination,
+    /// unless it changes.
+    pub size: u64,
 }
 
 /// What a scan with a [`ScanOptions::tee`] says as it writes its manifest.
@@ -91,9 +94,8 @@ pub enum Teed {
     /// Then: the next entries of the manifest, in order, each as it is stored.
     Entries(Vec<crate::manifest::RawEntry>),
     /// Among them, for a file read in manifest order ([`ScanOptions::stream_from`]): its next
-    /// chunks, cut before its entry is written. `size` is what the file's size was when the scan
-    /// looked at it.
-    Prefix(FilePrefix, u64),
+    /// chunks, cut before its entry is written.
+    Prefix(FilePrefix),
 }
 
 impl Default for ScanOptions {

@@ -71,9 +71,9 @@ impl WriteState<'_> {
             if bytes < PREFIX_EVERY || self.tee.is_none() {
                 return;
             }
-            let prefix = FilePrefix { place, path: path.clone(), offset, chunks: new.to_vec() };
+            let prefix = FilePrefix { place, path: path.clone(), offset, chunks: new.to_vec(), size };
             (told, offset) = (chunks.len(), offset + bytes);
-            self.send(Teed::Prefix(prefix, size));
+            self.send(Teed::Prefix(prefix));
         });
         Ok(outcome)
     }

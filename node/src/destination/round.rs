@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::early::{self, CheckThread, EarlyChecks};
 use super::merge::{BaseNames, Held, changes_in, held, patch, placed};
 use super::space;
-use super::streamed::{Fitting, Incoming, Streamed};
+use super::streamed::{Fitting, Incoming, Room, Streamed};
 use super::transfer::{Steps, TransferEnd, Whole, transfer};
 use super::window::{Window, WindowSource};
 use crate::config::JobConfig;
@@ -169,14 +169,14 @@ pub(super) fn destination_round(
         let (end, refused) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
         let (steps, flush) = Streamed::channel(window.clone());
         let names = BaseNames::new(state.clone(), hello.base, holds);
-        let incoming = Incoming::new(first, inbox, names, flush.clone(), end.clone());
+        let taken_over = ferry_engine::taken_over(adopt_whole, &check, &index);
+        let room = Room::new((&job.path, &index, taken_over), window.clone(), refused.clone())?;
+        let incoming = Incoming::new(first, inbox, names, (flush.clone(), room.clone()), end.clone());
         // What the source's changes are against: its base, when this node holds it.
         let delta = hello.base.is_some() && hello.base == holds;
         let old = old_and_kept(&state)?;
         let steps_made = placed(patch(old, incoming, delta));
-        let taken_over = ferry_engine::taken_over(adopt_whole, &check, &index);
-        let made = Fitting::new(steps_made, (&job.path, &index, taken_over), window.clone(), refused.clone())?;
-        Streamed::start(made, flush)?;
+        Streamed::start(Fitting::new(steps_made, room), flush)?;
         let applying =
             Applying { state: &state, holds, adopt_whole, identity: &identity, check: &check, index: &mut index };
         let applied = apply_round(round, applying, steps, window, || {

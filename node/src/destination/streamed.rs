@@ -128,6 +128,8 @@ pub(super) struct Incoming {
     /// The large file whose first chunks came last ([`ferry_proto::Message::Prefix`]): its place,
     /// path and the bytes listed.
     prefixed: Option<(u64, ferry_engine::RelPath, u64)>,
+    /// The round's space preflight, which counts such a file when its first chunks come.
+    room: Room,
 }
 
 impl Incoming {
@@ -135,11 +137,11 @@ impl Incoming {
         first: DestinationEvent,
         inbox: mpsc::Receiver<DestinationEvent>,
         names: BaseNames,
-        flush: Flush,
+        (flush, room): (Flush, Room),
         end: Slot<ChangesEnd>,
     ) -> Self {
         let (first, batch) = (Some(first), Vec::new().into_iter());
-        Self { inbox, first, batch, names, end, ended: false, flush, prefixed: None }
+        Self { inbox, first, batch, names, end, ended: false, flush, prefixed: None, room }
     }
 
     fn next_change(&mut self) -> anyhow::Result<Option<Change>> {
@@ -201,6 +203,9 @@ impl Incoming {
                 prefix.offset
             );
         }
+        if listed == 0 {
+            self.room.fits(|space| space.add_streamed(&prefix.path, prefix.size))?;
+        }
         let bytes = prefix.chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
         let listed = listed.checked_add(bytes).ok_or_else(|| anyhow!("{}: chunks past 16 EiB", prefix.path))?;
         self.prefixed = Some((prefix.place, prefix.path.clone(), listed));
@@ -208,37 +213,35 @@ impl Incoming {
     }
 }
 
-/// The steps made from a list that streams, the space of what they write counted as they are made:
-/// a round that would not fit is refused once it is seen not to. Steps, not changes, are counted:
-/// a file the target holds as the source has it is not written (a whole list, when the source
-/// does not know the round this node holds), and one the check found missing or changed is, though
-/// no change names it.
-pub(super) struct Fitting<I> {
-    steps: I,
-    space: Space,
+/// The space preflight of a list that streams: what its steps write counted as they are made, and
+/// a large file listed as it is read when its first chunks come. A round that would not fit is
+/// refused once it is seen not to.
+#[derive(Clone)]
+pub(super) struct Room {
+    space: Arc<Mutex<Space>>,
     target: std::path::PathBuf,
     window: Arc<Window>,
     /// Why the round was refused for want of space, once it was.
     refused: Slot<String>,
 }
 
-impl<I> Fitting<I> {
+impl Room {
     pub(super) fn new(
-        steps: I,
         (target, index, taken_over): (&Path, &ferry_engine::ChunkIndex, bool),
         window: Arc<Window>,
         refused: Slot<String>,
     ) -> anyhow::Result<Self> {
-        let space = super::space::at(target, index, taken_over)?;
-        Ok(Self { steps, space, target: target.to_owned(), window, refused })
+        let space = Arc::new(Mutex::new(super::space::at(target, index, taken_over)?));
+        Ok(Self { space, target: target.to_owned(), window, refused })
     }
 
-    /// Counts what `step` writes, and refuses the round once it no longer fits.
-    fn fits(&mut self, step: &Step) -> anyhow::Result<()> {
-        if !self.space.count(step) {
+    /// Counts what `count` adds, if anything, and refuses the round once it no longer fits.
+    fn fits(&self, count: impl FnOnce(&mut Space) -> bool) -> anyhow::Result<()> {
+        let mut space = self.space.lock().map_err(|_| anyhow!("lock poisoned"))?;
+        if !count(&mut space) {
             return Ok(());
         }
-        if let Some(reason) = self.space.refusal(&self.target) {
+        if let Some(reason) = space.refusal(&self.target) {
             let reason = format!("{reason} (seen while the list came: what arrived before is kept)");
             tracing::warn!("{reason}");
             *self.refused.lock().map_err(|_| anyhow!("lock poisoned"))? = Some(reason.clone());
@@ -249,13 +252,28 @@ impl<I> Fitting<I> {
     }
 }
 
+/// The steps made from a list that streams, the space of what they write counted as they are made
+/// ([`Room`]). Steps, not changes, are counted: a file the target holds as the source has it is
+/// not written (a whole list, when the source does not know the round this node holds), and one
+/// the check found missing or changed is, though no change names it.
+pub(super) struct Fitting<I> {
+    steps: I,
+    room: Room,
+}
+
+impl<I> Fitting<I> {
+    pub(super) fn new(steps: I, room: Room) -> Self {
+        Self { steps, room }
+    }
+}
+
 impl<I: Iterator<Item = anyhow::Result<(u64, Step)>>> Iterator for Fitting<I> {
     type Item = anyhow::Result<(u64, Step)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let placed = self.steps.next()?;
         Some(placed.and_then(|(place, step)| {
-            self.fits(&step)?;
+            self.room.fits(|space| space.count(&step))?;
             Ok((place, step))
         }))
     }

@@ -77,9 +77,9 @@ impl Lister {
         Self { tx, batch: Vec::with_capacity(BATCH), gate, prefixed: None }
     }
 
-    /// Lists the next chunks of a large file the scan is cutting (`size` bytes when it began),
-    /// after what is listed before it; `positions` learns where its bytes fall.
-    pub(super) fn prefix(&mut self, prefix: FilePrefix, size: u64, positions: &Mutex<Positions>) -> anyhow::Result<()> {
+    /// Lists the next chunks of a large file the scan is cutting, after what is listed before it;
+    /// `positions` learns where its bytes fall.
+    pub(super) fn prefix(&mut self, prefix: FilePrefix, positions: &Mutex<Positions>) -> anyhow::Result<()> {
         let Some(gate) = self.gate.clone() else { return Ok(()) };
         self.flush()?;
         let ahead = prefix_ahead_bytes();
@@ -90,7 +90,7 @@ impl Lister {
         match &mut self.prefixed {
             Some((place, listed)) if *place == prefix.place && prefix.offset > 0 => *listed += bytes,
             _ => {
-                positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&prefix.path, size);
+                positions.lock().map_err(|_| anyhow!("lock poisoned"))?.push(&prefix.path, prefix.size);
                 self.prefixed = Some((prefix.place, bytes));
             }
         }

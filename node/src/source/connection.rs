@@ -448,7 +448,7 @@ impl List {
                 let entries = TeedEntries::new(
                     tee,
                     || lister.borrow_mut().flush().is_ok(),
-                    |prefix, size| lister.borrow_mut().prefix(prefix, size, &into).is_ok(),
+                    |prefix| lister.borrow_mut().prefix(prefix, &into).is_ok(),
                 );
                 send_changes(base_path.as_deref(), entries, &lister, &into)
             });

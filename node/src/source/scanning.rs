@@ -324,13 +324,13 @@ pub(super) struct TeedEntries<F, P> {
     prefix: P,
 }
 
-impl<F: FnMut() -> bool, P: FnMut(ferry_engine::FilePrefix, u64) -> bool> TeedEntries<F, P> {
+impl<F: FnMut() -> bool, P: FnMut(ferry_engine::FilePrefix) -> bool> TeedEntries<F, P> {
     pub(super) fn new(rx: Receiver<Teed>, before_waiting: F, prefix: P) -> Self {
         Self { rx, batch: Vec::new().into_iter(), before_waiting, prefix }
     }
 }
 
-impl<F: FnMut() -> bool, P: FnMut(ferry_engine::FilePrefix, u64) -> bool> Iterator for TeedEntries<F, P> {
+impl<F: FnMut() -> bool, P: FnMut(ferry_engine::FilePrefix) -> bool> Iterator for TeedEntries<F, P> {
     type Item = Result<ferry_engine::RawEntry, ferry_engine::RecordFileError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -354,8 +354,8 @@ impl<F: FnMut() -> bool, P: FnMut(ferry_engine::FilePrefix, u64) -> bool> Iterat
             };
             match teed {
                 Teed::Entries(entries) => self.batch = entries.into_iter(),
-                Teed::Prefix(prefix, size) => {
-                    if !(self.prefix)(prefix, size) {
+                Teed::Prefix(prefix) => {
+                    if !(self.prefix)(prefix) {
                         return None;
                     }
                 }
@@ -369,7 +369,7 @@ impl<F: FnMut() -> bool, P: FnMut(ferry_engine::FilePrefix, u64) -> bool> Iterat
 pub(super) fn teed_manifest(rx: &Receiver<Teed>) -> anyhow::Result<(std::fs::File, std::path::PathBuf)> {
     match rx.recv() {
         Ok(Teed::Manifest(file, path)) => Ok((file, path)),
-        Ok(Teed::Entries(_) | Teed::Prefix(..)) => Err(anyhow!("the scan teed entries before its manifest")),
+        Ok(Teed::Entries(_) | Teed::Prefix(_)) => Err(anyhow!("the scan teed entries before its manifest")),
         Err(_) => Err(anyhow!("the scan ended before it began its manifest")),
     }
 }
@@ -381,7 +381,7 @@ mod tests {
 
     fn prefix(offset: u64, mib: u32) -> FilePrefix {
         let chunks = (0..mib).map(|i| ChunkRef { hash: ChunkHash::of(&[i as u8]), len: 1 << 20 }).collect::<Vec<_>>();
-        FilePrefix { place: 1, path: RelPath::new(&b"large"[..]).unwrap(), offset, chunks }
+        FilePrefix { place: 1, path: RelPath::new(&b"large"[..]).unwrap(), offset, chunks, size: 16 << 20 }
     }
 
     #[test]

@@ -184,7 +184,8 @@ async fn a_hostile_source_is_cut_off_with_a_reason_and_the_daemon_serves_on() {
     let chunks = vec![ChunkRef { hash: ChunkHash::of(&data), len: data.len() as u32 }];
     let path = RelPath::new("mail/large").unwrap();
     for offset in [0, 5] {
-        let prefix = ferry_engine::FilePrefix { place: 1, path: path.clone(), offset, chunks: chunks.clone() };
+        let prefix =
+            ferry_engine::FilePrefix { place: 1, path: path.clone(), offset, chunks: chunks.clone(), size: 600_000 };
         control.send(&Message::Prefix(prefix)).await.unwrap();
     }
     reasons.push(("prefixes that do not follow", evil.closed(LIMIT).await.unwrap(), "ended at 300000"));

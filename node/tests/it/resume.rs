@@ -398,3 +398,21 @@ fn a_large_file_that_changes_while_the_source_reads_it_keeps_what_arrived() {
     // Its partial file removed by the round that committed without it, the whole file went twice.
     assert!(up + down < size + size / 8, "{} bytes on the wire for {size}", up + down);
 }
+
+/// A large file listed as its source reads it that the target's disk has no room for: the round is
+/// refused (exit 8) when its first chunks come, with what it needs and what is free, before any of
+/// it is written; not left to fill the disk.
+#[test]
+fn a_large_file_listed_as_it_is_read_is_refused_before_it_fills_the_disk() {
+    let Some(scene) = Scene::on_tmpfs(15, "the refused large file") else { return };
+    let relative = Path::new("server/backup.tgz");
+    crate::util::write(&scene.source.join(relative), &random_bytes(2 * SIZE as usize, 16));
+    let out = wait_within(scene.start_sync(&[]), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(ferry::exit::REFUSED), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(partial_bytes(&scene.target), 0, "written before the refusal: {report}");
+    // The operator hears what it needs against what is free.
+    let status = scene.setup.dest.ok(&["status", "zimbra"]);
+    assert!(status.contains("not enough space"), "{status}");
+}
