@@ -56,7 +56,7 @@ pub(crate) struct HeldPrefix {
 
 /// A digest of a list of chunks (their hashes and lengths, in order), built a chunk at a time, with
 /// the bytes they make: what a record of a file's chunks keeps to tell them again.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct ChunkList {
     digest: blake3::Hasher,
     /// How many bytes the chunks pushed so far make.

@@ -149,7 +149,7 @@ impl<'a> Applier<'a> {
             (PrefixBuild::Skip, Vec::new())
         } else {
             // As any large file: from what an earlier round left of it.
-            let first = streaming.file.clone();
+            let first = Entry { chunks: std::mem::take(&mut streaming.file.chunks), ..streaming.file.clone() };
             let needed = self.plan(&Pair { old: None, new: Some(first.clone()) })?;
             streaming.built = true;
             (PrefixBuild::Begin(Box::new(first)), needed)

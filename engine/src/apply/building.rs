@@ -29,6 +29,15 @@ pub(super) struct Progress {
     pub(super) recorded: Recorded,
 }
 
+impl Progress {
+    /// Every chunk written to the file, from its start: recorded, being synced, or since.
+    pub(super) fn written_from_start(&self) -> ChunkList {
+        let mut all = self.recorded.clone();
+        self.syncing.iter().chain(&self.written).for_each(|(hash, _, len)| all.push(hash, *len));
+        all
+    }
+}
+
 /// The chunks recorded of a partial file, from its start, as its seal keeps them.
 pub(super) type Recorded = ChunkList;
 
@@ -58,12 +67,12 @@ pub(super) struct Building {
     /// Shared with the chunk source (see `ChunkSource::written`) and the thread that syncs it.
     pub(super) shared: Arc<File>,
     pub(super) progress: Progress,
-    /// The chunks in the file, from its start.
-    pub(super) built: Vec<crate::manifest::ChunkRef>,
+    /// Where the next chunk goes: the bytes written.
     pub(super) offset: u64,
 }
 
-/// The large file whose first chunks are being planned: what was listed of it, and whether its
+/// The large file whose first chunks are being planned: what was listed of it (its chunks only
+/// until its building begins: the prefixes after are planned on their own), and whether its
 /// building began.
 pub(super) struct Streaming {
     pub(super) file: Entry,
@@ -73,7 +82,9 @@ pub(super) struct Streaming {
 impl Streaming {
     pub(super) fn add(&mut self, chunks: &[crate::manifest::ChunkRef]) {
         self.file.size += chunks.iter().map(|chunk| u64::from(chunk.len)).sum::<u64>();
-        self.file.chunks.extend_from_slice(chunks);
+        if !self.built {
+            self.file.chunks.extend_from_slice(chunks);
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use super::make::WRITE_GROUP;
 use super::options::{ApplyError, io_err};
 use super::source::LARGE_FILE_SYNC;
 use super::sys::{BackgroundSync, is_partial, partial_name, waiting};
-use crate::held::HeldPrefix;
+use crate::held::{ChunkList, HeldPrefix};
 use crate::index::PartialSeal;
 use crate::manifest::Entry;
 use crate::path::RelPath;
@@ -85,16 +85,20 @@ impl Applier<'_> {
     pub(super) fn stage_large_file(&mut self, new: &Entry, replaces: bool) -> Result<bool, ApplyError> {
         // Another file built meanwhile (its entry before the one streaming, asked for again) leaves
         // that one open.
-        let building = match self.building.take_if(|b| b.path == new.path) {
-            Some(b) if new.chunks.starts_with(&b.built) => b,
+        let going_on = self.building.take_if(|b| b.path == new.path).map(|b| {
+            let written = b.progress.written_from_start();
+            let begins = ChunkList::sealed(&new.chunks, (written.len, &written.digest()));
+            (b, begins.map(|(count, _)| count))
+        });
+        let (building, from) = match going_on {
+            Some((b, Some(from))) => (b, from),
             other => {
-                if let Some(b) = other {
+                if let Some((b, _)) = other {
                     self.keep(b);
                 }
                 self.begin_building(new)?
             }
         };
-        let from = building.built.len();
         let Some(mut building) = self.build(building, new, &new.chunks[from..], true)? else { return Ok(false) };
         if let Some(sync) = building.progress.sync.take() {
             waiting(&mut self.report.sync_wait, || sync.synced()).map_err(io_err("sync", &building.shown))?;
@@ -114,8 +118,7 @@ impl Applier<'_> {
                 // One whose entry never came (it changed while its source read it) is left as it is.
                 self.keep_building();
                 tracing::info!("{}: built as the source reads it", first.path);
-                let building = self.begin_building(&first)?;
-                let from = building.built.len();
+                let (building, from) = self.begin_building(&first)?;
                 self.building = self.build(building, &first, &first.chunks[from..], false)?;
             }
             Some(PrefixBuild::Continue) => {
@@ -180,7 +183,6 @@ impl Applier<'_> {
             };
             unwritten.push(self.buf.take(), chunk.hash, b.offset, fetched);
             b.progress.written.push((chunk.hash, b.offset, chunk.len));
-            b.built.push(*chunk);
             b.offset += u64::from(chunk.len);
             let progress = &mut b.progress;
             let sync_due =
@@ -202,8 +204,9 @@ impl Applier<'_> {
         Ok(Some(b))
     }
 
-    /// Opens the partial file of `new` and keeps what an earlier round left there of it.
-    fn begin_building(&mut self, new: &Entry) -> Result<Building, ApplyError> {
+    /// Opens the partial file of `new` and keeps what an earlier round left there of it: the file,
+    /// and how many of `new`'s chunks it holds.
+    fn begin_building(&mut self, new: &Entry) -> Result<(Building, usize), ApplyError> {
         let name = partial_name(&new.path);
         let shown = format!("{}/{} (being built for {})", crate::path::STAGING_DIR, name.escape_ascii(), new.path);
         let file = File::from(open_partial(&*self.staging, &name).map_err(io_err("create", &shown))?);
@@ -239,8 +242,7 @@ impl Applier<'_> {
             last_durable: now,
             recorded,
         };
-        let built = new.chunks[..kept].to_vec();
-        Ok(Building { path: new.path.clone(), name, shown, file, shared, progress, built, offset })
+        Ok((Building { path: new.path.clone(), name, shown, file, shared, progress, offset }, kept))
     }
 
     /// How long the partial file of `path` is (0 without one).

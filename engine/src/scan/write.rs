@@ -59,12 +59,12 @@ impl WriteState<'_> {
     fn read_in_order(&mut self, item: &WalkItem, entry: Entry, stat: &Stat) -> Result<Outcome, ScanError> {
         self.tee_written()?;
         let (options, place, path, size) = (self.options, self.report.entries, entry.path.clone(), stat.st_size as u64);
-        let (read_before, entries) = (self.report.bytes_read, self.report.entries);
+        let read_before = self.report.bytes_read;
         // What the tee was told of the file so far: its chunks and their bytes.
         let (mut told, mut offset) = (0, 0u64);
         let outcome = read_file(item, entry, stat, options, |chunks, read| {
             if let Some(progress) = &options.progress {
-                progress.set(entries, read_before + read);
+                progress.set(place, read_before + read);
             }
             let new = &chunks[told..];
             let bytes: u64 = new.iter().map(|chunk| u64::from(chunk.len)).sum();
